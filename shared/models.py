@@ -1,0 +1,163 @@
+"""The database tables (SQLModel). Schema changes go through Alembic migrations.
+
+Message ids are random 63-bit values minted by the relay before sending, so a
+message can be signed into tokens without a database round-trip. Events carry
+``message_id`` without a foreign key: a pixel can be loaded before the relay's
+record of its message is written (the relay journals records while the
+database is down), and retention may purge a message whose tokens still work.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    """Aware UTC now: sqlmodel's UTCDateTime columns refuse naive datetimes."""
+    return datetime.now(UTC)
+
+
+class User(SQLModel, table=True):
+    """A person: relay user (local auth mode) and/or dashboard user.
+
+    ``role`` is ``admin`` (everything) or ``sender`` (only mail from the
+    addresses in :class:`UserAddress`). ``password_hash`` is stdlib scrypt.
+    """
+
+    __tablename__ = "users"
+
+    id: int | None = Field(default=None, primary_key=True)
+    username: str = Field(index=True, unique=True, max_length=255)
+    password_hash: str = Field(max_length=512)
+    role: str = Field(default="sender", max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class UserAddress(SQLModel, table=True):
+    """An address a user may send as (``a@b.c``) or a whole domain (``@b.c``)."""
+
+    __tablename__ = "user_addresses"
+    __table_args__ = (UniqueConstraint("user_id", "address"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True, ondelete="CASCADE")
+    address: str = Field(index=True, max_length=320)
+
+
+class Message(SQLModel, table=True):
+    """One message relayed (one client DATA), tracked or not."""
+
+    __tablename__ = "messages"
+
+    id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    sender: str = Field(default="", index=True, max_length=320)  # MAIL FROM ('' = null sender)
+    from_header: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    subject: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    message_id_header: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    auth_user: str = Field(default="", max_length=320)
+    client_ip: str = Field(default="", max_length=64)
+    size_in: int = 0
+    size_out: int = 0
+    # tracking decision
+    track_opens: bool = False
+    track_clicks: bool = False
+    per_recipient: bool = False
+    decision: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    parts_modified: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # delivery: 'sent' (all accepted), 'partial', 'failed'
+    status: str = Field(default="sent", max_length=16)
+    upstream_reply: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+
+
+class Recipient(SQLModel, table=True):
+    """One envelope recipient of a message, with its own delivery outcome.
+
+    ``position`` (1-based, in RCPT order) is what per-recipient tokens carry;
+    message-level tokens carry 0.
+    """
+
+    __tablename__ = "recipients"
+    __table_args__ = (UniqueConstraint("message_id", "position"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: int = Field(sa_column=Column(BigInteger, index=True, nullable=False))
+    position: int
+    address: str = Field(index=True, max_length=320)
+    tracked: bool = False
+    status: str = Field(default="accepted", max_length=16)  # accepted | refused
+    reply_code: int = 250
+    reply_text: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+
+
+class Link(SQLModel, table=True):
+    """A link rewritten in a message; ``position`` is what click tokens carry."""
+
+    __tablename__ = "links"
+    __table_args__ = (UniqueConstraint("message_id", "position"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: int = Field(sa_column=Column(BigInteger, index=True, nullable=False))
+    position: int
+    url: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class Event(SQLModel, table=True):
+    """A pixel load or a click, with the receiver's verdict.
+
+    ``recipient_position`` is 0 for message-level tokens; ``link_position`` is 0
+    for opens. ``ip`` is truncated (/24, /48) unless configured otherwise.
+    ``event_key`` is unique: the journal replays with the same key, so a
+    replay after a crash never writes a hit twice.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_message_kind", "message_id", "kind"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_key: str = Field(unique=True, max_length=64)
+    message_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    recipient_position: int = 0
+    link_position: int = 0
+    kind: str = Field(max_length=8)  # open | click
+    occurred_at: datetime = Field(default_factory=utcnow, index=True)
+    ip: str = Field(default="", max_length=64)
+    user_agent: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    method: str = Field(default="GET", max_length=8)
+    verdict: str = Field(default="unknown", max_length=16)
+    reasons: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+
+
+class Policy(SQLModel, table=True):
+    """Per-sender tracking policy; ``pattern`` is ``a@b.c``, ``@b.c`` or ``*``.
+
+    ``mode``: ``header`` (track when the message asks), ``always``, ``never``.
+    ``allow_*`` are ceilings: what may be tracked at most.
+    """
+
+    __tablename__ = "policies"
+
+    id: int | None = Field(default=None, primary_key=True)
+    pattern: str = Field(unique=True, max_length=320)
+    mode: str = Field(default="header", max_length=16)
+    allow_opens: bool = True
+    allow_clicks: bool = True
+    allow_text_links: bool = False
+    per_recipient: bool = True
+    recipient_cap: int = 20
+    notify: bool = False
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Suppression(SQLModel, table=True):
+    """A recipient never tracked ("stop tracking me", CLI, dashboard)."""
+
+    __tablename__ = "suppressions"
+
+    id: int | None = Field(default=None, primary_key=True)
+    address: str = Field(unique=True, max_length=320)
+    source: str = Field(default="cli", max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,91 @@
+"""Fixtures shared by the whole suite.
+
+Database tests take the ``engine`` (or ``database_url``) fixture and run twice:
+on a fresh SQLite file and on PostgreSQL when ``TRACKRELAY_TEST_DATABASE_URL``
+is set (``.ci/run`` sets it). Each test run creates its own PostgreSQL database
+(``trackrelay_test_<random>``), so concurrent runs never collide; tables are
+emptied between tests.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlmodel import SQLModel
+
+from shared import db
+from shared.config import Settings, load_settings
+
+PG_URL = os.environ.get("TRACKRELAY_TEST_DATABASE_URL", "")
+TEST_SECRET = "test-secret-key-0123456789abcdef"
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+@pytest.fixture(autouse=True)
+def _no_trackrelay_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings in the developer's environment must not leak into tests."""
+    for name in list(os.environ):
+        if name.startswith("TRACKRELAY_") and name != "TRACKRELAY_TEST_DATABASE_URL":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    if not PG_URL:
+        pytest.skip("TRACKRELAY_TEST_DATABASE_URL is not set")
+    name = f"trackrelay_test_{secrets.token_hex(6)}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    db.upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'trackrelay.db'}"
+        db.upgrade(url)
+        yield url
+        return
+    url = request.getfixturevalue("pg_database")
+    yield url
+    engine = create_engine(url)
+    tables = ", ".join(f'"{t.name}"' for t in SQLModel.metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = db.make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for a test: everything under tmp_path, fixed secret."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "var_dir": tmp_path / "var",
+            "secret_key": TEST_SECRET,
+            "database_url": f"sqlite:///{tmp_path / 'var' / 'trackrelay.db'}",
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make

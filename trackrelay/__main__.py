@@ -1,0 +1,3 @@
+from trackrelay.cli import main
+
+raise SystemExit(main())
