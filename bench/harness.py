@@ -1,0 +1,180 @@
+"""Processes and measurements shared by the benchmark scripts.
+
+Everything listens on 127.0.0.1 and ephemeral ports; each server is a separate
+process so its CPU time and peak memory can be read from /proc.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+BENCH_SECRET = "bench-secret-key-0123456789abcdef0123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+@dataclass
+class Server:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def peak_rss(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def reset_peak_rss(self) -> None:
+        """Reset VmHWM to the current RSS (Linux 4.0+: write 5 to clear_refs)."""
+        try:
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+@contextmanager
+def running(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[Server]:
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        wait_port(port, proc)
+        yield Server(port, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def smtp_sink() -> Iterator[Server]:
+    """Postfix's smtp-sink: accepts and discards, 256 connections at most."""
+    port = free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    with running([SMTP_SINK, *user, f"127.0.0.1:{port}", "256"], port) as server:
+        yield server
+
+
+@contextmanager
+def baseline(kind: str, upstream_port: int) -> Iterator[Server]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "bench.baselines", kind, str(port), str(upstream_port)]
+    with running(cmd, port) as server:
+        yield server
+
+
+@contextmanager
+def trackrelay(upstream_port: int, **extra: str) -> Iterator[Server]:
+    """``trackrelay relay`` on a plain listener for trusted loopback clients."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="trackrelay-bench-") as var:
+        env = {
+            "TRACKRELAY_UPSTREAM": f"smtp://127.0.0.1:{upstream_port}",
+            "TRACKRELAY_AUTH_MODE": "none",
+            "TRACKRELAY_TRUSTED_NETWORKS": "127.0.0.0/8",
+            "TRACKRELAY_PLAIN_PORT": str(port),
+            "TRACKRELAY_SMTP_PORT": str(free_port()),
+            "TRACKRELAY_SMTPS_PORT": str(free_port()),
+            "TRACKRELAY_SECRET_KEY": BENCH_SECRET,
+            "TRACKRELAY_VAR_DIR": var,
+            "TRACKRELAY_PUBLIC_URL": "https://t.example.com",
+            "TRACKRELAY_LOG_LEVEL": "WARNING",
+            "TRACKRELAY_MAX_MESSAGE_SIZE": str(100 * 1024 * 1024),
+            **extra,
+        }
+        cmd = [sys.executable, "-m", "trackrelay", "relay"]
+        with running(cmd, port, env) as server:
+            yield server
+
+
+def smtp_source(port: int, path: Path, sessions: int, messages: int) -> float:
+    """Send ``messages`` copies of ``path`` over ``sessions`` connections; seconds taken.
+
+    ``-d`` keeps each connection open across messages, as a client sending a
+    batch does.
+    """
+    cmd = [
+        SMTP_SOURCE,
+        "-d",
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-F",
+        str(path),
+        "-f",
+        "ann@example.com",
+        "-t",
+        "bob@example.net",
+        f"127.0.0.1:{port}",
+    ]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, check=False, timeout=600)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"smtp-source failed: {result.stderr.decode(errors='replace')[-500:]}")
+    return elapsed
+
+
+@dataclass
+class Stat:
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def fmt(self, unit: str = "", digits: int = 1) -> str:
+        return f"{self.median:.{digits}f}{unit} ({self.low:.{digits}f}-{self.high:.{digits}f})"
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))
+    return ordered[index]
