@@ -27,11 +27,11 @@ import idna
 
 SCHEMES = ("http", "https")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\*\||\|\*|%%|\$\{|\{%|%\}")
-_SENSITIVE = re.compile(
-    r"unsubscribe|unsub[/?=&._-]|opt-?out|password|passwd|reset[-_]?pass|/reset\b"
-    r"|[?&;](?:signature|x-amz-signature|x-goog-signature|sig|expires)=",
-    re.IGNORECASE,
+_SENSITIVE = re.compile(  # applied to the lower-cased URL
+    r"unsub(?:scribe|[/?=&._-])|opt-?out|pass(?:word|wd)|reset[-_]?pass|/reset\b"
+    r"|[?&;](?:signature|x-amz-signature|x-goog-signature|sig|expires)="
 )
+_SENSITIVE_HINTS = ("unsub", "opt", "pass", "reset", "sig", "expires")
 _INNER_WHITESPACE = re.compile(r"[\t\n\r]")
 HTML_WHITESPACE = "\t\n\f\r "
 
@@ -75,6 +75,7 @@ def skip_reason(url: str, tracking_host: str) -> str:
         return "no-host"
     if ascii_host(host) == tracking_host:
         return "tracking-host"
-    if _SENSITIVE.search(url):
+    lowered = url.lower()
+    if any(hint in lowered for hint in _SENSITIVE_HINTS) and _SENSITIVE.search(lowered):
         return "sensitive"
     return ""

@@ -39,7 +39,6 @@ MAX_LINE = 998
 QP_LINE = 76
 _PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;\s]*)')
 _TYPE = re.compile(r"\s*([A-Za-z0-9!#$&.+^_`{}~-]+)\s*/\s*([A-Za-z0-9!#$&.+^_`{}~-]+)")
-_QP_HARD_BREAK = re.compile(rb"((?<![=\r])\n|(?<!=)\r\n)")
 _FROZEN_MULTIPART = {
     "multipart/signed": "signed",
     "multipart/encrypted": "encrypted",
@@ -275,8 +274,9 @@ def encode(body: Body, edits: Sequence[tuple[int, int, bytes]]) -> NewBody:
     new = _splice(raw, edits)
     if _longest_line(new, eol) <= MAX_LINE:
         return NewBody(new)
-    encoded = eol.join(_qp_encode_line(line, QP_LINE, eol) for line in new.split(eol))
-    return NewBody(encoded, b"Content-Transfer-Encoding: quoted-printable" + eol)
+    return NewBody(
+        _qp_encode(new, QP_LINE, eol), b"Content-Transfer-Encoding: quoted-printable" + eol
+    )
 
 
 def _longest_line(data: bytes, eol: bytes) -> int:
@@ -294,15 +294,8 @@ def _b64_encode(raw: bytes, new: bytes, eol: bytes) -> bytes:
     return lead + eol.join(lines) + tail
 
 
-def _qp_split(raw: bytes) -> list[bytes]:
-    """Logical lines and their hard breaks, alternating: [line, break, line, ...]."""
-    return _QP_HARD_BREAK.split(raw)
-
-
 def _qp_decode(raw: bytes) -> bytes:
-    pieces = _qp_split(raw)
-    pieces[0::2] = map(binascii.a2b_qp, pieces[0::2])
-    return b"".join(pieces)
+    return binascii.a2b_qp(raw)
 
 
 def _qp_width(raw: bytes) -> int:
@@ -331,35 +324,58 @@ def _qp_encode_line(line: bytes, width: int, eol: bytes) -> bytes:
     return (b"=" + eol).join(lines)
 
 
+def _soft(line: bytes) -> bool:
+    """Does this physical line (with its line ending) end in a soft break?"""
+    return line.endswith((b"=\n", b"=\r\n"))
+
+
 def _qp_edit(raw: bytes, edits: Sequence[tuple[int, int, bytes]], eol: bytes) -> bytes:
-    """Apply decoded-byte ``edits``, re-encoding only the logical lines they touch."""
-    pieces = _qp_split(raw)
-    decoded = pieces[:]
-    decoded[0::2] = map(binascii.a2b_qp, pieces[0::2])
+    """Apply decoded-byte ``edits``, re-encoding only the logical lines they touch.
+
+    A logical line is a run of physical lines joined by soft breaks; the lines
+    around it keep their bytes. If the per-line decoding does not add up to
+    the whole-body decoding (malformed input), the whole body is re-encoded.
+    """
+    lines = raw.splitlines(keepends=True)
+    decoded = list(map(binascii.a2b_qp, lines))
     dec_starts = list(accumulate(map(len, decoded), initial=0))
-    enc_starts = list(accumulate(map(len, pieces), initial=0))
     width = _qp_width(raw)
-    # group edits by the span of logical lines (even piece indexes) they touch
+    whole = b"".join(decoded)
+    if whole != binascii.a2b_qp(raw):
+        return _qp_encode(_splice(binascii.a2b_qp(raw), edits), width, eol)
+    enc_starts = list(accumulate(map(len, lines), initial=0))
+    last = len(lines) - 1
+    # group edits by the logical lines (runs of physical lines) they touch
     groups: list[tuple[int, int, list[tuple[int, int, bytes]]]] = []
     for edit in edits:
-        first_piece = bisect_right(dec_starts, edit[0]) - 1
-        first_piece = min(first_piece - first_piece % 2, len(pieces) - 1)
-        last_piece = first_piece
-        if edit[1] > edit[0]:
-            last_piece = bisect_right(dec_starts, edit[1] - 1) - 1
-            last_piece = min(last_piece + last_piece % 2, len(pieces) - 1)
-        if groups and first_piece <= groups[-1][1]:
-            groups[-1] = (groups[-1][0], max(groups[-1][1], last_piece), [*groups[-1][2], edit])
+        first_line = min(bisect_right(dec_starts, edit[0]) - 1, last)
+        last_line = max(first_line, min(bisect_right(dec_starts, max(edit[1] - 1, 0)) - 1, last))
+        while first_line > 0 and _soft(lines[first_line - 1]):
+            first_line -= 1
+        while last_line < last and _soft(lines[last_line]):
+            last_line += 1
+        if groups and first_line <= groups[-1][1]:
+            groups[-1] = (groups[-1][0], max(groups[-1][1], last_line), [*groups[-1][2], edit])
         else:
-            groups.append((first_piece, last_piece, [edit]))
+            groups.append((first_line, last_line, [edit]))
     out: list[bytes] = []
     pos = 0
-    dec_eol = eol
-    for first_piece, last_piece, group in groups:
-        dstart = dec_starts[first_piece]
-        new = _splice(b"".join(decoded[first_piece : last_piece + 1]), group, dstart)
-        out.append(raw[pos : enc_starts[first_piece]])
-        out.append(eol.join(_qp_encode_line(line, width, eol) for line in new.split(dec_eol)))
-        pos = enc_starts[last_piece + 1]
+    for first_line, last_line, group in groups:
+        segment = _splice(
+            whole[dec_starts[first_line] : dec_starts[last_line + 1]], group, dec_starts[first_line]
+        )
+        ending = lines[last_line][len(lines[last_line].rstrip(b"\r\n")) :]
+        if ending and segment.endswith(ending):
+            segment = segment[: -len(ending)]
+        else:
+            ending = b""
+        out.append(raw[pos : enc_starts[first_line]])
+        out.append(_qp_encode(segment, width, eol) + ending)
+        pos = enc_starts[last_line + 1]
     out.append(raw[pos:])
     return b"".join(out)
+
+
+def _qp_encode(decoded: bytes, width: int, eol: bytes) -> bytes:
+    """Quoted-printable for ``decoded``, its ``eol`` line breaks kept as hard breaks."""
+    return eol.join(_qp_encode_line(line, width, eol) for line in decoded.split(eol))

@@ -111,7 +111,9 @@ def _ask(name: str, value: str, own: str) -> _Ask | None:
     if name == own:
         return _own_header(value)
     if name == "x-mailgun-track":
-        return (True, True, None) if word in _YES else (False, False, False) if word in _NO else None
+        return (
+            (True, True, None) if word in _YES else (False, False, False) if word in _NO else None
+        )
     if name == "x-mailgun-track-opens" or name == "x-pm-trackopens":
         return (True, None, None) if word in _YES else (False, None, None) if word in _NO else None
     if name == "x-mailgun-track-clicks":

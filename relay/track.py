@@ -266,7 +266,9 @@ class Tracker:
         the_plan = plan(cleaned, decision, self._host)
         if not the_plan.parts:
             return self._untracked(sub, message, cleaned, decision, "nothing to track", the_plan)
-        return self._tracked(sub, message, cleaned, decision, the_plan, candidates, suppressed, fields)
+        return self._tracked(
+            sub, message, cleaned, decision, the_plan, candidates, suppressed, fields
+        )
 
     # --- outcomes ---
 

@@ -166,7 +166,7 @@ def remove_policy(engine: Engine, pattern: str) -> None:
 
 def describe(policy: Policy) -> str:
     """One line for people: ``@b.c  mode=always opens clicks per-recipient<=20``."""
-    flags = [name.removeprefix("allow_") for name in _FLAGS if getattr(policy, name)]
+    flags = [n.removeprefix("allow_").replace("_", "-") for n in _FLAGS if getattr(policy, n)]
     cap = f"cap={policy.recipient_cap}" if policy.per_recipient else ""
     return " ".join(p for p in (f"mode={policy.mode}", *flags, cap) if p)
 
