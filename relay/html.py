@@ -140,7 +140,8 @@ def _charref(match: re.Match[str]) -> str:
     for size in range(min(len(name), _LEGACY_MAX), 1, -1):
         prefix = name[:size]
         if prefix in _ENTITIES:
-            following = text[size + 1 : size + 2]  # the char after '&' + prefix
+            # the character after '&' + prefix, which may lie past the match
+            following = text[size + 1 : size + 2] or match.string[match.end() : match.end() + 1]
             if following == "=" or following.isalnum():
                 return text  # attribute rule: not a reference
             return _ENTITIES[prefix] + text[size + 1 :]

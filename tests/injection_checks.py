@@ -29,6 +29,11 @@ from relay.links import clean_url, skip_reason
 from shared.tokens import Signer
 
 _CONDITIONAL = re.compile(r"<!--\[if[^\]]*\]>(.*?)<!\[endif\]-->", re.S | re.I)
+_MARKERS = re.compile(
+    r"[\t\n\f\r ]+(?:data-notrack|ses:no-track|disable-tracking|clicktracking=[\"']?off[\"']?)"
+    r"(?:=(?:\"[^\"]*\"|'[^']*'|[^\s>]*))?(?=[\s/>])",
+    re.I,
+)
 _VML_HREF = re.compile(r"<v:\w+[^>]*?\shref\s*=\s*([\"'])(.*?)\1", re.S | re.I)
 
 
@@ -54,6 +59,8 @@ def _text(part: email.message.Message) -> str:
 def restore(new: str, original: str, base: str, signer: Signer, is_html: bool) -> Report:
     """Check ``new`` is ``original`` with tracked hrefs and a pixel; count them."""
     report = Report()
+    if is_html:
+        original = _MARKERS.sub("", original)  # opt-out markers are removed
     pixel = re.compile(r'<img src="' + re.escape(base) + r'/o/([A-Za-z0-9_-]+)\.gif"[^>]*>')
     pixels = pixel.findall(new)
     for token in pixels:
@@ -79,9 +86,15 @@ def restore(new: str, original: str, base: str, signer: Signer, is_html: bool) -
 
 
 def trackable_links(text: str, host: str) -> int:
-    tree = LexborHTMLParser(text)
-    values = [clean_url(n.attributes.get("href") or "") for n in tree.css("a[href], area[href]")]
-    return sum(1 for v in values if not skip_reason(v, host))
+    count = 0
+    for node in LexborHTMLParser(text).css("a[href], area[href]"):
+        attrs = {k.lower(): (v or "").lower() for k, v in node.attributes.items()}
+        if {"data-notrack", "ses:no-track", "disable-tracking"} & attrs.keys():
+            continue
+        if attrs.get("clicktracking") == "off":
+            continue
+        count += not skip_reason(clean_url(node.attributes.get("href") or ""), host)
+    return count
 
 
 def trackable_vml(text: str, host: str) -> int:
