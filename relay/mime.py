@@ -116,8 +116,9 @@ def _part(data: bytes, path: str, start: int, end: int, default_type: str, froze
     fields_end, body_start = min(fields_end, end), min(body_start, end)
     fields = parse_fields(data, start, fields_end)
     ctype_field = first(fields, "content-type")
+    params: dict[str, str] = {}
     if ctype_field is None:
-        ctype, params = default_type, {}
+        ctype = default_type
     else:
         ctype, params = parse_content_type(ctype_field.value)
         if not ctype:
@@ -193,7 +194,7 @@ def codec_for(charset: str) -> str:
         name = codecs.lookup(charset or "us-ascii").name
     except LookupError:
         raise BodyError(f"unknown charset {charset!r}") from None
-    if name.startswith(_STATEFUL):
+    if name.replace("-", "_").startswith(_STATEFUL):
         raise BodyError(f"charset {charset!r} is stateful")
     return name
 

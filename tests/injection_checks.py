@@ -18,6 +18,7 @@ from __future__ import annotations
 import email
 import email.message
 import email.policy
+import itertools
 import re
 from dataclasses import dataclass, field
 
@@ -157,5 +158,5 @@ def _check_bytes(original: bytes, out: bytes) -> None:
     last_diff = len(original) - suffix
     assert any(s <= first_diff <= e for s, e in spans), "bytes before the bodies changed"
     assert any(s <= last_diff <= e for s, e in spans), "bytes after the bodies changed"
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert original[end:start] in out, "bytes between rewritten bodies changed"

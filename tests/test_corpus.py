@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CORPUS
+from injection_checks import check
 
 from relay import mime
 from relay.headers import top_fields
@@ -21,8 +23,6 @@ from shared.config import Settings
 from shared.models import Policy
 from shared.policies import snapshot_of
 from shared.tokens import Signer
-from conftest import CORPUS
-from injection_checks import check
 
 LOCAL = Path(__file__).parent / "data" / "corpus"
 BASE = "https://t.example.net"
@@ -71,7 +71,9 @@ def test_eml(path: Path, tracker: tuple[Tracker, Signer]) -> None:
     data = path.read_bytes()
     out, decision = _run(the_tracker, data)
     fields, _ = top_fields(data)
-    if mime.scan(data).content_type in FROZEN_TOP or any(f.name == "dkim-signature" for f in fields):
+    if mime.scan(data).content_type in FROZEN_TOP or any(
+        f.name == "dkim-signature" for f in fields
+    ):
         assert out == data, "a signed or encrypted message was modified"
         return
     check(
@@ -124,4 +126,3 @@ def test_template_every_encoding(encoding: str, tracker: tuple[Tracker, Signer])
     out, _ = _run(the_tracker, data)
     report = check(data, out, BASE, HOST, signer)
     assert report.pixels == 1 and report.clicks >= 3
-

@@ -51,9 +51,12 @@ def test_only_href_values_change() -> None:
     assert out.links == ["https://a.example/1", "https://a.example/2"]
     assert f"<A HREF='https://{HOST}/c/L1' class=x>" in out.text
     assert f"<area shape=rect href=https://{HOST}/c/L2 alt=''>" in out.text
-    assert out.text.replace(f"https://{HOST}/c/L1", "https://a.example/1").replace(
-        f"https://{HOST}/c/L2", "https://a.example/2"
-    ) == text
+    assert (
+        out.text.replace(f"https://{HOST}/c/L1", "https://a.example/1").replace(
+            f"https://{HOST}/c/L2", "https://a.example/2"
+        )
+        == text
+    )
 
 
 def test_skip_rules() -> None:
