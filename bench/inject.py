@@ -35,8 +35,15 @@ font-size:15px;line-height:22px;color:#333333;">
 this week in the world of things</h2>
     <p style="margin:0 0 12px 0;">Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed \
 do eiusmod tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis \
-nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. Caf\u00e9 cr\u00e8me \
-br\u00fbl\u00e9e &amp; more.</p>
+nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. Duis aute irure \
+dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur. \
+Excepteur sint occaecat cupidatat non proident, sunt in culpa qui officia deserunt mollit anim \
+id est laborum. Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e &amp; more.</p>
+    <p style="margin:0 0 12px 0;">Sed ut perspiciatis unde omnis iste natus error sit voluptatem \
+accusantium doloremque laudantium, totam rem aperiam, eaque ipsa quae ab illo inventore \
+veritatis et quasi architecto beatae vitae dicta sunt explicabo. Nemo enim ipsam voluptatem \
+quia voluptas sit aspernatur aut odit aut fugit, sed quia consequuntur magni dolores eos qui \
+ratione voluptatem sequi nesciunt.</p>
     <a href="https://news.example.com/articles/{i}?utm_source=newsletter&amp;utm_medium=email\
 &region=eu&amp;id={i}" style="color:#1a73e8;text-decoration:underline;">Read the full story \
 &rarr;</a>

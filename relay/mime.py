@@ -299,11 +299,16 @@ def _qp_decode(raw: bytes) -> bytes:
     return binascii.a2b_qp(raw)
 
 
-def _qp_width(raw: bytes) -> int:
-    """The encoder's line length, read from the body's soft-broken lines."""
-    soft = [len(line) for line in raw.replace(b"\r\n", b"\n").split(b"\n") if line.endswith(b"=")]
-    width = max(soft, default=QP_LINE)
-    return min(max(width, 20), QP_LINE)
+def _qp_width(raw: bytes, sample: int = 32) -> int:
+    """The encoder's line length, read from the body's first soft-broken lines."""
+    soft = b"=\r\n" if b"\r\n" in raw else b"=\n"
+    width = 0
+    pos = raw.find(soft)
+    while pos >= 0 and sample:
+        width = max(width, pos + 1 - (raw.rfind(b"\n", 0, pos) + 1))  # '=' included
+        pos = raw.find(soft, pos + len(soft))
+        sample -= 1
+    return min(max(width, 20), QP_LINE) if width else QP_LINE
 
 
 def _qp_encode_line(line: bytes, width: int, eol: bytes) -> bytes:
