@@ -25,14 +25,19 @@ from shared.config import Settings, load_settings
 
 PG_URL = os.environ.get("TRACKRELAY_TEST_DATABASE_URL", "")
 TEST_SECRET = "test-secret-key-0123456789abcdef"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+# ../shared/corpus from the repository root; a worktree elsewhere can point
+# TRACKRELAY_TEST_CORPUS at it.
+CORPUS = Path(
+    os.environ.get("TRACKRELAY_TEST_CORPUS")
+    or Path(__file__).resolve().parents[2] / "shared" / "corpus"
+)
 
 
 @pytest.fixture(autouse=True)
 def _no_trackrelay_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings in the developer's environment must not leak into tests."""
     for name in list(os.environ):
-        if name.startswith("TRACKRELAY_") and name != "TRACKRELAY_TEST_DATABASE_URL":
+        if name.startswith("TRACKRELAY_") and not name.startswith("TRACKRELAY_TEST_"):
             monkeypatch.delenv(name)
 
 

@@ -17,6 +17,17 @@ from sqlalchemy import Engine
 
 from shared import db
 from shared.config import Settings, SettingsError, load_settings
+from shared.policies import (
+    MODES,
+    PolicyError,
+    add_suppression,
+    describe,
+    list_policies,
+    list_suppressions,
+    remove_policy,
+    remove_suppression,
+    set_policy,
+)
 from shared.users import UserError, add_user, list_users, remove_user
 
 log = logging.getLogger("trackrelay")
@@ -44,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.command(settings, args))
-    except (CommandError, UserError) as exc:
+    except (CommandError, UserError, PolicyError) as exc:
         print(f"trackrelay: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -99,6 +110,42 @@ def build_parser() -> argparse.ArgumentParser:
     command("list", cmd_user_list, "list users and their addresses", user_sub)
     p = command("remove", cmd_user_remove, "remove a user", user_sub)
     p.add_argument("username")
+
+    policy_parser = sub.add_parser(
+        "policy", help="per-sender tracking policies", description="per-sender tracking policies"
+    )
+    policy_sub = policy_parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    p = command(
+        "set", cmd_policy_set, "create or change the policy of a sender, @domain or *", policy_sub
+    )
+    p.add_argument("pattern", help="a@b.c, @b.c or '*'")
+    p.add_argument("--mode", choices=MODES, help="header: track when asked (default)")
+    for flag, what in (
+        ("opens", "may track opens"),
+        ("clicks", "may track clicks"),
+        ("text-links", "may rewrite links in text/plain parts"),
+        ("per-recipient", "one copy per recipient (who opened, not just whether)"),
+        ("notify", "notify the sender of opens and clicks"),
+    ):
+        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, help=what)
+    p.add_argument("--cap", type=int, metavar="N", help="per-recipient copies up to N recipients")
+    command("list", cmd_policy_list, "list policies, most specific first", policy_sub)
+    p = command("remove", cmd_policy_remove, "remove a policy", policy_sub)
+    p.add_argument("pattern")
+
+    suppress_parser = sub.add_parser(
+        "suppress",
+        help="recipients never tracked",
+        description="recipients never tracked",
+    )
+    suppress_sub = suppress_parser.add_subparsers(
+        title="commands", metavar="COMMAND", required=True
+    )
+    p = command("add", cmd_suppress_add, "never track this recipient", suppress_sub)
+    p.add_argument("address")
+    command("list", cmd_suppress_list, "list suppressed recipients", suppress_sub)
+    p = command("remove", cmd_suppress_remove, "track this recipient again", suppress_sub)
+    p.add_argument("address")
     return parser
 
 
@@ -151,4 +198,50 @@ def cmd_user_list(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_user_remove(settings: Settings, args: argparse.Namespace) -> int:
     remove_user(open_database(settings), args.username)
     print(f"removed {args.username}")
+    return 0
+
+
+def cmd_policy_set(settings: Settings, args: argparse.Namespace) -> int:
+    policy = set_policy(
+        open_database(settings),
+        args.pattern,
+        mode=args.mode,
+        allow_opens=args.opens,
+        allow_clicks=args.clicks,
+        allow_text_links=args.text_links,
+        per_recipient=args.per_recipient,
+        recipient_cap=args.cap,
+        notify=args.notify,
+    )
+    print(f"{policy.pattern}\t{describe(policy)}")
+    return 0
+
+
+def cmd_policy_list(settings: Settings, args: argparse.Namespace) -> int:
+    for policy in list_policies(open_database(settings)):
+        print(f"{policy.pattern}\t{describe(policy)}")
+    return 0
+
+
+def cmd_policy_remove(settings: Settings, args: argparse.Namespace) -> int:
+    remove_policy(open_database(settings), args.pattern)
+    print(f"removed the policy for {args.pattern}")
+    return 0
+
+
+def cmd_suppress_add(settings: Settings, args: argparse.Namespace) -> int:
+    row = add_suppression(open_database(settings), args.address, "cli")
+    print(f"{row.address} will not be tracked")
+    return 0
+
+
+def cmd_suppress_list(settings: Settings, args: argparse.Namespace) -> int:
+    for row in list_suppressions(open_database(settings)):
+        print(f"{row.address}\t{row.source}\t{row.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def cmd_suppress_remove(settings: Settings, args: argparse.Namespace) -> int:
+    remove_suppression(open_database(settings), args.address)
+    print(f"{args.address} may be tracked again")
     return 0

@@ -1,0 +1,236 @@
+"""Per-sender tracking policies and the suppression list: storage and validation.
+
+Shared by the relay (which reads a cached snapshot, see relay/policy.py), the
+CLI and the dashboard (which add, edit and remove). Validation errors are
+:class:`PolicyError` with a message meant for people.
+
+A policy pattern is an exact address (``ann@example.com``), a whole domain
+(``@example.com``, that domain only, not its subdomains) or ``*``. The most
+specific pattern wins: exact, then ``@domain``, then ``*``. With no matching
+policy the relay uses :data:`DEFAULT_POLICY` (track when the header asks).
+Domains are stored in their IDNA (UTS 46) ASCII form, so ``@bücher.example``
+and ``@xn--bcher-kva.example`` are the same policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import idna
+from sqlalchemy import Engine
+from sqlmodel import select
+
+from shared.db import session_scope
+from shared.models import Policy, Suppression, utcnow
+
+MODES = ("header", "always", "never")
+MAX_RECIPIENT_CAP = 1000
+SUPPRESSION_SOURCES = ("cli", "dashboard", "recipient", "api")
+DEFAULT_POLICY = Policy(pattern="", mode="header")
+_FLAGS = ("allow_opens", "allow_clicks", "allow_text_links", "per_recipient", "notify")
+
+
+class PolicyError(ValueError):
+    """A policy or suppression operation that cannot be done; message for people."""
+
+
+def _domain(domain: str, original: str) -> str:
+    domain = domain.strip().rstrip(".").lower()
+    if not domain or " " in domain or "@" in domain:
+        raise PolicyError(f"{original!r} is not an email address, @domain or *")
+    if domain.isascii():
+        labels = domain.split(".")
+        if len(labels) < 2 or not all(labels):
+            raise PolicyError(f"{original!r}: {domain!r} is not a domain name")
+        return domain
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError as exc:
+        raise PolicyError(f"{original!r}: {domain!r} is not a valid domain name ({exc})") from None
+
+
+def normalize_address(address: str) -> str:
+    """An address lower-cased with an ASCII domain; PolicyError if malformed."""
+    value = address.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1]
+    local, at, domain = value.rpartition("@")
+    if not at or not local or any(c in local for c in ' <>,;"'):
+        raise PolicyError(f"{address!r} is not an email address")
+    return f"{local.lower()}@{_domain(domain, address)}"
+
+
+def normalize_pattern(pattern: str) -> str:
+    """``a@b.c``, ``@b.c`` or ``*``, normalised; PolicyError otherwise."""
+    value = pattern.strip()
+    if value == "*":
+        return value
+    if value.startswith("@"):
+        return "@" + _domain(value[1:], pattern)
+    return normalize_address(value)
+
+
+def lookup_key(address: str) -> tuple[str, str]:
+    """(exact, @domain) keys for an address, without raising on junk."""
+    try:
+        exact = normalize_address(address)
+    except PolicyError:
+        exact = address.strip().lower()
+    return exact, "@" + exact.rpartition("@")[2]
+
+
+def resolve(policies: dict[str, Policy], address: str) -> Policy:
+    """The policy for a sender address: exact > @domain > * > default."""
+    exact, domain = lookup_key(address)
+    for key in (exact, domain, "*"):
+        policy = policies.get(key)
+        if policy is not None:
+            return policy
+    return DEFAULT_POLICY
+
+
+# --- policies -----------------------------------------------------------------
+
+
+def set_policy(
+    engine: Engine,
+    pattern: str,
+    *,
+    mode: str | None = None,
+    allow_opens: bool | None = None,
+    allow_clicks: bool | None = None,
+    allow_text_links: bool | None = None,
+    per_recipient: bool | None = None,
+    recipient_cap: int | None = None,
+    notify: bool | None = None,
+) -> Policy:
+    """Create or update the policy for ``pattern``; None leaves a value as it is
+    (or at its default for a new policy). Returns the stored policy."""
+    key = normalize_pattern(pattern)
+    if mode is not None and mode not in MODES:
+        raise PolicyError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if recipient_cap is not None and not 1 <= recipient_cap <= MAX_RECIPIENT_CAP:
+        raise PolicyError(f"the recipient cap must be between 1 and {MAX_RECIPIENT_CAP}")
+    values: dict[str, Any] = {
+        "mode": mode,
+        "allow_opens": allow_opens,
+        "allow_clicks": allow_clicks,
+        "allow_text_links": allow_text_links,
+        "per_recipient": per_recipient,
+        "recipient_cap": recipient_cap,
+        "notify": notify,
+    }
+    with session_scope(engine) as session:
+        policy = session.exec(select(Policy).where(Policy.pattern == key)).first()
+        if policy is None:
+            policy = Policy(pattern=key)
+        for name, value in values.items():
+            if value is not None:
+                setattr(policy, name, value)
+        policy.updated_at = utcnow()
+        session.add(policy)
+        session.flush()
+        session.refresh(policy)
+    return policy
+
+
+def get_policy(engine: Engine, pattern: str) -> Policy | None:
+    key = normalize_pattern(pattern)
+    with session_scope(engine) as session:
+        return session.exec(select(Policy).where(Policy.pattern == key)).first()
+
+
+def list_policies(engine: Engine) -> list[Policy]:
+    """All policies, most specific first (addresses, domains, then ``*``)."""
+    with session_scope(engine) as session:
+        policies = list(session.exec(select(Policy)).all())
+    return sorted(policies, key=_specificity)
+
+
+def _specificity(policy: Policy) -> tuple[int, str]:
+    if policy.pattern == "*":
+        return 2, ""
+    return (1 if policy.pattern.startswith("@") else 0), policy.pattern
+
+
+def remove_policy(engine: Engine, pattern: str) -> None:
+    key = normalize_pattern(pattern)
+    with session_scope(engine) as session:
+        policy = session.exec(select(Policy).where(Policy.pattern == key)).first()
+        if policy is None:
+            raise PolicyError(f"no policy for {key!r}")
+        session.delete(policy)
+
+
+def describe(policy: Policy) -> str:
+    """One line for people: ``@b.c  mode=always opens clicks per-recipient<=20``."""
+    flags = [n.removeprefix("allow_").replace("_", "-") for n in _FLAGS if getattr(policy, n)]
+    cap = f"cap={policy.recipient_cap}" if policy.per_recipient else ""
+    return " ".join(p for p in (f"mode={policy.mode}", *flags, cap) if p)
+
+
+# --- suppressions ---------------------------------------------------------------
+
+
+def add_suppression(engine: Engine, address: str, source: str = "cli") -> Suppression:
+    """Never track ``address`` again; adding it twice is not an error."""
+    key = normalize_address(address)
+    if source not in SUPPRESSION_SOURCES:
+        raise PolicyError(f"source must be one of {', '.join(SUPPRESSION_SOURCES)}")
+    with session_scope(engine) as session:
+        row = session.exec(select(Suppression).where(Suppression.address == key)).first()
+        if row is None:
+            row = Suppression(address=key, source=source)
+            session.add(row)
+            session.flush()
+            session.refresh(row)
+    return row
+
+
+def list_suppressions(engine: Engine) -> list[Suppression]:
+    with session_scope(engine) as session:
+        return list(session.exec(select(Suppression).order_by(Suppression.address)).all())
+
+
+def remove_suppression(engine: Engine, address: str) -> None:
+    key = normalize_address(address)
+    with session_scope(engine) as session:
+        row = session.exec(select(Suppression).where(Suppression.address == key)).first()
+        if row is None:
+            raise PolicyError(f"{key!r} is not suppressed")
+        session.delete(row)
+
+
+# --- the relay's view -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the relay needs to decide, read in one go."""
+
+    policies: dict[str, Policy]
+    suppressed: frozenset[str]
+
+    def policy_for(self, address: str) -> Policy:
+        return resolve(self.policies, address)
+
+    def is_suppressed(self, address: str) -> bool:
+        return lookup_key(address)[0] in self.suppressed
+
+
+def load_snapshot(engine: Engine) -> Snapshot:
+    """Read all policies and suppressions (blocking: call it off the event loop)."""
+    with session_scope(engine) as session:
+        policies = list(session.exec(select(Policy)).all())
+        suppressed = list(session.exec(select(Suppression.address)).all())
+    return Snapshot({p.pattern: p for p in policies}, frozenset(suppressed))
+
+
+def snapshot_of(policies: Iterable[Policy], suppressed: Iterable[str] = ()) -> Snapshot:
+    """A snapshot from values (tests, or a caller that already has the rows)."""
+    return Snapshot(
+        {normalize_pattern(p.pattern): p for p in policies},
+        frozenset(lookup_key(a)[0] for a in suppressed),
+    )
