@@ -116,7 +116,9 @@ def save_policy(engine: Engine, data: PolicyInput, policy_id: int | None = None)
             raise ValidationFailed(
                 {"pattern": f"There is already a policy for {data.pattern}; edit that one."}
             )
-        policy = Policy() if policy_id is None else session.get(Policy, policy_id)
+        policy = (
+            Policy(pattern=data.pattern) if policy_id is None else session.get(Policy, policy_id)
+        )
         if policy is None:
             raise ValidationFailed({"": "This policy no longer exists."})
         for name, value in vars(data).items():
@@ -201,11 +203,9 @@ def parse_user(form: Mapping[str, str], *, new: bool) -> tuple[UserInput, dict[s
     if data.role not in ROLES:
         errors["role"] = "Choose a role: administrator or sender."
     if bad:
-        errors["addresses"] = (
-            "Not an address or @domain: " + ", ".join(bad) + ". Use one per line."
-        )
+        errors["addresses"] = "Not an address or @domain: " + ", ".join(bad) + ". Use one per line."
     if (new or data.password) and len(data.password) < 8:
-        errors["password"] = "The password needs at least 8 characters."
+        errors["password"] = "The password needs at least 8 characters."  # noqa: S105
     return data, errors
 
 

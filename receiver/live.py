@@ -51,10 +51,10 @@ class Subscription:
     def wants(self, note: Mapping[str, Any]) -> bool:
         return self.patterns is None or may_send_as(self.patterns, str(note.get("sender", "")))
 
-    async def next(self, timeout: float) -> dict[str, Any] | None | bool:
-        """A notification; ``True`` when nothing came in ``timeout``; None once closed."""
+    async def next(self, wait: float) -> dict[str, Any] | bool | None:
+        """A notification; ``True`` when nothing came in ``wait`` seconds; None once closed."""
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            return await asyncio.wait_for(self.queue.get(), wait)
         except TimeoutError:
             return True
 
@@ -145,9 +145,7 @@ class LiveFeed:
         delay = 0.5
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    conninfo, autocommit=True
-                ) as conn:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._listening.set()
                     delay = 0.5
@@ -164,7 +162,9 @@ class LiveFeed:
 
 def notifications(engine: Engine, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """What is worth telling a person about, from a committed batch of events."""
-    counted = [e for e in events if e.get("verdict") in COUNTED and e.get("kind") in ("open", "click")]
+    counted = [
+        e for e in events if e.get("verdict") in COUNTED and e.get("kind") in ("open", "click")
+    ]
     if not counted:
         return []
     ids = {int(e["message_id"]) for e in counted}

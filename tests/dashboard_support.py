@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from functools import cache
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
 import uvicorn
@@ -68,7 +68,9 @@ def seed(engine: Engine) -> None:
                 status="partial",
             )
         )
-        s.add(Recipient(message_id=M_OPENED, position=1, address="bob@client.example", tracked=True))
+        s.add(
+            Recipient(message_id=M_OPENED, position=1, address="bob@client.example", tracked=True)
+        )
         s.add(
             Recipient(
                 message_id=M_OPENED,
@@ -83,7 +85,9 @@ def seed(engine: Engine) -> None:
         s.add(Link(message_id=M_OPENED, position=2, url="javascript:alert(2)"))
         outlook = "Mozilla/4.0 (compatible; ms-office; MSOffice 16) Windows NT 10.0"
         s.add(_event("o1", M_OPENED, 1, 0, "open", "human", NOW - timedelta(hours=2), outlook))
-        s.add(_event("o2", M_OPENED, 1, 0, "open", "machine", NOW - timedelta(hours=2), "Mozilla/5.0"))
+        s.add(
+            _event("o2", M_OPENED, 1, 0, "open", "machine", NOW - timedelta(hours=2), "Mozilla/5.0")
+        )
         s.add(_event("c1", M_OPENED, 1, 1, "click", "human", NOW - timedelta(hours=1), outlook))
         s.add(_event("c2", M_OPENED, 1, 1, "click", "scanner", NOW - timedelta(hours=1), "curl/8"))
 
@@ -148,7 +152,16 @@ def _event(
 
 def add_open(engine: Engine, message_id: int, key: str, recipient: int = 1) -> dict[str, Any]:
     """Write a human open as the receiver's event writer would; return its dict."""
-    event = _event(key, message_id, recipient, 0, "open", "human", datetime.now(UTC), "Mozilla/5.0 (iPhone) AppleWebKit/605")
+    event = _event(
+        key,
+        message_id,
+        recipient,
+        0,
+        "open",
+        "human",
+        datetime.now(UTC),
+        "Mozilla/5.0 (iPhone) AppleWebKit/605",
+    )
     with session_scope(engine) as s:
         s.add(event)
     return event.model_dump()

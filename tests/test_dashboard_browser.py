@@ -2,7 +2,7 @@
 
 Chromium is the Debian package (/usr/bin/chromium) driven by Playwright with
 ``executable_path``; Playwright never downloads a browser. Screenshots of each
-page, at 1280×800 and at phone width (390×844), go to
+page, at 1280x800 and at phone width (390x844), go to
 ``test-artifacts/screenshots/`` for people to look at.
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from dashboard_support import M_OPENED, M_XSS, PASSWORD, ServerThread, add_open, seed
+
 from receiver.app import create_app
 from shared import db
 from shared.config import Settings

@@ -9,9 +9,18 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+from dashboard_support import (
+    M_CORP,
+    M_OPENED,
+    M_XSS,
+    PASSWORD,
+    ServerThread,
+    add_open,
+    csrf_from,
+    seed,
+)
 from sqlalchemy import Engine
 
-from dashboard_support import M_CORP, M_OPENED, M_XSS, PASSWORD, ServerThread, add_open, csrf_from, seed
 from receiver.app import create_app
 from receiver.live import LiveFeed, notifications
 from shared.config import Settings

@@ -44,9 +44,7 @@ routes: list[BaseRoute] = [
     Route("/policies/{policy_id:int}", admin.policy_edit, methods=GET_POST),
     Route("/policies/{policy_id:int}/delete", admin.policy_delete, methods=["POST"]),
     Route("/suppressions", admin.suppressions, methods=GET_POST),
-    Route(
-        "/suppressions/{suppression_id:int}/delete", admin.suppression_delete, methods=["POST"]
-    ),
+    Route("/suppressions/{suppression_id:int}/delete", admin.suppression_delete, methods=["POST"]),
     Route("/users", admin.users),
     Route("/users/new", admin.user_new, methods=GET_POST),
     Route("/users/{user_id:int}", admin.user_edit, methods=GET_POST),

@@ -49,7 +49,9 @@ def _policy_page(
 async def policies(request: Request, viewer: Viewer) -> Response:
     rows = await asyncio.to_thread(data.list_policies, engine_of(request))
     return render(
-        request, "dashboard/policies.html", {"policies": rows, "modes": data.MODES, "nav": "policies"}
+        request,
+        "dashboard/policies.html",
+        {"policies": rows, "modes": data.MODES, "nav": "policies"},
     )
 
 

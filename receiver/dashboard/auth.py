@@ -4,7 +4,7 @@ Failed sign-ins are counted per client address and per username over the
 configured window (the same limits the relay applies to SMTP AUTH). Once a
 limit is reached the password is not even checked until the window moves on,
 so guessing costs the attacker time, not us CPU. Counts live in memory: each
-receiver process brakes on its own, which bounds guesses to N × limit.
+receiver process brakes on its own, which bounds guesses to N times the limit.
 """
 
 from __future__ import annotations

@@ -74,12 +74,15 @@ def rate_chart(points: Sequence[Point], caption: str) -> Markup:
     for pct in (0, 25, 50, 75, 100):
         y = _y(pct / 100)
         parts.append(f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y}" y2="{y}"/>')
-        parts.append(f'<text class="axis" x="{LEFT - 8}" y="{y + 4}" text-anchor="end">{pct}%</text>')
+        parts.append(
+            f'<text class="axis" x="{LEFT - 8}" y="{y + 4}" text-anchor="end">{pct}%</text>'
+        )
     most = max((p.sent for p in points), default=0)
     slot = (WIDTH - LEFT - RIGHT) / max(n, 1)
     bar = max(2.0, min(28.0, slot * 0.6))
     parts.append(
         f'<text class="axis" x="{LEFT - 8}" y="{VOL_TOP + 10}" text-anchor="end">{most}</text>'
+        f'<text class="axis" x="{LEFT - 8}" y="{VOL_TOP + 24}" text-anchor="end">sent</text>'
     )
     parts.append(
         f'<line class="base" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{VOL_BOTTOM}" y2="{VOL_BOTTOM}"/>'
@@ -93,7 +96,7 @@ def rate_chart(points: Sequence[Point], caption: str) -> Markup:
                 f'<rect class="vol" x="{x - bar / 2:.1f}" y="{VOL_BOTTOM - h:.1f}" '
                 f'width="{bar:.1f}" height="{h:.1f}" rx="2"/>'
             )
-        if i % every == 0 or i == n - 1:
+        if (n - 1 - i) % every == 0:  # evenly spaced, ending on the latest
             parts.append(
                 f'<text class="axis" x="{x:.1f}" y="{LABEL_Y}" text-anchor="middle">'
                 f"{escape(p.label)}</text>"

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -26,9 +26,7 @@ KEEPALIVE = 15.0
 async def messages_list(request: Request, viewer: Viewer) -> Response:
     filters, notes = Filters.parse(request.query_params)
     engine = engine_of(request)
-    rows, total = await asyncio.to_thread(
-        queries.list_messages, engine, viewer, filters, PER_PAGE
-    )
+    rows, total = await asyncio.to_thread(queries.list_messages, engine, viewer, filters, PER_PAGE)
     senders = await asyncio.to_thread(queries.senders, engine, viewer)
     pages = max(1, math.ceil(total / PER_PAGE))
     return render(
@@ -54,9 +52,7 @@ async def message_detail(request: Request, viewer: Viewer) -> Response:
     message_id = int(request.path_params["message_id"])
     if message_id >= 2**63:
         return not_found(request)
-    detail = await asyncio.to_thread(
-        queries.message_detail, engine_of(request), viewer, message_id
-    )
+    detail = await asyncio.to_thread(queries.message_detail, engine_of(request), viewer, message_id)
     if detail is None:
         return not_found(request)
     return render(request, "dashboard/message.html", {"d": detail, "nav": "messages"})
@@ -71,7 +67,7 @@ def _cell(value: object) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def _csv_lines(header: list[str], rows: Iterable[list[object]]) -> Iterator[str]:
+def _csv_lines(header: list[str], rows: Iterable[Sequence[object]]) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -159,9 +155,7 @@ async def events_csv(request: Request, viewer: Viewer) -> Response:
             event.user_agent,
             event.method,
         ]
-        for event, message, address, url in queries.iter_events(
-            engine_of(request), viewer, filters
-        )
+        for event, message, address, url in queries.iter_events(engine_of(request), viewer, filters)
     )
     header = [
         "message_id", "subject", "sender", "kind", "occurred_at", "recipient", "url",

@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from markupsafe import Markup
 from sqlalchemy import Engine, func
+from sqlalchemy import select as sa_select
 from sqlmodel import col, select
 from starlette.requests import Request
 from starlette.responses import Response
@@ -60,9 +61,7 @@ def _bucket(day: date, period: str) -> date:
     return day - timedelta(days=day.weekday()) if period == "week" else day
 
 
-def build(
-    engine: Engine, viewer: Viewer, period: str, today: date, sender: str = ""
-) -> Overview:
+def build(engine: Engine, viewer: Viewer, period: str, today: date, sender: str = "") -> Overview:
     caption, count = PERIODS[period]
     last = _bucket(today, period)
     step = timedelta(days=7 if period == "week" else 1)
@@ -72,18 +71,18 @@ def build(
     if sender:
         where.append(func.lower(col(Message.sender)) == sender.lower())
     with session_scope(engine) as session:
-        messages = session.exec(
-            select(
-                Message.id,
-                Message.created_at,
-                Message.sender,
-                Message.track_opens,
-                Message.track_clicks,
+        messages = session.execute(
+            sa_select(
+                col(Message.id),
+                col(Message.created_at),
+                col(Message.sender),
+                col(Message.track_opens),
+                col(Message.track_clicks),
             ).where(*where)
         ).all()
         in_window = select(Message.id).where(*where)
-        hits = session.exec(
-            select(Event.message_id, Event.kind, Event.verdict, func.count())
+        hits = session.execute(
+            sa_select(col(Event.message_id), col(Event.kind), col(Event.verdict), func.count())
             .where(col(Event.message_id).in_(in_window.scalar_subquery()))
             .group_by(col(Event.message_id), col(Event.kind), col(Event.verdict))
         ).all()

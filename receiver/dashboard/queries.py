@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, case, exists, false, func, or_
+from sqlalchemy import Engine, case, exists, false, func, or_, true
+from sqlalchemy import select as sa_select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
@@ -74,7 +75,7 @@ def _like(value: str) -> str:
 def visible(viewer: Viewer) -> ColumnElement[bool]:
     """The messages ``viewer`` may see, as a WHERE clause."""
     if viewer.is_admin:
-        return col(Message.id).is_not(None)
+        return true()
     sender = func.lower(col(Message.sender))
     clauses: list[ColumnElement[bool]] = []
     for pattern in viewer.addresses:
@@ -104,7 +105,7 @@ def filtered(viewer: Viewer, filters: Filters) -> list[ColumnElement[bool]]:
     if filters.state == "opened":
         where.append(_counted("open"))
     elif filters.state == "not_opened":
-        where += [col(Message.track_opens), ~_counted("open")]
+        where += [col(Message.track_opens).is_(True), ~_counted("open")]
     elif filters.state == "clicked":
         where.append(_counted("click"))
     if filters.sender:
@@ -159,7 +160,7 @@ def _with_hits(session: Session, messages: list[Message]) -> list[MessageRow]:
         rows[r.message_id].refused += r.status != "accepted"
     counted = col(Event.verdict).in_(COUNTED)
     stats = (
-        select(
+        sa_select(
             col(Event.message_id),
             col(Event.kind),
             func.count(case((counted, 1))),
@@ -170,7 +171,7 @@ def _with_hits(session: Session, messages: list[Message]) -> list[MessageRow]:
         .where(col(Event.message_id).in_(ids))
         .group_by(col(Event.message_id), col(Event.kind))
     )
-    for message_id, kind, count, first, last, machine in session.exec(stats):
+    for message_id, kind, count, first, last, machine in session.execute(stats):
         hits = Hits(int(count), aware(first), aware(last))
         if kind == "open":
             rows[message_id].opens = hits
