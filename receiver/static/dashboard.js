@@ -107,6 +107,8 @@
   document.addEventListener("DOMContentLoaded", () => {
     localizeTimes(document);
     formHelpers();
+    // On a narrow screen the chart scrolls: start at the latest period.
+    document.querySelectorAll(".chart-scroll").forEach((el) => (el.scrollLeft = el.scrollWidth));
     live();
   });
 })();
