@@ -61,6 +61,7 @@ def remove_user(engine: Engine, username: str) -> None:
             raise UserError(f"no user {username!r}")
         for row in session.exec(select(UserAddress).where(UserAddress.user_id == user.id)):
             session.delete(row)
+        session.flush()  # addresses first: the FK cascade would otherwise delete them twice
         session.delete(user)
 
 

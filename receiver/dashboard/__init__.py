@@ -1,0 +1,61 @@
+"""The dashboard, mounted by the receiver under ``/dashboard``.
+
+Wiring (receiver/app.py)::
+
+    Mount("/dashboard", routes=dashboard.routes, middleware=dashboard.middleware(settings))
+
+or simply ``dashboard.mount(settings)``. The middleware (signed session
+cookie) is scoped to the mount, so pixel and click requests never touch it.
+The pages read ``app.state.engine`` and ``app.state.settings``; the live
+stream reads ``app.state.live_feed`` (a :class:`receiver.live.LiveFeed`,
+started and stopped in the lifespan and given to the event writer as its
+``on_written`` hook).
+
+One module per page family: ``auth`` (sign in/out), ``messages`` (list,
+detail, CSV, live stream), ``overview``, ``admin`` (policies, suppression,
+users); ``web`` holds what they share; ``queries`` what they read.
+"""
+
+from __future__ import annotations
+
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from receiver.dashboard import admin, auth, messages, overview
+from receiver.dashboard.web import STATIC_DIR
+from receiver.sessions import SessionMiddleware
+from shared.config import Settings
+
+GET_POST = ["GET", "POST"]
+
+routes: list[BaseRoute] = [
+    Route("/", auth.home),
+    Route("/login", auth.login, methods=GET_POST),
+    Route("/logout", auth.logout, methods=["POST"]),
+    Route("/messages", messages.messages_list),
+    Route("/messages.csv", messages.messages_csv),
+    Route("/events.csv", messages.events_csv),
+    Route("/messages/{message_id:int}", messages.message_detail),
+    Route("/live", messages.live),
+    Route("/overview", overview.overview),
+    Route("/policies", admin.policies),
+    Route("/policies/new", admin.policy_new, methods=GET_POST),
+    Route("/policies/{policy_id:int}", admin.policy_edit, methods=GET_POST),
+    Route("/policies/{policy_id:int}/delete", admin.policy_delete, methods=["POST"]),
+    Route("/suppressions", admin.suppressions, methods=GET_POST),
+    Route("/suppressions/{suppression_id:int}/delete", admin.suppression_delete, methods=["POST"]),
+    Route("/users", admin.users),
+    Route("/users/new", admin.user_new, methods=GET_POST),
+    Route("/users/{user_id:int}", admin.user_edit, methods=GET_POST),
+    Route("/users/{user_id:int}/delete", admin.user_delete, methods=["POST"]),
+    Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="dashboard-static"),
+]
+
+
+def middleware(settings: Settings) -> list[Middleware]:
+    return [Middleware(SessionMiddleware, secret_key=settings.secret_key.get_secret_value())]
+
+
+def mount(settings: Settings, path: str = "/dashboard") -> Mount:
+    return Mount(path, routes=routes, middleware=middleware(settings), name="dashboard")

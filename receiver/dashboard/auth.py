@@ -1,0 +1,147 @@
+"""Signing in and out, with a brake on password guessing.
+
+Failed sign-ins are counted per client address and per username over the
+configured window (the same limits the relay applies to SMTP AUTH). Once a
+limit is reached the password is not even checked until the window moves on,
+so guessing costs the attacker time, not us CPU. Counts live in memory: each
+receiver process brakes on its own, which bounds guesses to N times the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from receiver.dashboard.queries import Viewer
+from receiver.dashboard.web import (
+    base_path,
+    csrf_failed,
+    csrf_valid,
+    current_viewer,
+    engine_of,
+    page,
+    redirect,
+    render,
+    settings_of,
+)
+from receiver.sessions import start_session
+from shared.config import Settings
+from shared.users import authenticate
+
+
+class LoginThrottle:
+    def __init__(self, per_ip: int, per_user: int, window: float) -> None:
+        self.limits = {"ip": per_ip, "user": per_user}
+        self.window = window
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> LoginThrottle:
+        return cls(
+            settings.auth_failures_per_ip,
+            settings.auth_failures_per_user,
+            settings.auth_failure_window,
+        )
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        times = self._failures.setdefault(key, deque())
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        return times
+
+    def wait(self, ip: str, username: str) -> float:
+        """Seconds until another attempt is allowed (0 when it is now)."""
+        now = time.monotonic()
+        waits = [0.0]
+        for kind, value in (("ip", ip), ("user", username.lower())):
+            times = self._recent((kind, value), now)
+            if len(times) >= self.limits[kind]:
+                waits.append(times[0] + self.window - now)
+        return max(waits)
+
+    def failed(self, ip: str, username: str) -> None:
+        now = time.monotonic()
+        for key in (("ip", ip), ("user", username.lower())):
+            self._recent(key, now).append(now)
+        if len(self._failures) > 10_000:  # forget the oldest keys, bounded memory
+            for key in list(self._failures)[:5_000]:
+                del self._failures[key]
+
+    def succeeded(self, username: str) -> None:
+        self._failures.pop(("user", username.lower()), None)
+
+
+def throttle_of(request: Request) -> LoginThrottle:
+    state = request.app.state
+    if not hasattr(state, "login_throttle"):
+        state.login_throttle = LoginThrottle.for_settings(settings_of(request))
+    throttle: LoginThrottle = state.login_throttle
+    return throttle
+
+
+def _safe_next(request: Request, target: str) -> str:
+    """Only paths inside the dashboard: never an open redirect."""
+    base = base_path(request)
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith(base + "/") or "\\" in target:
+        return base + "/messages"
+    return target
+
+
+async def login(request: Request) -> Response:
+    if request.method == "GET":
+        if await current_viewer(request) is not None:
+            return redirect(request, "/messages")
+        return render(request, "dashboard/login.html", {"error": "", "username": ""})
+    if not await csrf_valid(request):
+        return csrf_failed(request)
+    form = await request.form()
+    username = str(form.get("username", "")).strip()[:255]
+    password = str(form.get("password", ""))
+    ip = request.client.host if request.client else ""
+    throttle = throttle_of(request)
+    wait = throttle.wait(ip, username)
+    if wait > 0:
+        minutes = max(1, math.ceil(wait / 60))
+        return render(
+            request,
+            "dashboard/login.html",
+            {
+                "error": f"Too many failed attempts. Try again in {minutes} minute"
+                + ("s." if minutes > 1 else "."),
+                "username": username,
+            },
+            status=429,
+        )
+    user = await asyncio.to_thread(authenticate, engine_of(request), username, password)
+    if user is None or user.id is None:
+        throttle.failed(ip, username)
+        return render(
+            request,
+            "dashboard/login.html",
+            {"error": "That username and password do not match.", "username": username},
+            status=401,
+        )
+    throttle.succeeded(username)
+    start_session(request.session, user.id)
+    response = redirect(request, "/messages")
+    response.headers["location"] = _safe_next(request, str(request.query_params.get("next", "")))
+    return response
+
+
+@page()
+async def logout(request: Request, viewer: Viewer) -> Response:
+    request.session.clear()
+    response = redirect(request, "/login")
+    response.headers["Clear-Site-Data"] = '"cache"'
+    return response
+
+
+async def home(request: Request) -> Response:
+    return redirect(request, "/messages")

@@ -1,0 +1,89 @@
+"""The messages list's filters, read from and written back to the query string.
+
+One object carries them so the list, its pager, its CSV export and the events
+export all apply exactly the same selection. Bad values are dropped with a
+note for the person rather than answered with an error page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.datastructures import QueryParams
+
+TRACKING = {"": "Any tracking", "on": "Tracking enabled", "off": "Not tracked"}
+STATES = {"": "Any", "opened": "Opened", "not_opened": "Not opened", "clicked": "Clicked"}
+MAX_QUERY = 200
+
+
+@dataclass(frozen=True)
+class Filters:
+    tracking: str = ""
+    state: str = ""
+    sender: str = ""
+    date_from: date | None = None
+    date_to: date | None = None
+    q: str = ""
+    page: int = 1
+
+    @classmethod
+    def parse(cls, params: QueryParams) -> tuple[Filters, list[str]]:
+        notes: list[str] = []
+        tracking = params.get("tracking", "")
+        state = params.get("state", "")
+        dates: dict[str, date | None] = {}
+        for name, label in (("from", "From"), ("to", "To")):
+            raw = params.get(name, "").strip()
+            dates[name] = None
+            if raw:
+                try:
+                    dates[name] = date.fromisoformat(raw)
+                except ValueError:
+                    notes.append(f"{label} date “{raw}” is not a date like 2025-03-31; ignored.")
+        if dates["from"] and dates["to"] and dates["from"] > dates["to"]:
+            notes.append("The From date is after the To date; nothing can match.")
+        try:
+            page = max(1, min(int(params.get("page", "1")), 100_000))
+        except ValueError:
+            page = 1
+        return (
+            cls(
+                tracking=tracking if tracking in TRACKING else "",
+                state=state if state in STATES else "",
+                sender=params.get("sender", "").strip()[:320],
+                date_from=dates["from"],
+                date_to=dates["to"],
+                q=params.get("q", "").strip()[:MAX_QUERY],
+                page=page,
+            ),
+            notes,
+        )
+
+    def replace(self, **changes: Any) -> Filters:
+        return dataclasses.replace(self, **changes)
+
+    def params(self, **changes: Any) -> dict[str, str]:
+        """Non-empty filters as query parameters (page 1 left out)."""
+        f = self.replace(**changes)
+        values = {
+            "tracking": f.tracking,
+            "state": f.state,
+            "sender": f.sender,
+            "from": f.date_from.isoformat() if f.date_from else "",
+            "to": f.date_to.isoformat() if f.date_to else "",
+            "q": f.q,
+            "page": str(f.page) if f.page > 1 else "",
+        }
+        return {k: v for k, v in values.items() if v}
+
+    def query(self, **changes: Any) -> str:
+        encoded = urlencode(self.params(**changes))
+        return f"?{encoded}" if encoded else ""
+
+    @property
+    def active(self) -> bool:
+        return bool(self.params(page=1))

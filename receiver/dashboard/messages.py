@@ -1,0 +1,191 @@
+"""The messages list, one message's story, the CSV exports and the live stream."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import math
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from receiver.dashboard import queries
+from receiver.dashboard.filters import STATES, TRACKING, Filters
+from receiver.dashboard.queries import Viewer
+from receiver.dashboard.web import engine_of, not_found, page, render
+from receiver.live import LiveFeed
+
+PER_PAGE = 50
+KEEPALIVE = 15.0
+
+
+@page()
+async def messages_list(request: Request, viewer: Viewer) -> Response:
+    filters, notes = Filters.parse(request.query_params)
+    engine = engine_of(request)
+    rows, total = await asyncio.to_thread(queries.list_messages, engine, viewer, filters, PER_PAGE)
+    senders = await asyncio.to_thread(queries.senders, engine, viewer)
+    pages = max(1, math.ceil(total / PER_PAGE))
+    return render(
+        request,
+        "dashboard/messages.html",
+        {
+            "rows": rows,
+            "total": total,
+            "filters": filters,
+            "notes": notes,
+            "senders": senders,
+            "tracking_choices": TRACKING,
+            "state_choices": STATES,
+            "page": filters.page,
+            "pages": pages,
+            "nav": "messages",
+        },
+    )
+
+
+@page()
+async def message_detail(request: Request, viewer: Viewer) -> Response:
+    message_id = int(request.path_params["message_id"])
+    if message_id >= 2**63:
+        return not_found(request)
+    detail = await asyncio.to_thread(queries.message_detail, engine_of(request), viewer, message_id)
+    if detail is None:
+        return not_found(request)
+    return render(request, "dashboard/message.html", {"d": detail, "nav": "messages"})
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> str:
+    """A CSV cell that a spreadsheet will not run as a formula."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def _csv_lines(header: list[str], rows: Iterable[Sequence[object]]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_cell(v) for v in row])
+        if buffer.tell() > 32_768:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+async def _in_thread(lines: Iterator[str]) -> AsyncIterator[str]:
+    """Drive a blocking generator (database reads) without blocking the loop."""
+    done = object()
+    while True:
+        chunk = await asyncio.to_thread(next, lines, done)
+        if chunk is done:
+            return
+        yield str(chunk)
+
+
+def _csv_response(lines: Iterator[str], name: str) -> Response:
+    return StreamingResponse(
+        _in_thread(lines),
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+def _iso(value: object) -> str:
+    when = queries.aware(value) if hasattr(value, "isoformat") else None  # type: ignore[arg-type]
+    return when.isoformat() if when else ""
+
+
+@page()
+async def messages_csv(request: Request, viewer: Viewer) -> Response:
+    filters, _ = Filters.parse(request.query_params)
+    rows = (
+        [
+            str(r.message.id),
+            _iso(r.message.created_at),
+            r.message.sender,
+            r.message.subject,
+            "; ".join(r.recipients),
+            "yes" if r.message.track_opens else "no",
+            "yes" if r.message.track_clicks else "no",
+            r.opens.count,
+            _iso(r.opens.first),
+            _iso(r.opens.last),
+            r.clicks.count,
+            _iso(r.clicks.first),
+            _iso(r.clicks.last),
+            r.machine_opens,
+            r.message.status,
+        ]
+        for r in queries.iter_message_rows(engine_of(request), viewer, filters)
+    )
+    header = [
+        "message_id", "sent_at", "sender", "subject", "recipients", "track_opens",
+        "track_clicks", "opens", "first_open", "last_open", "clicks", "first_click",
+        "last_click", "machine_opens", "status",
+    ]  # fmt: skip
+    return _csv_response(_csv_lines(header, rows), "messages.csv")
+
+
+@page()
+async def events_csv(request: Request, viewer: Viewer) -> Response:
+    filters, _ = Filters.parse(request.query_params)
+    rows = (
+        [
+            str(event.message_id),
+            message.subject,
+            message.sender,
+            event.kind,
+            _iso(event.occurred_at),
+            address,
+            url,
+            event.verdict,
+            event.reasons,
+            event.ip,
+            event.user_agent,
+            event.method,
+        ]
+        for event, message, address, url in queries.iter_events(engine_of(request), viewer, filters)
+    )
+    header = [
+        "message_id", "subject", "sender", "kind", "occurred_at", "recipient", "url",
+        "verdict", "reasons", "ip", "user_agent", "method",
+    ]  # fmt: skip
+    return _csv_response(_csv_lines(header, rows), "events.csv")
+
+
+@page()
+async def live(request: Request, viewer: Viewer) -> Response:
+    """Server-sent events: first opens and clicks on mail this viewer may see."""
+    feed: LiveFeed = request.app.state.live_feed
+    sub = feed.subscribe(None if viewer.is_admin else list(viewer.addresses))
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            yield "retry: 3000\n: connected\n\n"
+            while True:
+                note = await sub.next(KEEPALIVE)
+                if note is None:
+                    return
+                if note is True:
+                    yield ": keep-alive\n\n"
+                    continue
+                yield f"event: hit\ndata: {json.dumps(note)}\n\n"
+        finally:
+            feed.unsubscribe(sub)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,206 @@
+"""What every dashboard page shares: templates, the signed-in viewer, CSRF, errors.
+
+Every endpoint is wrapped by :func:`page`, which is where the safety rules live
+in one place: no viewer → the login page; a POST without the session's CSRF
+token (or from a foreign Origin) → 403 before the handler runs; an admin page
+for a sender → 403. Templates autoescape everything, so text from mail
+(subjects, addresses, user agents, URLs) is always shown as text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import jinja2
+from sqlalchemy import Engine
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.templating import Jinja2Templates
+
+from receiver.dashboard.queries import Viewer, aware
+from receiver.sessions import CSRF_FIELD, CSRF_HEADER, csrf_ok, csrf_token
+from shared.config import Settings
+from shared.db import session_scope
+from shared.models import User
+from shared.users import user_addresses
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "templates"
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+
+Handler = Callable[[Request, Viewer], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _format_time(value: datetime | None, style: str = "full") -> str:
+    value = aware(value)
+    if value is None:
+        return ""
+    if style == "day":
+        return value.strftime("%-d %b %Y")
+    if style == "short":
+        return value.strftime("%-d %b, %H:%M")
+    return value.strftime("%-d %b %Y, %H:%M UTC")
+
+
+def _plural(count: int, singular: str, plural: str | None = None) -> str:
+    return f"{count} {singular if count == 1 else (plural or singular + 's')}"
+
+
+def _is_web_url(value: object) -> bool:
+    """Only http(s) URLs become links; anything else (javascript:…) stays text."""
+    return isinstance(value, str) and urlsplit(value).scheme.lower() in ("http", "https")
+
+
+def _make_templates() -> Jinja2Templates:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        autoescape=True,  # every template, whatever its extension
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["when"] = _format_time
+    env.filters["plural"] = _plural
+    env.filters["iso"] = lambda v: (aware(v) or v).isoformat() if v else ""
+    env.tests["web_url"] = _is_web_url
+    return Jinja2Templates(env=env, context_processors=[_common])
+
+
+def base_path(request: Request) -> str:
+    """Where the dashboard is mounted (``/dashboard``), whatever the app around it."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _common(request: Request) -> dict[str, Any]:
+    session = request.scope.get("session", {})
+    flashes = session.pop("flash", []) if session.get("flash") else []
+    return {
+        "base": base_path(request),
+        "viewer": getattr(request.state, "viewer", None),
+        "csrf_field": CSRF_FIELD,
+        "csrf_token": csrf_token(session),
+        "flashes": flashes,
+    }
+
+
+templates = _make_templates()
+
+
+def render(
+    request: Request, name: str, context: dict[str, Any] | None = None, status: int = 200
+) -> Response:
+    response = templates.TemplateResponse(request, name, context or {}, status_code=status)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def error_page(request: Request, status: int, title: str, text: str) -> Response:
+    return render(
+        request, "dashboard/error.html", {"title": title, "text": text, "status": status}, status
+    )
+
+
+def not_found(request: Request) -> Response:
+    return error_page(
+        request, 404, "Not found", "There is nothing here, or it is not yours to see."
+    )
+
+
+def flash(request: Request, text: str, kind: str = "ok") -> None:
+    request.session["flash"] = [*request.session.get("flash", []), [kind, text]]
+
+
+def redirect(request: Request, path: str) -> RedirectResponse:
+    return RedirectResponse(base_path(request) + path, status_code=303)
+
+
+def engine_of(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _load_viewer(engine: Engine, user_id: int) -> Viewer | None:
+    with session_scope(engine) as session:
+        user = session.get(User, user_id)
+    if user is None or user.id is None:
+        return None
+    return Viewer(user.id, user.username, user.role, tuple(user_addresses(engine, user.id)))
+
+
+async def current_viewer(request: Request) -> Viewer | None:
+    """The signed-in user, read fresh each request (removed users lose access at once)."""
+    uid = request.session.get("uid")
+    if not isinstance(uid, int):
+        return None
+    viewer = await asyncio.to_thread(_load_viewer, engine_of(request), uid)
+    if viewer is None:
+        request.session.clear()
+    request.state.viewer = viewer
+    return viewer
+
+
+def same_origin(request: Request) -> bool:
+    """A browser's Origin header, when sent, must name this very host."""
+    origin = request.headers.get("origin")
+    if not origin or origin == "null":
+        return origin is None
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+async def csrf_valid(request: Request) -> bool:
+    if not same_origin(request):
+        return False
+    submitted = request.headers.get(CSRF_HEADER)
+    if submitted is None:
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        submitted = value if isinstance(value, str) else None
+    return csrf_ok(request.session, submitted)
+
+
+def csrf_failed(request: Request) -> Response:
+    return error_page(
+        request,
+        403,
+        "This form has expired",
+        "The page was open too long or came from somewhere else. Go back, reload it and try again.",
+    )
+
+
+def page(*, admin: bool = False) -> Callable[[Handler], Endpoint]:
+    """Wrap a handler: sign-in, CSRF on POST, the admin rule."""
+
+    def wrap(handler: Handler) -> Endpoint:
+        @functools.wraps(handler)
+        async def endpoint(request: Request) -> Response:
+            viewer = await current_viewer(request)
+            if viewer is None:
+                if request.method != "GET":
+                    return error_page(request, 401, "Signed out", "Sign in again to continue.")
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return redirect(request, f"/login?next={quote(target, safe='')}")
+            if request.method == "POST" and not await csrf_valid(request):
+                return csrf_failed(request)
+            if admin and not viewer.is_admin:
+                return error_page(
+                    request, 403, "Administrators only", "Ask an administrator to make this change."
+                )
+            return await handler(request, viewer)
+
+        return endpoint
+
+    return wrap

@@ -1,0 +1,239 @@
+"""Live notifications: a first open or a click reaches open dashboards in seconds.
+
+The event writer calls :meth:`LiveFeed.publish` with each committed batch of
+events. The feed keeps only what a person wants to hear about — the first
+counted open per recipient copy (verdict ``human`` or ``proxy``; machine opens
+and scanners never notify) and every counted click — enriches it with the
+message's subject and sender, and hands it to every subscribed dashboard tab
+that may see that sender.
+
+Fan-out: on PostgreSQL every receiver process LISTENs on one channel and
+publishing is a ``NOTIFY``, so a hit recorded by one replica reaches tabs
+connected to another; the publishing process hears its own NOTIFY like the
+others, which keeps delivery in one path. On SQLite (one process) delivery is
+in-process. Publishing fails soft: a notification lost is logged, a hit is
+never lost because of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from sqlalchemy import Engine, func, text
+from sqlmodel import col, select
+
+from shared.db import session_scope
+from shared.models import Event, Link, Message, Recipient
+from shared.users import may_send_as
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "trackrelay_live"
+COUNTED = ("human", "proxy")
+QUEUE_SIZE = 100
+_MAX_TEXT = 300  # NOTIFY payloads are limited to 8000 bytes
+
+
+class Subscription:
+    """One dashboard tab: a queue of notifications it may see."""
+
+    def __init__(self, patterns: list[str] | None) -> None:
+        self.patterns = patterns  # None: an administrator, sees everything
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(QUEUE_SIZE)
+
+    def wants(self, note: Mapping[str, Any]) -> bool:
+        return self.patterns is None or may_send_as(self.patterns, str(note.get("sender", "")))
+
+    async def next(self, wait: float) -> dict[str, Any] | bool | None:
+        """A notification; ``True`` when nothing came in ``wait`` seconds; None once closed."""
+        try:
+            return await asyncio.wait_for(self.queue.get(), wait)
+        except TimeoutError:
+            return True
+
+
+class LiveFeed:
+    """Publish committed events; subscribe dashboard tabs. Start/stop in the lifespan."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.on_postgresql = engine.url.get_backend_name() == "postgresql"
+        self._subscriptions: set[Subscription] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+
+    # --- lifespan ---
+
+    async def start(self, ready_timeout: float = 5.0) -> None:
+        """On PostgreSQL, start listening (waits until LISTEN is in place)."""
+        if not self.on_postgresql or self._listener is not None:
+            return
+        self._listening = asyncio.Event()
+        self._listener = asyncio.create_task(self._listen(), name="live-feed-listener")
+        try:
+            await asyncio.wait_for(self._listening.wait(), ready_timeout)
+        except TimeoutError:
+            log.warning("live notifications: not listening yet; will keep trying")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        for sub in list(self._subscriptions):
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)  # ends the tab's stream
+        self._subscriptions.clear()
+
+    # --- subscribing ---
+
+    def subscribe(self, patterns: list[str] | None) -> Subscription:
+        sub = Subscription(patterns)
+        self._subscriptions.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscriptions.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
+
+    # --- publishing ---
+
+    async def publish(self, events: list[dict[str, Any]]) -> None:
+        """The event writer's ``on_written`` hook: events already committed."""
+        if not any(e.get("verdict") in COUNTED for e in events):
+            return
+        try:
+            notes = await asyncio.to_thread(notifications, self.engine, events)
+            if notes and self.on_postgresql:
+                await asyncio.to_thread(self._notify, notes)
+            else:
+                for note in notes:
+                    self._deliver(note)
+        except Exception:
+            log.exception("live notifications: could not publish %d events", len(events))
+
+    def _notify(self, notes: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            for note in notes:
+                conn.execute(
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": CHANNEL, "payload": json.dumps(note)},
+                )
+
+    def _deliver(self, note: dict[str, Any]) -> None:
+        for sub in list(self._subscriptions):
+            if sub.wants(note):
+                try:
+                    sub.queue.put_nowait(note)
+                except asyncio.QueueFull:
+                    log.warning("live notifications: a slow tab missed one")
+
+    async def _listen(self) -> None:
+        url = self.engine.url.set(drivername="postgresql")
+        conninfo = url.render_as_string(hide_password=False)
+        delay = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self._listening.set()
+                    delay = 0.5
+                    async for notify in conn.notifies():
+                        try:
+                            self._deliver(json.loads(notify.payload))
+                        except ValueError:
+                            log.warning("live notifications: bad payload ignored")
+            except psycopg.Error as exc:
+                log.warning("live notifications: listener lost (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+
+def notifications(engine: Engine, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What is worth telling a person about, from a committed batch of events."""
+    counted = [
+        e for e in events if e.get("verdict") in COUNTED and e.get("kind") in ("open", "click")
+    ]
+    if not counted:
+        return []
+    ids = {int(e["message_id"]) for e in counted}
+    with session_scope(engine) as session:
+        messages = {
+            m.id: m for m in session.exec(select(Message).where(col(Message.id).in_(ids))).all()
+        }
+        recipients = {
+            (r.message_id, r.position): r.address
+            for r in session.exec(select(Recipient).where(col(Recipient.message_id).in_(ids)))
+        }
+        links = {
+            (link.message_id, link.position): link.url
+            for link in session.exec(select(Link).where(col(Link.message_id).in_(ids)))
+        }
+        notes: list[dict[str, Any]] = []
+        seen: set[tuple[int, int]] = set()
+        for event in sorted(counted, key=lambda e: _when(e.get("occurred_at"))):
+            message_id = int(event["message_id"])
+            position = int(event.get("recipient_position") or 0)
+            if event["kind"] == "open":
+                if (message_id, position) in seen:
+                    continue
+                seen.add((message_id, position))
+                batch_keys = [str(e.get("event_key")) for e in counted if e.get("event_key")]
+                if _opened_before(session, message_id, position, event, batch_keys):
+                    continue
+            message = messages.get(message_id)
+            url = links.get((message_id, int(event.get("link_position") or 0)), "")
+            notes.append(
+                {
+                    "kind": event["kind"],
+                    "message_id": str(message_id),  # 63-bit: beyond a JS number
+                    "subject": (message.subject if message else "")[:_MAX_TEXT],
+                    "sender": message.sender if message else "",
+                    "recipient": recipients.get((message_id, position), ""),
+                    "url": url[:_MAX_TEXT] if event["kind"] == "click" else "",
+                    "at": _when(event.get("occurred_at")).isoformat(),
+                }
+            )
+    return notes
+
+
+def _opened_before(
+    session: Any, message_id: int, position: int, event: Mapping[str, Any], batch_keys: list[str]
+) -> bool:
+    """Was a counted open of this copy recorded before this batch's first one?"""
+    query = (
+        select(func.count())
+        .select_from(Event)
+        .where(
+            col(Event.message_id) == message_id,
+            col(Event.recipient_position) == position,
+            col(Event.kind) == "open",
+            col(Event.verdict).in_(COUNTED),
+        )
+    )
+    when = _when(event.get("occurred_at"))
+    if batch_keys:  # the batch's own rows are already committed: leave them out
+        query = query.where(col(Event.occurred_at) <= when, col(Event.event_key).not_in(batch_keys))
+    else:
+        query = query.where(col(Event.occurred_at) < when)
+    return int(session.exec(query).one()) > 0
+
+
+def _when(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str) and value:
+        with contextlib.suppress(ValueError):
+            return _when(datetime.fromisoformat(value))
+    return datetime.now(UTC)

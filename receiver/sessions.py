@@ -1,0 +1,113 @@
+"""Signed-cookie sessions and CSRF tokens for the dashboard.
+
+Why not Starlette's ``SessionMiddleware`` as is: its ``Secure`` flag is fixed
+at start-up, but the same receiver is reached over plain HTTP in development
+and over HTTPS behind a proxy in production. Here the flag follows the
+request's scheme (uvicorn's ``proxy_headers`` turns ``X-Forwarded-Proto`` into
+the scheme), the cookie is confined to the dashboard's path (pixel and click
+requests never carry it), and the signing key is derived from the secret key
+with its own label, so a session cookie can never be mistaken for a tracking
+token or the other way round.
+
+Sessions stay stateless (receivers scale out without a shared store). Login
+replaces the whole session with a fresh random ``sid`` and CSRF token, so a
+cookie planted before login never becomes an authenticated one (no fixation).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from typing import Any
+
+import itsdangerous
+from itsdangerous.exc import BadSignature
+from starlette.datastructures import MutableHeaders
+from starlette.middleware.sessions import Session
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+COOKIE_NAME = "trackrelay_session"
+MAX_AGE = 12 * 60 * 60  # a working day; after that, log in again
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+
+
+def session_key(secret: str) -> str:
+    """A key for session cookies only, derived from the deployment secret."""
+    return hmac.new(secret.encode(), b"trackrelay/dashboard-session", hashlib.sha256).hexdigest()
+
+
+class SessionMiddleware:
+    """``request.session`` backed by a signed, timestamped cookie."""
+
+    def __init__(self, app: ASGIApp, secret_key: str, max_age: int = MAX_AGE) -> None:
+        self.app = app
+        self.signer = itsdangerous.TimestampSigner(session_key(secret_key))
+        self.max_age = max_age
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        connection = HTTPConnection(scope)
+        raw = connection.cookies.get(COOKIE_NAME)
+        loaded = self._load(raw) if raw else None
+        scope["session"] = Session(loaded or {})
+        path = scope.get("root_path") or "/"
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                session: Session = scope["session"]
+                headers = MutableHeaders(scope=message)
+                if session.accessed:
+                    headers.add_vary_header("Cookie")
+                if session.modified:
+                    headers.append("Set-Cookie", self._cookie(scope, session, path))
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+    def _load(self, raw: str) -> dict[str, Any] | None:
+        try:
+            data = self.signer.unsign(raw.encode(), max_age=self.max_age)
+            value = json.loads(base64.b64decode(data))
+        except (BadSignature, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _cookie(self, scope: Scope, session: Session, path: str) -> str:
+        flags = f"Path={path}; HttpOnly; SameSite=Lax"
+        if scope.get("scheme") in ("https", "wss"):
+            flags += "; Secure"
+        if not session:
+            return f"{COOKIE_NAME}=; {flags}; Max-Age=0"
+        data = self.signer.sign(base64.b64encode(json.dumps(session).encode())).decode()
+        return f"{COOKIE_NAME}={data}; {flags}; Max-Age={self.max_age}"
+
+
+def csrf_token(session: dict[str, Any]) -> str:
+    """The session's CSRF token, created on first use."""
+    token = session.get("csrf")
+    if not isinstance(token, str) or not token:
+        token = secrets.token_urlsafe(32)
+        session["csrf"] = token
+    return token
+
+
+def csrf_ok(session: dict[str, Any], submitted: str | None) -> bool:
+    expected = session.get("csrf")
+    if not isinstance(expected, str) or not expected or not submitted:
+        return False
+    return hmac.compare_digest(expected.encode(), submitted.encode())
+
+
+def start_session(session: dict[str, Any], user_id: int) -> None:
+    """Log in: drop everything from before (no fixation), new sid and CSRF token."""
+    session.clear()
+    session["sid"] = secrets.token_urlsafe(16)
+    session["uid"] = user_id
+    session["csrf"] = secrets.token_urlsafe(32)

@@ -1,0 +1,163 @@
+"""The dashboard in headless Chromium, the way a person uses it.
+
+Chromium is the Debian package (/usr/bin/chromium) driven by Playwright with
+``executable_path``; Playwright never downloads a browser. Screenshots of each
+page, at 1280x800 and at phone width (390x844), go to
+``test-artifacts/screenshots/`` for people to look at.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from dashboard_support import M_OPENED, M_XSS, PASSWORD, ServerThread, add_open, seed
+
+from receiver.app import create_app
+from shared import db
+from shared.config import Settings
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs the Debian chromium package"),
+]
+
+
+def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+    from playwright.sync_api import Page, expect, sync_playwright
+
+    url = f"sqlite:///{tmp_path / 'dash.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    seed(engine)
+    app = create_app(make_settings(database_url=url), engine)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    dialogs: list[str] = []
+
+    def shot(page: Page, name: str) -> None:
+        width = page.viewport_size["width"] if page.viewport_size else 0
+        suffix = "phone" if width < 600 else "desktop"
+        page.screenshot(path=str(SHOTS / f"{name}-{suffix}.png"), full_page=True)
+
+    def sign_in(page: Page, base: str, username: str = "ada") -> None:
+        page.goto(base + "/dashboard/")
+        expect(page).to_have_url(re.compile(r"/dashboard/login"))
+        page.fill("input[name=username]", username)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        expect(page.locator("h1")).to_have_text("Messages")
+
+    with ServerThread(app) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+        # sign in
+        page.goto(server.url + "/dashboard/")
+        shot(page, "login")
+        sign_in(page, server.url)
+        shot(page, "messages")
+        expect(page.locator(".subject", has_text="<script>alert(1)</script>")).to_be_visible()
+
+        # filter to opened messages
+        page.click("nav.segmented >> text=Opened")
+        expect(page).to_have_url(re.compile(r"state=opened"))
+        expect(page.locator("tbody tr")).to_have_count(2)
+        shot(page, "messages-opened")
+
+        # a pixel hit on a message nobody opened: the toast, and the icon darkens
+        page.click("nav.segmented >> text=Any")
+        icon = page.locator(f'tr[data-message-id="{M_XSS}"] .hit-open')
+        expect(icon).to_have_class(re.compile(r"\bis-none\b"))
+        page.wait_for_function("document.body.dataset.liveState === 'open'")
+        event = add_open(engine, M_XSS, "browser-open")
+        started = time.monotonic()
+        server.call(app.state.live_feed.publish([event]))
+        toast = page.locator(".toast")
+        expect(toast).to_contain_text("Opened by dave@client.example", timeout=10_000)
+        print(f"pixel hit -> toast on screen: {(time.monotonic() - started) * 1000:.0f} ms")
+        expect(toast).to_contain_text("<script>alert(1)</script>")  # as text
+        expect(icon).to_have_class(re.compile(r"\bis-hit\b"))
+        shot(page, "live-notification")
+        page.reload()
+        expect(icon).to_have_class(re.compile(r"\bis-hit\b"))  # and it stays dark
+        page.locator(f'tr[data-message-id="{M_OPENED}"] .hit-open').hover()
+        expect(page.locator(f'tr[data-message-id="{M_OPENED}"] .hit-open .tip')).to_be_visible()
+        shot(page, "messages-tooltip")
+
+        # open a message
+        page.click("text=Quarterly numbers")
+        expect(page.locator("h1")).to_have_text("Quarterly numbers")
+        expect(page.locator(".rcpt", has_text="carol@client.example")).to_contain_text("550")
+        shot(page, "message")
+
+        page.click(".nav >> text=Overview")
+        expect(page.locator("svg.chart")).to_be_visible()
+        shot(page, "overview")
+
+        # add a policy: first a mistake, then right
+        page.click(".nav >> text=Policies")
+        shot(page, "policies-empty")
+        page.click("text=Add policy")
+        page.fill("input[name=pattern]", "sales at example")
+        page.click("form.form button[type=submit]")
+        expect(page.locator(".field-error")).to_contain_text("is not an email address")
+        shot(page, "policy-form-error")
+        page.fill("input[name=pattern]", "@example.com")
+        page.check("input[name=mode][value=always]")
+        page.click("form.form button[type=submit]")
+        expect(page.locator(".flash")).to_have_text("Policy for @example.com added.")
+        expect(page.locator("table.policies")).to_contain_text("Always")
+        shot(page, "policies")
+
+        page.click(".nav >> text=Suppression")
+        page.fill("input[name=address]", "zoe@example.com")
+        page.click("text=Stop tracking")
+        expect(page.locator("table")).to_contain_text("zoe@example.com")
+        shot(page, "suppressions")
+        page.click(".nav >> text=Users")
+        shot(page, "users")
+        page.click("text=Add user")
+        shot(page, "user-form")
+
+        # sign out
+        page.click("text=Sign out")
+        expect(page).to_have_url(re.compile(r"/dashboard/login"))
+        page.goto(server.url + "/dashboard/messages")
+        expect(page).to_have_url(re.compile(r"/dashboard/login"))
+
+        # phone width
+        phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+        phone.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        phone.goto(server.url + "/dashboard/login")
+        shot(phone, "login")
+        sign_in(phone, server.url)
+        shot(phone, "messages")
+        for path, name in [
+            (f"/dashboard/messages/{M_OPENED}", "message"),
+            ("/dashboard/overview", "overview"),
+            ("/dashboard/policies", "policies"),
+            ("/dashboard/policies/new", "policy-form"),
+            ("/dashboard/suppressions", "suppressions"),
+            ("/dashboard/users", "users"),
+        ]:
+            phone.goto(server.url + path)
+            shot(phone, name)
+            overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"{name} scrolls sideways at phone width by {overflow}px"
+        browser.close()
+    assert dialogs == []  # nothing from mail ever ran as script
