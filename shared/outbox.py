@@ -334,9 +334,10 @@ def insert_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:
         statement = sqlite.insert(table).on_conflict_do_nothing()
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         statement = insert(table)
+    statement = statement.returning(table.c.id)
     inserted = 0
-    for row in rows:  # per row: executemany does not report skipped conflicts everywhere
-        inserted += conn.execute(statement, row).rowcount or 0
+    for row in rows:  # RETURNING tells which rows were not skipped, on both databases
+        inserted += len(conn.execute(statement, row).all())
     if inserted:
         log.debug("queued %d outbox rows", inserted)
     return inserted

@@ -314,7 +314,7 @@ class OutboxWorker:
     async def stop(self, grace: float | None = None) -> None:
         """Stop claiming; let deliveries in flight finish (up to ``grace`` s)."""
         self._stop.set()
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             wait = self.settings.webhook_timeout + 5.0 if grace is None else grace
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), wait)
@@ -322,7 +322,7 @@ class OutboxWorker:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
-            self._task = None
+        self._task = None
         if self._own_client and self._client is not None:
             await self._client.aclose()
             self._client = None
