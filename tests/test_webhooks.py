@@ -10,16 +10,16 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
+from seedrows import add_message, event, write_events
 from sqlalchemy import Engine, func, select
 from sqlmodel import col
+from webhook_server import webhook_server
 
 from shared import webhooks
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import DeliveryAttempt, OutboxItem, Recipient
 from shared.outbox import enqueue_for_events, enqueue_message_sent
-from seedrows import add_message, event, write_events
-from webhook_server import WebhookServer, webhook_server
 
 
 def rows(engine: Engine) -> list[OutboxItem]:
