@@ -35,7 +35,7 @@ def run(
     return run
 
 
-def test_token_lifecycle(run, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+def test_token_lifecycle(run: Run, engine: Engine) -> None:
     add_user(engine, "root", "password123", "admin")
     out = run("token", "create", "reporting", "--user", "root")
     token = out.split("token (shown once): ")[1].strip()
@@ -48,7 +48,7 @@ def test_token_lifecycle(run, engine: Engine) -> None:  # type: ignore[no-untype
     assert "revoked" in run("token", "list")
 
 
-def test_webhook_commands(run) -> None:  # type: ignore[no-untyped-def]
+def test_webhook_commands(run: Run) -> None:
     with webhook_server() as server:
         out = run("webhook", "add", server.url, "--event", "message.opened")
         assert "signing secret (shown once): whsec_" in out
@@ -63,7 +63,7 @@ def test_webhook_commands(run) -> None:  # type: ignore[no-untyped-def]
     assert "no webhook endpoint 1" in run("webhook", "remove", "1", status=1)
 
 
-def test_consent_commands(run, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+def test_consent_commands(run: Run, engine: Engine) -> None:
     assert run("consent", "mode") == "*\topt-out\n"
     run("consent", "mode", "--domain", "eu.example", "opt-in")
     assert run("consent", "mode", "--domain", "eu.example") == "eu.example\topt-in\n"
@@ -81,7 +81,7 @@ def test_consent_commands(run, engine: Engine) -> None:  # type: ignore[no-untyp
     assert "not a domain" in run("consent", "mode", "--domain", "nodot", "opt-in", status=1)
 
 
-def test_purge_and_erase_commands(run, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+def test_purge_and_erase_commands(run: Run, engine: Engine) -> None:
     message = add_message(engine, created_at=T0)
     write_events(engine, [event(message)])
     out = run("erase", "bob@client.test")
