@@ -35,6 +35,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -49,7 +50,7 @@ from shared import mailnotify
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import DeliveryAttempt, OutboxItem, WebhookEndpoint, utcnow
-from shared.outbox import EVENT_TYPES, WEBHOOK_TEST, payload
+from shared.outbox import EVENT_TYPES, WEBHOOK_TEST, enqueue_for_events, payload
 from shared.users import UserError
 
 log = logging.getLogger(__name__)
@@ -495,6 +496,31 @@ def record_outcome(
     )
     if not moved:
         log.warning("outbox row %d was taken over by another worker (lease expired)", claim.id)
+
+
+def events_hook(
+    settings: Settings, engine: Engine
+) -> Callable[[list[dict[str, Any]]], Awaitable[None]]:
+    """The receiver batch writer's ``on_written`` hook: queue notifications.
+
+    It runs after the events committed, in its own transaction; a crash in
+    between loses those notifications (never the events). Calling
+    :func:`shared.outbox.enqueue_for_events` inside the writer's transaction
+    instead closes that gap.
+    """
+    notify_email = bool(settings.notify_from)
+
+    def work(events: list[dict[str, Any]]) -> None:
+        with session_scope(engine) as session:
+            enqueue_for_events(session, events, notify_email=notify_email)
+
+    async def on_written(events: list[dict[str, Any]]) -> None:
+        try:
+            await asyncio.to_thread(work, events)
+        except Exception:
+            log.exception("could not queue notifications for %d events", len(events))
+
+    return on_written
 
 
 async def outbox_loop(settings: Settings, engine: Engine, stop_event: asyncio.Event) -> None:

@@ -291,3 +291,16 @@ def test_send_test_posts_a_signed_ping(
     assert json.loads(received.body)["type"] == "webhook.test"
     signature = received.headers[webhooks.SIGNATURE_HEADER]
     assert webhooks.verify_signature(endpoint.secret, signature, received.body)
+
+
+def test_events_hook_queues_after_the_batch_committed(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> None:
+    webhooks.add_endpoint(engine, "https://example.com/h")
+    message = add_message(engine)
+    batch = [event(message), event(message, kind="click", link=1)]
+    write_events(engine, batch)
+    hook = webhooks.events_hook(make_settings(), engine)
+    asyncio.run(hook(batch))
+    asyncio.run(hook(batch))  # a replay adds nothing
+    assert sorted(r.event_type for r in rows(engine)) == ["link.clicked", "message.opened"]
