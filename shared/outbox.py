@@ -85,13 +85,11 @@ def wants(event_types: str, event_type: str) -> bool:
 # --- what the relay calls (relay/record.py, same transaction as the message rows) ---
 
 
-def enqueue_message_sent(
-    conn: Conn, message: Message, recipients: Sequence[Recipient], *, notify_email: bool = False
-) -> int:
+def enqueue_message_sent(conn: Conn, message: Message, recipients: Sequence[Recipient]) -> int:
     """Announce a relayed message; also ``delivery.failed`` if a recipient was refused.
 
-    Returns the number of outbox rows inserted. ``notify_email`` is accepted for
-    symmetry and unused: senders are mailed about opens and clicks, not sends.
+    Returns the number of outbox rows inserted. ``recipients`` are every
+    envelope recipient with its outcome (``status`` ``accepted``/``refused``).
     """
     conn = connection_of(conn)
     data = {"message": message_data(message), "recipients": [recipient_data(r) for r in recipients]}

@@ -8,6 +8,8 @@ import json
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from seedrows import add_message, event, write_events
@@ -304,3 +306,16 @@ def test_events_hook_queues_after_the_batch_committed(
     asyncio.run(hook(batch))
     asyncio.run(hook(batch))  # a replay adds nothing
     assert sorted(r.event_type for r in rows(engine)) == ["link.clicked", "message.opened"]
+
+
+def test_the_readme_verification_snippet_works() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    verify = namespace["verify"]
+    body = b'{"id":"x"}'
+    assert verify("s3cret", webhooks.sign("s3cret", body), body)
+    assert not verify("s3cret", webhooks.sign("s3cret", body), body + b"!")
+    assert not verify("s3cret", webhooks.sign("s3cret", body, int(time.time()) - 301), body)
+    assert not verify("s3cret", "garbage", body)
