@@ -167,6 +167,7 @@ def remove_endpoint(engine: Engine, endpoint_id: int) -> None:
 
 
 def set_active(engine: Engine, endpoint_id: int, active: bool) -> None:
+    """Pause (no new rows, queued rows wait) or resume an endpoint."""
     with session_scope(engine) as session:
         endpoint = session.get(WebhookEndpoint, endpoint_id)
         if endpoint is None:
@@ -389,9 +390,14 @@ def _ms(clock: float) -> int:
 def claim_due(engine: Engine, limit: int, lease: float) -> list[Claim]:
     """Take up to ``limit`` due rows (pending and due, or with an expired lease)."""
     now = utcnow()
-    due = or_(
-        and_(col(OutboxItem.status) == "pending", col(OutboxItem.next_attempt_at) <= now),
-        and_(col(OutboxItem.status) == "delivering", col(OutboxItem.locked_until) <= now),
+    active = select(col(WebhookEndpoint.id)).where(col(WebhookEndpoint.active).is_(True))
+    due = and_(
+        or_(
+            and_(col(OutboxItem.status) == "pending", col(OutboxItem.next_attempt_at) <= now),
+            and_(col(OutboxItem.status) == "delivering", col(OutboxItem.locked_until) <= now),
+        ),
+        # a paused endpoint keeps its queue until it is resumed
+        or_(col(OutboxItem.endpoint_id).is_(None), col(OutboxItem.endpoint_id).in_(active)),
     )
     # One statement, so the claim is atomic on SQLite as well; PostgreSQL
     # skips rows another worker is claiming at the same moment.

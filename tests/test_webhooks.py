@@ -319,3 +319,16 @@ def test_the_readme_verification_snippet_works() -> None:
     assert not verify("s3cret", webhooks.sign("s3cret", body), body + b"!")
     assert not verify("s3cret", webhooks.sign("s3cret", body, int(time.time()) - 301), body)
     assert not verify("s3cret", "garbage", body)
+
+
+def test_a_paused_endpoint_keeps_its_queue(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> None:
+    with webhook_server() as server:
+        endpoint = webhooks.add_endpoint(engine, server.url)
+        queue_events(engine, [event(add_message(engine))])
+        webhooks.set_active(engine, endpoint.id or 0, False)
+        assert webhooks.claim_due(engine, 10, 60) == []
+        webhooks.set_active(engine, endpoint.id or 0, True)
+        (claim,) = webhooks.claim_due(engine, 10, 60)
+    assert claim.url == server.url and claim.attempts == 1
