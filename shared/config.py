@@ -157,6 +157,18 @@ class Settings(BaseSettings):
     event_batch_size: int = Field(500, gt=0)
     receiver_workers: int = Field(1, gt=0)
 
+    # --- webhooks and notifications ---
+    webhook_timeout: float = Field(10.0, gt=0)  # seconds per delivery attempt
+    webhook_retry_period: float = Field(3 * 86400.0, ge=0)  # give up this long after the event
+    webhook_retry_base: float = Field(30.0, gt=0)  # first retry delay; doubles per attempt
+    webhook_retry_max_interval: float = Field(3600.0, gt=0)  # ceiling of the retry delay
+    webhook_poll_interval: float = Field(1.0, gt=0)  # how often the worker looks for due rows
+    notify_from: str = ""  # From address of notification mail; empty = no notification mail
+
+    # --- privacy ---
+    retention_days: int = Field(395, ge=0)  # events and message details; 0 = keep forever
+    purge_interval: float = Field(3600.0, gt=0)  # seconds between automatic purges
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

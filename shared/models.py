@@ -161,3 +161,123 @@ class Suppression(SQLModel, table=True):
     address: str = Field(unique=True, max_length=320)
     source: str = Field(default="cli", max_length=16)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+# --- issue 6: webhooks, API tokens, consent (migration 0002) ---
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """A URL that receives signed JSON events.
+
+    ``event_types`` is a comma-separated list of event type names, or ``*``.
+    ``secret`` signs each delivery (HMAC-SHA256); it must be readable, not
+    hashed, because the relay computes signatures with it.
+    """
+
+    __tablename__ = "webhook_endpoints"
+
+    id: int | None = Field(default=None, primary_key=True)
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    secret: str = Field(max_length=128)
+    event_types: str = Field(default="*", sa_column=Column(Text, nullable=False, default="*"))
+    description: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    active: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class OutboxItem(SQLModel, table=True):
+    """One notification to deliver: one row per destination per event.
+
+    Rows are inserted in the same transaction as what they announce, so an
+    event is never committed without its notifications. ``channel`` is
+    ``webhook`` (``endpoint_id`` set, ``target`` its id) or ``email``
+    (``target`` the address notified). ``status``: pending -> delivering ->
+    delivered | failed; a ``delivering`` row whose ``locked_until`` passed is
+    claimed again (its worker died), which makes delivery at-least-once; the
+    ``idempotency_key`` travels in the payload and a header so receivers can
+    drop the repeat. ``recipient`` is the tracked recipient the event is
+    about, so erasure can find the row.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("channel", "target", "idempotency_key"),
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    channel: str = Field(default="webhook", max_length=16)
+    target: str = Field(max_length=320)
+    endpoint_id: int | None = Field(
+        default=None, foreign_key="webhook_endpoints.id", index=True, ondelete="CASCADE"
+    )
+    event_type: str = Field(max_length=64)
+    idempotency_key: str = Field(max_length=128)
+    message_id: int | None = Field(default=None, sa_column=Column(BigInteger, index=True))
+    recipient: str = Field(default="", index=True, max_length=320)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    next_attempt_at: datetime = Field(default_factory=utcnow)
+    locked_until: datetime | None = None
+    delivered_at: datetime | None = None
+    last_error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+
+
+class DeliveryAttempt(SQLModel, table=True):
+    """The delivery log: one row per attempt (shown in the dashboard)."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    outbox_id: int = Field(foreign_key="outbox.id", index=True, ondelete="CASCADE")
+    attempt: int
+    started_at: datetime = Field(default_factory=utcnow, index=True)
+    status: str = Field(max_length=16)  # ok | error
+    reply_code: int | None = None
+    latency_ms: int = 0
+    error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token for the JSON API, acting with its user's role.
+
+    Only the SHA-256 of the token is stored (tokens are long random strings,
+    so a fast hash is enough); ``prefix`` is shown in lists to tell them apart.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=255)
+    token_hash: str = Field(unique=True, max_length=64)
+    prefix: str = Field(max_length=16)
+    user_id: int = Field(foreign_key="users.id", index=True, ondelete="CASCADE")
+    created_at: datetime = Field(default_factory=utcnow)
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class Consent(SQLModel, table=True):
+    """A recipient who agreed to be tracked (needed in opt-in mode)."""
+
+    __tablename__ = "consents"
+
+    id: int | None = Field(default=None, primary_key=True)
+    address: str = Field(unique=True, max_length=320)
+    source: str = Field(default="cli", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ConsentMode(SQLModel, table=True):
+    """``opt-out`` (track unless suppressed) or ``opt-in`` per recipient domain.
+
+    ``domain`` ``*`` is the global default; without a row the mode is opt-out.
+    """
+
+    __tablename__ = "consent_modes"
+
+    domain: str = Field(primary_key=True, max_length=255)
+    mode: str = Field(default="opt-out", max_length=8)
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -10,13 +10,16 @@ import argparse
 import getpass
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 
 from shared import db
 from shared.config import Settings, SettingsError, load_settings
+from shared.outbox import EVENT_TYPES
 from shared.policies import (
     MODES,
     PolicyError,
@@ -146,7 +149,69 @@ def build_parser() -> argparse.ArgumentParser:
     command("list", cmd_suppress_list, "list suppressed recipients", suppress_sub)
     p = command("remove", cmd_suppress_remove, "track this recipient again", suppress_sub)
     p.add_argument("address")
+    add_privacy_commands(sub, command)
     return parser
+
+
+def add_privacy_commands(sub: Any, command: Callable[..., argparse.ArgumentParser]) -> None:
+    """webhook, token, purge, erase and consent (issue 6)."""
+    hook = sub.add_parser("webhook", help="webhook endpoints", description="webhook endpoints")
+    hook_sub = hook.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    p = command(
+        "add", cmd_webhook_add, "add an endpoint (prints its signing secret once)", hook_sub
+    )
+    p.add_argument("url")
+    p.add_argument(
+        "--event",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="an event type to send (repeatable; default: all): " + ", ".join(EVENT_TYPES),
+    )
+    p.add_argument("--description", default="")
+    command("list", cmd_webhook_list, "list endpoints with their queue", hook_sub)
+    p = command("remove", cmd_webhook_remove, "remove an endpoint and its queue", hook_sub)
+    p.add_argument("id", type=int)
+    p = command("test", cmd_webhook_test, "POST a signed webhook.test event now", hook_sub)
+    p.add_argument("id", type=int)
+    p = command("log", cmd_webhook_log, "the delivery log, newest first", hook_sub)
+    p.add_argument("--endpoint", type=int, metavar="ID")
+    p.add_argument("--limit", type=int, default=20)
+
+    token = sub.add_parser("token", help="JSON API tokens", description="JSON API tokens")
+    token_sub = token.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    p = command("create", cmd_token_create, "create a token for a user (shown once)", token_sub)
+    p.add_argument("name", help="what the token is for")
+    p.add_argument("--user", required=True, help="the user the token acts as (and its role)")
+    command("list", cmd_token_list, "list tokens", token_sub)
+    p = command("revoke", cmd_token_revoke, "revoke a token by id or prefix", token_sub)
+    p.add_argument("token", metavar="ID_OR_PREFIX")
+
+    p = command("purge", cmd_purge, "delete events and message details past the retention")
+    p.add_argument("--days", type=int, help="override TRACKRELAY_RETENTION_DAYS")
+    p = command("erase", cmd_erase, "remove every record about one recipient")
+    p.add_argument("address")
+    p.add_argument(
+        "--forget-suppression",
+        action="store_true",
+        help="also remove their suppression (they would be tracked again)",
+    )
+
+    consent = sub.add_parser(
+        "consent", help="tracking consent (opt-in mode)", description="tracking consent"
+    )
+    consent_sub = consent.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    p = command("add", cmd_consent_add, "record a recipient's consent", consent_sub)
+    p.add_argument("address")
+    p.add_argument("--source", default="cli", help="where the consent came from")
+    p = command("remove", cmd_consent_remove, "withdraw a consent", consent_sub)
+    p.add_argument("address")
+    command("list", cmd_consent_list, "list consents and modes", consent_sub)
+    p = command(
+        "mode", cmd_consent_mode, "show or set the mode (globally or per domain)", consent_sub
+    )
+    p.add_argument("mode", nargs="?", choices=["opt-in", "opt-out", "default"])
+    p.add_argument("--domain", default="*", help="a recipient domain (default: all)")
 
 
 def open_database(settings: Settings) -> Engine:
@@ -245,3 +310,200 @@ def cmd_suppress_remove(settings: Settings, args: argparse.Namespace) -> int:
     remove_suppression(open_database(settings), args.address)
     print(f"{args.address} may be tracked again")
     return 0
+
+
+# --- webhooks, tokens, privacy (issue 6) ---
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[Engine]:
+    """An engine that is disposed when the command ends (no connection left open)."""
+    engine = open_database(settings)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def cmd_webhook_add(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import webhooks
+
+    with database(settings) as engine:
+        endpoint = webhooks.add_endpoint(engine, args.url, args.event, description=args.description)
+        print(f"added webhook {endpoint.id}: {endpoint.url} ({endpoint.event_types})")
+        print(f"signing secret (shown once): {endpoint.secret}")
+        return 0
+
+
+def cmd_webhook_list(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy import func, select
+    from sqlmodel import col
+
+    from shared import webhooks
+    from shared.models import OutboxItem
+
+    with database(settings) as engine:
+        with db.session_scope(engine) as session:
+            counts = session.connection().execute(
+                select(col(OutboxItem.endpoint_id), col(OutboxItem.status), func.count()).group_by(
+                    col(OutboxItem.endpoint_id), col(OutboxItem.status)
+                )
+            )
+            queue: dict[int | None, dict[str, int]] = {}
+            for endpoint_id, status, n in counts:
+                queue.setdefault(endpoint_id, {})[status] = n
+        for e in webhooks.list_endpoints(engine):
+            states = (
+                ", ".join(f"{n} {s}" for s, n in sorted(queue.get(e.id, {}).items())) or "empty"
+            )
+            active = "active" if e.active else "paused"
+            print(f"{e.id}\t{active}\t{e.url}\t{e.event_types}\t{states}")
+        return 0
+
+
+def cmd_webhook_remove(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import webhooks
+
+    with database(settings) as engine:
+        webhooks.remove_endpoint(engine, args.id)
+        print(f"removed webhook {args.id}")
+        return 0
+
+
+def cmd_webhook_test(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    import httpx
+
+    from shared import webhooks
+
+    with database(settings) as engine:
+        try:
+            code, ms = asyncio.run(webhooks.send_test(settings, engine, args.id))
+        except httpx.HTTPError as exc:
+            raise CommandError(f"webhook {args.id}: {type(exc).__name__}: {exc}") from None
+        print(f"webhook {args.id} answered {code} in {ms} ms")
+        return 0 if 200 <= code < 300 else 1
+
+
+def cmd_webhook_log(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import webhooks
+
+    with database(settings) as engine:
+        for a in webhooks.delivery_log(engine, args.endpoint, args.limit):
+            reply = a.reply_code if a.reply_code is not None else "-"
+            print(
+                f"{a.started_at:%Y-%m-%d %H:%M:%S}\t{a.channel}:{a.target}\t{a.event_type}\t"
+                f"#{a.attempt}\t{a.status}\t{reply}\t{a.latency_ms} ms\t{a.row_status}"
+                + (f"\t{a.error}" if a.error else "")
+            )
+        return 0
+
+
+def cmd_token_create(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import apitokens
+
+    with database(settings) as engine:
+        token, row = apitokens.create_token(engine, args.user, args.name)
+        print(f"created API token {row.id} ({row.prefix}...) for {args.user}")
+        print(f"token (shown once): {token}")
+        return 0
+
+
+def cmd_token_list(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import apitokens
+
+    with database(settings) as engine:
+        for t, username in apitokens.list_tokens(engine):
+            used = f"{t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never used"
+            state = f"revoked {t.revoked_at:%Y-%m-%d}" if t.revoked_at else "active"
+            print(f"{t.id}\t{t.prefix}...\t{t.name}\t{username}\t{used}\t{state}")
+        return 0
+
+
+def cmd_token_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import apitokens
+
+    with database(settings) as engine:
+        row = apitokens.revoke_token(engine, args.token)
+        print(f"revoked API token {row.id} ({row.prefix}...)")
+        return 0
+
+
+def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import privacy
+
+    with database(settings) as engine:
+        days = settings.retention_days if args.days is None else args.days
+        if days <= 0:
+            print("retention is 0 (keep forever): nothing purged")
+            return 0
+        counts = privacy.purge(engine, days)
+        print(f"purged data older than {days} days:")
+        for table, n in counts.items():
+            print(f"  {table}: {n}")
+        return 0
+
+
+def cmd_erase(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import privacy
+
+    with database(settings) as engine:
+        result = privacy.erase(engine, args.address, forget_suppression=args.forget_suppression)
+        print("\n".join(result.lines()))
+        return 0
+
+
+def cmd_consent_add(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import consent
+
+    with database(settings) as engine:
+        added = consent.add_consent(engine, args.address, args.source)
+        print(f"consent {'recorded' if added else 'was already recorded'} for {args.address}")
+        return 0
+
+
+def cmd_consent_remove(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import consent
+
+    with database(settings) as engine:
+        if not consent.remove_consent(engine, args.address):
+            raise CommandError(f"no consent recorded for {args.address}")
+        print(f"consent withdrawn for {args.address}")
+        return 0
+
+
+def cmd_consent_list(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import consent
+
+    with database(settings) as engine:
+        for domain, mode in sorted(consent.list_modes(engine).items()):
+            print(f"mode\t{domain}\t{mode}")
+        for c in consent.list_consents(engine):
+            print(f"consent\t{c.address}\t{c.source}\t{c.created_at:%Y-%m-%d}")
+        return 0
+
+
+def cmd_consent_mode(settings: Settings, args: argparse.Namespace) -> int:
+    from shared import consent
+
+    with database(settings) as engine:
+        if args.mode is None:
+            modes = consent.list_modes(engine)
+            if args.domain != "*":
+                domain = consent.normalize_domain(args.domain)
+                print(f"{domain}\t{consent.mode_for(modes, 'x@' + domain)}")
+            else:
+                for domain, mode in sorted(modes.items()):
+                    print(f"{domain}\t{mode}")
+            return 0
+        if args.mode == "default":
+            if args.domain == "*":
+                consent.set_mode(engine, "opt-out")
+            else:
+                consent.clear_mode(engine, args.domain)
+            print(f"{args.domain} now follows the default")
+            return 0
+        consent.set_mode(engine, args.mode, args.domain)
+        print(f"consent mode for {args.domain} is now {args.mode}")
+        return 0

@@ -1,0 +1,117 @@
+"""The sender's notification mail: "your message was opened / clicked".
+
+Off by default: it needs ``TRACKRELAY_NOTIFY_FROM`` and a sender policy with
+``notify`` on. It goes straight to the configured upstream with the relay's
+own account (``TRACKRELAY_UPSTREAM_USER``/``_PASSWORD``), never through the
+relay, so it is never tracked itself; in dev mode it lands in the Maildir sink
+like every other message. It is queued and retried through the same outbox as
+the webhooks (channel ``email``), so a notification survives restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import mailbox
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import Any
+
+import aiosmtplib
+
+from shared.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class MailError(Exception):
+    """The notification could not be handed to the upstream (retryable)."""
+
+
+class NotConfigured(MailError):
+    """Notification mail is not set up (retrying cannot help)."""
+
+
+class MailRefused(MailError):
+    """The upstream answered with an error code (5xx: permanent)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+
+
+def compose(settings: Settings, to: str, event_type: str, body: str) -> EmailMessage:
+    """The notification for one outbox payload (a JSON string)."""
+    data: dict[str, Any] = json.loads(body)["data"]
+    message = data.get("message") or {}
+    recipient = (data.get("recipient") or {}).get("address") or "a recipient"
+    subject = message.get("subject") or "(no subject)"
+    event = data.get("event") or {}
+    when = event.get("occurred_at") or ""
+    if event_type == "link.clicked":
+        link = (data.get("link") or {}).get("url") or "a link"
+        headline = f"Clicked: {subject}"
+        text = f"{recipient} clicked {link} in your message “{subject}” at {when}."
+    else:
+        headline = f"Opened: {subject}"
+        text = f"{recipient} opened your message “{subject}” at {when}."
+    mail = EmailMessage()
+    mail["From"] = settings.notify_from
+    mail["To"] = to
+    mail["Subject"] = headline
+    mail["Date"] = formatdate(localtime=False)
+    mail["Message-ID"] = make_msgid(domain=settings.notify_from.rpartition("@")[2] or None)
+    mail["Auto-Submitted"] = "auto-generated"
+    mail["X-Trackrelay-Idempotency-Key"] = json.loads(body)["id"]
+    mail.set_content(
+        f"{text}\n\n"
+        "Opens are counted when the recipient's mail program loads images; "
+        "some programs block them, and image proxies may load them on the "
+        "recipient's behalf.\n"
+        f"\n-- \ntrackrelay, {settings.base_url}/dashboard/\n"
+    )
+    return mail
+
+
+async def send(settings: Settings, to: str, event_type: str, body: str) -> int:
+    """Send one notification through the upstream; return the reply code."""
+    if not settings.notify_from:
+        raise NotConfigured("TRACKRELAY_NOTIFY_FROM is not set")
+    mail = compose(settings, to, event_type, body)
+    upstream = settings.upstream_target
+    if upstream.is_sink:
+        assert upstream.path is not None
+        await asyncio.to_thread(_to_maildir, str(upstream.path), mail.as_bytes())
+        log.info("notification to %s written to %s", to, upstream.path)
+        return 250
+    user = settings.upstream_user or None
+    password = settings.upstream_password.get_secret_value() or None
+    try:
+        errors, reply = await aiosmtplib.send(
+            mail,
+            hostname=upstream.host,
+            port=upstream.port,
+            use_tls=upstream.implicit_tls,
+            start_tls=upstream.starttls,
+            username=user if user and password else None,
+            password=password if user and password else None,
+            validate_certs=settings.upstream_verify_tls,
+            timeout=settings.upstream_timeout,
+        )
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        first = exc.recipients[0]
+        raise MailRefused(first.code, first.message) from exc
+    except aiosmtplib.SMTPResponseException as exc:
+        raise MailRefused(exc.code, exc.message) from exc
+    except aiosmtplib.SMTPException as exc:
+        raise MailError(str(exc)) from exc
+    if errors:
+        code, text = next(iter(errors.values()))
+        raise MailRefused(code, text)
+    log.info("notification to %s sent: %s", to, reply)
+    return 250
+
+
+def _to_maildir(path: str, data: bytes) -> None:
+    mailbox.Maildir(path, create=True).add(data)

@@ -1,0 +1,384 @@
+"""Turn what happened into outbox rows, in the caller's transaction.
+
+An event must never be committed without its notifications, nor a
+notification sent for an event that was rolled back: so every ``enqueue_*``
+function takes the caller's open ``Session`` (or ``Connection``) and only
+inserts; the caller commits. A worker (shared/webhooks.py) delivers the rows.
+
+Event types (payloads are documented in the README):
+
+* ``message.sent``            a relayed message (one per message)
+* ``delivery.failed``         recipients the upstream refused (one per message)
+* ``message.opened``          the first human or proxy open per recipient
+* ``message.machine_opened``  the first machine open per recipient (Apple MPP...)
+* ``link.clicked``            every click judged human, proxy or unknown
+
+Each row has an idempotency key: ``message.opened`` and
+``message.machine_opened`` are keyed by message and recipient, so a second
+receiver replica that sees another "first" open cannot announce it twice; the
+other events are keyed by what they announce. Inserts skip keys already
+present (``ON CONFLICT DO NOTHING``), so a replayed batch adds nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, insert, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col
+
+from shared.models import Event, Link, Message, OutboxItem, Policy, Recipient, WebhookEndpoint
+from shared.models import utcnow as _utcnow
+
+log = logging.getLogger(__name__)
+
+MESSAGE_SENT = "message.sent"
+DELIVERY_FAILED = "delivery.failed"
+MESSAGE_OPENED = "message.opened"
+MESSAGE_MACHINE_OPENED = "message.machine_opened"
+LINK_CLICKED = "link.clicked"
+WEBHOOK_TEST = "webhook.test"
+EVENT_TYPES = (MESSAGE_SENT, MESSAGE_OPENED, MESSAGE_MACHINE_OPENED, LINK_CLICKED, DELIVERY_FAILED)
+
+OPEN_VERDICTS = ("human", "proxy")  # a person read it (proxies fetch at open time)
+CLICK_VERDICTS = ("human", "proxy", "unknown")  # scanners, machines and the sender are not clicks
+
+Conn = Session | Connection
+EventDict = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One announcement, before it is fanned out to destinations."""
+
+    event_type: str
+    key: str
+    message_id: int | None
+    recipient: str
+    data: dict[str, Any]
+    sender: str = ""  # MAIL FROM of the message, for the sender's email notification
+
+
+def payload(event_type: str, key: str, data: Mapping[str, Any], created_at: datetime) -> str:
+    """The JSON body delivered for one notification (stable key order)."""
+    body = {"id": key, "type": event_type, "created_at": iso(created_at), "data": data}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def iso(value: datetime | str | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def wants(event_types: str, event_type: str) -> bool:
+    names = {n.strip() for n in event_types.split(",") if n.strip()}
+    return "*" in names or event_type in names
+
+
+# --- what the relay calls (relay/record.py, same transaction as the message rows) ---
+
+
+def enqueue_message_sent(conn: Conn, message: Message, recipients: Sequence[Recipient]) -> int:
+    """Announce a relayed message; also ``delivery.failed`` if a recipient was refused.
+
+    Returns the number of outbox rows inserted. ``recipients`` are every
+    envelope recipient with its outcome (``status`` ``accepted``/``refused``).
+    """
+    conn = connection_of(conn)
+    data = {"message": message_data(message), "recipients": [recipient_data(r) for r in recipients]}
+    rows = fan_out(
+        conn, [Notification(MESSAGE_SENT, f"{MESSAGE_SENT}:{message.id}", message.id, "", data)]
+    )
+    refused = [r for r in recipients if r.status != "accepted"]
+    if refused:
+        rows += enqueue_delivery_failed(conn, message, refused)
+    return rows
+
+
+def enqueue_delivery_failed(conn: Conn, message: Message, refused: Sequence[Recipient]) -> int:
+    """Announce the recipients of ``message`` that the upstream refused."""
+    conn = connection_of(conn)
+    data = {"message": message_data(message), "recipients": [recipient_data(r) for r in refused]}
+    key = f"{DELIVERY_FAILED}:{message.id}"
+    return fan_out(conn, [Notification(DELIVERY_FAILED, key, message.id, "", data)])
+
+
+# --- what the receiver calls after writing a batch of events ---
+
+
+def enqueue_for_events(
+    conn: Conn, events: Sequence[EventDict], *, notify_email: bool = False
+) -> int:
+    """Outbox rows for a batch of events already written in ``conn``'s database.
+
+    Call it in the transaction that inserts the events (preferred) or right
+    after it committed (the receiver's ``on_written`` hook). ``notify_email``
+    also queues the sender's notification mail where the sender's policy has
+    ``notify`` on (pass ``bool(settings.notify_from)``).
+    """
+    if not events:
+        return 0
+    conn = connection_of(conn)
+    context = _Context.load(conn, events)
+    notes: list[Notification] = []
+    for event in sorted(events, key=lambda e: str(iso(e.get("occurred_at")) or "")):
+        note = _notification(conn, context, event)
+        if note is not None:
+            notes.append(note)
+    rows = fan_out(conn, notes)
+    if notify_email:
+        rows += _email_notifications(conn, context, notes)
+    return rows
+
+
+@dataclass
+class _Context:
+    messages: dict[int, Message]
+    recipients: dict[tuple[int, int], Recipient]
+    counts: dict[int, int]
+    links: dict[tuple[int, int], str]
+
+    @classmethod
+    def load(cls, conn: Connection, events: Sequence[EventDict]) -> _Context:
+        ids = sorted({int(e["message_id"]) for e in events})
+        messages = {m.id: m for m in _load(conn, Message, Message.id.in_(ids))}  # type: ignore[attr-defined]
+        recipients = {
+            (r.message_id, r.position): r
+            for r in _load(conn, Recipient, Recipient.message_id.in_(ids))  # type: ignore[attr-defined]
+        }
+        counts: dict[int, int] = {}
+        for mid, _ in recipients:
+            counts[mid] = counts.get(mid, 0) + 1
+        links = {
+            (link.message_id, link.position): link.url
+            for link in _load(conn, Link, Link.message_id.in_(ids))  # type: ignore[attr-defined]
+        }
+        return cls(messages, recipients, counts, links)
+
+    def recipient(self, message_id: int, position: int) -> Recipient | None:
+        if position == 0 and self.counts.get(message_id) == 1:
+            position = 1  # a message-level token of a one-recipient message is about that one
+        return self.recipients.get((message_id, position))
+
+
+def connection_of(conn: Conn) -> Connection:
+    """The Connection of ``conn``'s transaction; pending ORM objects are flushed first."""
+    if isinstance(conn, Session):
+        conn.flush()
+        return conn.connection()
+    return conn
+
+
+def _load(conn: Connection, model: Any, where: Any) -> list[Any]:
+    table = model.__table__
+    return [model(**row._mapping) for row in conn.execute(select(table).where(where))]
+
+
+def _notification(conn: Connection, context: _Context, event: EventDict) -> Notification | None:
+    kind, verdict = event.get("kind"), event.get("verdict", "unknown")
+    mid, position = int(event["message_id"]), int(event.get("recipient_position", 0))
+    message = context.messages.get(mid)
+    recipient = context.recipient(mid, position)
+    data: dict[str, Any] = {
+        "message": message_data(message) if message else {"id": str(mid)},
+        "recipient": recipient_data(recipient) if recipient else None,
+        "event": event_data(event),
+    }
+    address = recipient.address if recipient else ""
+    sender = message.sender if message else ""
+    if kind == "open" and verdict in OPEN_VERDICTS:
+        if not _is_first_open(conn, event, OPEN_VERDICTS):
+            return None
+        return Notification(
+            MESSAGE_OPENED, f"{MESSAGE_OPENED}:{mid}:{position}", mid, address, data, sender
+        )
+    if kind == "open" and verdict == "machine":
+        if not _is_first_open(conn, event, ("machine",)):
+            return None
+        key = f"{MESSAGE_MACHINE_OPENED}:{mid}:{position}"
+        return Notification(MESSAGE_MACHINE_OPENED, key, mid, address, data, sender)
+    if kind == "click" and verdict in CLICK_VERDICTS:
+        link_position = int(event.get("link_position", 0))
+        url = event.get("url") or context.links.get((mid, link_position))
+        data["link"] = {"position": link_position, "url": url}
+        key = f"{LINK_CLICKED}:{event['event_key']}"
+        return Notification(LINK_CLICKED, key, mid, address, data, sender)
+    return None
+
+
+def _is_first_open(conn: Connection, event: EventDict, verdicts: Iterable[str]) -> bool:
+    """No earlier open of these verdicts for the same message and recipient."""
+    occurred = event.get("occurred_at")
+    if isinstance(occurred, str):
+        occurred = datetime.fromisoformat(occurred.replace("Z", "+00:00"))
+    if isinstance(occurred, datetime) and occurred.tzinfo is None:
+        occurred = occurred.replace(tzinfo=UTC)
+    earlier = (
+        select(func.count())
+        .select_from(Event)
+        .where(
+            col(Event.message_id) == int(event["message_id"]),
+            col(Event.recipient_position) == int(event.get("recipient_position", 0)),
+            col(Event.kind) == "open",
+            col(Event.verdict).in_(tuple(verdicts)),
+            col(Event.event_key) != event["event_key"],
+        )
+    )
+    if occurred is not None:
+        earlier = earlier.where(
+            or_(
+                Event.occurred_at < occurred,  # type: ignore[arg-type]
+                and_(Event.occurred_at == occurred, Event.event_key < event["event_key"]),  # type: ignore[arg-type]
+            )
+        )
+    return not conn.execute(earlier).scalar_one()
+
+
+# --- fan-out to destinations ---
+
+
+def fan_out(conn: Conn, notes: Sequence[Notification]) -> int:
+    """Insert one outbox row per active webhook endpoint that wants each note."""
+    if not notes:
+        return 0
+    conn = connection_of(conn)
+    endpoints = conn.execute(
+        select(col(WebhookEndpoint.id), col(WebhookEndpoint.event_types)).where(
+            col(WebhookEndpoint.active).is_(True)
+        )
+    ).all()
+    now = _utcnow()
+    rows = [
+        {
+            "channel": "webhook",
+            "target": str(endpoint_id),
+            "endpoint_id": endpoint_id,
+            "event_type": note.event_type,
+            "idempotency_key": note.key,
+            "message_id": note.message_id,
+            "recipient": note.recipient,
+            "payload": payload(note.event_type, note.key, note.data, now),
+            "created_at": now,
+            "next_attempt_at": now,
+        }
+        for note in notes
+        for endpoint_id, event_types in endpoints
+        if wants(event_types, note.event_type)
+    ]
+    return insert_rows(conn, rows)
+
+
+def _email_notifications(conn: Connection, context: _Context, notes: Sequence[Notification]) -> int:
+    """The sender's mail on the first open and the first click per recipient."""
+    now = _utcnow()
+    rows = []
+    for note in notes:
+        if note.event_type not in (MESSAGE_OPENED, LINK_CLICKED) or not note.sender:
+            continue
+        if not sender_wants_mail(conn, note.sender):
+            continue
+        what = "open" if note.event_type == MESSAGE_OPENED else "click"
+        position = (note.data.get("recipient") or {}).get("position", 0)
+        key = f"notify.{what}:{note.message_id}:{position}"
+        rows.append(
+            {
+                "channel": "email",
+                "target": note.sender,
+                "endpoint_id": None,
+                "event_type": note.event_type,
+                "idempotency_key": key,
+                "message_id": note.message_id,
+                "recipient": note.recipient,
+                "payload": payload(note.event_type, key, note.data, now),
+                "created_at": now,
+                "next_attempt_at": now,
+            }
+        )
+    return insert_rows(conn, rows)
+
+
+def sender_wants_mail(conn: Conn, sender: str) -> bool:
+    """The most specific policy of ``sender`` (address, @domain, ``*``) has notify on."""
+    conn = connection_of(conn)
+    address = sender.lower()
+    patterns = [address, "@" + address.rpartition("@")[2], "*"]
+    statement = select(col(Policy.pattern), col(Policy.notify)).where(
+        col(Policy.pattern).in_(patterns)
+    )
+    found: dict[str, bool] = {pattern: notify for pattern, notify in conn.execute(statement)}
+    for pattern in patterns:
+        if pattern in found:
+            return bool(found[pattern])
+    return False
+
+
+def insert_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:
+    """Insert outbox rows, skipping (channel, target, key) already present."""
+    if not rows:
+        return 0
+    conn = connection_of(conn)
+    table = OutboxItem.__table__  # type: ignore[attr-defined]
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        statement: Any = postgresql.insert(table).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        statement = sqlite.insert(table).on_conflict_do_nothing()
+    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
+        statement = insert(table)
+    statement = statement.returning(table.c.id)
+    inserted = 0
+    for row in rows:  # RETURNING tells which rows were not skipped, on both databases
+        inserted += len(conn.execute(statement, row).all())
+    if inserted:
+        log.debug("queued %d outbox rows", inserted)
+    return inserted
+
+
+# --- payload pieces ---
+
+
+def message_data(message: Message) -> dict[str, Any]:
+    return {
+        "id": str(message.id),
+        "sender": message.sender,
+        "from": message.from_header,
+        "subject": message.subject,
+        "message_id_header": message.message_id_header,
+        "sent_at": iso(message.created_at),
+        "status": message.status,
+        "track_opens": message.track_opens,
+        "track_clicks": message.track_clicks,
+    }
+
+
+def recipient_data(recipient: Recipient) -> dict[str, Any]:
+    return {
+        "position": recipient.position,
+        "address": recipient.address,
+        "tracked": recipient.tracked,
+        "status": recipient.status,
+        "reply_code": recipient.reply_code,
+        "reply_text": recipient.reply_text,
+    }
+
+
+def event_data(event: EventDict) -> dict[str, Any]:
+    reasons = event.get("reasons") or []
+    if isinstance(reasons, str):
+        reasons = [r.strip() for r in reasons.split(",") if r.strip()]
+    return {
+        "id": event["event_key"],
+        "kind": event.get("kind"),
+        "occurred_at": iso(event.get("occurred_at")),
+        "verdict": event.get("verdict", "unknown"),
+        "reasons": list(reasons),
+        "ip": event.get("ip", ""),
+        "user_agent": event.get("user_agent", ""),
+    }
