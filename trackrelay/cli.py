@@ -131,7 +131,12 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve, serve_receiver_workers
 
-    engine = open_database(settings)
+    try:
+        engine = open_database(settings)
+    except CommandError as exc:
+        # Hits must still be answered: events go to the journal until the database is back.
+        log.warning("%s; starting anyway, events are journaled until it is reachable", exc)
+        engine = db.make_engine(settings.db_url)
     if settings.receiver_workers == 1:
         return serve(settings, engine, relay=False, receiver=True)
     engine.dispose()  # each worker opens its own
