@@ -174,12 +174,16 @@ def add_suppression(engine: Engine, address: str, source: str) -> bool:
     dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[
         engine.dialect.name
     ]
-    statement = dialect_insert(SUPPRESSIONS).on_conflict_do_nothing(index_elements=["address"])
+    statement = (
+        dialect_insert(SUPPRESSIONS)
+        .on_conflict_do_nothing(index_elements=["address"])
+        .returning(SUPPRESSIONS.c.id)
+    )
     with engine.begin() as conn:
-        result = conn.execute(
+        row = conn.execute(
             statement, {"address": address, "source": source, "created_at": utcnow()}
-        )
-    return bool(result.rowcount)
+        ).first()
+    return row is not None
 
 
 routes = [
