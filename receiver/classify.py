@@ -99,11 +99,16 @@ class NetworkSet:
     def __init__(self, networks: Iterable[str]) -> None:
         self._ranges: dict[int, tuple[list[int], list[int]]] = {}
         nets = [ipaddress.ip_network(n.strip(), strict=False) for n in networks if n.strip()]
+        v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+        v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+        collapsed: dict[int, list[ipaddress.IPv4Network] | list[ipaddress.IPv6Network]] = {
+            4: list(ipaddress.collapse_addresses(v4)),
+            6: list(ipaddress.collapse_addresses(v6)),
+        }
         for version in (4, 6):
-            collapsed = ipaddress.collapse_addresses(n for n in nets if n.version == version)
             starts: list[int] = []
             ends: list[int] = []
-            for net in collapsed:  # sorted and non-overlapping
+            for net in collapsed[version]:  # sorted and non-overlapping
                 starts.append(int(net.network_address))
                 ends.append(int(net.broadcast_address))
             self._ranges[version] = (starts, ends)

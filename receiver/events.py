@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Connection, Engine, Table, select
+from sqlalchemy import Connection, Engine, Insert, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError
 
@@ -118,6 +118,15 @@ def truncate_ip(ip: str, full: bool = False) -> str:
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
+def insert_ignoring(table: Table, key: str, dialect: str) -> Insert:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING`` for SQLite and PostgreSQL."""
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+    raise ValueError(f"unsupported database: {dialect}")
+
+
 class DatabaseUnavailable(Exception):
     """A batch could not be written; it goes to the journal."""
 
@@ -135,11 +144,8 @@ class BatchStore:
         self.engine = engine
         self.store_full_ip = store_full_ip
         self.dialect = engine.dialect.name
-        dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[self.dialect]
-        self.insert = (
-            dialect_insert(EVENTS)
-            .on_conflict_do_nothing(index_elements=["event_key"])
-            .returning(EVENTS.c.id, EVENTS.c.event_key)
+        self.insert = insert_ignoring(EVENTS, "event_key", self.dialect).returning(
+            EVENTS.c.id, EVENTS.c.event_key
         )
 
     def write(self, events: list[Row]) -> tuple[list[Row], int, list[Row]]:
@@ -329,7 +335,7 @@ class Journal:
             if self._active is not None and path.name == Path(self._active.name).name:
                 continue
             try:
-                f = open(path, encoding="utf-8")  # noqa: SIM115 - kept open while replaying
+                f = open(path, encoding="utf-8")
             except FileNotFoundError:
                 continue
             try:
@@ -390,7 +396,7 @@ class EventWriter:
         self._stopping = False
         self._next_probe = 0.0
         self._replay_needed = True
-        self._notifications: set[asyncio.Task[None]] = set()
+        self._notifications: set[asyncio.Future[None]] = set()
         self._last_drop_log = 0.0
 
     # --- the request side ---
@@ -520,11 +526,11 @@ class EventWriter:
 
     def _notify(self, rows: list[Row]) -> None:
         for listener in self.listeners:
-            task = asyncio.create_task(listener(rows))
+            task: asyncio.Future[None] = asyncio.ensure_future(listener(rows))
             self._notifications.add(task)
             task.add_done_callback(self._notified)
 
-    def _notified(self, task: asyncio.Task[None]) -> None:
+    def _notified(self, task: asyncio.Future[None]) -> None:
         self._notifications.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("an on_written listener failed", exc_info=task.exception())

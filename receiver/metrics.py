@@ -53,9 +53,7 @@ class Metrics:
         family("trackrelay_hits_total", "counter", "pixel and click requests, by token validity")
         for (kind, valid), n in sorted(self.requests.items()):
             out.append(f'trackrelay_hits_total{{kind="{kind}",token="{valid}"}} {n}')
-        family(
-            "trackrelay_events_recorded_total", "counter", "events written, by kind and verdict"
-        )
+        family("trackrelay_events_recorded_total", "counter", "events written, by kind and verdict")
         for (kind, verdict), n in sorted(self.recorded.items()):
             out.append(f'trackrelay_events_recorded_total{{kind="{kind}",verdict="{verdict}"}} {n}')
         for name, help, value in (

@@ -23,7 +23,6 @@ from typing import Any
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import Engine, Table
-from sqlalchemy.dialects import postgresql, sqlite
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,6 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
+from receiver.events import insert_ignoring
 from shared.config import Settings
 from shared.models import Suppression, utcnow
 
@@ -65,9 +65,7 @@ def normalize_address(value: str) -> str | None:
     return address
 
 
-def _page(
-    request: Request, name: str, status_code: int = 200, **context: Any
-) -> Response:
+def _page(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
     settings: Settings = request.app.state.settings
     forms: PublicForms = request.app.state.public_forms
     cookie = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
@@ -171,13 +169,8 @@ async def confirm_stop_tracking(request: Request) -> Response:
 
 def add_suppression(engine: Engine, address: str, source: str) -> bool:
     """Add ``address`` to the suppression list; False if it was already there."""
-    dialect_insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[
-        engine.dialect.name
-    ]
-    statement = (
-        dialect_insert(SUPPRESSIONS)
-        .on_conflict_do_nothing(index_elements=["address"])
-        .returning(SUPPRESSIONS.c.id)
+    statement = insert_ignoring(SUPPRESSIONS, "address", engine.dialect.name).returning(
+        SUPPRESSIONS.c.id
     )
     with engine.begin() as conn:
         row = conn.execute(

@@ -32,7 +32,7 @@ _C0_SPACE = "".join(chr(c) for c in range(0x21))
 _TAB_NEWLINE = re.compile("[\t\n\r]")
 _FRAGMENT = frozenset(' "<>`')
 _QUERY = frozenset(" \"#<>'")  # the special-query set (http, https)
-_PATH = frozenset(" \"#<>?`{}^|")
+_PATH = frozenset(' "#<>?`{}^|')
 _USERINFO = _PATH | frozenset("/:;=@[\\]")
 _FORBIDDEN_HOST = frozenset(" #%/:<>?@[\\]^|")
 _DOT = {".", "%2e"}

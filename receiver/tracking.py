@@ -108,7 +108,11 @@ async def click(request: Request) -> Response:
     writer.submit(_event(request, "click", token.message_id, token.recipient, token.link))
     return Response(
         status_code=302,
-        headers={"Location": location, "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+        headers={
+            "Location": location,
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+        },
     )
 
 

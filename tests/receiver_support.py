@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
     """``trackrelay receiver`` in a subprocess; returns it and its base URL."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")}
     full_env.update(env)
-    out = open(log, "ab")  # noqa: SIM115 - owned by the child
+    out = open(log, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "trackrelay", "receiver"],
         cwd=ROOT,

@@ -13,8 +13,10 @@ from receiver.classify import (
     RULES,
     Hit,
     NetworkSet,
-    classify as verdict_of,
     counts_as_engagement,
+)
+from receiver.classify import (
+    classify as verdict_of,
 )
 
 CHROME = (
@@ -27,8 +29,12 @@ IPHONE_SAFARI = (
 )
 THUNDERBIRD = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Thunderbird/128.5.0"
 OUTLOOK_DESKTOP = "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17928; Pro)"
-APPLE_MAIL = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
-GMAIL_PROXY = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+APPLE_MAIL = (
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)"
+)
+GMAIL_PROXY = (
+    "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+)
 YAHOO_PROXY = "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html"
 GMAIL_PREFETCH = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -76,9 +82,9 @@ def test_sender_ip_is_self() -> None:
     hit = Hit(CLICK, user_agent=THUNDERBIRD, ip="203.0.113.9", sender_ip="203.0.113.9")
     check(hit, "self", "sender_ip")
     # IPv4-mapped IPv6 and plain IPv4 are the same sender only when equal
-    assert verdict_of(Hit(OPEN, user_agent=CHROME, ip=HOME_IP, sender_ip="203.0.113.9")).verdict == (
-        "human"
-    )
+    assert verdict_of(
+        Hit(OPEN, user_agent=CHROME, ip=HOME_IP, sender_ip="203.0.113.9")
+    ).verdict == ("human")
 
 
 def test_head_request_is_scanner() -> None:
@@ -137,7 +143,9 @@ def test_microsoft_network_is_scanner_for_clicks_not_opens() -> None:
 @pytest.mark.parametrize("agent", [CHROME, IPHONE_SAFARI, THUNDERBIRD, OUTLOOK_DESKTOP, APPLE_MAIL])
 def test_browser_agent_is_human(agent: str) -> None:
     check(Hit(OPEN, user_agent=agent, ip=HOME_IP), "human", "browser_agent")
-    check(Hit(CLICK, user_agent=agent, ip=HOME_IP, seconds_after_send=3600), "human", "browser_agent")
+    check(
+        Hit(CLICK, user_agent=agent, ip=HOME_IP, seconds_after_send=3600), "human", "browser_agent"
+    )
 
 
 def test_anything_else_is_unknown() -> None:

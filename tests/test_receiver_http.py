@@ -1,4 +1,4 @@
-"""The receiver over real HTTP (uvicorn on an ephemeral port), redirects checked against Chromium."""
+"""The receiver over real HTTP (uvicorn, ephemeral port); redirects checked against Chromium."""
 
 from __future__ import annotations
 
@@ -107,9 +107,7 @@ def test_idna_is_uts46_not_the_stdlib_codec() -> None:
     )
 
 
-def test_a_browser_following_the_redirect_lands_there(
-    server: ServerThread, engine: Engine
-) -> None:
+def test_a_browser_following_the_redirect_lands_there(server: ServerThread, engine: Engine) -> None:
     """A real client follows the 302 to a second local server and arrives with the query intact."""
     from starlette.applications import Starlette
     from starlette.requests import Request

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from receiver_support import count_events, event_rows, wait_for
 from sqlalchemy import Engine, insert
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -16,7 +17,6 @@ from receiver.tracking import PIXEL
 from shared.config import Settings
 from shared.models import Message
 from shared.tokens import Signer
-from receiver_support import count_events, event_rows, wait_for
 
 CHROME = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
