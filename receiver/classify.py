@@ -298,8 +298,12 @@ RULES: tuple[Rule, ...] = (
 RULES_BY_NAME = {rule.name: rule for rule in RULES}
 
 
+@lru_cache(maxsize=8192)
 def classify(hit: Hit) -> Verdict:
-    """The first matching rule's verdict, with the reasons of every match."""
+    """The first matching rule's verdict, with the reasons of every match.
+
+    Cached: mail clients and proxies repeat the same facts all day.
+    """
     verdict = ""
     reasons: list[str] = []
     for rule in RULES:

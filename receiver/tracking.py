@@ -39,7 +39,7 @@ PIXEL_HEADERS = {
     "Content-Type": "image/gif",
     "Content-Length": str(len(PIXEL)),
 }
-PURPOSE_HEADERS = ("purpose", "sec-purpose", "x-purpose", "x-moz")
+PURPOSE_HEADERS = frozenset({b"purpose", b"sec-purpose", b"x-purpose", b"x-moz"})
 
 NOT_FOUND_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Link not valid</title>
@@ -59,18 +59,24 @@ def _token(raw: str) -> str:
 
 
 def _event(request: Request, kind: str, message_id: int, recipient: int, link: int) -> Row:
-    headers = request.headers
-    purpose = " ".join(headers.get(name, "") for name in PURPOSE_HEADERS).strip().lower()
+    user_agent = b""
+    purpose: list[bytes] = []
+    for name, value in request.scope["headers"]:  # one pass; names are lower case
+        if name == b"user-agent":
+            user_agent = value
+        elif name in PURPOSE_HEADERS:
+            purpose.append(value)
     session = request.scope.get("session") or {}
+    client = request.scope.get("client")
     return new_event(
         kind=kind,
         message_id=message_id,
         recipient=recipient,
         link=link,
-        ip=request.client.host if request.client else "",
-        user_agent=headers.get("user-agent", ""),
+        ip=client[0] if client else "",
+        user_agent=user_agent.decode("latin-1"),
         method=request.method,
-        purpose=purpose,
+        purpose=b" ".join(purpose).decode("latin-1").lower(),
         dashboard_user=bool(session.get("user_id")),
     )
 
