@@ -263,7 +263,7 @@ class BatchStore:
             tuple(bind(row[c]) if c == "occurred_at" and bind else row[c] for c in COLUMNS)
             for row in rows
         ]
-        result = conn.exec_driver_sql(self._fast_sql, params)  # type: ignore[arg-type]
+        result = conn.exec_driver_sql(self._fast_sql, params)
         if result.rowcount == len(rows):
             return rows
         # Some keys were already there (cannot happen for fresh events): find which.

@@ -45,7 +45,8 @@ def merge(lines: Iterable[str]) -> list[str]:
     merged: list[str] = []
     for version in (4, 6):
         merged += [
-            str(n) for n in ipaddress.collapse_addresses(n for n in networks if n.version == version)
+            str(n)
+            for n in ipaddress.collapse_addresses(n for n in networks if n.version == version)
         ]
     return merged
 
