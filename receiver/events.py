@@ -87,13 +87,14 @@ class _EventKeys:
     """
 
     def __init__(self) -> None:
-        self._prefix = ""
-        self._pid = 0
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)  # a worker never reuses a prefix
+
+    def reset(self) -> None:
+        self._prefix = secrets.token_hex(8)
         self._counter = itertools.count()
 
     def next(self) -> str:
-        if self._pid != os.getpid():  # a forked worker must not reuse its parent's prefix
-            self._pid, self._prefix = os.getpid(), secrets.token_hex(8)
         return f"{self._prefix}{next(self._counter):016x}"
 
 
