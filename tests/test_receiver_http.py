@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from receiver_support import ServerThread, count_events, event_rows, wait_for
+from receiver_support import ServerThread, count_events, event_rows, start_receiver, wait_for
 from sqlalchemy import Engine
 
 from receiver.app import create_app
@@ -150,3 +151,28 @@ def test_pixels_over_http(server: ServerThread, engine: Engine) -> None:
     rows = event_rows(engine)
     assert sorted(r["recipient_position"] for r in rows) == list(range(1, 21))
     assert {r["verdict"] for r in rows} == {"scanner"}  # httpx's user agent is a tool
+
+
+def test_several_workers_share_the_port_and_record_every_hit(
+    make_settings: Callable[..., Settings], database_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    settings = make_settings(database_url=database_url)
+    env = {
+        "TRACKRELAY_VAR_DIR": str(tmp_path / "var"),
+        "TRACKRELAY_DATABASE_URL": database_url,
+        "TRACKRELAY_SECRET_KEY": settings.secret_key.get_secret_value(),
+        "TRACKRELAY_HTTP_PORT": "0",
+        "TRACKRELAY_RECEIVER_WORKERS": "2",
+    }
+    proc, url = start_receiver(env, tmp_path / "receiver.log")
+    signer = Signer(settings.signing_keys())
+    try:
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        with httpx.Client(base_url=url) as client:
+            for i in range(100):
+                assert client.get(f"/o/{signer.open_token(21, i)}").status_code == 200
+        wait_for(lambda: count_events(engine) == 100)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert len({r["event_key"] for r in event_rows(engine)}) == 100

@@ -88,6 +88,7 @@ def bind_http(settings: Settings) -> socket.socket:
             f"trackrelay: cannot listen on {settings.host}:{settings.http_port} "
             f"(TRACKRELAY_HTTP_PORT): {exc.strerror}"
         ) from None
+    sock.listen(2048)  # connections queue from now on, even before workers accept
     sock.set_inheritable(True)
     return sock
 
