@@ -1,43 +1,169 @@
-"""The receiver's Starlette app (dashboard part; the tracking routes join at merge).
+"""The receiver: one Starlette app, one list of routes, resources in ``lifespan``.
 
-``create_app`` keeps the shape the whole receiver uses: one list of routes,
-resources opened in the lifespan and kept on ``app.state``.
+``create_app(settings, engine)`` is what ``trackrelay serve`` and
+``trackrelay receiver`` run. Shared objects live on ``app.state``:
+
+=====================  =======================================================
+``settings``           the Settings
+``engine``             the SQLAlchemy engine (given, or made in lifespan)
+``signer``             shared.tokens.Signer over settings.signing_keys()
+``metrics``            receiver.metrics.Metrics
+``event_writer``       receiver.events.EventWriter (queue, batch writer, journal)
+``on_written``         ``event_writer.subscribe``: register
+                       ``async def listener(rows: list[dict]) -> None``,
+                       called after each committed batch
+``public_forms``       signing for the public "stop tracking me" forms
+``live_feed``          receiver.live.LiveFeed: dashboard notifications (SSE)
+=====================  =======================================================
+
+Background work started in the lifespan: the event writer, the live feed
+(PostgreSQL LISTEN/NOTIFY across processes), the webhook/notification outbox
+worker and the retention purge loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from starlette.applications import Starlette
-from starlette.responses import RedirectResponse, Response
-from starlette.routing import Route
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
 
-from receiver import dashboard
+from receiver import api, dashboard, public, tracking
+from receiver.events import EventWriter
 from receiver.live import LiveFeed
-from shared import db
-from shared.config import Settings
+from receiver.metrics import Metrics
+from shared import db, privacy
+from shared.config import Settings, load_settings
+from shared.tokens import Signer
+from shared.webhooks import OutboxWorker
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT = 3.0
 
 
-async def _root(_request: object) -> Response:
-    return RedirectResponse("/dashboard/", status_code=303)
+async def healthz(request: Request) -> Response:
+    """200 when the database answers and events are being written, else 503."""
+    state = request.app.state
+    writer: EventWriter = state.event_writer
+    try:
+        await asyncio.wait_for(asyncio.to_thread(_ping, state.engine), HEALTH_TIMEOUT)
+        database = "ok"
+    except Exception as exc:
+        database = f"unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    files, size = writer.journal.size()
+    healthy = database == "ok" and not writer.degraded
+    body = {
+        "status": "ok" if healthy else "degraded",
+        "database": database,
+        "event_writer": "journaling" if writer.degraded else "ok",
+        "queue_depth": writer.depth,
+        "journal_files": files,
+        "journal_bytes": size,
+    }
+    return JSONResponse(body, status_code=200 if healthy else 503, headers=_NO_STORE)
+
+
+def _ping(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+async def metrics(request: Request) -> Response:
+    registry: Metrics = request.app.state.metrics
+    return PlainTextResponse(
+        registry.render(), media_type="text/plain; version=0.0.4", headers=_NO_STORE
+    )
+
+
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def build_routes(settings: Settings) -> list[BaseRoute]:
+    return [
+        *tracking.routes,  # /o/<token>, /c/<token>
+        *public.routes,  # /, /stop-tracking, /stop-tracking/confirm
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        dashboard.mount(settings),  # /dashboard/...
+        api.mount,  # /api/v1/...
+    ]
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
-    engine = engine if engine is not None else db.make_engine(settings.db_url)
-    live_feed = LiveFeed(engine)
+    """The receiver app; ``engine`` is made from settings.db_url when not given."""
+    registry = Metrics()
+    writer = EventWriter(settings, registry)
+    # Making an engine does not connect: the receiver starts with the database down.
+    engine_ = engine if engine is not None else db.make_engine(settings.db_url)
+    live_feed = LiveFeed(engine_)
+    writer.subscribe(live_feed.publish)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        outbox = OutboxWorker(settings, engine_)
+        stop_purge = asyncio.Event()
+        await writer.start(engine_)
         await live_feed.start()
+        await outbox.start()
+        purge = asyncio.create_task(privacy.purge_loop(settings, engine_, stop_purge))
+        log.info("receiver ready (public URL %s)", settings.base_url)
         try:
             yield
         finally:
+            stop_purge.set()
+            await purge
+            await outbox.stop()
+            await writer.stop()
             await live_feed.stop()
+            if engine is None:
+                engine_.dispose()
 
-    app = Starlette(routes=[Route("/", _root), dashboard.mount(settings)], lifespan=lifespan)
+    app = Starlette(routes=build_routes(settings), lifespan=lifespan)
     app.state.settings = settings
-    app.state.engine = engine
+    app.state.engine = engine_
     app.state.live_feed = live_feed
+    app.state.signer = Signer(settings.signing_keys())
+    app.state.metrics = registry
+    app.state.event_writer = writer
+    app.state.on_written = writer.subscribe
+    app.state.public_forms = public.PublicForms(settings)
+    registry.gauge("trackrelay_event_queue_depth", "events waiting in memory", lambda: writer.depth)
+    registry.gauge(
+        "trackrelay_journal_bytes", "bytes in the event journal", lambda: writer.journal.size()[1]
+    )
+    registry.gauge(
+        "trackrelay_journal_files", "files in the event journal", lambda: writer.journal.size()[0]
+    )
+    registry.gauge(
+        "trackrelay_event_writer_degraded",
+        "1 while events go to the journal instead of the database",
+        lambda: float(writer.degraded),
+    )
     return app
+
+
+def app_from_environment() -> Starlette:
+    """Factory for ``uvicorn --factory`` (multi-worker ``trackrelay receiver``).
+
+    Settings come from the environment, plus the TOML file named by
+    ``TRACKRELAY_RECEIVER_CONFIG_FILE`` when the parent was given ``--config``.
+    """
+    import os
+    from pathlib import Path
+
+    config = os.environ.get(CONFIG_FILE_ENV)
+    settings = load_settings(Path(config) if config else None)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return create_app(settings)
+
+
+CONFIG_FILE_ENV = "TRACKRELAY_RECEIVER_CONFIG_FILE"

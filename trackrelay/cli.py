@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("serve", cmd_serve, "run the relay and the receiver in one process (quick start)")
     command("relay", cmd_relay, "run the SMTP relay alone")
+    command(
+        "receiver",
+        cmd_receiver,
+        "run the HTTP receiver alone (TRACKRELAY_RECEIVER_WORKERS processes)",
+    )
 
     db_parser = sub.add_parser("db", help="database schema", description="database schema")
     db_sub = db_parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -233,6 +238,21 @@ def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve
 
     return serve(settings, open_database(settings), relay=True, receiver=False)
+
+
+def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
+    from trackrelay.serve import serve, serve_receiver_workers
+
+    try:
+        engine = open_database(settings)
+    except CommandError as exc:
+        # Hits must still be answered: events go to the journal until the database is back.
+        log.warning("%s; starting anyway, events are journaled until it is reachable", exc)
+        engine = db.make_engine(settings.db_url)
+    if settings.receiver_workers == 1:
+        return serve(settings, engine, relay=False, receiver=True)
+    engine.dispose()  # each worker opens its own
+    return serve_receiver_workers(settings, args.config)
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:

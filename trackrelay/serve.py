@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 from sqlalchemy import Engine
+from uvicorn.supervisors import Multiprocess
 
 from shared.config import Settings
 
@@ -33,22 +37,27 @@ def serve(settings: Settings, engine: Engine, *, relay: bool, receiver: bool) ->
 
 
 async def run(settings: Settings, engine: Engine, *, relay: bool, receiver: bool) -> int:
-    from relay.server import RelayServer
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    relay_server = RelayServer(settings, engine) if relay else None
+    relay_server = None
+    if relay:
+        from relay.server import RelayServer
+
+        relay_server = RelayServer(settings, engine)
     http_server = _http_server(settings, engine) if receiver else None
+    http_socket = bind_http(settings) if receiver else None
     tasks: list[asyncio.Task[None]] = []
     try:
         if relay_server is not None:
             await relay_server.start()
-        if http_server is not None:
-            tasks.append(asyncio.create_task(http_server.serve()))
-        for line in banner(settings, relay_server, receiver=receiver):
+        if http_server is not None and http_socket is not None:
+            tasks.append(asyncio.create_task(http_server.serve(sockets=[http_socket])))
+            await _started(http_server, tasks[-1])
+        http_port = http_socket.getsockname()[1] if http_socket is not None else None
+        for line in banner(settings, relay_server, receiver=receiver, http_port=http_port):
             print(line, flush=True)
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -61,6 +70,65 @@ async def run(settings: Settings, engine: Engine, *, relay: bool, receiver: bool
             await relay_server.stop()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if http_socket is not None:
+            http_socket.close()
+    return 0
+
+
+def bind_http(settings: Settings) -> socket.socket:
+    """The receiver's listening socket, bound here so port 0 reports its real port."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.http_port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(
+            f"trackrelay: cannot listen on {settings.host}:{settings.http_port} "
+            f"(TRACKRELAY_HTTP_PORT): {exc.strerror}"
+        ) from None
+    sock.listen(2048)  # connections queue from now on, even before workers accept
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _started(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
+    """Wait until uvicorn listens (or failed), so the banner tells the truth."""
+    while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn has only a flag
+        await asyncio.sleep(0.01)
+
+
+def serve_receiver_workers(settings: Settings, config_file: Path | None) -> int:
+    """``trackrelay receiver`` with TRACKRELAY_RECEIVER_WORKERS > 1: uvicorn worker processes.
+
+    The socket is bound once here and shared by the workers (no SO_REUSEPORT
+    needed); each worker builds its app with receiver.app.app_from_environment.
+    """
+    from receiver.app import CONFIG_FILE_ENV
+
+    if config_file is not None:
+        os.environ[CONFIG_FILE_ENV] = str(config_file.resolve())
+    sock = bind_http(settings)
+    config = uvicorn.Config(
+        "receiver.app:app_from_environment",
+        factory=True,
+        workers=settings.receiver_workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        proxy_headers=True,
+        server_header=False,
+    )
+    port = sock.getsockname()[1]
+    print(
+        f"trackrelay receiver listening on http://{settings.host}:{port}/ "
+        f"({settings.receiver_workers} workers); links in mail point at {settings.base_url}",
+        flush=True,
+    )
+    Multiprocess(config, sockets=[sock]).run()
     return 0
 
 
@@ -73,6 +141,8 @@ def _http_server(settings: Settings, engine: Engine) -> uvicorn.Server:
         port=settings.http_port,
         http="httptools",
         lifespan="on",
+        # An open live-notification stream must not hold shutdown forever.
+        timeout_graceful_shutdown=5,
         log_level="warning",
         proxy_headers=True,
         server_header=False,
@@ -88,12 +158,19 @@ class _HTTPServer(uvicorn.Server):
         yield
 
 
-def banner(settings: Settings, relay_server: object | None, *, receiver: bool) -> list[str]:
+def banner(
+    settings: Settings,
+    relay_server: object | None,
+    *,
+    receiver: bool,
+    http_port: int | None = None,
+) -> list[str]:
     lines = ["trackrelay is running" + (" in dev mode" if settings.dev_mode else "") + "."]
     if relay_server is not None:
         lines += getattr(relay_server, "describe", lambda: [])()
     if receiver:
-        lines.append(f"  receiver and dashboard: http://{settings.host}:{settings.http_port}/")
+        port = settings.http_port if http_port is None else http_port
+        lines.append(f"  receiver and dashboard: http://{settings.host}:{port}/")
         lines.append(f"  links in mail point at: {settings.base_url}")
     lines.append("Stop with Ctrl-C.")
     return lines
