@@ -1,0 +1,82 @@
+"""Helpers for relay tests: settings pointing at the recording upstream, a relay
+running in the test's event loop, and aiosmtplib clients for its listeners."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+from sqlalchemy import Engine
+
+from relay.server import RelayServer
+from relay.track import Tracker
+from shared.config import Settings
+from upstream import PASSWORD, USER, RecordingUpstream
+
+MESSAGE = Path("/work/shared/clients/message.eml")
+SIMPLE = (
+    b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: hello\r\n"
+    b"Message-ID: <1@example.com>\r\n\r\nHello Bob.\r\n.dot line\r\n..two dots\r\n"
+)
+
+
+def relay_settings(
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    **overrides: Any,
+) -> Settings:
+    values: dict[str, Any] = {
+        "upstream": upstream.url,
+        "upstream_verify_tls": False,
+        "smtp_port": 0,
+        "smtps_port": 0,
+        "tls_cert": upstream.cert,
+        "tls_key": upstream.key,
+        "upstream_timeout": 10,
+    }
+    values.update(overrides)
+    return make_settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    settings: Settings, engine: Engine, tracker: Tracker | None = None
+) -> AsyncIterator[RelayServer]:
+    server = RelayServer(settings, engine, tracker=tracker)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=5)
+
+
+def client(relay: RelayServer, listener: str = "smtp", **options: Any) -> aiosmtplib.SMTP:
+    """An aiosmtplib client for a listener: STARTTLS on smtp, TLS on smtps."""
+    tls = {"smtp": {"start_tls": True}, "smtps": {"use_tls": True}, "plain": {"start_tls": False}}
+    values = {"validate_certs": False, "timeout": 20, **tls[listener], **options}
+    return aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.ports[listener], **values)
+
+
+async def send(
+    relay: RelayServer,
+    message: bytes = SIMPLE,
+    *,
+    sender: str = USER,
+    recipients: tuple[str, ...] = ("bob@example.net",),
+    listener: str = "smtp",
+    mechanism: str = "PLAIN",
+    user: str = USER,
+    password: str = PASSWORD,
+) -> aiosmtplib.SMTPResponse:
+    """Log in with ONE mechanism and send one message; returns the DATA reply."""
+    async with client(relay, listener) as smtp:
+        await smtp.ehlo()
+        if mechanism == "PLAIN":
+            await smtp.auth_plain(user, password)
+        elif mechanism == "LOGIN":
+            await smtp.auth_login(user, password)
+        _, reply = await smtp.sendmail(sender, list(recipients), message)
+        return aiosmtplib.SMTPResponse(250, reply)
