@@ -113,13 +113,15 @@ class RelayHandler:
         if credentials is None:
             return AuthResult(success=False, handled=True)  # the error was sent
         if self.settings.auth_mode == "none":
-            return AuthResult(success=False, message="504 5.5.4 AUTH is not offered here")
+            return AuthResult(
+                success=False, handled=False, message="504 5.5.4 AUTH is not offered here"
+            )
         username = credentials[0].decode("utf-8", "replace")
         if self.limiter.blocked(session.client_ip, username):
             log.warning(
                 "AUTH refused for %r from %s: too many failures", username, session.client_ip
             )
-            return AuthResult(success=False, message=AUTH_LIMITED.line)
+            return AuthResult(success=False, handled=False, message=AUTH_LIMITED.line)
         reply = await self._verify(session, mechanism, credentials)
         if reply.ok:
             session.auth_user = username
@@ -128,7 +130,7 @@ class RelayHandler:
         if reply.code >= 500:
             self.limiter.failed(session.client_ip, username)
         log.info("AUTH %s as %r from %s failed: %s", mechanism, username, session.client_ip, reply)
-        return AuthResult(success=False, message=reply.line)
+        return AuthResult(success=False, handled=False, message=reply.line)
 
     async def _verify(
         self, session: RelaySession, mechanism: str, credentials: Credentials

@@ -78,7 +78,6 @@ async def read_data(
     reader: asyncio.StreamReader,
     *,
     size_limit: int | None,
-    on_bytes: Callable[[], None] = lambda: None,
     on_too_big: Callable[[], Awaitable[None]] | None = None,
 ) -> bytes:
     """Read one DATA body, un-stuffed, from just after the ``354`` reply.
@@ -103,7 +102,6 @@ async def read_data(
             last = False
         except asyncio.IncompleteReadError as exc:
             raise ConnectionResetError("connection closed during DATA") from exc
-        on_bytes()
         received += len(body)
         if not (too_long or too_big):
             too_long = meter.too_long(body)
@@ -167,6 +165,7 @@ class RelaySMTP(SMTP):
         self._peer_allowed = peer_allowed
         self._on_close = on_close
         self._forwarding = False
+        self._in_data = False
         self._busy = False
         self._draining = False
         # Wrap every command so shutdown can close a session between transactions.
@@ -216,6 +215,11 @@ class RelaySMTP(SMTP):
         if self._forwarding:
             return  # never time out while the upstream is being written to
         super()._reset_timeout(duration)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_data and b"\n" in data:
+            self._reset_timeout()  # a line arrived: the upload is slow, not idle
+        super().data_received(data)
 
     def _suspend_timeout(self) -> None:
         if self._timeout_handle is not None:
@@ -272,12 +276,10 @@ class RelaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self._in_data = True
         try:
             content = await read_data(
-                self._reader,
-                size_limit=self.data_size_limit,
-                on_bytes=self._reset_timeout,
-                on_too_big=self._reply_too_big,
+                self._reader, size_limit=self.data_size_limit, on_too_big=self._reply_too_big
             )
         except DataTooLong:
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
@@ -286,6 +288,8 @@ class RelaySMTP(SMTP):
         except DataTooBig:
             await self._abandon_transaction()
             return
+        finally:
+            self._in_data = False
         self.envelope.content = self.envelope.original_content = content
         self._forwarding = True
         self._suspend_timeout()

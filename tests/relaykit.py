@@ -3,6 +3,7 @@ running in the test's event loop, and aiosmtplib clients for its listeners."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from sqlalchemy import Engine
 
 from relay.server import RelayServer
 from relay.track import Tracker
+from shared import db
 from shared.config import Settings
 from upstream import PASSWORD, USER, RecordingUpstream
 
@@ -80,3 +82,43 @@ async def send(
             await smtp.auth_login(user, password)
         _, reply = await smtp.sendmail(sender, list(recipients), message)
         return aiosmtplib.SMTPResponse(250, reply)
+
+
+def sqlite_engine(directory: Path) -> Engine:
+    url = f"sqlite:///{directory / 'relay.db'}"
+    db.upgrade(url)
+    return db.make_engine(url)
+
+
+class RawClient:
+    """A byte-level SMTP client, for what aiosmtplib would normalise or refuse to send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, **options: Any) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, **options)
+        raw = cls(reader, writer)
+        await raw.reply()  # greeting
+        return raw
+
+    async def reply(self) -> str:
+        lines = []
+        while True:
+            line = (await self.reader.readline()).decode()
+            if not line:
+                raise ConnectionError("closed: " + "".join(lines))
+            lines.append(line)
+            if line[3:4] != "-":
+                return "".join(lines)
+
+    async def command(self, line: bytes) -> str:
+        self.writer.write(line + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
