@@ -11,12 +11,12 @@ from typing import Any
 
 import aiosmtplib
 from sqlalchemy import Engine
+from upstream import PASSWORD, USER, RecordingUpstream
 
 from relay.server import RelayServer
 from relay.track import Tracker
 from shared import db
 from shared.config import Settings
-from upstream import PASSWORD, USER, RecordingUpstream
 
 MESSAGE = Path("/work/shared/clients/message.eml")
 SIMPLE = (

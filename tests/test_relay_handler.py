@@ -9,9 +9,6 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from sqlalchemy import Engine
-
-from relay.track import Copy, Prepared, Submission, Tracker
 from relaykit import (
     MESSAGE,
     SIMPLE,
@@ -22,9 +19,12 @@ from relaykit import (
     send,
     sqlite_engine,
 )
+from sqlalchemy import Engine
+from upstream import PASSWORD, USER, RecordingUpstream
+
+from relay.track import Copy, Prepared, Submission, Tracker
 from shared.config import Settings
 from shared.users import add_user
-from upstream import PASSWORD, USER, RecordingUpstream
 
 MakeSettings = Callable[..., Settings]
 

@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from relay.tlscert import write_self_signed
 
 USER = "alice@example.com"
-PASSWORD = "correct horse battery"  # noqa: S105 - a test account
+PASSWORD = "correct horse battery"
 
 
 @dataclass
