@@ -29,7 +29,7 @@ from relay.handler import RelayHandler
 from relay.smtp import RelaySMTP
 from relay.tlscert import certificate_paths, server_context
 from relay.track import Tracker
-from shared.config import Settings
+from shared.config import Settings, SettingsError
 from trackrelay.devsetup import ensure_dev_user
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,13 @@ class RelayServer:
         self, listener: str, port: int, *, ssl: ssl.SSLContext | None = None, **options: Any
     ) -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: self._protocol(listener, **options), self.settings.host, port, ssl=ssl
-        )
+        try:
+            server = await loop.create_server(
+                lambda: self._protocol(listener, **options), self.settings.host, port, ssl=ssl
+            )
+        except OSError as exc:
+            setting = f"TRACKRELAY_{listener.upper()}_PORT"
+            raise SettingsError(f"{setting}: cannot listen on {self.settings.host}:{port}: {exc}")
         self._servers.append(server)
         self.ports[listener] = server.sockets[0].getsockname()[1]
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from shared.config import Settings
+from shared.config import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ def certificate_paths(settings: Settings) -> tuple[Path, Path]:
     if settings.tls_cert is not None and settings.tls_key is not None:
         return settings.tls_cert, settings.tls_key
     if not settings.dev_mode:
-        raise ValueError("TRACKRELAY_TLS_CERT and TRACKRELAY_TLS_KEY are required")
+        raise SettingsError(
+            "TRACKRELAY_TLS_CERT and TRACKRELAY_TLS_KEY are required with a real upstream"
+        )
     directory = settings.var_dir / "tls"
     cert, key = directory / "relay-cert.pem", directory / "relay-key.pem"
     if not (cert.exists() and key.exists()):
@@ -39,7 +41,10 @@ def certificate_paths(settings: Settings) -> tuple[Path, Path]:
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"TRACKRELAY_TLS_CERT / TRACKRELAY_TLS_KEY: {exc}") from None
     return context
 
 

@@ -8,14 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from relaykit import SIMPLE, client, relay_settings, running_relay
 from sqlalchemy import Engine
 from sqlmodel import Session, select
+from upstream import PASSWORD, USER, RecordingUpstream
 
-from relaykit import SIMPLE, client, relay_settings, running_relay
 from shared import db
 from shared.config import Settings
 from shared.models import Message, Recipient
-from upstream import PASSWORD, USER, RecordingUpstream
 
 
 async def send_three(settings: Settings, engine: Engine) -> str:

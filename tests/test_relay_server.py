@@ -9,12 +9,12 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
+from relaykit import SIMPLE, RawClient, client, relay_settings, running_relay, send, sqlite_engine
 from sqlalchemy import Engine
+from upstream import PASSWORD, USER, RecordingUpstream
 
 from relay.server import RelayServer
-from relaykit import SIMPLE, RawClient, client, relay_settings, running_relay, send, sqlite_engine
 from shared.config import Settings
-from upstream import PASSWORD, USER, RecordingUpstream
 
 MakeSettings = Callable[..., Settings]
 

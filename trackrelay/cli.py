@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.command(settings, args))
-    except (CommandError, UserError) as exc:
+    except (CommandError, UserError, SettingsError) as exc:  # SettingsError: found at start
         print(f"trackrelay: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
