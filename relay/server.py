@@ -18,6 +18,7 @@ transactions in flight finish (up to ``grace`` seconds), wait for deliveries.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from pathlib import Path
@@ -74,7 +75,8 @@ class RelayServer:
             )
         except OSError as exc:
             setting = f"TRACKRELAY_{listener.upper()}_PORT"
-            raise SettingsError(f"{setting}: cannot listen on {self.settings.host}:{port}: {exc}")
+            message = f"{setting}: cannot listen on {self.settings.host}:{port}: {exc}"
+            raise SettingsError(message) from None
         self._servers.append(server)
         self.ports[listener] = server.sockets[0].getsockname()[1]
 
@@ -115,7 +117,8 @@ class RelayServer:
                 )
                 for protocol in list(self._connections):
                     protocol.abort()
-                await asyncio.sleep(0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), 1)
         await self.handler.drain()
         for server in self._servers:
             await server.wait_closed()

@@ -118,7 +118,13 @@ class RecordingUpstream:
         for protocol in self._protocols:
             if protocol.transport is not None:
                 protocol.transport.close()
-        await asyncio.sleep(0.01)
+        # Let every connection_lost run (and the TLS layers under them close),
+        # or their sockets would be finalised later, in some other test.
+        for _ in range(200):
+            if all(protocol.transport is None for protocol in self._protocols):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
