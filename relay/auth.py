@@ -23,6 +23,7 @@ from collections.abc import Callable
 from aiosmtpd.smtp import SMTP
 
 Credentials = tuple[bytes, bytes]
+MAX_TRACKED = 10_000
 
 
 async def read_plain(server: SMTP, args: list[str]) -> Credentials | None:
@@ -88,6 +89,9 @@ class FailureLimiter:
 
     def failed(self, ip: str, user: str) -> None:
         now = self._clock()
+        if len(self._failures) > MAX_TRACKED:  # many one-off keys: forget the stale ones
+            for key in [k for k, times in self._failures.items() if times[-1] < now - self._window]:
+                del self._failures[key]
         for key in (("ip", ip), ("user", user.lower())):
             self._failures.setdefault(key, deque()).append(now)
 
