@@ -25,6 +25,7 @@ from shared.config import Settings, load_settings
 
 PG_URL = os.environ.get("TRACKRELAY_TEST_DATABASE_URL", "")
 TEST_SECRET = "test-secret-key-0123456789abcdef"
+pytest_plugins = ["upstream"]  # the recording upstream SMTP server: tests/upstream.py
 # ../shared/corpus from the repository root; a worktree elsewhere can point
 # TRACKRELAY_TEST_CORPUS at it.
 CORPUS = Path(

@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.command(settings, args))
-    except (CommandError, UserError, PolicyError) as exc:
+    except (CommandError, UserError, PolicyError, SettingsError) as exc:  # Settings: at start
         print(f"trackrelay: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

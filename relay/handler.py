@@ -1,0 +1,367 @@
+"""The relay's aiosmtpd handler: AUTH, MAIL, RCPT and DATA as short lists of steps.
+
+Transparency is the rule: MAIL and RCPT are forwarded to the upstream as they
+arrive, so each refusal reaches the client verbatim; DATA is answered with the
+upstream's own reply, never 250 before the upstream accepted; an unreachable
+upstream gives 451 4.4.1 (the client keeps the mail and retries).
+
+Never an open relay: MAIL needs AUTH, or a client address in the trusted
+networks (530 5.7.0 otherwise).
+
+Hook names are case-sensitive in aiosmtpd and a misspelt one is silently
+skipped (the server still answers 250): the end-to-end tests assert on the
+bytes the upstream received, which is what catches that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from sqlalchemy import Engine
+
+from relay import upstream
+from relay.auth import Credentials, FailureLimiter, read_login, read_plain
+from relay.record import Delivery, record
+from relay.smtp import RelaySession
+from relay.track import Copy, Prepared, Submission, Tracker
+from relay.upstream import UNAVAILABLE, Capabilities, Reply, UpstreamUnavailable
+from shared import users
+from shared.config import Settings
+from shared.models import Message
+from shared.tokens import new_message_id
+
+log = logging.getLogger(__name__)
+
+AUTH_OK = Reply(235, "2.7.0 Authentication successful")
+AUTH_INVALID = Reply(535, "5.7.8 Authentication credentials invalid")
+AUTH_LIMITED = Reply(454, "4.7.0 Too many failed authentications, try again later")
+AUTH_UNAVAILABLE = Reply(454, "4.7.0 Cannot check credentials now, try again later")
+NEED_AUTH = "530 5.7.0 Authentication required"
+TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+NOT_UTF8 = "553 5.6.7 Non-ASCII address needs SMTPUTF8"
+UTF8_UNSUPPORTED = "555 5.6.7 SMTPUTF8 is not supported by the upstream server"
+# Room left below the upstream's SIZE for what tracking adds (pixel, longer links).
+GROWTH_FRACTION = 20
+
+
+class RelayHandler:
+    """One instance per relay; per-connection state lives in RelaySession."""
+
+    def __init__(self, settings: Settings, engine: Engine, tracker: Tracker | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.tracker = tracker or Tracker(settings, engine)
+        self.capabilities = Capabilities(smtputf8=settings.upstream_target.is_sink)
+        self.limiter = FailureLimiter(
+            settings.auth_failures_per_ip,
+            settings.auth_failures_per_user,
+            settings.auth_failure_window,
+        )
+        self._networks = settings.networks
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- what we advertise ---
+
+    def size_limit(self) -> int:
+        """SIZE: our maximum, lowered below the upstream's when it announces one."""
+        limit = self.settings.max_message_size
+        if self.capabilities.size:
+            room = self.capabilities.size - self.capabilities.size // GROWTH_FRACTION
+            limit = min(limit, room)
+        return limit
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # the 5-argument hook must set it itself
+        server.data_size_limit = self.size_limit()
+        lines = []
+        for line in responses:
+            keyword = line[4:].split(" ", 1)[0].upper()
+            if keyword == "SIZE":
+                line = f"250-SIZE {server.data_size_limit}"
+            elif keyword == "SMTPUTF8" and not self.capabilities.smtputf8:
+                continue
+            elif keyword == "AUTH" and self.settings.auth_mode == "none":
+                continue
+            lines.append(line)
+        return lines
+
+    # --- AUTH ---
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._authenticate(server, "PLAIN", await read_plain(server, args))
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._authenticate(server, "LOGIN", await read_login(server, args))
+
+    async def _authenticate(
+        self, server: SMTP, mechanism: str, credentials: Credentials | None
+    ) -> AuthResult:
+        session = server.session
+        assert isinstance(session, RelaySession)
+        if credentials is None:
+            return AuthResult(success=False, handled=True)  # the error was sent
+        if self.settings.auth_mode == "none":
+            return AuthResult(
+                success=False, handled=False, message="504 5.5.4 AUTH is not offered here"
+            )
+        username = credentials[0].decode("utf-8", "replace")
+        if self.limiter.blocked(session.client_ip, username):
+            log.warning(
+                "AUTH refused for %r from %s: too many failures", username, session.client_ip
+            )
+            return AuthResult(success=False, handled=False, message=AUTH_LIMITED.line)
+        reply = await self._verify(session, mechanism, credentials)
+        if reply.ok:
+            session.auth_user = username
+            log.info("AUTH %s as %r from %s: %s", mechanism, username, session.client_ip, reply)
+            return AuthResult(success=True, message=reply.line, auth_data=username)
+        if reply.code >= 500:
+            self.limiter.failed(session.client_ip, username)
+        log.info("AUTH %s as %r from %s failed: %s", mechanism, username, session.client_ip, reply)
+        return AuthResult(success=False, handled=False, message=reply.line)
+
+    async def _verify(
+        self, session: RelaySession, mechanism: str, credentials: Credentials
+    ) -> Reply:
+        """Passthrough: ONE AUTH at the upstream; local (or a dev sink): our users."""
+        if self.settings.auth_mode == "passthrough" and not self.settings.upstream_target.is_sink:
+            connection = session.upstream or upstream.connect(self.settings)
+            session.upstream = connection
+            try:
+                reply = await connection.authenticate(mechanism, *credentials)
+            except UpstreamUnavailable:
+                return AUTH_UNAVAILABLE
+            self.capabilities = connection.capabilities
+            return reply
+        username, password = (c.decode("utf-8", "surrogateescape") for c in credentials)
+        user = await asyncio.to_thread(users.authenticate, self.engine, username, password)
+        if user is None or user.id is None:
+            return AUTH_INVALID
+        session.addresses = await asyncio.to_thread(users.user_addresses, self.engine, user.id)
+        return AUTH_OK
+
+    # --- MAIL / RCPT / RSET ---
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        assert isinstance(session, RelaySession)
+        if not (session.authenticated or self.trusted(session.client_ip)):
+            log.warning("MAIL without AUTH from %s refused (not trusted)", session.client_ip)
+            return NEED_AUTH
+        if not self._may_send_as(session, address):
+            return f"553 5.7.1 <{address}>: sender address not owned by user {session.auth_user}"
+        if not address.isascii() and "SMTPUTF8" not in options:
+            return NOT_UTF8
+        if "SMTPUTF8" in options and not self.capabilities.smtputf8:
+            return UTF8_UNSUPPORTED
+        session.refused = []
+        reply = await self._mail(session, _envelope_sender(address), self._options(options))
+        if reply.ok:
+            envelope.mail_from = address  # a hook that answers must fill the envelope
+            envelope.mail_options.extend(options)
+        return reply.line
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        assert isinstance(session, RelaySession)
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            return TOO_MANY_RCPTS
+        if not address.isascii() and not envelope.smtp_utf8:
+            return NOT_UTF8
+        assert session.upstream is not None  # MAIL opened it
+        try:
+            reply = await session.upstream.rcpt(address)
+        except UpstreamUnavailable:
+            return UNAVAILABLE.line
+        if reply.ok:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        else:
+            session.refused.append((address, reply))
+        return reply.line
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if isinstance(session, RelaySession) and session.upstream is not None:
+            await session.upstream.rset()
+        return "250 OK"
+
+    def handle_CLOSE(self, server: SMTP, session: Session) -> None:
+        """The client left (or STARTTLS replaced the session): QUIT upstream."""
+        if isinstance(session, RelaySession) and session.upstream is not None:
+            self.spawn(session.upstream.close())
+            session.upstream = None
+
+    # --- DATA: the pipeline ---
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        assert isinstance(session, RelaySession)
+        submission = Submission(
+            message_id=new_message_id(),
+            sender=_envelope_sender(envelope.mail_from or ""),
+            recipients=list(envelope.rcpt_tos),
+            data=envelope.original_content or b"",
+            auth_user=session.auth_user,
+            client_ip=session.client_ip,
+        )
+        # Shielded: a client that disconnects cannot cancel a delivery half done.
+        relay = self.spawn(self._relay(session, submission, list(envelope.mail_options)))
+        return await asyncio.shield(relay)
+
+    async def _relay(
+        self, session: RelaySession, submission: Submission, options: list[str]
+    ) -> str:
+        prepared = await self._prepare(submission)
+        delivery = await self._deliver(session, submission, prepared, self._options(options))
+        if delivery.status != "failed" or delivery.reply.code >= 500:
+            await record(self.engine, prepared, delivery)
+        else:  # transient: the client keeps the message and retries
+            log.warning("message %d not relayed: %s", submission.message_id, delivery.reply)
+        return delivery.reply.line
+
+    async def _prepare(self, submission: Submission) -> Prepared:
+        """Tracking injection; any failure forwards the original (fail open)."""
+        try:
+            return await self.tracker.prepare(submission)
+        except Exception:
+            log.exception("tracking failed for message %d: sent untracked", submission.message_id)
+            return _untracked(submission)
+
+    async def _deliver(
+        self, session: RelaySession, submission: Submission, prepared: Prepared, options: list[str]
+    ) -> Delivery:
+        connection = session.upstream
+        copies = prepared.copies
+        if len(copies) == 1 and sorted(copies[0].recipients) == sorted(submission.recipients):
+            # One copy: DATA in the transaction whose RCPTs were checked live.
+            reply = await _data(connection, copies[0].data)
+            replies = {rcpt: reply for rcpt in submission.recipients}
+        else:
+            # Per-recipient copies: one full transaction each, same connection.
+            await connection.rset()
+            replies = {}
+            for copy in copies:
+                replies.update(await self._send_copy(connection, submission.sender, options, copy))
+        return Delivery(replies, session.refused, _client_reply(replies))
+
+    async def _send_copy(
+        self, connection: upstream.Connection, sender: str, options: list[str], copy: Copy
+    ) -> dict[str, Reply]:
+        try:
+            reply = await connection.mail(sender, options)
+            if not reply.ok:
+                return dict.fromkeys(copy.recipients, reply)
+            replies = {rcpt: await connection.rcpt(rcpt) for rcpt in copy.recipients}
+            accepted = [rcpt for rcpt, r in replies.items() if r.ok]
+            if not accepted:
+                await connection.rset()
+                return replies
+            reply = await connection.data(copy.data)
+        except UpstreamUnavailable:
+            return dict.fromkeys(copy.recipients, UNAVAILABLE)
+        return {**replies, **dict.fromkeys(accepted, reply)}
+
+    # --- helpers ---
+
+    def trusted(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+    def _may_send_as(self, session: RelaySession, address: str) -> bool:
+        """Local mode: MAIL FROM must be one of the user's addresses (or null)."""
+        if self.settings.auth_mode != "local" or not session.authenticated:
+            return True
+        return address == "<>" or users.may_send_as(session.addresses, address)
+
+    def _options(self, options: list[str]) -> list[str]:
+        """MAIL parameters for the upstream: never the client's SIZE (aiosmtplib sends none,
+        and tracking changes the size); BODY only when the upstream knows 8BITMIME."""
+        kept = []
+        for option in options:
+            name = option.split("=", 1)[0].upper()
+            if name == "SIZE" or (name == "BODY" and not self.capabilities.eightbitmime):
+                continue
+            kept.append(option)
+        return kept
+
+    async def _mail(self, session: RelaySession, sender: str, options: list[str]) -> Reply:
+        if session.upstream is None:
+            login = None
+            if self.settings.upstream_user:
+                password = self.settings.upstream_password.get_secret_value()
+                login = (self.settings.upstream_user.encode(), password.encode())
+            session.upstream = upstream.connect(self.settings, login=login)
+        try:
+            reply = await session.upstream.mail(sender, options)
+        except UpstreamUnavailable:
+            return UNAVAILABLE
+        self.capabilities = session.upstream.capabilities
+        return reply
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run work that must finish even if its client leaves; stop() waits for it."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def probe_upstream(self) -> None:
+        """Learn the upstream's SIZE / SMTPUTF8 before the first client says EHLO."""
+        capabilities = await upstream.probe(self.settings)
+        if capabilities is None:
+            log.warning("upstream %s not reachable at start", self.settings.upstream_target)
+        else:
+            self.capabilities = capabilities
+
+
+def _untracked(submission: Submission) -> Prepared:
+    size = len(submission.data)
+    message = Message(
+        id=submission.message_id,
+        sender=submission.sender,
+        auth_user=submission.auth_user,
+        client_ip=submission.client_ip,
+        size_in=size,
+        size_out=size,
+    )
+    return Prepared([Copy(list(submission.recipients), submission.data)], message, [], set())
+
+
+def _envelope_sender(address: str) -> str:
+    """aiosmtpd hands the null sender over as '<>'; aiosmtplib wants ''."""
+    return "" if address == "<>" else address
+
+
+async def _data(connection: upstream.Connection, data: bytes) -> Reply:
+    try:
+        return await connection.data(data)
+    except UpstreamUnavailable:
+        return UNAVAILABLE
+
+
+def _client_reply(replies: dict[str, Reply]) -> Reply:
+    """250 (the upstream's) when any copy was accepted, else the first refusal."""
+    for reply in replies.values():
+        if reply.ok:
+            return reply
+    return next(iter(replies.values()), UNAVAILABLE)

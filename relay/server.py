@@ -1,0 +1,154 @@
+"""The relay's listeners, TLS and lifecycle.
+
+Listeners are made with ``loop.create_server`` on the caller's event loop (not
+aiosmtpd's ``Controller``, which runs its own loop in a thread and could not
+share the database engine or async clients with the receiver):
+
+* ``smtp``: submission with STARTTLS; AUTH is offered only after TLS.
+* ``smtps``: implicit TLS. aiosmtpd does not see TLS it did not start itself
+  and would refuse AUTH (538) and not advertise it, so this listener is built
+  with ``auth_require_tls=False``: the socket is TLS from the first byte.
+* ``plain`` (optional): no TLS, no AUTH, for app servers in the trusted
+  networks only; anyone else gets 554 and is disconnected.
+
+``stop()`` is graceful: stop accepting, answer 421 to idle sessions, let
+transactions in flight finish (up to ``grace`` seconds), wait for deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from relay.handler import RelayHandler
+from relay.smtp import RelaySMTP
+from relay.tlscert import certificate_paths, server_context
+from relay.track import Tracker
+from shared.config import Settings, SettingsError
+from trackrelay.devsetup import ensure_dev_user
+
+log = logging.getLogger(__name__)
+
+
+class RelayServer:
+    def __init__(
+        self, settings: Settings, engine: Engine, *, tracker: Tracker | None = None
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.handler = RelayHandler(settings, engine, tracker)
+        self.ports: dict[str, int] = {}
+        self.certificate: Path | None = None
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[RelaySMTP] = set()
+        self._closed = asyncio.Event()
+        self._dev_lines: list[str] = []
+
+    async def start(self) -> None:
+        # aiosmtpd logs every command line at INFO, AUTH PLAIN's credentials included.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+        settings = self.settings
+        cert, key = await asyncio.to_thread(certificate_paths, settings)
+        self.certificate = cert
+        context = server_context(cert, key)
+        self._dev_lines = await asyncio.to_thread(ensure_dev_user, settings, self.engine)
+        await self.handler.probe_upstream()
+        await self._listen("smtp", settings.smtp_port, tls_context=context)
+        await self._listen("smtps", settings.smtps_port, ssl=context, auth_require_tls=False)
+        if settings.plain_port is not None:
+            await self._listen("plain", settings.plain_port, peer_allowed=self.handler.trusted)
+        log.info("relay listening on %s: %s", settings.host, self.ports)
+
+    async def _listen(
+        self, listener: str, port: int, *, ssl: ssl.SSLContext | None = None, **options: Any
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                lambda: self._protocol(listener, **options), self.settings.host, port, ssl=ssl
+            )
+        except OSError as exc:
+            setting = f"TRACKRELAY_{listener.upper()}_PORT"
+            message = f"{setting}: cannot listen on {self.settings.host}:{port}: {exc}"
+            raise SettingsError(message) from None
+        self._servers.append(server)
+        self.ports[listener] = server.sockets[0].getsockname()[1]
+
+    def _protocol(self, listener: str, **options: Any) -> RelaySMTP:
+        protocol = RelaySMTP(
+            self.handler,
+            listener=listener,
+            on_close=self._forget,
+            hostname=self.settings.smtp_hostname,
+            ident="trackrelay ESMTP",
+            data_size_limit=self.handler.size_limit(),
+            enable_SMTPUTF8=True,  # decode UTF-8 arguments; advertised only if upstream has it
+            timeout=self.settings.idle_timeout,
+            loop=asyncio.get_running_loop(),
+            **options,
+        )
+        self._connections.add(protocol)
+        self._closed.clear()
+        return protocol
+
+    def _forget(self, protocol: RelaySMTP) -> None:
+        self._connections.discard(protocol)
+        if not self._connections:
+            self._closed.set()
+
+    async def stop(self, grace: float = 30) -> None:
+        """Stop accepting; finish transactions in flight; close the rest after grace."""
+        for server in self._servers:
+            server.close()
+        for protocol in list(self._connections):
+            protocol.begin_shutdown()
+        if self._connections:
+            try:
+                await asyncio.wait_for(self._closed.wait(), grace)
+            except TimeoutError:
+                log.warning(
+                    "%d session(s) still busy after %ss: closing", len(self._connections), grace
+                )
+                for protocol in list(self._connections):
+                    protocol.abort()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), 1)
+        await self.handler.drain()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    def describe(self) -> list[str]:
+        """What to put in a mail client's outgoing-server settings."""
+        settings, host = self.settings, self.settings.host
+        lines = [
+            "Outgoing (SMTP) server for your mail client:",
+            f"  server: {host}  port {self.ports.get('smtp', settings.smtp_port)} with STARTTLS,"
+            f" or port {self.ports.get('smtps', settings.smtps_port)} with SSL/TLS",
+        ]
+        if settings.auth_mode == "passthrough" and not settings.upstream_target.is_sink:
+            lines.append(
+                f"  authentication: normal password, your own account at {settings.upstream_target}"
+            )
+        elif settings.auth_mode == "none":
+            lines.append("  authentication: none (trusted networks only)")
+        else:
+            lines.append("  authentication: normal password (PLAIN or LOGIN), a relay user")
+        lines += self._dev_lines
+        if self.certificate is not None and settings.tls_cert is None:
+            lines.append(
+                f"  certificate: self-signed, {self.certificate} (accept it in the client)"
+            )
+        if "plain" in self.ports:
+            lines.append(
+                f"  plain SMTP without AUTH on port {self.ports['plain']} "
+                f"for {settings.trusted_networks or 'no network'}"
+            )
+        lines.append(f"  mail is delivered to {settings.upstream_target}")
+        return lines

@@ -1,0 +1,124 @@
+"""Helpers for relay tests: settings pointing at the recording upstream, a relay
+running in the test's event loop, and aiosmtplib clients for its listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+from sqlalchemy import Engine
+from upstream import PASSWORD, USER, RecordingUpstream
+
+from relay.server import RelayServer
+from relay.track import Tracker
+from shared import db
+from shared.config import Settings
+
+MESSAGE = Path("/work/shared/clients/message.eml")
+SIMPLE = (
+    b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: hello\r\n"
+    b"Message-ID: <1@example.com>\r\n\r\nHello Bob.\r\n.dot line\r\n..two dots\r\n"
+)
+
+
+def relay_settings(
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    **overrides: Any,
+) -> Settings:
+    values: dict[str, Any] = {
+        "upstream": upstream.url,
+        "upstream_verify_tls": False,
+        "smtp_port": 0,
+        "smtps_port": 0,
+        "tls_cert": upstream.cert,
+        "tls_key": upstream.key,
+        "upstream_timeout": 10,
+    }
+    values.update(overrides)
+    return make_settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    settings: Settings, engine: Engine, tracker: Tracker | None = None
+) -> AsyncIterator[RelayServer]:
+    server = RelayServer(settings, engine, tracker=tracker)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=5)
+
+
+def client(relay: RelayServer, listener: str = "smtp", **options: Any) -> aiosmtplib.SMTP:
+    """An aiosmtplib client for a listener: STARTTLS on smtp, TLS on smtps."""
+    tls = {"smtp": {"start_tls": True}, "smtps": {"use_tls": True}, "plain": {"start_tls": False}}
+    values = {"validate_certs": False, "timeout": 20, **tls[listener], **options}
+    return aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.ports[listener], **values)
+
+
+async def send(
+    relay: RelayServer,
+    message: bytes = SIMPLE,
+    *,
+    sender: str = USER,
+    recipients: tuple[str, ...] = ("bob@example.net",),
+    listener: str = "smtp",
+    mechanism: str = "PLAIN",
+    user: str = USER,
+    password: str = PASSWORD,
+) -> aiosmtplib.SMTPResponse:
+    """Log in with ONE mechanism and send one message; returns the DATA reply."""
+    async with client(relay, listener) as smtp:
+        await smtp.ehlo()
+        if mechanism == "PLAIN":
+            await smtp.auth_plain(user, password)
+        elif mechanism == "LOGIN":
+            await smtp.auth_login(user, password)
+        _, reply = await smtp.sendmail(sender, list(recipients), message)
+        return aiosmtplib.SMTPResponse(250, reply)
+
+
+def sqlite_engine(directory: Path) -> Engine:
+    url = f"sqlite:///{directory / 'relay.db'}"
+    db.upgrade(url)
+    return db.make_engine(url)
+
+
+class RawClient:
+    """A byte-level SMTP client, for what aiosmtplib would normalise or refuse to send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, **options: Any) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, **options)
+        raw = cls(reader, writer)
+        await raw.reply()  # greeting
+        return raw
+
+    async def reply(self) -> str:
+        lines = []
+        while True:
+            line = (await self.reader.readline()).decode()
+            if not line:
+                raise ConnectionError("closed: " + "".join(lines))
+            lines.append(line)
+            if line[3:4] != "-":
+                return "".join(lines)
+
+    async def command(self, line: bytes) -> str:
+        self.writer.write(line + b"\r\n")
+        await self.writer.drain()
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()

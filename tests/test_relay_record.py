@@ -1,0 +1,62 @@
+"""What the relay writes to the database (relay/record.py), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from relaykit import SIMPLE, client, relay_settings, running_relay
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+from upstream import PASSWORD, USER, RecordingUpstream
+
+from shared import db
+from shared.config import Settings
+from shared.models import Message, Recipient
+
+
+async def send_three(settings: Settings, engine: Engine) -> str:
+    async with running_relay(settings, engine) as relay:
+        async with client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            _, reply = await smtp.sendmail(
+                USER, ["a@example.net", "gone@example.net", "b@example.net"], SIMPLE
+            )
+            return reply
+
+
+def test_message_and_recipients_are_recorded(
+    make_settings: Callable[..., Settings], upstream: RecordingUpstream, engine: Engine
+) -> None:
+    upstream.refuse["gone@example.net"] = "550 5.1.1 gone"
+    reply = asyncio.run(send_three(relay_settings(make_settings, upstream), engine))
+    with Session(engine) as session:
+        [message] = session.exec(select(Message)).all()
+        rows = session.exec(select(Recipient).order_by(Recipient.position)).all()
+    assert (message.sender, message.auth_user, message.client_ip) == (USER, USER, "127.0.0.1")
+    assert message.size_in == len(SIMPLE) and message.status == "partial"
+    assert message.upstream_reply == f"250 {reply}"
+    assert [(r.address, r.status, r.reply_code) for r in rows] == [
+        ("a@example.net", "accepted", 250),
+        ("b@example.net", "accepted", 250),
+        ("gone@example.net", "refused", 550),
+    ]
+    assert rows[2].reply_text == "5.1.1 gone"
+
+
+def test_database_failure_never_fails_the_client(
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken = db.make_engine(f"sqlite:///{tmp_path / 'no-tables.db'}")  # never migrated
+    with caplog.at_level(logging.ERROR, logger="relay.record"):
+        reply = asyncio.run(send_three(relay_settings(make_settings, upstream), broken))
+    assert reply.startswith("2.0.0")
+    assert len(upstream.messages) == 1
+    assert "DATABASE WRITE FAILED" in caplog.text

@@ -1,0 +1,121 @@
+"""Listeners, graceful shutdown and dev mode (relay/server.py, trackrelay/devsetup.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from email import message_from_bytes
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from relaykit import SIMPLE, RawClient, client, relay_settings, running_relay, send, sqlite_engine
+from sqlalchemy import Engine
+from upstream import PASSWORD, USER, RecordingUpstream
+
+from relay.server import RelayServer
+from shared.config import Settings
+
+MakeSettings = Callable[..., Settings]
+
+
+@pytest.fixture
+def db_engine(tmp_path: Path) -> Engine:
+    return sqlite_engine(tmp_path)
+
+
+def test_graceful_shutdown_finishes_the_transaction_in_flight(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    async def scenario() -> tuple[str, str, str]:
+        relay = RelayServer(relay_settings(make_settings, upstream), db_engine)
+        await relay.start()
+        idle = await RawClient.connect(relay.ports["smtp"])
+        async with client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            await smtp.mail(USER)
+            await smtp.rcpt("bob@example.net")
+            stopping = asyncio.create_task(relay.stop(grace=10))
+            await asyncio.sleep(0.2)
+            idle_reply = await idle.reply()  # an idle session is told at once
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", relay.ports["smtp"])
+            reply = await smtp.data(SIMPLE)  # the busy one finishes its message
+            with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+                await smtp.noop()
+        await stopping
+        await idle.close()
+        return idle_reply, reply.message, str(stopping.done())
+
+    idle_reply, reply, done = asyncio.run(scenario())
+    assert idle_reply.startswith("421 4.3.2")
+    assert reply.startswith("2.0.0") and done == "True"
+    assert len(upstream.messages) == 1
+
+
+def test_plain_listener_serves_only_trusted_networks(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    settings = relay_settings(make_settings, upstream, plain_port=0, trusted_networks="10.0.0.0/8")
+
+    async def scenario() -> str:
+        async with running_relay(settings, db_engine) as relay:
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.ports["plain"])
+            greeting = (await reader.readline()).decode()
+            writer.close()
+            return greeting
+
+    assert asyncio.run(scenario()).startswith("554 5.7.1")
+
+
+def test_trusted_network_sends_without_auth_on_the_plain_port(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        plain_port=0,
+        trusted_networks="127.0.0.0/8",
+        upstream_user=USER,
+        upstream_password=PASSWORD,
+    )
+
+    async def scenario() -> str:
+        async with running_relay(settings, db_engine) as relay:
+            async with client(relay, "plain") as smtp:
+                ehlo = await smtp.ehlo()
+                await smtp.sendmail("app@example.com", ["bob@example.net"], SIMPLE)
+                return ehlo.message
+
+    assert "AUTH" not in asyncio.run(scenario())
+    assert upstream.messages[0].mail_from == "app@example.com"
+
+
+def test_dev_mode_sink_self_signed_certificate_and_dev_user(
+    make_settings: MakeSettings, tmp_path: Path, db_engine: Engine
+) -> None:
+    outbox = tmp_path / "outbox"
+    settings = make_settings(upstream=f"maildir:{outbox}", smtp_port=0, smtps_port=0)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with running_relay(settings, db_engine) as relay:
+            first = relay.describe()
+            password = (settings.var_dir / "dev_password").read_text().strip()
+            await send(relay, user="dev", password=password, sender="me@example.com",
+                       recipients=("a@example.net", "b@example.net"))  # fmt: skip
+        async with running_relay(settings, db_engine) as relay:
+            return first, relay.describe()
+
+    first, second = asyncio.run(scenario())
+    password = (settings.var_dir / "dev_password").read_text().strip()
+    assert any(password in line and "dev" in line for line in first)
+    assert not any(password in line for line in second)
+    assert any("self-signed" in line for line in first)
+    assert (settings.var_dir / "tls" / "relay-cert.pem").exists()
+    files = sorted((outbox / "new").iterdir())
+    assert len(files) == 2 and not any((outbox / "tmp").iterdir())
+    delivered = sorted(message_from_bytes(f.read_bytes())["Delivered-To"] for f in files)
+    assert delivered == ["a@example.net", "b@example.net"]
+    head = b"Return-Path: <me@example.com>\r\nDelivered-To: "
+    assert all(f.read_bytes().startswith(head) and f.read_bytes().endswith(SIMPLE) for f in files)

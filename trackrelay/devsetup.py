@@ -1,0 +1,43 @@
+"""Dev mode's first start: an admin user ``dev`` with a random password.
+
+Only in dev mode (no real upstream: nothing can leave the machine). The
+password is printed on the first start and kept in ``var_dir/dev_password``
+(owner-readable), like the dev secret key next to it, so later starts can
+say where it is without printing it again.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy import Engine
+from sqlmodel import select
+
+from shared.config import Settings
+from shared.db import session_scope
+from shared.models import User
+from shared.users import add_user
+
+DEV_USER = "dev"
+DEV_ADDRESSES = ("@example.com", "@example.net", "@example.org")
+
+
+def ensure_dev_user(settings: Settings, engine: Engine) -> list[str]:
+    """Create the dev user on first start; return lines telling how to log in."""
+    if not settings.dev_mode:
+        return []
+    path = settings.var_dir / "dev_password"
+    with session_scope(engine) as session:
+        exists = session.exec(select(User).where(User.username == DEV_USER)).first() is not None
+    if exists:
+        where = f"in {path}" if path.exists() else "set when it was created"
+        return [f"  user: {DEV_USER}  password: {where}"]
+    password = secrets.token_urlsafe(12)
+    add_user(engine, DEV_USER, password, role="admin", addresses=DEV_ADDRESSES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(password + "\n")
+    return [
+        f"  user: {DEV_USER}  password: {password}  (shown once; also saved in {path})",
+        f"  {DEV_USER} may send as any address {', '.join(DEV_ADDRESSES)}",
+    ]
