@@ -17,8 +17,8 @@ from sqlalchemy import Engine
 from relay.track import Prepared
 from relay.upstream import Reply
 from shared.db import session_scope
-from shared.outbox import enqueue_message_sent
 from shared.models import Recipient
+from shared.outbox import enqueue_message_sent
 
 log = logging.getLogger(__name__)
 
