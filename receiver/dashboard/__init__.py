@@ -39,7 +39,7 @@ routes: list[BaseRoute] = [
     Route("/messages/{message_id:int}", messages.message_detail),
     Route("/live", messages.live),
     Route("/overview", overview.overview),
-    Route("/policies", admin.policies),
+    Route("/policies", admin.policies_list),
     Route("/policies/new", admin.policy_new, methods=GET_POST),
     Route("/policies/{policy_id:int}", admin.policy_edit, methods=GET_POST),
     Route("/policies/{policy_id:int}/delete", admin.policy_delete, methods=["POST"]),
