@@ -34,7 +34,7 @@ def normalize_address(address: str) -> str:
     value = address.strip().lower()
     local, at, domain = value.rpartition("@")
     if not at or not domain or "." not in domain or " " in value or (local and "@" in local):
-        raise UserError(f"{address!r} is not an email address or @domain", "addresses")
+        raise UserError(f"{address!r} is not an email address or @domain", "address")
     return value
 
 
