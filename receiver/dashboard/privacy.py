@@ -71,7 +71,11 @@ async def consent_mode(request: Request, viewer: Viewer) -> Response:
     except UserError as exc:
         errors[field] = message(exc)
         return await _consent_page(request, errors, {"domain": domain, "domain_mode": mode})
-    where = "every recipient domain without its own" if field == "global" else domain
+    where = (
+        "every recipient domain without its own"
+        if field == "global"
+        else consent.normalize_domain(domain)
+    )
     flash(request, f"Consent mode for {where}: {mode}.")
     return redirect(request, "/privacy")
 
