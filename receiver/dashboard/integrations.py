@@ -102,6 +102,8 @@ async def webhooks_list(request: Request, viewer: Viewer) -> Response:
                 )
             except UserError as exc:
                 errors.add(exc)
+            else:
+                form = {"url": "", "description": "", "types": list(EVENT_TYPES)}
     rows = await asyncio.to_thread(webhooks.list_endpoints, engine)
     return _webhooks_page(request, rows, form, errors, created)
 
@@ -210,6 +212,8 @@ async def tokens_list(request: Request, viewer: Viewer) -> Response:
                 )
             except UserError as exc:
                 errors["username"] = message(exc)
+            else:
+                form["name"] = ""
     rows = await asyncio.to_thread(apitokens.list_tokens, engine)
     people = await asyncio.to_thread(list_users, engine)
     context = {
