@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.policies import MAX_RECIPIENT_CAP, MODES
+
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _INT = {"type": "integer"}
@@ -96,7 +98,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "id": _INT,
             "pattern": _STR,
-            "mode": {"enum": ["header", "always", "never"]},
+            "mode": {"enum": list(MODES)},
             "allow_opens": _BOOL,
             "allow_clicks": _BOOL,
             "allow_text_links": _BOOL,
@@ -109,12 +111,12 @@ SCHEMAS: dict[str, Any] = {
     "PolicyInput": _obj(
         {
             "pattern": {**_STR, "description": "a@b.c, @b.c or *"},
-            "mode": {"enum": ["header", "always", "never"]},
+            "mode": {"enum": list(MODES)},
             "allow_opens": _BOOL,
             "allow_clicks": _BOOL,
             "allow_text_links": _BOOL,
             "per_recipient": _BOOL,
-            "recipient_cap": {**_INT, "minimum": 1},
+            "recipient_cap": {**_INT, "minimum": 1, "maximum": MAX_RECIPIENT_CAP},
             "notify": _BOOL,
         },
         required=["pattern"],

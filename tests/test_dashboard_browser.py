@@ -134,6 +134,55 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
         page.click("text=Add user")
         shot(page, "user-form")
 
+        # add a webhook endpoint: its signing secret is shown once, then it is listed
+        page.click(".nav >> text=Webhooks")
+        shot(page, "webhooks-empty")
+        page.fill("input[name=url]", "https://crm.example/hooks/mail")
+        page.uncheck("input[name='type:message.sent']")
+        page.fill("input[name=description]", "CRM sync")
+        page.click("form.form button[type=submit]")
+        reveal = page.locator(".reveal")
+        expect(reveal).to_contain_text("Endpoint added")
+        expect(reveal.locator(".secret-value")).to_have_text(re.compile(r"^whsec_\S{20,}$"))
+        expect(page.locator("table.webhooks")).to_contain_text("https://crm.example/hooks/mail")
+        expect(page.locator("table.webhooks")).to_contain_text("message.opened")
+        shot(page, "webhooks-created")
+        page.click("table.webhooks >> text=Delivery log")
+        expect(page.locator("h1")).to_have_text("https://crm.example/hooks/mail")
+        shot(page, "webhook")
+
+        # create an API token: shown once with a copy button, then only its prefix
+        page.click(".nav >> text=API tokens")
+        page.fill("input[name=name]", "CRM sync")
+        page.click("form.form button[type=submit]")
+        secret = page.locator("#new-token")
+        expect(secret).to_have_text(re.compile(r"^trk_\S{40,}$"))
+        api_token = secret.inner_text()
+        page.click("button[data-copy='#new-token']")
+        expect(page.locator("button[data-copy='#new-token']")).to_have_text("Copied")
+        expect(page.locator("table.tokens")).to_contain_text(api_token[:12] + "…")
+        shot(page, "tokens-created")
+        page.goto(server.url + "/dashboard/tokens")  # seen again: only its prefix
+        expect(page.locator("table.tokens")).to_contain_text("CRM sync")
+        expect(page.locator("#new-token")).to_have_count(0)
+        assert api_token not in page.content()
+        shot(page, "tokens")
+
+        # privacy: consent, and erasing a recipient asks first
+        page.click(".nav >> text=Privacy")
+        page.fill("input[name=address]", "ana@eu.example")
+        page.click("text=Record consent")
+        expect(page.locator("table.consents")).to_contain_text("ana@eu.example")
+        shot(page, "consent")
+        page.click("nav.segmented >> text=Erase a recipient")
+        page.fill("input[name=address]", "bob@client.example")
+        page.click("text=Continue")
+        expect(page.locator("form.confirm h2")).to_contain_text("bob@client.example")
+        shot(page, "erase-confirm")
+        page.click("form.confirm button[type=submit]")
+        expect(page.locator(".erase-report")).to_contain_text("recipients")
+        shot(page, "erase-done")
+
         # sign out
         page.click("text=Sign out")
         expect(page).to_have_url(re.compile(r"/dashboard/login"))
@@ -154,10 +203,23 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
             ("/dashboard/policies/new", "policy-form"),
             ("/dashboard/suppressions", "suppressions"),
             ("/dashboard/users", "users"),
+            ("/dashboard/webhooks", "webhooks"),
+            ("/dashboard/webhooks/1", "webhook"),
+            ("/dashboard/tokens", "tokens"),
+            ("/dashboard/privacy", "consent"),
+            ("/dashboard/privacy/erase", "erase"),
         ]:
             phone.goto(server.url + path)
             shot(phone, name)
             overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, f"{name} scrolls sideways at phone width by {overflow}px"
+        # the shown-once token at phone width
+        phone.goto(server.url + "/dashboard/tokens")
+        phone.fill("input[name=name]", "Phone script")
+        phone.click("form.form button[type=submit]")
+        expect(phone.locator("#new-token")).to_be_visible()
+        shot(phone, "tokens-created")
+        overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"the new token scrolls sideways at phone width by {overflow}px"
         browser.close()
     assert dialogs == []  # nothing from mail ever ran as script
