@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from receiver.classify import ENGAGED_VERDICTS
 from receiver.openapi import document
 from shared import consent, policies
 from shared.apitokens import Principal, authenticate_token
@@ -43,7 +44,8 @@ from shared.users import UserError, normalize_address
 
 log = logging.getLogger(__name__)
 
-COUNTED = ("human", "proxy", "unknown")  # verdicts that count as opens/clicks
+# Opens and clicks count only verdicts human and proxy, as in the dashboard.
+COUNTED = tuple(sorted(ENGAGED_VERDICTS))
 MAX_LIMIT = 200
 
 

@@ -48,8 +48,14 @@ _MESSAGE = {
     "track_opens": _BOOL,
     "track_clicks": _BOOL,
     "per_recipient": _BOOL,
-    "opens": {**_INT, "description": "opens judged human, proxy or unknown"},
-    "clicks": {**_INT, "description": "clicks judged human, proxy or unknown"},
+    "opens": {
+        **_INT,
+        "description": "opens judged human or proxy (machine opens and scanners are not opens)",
+    },
+    "clicks": {
+        **_INT,
+        "description": "clicks judged human or proxy (scanners and the sender are not clicks)",
+    },
     "first_opened_at": _TIME_OR_NULL,
     "first_clicked_at": _TIME_OR_NULL,
 }
