@@ -469,13 +469,13 @@ class EventWriter:
         self._next_probe = time.monotonic() + PROBE_INTERVAL
 
     async def _spill(self, batch: list[Row]) -> None:
-        try:
-            await asyncio.to_thread(self.journal.append, batch)
-        except OSError:
-            self.metrics.dropped += len(batch)
-            log.exception("cannot write the event journal: %d hits lost", len(batch))
-            return
-        self.metrics.journaled += len(batch)
+        written, error = await asyncio.to_thread(self.journal.append_what_fits, batch)
+        self.metrics.journaled += written
+        if written < len(batch):
+            self.metrics.dropped += len(batch) - written
+            log.error(
+                "cannot write the event journal: %d hits lost (%s)", len(batch) - written, error
+            )
 
     async def _replay_slice(self) -> None:
         events = await asyncio.to_thread(self.journal.read_slice, REPLAY_SLICE)

@@ -12,8 +12,9 @@ each replays its own files and those of dead processes, never a live
 sibling's.
 
 A failed append (disk full, ``ENOSPC``) cuts the file back to where it was
-and raises ``OSError``: the caller counts the loss, and no half-written line
-is left in the middle of a file to spoil the records after it.
+and raises ``OSError``: no half-written line is left in the middle of a file
+to spoil the records after it. ``append_what_fits`` keeps what still fits of
+a batch, so the caller counts only what was really lost.
 
 Callers serialise their calls (one at a time); the methods block, so async
 callers run them with ``asyncio.to_thread``.
@@ -22,6 +23,7 @@ callers run them with ``asyncio.to_thread``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -66,6 +68,25 @@ class Journal:
         except OSError:
             self._cut_back(start)
             raise
+
+    def append_what_fits(self, records: list[Record]) -> tuple[int, OSError | None]:
+        """Append the longest prefix of ``records`` the disk takes (halving on ENOSPC).
+
+        Returns (records written, the last error or None). On a nearly full
+        disk a batch that does not fit whole is not lost whole.
+        """
+        try:
+            self.append(records)
+            return len(records), None
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or len(records) == 1:
+                return 0, exc
+        half = len(records) // 2
+        written, error = self.append_what_fits(records[:half])
+        if written < half:  # not even the first half: the rest will not fit either
+            return written, error
+        more, error = self.append_what_fits(records[half:])
+        return written + more, error
 
     def _cut_back(self, size: int) -> None:
         assert self._active is not None
