@@ -91,6 +91,7 @@ class RelayServer:
             data_size_limit=self.handler.size_limit(),
             enable_SMTPUTF8=True,  # decode UTF-8 arguments; advertised only if upstream has it
             timeout=self.settings.idle_timeout,
+            data_timeout=self.settings.data_timeout,
             loop=asyncio.get_running_loop(),
             **options,
         )
