@@ -141,8 +141,8 @@ class RelayProcess:
             TRACKRELAY_SMTP_PORT="0",
             TRACKRELAY_SMTPS_PORT="0",
             TRACKRELAY_SECRET_KEY="cli-test-secret-0123456789abcdef",
-            **env,
         )
+        values.update(env)
         with open(log or os.devnull, "ab") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "trackrelay", command],
