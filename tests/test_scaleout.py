@@ -39,13 +39,13 @@ TRACKED = SIMPLE.replace(b"Subject: hello\r\n", b"Subject: scale-out\r\nX-Track:
 
 @pytest.fixture
 def cluster(
-    pg_database: str, upstream: RecordingUpstream, tmp_path: Path
+    database_url: str, upstream: RecordingUpstream, tmp_path: Path
 ) -> Iterator[tuple[list[RelayProcess], list[str]]]:
-    engine = db.make_engine(pg_database)
+    engine = db.make_engine(database_url)
     add_user(engine, "ops", "ops-password-123", role="admin")
     engine.dispose()
     common = {
-        "TRACKRELAY_DATABASE_URL": pg_database,
+        "TRACKRELAY_DATABASE_URL": database_url,
         "TRACKRELAY_SECRET_KEY": SECRET,
         "TRACKRELAY_PUBLIC_URL": "https://track.example",
         "TRACKRELAY_EVENT_FLUSH_INTERVAL": "0.05",
@@ -102,8 +102,10 @@ def _login(http: httpx.Client) -> None:
     assert response.status_code == 303 and response.headers["location"].endswith("/messages")
 
 
+# LISTEN/NOTIFY is PostgreSQL's; the fixture empties the tables afterwards.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_two_relays_two_receivers_one_database(
-    cluster: tuple[list[RelayProcess], list[str]], upstream: RecordingUpstream, pg_database: str
+    cluster: tuple[list[RelayProcess], list[str]], upstream: RecordingUpstream, database_url: str
 ) -> None:
     (relay_a, relay_b), (receiver_a, receiver_b) = cluster
     _send_through(relay_a)
@@ -135,7 +137,7 @@ def test_two_relays_two_receivers_one_database(
             "https://example.com/x",
         )
 
-    engine = db.make_engine(pg_database)
+    engine = db.make_engine(database_url)
     try:
         wait_for(lambda: _count(engine, "events") == 2)
         assert _count(engine, "messages") == 2
