@@ -61,7 +61,11 @@ class Metrics:
             ("replayed", "journaled events written to the database on replay", 0),
             ("duplicates", "replayed events already in the database (skipped)", 0),
             ("dropped", "events lost: queue full or journal unwritable", 0),
-            ("rejected", "events the database refused as invalid (kept in rejected.jsonl)", 0),
+            (
+                "rejected",
+                "events the database refused as invalid (journal/rejected-events.jsonl)",
+                0,
+            ),
             ("write_errors", "failed batch writes (database unavailable)", 0),
         ):
             metric = f"trackrelay_events_{name}_total"

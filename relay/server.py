@@ -59,6 +59,7 @@ class RelayServer:
         context = server_context(cert, key)
         self._dev_lines = await asyncio.to_thread(ensure_dev_user, settings, self.engine)
         await self.handler.probe_upstream()
+        await self.handler.recorder.start()  # replays what a previous run journaled
         await self._listen("smtp", settings.smtp_port, tls_context=context)
         await self._listen("smtps", settings.smtps_port, ssl=context, auth_require_tls=False)
         if settings.plain_port is not None:
@@ -90,6 +91,7 @@ class RelayServer:
             data_size_limit=self.handler.size_limit(),
             enable_SMTPUTF8=True,  # decode UTF-8 arguments; advertised only if upstream has it
             timeout=self.settings.idle_timeout,
+            data_timeout=self.settings.data_timeout,
             loop=asyncio.get_running_loop(),
             **options,
         )
@@ -120,6 +122,7 @@ class RelayServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), 1)
         await self.handler.drain()
+        await self.handler.recorder.stop()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()

@@ -6,6 +6,7 @@ import contextlib
 import os
 import select
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -142,6 +143,44 @@ class TCPProxy:
             for sock in (a, b):
                 with contextlib.suppress(OSError):
                     sock.close()
+
+
+class Outage:
+    """Makes the database at ``database_url`` unavailable (relay or receiver), then back."""
+
+    def __init__(self, database_url: str) -> None:
+        parsed = make_url(database_url)
+        self.sqlite = parsed.get_backend_name() == "sqlite"
+        self._lock: sqlite3.Connection | None = None
+        if self.sqlite:
+            self.path = str(parsed.database)
+            self.app_url = database_url
+        else:
+            self.proxy = TCPProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+            self.proxy.up()
+            self.app_url = self.proxy.url_for(database_url)
+
+    def down(self) -> None:
+        if self.sqlite:
+            self._lock = sqlite3.connect(self.path, isolation_level=None)
+            self._lock.execute("BEGIN EXCLUSIVE")
+        else:
+            self.proxy.down()
+
+    def up(self) -> None:
+        if self.sqlite:
+            assert self._lock is not None
+            self._lock.execute("ROLLBACK")
+            self._lock.close()
+            self._lock = None
+        else:
+            self.proxy.up()
+
+    def close(self) -> None:
+        if self.sqlite and self._lock is not None:
+            self.up()
+        elif not self.sqlite:
+            self.proxy.down()
 
 
 def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:

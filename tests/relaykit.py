@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -122,3 +127,49 @@ class RawClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
+
+
+class RelayProcess:
+    """``trackrelay relay`` (or another ``command``) as users run it, ports read from its banner."""
+
+    def __init__(
+        self, tmp_path: Path, command: str = "relay", log: Path | None = None, **env: str
+    ) -> None:
+        values = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")}
+        values.update(
+            TRACKRELAY_VAR_DIR=str(tmp_path / "var"),
+            TRACKRELAY_SMTP_PORT="0",
+            TRACKRELAY_SMTPS_PORT="0",
+            TRACKRELAY_SECRET_KEY="cli-test-secret-0123456789abcdef",
+        )
+        values.update(env)
+        with open(log or os.devnull, "ab") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "trackrelay", command],
+                env=values,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        assert self.process.stdout is not None
+        self.banner = []
+        for line in self.process.stdout:
+            self.banner.append(line)
+            if line.startswith("Stop with"):
+                break
+        text = "".join(self.banner)
+        match = re.search(r"port (\d+) with STARTTLS, or port (\d+) with SSL/TLS", text)
+        assert match, text
+        self.smtp, self.smtps = int(match[1]), int(match[2])
+        plain = re.search(r"plain SMTP without AUTH on port (\d+)", text)
+        self.plain = int(plain[1]) if plain else 0
+        http = re.search(r"receiver and dashboard: (http://\S+?)/?$", text, re.M)
+        self.http = http[1] if http else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(20)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        return code
