@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -179,3 +180,85 @@ def test_msmtp_starttls_plain_and_smtps_login(harness: Harness, tmp_path: Path) 
     assert first.urls == second.urls
     assert first.message_ids != second.message_ids
     assert harness.upstream.auth_attempts == [("PLAIN", USER), ("LOGIN", USER)]
+
+
+# --- composed: text + HTML + PDF --------------------------------------------------
+
+
+@needs("swaks")
+def test_swaks_composes_text_html_pdf(harness: Harness) -> None:
+    async def scenario(relay: RelayServer) -> None:
+        await run(
+            "swaks", "--server", "127.0.0.1", "--port", str(relay.ports["smtp"]), "--tls",
+            "--auth", "LOGIN", "--auth-user", USER, "--auth-password", PASSWORD,
+            "--from", USER, "--to", RCPT, "--header", "Subject: test",
+            "--add-header", "X-Track: opens, clicks",
+            "--attach-type", "text/plain", "--attach-body", f"@{CLIENTS / 'body.txt'}",
+            "--attach-type", "text/html", "--attach-body", f"@{CLIENTS / 'body.html'}",
+            "--attach-type", "application/pdf", "--attach", f"@{CLIENTS / 'report.pdf'}",
+        )  # fmt: skip
+
+    harness.run(scenario)
+    [relayed] = harness.delivered()
+    assert relayed.report.rewritten == ["text/html"]
+    assert_composed(harness, relayed)
+
+
+@needs("s-nail")
+@pytest.mark.parametrize(
+    ("scheme", "listener", "options"),
+    [
+        ("smtp", "smtp", ["-Ssmtp-use-starttls", "-Ssmtp-auth=plain"]),
+        ("smtps", "smtps", ["-Ssmtp-auth=login"]),
+    ],
+)
+def test_s_nail_quoted_printable_urls(
+    scheme: str, listener: str, options: list[str], harness: Harness
+) -> None:
+    user = USER.replace("@", "%40")
+    password = PASSWORD.replace(" ", "%20")
+
+    async def scenario(relay: RelayServer) -> None:
+        mta = f"mta={scheme}://{user}:{password}@127.0.0.1:{relay.ports[listener]}"
+        await run(
+            "env", "LC_ALL=C", *S_NAIL, "-S", mta, *options,
+            "-S", f"from=Relay Test <{USER}>", "-C", "X-Track: opens, clicks", "-s", "subject",
+            "-a", str(CLIENTS / "report.pdf"), "-M", "text/html", "-.", RCPT,
+            stdin=(CLIENTS / "body.html").read_bytes(),
+        )  # fmt: skip
+
+    harness.run(scenario)
+    [submitted] = harness.tracker.submitted
+    assert b"=3D" in submitted and b"Content-Transfer-Encoding: quoted-printable" in submitted
+    [relayed] = harness.delivered()
+    assert_composed(harness, relayed)
+
+
+@needs("mutt")
+def test_mutt_8bit_html(harness: Harness, tmp_path: Path) -> None:
+    cert = harness.settings.tls_cert
+    assert cert is not None
+
+    async def scenario(relay: RelayServer) -> None:
+        rc = tmp_path / "muttrc"
+        rc.write_text(
+            f'set from = "Relay Test <{USER}>"\nset use_from = yes\n'
+            f'set smtp_url = "smtp://{USER.replace("@", "%40")}@127.0.0.1:{relay.ports["smtp"]}/"\n'
+            f'set smtp_pass = "{PASSWORD}"\nset smtp_authenticators = "plain"\n'
+            "set ssl_starttls = yes\nset ssl_force_tls = yes\n"
+            f'set certificate_file = "{cert}"\nset ssl_verify_host = no\n'
+            'set record = ""\nset copy = no\nset content_type = "text/html"\n'
+            'set charset = "utf-8"\nset send_charset = "utf-8"\n'
+            "my_hdr X-Track: opens, clicks\n"
+        )
+        env = {**os.environ, "HOME": str(tmp_path), "LC_ALL": "C.UTF-8", "TERM": "dumb"}
+        await run(
+            "mutt", "-n", "-F", str(rc), "-s", "subject", "-a", str(CLIENTS / "report.pdf"),
+            "--", RCPT, stdin=(CLIENTS / "body.html").read_bytes(), env=env,
+        )  # fmt: skip
+
+    harness.run(scenario)
+    [submitted] = harness.tracker.submitted
+    assert b"Content-Transfer-Encoding: 8bit" in submitted
+    [relayed] = harness.delivered()
+    assert_composed(harness, relayed)
