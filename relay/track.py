@@ -223,7 +223,7 @@ class Tracker:
             try:
                 snapshot: Snapshot | None = await self._policies.get()
             except PolicyUnavailable as exc:
-                log.warning("message %x: %s; not tracking it", submission.message_id, exc)
+                log.warning("message %d: %s; not tracking it", submission.message_id, exc)
                 snapshot = None
             if len(submission.data) > OFFLOAD_BYTES:
                 return await asyncio.to_thread(self.prepare_sync, submission, snapshot)
@@ -231,7 +231,7 @@ class Tracker:
         except Exception:
             metrics.failures += 1
             log.exception(
-                "message %x from %r: injection failed, sending it untracked",
+                "message %d from %r: injection failed, sending it untracked",
                 submission.message_id,
                 submission.sender,
             )
@@ -255,7 +255,7 @@ class Tracker:
         sender = sub.sender.strip("<>") or _from_address(fields)
         decision = decide(request, snapshot.policy_for(sender))
         if request.invalid:
-            log.info("message %x: %s", sub.message_id, request.invalid)
+            log.info("message %d: %s", sub.message_id, request.invalid)
         if covered is not None and decision.anything:
             decision = off("DKIM-signed: body not modified", None)
         if not decision.anything:
@@ -328,7 +328,7 @@ class Tracker:
         links = [Link(message_id=mid, position=i + 1, url=u) for i, u in enumerate(the_plan.links)]
         metrics.tracked += 1
         log.info(
-            "message %x: tracking opens=%s links=%d copies=%d (%s)",
+            "message %d: tracking opens=%s links=%d copies=%d (%s)",
             mid,
             message.track_opens,
             len(links),
@@ -361,7 +361,7 @@ class Tracker:
         message.decision = _decision_json(decision, the_plan, notes)
         message.parts_modified = "[]"
         log.info(
-            "message %x: not tracked (%s)",
+            "message %d: not tracked (%s)",
             sub.message_id,
             "; ".join([*decision.reasons, note] if note else decision.reasons),
         )
@@ -371,7 +371,7 @@ class Tracker:
         try:
             data = delete_named(sub.data, self._trigger_names)
         except Exception:
-            log.exception("message %x: cannot even delete the trigger headers", sub.message_id)
+            log.exception("message %d: cannot even delete the trigger headers", sub.message_id)
             data = sub.data
         try:
             message = _message_row(sub, top_fields(sub.data)[0])

@@ -98,3 +98,27 @@ def test_recipient_positions_match_the_tokens_when_one_is_untracked(
         (2, "b@example.net", True),
     ]
     assert position == 2
+
+
+def test_log_lines_name_the_message_as_the_dashboard_does(
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One id per message across the relay's log lines (the tracking decision and
+    the delivery), the same number the dashboard and API show, so grep finds both."""
+    settings = relay_settings(make_settings, upstream, public_url="https://t.example.net")
+
+    async def scenario() -> None:
+        async with running_relay(settings, engine) as relay:
+            await send(relay, TRACKED, recipients=("a@example.net",))
+            await send(relay, SIMPLE, recipients=("a@example.net",))
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        asyncio.run(scenario())
+    with Session(engine) as session:
+        ids = [m.id for m in session.exec(select(Message)).all()]
+    for mid in ids:
+        names = {r.name for r in caplog.records if re.search(rf"message {mid}\b", r.getMessage())}
+        assert names >= {"relay.track", "relay.record"}, (mid, caplog.text)
