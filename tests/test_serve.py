@@ -16,7 +16,9 @@ import os
 import re
 import shutil
 import signal
+import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,6 +38,10 @@ from shared.tokens import Signer
 SECRET = "serve-test-secret-0123456789abcdef"
 USER, PASSWORD = "alice", "loop password 1"
 RECIPIENTS = ["ann@example.net", "bob@example.org"]
+TRACKED = (
+    b"From: dev@example.com\r\nTo: ann@example.net\r\nSubject: port\r\nX-Track: opens\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n\r\n<html><body>hi</body></html>\r\n"
+)
 CHROME = (
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
     "Chrome/126.0.0.0 Safari/537.36"
@@ -52,9 +58,9 @@ def free_port() -> int:
 class ServeProcess:
     """``python -m trackrelay`` with a private var dir and database."""
 
-    def __init__(self, tmp_path: Path, database_url: str) -> None:
+    def __init__(self, tmp_path: Path, database_url: str, *, http_port: int | None = None) -> None:
         self.var = tmp_path / "var"
-        self.http_port = free_port()
+        self.http_port = free_port() if http_port is None else http_port
         self.public_url = f"http://127.0.0.1:{self.http_port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")}
         self.env.update(
@@ -64,8 +70,9 @@ class ServeProcess:
             TRACKRELAY_SMTP_PORT="0",
             TRACKRELAY_SMTPS_PORT="0",
             TRACKRELAY_HTTP_PORT=str(self.http_port),
-            TRACKRELAY_PUBLIC_URL=self.public_url,
         )
+        if self.http_port:
+            self.env["TRACKRELAY_PUBLIC_URL"] = self.public_url
         self.stderr_path = tmp_path / "stderr.log"
         self.process: subprocess.Popen[str] | None = None
         self.banner: list[str] = []
@@ -150,6 +157,13 @@ def test_send_open_click_loop(
 ) -> None:
     serve.cli("user", "add", USER, "--password-stdin", "--address", "@example.com", stdin=PASSWORD)
     serve.start()
+    # What a new user needs from the banner: where to point the client, as whom,
+    # where the mail lands and where the dashboard is.
+    banner = "".join(serve.banner)
+    dev_password = (serve.var / "dev_password").read_text().strip()
+    assert f"user: dev  password: {dev_password}" in banner, banner
+    assert f"{serve.var / 'outbox' / 'new'}" in banner, banner
+    assert f"dashboard: {serve.public_url}/dashboard/  (sign in as dev" in banner, banner
 
     swaks = subprocess.run(
         [
@@ -240,3 +254,31 @@ def _events(engine: Engine) -> list[tuple[str, int, int, int]]:
             select(Event.kind, Event.message_id, Event.recipient_position, Event.link_position)  # type: ignore[call-overload]
         ).all()
     return [tuple(r) for r in rows]
+
+
+def test_http_port_0_links_point_at_the_port_really_bound(
+    tmp_path: Path, database_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    """Without a public URL the links use http://HOST:HTTP_PORT; with port 0 that
+    must be the port the receiver got, not ``:0``."""
+    serve = ServeProcess(tmp_path, database_url, http_port=0)
+    serve.start()
+    try:
+        match = re.search(
+            r"links in mail point at: http://127\.0\.0\.1:(\d+)\n", "".join(serve.banner)
+        )
+        assert match and match[1] != "0", serve.banner
+        base = f"http://127.0.0.1:{match[1]}"
+        assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
+        password = (serve.var / "dev_password").read_text().strip()
+        with smtplib.SMTP("127.0.0.1", serve.smtp_port, timeout=30) as smtp:
+            smtp.starttls(context=ssl._create_unverified_context())
+            smtp.login("dev", password)
+            smtp.sendmail("dev@example.com", ["ann@example.net"], TRACKED)
+        [path] = (serve.var / "outbox" / "new").iterdir()
+        pixel = re.search(r'src="([^"]+/o/[^"]+)"', path.read_text())
+        assert pixel and pixel[1].startswith(base + "/o/"), path.read_text()
+        assert httpx.get(pixel[1]).status_code == 200
+    finally:
+        assert serve.stop() == 0
+    assert "Traceback" not in serve.stderr, serve.stderr

@@ -42,13 +42,16 @@ async def run(settings: Settings, engine: Engine, *, relay: bool, receiver: bool
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    http_socket = bind_http(settings) if receiver else None
+    if http_socket is not None and settings.http_port == 0 and not settings.public_url:
+        # Links default to http://HOST:HTTP_PORT: name the port really bound, not 0.
+        settings = settings.model_copy(update={"http_port": http_socket.getsockname()[1]})
     relay_server = None
     if relay:
         from relay.server import RelayServer
 
         relay_server = RelayServer(settings, engine)
     http_server = _http_server(settings, engine) if receiver else None
-    http_socket = bind_http(settings) if receiver else None
     tasks: list[asyncio.Task[None]] = []
     try:
         if relay_server is not None:
@@ -165,12 +168,22 @@ def banner(
     receiver: bool,
     http_port: int | None = None,
 ) -> list[str]:
-    lines = ["trackrelay is running" + (" in dev mode" if settings.dev_mode else "") + "."]
+    """What a person needs to start using what was just started."""
+    dev = " in dev mode: no mail leaves this machine" if settings.dev_mode else ""
+    lines = [f"trackrelay is running{dev}."]
     if relay_server is not None:
         lines += getattr(relay_server, "describe", lambda: [])()
     if receiver:
         port = settings.http_port if http_port is None else http_port
-        lines.append(f"  receiver and dashboard: http://{settings.host}:{port}/")
-        lines.append(f"  links in mail point at: {settings.base_url}")
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        local = f"http://{host}:{port}"
+        dev_user = settings.dev_mode and relay_server is not None  # the relay made it
+        who = "sign in as dev" if dev_user else "users: trackrelay user add --admin NAME"
+        lines += [
+            "Receiver (tracking pixels and links) and dashboard:",
+            f"  dashboard: {local}/dashboard/  ({who})",
+            f"  links in mail point at: {settings.base_url}",
+            f'  receiver: {local}/  (its front page is for recipients: "stop tracking me")',
+        ]
     lines.append("Stop with Ctrl-C.")
     return lines
