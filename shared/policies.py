@@ -28,7 +28,8 @@ from shared.models import Policy, Suppression, utcnow
 
 MODES = ("header", "always", "never")
 MAX_RECIPIENT_CAP = 1000
-SUPPRESSION_SOURCES = ("cli", "dashboard", "recipient", "api")
+# who added a suppression: "public" = the recipient, on the receiver's public page
+SUPPRESSION_SOURCES = ("cli", "dashboard", "public", "api")
 DEFAULT_POLICY = Policy(pattern="", mode="header")
 _FLAGS = ("allow_opens", "allow_clicks", "allow_text_links", "per_recipient", "notify")
 
