@@ -21,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -282,3 +283,35 @@ def test_http_port_0_links_point_at_the_port_really_bound(
     finally:
         assert serve.stop() == 0
     assert "Traceback" not in serve.stderr, serve.stderr
+
+
+def test_sigterm_with_a_dashboard_tab_open_stops_cleanly(tmp_path: Path, database_url: str) -> None:
+    """An open dashboard keeps a live-notification stream (SSE); stopping must end
+    it, not leave uvicorn to cancel it with a traceback after its grace period."""
+    serve = ServeProcess(tmp_path, database_url)
+    serve.start()
+    password = (serve.var / "dev_password").read_text().strip()
+    opened = threading.Event()
+    with httpx.Client(base_url=serve.public_url, timeout=30) as tab:
+        login = tab.get("/dashboard/login").text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', login)
+        assert csrf
+        signed_in = tab.post(
+            "/dashboard/login",
+            data={"username": "dev", "password": password, "csrf_token": csrf[1]},
+        )
+        assert signed_in.status_code == 303
+
+        def listen() -> None:
+            with tab.stream("GET", "/dashboard/live") as stream:
+                assert stream.status_code == 200
+                for _ in stream.iter_text():
+                    opened.set()
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        assert opened.wait(30)
+        assert serve.stop() == 0
+        listener.join(30)
+    assert "Traceback" not in serve.stderr, serve.stderr
+    assert "ERROR" not in serve.stderr, serve.stderr

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvicorn
 from sqlalchemy import Engine
+from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
 from shared.config import Settings
@@ -51,7 +52,8 @@ async def run(settings: Settings, engine: Engine, *, relay: bool, receiver: bool
         from relay.server import RelayServer
 
         relay_server = RelayServer(settings, engine)
-    http_server = _http_server(settings, engine) if receiver else None
+    app = _app(settings, engine) if receiver else None
+    http_server = _http_server(settings, app) if app is not None else None
     tasks: list[asyncio.Task[None]] = []
     try:
         if relay_server is not None:
@@ -67,6 +69,8 @@ async def run(settings: Settings, engine: Engine, *, relay: bool, receiver: bool
         waiter.cancel()
     finally:
         log.info("shutting down")
+        if app is not None:
+            app.state.live_feed.close_streams()  # open dashboards would hold uvicorn
         if http_server is not None:
             http_server.should_exit = True
         if relay_server is not None:
@@ -135,11 +139,15 @@ def serve_receiver_workers(settings: Settings, config_file: Path | None) -> int:
     return 0
 
 
-def _http_server(settings: Settings, engine: Engine) -> uvicorn.Server:
+def _app(settings: Settings, engine: Engine) -> Starlette:
     from receiver.app import create_app
 
+    return create_app(settings, engine)
+
+
+def _http_server(settings: Settings, app: Starlette) -> uvicorn.Server:
     config = uvicorn.Config(
-        create_app(settings, engine),
+        app,
         host=settings.host,
         port=settings.http_port,
         http="httptools",
