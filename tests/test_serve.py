@@ -212,6 +212,9 @@ def test_send_open_click_loop(
         response = http.get(links["bob@example.org"][1])
     assert response.status_code == 302
     assert response.headers["location"] == "https://example.org/docs"
+    metrics = httpx.get(f"{serve.public_url}/metrics").text
+    assert "\ntrackrelay_relay_messages_tracked_total 1\n" in metrics, metrics
+    assert "\ntrackrelay_relay_messages_injection_failures_total 0\n" in metrics, metrics
 
     engine = db.make_engine(database_url)
     try:

@@ -53,6 +53,8 @@ async def run(settings: Settings, engine: Engine, *, relay: bool, receiver: bool
 
         relay_server = RelayServer(settings, engine)
     app = _app(settings, engine) if receiver else None
+    if app is not None and relay_server is not None:
+        _relay_metrics(app)
     http_server = _http_server(settings, app) if app is not None else None
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -143,6 +145,19 @@ def _app(settings: Settings, engine: Engine) -> Starlette:
     from receiver.app import create_app
 
     return create_app(settings, engine)
+
+
+def _relay_metrics(app: Starlette) -> None:
+    """In one process, /metrics also shows the relay's injection counters."""
+    from relay.track import metrics as relay
+
+    registry = app.state.metrics
+    for name, help, read in (
+        ("prepared", "messages the relay prepared for delivery", lambda: relay.prepared),
+        ("tracked", "messages sent with tracking", lambda: relay.tracked),
+        ("injection_failures", "injection errors (sent untracked)", lambda: relay.failures),
+    ):
+        registry.counter(f"trackrelay_relay_messages_{name}_total", help, read)
 
 
 def _http_server(settings: Settings, app: Starlette) -> uvicorn.Server:
