@@ -43,6 +43,8 @@ async def run(settings: Settings, engine: Engine, *, relay: bool, receiver: bool
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    if problem := settings.public_url_problem():
+        log.warning("%s", problem)
     http_socket = bind_http(settings) if receiver else None
     if http_socket is not None and settings.http_port == 0 and not settings.public_url:
         # Links default to http://HOST:HTTP_PORT: name the port really bound, not 0.
@@ -206,6 +208,7 @@ def banner(
             "Receiver (tracking pixels and links) and dashboard:",
             f"  dashboard: {local}/dashboard/  ({who})",
             f"  links in mail point at: {settings.base_url}",
+            *([f"  WARNING: {problem}"] if (problem := settings.public_url_problem()) else []),
             f'  receiver: {local}/  (its front page is for recipients: "stop tracking me")',
         ]
     lines.append("Stop with Ctrl-C.")
