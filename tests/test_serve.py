@@ -239,6 +239,8 @@ def test_send_open_click_loop(
             subject = conn.execute(
                 select(Message.subject).where(Message.id == message_id)  # type: ignore[call-overload]
             ).scalar_one()
+            # The hits came from the IP that submitted the message: the sender's own.
+            verdicts = set(conn.execute(select(Event.verdict)).scalars())  # type: ignore[call-overload]
     finally:
         engine.dispose()
     assert [tuple(r) for r in recipients] == [(1, RECIPIENTS[0], True), (2, RECIPIENTS[1], True)]
@@ -247,6 +249,8 @@ def test_send_open_click_loop(
         2: "https://example.org/docs",
     }
     assert subject == "the loop"
+    assert verdicts == {"self"}
+    assert "sender's own (verdict 'self')" in "".join(serve.banner)
 
     assert serve.stop() == 0
     assert "Traceback" not in serve.stderr, serve.stderr

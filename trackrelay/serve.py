@@ -211,5 +211,10 @@ def banner(
             *([f"  WARNING: {problem}"] if (problem := settings.public_url_problem()) else []),
             f'  receiver: {local}/  (its front page is for recipients: "stop tracking me")',
         ]
+        if settings.dev_mode:
+            lines += [
+                "  note: opens and clicks from the machine that sent a message are the",
+                "  sender's own (verdict 'self'): recorded, not counted as opens or clicks",
+            ]
     lines.append("Stop with Ctrl-C.")
     return lines
