@@ -256,6 +256,9 @@ class RelayHandler:
             replies = {}
             for copy in copies:
                 replies.update(await self._send_copy(connection, submission.sender, options, copy))
+            # Back in RCPT order: the recorded positions are what the tokens carry,
+            # whatever order the copies went out in (untracked copies go last).
+            replies = {rcpt: replies[rcpt] for rcpt in submission.recipients if rcpt in replies}
         return Delivery(replies, session.refused, _client_reply(replies))
 
     async def _send_copy(

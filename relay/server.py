@@ -153,5 +153,9 @@ class RelayServer:
                 f"  plain SMTP without AUTH on port {self.ports['plain']} "
                 f"for {settings.trusted_networks or 'no network'}"
             )
-        lines.append(f"  mail is delivered to {settings.upstream_target}")
+        target = settings.upstream_target
+        if target.is_sink and target.path is not None:
+            lines.append(f"  sent mail lands in: {target.path / 'new'} (one file per recipient)")
+        else:
+            lines.append(f"  mail is delivered to {target}")
         return lines

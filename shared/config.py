@@ -260,6 +260,28 @@ class Settings(BaseSettings):
     def smtp_hostname(self) -> str:
         return self.hostname or self.host
 
+    def public_url_problem(self) -> str:
+        """Why recipients may not reach the links in tracked mail ('' if all is well).
+
+        Dev mode keeps mail on this machine, so anything goes there. With a real
+        upstream, links and pixels point at :attr:`base_url`: without
+        TRACKRELAY_PUBLIC_URL that is this host's listening address (loopback or
+        ``0.0.0.0``), dead links for every recipient.
+        """
+        if self.dev_mode:
+            return ""
+        if not self.public_url:
+            return (
+                f"TRACKRELAY_PUBLIC_URL is not set: links and pixels in tracked mail point at "
+                f"{self.base_url}, which recipients cannot reach"
+            )
+        if self.public_url.startswith("http://"):
+            return (
+                "TRACKRELAY_PUBLIC_URL is http://: recipients' clicks and opens travel "
+                "unencrypted and many mail clients block http images; use https://"
+            )
+        return ""
+
     def signing_keys(self) -> list[bytes]:
         """The current secret first, then older ones that still verify."""
         keys = [self.secret_key.get_secret_value()]

@@ -16,21 +16,23 @@ and ``@xn--bcher-kva.example`` are the same policy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import idna
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
+from shared import consent
 from shared.db import session_scope
 from shared.models import Policy, Suppression, utcnow
 from shared.users import UserError
 
 MODES = ("header", "always", "never")
 MAX_RECIPIENT_CAP = 1000
-SUPPRESSION_SOURCES = ("cli", "dashboard", "recipient", "api")
+# who added a suppression: "public" = the recipient, on the receiver's public page
+SUPPRESSION_SOURCES = ("cli", "dashboard", "public", "api")
 DEFAULT_POLICY = Policy(pattern="", mode="header")
 _FLAGS = ("allow_opens", "allow_clicks", "allow_text_links", "per_recipient", "notify")
 
@@ -284,10 +286,17 @@ def remove_suppression(engine: Engine, address: str) -> None:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything the relay needs to decide, read in one go."""
+    """Everything the relay needs to decide, read in one go.
+
+    Consent (shared/consent.py) is part of it, so the relay answers "may this
+    recipient be tracked?" from memory: with no domain in opt-in mode it holds
+    no addresses at all; otherwise every consented address.
+    """
 
     policies: dict[str, Policy]
     suppressed: frozenset[str]
+    consent_modes: Mapping[str, str] = field(default_factory=dict)
+    consented: frozenset[str] = frozenset()
 
     def policy_for(self, address: str) -> Policy:
         return resolve(self.policies, address)
@@ -295,18 +304,31 @@ class Snapshot:
     def is_suppressed(self, address: str) -> bool:
         return lookup_key(address)[0] in self.suppressed
 
+    def consent_allows(self, address: str) -> bool:
+        """False only for a recipient in opt-in mode without a recorded consent."""
+        return consent.allowed_by(self.consent_modes, self.consented, address)
+
 
 def load_snapshot(engine: Engine) -> Snapshot:
-    """Read all policies and suppressions (blocking: call it off the event loop)."""
+    """Read all policies, suppressions and consent state (blocking: call it off
+    the event loop)."""
     with session_scope(engine) as session:
         policies = list(session.exec(select(Policy)).all())
         suppressed = list(session.exec(select(Suppression.address)).all())
-    return Snapshot({p.pattern: p for p in policies}, frozenset(suppressed))
+        modes, consented = consent.load_state(session)
+    return Snapshot({p.pattern: p for p in policies}, frozenset(suppressed), modes, consented)
 
 
-def snapshot_of(policies: Iterable[Policy], suppressed: Iterable[str] = ()) -> Snapshot:
+def snapshot_of(
+    policies: Iterable[Policy],
+    suppressed: Iterable[str] = (),
+    consent_modes: Mapping[str, str] | None = None,
+    consented: Iterable[str] = (),
+) -> Snapshot:
     """A snapshot from values (tests, or a caller that already has the rows)."""
     return Snapshot(
         {normalize_pattern(p.pattern): p for p in policies},
         frozenset(lookup_key(a)[0] for a in suppressed),
+        dict(consent_modes or {}),
+        frozenset(a.strip().lower() for a in consented),
     )

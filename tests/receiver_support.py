@@ -199,8 +199,8 @@ def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
 
     def banner() -> str | None:
         for line in log.read_text().splitlines():
-            if "receiver and dashboard: http://" in line:
-                return line.split("dashboard: ", 1)[1].rstrip("/")
+            if line.startswith("  receiver: http://"):
+                return line.split()[1].rstrip("/")
             if "trackrelay receiver listening on http://" in line:  # several workers
                 return line.split("listening on ", 1)[1].split("/ ", 1)[0]
         if proc.poll() is not None:

@@ -19,15 +19,29 @@ from sqlalchemy import Engine
 from upstream import PASSWORD, USER, RecordingUpstream
 
 from relay.server import RelayServer
-from relay.track import Tracker
+from relay.track import Prepared, Submission, Tracker
 from shared import db
 from shared.config import Settings
 
-MESSAGE = Path("/work/shared/clients/message.eml")
+CLIENTS = Path(__file__).parent / "data" / "clients"  # copies of ../shared/clients
+MESSAGE = CLIENTS / "message.eml"  # carries "X-Track: open, click" as its first line
 SIMPLE = (
     b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: hello\r\n"
     b"Message-ID: <1@example.com>\r\n\r\nHello Bob.\r\n.dot line\r\n..two dots\r\n"
 )
+
+
+class RecordingTracker(Tracker):
+    """The real Tracker that also keeps what each client submitted, byte for byte,
+    so a test can compare the delivered copies with what the client sent."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        super().__init__(settings, engine)
+        self.submitted: list[bytes] = []
+
+    async def prepare(self, submission: Submission) -> Prepared:
+        self.submitted.append(submission.data)
+        return await super().prepare(submission)
 
 
 def relay_settings(

@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
-from dashboard_support import M_OPENED, M_XSS, PASSWORD, ServerThread, add_open, seed
+from dashboard_support import M_OPENED, M_XSS, PASSWORD, ServerThread, seed
 
 from receiver.app import create_app
 from shared import db
 from shared.config import Settings
+from shared.tokens import Signer
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -29,6 +31,10 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+IPHONE_MAIL = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Mobile/15E148"
+)
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
 
 pytestmark = [
@@ -44,7 +50,8 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
     db.upgrade(url)
     engine = db.make_engine(url)
     seed(engine)
-    app = create_app(make_settings(database_url=url), engine)
+    settings = make_settings(database_url=url)
+    app = create_app(settings, engine)
     SHOTS.mkdir(parents=True, exist_ok=True)
     dialogs: list[str] = []
 
@@ -84,9 +91,11 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
         icon = page.locator(f'tr[data-message-id="{M_XSS}"] .hit-open')
         expect(icon).to_have_class(re.compile(r"\bis-none\b"))
         page.wait_for_function("document.body.dataset.liveState === 'open'")
-        event = add_open(engine, M_XSS, "browser-open")
+        # dave's mail client loads the real pixel: /o -> event writer -> live feed
+        pixel = f"{server.url}/o/{Signer(settings.signing_keys()).open_token(M_XSS, 1)}.gif"
         started = time.monotonic()
-        server.call(app.state.live_feed.publish([event]))
+        hit = httpx.get(pixel, headers={"User-Agent": IPHONE_MAIL})
+        assert (hit.status_code, hit.headers["content-type"]) == (200, "image/gif")
         toast = page.locator(".toast")
         expect(toast).to_contain_text("Opened by dave@client.example", timeout=10_000)
         print(f"pixel hit -> toast on screen: {(time.monotonic() - started) * 1000:.0f} ms")

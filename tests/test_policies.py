@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+import receiver
 from shared.db import session_scope
 from shared.models import Policy
 from shared.outbox import sender_wants_mail
 from shared.policies import (
     DEFAULT_POLICY,
+    SUPPRESSION_SOURCES,
     PolicyError,
     add_suppression,
     check_mode,
@@ -85,7 +87,7 @@ def test_crud(engine: Engine) -> None:
     with pytest.raises(PolicyError, match="no policy"):
         remove_policy(engine, "*")
     add_suppression(engine, "Bob@Example.org")
-    add_suppression(engine, "bob@example.org", source="recipient")  # idempotent
+    add_suppression(engine, "bob@example.org", source="public")  # idempotent
     assert [s.address for s in list_suppressions(engine)] == ["bob@example.org"]
     snapshot = load_snapshot(engine)
     assert snapshot.is_suppressed("<BOB@example.org>")
@@ -179,3 +181,15 @@ def test_notification_mail_follows_policy_resolution(engine: Engine) -> None:
         assert sender_wants_mail(session, "Bob@BÜCHER.example")  # IDN domain, any case
         assert not sender_wants_mail(session, "ann@bücher.example")  # exact beats @domain
         assert not sender_wants_mail(session, "x@elsewhere.example")  # falls to *
+
+
+def test_suppression_sources_are_what_the_writers_write(engine: Engine) -> None:
+    """The public page writes source 'public' and the API 'api': both are valid
+    sources, and the dashboard has a label for every one."""
+    template = (
+        Path(receiver.__file__).parent / "templates/dashboard/suppressions.html"
+    ).read_text()
+    for n, source in enumerate(SUPPRESSION_SOURCES):
+        add_suppression(engine, f"r{n}@example.org", source=source)
+        assert f'"{source}":' in template, source
+    assert {"public", "api"} <= set(SUPPRESSION_SOURCES)
