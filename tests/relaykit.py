@@ -177,7 +177,7 @@ class RelayProcess:
         self.smtp, self.smtps = int(match[1]), int(match[2])
         plain = re.search(r"plain SMTP without AUTH on port (\d+)", text)
         self.plain = int(plain[1]) if plain else 0
-        http = re.search(r"receiver and dashboard: (http://\S+?)/?$", text, re.M)
+        http = re.search(r"^\s+receiver: (http://\S+?)/?\s", text, re.M)
         self.http = http[1] if http else ""
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
