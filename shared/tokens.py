@@ -27,6 +27,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 VERSION = 1
 KIND_OPEN = 1
@@ -86,9 +87,7 @@ class Signer:
         return self._seal(KIND_OPEN, head)
 
     def click_token(self, message_id: int, recipient: int, link: int, url: str) -> str:
-        raw = url.encode("utf-8")
-        packed = _deflate(raw)
-        flag, body = (_URL_DEFLATED, packed) if len(packed) < len(raw) else (_URL_RAW, raw)
+        flag, body = _url_body(url)
         head = _HEAD.pack(VERSION, self._key_id, KIND_CLICK, message_id, recipient)
         return self._seal(KIND_CLICK, head + _CLICK.pack(link, flag) + body)
 
@@ -146,6 +145,18 @@ class Signer:
 
 def _mac(key: bytes, kind: int, payload: bytes) -> bytes:
     return hmac.digest(key, _LABELS[kind] + payload, "sha256")[:MAC_SIZE]
+
+
+@lru_cache(maxsize=1024)
+def _url_body(url: str) -> tuple[int, bytes]:
+    """A URL as a click token carries it: (flag, raw or deflated bytes).
+
+    Cached: every per-recipient copy of a message, and every message of a
+    newsletter sent one recipient at a time, signs the same URLs again.
+    """
+    raw = url.encode("utf-8")
+    packed = _deflate(raw)
+    return (_URL_DEFLATED, packed) if len(packed) < len(raw) else (_URL_RAW, raw)
 
 
 def _deflate(data: bytes) -> bytes:
