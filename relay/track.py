@@ -320,7 +320,7 @@ class Tracker:
                 for p in the_plan.parts
             ]
         )
-        links = [Link(message_id=mid, position=i + 1, url=u) for i, u in enumerate(the_plan.links)]
+        links = _link_rows(mid, the_plan.links)
         metrics.tracked += 1
         log.info(
             "message %x: tracking opens=%s links=%d copies=%d (%s)",
@@ -414,6 +414,27 @@ def _message_row(sub: Submission, fields: list[Field]) -> Message:
         size_in=len(sub.data),
         size_out=len(sub.data),
     )
+
+
+_LINK_MANAGER = Link._sa_class_manager  # type: ignore[attr-defined]
+
+
+def _link_rows(message_id: int, urls: list[str]) -> list[Link]:
+    """The Link rows of a message, built without SQLModel's ``__init__``.
+
+    ``Link(...)`` costs ~50 us (SQLModel routes every field through
+    ``__setattr__`` and SQLAlchemy's attribute events); a newsletter has ~30
+    links, ~1.5 ms per message. ``model_construct`` fills the same fields
+    (trusted values: ints and the URLs we found) and ``setup_instance`` gives
+    the object the SQLAlchemy state ``Session.add`` needs; an INSERT reads
+    the values from the instance dict, so the rows are the same (~15 us each).
+    """
+    rows = []
+    for position, url in enumerate(urls, start=1):
+        row = Link.model_construct(message_id=message_id, position=position, url=url)
+        _LINK_MANAGER.setup_instance(row)
+        rows.append(row)
+    return rows
 
 
 def _from_address(fields: list[Field]) -> str:
