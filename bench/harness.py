@@ -71,17 +71,26 @@ class Server:
 
 @contextmanager
 def running(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Start ``cmd``, wait until ``port`` accepts; its output goes to a temp file
+    (a pipe nobody reads would block a chatty server) shown if it fails to start."""
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
     try:
-        wait_port(port, proc)
+        try:
+            wait_port(port, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{' '.join(cmd)}: {exc}\n{tail}") from None
         yield Server(port, proc)
     finally:
+        log.close()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)
@@ -108,11 +117,22 @@ def baseline(kind: str, upstream_port: int) -> Iterator[Server]:
 
 
 @contextmanager
-def trackrelay(upstream_port: int, **extra: str) -> Iterator[Server]:
-    """``trackrelay relay`` on a plain listener for trusted loopback clients."""
+def trackrelay(upstream_port: int, workers: int = 1, **extra: str) -> Iterator[Server]:
+    """``trackrelay relay`` on a plain listener for trusted loopback clients.
+
+    A real (loopback ``smtp://``) upstream means production mode, which wants a
+    certificate for the TLS listeners: a throwaway self-signed one is made here.
+    """
+    from relay.tlscert import write_self_signed
+
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="trackrelay-bench-") as var:
+        cert, key = Path(var) / "cert.pem", Path(var) / "key.pem"
+        write_self_signed(cert, key)
         env = {
+            "TRACKRELAY_TLS_CERT": str(cert),
+            "TRACKRELAY_TLS_KEY": str(key),
+            "TRACKRELAY_RELAY_WORKERS": str(workers),
             "TRACKRELAY_UPSTREAM": f"smtp://127.0.0.1:{upstream_port}",
             "TRACKRELAY_AUTH_MODE": "none",
             "TRACKRELAY_TRUSTED_NETWORKS": "127.0.0.0/8",
