@@ -143,7 +143,8 @@ def _children(data: bytes, part: Part) -> None:
         part.frozen = part.frozen or "multipart without boundary"
         return
     default = "message/rfc822" if part.content_type == "multipart/digest" else "text/plain"
-    matches = _delimiters(data, boundary.encode("latin-1", "replace"), part.body_start, part.body_end)
+    marker = boundary.encode("latin-1", "replace")
+    matches = _delimiters(data, marker, part.body_start, part.body_end)
     if not matches:
         part.frozen = part.frozen or "no boundary found"
         return

@@ -186,7 +186,8 @@ def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
             for other in sockets.values():
                 other.close()
             setting = f"TRACKRELAY_{listener.upper()}_PORT"
-            raise SettingsError(f"{setting}: cannot listen on {settings.host}:{port}: {exc}") from None
+            message = f"{setting}: cannot listen on {settings.host}:{port}: {exc}"
+            raise SettingsError(message) from None
         sock.listen(1024)
         sock.setblocking(False)
         sockets[listener] = sock
