@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("items", nargs="*", metavar="ITEM", help="default: all")
     parser.add_argument("--quick", action="store_true", help="fewer messages, shorter runs")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="runs per figure (median); 3, or 1 with --quick"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--list", action="store_true", help="list the items and exit")
     args = parser.parse_args(argv)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown item(s) {unknown}; choose from {list(ITEMS)}")
     items = args.items or list(ITEMS)
-    repeat = 1 if args.quick and args.repeat == 3 else args.repeat
+    repeat = args.repeat or (1 if args.quick else 3)
     results: dict[str, Any] = {
         "machine": machine(),
         "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
