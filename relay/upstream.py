@@ -281,14 +281,22 @@ async def _send_data(smtp: aiosmtplib.SMTP, content: bytes, wait: float) -> SMTP
     protocol = smtp.protocol
     if protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    for chunk in data_chunks(content):
-        protocol.write(chunk)
-        await asyncio.sleep(0)  # let other sessions run between megabytes
+    # Wait for the reply from now on: aiosmtplib drops what arrives while no
+    # reply is awaited, and the sleeps below let the loop run mid-upload.
+    reply_task = asyncio.ensure_future(protocol.read_response(timeout=wait))
     try:
-        reply = await protocol.read_response(timeout=wait)
+        await asyncio.sleep(0)  # the reader is now waiting
+        for chunk in data_chunks(content):
+            protocol.write(chunk)
+            await asyncio.sleep(0)  # let other sessions run between megabytes
+        reply = await reply_task
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()  # what SMTP.data does: the connection is out of step
         raise
+    finally:
+        if reply_task.done() and not reply_task.cancelled():
+            reply_task.exception()  # retrieved: never "exception was never retrieved"
+        reply_task.cancel()
     if reply.code != 250:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)
     return reply
