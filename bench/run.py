@@ -109,9 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--list", action="store_true", help="list the items and exit")
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only rewrite results.md from a results.json"
+    )
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(ITEMS))
+        return 0
+    if args.render:
+        markdown = render(json.loads(args.render.read_text()))
+        (args.render.parent / "results.md").write_text(markdown)
+        print(markdown)
         return 0
     unknown = [item for item in args.items if item not in ITEMS]
     if unknown:
@@ -246,13 +254,24 @@ def render(results: dict[str, Any]) -> str:
     if "memory" in items:
         out += ["## Memory and event-loop stall, 25 MiB attachment + small mail", ""]
         out += _table(
-            ["target", "wire MB", "peak RSS MB", "peak/wire", "longest stall ms", "big msg s"],
+            [
+                "target",
+                "wire MB",
+                "idle RSS MB",
+                "peak RSS MB",
+                "peak/wire",
+                "(peak-idle)/wire",
+                "longest stall ms",
+                "big msg s",
+            ],
             [
                 [
                     r["target"],
                     _f(r["wire_bytes"] / 2**20),
+                    _f(r["idle_rss_mb"]),
                     _f(r["peak_rss_mb"]),
                     _f(r["peak_over_wire"], 2),
+                    _f(r["growth_over_wire"], 2),
                     _f(r["longest_stall_ms"]),
                     _f(r["big_message_s"], 2),
                 ]
