@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "items": {},
         "skipped": {},
     }
+    markdown = ""
     for item in items:
         absent = missing_tools(item)
         if absent:
@@ -142,15 +143,25 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"== {item}", flush=True)
         started = time.monotonic()
-        results["items"][item] = ITEMS[item](repeat, args.quick)
-        print(f"   done in {time.monotonic() - started:.0f} s", flush=True)
-    results["machine"]["loadavg_after"] = os.getloadavg()
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    markdown = render(results)
-    (args.output / "results.md").write_text(markdown)
+        try:
+            results["items"][item] = ITEMS[item](repeat, args.quick)
+        except Exception as exc:  # one broken item must not lose the others' figures
+            results["skipped"][item] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            print(f"   FAILED: {exc}", flush=True)
+        else:
+            print(f"   done in {time.monotonic() - started:.0f} s", flush=True)
+        markdown = write(results, args.output)  # after every item: a crash keeps the rest
     print(markdown)
-    return 0
+    return 1 if any(v.startswith("failed") for v in results["skipped"].values()) else 0
+
+
+def write(results: dict[str, Any], output: Path) -> str:
+    results["machine"]["loadavg_after"] = os.getloadavg()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    markdown = render(results)
+    (output / "results.md").write_text(markdown)
+    return markdown
 
 
 # --- the markdown table -------------------------------------------------------
