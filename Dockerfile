@@ -13,7 +13,8 @@ RUN pip install . && useradd --system --home /var/lib/trackrelay trackrelay \
     && mkdir -p /var/lib/trackrelay && chown trackrelay /var/lib/trackrelay
 
 USER trackrelay
-ENV TRACKRELAY_VAR_DIR=/var/lib/trackrelay TRACKRELAY_HOST=0.0.0.0
+# A fixed mmap threshold: large messages go back to the OS when freed (README, Limits).
+ENV TRACKRELAY_VAR_DIR=/var/lib/trackrelay TRACKRELAY_HOST=0.0.0.0 MALLOC_MMAP_THRESHOLD_=1048576
 VOLUME /var/lib/trackrelay
 EXPOSE 587 465 8080
 ENTRYPOINT ["trackrelay"]

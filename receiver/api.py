@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, time
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, exists, func, or_, select
+from sqlalchemy import Connection, Engine, and_, exists, func, or_, select
 from sqlmodel import col
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -34,18 +34,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from receiver.classify import ENGAGED_VERDICTS
 from receiver.openapi import document
-from shared import consent
+from shared import consent, policies
 from shared.apitokens import Principal, authenticate_token
 from shared.db import session_scope
-from shared.models import Event, Link, Message, Policy, Recipient, Suppression, utcnow
+from shared.models import Event, Link, Message, Policy, Recipient, Suppression
 from shared.users import UserError, normalize_address
 
 log = logging.getLogger(__name__)
 
-COUNTED = ("human", "proxy", "unknown")  # verdicts that count as opens/clicks
+# Opens and clicks count only verdicts human and proxy, as in the dashboard.
+COUNTED = tuple(sorted(ENGAGED_VERDICTS))
 MAX_LIMIT = 200
-POLICY_MODES = ("header", "always", "never")
 
 
 class ApiError(Exception):
@@ -449,57 +450,47 @@ def _policy(p: Policy) -> dict[str, Any]:
 
 @endpoint(admin=True)
 async def list_policies(request: Request, principal: Principal) -> dict[str, Any]:
-    """Per-sender policies."""
-
-    def work(conn: Connection) -> list[dict[str, Any]]:
-        rows = conn.execute(select(_table(Policy)).order_by(col(Policy.pattern)))
-        return [_policy(Policy(**row._mapping)) for row in rows]
-
-    return {"policies": await _db(request, work)}
+    """Per-sender policies, in the order they apply: addresses, @domains, then *."""
+    rows = await asyncio.to_thread(policies.list_policies, _engine(request))
+    return {"policies": [_policy(p) for p in rows]}
 
 
 @endpoint(admin=True)
 async def put_policy(request: Request, principal: Principal) -> dict[str, Any]:
     """Create or replace the policy of a pattern (address, @domain or *)."""
-    body = await _json_body(request)
-    values = _policy_values(body)
-
-    def work(conn: Connection) -> dict[str, Any]:
-        table = _table(Policy)
-        existing = conn.execute(
-            select(table.c.id).where(table.c.pattern == values["pattern"])
-        ).first()
-        if existing is None:
-            conn.execute(table.insert().values(**values))
-        else:
-            conn.execute(table.update().where(table.c.id == existing.id).values(**values))
-        row = conn.execute(select(table).where(table.c.pattern == values["pattern"])).one()
-        return _policy(Policy(**row._mapping))
-
-    return await _db(request, work)
+    pattern, values = _policy_values(await _json_body(request))
+    try:
+        policy = await asyncio.to_thread(
+            lambda: policies.set_policy(_engine(request), pattern, **values)
+        )
+    except UserError as exc:
+        raise ApiError(400, str(exc)) from None
+    return _policy(policy)
 
 
-def _policy_values(body: dict[str, Any]) -> dict[str, Any]:
+_POLICY_FIELDS = (
+    "mode",
+    "allow_opens",
+    "allow_clicks",
+    "allow_text_links",
+    "per_recipient",
+    "recipient_cap",
+    "notify",
+)
+
+
+def _policy_values(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The JSON's pattern and every field (absent ones at their defaults: a PUT
+    replaces). Only JSON types are checked here; shared/policies.py checks values."""
     pattern = body.get("pattern")
     if not isinstance(pattern, str) or not pattern.strip():
         raise ApiError(400, "pattern is required: an address, @domain or *")
-    pattern = pattern.strip().lower()
-    if pattern != "*":
-        try:
-            pattern = normalize_address(pattern)
-        except UserError as exc:
-            raise ApiError(400, str(exc)) from None
-    values: dict[str, Any] = {"pattern": pattern, "updated_at": utcnow()}
+    unknown = set(body) - {"pattern", "id", "updated_at", *_POLICY_FIELDS}
+    if unknown:
+        raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
     defaults = Policy(pattern=pattern)
-    for name in (
-        "mode",
-        "allow_opens",
-        "allow_clicks",
-        "allow_text_links",
-        "per_recipient",
-        "recipient_cap",
-        "notify",
-    ):
+    values: dict[str, Any] = {}
+    for name in _POLICY_FIELDS:
         value = body.get(name, getattr(defaults, name))
         expected = type(getattr(defaults, name))
         if type(value) is not expected:
@@ -508,72 +499,61 @@ def _policy_values(body: dict[str, Any]) -> dict[str, Any]:
                 f"{name} must be {'an integer' if expected is int else 'a ' + expected.__name__}",
             )
         values[name] = value
-    if values["mode"] not in POLICY_MODES:
-        raise ApiError(400, f"mode must be one of {', '.join(POLICY_MODES)}")
-    if values["recipient_cap"] < 1:
-        raise ApiError(400, "recipient_cap must be at least 1")
-    unknown = set(body) - set(values) - {"id", "updated_at"}
-    if unknown:
-        raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
-    return values
+    return pattern, values
 
 
 @endpoint(admin=True)
 async def delete_policy(request: Request, principal: Principal) -> None:
     """Remove a policy."""
     policy_id = int(request.path_params["policy_id"])
-
-    def work(conn: Connection) -> int:
-        return int(conn.execute(delete(Policy).where(col(Policy.id) == policy_id)).rowcount or 0)
-
-    if not await _db(request, work):
+    engine = _engine(request)
+    policy = await asyncio.to_thread(policies.policy_by_id, engine, policy_id)
+    if policy is None:
         raise ApiError(404, f"no policy {policy_id}")
+    try:
+        await asyncio.to_thread(policies.remove_policy, engine, policy.pattern)
+    except policies.PolicyError:  # removed meanwhile
+        raise ApiError(404, f"no policy {policy_id}") from None
 
 
 # --- suppression (admin) ---
 
 
+def _suppression(row: Suppression) -> dict[str, Any]:
+    return {"address": row.address, "source": row.source, "created_at": _iso(row.created_at)}
+
+
 @endpoint(admin=True)
 async def list_suppressions(request: Request, principal: Principal) -> dict[str, Any]:
     """Recipients never tracked."""
-
-    def work(conn: Connection) -> list[dict[str, Any]]:
-        rows = conn.execute(select(_table(Suppression)).order_by(col(Suppression.address)))
-        return [
-            {"address": r.address, "source": r.source, "created_at": _iso(r.created_at)}
-            for r in rows
-        ]
-
-    return {"suppressions": await _db(request, work)}
+    rows = await asyncio.to_thread(policies.list_suppressions, _engine(request))
+    return {"suppressions": [_suppression(r) for r in rows]}
 
 
 @endpoint(admin=True, status=201)
 async def add_suppression(request: Request, principal: Principal) -> dict[str, Any]:
     """Stop tracking a recipient."""
-    address = _address((await _json_body(request)).get("address"))
-
-    def work(conn: Connection) -> dict[str, Any]:
-        table = _table(Suppression)
-        row = conn.execute(select(table).where(table.c.address == address)).first()
-        if row is None:
-            conn.execute(table.insert().values(address=address, source="api", created_at=utcnow()))
-            row = conn.execute(select(table).where(table.c.address == address)).one()
-        return {"address": row.address, "source": row.source, "created_at": _iso(row.created_at)}
-
-    return await _db(request, work)
+    address = (await _json_body(request)).get("address")
+    if not isinstance(address, str):
+        raise ApiError(400, "address must be a string")
+    try:
+        row = await asyncio.to_thread(policies.add_suppression, _engine(request), address, "api")
+    except UserError as exc:
+        raise ApiError(400, str(exc)) from None
+    return _suppression(row)
 
 
 @endpoint(admin=True)
 async def remove_suppression(request: Request, principal: Principal) -> None:
     """Track a recipient again (subject to consent and policy)."""
-    address = _address(request.path_params["address"])
-
-    def work(conn: Connection) -> int:
-        statement = delete(Suppression).where(col(Suppression.address) == address)
-        return int(conn.execute(statement).rowcount or 0)
-
-    if not await _db(request, work):
-        raise ApiError(404, f"{address} is not suppressed")
+    try:
+        address = policies.normalize_address(request.path_params["address"])
+    except UserError as exc:
+        raise ApiError(400, str(exc)) from None
+    try:
+        await asyncio.to_thread(policies.remove_suppression, _engine(request), address)
+    except policies.PolicyError:
+        raise ApiError(404, f"{address} is not suppressed") from None
 
 
 # --- consent (admin) ---

@@ -23,11 +23,15 @@ default 0.1 s) plus the batch being written; while the database is unreachable,
 also the hits that arrive during one failed write attempt (for SQLite, up to
 ``SQLITE_WRITE_TIMEOUT`` s). Nothing already in the journal is lost.
 
-Journal files are per process (``events-<pid>-<n>-<random>.jsonl``) and held
-with ``flock`` while written: with several workers, each replays its own files
-and those of dead processes, never a live sibling's. The journal keeps the
-full client IP until replay, because the "sender" rule compares it with the IP
-that submitted the message; the database gets the truncated IP (/24, /48)
+Journal files (shared/journal.py) are per process
+(``events-<pid>-<n>-<random>.jsonl``) and held with ``flock`` while written:
+with several workers, each replays its own files and those of dead
+processes, never a live sibling's. If the journal cannot be written either
+(disk full), pixels and redirects are still served: the batch is dropped,
+logged at ERROR and counted in ``trackrelay_events_dropped_total``.
+
+The journal keeps the full client IP until replay, because the "sender" rule
+compares it with the IP that submitted the message; the database gets the truncated IP (/24, /48)
 unless ``TRACKRELAY_STORE_FULL_IP`` is set.
 """
 
@@ -35,11 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import ipaddress
 import itertools
-import json
 import logging
 import os
 import secrets
@@ -48,7 +50,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from sqlalchemy import Connection, Engine, Insert, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -56,6 +58,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from receiver.classify import Hit, classify
 from receiver.metrics import Metrics
+from shared import journal as shared_journal
 from shared.config import Settings
 from shared.models import Event, Message
 from shared.outbox import enqueue_for_events
@@ -355,139 +358,11 @@ class BatchStore:
         }
 
 
-class Journal:
-    """Append-only JSON-lines files of events the database did not take yet.
-
-    Only the writer task calls this (one call at a time, in a worker thread).
-    """
-
-    PATTERN = "events-*.jsonl"
+class Journal(shared_journal.Journal):
+    """The receiver's event journal: ``events-<pid>-<n>-<random>.jsonl`` files."""
 
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._active: IO[str] | None = None
-        self._serial = 0
-        self._replay: tuple[Path, IO[str]] | None = None
-        self._replay_offset = 0
-        self.skipped = 0  # unreadable lines (a torn last write)
-
-    # --- writing ---
-
-    def append(self, events: list[Row]) -> None:
-        if self._active is None:
-            self._active = self._open_new()
-        self._active.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events))
-        self._active.flush()
-        os.fsync(self._active.fileno())
-
-    def _open_new(self) -> IO[str]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._serial += 1
-        name = f"events-{os.getpid()}-{self._serial}-{secrets.token_hex(4)}.jsonl"
-        fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return os.fdopen(fd, "a", encoding="utf-8")
-
-    def seal(self) -> None:
-        """Close the file being appended to, so it can be replayed."""
-        if self._active is not None:
-            self._active.close()  # releases the lock
-            self._active = None
-
-    def append_rejected(self, rows: list[Row]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / "rejected.jsonl", "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=str) + "\n")
-
-    # --- replaying ---
-
-    def read_slice(self, limit: int) -> list[Row]:
-        """Up to ``limit`` events from the next replayable file ([] when none)."""
-        while True:
-            if self._replay is None and not self._take_next():
-                return []
-            assert self._replay is not None
-            path, f = self._replay
-            f.seek(self._replay_offset)
-            events: list[Row] = []
-            while len(events) < limit:
-                line = f.readline()
-                if not line:
-                    break
-                if not line.endswith("\n"):
-                    log.warning("journal %s: skipping a torn last line", path.name)
-                    self.skipped += 1
-                    continue
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    log.warning("journal %s: skipping an unreadable line", path.name)
-                    self.skipped += 1
-            if events:
-                return events
-            self._finish()
-
-    def commit_slice(self) -> None:
-        """The last slice is in the database: move past it."""
-        if self._replay is not None:
-            self._replay_offset = self._replay[1].tell()
-
-    def _finish(self) -> None:
-        assert self._replay is not None
-        path, f = self._replay
-        path.unlink(missing_ok=True)
-        f.close()
-        self._replay = None
-        self._replay_offset = 0
-        log.info("journal %s replayed and removed", path.name)
-
-    def _take_next(self) -> bool:
-        for path in sorted(self.directory.glob(self.PATTERN), key=_mtime):
-            if self._active is not None and path.name == Path(self._active.name).name:
-                continue
-            try:
-                f = open(path, encoding="utf-8")
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(f.fileno()).st_ino != path.stat().st_ino:
-                    raise BlockingIOError  # replaced meanwhile
-            except (BlockingIOError, FileNotFoundError):
-                f.close()  # a live process is writing it, or another one replayed it
-                continue
-            self._replay = (path, f)
-            self._replay_offset = 0
-            return True
-        return False
-
-    def has_files(self) -> bool:
-        return any(self.directory.glob(self.PATTERN))
-
-    def size(self) -> tuple[int, int]:
-        """(files, bytes) waiting to be replayed."""
-        files = total = 0
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.directory):
-                if entry.name.startswith("events-") and entry.name.endswith(".jsonl"):
-                    with contextlib.suppress(FileNotFoundError):
-                        total += entry.stat().st_size
-                        files += 1
-        return files, total
-
-    def close(self) -> None:
-        self.seal()
-        if self._replay is not None:
-            self._replay[1].close()
-            self._replay = None
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
+        super().__init__(directory, prefix="events")
 
 
 class EventWriter:
@@ -594,13 +469,13 @@ class EventWriter:
         self._next_probe = time.monotonic() + PROBE_INTERVAL
 
     async def _spill(self, batch: list[Row]) -> None:
-        try:
-            await asyncio.to_thread(self.journal.append, batch)
-        except OSError:
-            self.metrics.dropped += len(batch)
-            log.exception("cannot write the event journal: %d hits lost", len(batch))
-            return
-        self.metrics.journaled += len(batch)
+        written, error = await asyncio.to_thread(self.journal.append_what_fits, batch)
+        self.metrics.journaled += written
+        if written < len(batch):
+            self.metrics.dropped += len(batch) - written
+            log.error(
+                "cannot write the event journal: %d hits lost (%s)", len(batch) - written, error
+            )
 
     async def _replay_slice(self) -> None:
         events = await asyncio.to_thread(self.journal.read_slice, REPLAY_SLICE)

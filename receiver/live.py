@@ -59,6 +59,15 @@ class Subscription:
             return True
 
 
+def _end(sub: Subscription) -> None:
+    """Make the tab's stream finish (after what is already queued)."""
+    try:
+        sub.queue.put_nowait(None)
+    except asyncio.QueueFull:  # a stuck tab: drop its oldest note to make room
+        sub.queue.get_nowait()
+        sub.queue.put_nowait(None)
+
+
 class LiveFeed:
     """Publish committed events; subscribe dashboard tabs. Start/stop in the lifespan."""
 
@@ -68,6 +77,7 @@ class LiveFeed:
         self._subscriptions: set[Subscription] = set()
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
+        self._closed = False
 
     # --- lifespan ---
 
@@ -88,16 +98,28 @@ class LiveFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
+        self.close_streams()
+
+    def close_streams(self) -> None:
+        """End every tab's stream now, and any opened later (the server is stopping).
+
+        The HTTP server waits for open responses before it stops: without this an
+        open dashboard tab holds shutdown until its grace period runs out and the
+        stream is cancelled with a traceback. Browsers reconnect by themselves.
+        """
+        self._closed = True
         for sub in list(self._subscriptions):
-            with contextlib.suppress(asyncio.QueueFull):
-                sub.queue.put_nowait(None)  # ends the tab's stream
+            _end(sub)
         self._subscriptions.clear()
 
     # --- subscribing ---
 
     def subscribe(self, patterns: list[str] | None) -> Subscription:
         sub = Subscription(patterns)
-        self._subscriptions.add(sub)
+        if self._closed:
+            _end(sub)
+        else:
+            self._subscriptions.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

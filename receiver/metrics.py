@@ -30,6 +30,7 @@ class Metrics:
         self._write_sum = 0.0
         self._write_count = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def hit(self, kind: str, valid: bool) -> None:
         self.requests[kind, "valid" if valid else "invalid"] += 1
@@ -42,6 +43,10 @@ class Metrics:
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         """A value read at scrape time (queue depth, journal size)."""
         self.gauges[name] = (help, read)
+
+    def counter(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A counter kept elsewhere, read at scrape time (the relay's, under ``serve``)."""
+        self.counters[name] = (help, read)
 
     def render(self) -> str:
         out: list[str] = []
@@ -61,7 +66,11 @@ class Metrics:
             ("replayed", "journaled events written to the database on replay", 0),
             ("duplicates", "replayed events already in the database (skipped)", 0),
             ("dropped", "events lost: queue full or journal unwritable", 0),
-            ("rejected", "events the database refused as invalid (kept in rejected.jsonl)", 0),
+            (
+                "rejected",
+                "events the database refused as invalid (journal/rejected-events.jsonl)",
+                0,
+            ),
             ("write_errors", "failed batch writes (database unavailable)", 0),
         ):
             metric = f"trackrelay_events_{name}_total"
@@ -75,6 +84,9 @@ class Metrics:
             out.append(f'trackrelay_event_write_seconds_bucket{{le="{le}"}} {cumulative}')
         out.append(f"trackrelay_event_write_seconds_sum {self._write_sum:.6f}")
         out.append(f"trackrelay_event_write_seconds_count {self._write_count}")
+        for name, (help, read) in sorted(self.counters.items()):
+            family(name, "counter", help)
+            out.append(f"{name} {read():g}")
         for name, (help, read) in sorted(self.gauges.items()):
             family(name, "gauge", help)
             out.append(f"{name} {read():g}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.policies import MAX_RECIPIENT_CAP, MODES
+
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _INT = {"type": "integer"}
@@ -46,8 +48,14 @@ _MESSAGE = {
     "track_opens": _BOOL,
     "track_clicks": _BOOL,
     "per_recipient": _BOOL,
-    "opens": {**_INT, "description": "opens judged human, proxy or unknown"},
-    "clicks": {**_INT, "description": "clicks judged human, proxy or unknown"},
+    "opens": {
+        **_INT,
+        "description": "opens judged human or proxy (machine opens and scanners are not opens)",
+    },
+    "clicks": {
+        **_INT,
+        "description": "clicks judged human or proxy (scanners and the sender are not clicks)",
+    },
     "first_opened_at": _TIME_OR_NULL,
     "first_clicked_at": _TIME_OR_NULL,
 }
@@ -96,7 +104,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "id": _INT,
             "pattern": _STR,
-            "mode": {"enum": ["header", "always", "never"]},
+            "mode": {"enum": list(MODES)},
             "allow_opens": _BOOL,
             "allow_clicks": _BOOL,
             "allow_text_links": _BOOL,
@@ -109,12 +117,12 @@ SCHEMAS: dict[str, Any] = {
     "PolicyInput": _obj(
         {
             "pattern": {**_STR, "description": "a@b.c, @b.c or *"},
-            "mode": {"enum": ["header", "always", "never"]},
+            "mode": {"enum": list(MODES)},
             "allow_opens": _BOOL,
             "allow_clicks": _BOOL,
             "allow_text_links": _BOOL,
             "per_recipient": _BOOL,
-            "recipient_cap": {**_INT, "minimum": 1},
+            "recipient_cap": {**_INT, "minimum": 1, "maximum": MAX_RECIPIENT_CAP},
             "notify": _BOOL,
         },
         required=["pattern"],

@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 from relay import upstream
 from relay.auth import Credentials, FailureLimiter, read_login, read_plain
-from relay.record import Delivery, record
+from relay.record import Delivery, Recorder
 from relay.smtp import RelaySession
 from relay.track import Copy, Prepared, Submission, Tracker
 from relay.upstream import UNAVAILABLE, Capabilities, Reply, UpstreamUnavailable
@@ -56,6 +56,7 @@ class RelayHandler:
         self.settings = settings
         self.engine = engine
         self.tracker = tracker or Tracker(settings, engine)
+        self.recorder = Recorder(settings, engine)
         self.capabilities = Capabilities(smtputf8=settings.upstream_target.is_sink)
         self.limiter = FailureLimiter(
             settings.auth_failures_per_ip,
@@ -227,7 +228,7 @@ class RelayHandler:
         prepared = await self._prepare(submission)
         delivery = await self._deliver(session, submission, prepared, self._options(options))
         if delivery.status != "failed" or delivery.reply.code >= 500:
-            await record(self.engine, prepared, delivery)
+            await self.recorder.record(prepared, delivery)
         else:  # transient: the client keeps the message and retries
             log.warning("message %d not relayed: %s", submission.message_id, delivery.reply)
         return delivery.reply.line
@@ -255,6 +256,9 @@ class RelayHandler:
             replies = {}
             for copy in copies:
                 replies.update(await self._send_copy(connection, submission.sender, options, copy))
+            # Back in RCPT order: the recorded positions are what the tokens carry,
+            # whatever order the copies went out in (untracked copies go last).
+            replies = {rcpt: replies[rcpt] for rcpt in submission.recipients if rcpt in replies}
         return Delivery(replies, session.refused, _client_reply(replies))
 
     async def _send_copy(

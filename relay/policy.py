@@ -14,19 +14,20 @@ Trigger headers (all removed before forwarding, tracked or not):
 An unknown value makes the message untracked, and the reason says which
 header and value. When two headers disagree, "off" wins.
 
-Precedence (DESIGN.md section 4): a suppressed recipient is never tracked
-(the tracker applies that per recipient); policy ``never`` or a ceiling
+Precedence (DESIGN.md section 4): a suppressed recipient, or one without
+consent in opt-in mode (shared/consent.py), is never tracked (the tracker
+applies that per recipient); policy ``never`` or a ceiling
 (``allow_*``) turns tracking off; a header may switch tracking on (mode
 ``header``) or off; otherwise the policy default (``always`` = on,
 ``header`` = off). Text-part links are tracked only when clicks are and the
 policy allows text links (a header can still restrict them).
 
-Policies and suppressions are read from the database through
-:class:`PolicyCache`: a snapshot of both tables, loaded off the event loop
+Policies, suppressions and consent state are read from the database through
+:class:`PolicyCache`: a snapshot of those tables, loaded off the event loop
 with ``asyncio.to_thread`` and kept for a few seconds. A message never waits
 on the database except for the very first load; after that, a stale snapshot
 is served while a background refresh runs (stale-while-revalidate), so a
-policy or suppression change takes effect within ``ttl`` seconds and a
+policy, suppression or consent change takes effect within ``ttl`` seconds and a
 database outage keeps the last known rules instead of blocking mail.
 """
 

@@ -72,6 +72,7 @@ class RelayServer:
         context = server_context(cert, key)
         self._dev_lines = await asyncio.to_thread(ensure_dev_user, settings, self.engine)
         await self.handler.probe_upstream()
+        await self.handler.recorder.start()  # replays what a previous run journaled
         await self._listen("smtp", settings.smtp_port, tls_context=context)
         await self._listen("smtps", settings.smtps_port, ssl=context, auth_require_tls=False)
         if settings.plain_port is not None:
@@ -105,6 +106,7 @@ class RelayServer:
             data_size_limit=self.handler.size_limit(),
             enable_SMTPUTF8=True,  # decode UTF-8 arguments; advertised only if upstream has it
             timeout=self.settings.idle_timeout,
+            data_timeout=self.settings.data_timeout,
             loop=asyncio.get_running_loop(),
             **options,
         )
@@ -135,6 +137,7 @@ class RelayServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), 1)
         await self.handler.drain()
+        await self.handler.recorder.stop()
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -165,7 +168,11 @@ class RelayServer:
                 f"  plain SMTP without AUTH on port {self.ports['plain']} "
                 f"for {settings.trusted_networks or 'no network'}"
             )
-        lines.append(f"  mail is delivered to {settings.upstream_target}")
+        target = settings.upstream_target
+        if target.is_sink and target.path is not None:
+            lines.append(f"  sent mail lands in: {target.path / 'new'} (one file per recipient)")
+        else:
+            lines.append(f"  mail is delivered to {target}")
         return lines
 
 

@@ -15,6 +15,10 @@ Verified on aiosmtpd 1.4.6, and why each override exists:
   forwards the message upstream: a timeout there would cancel the handler
   after the upstream may have accepted, and the client's retry would deliver
   the message twice.
+* Per-line resets alone would let a slowloris client hold a session forever
+  by dribbling one line at a time: one DATA upload may take at most
+  ``data_timeout`` seconds in all (``TRACKRELAY_DATA_TIMEOUT``), then the
+  client gets 421 and is disconnected; nothing was sent upstream.
 * Sessions carry relay state (:class:`RelaySession`); the handler hears when a
   session ends (``handle_CLOSE``), also when STARTTLS replaces the session.
 * Graceful shutdown: :meth:`RelaySMTP.begin_shutdown` answers 421 to idle
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 TERMINATOR = b"\r\n.\r\n"
 MAX_LINE = 1001 - 2  # octets before CRLF, counting a transparency dot (aiosmtpd's limit)
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
+DATA_TIMEOUT_REPLY = "421 4.4.2 Message upload took too long, closing connection"
 
 
 class RelaySession(Session):
@@ -183,10 +188,12 @@ class RelaySMTP(SMTP):
         listener: str,
         peer_allowed: Callable[[str], bool] | None = None,
         on_close: Callable[[RelaySMTP], None] | None = None,
+        data_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.listener = listener
+        self.data_timeout = data_timeout
         self._peer_allowed = peer_allowed
         self._on_close = on_close
         self._forwarding = False
@@ -303,9 +310,21 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._in_data = True
         try:
-            content = await read_data(
-                self._reader, size_limit=self.data_size_limit, on_too_big=self._reply_too_big
+            content = await asyncio.wait_for(
+                read_data(
+                    self._reader, size_limit=self.data_size_limit, on_too_big=self._reply_too_big
+                ),
+                self.data_timeout,
             )
+        except TimeoutError:
+            log.warning(
+                "%s: DATA upload took over %ss: disconnected", self.session, self.data_timeout
+            )
+            await self.push(DATA_TIMEOUT_REPLY)
+            await self._abandon_transaction()
+            assert self.transport is not None
+            self.transport.close()
+            return
         except DataTooLong:
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
             await self._abandon_transaction()

@@ -7,8 +7,9 @@ the message row to record and the tracked links. The steps, in order:
 1. find the trigger headers; if a DKIM signature covers one, send the message
    untouched (deleting it would break the signature);
 2. delete the trigger headers (always, tracked or not);
-3. decide (relay/policy.py): header + sender policy; suppressed recipients
-   are never tracked;
+3. decide (relay/policy.py): header + sender policy; suppressed recipients,
+   and recipients in opt-in consent mode without a consent, are never tracked
+   (they get one untracked copy: the message minus the trigger headers);
 4. plan once: locate eligible parts (relay/mime.py), find links and the pixel
    spot (relay/html.py, relay/text.py), assign link positions;
 5. render each copy: sign tokens for its recipient position (0 = message
@@ -224,7 +225,7 @@ class Tracker:
             try:
                 snapshot: Snapshot | None = await self._policies.get()
             except PolicyUnavailable as exc:
-                log.warning("message %x: %s; not tracking it", submission.message_id, exc)
+                log.warning("message %d: %s; not tracking it", submission.message_id, exc)
                 snapshot = None
             if len(submission.data) > OFFLOAD_BYTES:
                 return await asyncio.to_thread(self.prepare_sync, submission, snapshot)
@@ -232,7 +233,7 @@ class Tracker:
         except Exception:
             metrics.failures += 1
             log.exception(
-                "message %x from %r: injection failed, sending it untracked",
+                "message %d from %r: injection failed, sending it untracked",
                 submission.message_id,
                 submission.sender,
             )
@@ -256,20 +257,23 @@ class Tracker:
         sender = sub.sender.strip("<>") or _from_address(fields)
         decision = decide(request, snapshot.policy_for(sender))
         if request.invalid:
-            log.info("message %x: %s", sub.message_id, request.invalid)
+            log.info("message %d: %s", sub.message_id, request.invalid)
         if covered is not None and decision.anything:
             decision = off("DKIM-signed: body not modified", None)
         if not decision.anything:
             return self._untracked(sub, message, cleaned, decision)
-        suppressed = [r for r in sub.recipients if snapshot.is_suppressed(r)]
-        candidates = [r for r in sub.recipients if not snapshot.is_suppressed(r)]
+        left_out = _left_out(sub.recipients, snapshot)
+        candidates = [r for r in sub.recipients if r not in left_out]
         if not candidates:
-            return self._untracked(sub, message, cleaned, decision, "all recipients suppressed")
+            why = "all recipients suppressed"
+            if "no consent" in left_out.values():
+                why = "no recipient may be tracked (suppressed, or no consent in opt-in mode)"
+            return self._untracked(sub, message, cleaned, decision, why)
         the_plan = plan(cleaned, decision, self._host)
         if not the_plan.parts:
             return self._untracked(sub, message, cleaned, decision, "nothing to track", the_plan)
         return self._tracked(
-            sub, message, cleaned, decision, the_plan, candidates, suppressed, fields
+            sub, message, cleaned, decision, the_plan, candidates, left_out, fields
         )
 
     # --- outcomes ---
@@ -282,7 +286,7 @@ class Tracker:
         decision: Decision,
         the_plan: Plan,
         tracked: list[str],
-        suppressed: list[str],
+        left_out: dict[str, str],
         fields: list[Field],
     ) -> Prepared:
         mid = sub.message_id
@@ -296,8 +300,8 @@ class Tracker:
         for rcpt in tracked:
             if rcpt not in group:
                 copies.append(Copy([rcpt], self._render(cleaned, the_plan, mid, position[rcpt])))
-        if suppressed:
-            copies.append(Copy(suppressed, cleaned))
+        if left_out:
+            copies.append(Copy(list(left_out), cleaned))
         message.track_opens = the_plan.pixel
         message.track_clicks = bool(the_plan.links)
         message.per_recipient = per_recipient
@@ -306,7 +310,8 @@ class Tracker:
             "tracked": True,
             "copies": len(copies),
             "bcc_copies": len([r for r in tracked if r not in group]) if group else 0,
-            "suppressed": suppressed,
+            "suppressed": [r for r, why in left_out.items() if why == "suppressed"],
+            "no_consent": [r for r, why in left_out.items() if why == "no consent"],
         }
         message.decision = _decision_json(decision, the_plan, notes)
         message.parts_modified = json.dumps(
@@ -325,7 +330,7 @@ class Tracker:
         links = _link_rows(mid, the_plan.links)
         metrics.tracked += 1
         log.info(
-            "message %x: tracking opens=%s links=%d copies=%d (%s)",
+            "message %d: tracking opens=%s links=%d copies=%d (%s)",
             mid,
             message.track_opens,
             len(links),
@@ -358,7 +363,7 @@ class Tracker:
         message.decision = _decision_json(decision, the_plan, notes)
         message.parts_modified = "[]"
         log.info(
-            "message %x: not tracked (%s)",
+            "message %d: not tracked (%s)",
             sub.message_id,
             "; ".join([*decision.reasons, note] if note else decision.reasons),
         )
@@ -368,7 +373,7 @@ class Tracker:
         try:
             data = delete_named(sub.data, self._trigger_names)
         except Exception:
-            log.exception("message %x: cannot even delete the trigger headers", sub.message_id)
+            log.exception("message %d: cannot even delete the trigger headers", sub.message_id)
             data = sub.data
         try:
             message = _message_row(sub, top_fields(sub.data)[0])
@@ -445,6 +450,18 @@ def _link_rows(message_id: int, urls: list[str]) -> list[Link]:
 def _from_address(fields: list[Field]) -> str:
     f = first(fields, "from")
     return parseaddr(f.value)[1] if f else ""
+
+
+def _left_out(recipients: list[str], snapshot: Snapshot) -> dict[str, str]:
+    """Recipients never tracked, in RCPT order, with why: suppressed, or in opt-in
+    consent mode without a recorded consent (DESIGN.md section 4, first rule)."""
+    out: dict[str, str] = {}
+    for rcpt in recipients:
+        if snapshot.is_suppressed(rcpt):
+            out[rcpt] = "suppressed"
+        elif not snapshot.consent_allows(rcpt):
+            out[rcpt] = "no consent"
+    return out
 
 
 def _visible_addresses(fields: list[Field]) -> set[str]:

@@ -135,6 +135,7 @@ class Settings(BaseSettings):
     max_message_size: int = Field(50 * 1024 * 1024, gt=0)
     max_recipients: int = Field(100, gt=0)
     idle_timeout: float = Field(300.0, gt=0)
+    data_timeout: float = Field(600.0, gt=0)  # the longest one DATA upload may take
     auth_failures_per_ip: int = Field(10, gt=0)
     auth_failures_per_user: int = Field(5, gt=0)
     auth_failure_window: float = Field(900.0, gt=0)
@@ -259,6 +260,28 @@ class Settings(BaseSettings):
     @property
     def smtp_hostname(self) -> str:
         return self.hostname or self.host
+
+    def public_url_problem(self) -> str:
+        """Why recipients may not reach the links in tracked mail ('' if all is well).
+
+        Dev mode keeps mail on this machine, so anything goes there. With a real
+        upstream, links and pixels point at :attr:`base_url`: without
+        TRACKRELAY_PUBLIC_URL that is this host's listening address (loopback or
+        ``0.0.0.0``), dead links for every recipient.
+        """
+        if self.dev_mode:
+            return ""
+        if not self.public_url:
+            return (
+                f"TRACKRELAY_PUBLIC_URL is not set: links and pixels in tracked mail point at "
+                f"{self.base_url}, which recipients cannot reach"
+            )
+        if self.public_url.startswith("http://"):
+            return (
+                "TRACKRELAY_PUBLIC_URL is http://: recipients' clicks and opens travel "
+                "unencrypted and many mail clients block http images; use https://"
+            )
+        return ""
 
     def signing_keys(self) -> list[bytes]:
         """The current secret first, then older ones that still verify."""

@@ -8,18 +8,22 @@ global default ``*``) is in one of two modes:
 
 Suppression is separate (relay/policy.py checks it first: "suppressed / no
 consent -> untracked"); :func:`consent_allows` answers only the consent half.
-The relay asks once per recipient of every message, so :class:`ConsentCache`
-keeps the (small) mode table and recent answers for a few seconds.
+The relay asks once per recipient of every message and must not wait on the
+database for it: it reads :func:`load_state` into its policy snapshot
+(shared/policies.py, refreshed in the background) and answers with
+:func:`allowed_by`. Other callers use :func:`consent_allows` with an engine, or
+a :class:`ConsentCache` that keeps the mode table and recent answers.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, delete, func
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from shared.db import session_scope
 from shared.models import Consent, ConsentMode, utcnow
@@ -113,10 +117,29 @@ def list_modes(engine: Engine) -> dict[str, str]:
     return modes
 
 
-def mode_for(modes: dict[str, str], recipient: str) -> str:
+def mode_for(modes: Mapping[str, str], recipient: str) -> str:
     """The mode that applies to ``recipient``: its domain's, else the global one."""
     domain = recipient.strip().lower().rpartition("@")[2]
     return modes.get(domain) or modes.get(GLOBAL) or "opt-out"
+
+
+def allowed_by(modes: Mapping[str, str], consented: Container[str], recipient: str) -> bool:
+    """:func:`consent_allows` from values already read (see :func:`load_state`)."""
+    address = recipient.strip().lower()
+    return mode_for(modes, address) == "opt-out" or address in consented
+
+
+def load_state(session: Session) -> tuple[dict[str, str], frozenset[str]]:
+    """Every mode and, when any domain is in opt-in mode, every consented address.
+
+    In opt-out everywhere (the default) no address is read: consents only
+    matter in opt-in mode.
+    """
+    modes = {row.domain: row.mode for row in session.exec(select(ConsentMode)).all()}
+    modes.setdefault(GLOBAL, "opt-out")
+    if "opt-in" not in modes.values():
+        return modes, frozenset()
+    return modes, frozenset(session.exec(select(Consent.address)).all())
 
 
 def _has_consent(engine: Engine, address: str) -> bool:

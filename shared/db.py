@@ -66,6 +66,15 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def _not_alembic_chatter(record: logging.LogRecord) -> bool:
+    """Alembic says "Context impl SQLiteImpl." and "Will assume ... DDL." at every
+    start; only the "Running upgrade" lines tell an operator something."""
+    return not record.getMessage().startswith(("Context impl ", "Will assume "))
+
+
+logging.getLogger("alembic.runtime.migration").addFilter(_not_alembic_chatter)
+
+
 def upgrade(url: str) -> None:
     """Bring the schema at ``url`` to the newest migration."""
     if make_url(url).get_backend_name() == "sqlite":

@@ -35,6 +35,7 @@ from sqlmodel import Session, col
 
 from shared.models import Event, Link, Message, OutboxItem, Policy, Recipient, WebhookEndpoint
 from shared.models import utcnow as _utcnow
+from shared.policies import lookup_key, resolve
 
 log = logging.getLogger(__name__)
 
@@ -305,18 +306,13 @@ def _email_notifications(conn: Connection, context: _Context, notes: Sequence[No
 
 
 def sender_wants_mail(conn: Conn, sender: str) -> bool:
-    """The most specific policy of ``sender`` (address, @domain, ``*``) has notify on."""
-    conn = connection_of(conn)
-    address = sender.lower()
-    patterns = [address, "@" + address.rpartition("@")[2], "*"]
-    statement = select(col(Policy.pattern), col(Policy.notify)).where(
-        col(Policy.pattern).in_(patterns)
+    """The policy that applies to ``sender`` (shared/policies.py rules) has notify on."""
+    exact, domain = lookup_key(sender)
+    table = Policy.__table__  # type: ignore[attr-defined]
+    rows = connection_of(conn).execute(
+        select(table).where(table.c.pattern.in_((exact, domain, "*")))
     )
-    found: dict[str, bool] = {pattern: notify for pattern, notify in conn.execute(statement)}
-    for pattern in patterns:
-        if pattern in found:
-            return bool(found[pattern])
-    return False
+    return resolve({row.pattern: Policy(**row._mapping) for row in rows}, sender).notify
 
 
 def insert_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:

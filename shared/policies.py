@@ -1,8 +1,10 @@
 """Per-sender tracking policies and the suppression list: storage and validation.
 
 Shared by the relay (which reads a cached snapshot, see relay/policy.py), the
-CLI and the dashboard (which add, edit and remove). Validation errors are
-:class:`PolicyError` with a message meant for people.
+CLI, the JSON API and the dashboard (which add, edit and remove). Every rule
+lives here once: validation errors are :class:`PolicyError` with a message
+meant for people and the ``field`` it is about, so a form shows it next to the
+input and the CLI and the API print it as it is.
 
 A policy pattern is an exact address (``ann@example.com``), a whole domain
 (``@example.com``, that domain only, not its subdomains) or ``*``. The most
@@ -14,52 +16,63 @@ and ``@xn--bcher-kva.example`` are the same policy.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import idna
 from sqlalchemy import Engine
-from sqlmodel import select
+from sqlmodel import col, select
 
+from shared import consent
 from shared.db import session_scope
 from shared.models import Policy, Suppression, utcnow
+from shared.users import UserError
 
 MODES = ("header", "always", "never")
 MAX_RECIPIENT_CAP = 1000
-SUPPRESSION_SOURCES = ("cli", "dashboard", "recipient", "api")
+# who added a suppression: "public" = the recipient, on the receiver's public page
+SUPPRESSION_SOURCES = ("cli", "dashboard", "public", "api")
 DEFAULT_POLICY = Policy(pattern="", mode="header")
 _FLAGS = ("allow_opens", "allow_clicks", "allow_text_links", "per_recipient", "notify")
 
 
-class PolicyError(ValueError):
+class PolicyError(UserError):
     """A policy or suppression operation that cannot be done; message for people."""
 
 
-def _domain(domain: str, original: str) -> str:
+def _domain(domain: str, original: str, field: str) -> str:
     domain = domain.strip().rstrip(".").lower()
     if not domain or " " in domain or "@" in domain:
-        raise PolicyError(f"{original!r} is not an email address, @domain or *")
+        raise PolicyError(f"{original!r} is not an email address, @domain or *", field)
     if domain.isascii():
         labels = domain.split(".")
         if len(labels) < 2 or not all(labels):
-            raise PolicyError(f"{original!r}: {domain!r} is not a domain name")
+            raise PolicyError(f"{original!r}: {domain!r} is not a domain name", field)
         return domain
     try:
         return idna.encode(domain, uts46=True).decode("ascii")
     except idna.IDNAError as exc:
-        raise PolicyError(f"{original!r}: {domain!r} is not a valid domain name ({exc})") from None
+        raise PolicyError(
+            f"{original!r}: {domain!r} is not a valid domain name ({exc})", field
+        ) from None
 
 
 def normalize_address(address: str) -> str:
     """An address lower-cased with an ASCII domain; PolicyError if malformed."""
     value = address.strip()
+    if not value:
+        raise PolicyError("enter an email address (like ann@example.com)", "address")
     if value.startswith("<") and value.endswith(">"):
         value = value[1:-1]
     local, at, domain = value.rpartition("@")
+    if at and not local and domain:
+        raise PolicyError(
+            f"give one email address at a time, not a whole domain ({address!r})", "address"
+        )
     if not at or not local or any(c in local for c in ' <>,;"'):
-        raise PolicyError(f"{address!r} is not an email address")
-    return f"{local.lower()}@{_domain(domain, address)}"
+        raise PolicyError(f"{address!r} is not an email address (like ann@example.com)", "address")
+    return f"{local.lower()}@{_domain(domain, address, 'address')}"
 
 
 def normalize_pattern(pattern: str) -> str:
@@ -67,9 +80,40 @@ def normalize_pattern(pattern: str) -> str:
     value = pattern.strip()
     if value == "*":
         return value
+    if not value:
+        raise PolicyError(
+            "say who this applies to: an address, @domain or * for everyone", "pattern"
+        )
     if value.startswith("@"):
-        return "@" + _domain(value[1:], pattern)
-    return normalize_address(value)
+        return "@" + _domain(value[1:], pattern, "pattern")
+    try:
+        return normalize_address(value)
+    except PolicyError:
+        raise PolicyError(
+            f"{pattern!r} is not an email address (ann@example.com), "
+            "a domain (@example.com) or * for everyone",
+            "pattern",
+        ) from None
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise PolicyError(f"mode must be one of {', '.join(MODES)}, not {mode!r}", "mode")
+    return mode
+
+
+def check_recipient_cap(cap: int | str) -> int:
+    """The per-recipient cap as a number (a form or the CLI may give a string)."""
+    try:
+        value = int(cap)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_RECIPIENT_CAP:
+        raise PolicyError(
+            f"the per-recipient cap must be a whole number from 1 to {MAX_RECIPIENT_CAP}",
+            "recipient_cap",
+        )
+    return value
 
 
 def lookup_key(address: str) -> tuple[str, str]:
@@ -105,14 +149,21 @@ def set_policy(
     per_recipient: bool | None = None,
     recipient_cap: int | None = None,
     notify: bool | None = None,
+    new: bool = False,
+    policy_id: int | None = None,
 ) -> Policy:
     """Create or update the policy for ``pattern``; None leaves a value as it is
-    (or at its default for a new policy). Returns the stored policy."""
+    (or at its default for a new policy). Returns the stored policy.
+
+    ``new``: refuse when ``pattern`` already has a policy (a form that adds).
+    ``policy_id``: update that policy, whose pattern may change, unless
+    another policy has the new one (a form that edits).
+    """
     key = normalize_pattern(pattern)
-    if mode is not None and mode not in MODES:
-        raise PolicyError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if recipient_cap is not None and not 1 <= recipient_cap <= MAX_RECIPIENT_CAP:
-        raise PolicyError(f"the recipient cap must be between 1 and {MAX_RECIPIENT_CAP}")
+    if mode is not None:
+        check_mode(mode)
+    if recipient_cap is not None:
+        check_recipient_cap(recipient_cap)
     values: dict[str, Any] = {
         "mode": mode,
         "allow_opens": allow_opens,
@@ -124,6 +175,13 @@ def set_policy(
     }
     with session_scope(engine) as session:
         policy = session.exec(select(Policy).where(Policy.pattern == key)).first()
+        if policy is not None and (new or (policy_id is not None and policy.id != policy_id)):
+            raise PolicyError(f"there is already a policy for {key}; edit that one", "pattern")
+        if policy_id is not None and policy is None:
+            policy = session.get(Policy, policy_id)
+            if policy is None:
+                raise PolicyError("this policy no longer exists")
+            policy.pattern = key
         if policy is None:
             policy = Policy(pattern=key)
         for name, value in values.items():
@@ -140,6 +198,11 @@ def get_policy(engine: Engine, pattern: str) -> Policy | None:
     key = normalize_pattern(pattern)
     with session_scope(engine) as session:
         return session.exec(select(Policy).where(Policy.pattern == key)).first()
+
+
+def policy_by_id(engine: Engine, policy_id: int) -> Policy | None:
+    with session_scope(engine) as session:
+        return session.get(Policy, policy_id)
 
 
 def list_policies(engine: Engine) -> list[Policy]:
@@ -174,13 +237,17 @@ def describe(policy: Policy) -> str:
 # --- suppressions ---------------------------------------------------------------
 
 
-def add_suppression(engine: Engine, address: str, source: str = "cli") -> Suppression:
-    """Never track ``address`` again; adding it twice is not an error."""
+def add_suppression(
+    engine: Engine, address: str, source: str = "cli", *, new: bool = False
+) -> Suppression:
+    """Never track ``address`` again; adding it twice is not an error unless ``new``."""
     key = normalize_address(address)
     if source not in SUPPRESSION_SOURCES:
         raise PolicyError(f"source must be one of {', '.join(SUPPRESSION_SOURCES)}")
     with session_scope(engine) as session:
         row = session.exec(select(Suppression).where(Suppression.address == key)).first()
+        if row is not None and new:
+            raise PolicyError(f"{key} is already on the list", "address")
         if row is None:
             row = Suppression(address=key, source=source)
             session.add(row)
@@ -189,9 +256,20 @@ def add_suppression(engine: Engine, address: str, source: str = "cli") -> Suppre
     return row
 
 
-def list_suppressions(engine: Engine) -> list[Suppression]:
+def list_suppressions(
+    engine: Engine, search: str = "", limit: int | None = None
+) -> list[Suppression]:
+    """Suppressed addresses in order; ``search``: those containing that text."""
+    query = select(Suppression).order_by(Suppression.address)
+    if text := search.strip().lower():
+        query = query.where(col(Suppression.address).contains(text, autoescape=True))
     with session_scope(engine) as session:
-        return list(session.exec(select(Suppression).order_by(Suppression.address)).all())
+        return list(session.exec(query.limit(limit)).all())
+
+
+def suppression_by_id(engine: Engine, suppression_id: int) -> Suppression | None:
+    with session_scope(engine) as session:
+        return session.get(Suppression, suppression_id)
 
 
 def remove_suppression(engine: Engine, address: str) -> None:
@@ -208,10 +286,17 @@ def remove_suppression(engine: Engine, address: str) -> None:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything the relay needs to decide, read in one go."""
+    """Everything the relay needs to decide, read in one go.
+
+    Consent (shared/consent.py) is part of it, so the relay answers "may this
+    recipient be tracked?" from memory: with no domain in opt-in mode it holds
+    no addresses at all; otherwise every consented address.
+    """
 
     policies: dict[str, Policy]
     suppressed: frozenset[str]
+    consent_modes: Mapping[str, str] = field(default_factory=dict)
+    consented: frozenset[str] = frozenset()
 
     def policy_for(self, address: str) -> Policy:
         return resolve(self.policies, address)
@@ -219,18 +304,31 @@ class Snapshot:
     def is_suppressed(self, address: str) -> bool:
         return lookup_key(address)[0] in self.suppressed
 
+    def consent_allows(self, address: str) -> bool:
+        """False only for a recipient in opt-in mode without a recorded consent."""
+        return consent.allowed_by(self.consent_modes, self.consented, address)
+
 
 def load_snapshot(engine: Engine) -> Snapshot:
-    """Read all policies and suppressions (blocking: call it off the event loop)."""
+    """Read all policies, suppressions and consent state (blocking: call it off
+    the event loop)."""
     with session_scope(engine) as session:
         policies = list(session.exec(select(Policy)).all())
         suppressed = list(session.exec(select(Suppression.address)).all())
-    return Snapshot({p.pattern: p for p in policies}, frozenset(suppressed))
+        modes, consented = consent.load_state(session)
+    return Snapshot({p.pattern: p for p in policies}, frozenset(suppressed), modes, consented)
 
 
-def snapshot_of(policies: Iterable[Policy], suppressed: Iterable[str] = ()) -> Snapshot:
+def snapshot_of(
+    policies: Iterable[Policy],
+    suppressed: Iterable[str] = (),
+    consent_modes: Mapping[str, str] | None = None,
+    consented: Iterable[str] = (),
+) -> Snapshot:
     """A snapshot from values (tests, or a caller that already has the rows)."""
     return Snapshot(
         {normalize_pattern(p.pattern): p for p in policies},
         frozenset(lookup_key(a)[0] for a in suppressed),
+        dict(consent_modes or {}),
+        frozenset(a.strip().lower() for a in consented),
     )

@@ -113,13 +113,13 @@ class Erasure:
     counts: dict[str, int] = field(default_factory=dict)
     suppression_kept: bool = False
 
-    def lines(self) -> list[str]:
+    def lines(self, forget_hint: str = "add --forget-suppression to remove it too") -> list[str]:
+        """The report; ``forget_hint`` says how to drop a kept suppression (CLI by default)."""
         out = [f"erased {self.address}:"]
         out += [f"  {table}: {n}" for table, n in self.counts.items()]
         if self.suppression_kept:
             out.append(
-                "  suppressions: kept (it is what keeps this address untracked; "
-                "add --forget-suppression to remove it too)"
+                f"  suppressions: kept (it is what keeps this address untracked; {forget_hint})"
             )
         return out
 

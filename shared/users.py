@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 
-from sqlalchemy import Engine
-from sqlmodel import select
+from sqlalchemy import Engine, func
+from sqlmodel import Session, select
 
 from shared.db import session_scope
 from shared.models import User, UserAddress
@@ -16,7 +16,17 @@ ROLES = ("admin", "sender")
 
 
 class UserError(ValueError):
-    """A user operation that cannot be done; the message is for people."""
+    """An operation that cannot be done; the message is for people.
+
+    The base of every such error in shared/ (policies, consent, webhooks), so
+    the CLI, the API and the dashboard show them alike. ``field`` names the
+    input the message is about ('' for the request as a whole), so a form can
+    show it next to that input.
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def normalize_address(address: str) -> str:
@@ -24,8 +34,41 @@ def normalize_address(address: str) -> str:
     value = address.strip().lower()
     local, at, domain = value.rpartition("@")
     if not at or not domain or "." not in domain or " " in value or (local and "@" in local):
-        raise UserError(f"{address!r} is not an email address or @domain")
+        raise UserError(f"{address!r} is not an email address or @domain", "address")
     return value
+
+
+def normalize_addresses(addresses: Sequence[str]) -> list[str]:
+    """Each address normalised, duplicates dropped; one error naming every bad one."""
+    good, bad = [], []
+    for address in addresses:
+        try:
+            good.append(normalize_address(address))
+        except UserError:
+            bad.append(address)
+    if bad:
+        raise UserError("not an address or @domain: " + ", ".join(bad), "addresses")
+    return list(dict.fromkeys(good))
+
+
+def check_username(username: str) -> str:
+    if not username.strip():
+        raise UserError("enter a username", "username")
+    if len(username) > 255 or any(c.isspace() for c in username):
+        raise UserError("a username has no spaces and at most 255 characters", "username")
+    return username
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}, not {role!r}", "role")
+    return role
+
+
+def check_password(password: str) -> str:
+    if len(password) < 8:
+        raise UserError("the password needs at least 8 characters", "password")
+    return password
 
 
 def add_user(
@@ -35,23 +78,87 @@ def add_user(
     role: str = "sender",
     addresses: Sequence[str] = (),
 ) -> User:
-    if role not in ROLES:
-        raise UserError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-    if not username.strip():
-        raise UserError("a username is required")
-    if len(password) < 8:
-        raise UserError("the password must have at least 8 characters")
-    patterns = [normalize_address(a) for a in addresses]
+    check_role(role)
+    check_username(username)
+    check_password(password)
+    patterns = normalize_addresses(addresses)
     with session_scope(engine) as session:
         if session.exec(select(User).where(User.username == username)).first():
-            raise UserError(f"user {username!r} already exists")
+            raise UserError(f"user {username!r} already exists", "username")
         user = User(username=username, password_hash=hash_password(password), role=role)
         session.add(user)
         session.flush()
         assert user.id is not None
-        for pattern in dict.fromkeys(patterns):
+        for pattern in patterns:
             session.add(UserAddress(user_id=user.id, address=pattern))
     return user
+
+
+def user_by_id(engine: Engine, user_id: int) -> tuple[User, list[str]] | None:
+    """A user and the addresses they send as, or None."""
+    with session_scope(engine) as session:
+        user = session.get(User, user_id)
+        if user is None:
+            return None
+        rows = session.exec(select(UserAddress.address).where(UserAddress.user_id == user_id))
+        return user, sorted(rows.all())
+
+
+def update_user(
+    engine: Engine,
+    user_id: int,
+    *,
+    role: str,
+    addresses: Sequence[str],
+    password: str = "",
+    acting_user_id: int | None = None,
+) -> User:
+    """Change role, addresses and (if given) password; never the last admin away.
+
+    ``acting_user_id``: who is asking; they cannot take their own admin role.
+    """
+    check_role(role)
+    patterns = normalize_addresses(addresses)
+    if password:
+        check_password(password)
+    with session_scope(engine) as session:
+        user = session.get(User, user_id)
+        if user is None:
+            raise UserError("this user no longer exists")
+        if user.role == "admin" and role != "admin":
+            if user_id == acting_user_id:
+                raise UserError("you cannot remove your own administrator role", "role")
+            _keep_an_admin(session)
+        user.role = role
+        if password:
+            user.password_hash = hash_password(password)
+        session.add(user)
+        existing = session.exec(select(UserAddress).where(UserAddress.user_id == user_id)).all()
+        for row in existing:
+            if row.address not in patterns:
+                session.delete(row)
+        have = {row.address for row in existing}
+        session.add_all(UserAddress(user_id=user_id, address=a) for a in patterns if a not in have)
+        return user
+
+
+def check_removable(engine: Engine, user_id: int, *, acting_user_id: int) -> User:
+    """The user ``acting_user_id`` may remove: not themselves, not the last admin."""
+    with session_scope(engine) as session:
+        user = session.get(User, user_id)
+        if user is None:
+            raise UserError("this user no longer exists")
+        if user_id == acting_user_id:
+            raise UserError("you cannot remove yourself")
+        if user.role == "admin":
+            _keep_an_admin(session)
+        return user
+
+
+def _keep_an_admin(session: Session) -> None:
+    query = select(func.count()).select_from(User).where(User.role == "admin")
+    if int(session.exec(query).one()) <= 1:
+        raise UserError("there must always be at least one administrator")
 
 
 def remove_user(engine: Engine, username: str) -> None:

@@ -105,7 +105,8 @@ def check_event_types(event_types: list[str]) -> str:
     unknown = [n for n in names if n != "*" and n not in EVENT_TYPES]
     if unknown:
         raise WebhookError(
-            f"unknown event type {unknown[0]!r}; choose from {', '.join(EVENT_TYPES)} or *"
+            f"unknown event type {unknown[0]!r}; choose from {', '.join(EVENT_TYPES)} or *",
+            "event_types",
         )
     return ",".join(dict.fromkeys(names))
 
@@ -113,7 +114,11 @@ def check_event_types(event_types: list[str]) -> str:
 def check_url(url: str) -> str:
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookError(f"expected an http(s) URL, got {url!r}")
+        raise WebhookError(
+            f"{url.strip()!r} is not a web address: it starts with https:// (or http://) "
+            "and names a host",
+            "url",
+        )
     return url.strip()
 
 

@@ -5,19 +5,24 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
+import pytest
 import uvicorn
 from sqlalchemy import Engine
 from starlette.applications import Starlette
+from starlette.testclient import TestClient
 
+from receiver.app import create_app
+from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient, User, UserAddress
 from shared.passwords import hash_password
 
+D = "/dashboard"
 PASSWORD = "correct horse battery"
 NOW = datetime.now(UTC).replace(microsecond=0)
 XSS_SUBJECT = "<script>alert(1)</script>"
@@ -214,3 +219,26 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(15)
         self.loop.close()
+
+
+@pytest.fixture
+def client(engine: Engine, make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    """The app on the seeded database, in a TestClient (lifespan running)."""
+    seed(engine)
+    with TestClient(create_app(make_settings(), engine)) as client:
+        yield client
+
+
+def login(client: TestClient, username: str, password: str = PASSWORD) -> None:
+    token = csrf_from(client.get(f"{D}/login").text)
+    response = client.post(
+        f"{D}/login",
+        data={"username": username, "password": password, "csrf_token": token},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303, response.text
+
+
+def token(client: TestClient, path: str = f"{D}/messages") -> str:
+    """The CSRF token of the signed-in session, read from a page."""
+    return csrf_from(client.get(path).text)

@@ -11,6 +11,10 @@ the code under test (the email package decodes, selectolax counts links).
   pixel gives the original text;
 * every http(s) ``<a>``/``<area>`` link selectolax finds that the skip rules do
   not exclude is tracked, and so is every VML ``href`` in conditional comments.
+
+``check_relayed(submitted, delivered, ...)`` is the same for a message that
+went through the relay: the trigger header lines are gone, every other header
+line is identical, and it returns the verified tokens of the copy.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from selectolax.lexbor import LexborHTMLParser
 from relay import mime
 from relay.html import decode_attribute
 from relay.links import clean_url, skip_reason
-from shared.tokens import Signer
+from shared.tokens import ClickToken, OpenToken, Signer
 
 _CONDITIONAL = re.compile(r"<!--\[if[^\]]*\]>(.*?)<!\[endif\]-->", re.S | re.I)
 _MARKERS = re.compile(
@@ -43,6 +47,27 @@ class Report:
     rewritten: list[str] = field(default_factory=list)  # part paths
     clicks: int = 0
     pixels: int = 0
+
+
+@dataclass
+class Relayed:
+    """What one delivered copy carries: its verified tokens and the check report."""
+
+    report: Report
+    opens: list[OpenToken]
+    clicks: list[ClickToken]
+
+    @property
+    def urls(self) -> list[str]:
+        return [c.url for c in self.clicks]
+
+    @property
+    def recipients(self) -> set[int]:
+        return {t.recipient for t in [*self.opens, *self.clicks]}
+
+    @property
+    def message_ids(self) -> set[int]:
+        return {t.message_id for t in [*self.opens, *self.clicks]}
 
 
 def leaves(data: bytes) -> list[email.message.Message]:
@@ -160,3 +185,41 @@ def _check_bytes(original: bytes, out: bytes) -> None:
     assert any(s <= last_diff <= e for s, e in spans), "bytes after the bodies changed"
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert original[end:start] in out, "bytes between rewritten bodies changed"
+
+
+def without_header(data: bytes, name: str) -> bytes:
+    """``data`` without the top-level header field ``name`` (continuation lines too)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    kept: list[bytes] = []
+    dropping = False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.split(b":", 1)[0].strip().lower() == name.lower().encode()
+        if not dropping:
+            kept.append(line)
+    return b"\r\n".join(kept) + sep + body
+
+
+def check_relayed(
+    submitted: bytes, delivered: bytes, base: str, signer: Signer, *, header: str = "X-Track"
+) -> Relayed:
+    """``delivered`` is ``submitted`` minus the ``header`` field, tracked by :func:`check`."""
+    original = without_header(submitted, header)
+    assert original != submitted, f"the submitted message has no {header} header"
+    head = original.partition(b"\r\n\r\n")[0]
+    assert delivered.partition(b"\r\n\r\n")[0] == head, "top-level header lines changed"
+    host = base.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
+    report = check(original, delivered, base, host, signer)
+    assert report.rewritten, "nothing was tracked"
+    texts = [_text(p) for p in leaves(delivered) if p.get_content_type() == "text/html"]
+    joined = "".join(texts)
+    opens = re.findall(re.escape(base) + r"/o/([A-Za-z0-9_-]+)\.gif", joined)
+    clicks = re.findall(re.escape(base) + r"/c/([A-Za-z0-9_-]+)", joined)
+    return Relayed(
+        report,
+        [signer.verify_open(t) for t in opens],
+        [signer.verify_click(t) for t in clicks],
+    )

@@ -6,6 +6,7 @@ import contextlib
 import os
 import select
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -144,6 +145,44 @@ class TCPProxy:
                     sock.close()
 
 
+class Outage:
+    """Makes the database at ``database_url`` unavailable (relay or receiver), then back."""
+
+    def __init__(self, database_url: str) -> None:
+        parsed = make_url(database_url)
+        self.sqlite = parsed.get_backend_name() == "sqlite"
+        self._lock: sqlite3.Connection | None = None
+        if self.sqlite:
+            self.path = str(parsed.database)
+            self.app_url = database_url
+        else:
+            self.proxy = TCPProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+            self.proxy.up()
+            self.app_url = self.proxy.url_for(database_url)
+
+    def down(self) -> None:
+        if self.sqlite:
+            self._lock = sqlite3.connect(self.path, isolation_level=None)
+            self._lock.execute("BEGIN EXCLUSIVE")
+        else:
+            self.proxy.down()
+
+    def up(self) -> None:
+        if self.sqlite:
+            assert self._lock is not None
+            self._lock.execute("ROLLBACK")
+            self._lock.close()
+            self._lock = None
+        else:
+            self.proxy.up()
+
+    def close(self) -> None:
+        if self.sqlite and self._lock is not None:
+            self.up()
+        elif not self.sqlite:
+            self.proxy.down()
+
+
 def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """``trackrelay receiver`` in a subprocess; returns it and its base URL."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")}
@@ -160,8 +199,8 @@ def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
 
     def banner() -> str | None:
         for line in log.read_text().splitlines():
-            if "receiver and dashboard: http://" in line:
-                return line.split("dashboard: ", 1)[1].rstrip("/")
+            if line.startswith("  receiver: http://"):
+                return line.split()[1].rstrip("/")
             if "trackrelay receiver listening on http://" in line:  # several workers
                 return line.split("listening on ", 1)[1].split("/ ", 1)[0]
         if proc.poll() is not None:

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -14,15 +19,29 @@ from sqlalchemy import Engine
 from upstream import PASSWORD, USER, RecordingUpstream
 
 from relay.server import RelayServer
-from relay.track import Tracker
+from relay.track import Prepared, Submission, Tracker
 from shared import db
 from shared.config import Settings
 
-MESSAGE = Path("/work/shared/clients/message.eml")
+CLIENTS = Path(__file__).parent / "data" / "clients"  # copies of ../shared/clients
+MESSAGE = CLIENTS / "message.eml"  # carries "X-Track: open, click" as its first line
 SIMPLE = (
     b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: hello\r\n"
     b"Message-ID: <1@example.com>\r\n\r\nHello Bob.\r\n.dot line\r\n..two dots\r\n"
 )
+
+
+class RecordingTracker(Tracker):
+    """The real Tracker that also keeps what each client submitted, byte for byte,
+    so a test can compare the delivered copies with what the client sent."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        super().__init__(settings, engine)
+        self.submitted: list[bytes] = []
+
+    async def prepare(self, submission: Submission) -> Prepared:
+        self.submitted.append(submission.data)
+        return await super().prepare(submission)
 
 
 def relay_settings(
@@ -122,3 +141,49 @@ class RawClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
+
+
+class RelayProcess:
+    """``trackrelay relay`` (or another ``command``) as users run it, ports read from its banner."""
+
+    def __init__(
+        self, tmp_path: Path, command: str = "relay", log: Path | None = None, **env: str
+    ) -> None:
+        values = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")}
+        values.update(
+            TRACKRELAY_VAR_DIR=str(tmp_path / "var"),
+            TRACKRELAY_SMTP_PORT="0",
+            TRACKRELAY_SMTPS_PORT="0",
+            TRACKRELAY_SECRET_KEY="cli-test-secret-0123456789abcdef",
+        )
+        values.update(env)
+        with open(log or os.devnull, "ab") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "trackrelay", command],
+                env=values,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        assert self.process.stdout is not None
+        self.banner = []
+        for line in self.process.stdout:
+            self.banner.append(line)
+            if line.startswith("Stop with"):
+                break
+        text = "".join(self.banner)
+        match = re.search(r"port (\d+) with STARTTLS, or port (\d+) with SSL/TLS", text)
+        assert match, text
+        self.smtp, self.smtps = int(match[1]), int(match[2])
+        plain = re.search(r"plain SMTP without AUTH on port (\d+)", text)
+        self.plain = int(plain[1]) if plain else 0
+        http = re.search(r"^\s+receiver: (http://\S+?)/?\s", text, re.M)
+        self.http = http[1] if http else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(20)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        return code

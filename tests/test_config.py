@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import SettingsError, load_settings
+from trackrelay.serve import banner
 
 
 def test_defaults_are_dev_mode_with_a_kept_secret(tmp_path: Path) -> None:
@@ -89,3 +90,15 @@ def test_cli_reports_a_bad_setting_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.count("\n") == 1
     assert "TRACKRELAY_SMTP_PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_public_url_problems_outside_dev_mode(tmp_path: Path) -> None:
+    """With a real upstream, tracked mail must point at a URL recipients can reach."""
+    real = {"var_dir": tmp_path, "secret_key": "s" * 32, "upstream": "smtps://mail.example:465"}
+    assert load_settings(var_dir=tmp_path).public_url_problem() == ""  # dev mode
+    missing = load_settings(**real, host="0.0.0.0").public_url_problem()
+    assert "TRACKRELAY_PUBLIC_URL is not set" in missing and "http://0.0.0.0:8080" in missing
+    assert "https://" in load_settings(**real, public_url="http://t.example").public_url_problem()
+    assert load_settings(**real, public_url="https://t.example").public_url_problem() == ""
+    lines = banner(load_settings(**real), None, receiver=True)
+    assert any(line.startswith("  WARNING: TRACKRELAY_PUBLIC_URL is not set") for line in lines)

@@ -7,6 +7,7 @@ from sqlalchemy import Engine
 
 from shared import consent
 from shared.consent import ConsentCache, consent_allows
+from shared.policies import load_snapshot
 
 
 def test_default_is_opt_out(engine: Engine) -> None:
@@ -58,3 +59,14 @@ def test_bad_input_is_refused(engine: Engine) -> None:
         consent.set_mode(engine, "opt-in", "not a domain")
     with pytest.raises(consent.ConsentError):
         consent.add_consent(engine, "@eu.example")
+
+
+def test_relay_snapshot_answers_like_the_database(engine: Engine) -> None:
+    """The relay decides from its policy snapshot; it must agree with consent_allows."""
+    assert load_snapshot(engine).consented == frozenset()  # opt-out: no addresses read
+    consent.set_mode(engine, "opt-in", "eu.example")
+    consent.add_consent(engine, "ana@eu.example")
+    snapshot = load_snapshot(engine)
+    for address in ("ana@eu.example", " ANA@EU.example", "ben@eu.example", "cy@us.example"):
+        assert snapshot.consent_allows(address) == consent_allows(engine, address), address
+    assert snapshot.consented == frozenset({"ana@eu.example"})

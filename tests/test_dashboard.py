@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -16,10 +16,15 @@ from dashboard_support import (
     NOW,
     PASSWORD,
     XSS_SUBJECT,
+    D,
     csrf_from,
+    login,
     seed,
+    token,
 )
-from sqlalchemy import Engine
+from dashboard_support import client as client
+from sqlalchemy import Engine, func
+from sqlmodel import select
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
@@ -27,32 +32,19 @@ from receiver import dashboard
 from receiver.app import create_app
 from receiver.dashboard.devices import device_family
 from receiver.sessions import COOKIE_NAME
+from shared import apitokens
 from shared.config import Settings
 from shared.db import session_scope
-from shared.models import Message, Policy, Suppression, User
-
-D = "/dashboard"
-
-
-@pytest.fixture
-def client(engine: Engine, make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
-    seed(engine)
-    with TestClient(create_app(make_settings(), engine)) as client:
-        yield client
-
-
-def login(client: TestClient, username: str, password: str = PASSWORD) -> None:
-    token = csrf_from(client.get(f"{D}/login").text)
-    response = client.post(
-        f"{D}/login",
-        data={"username": username, "password": password, "csrf_token": token},
-        follow_redirects=False,
-    )
-    assert response.status_code == 303, response.text
-
-
-def token(client: TestClient, path: str = f"{D}/messages") -> str:
-    return csrf_from(client.get(path).text)
+from shared.models import (
+    ApiToken,
+    Consent,
+    ConsentMode,
+    Message,
+    Policy,
+    Suppression,
+    User,
+    WebhookEndpoint,
+)
 
 
 def ids_on(html: str) -> set[int]:
@@ -70,7 +62,8 @@ def test_anonymous_get_goes_to_login(client: TestClient) -> None:
     ]
     assert len(paths) > 10
     for path in paths:
-        response = client.get(D + path.replace("{user_id:int}", "1"), follow_redirects=False)
+        path = path.replace("{user_id:int}", "1").replace("{endpoint_id:int}", "1")
+        response = client.get(D + path, follow_redirects=False)
         if path == "/":
             assert response.headers["location"] == f"{D}/messages"
             continue
@@ -182,6 +175,8 @@ def post_routes() -> list[str]:
         p.replace("{policy_id:int}", "1")
         .replace("{suppression_id:int}", "1")
         .replace("{user_id:int}", "2")
+        .replace("{endpoint_id:int}", "1")
+        .replace("{token_id:int}", "1")
         for p in paths
     ]
 
@@ -191,6 +186,9 @@ def test_every_post_needs_the_csrf_token(client: TestClient, engine: Engine) -> 
     with session_scope(engine) as s:
         s.add(Policy(pattern="*"))
         s.add(Suppression(address="x@y.example"))
+        s.add(Consent(address="c@y.example"))
+        s.add(WebhookEndpoint(url="https://hooks.example/x", secret="whsec_x"))
+    apitokens.create_token(engine, "ada", "script")
     paths = post_routes()
     assert len(paths) >= 9
     good = token(client)
@@ -208,6 +206,12 @@ def test_every_post_needs_the_csrf_token(client: TestClient, engine: Engine) -> 
         assert s.get(Policy, 1) is not None
         assert s.get(Suppression, 1) is not None
         assert s.get(User, 2) is not None
+        assert s.get(Consent, 1) is not None
+        endpoint = s.get(WebhookEndpoint, 1)
+        assert endpoint is not None and endpoint.active
+        api_token = s.get(ApiToken, 1)
+        assert api_token is not None and api_token.revoked_at is None
+        assert s.exec(select(func.count()).select_from(ConsentMode)).one() == 0
     assert client.get(f"{D}/messages").status_code == 200  # still signed in
 
 

@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
-from dashboard_support import M_OPENED, M_XSS, PASSWORD, ServerThread, add_open, seed
+from dashboard_support import M_OPENED, M_XSS, PASSWORD, ServerThread, seed
 
 from receiver.app import create_app
 from shared import db
 from shared.config import Settings
+from shared.tokens import Signer
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -29,6 +31,10 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+IPHONE_MAIL = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
+    "(KHTML, like Gecko) Mobile/15E148"
+)
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "screenshots"
 
 pytestmark = [
@@ -44,7 +50,8 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
     db.upgrade(url)
     engine = db.make_engine(url)
     seed(engine)
-    app = create_app(make_settings(database_url=url), engine)
+    settings = make_settings(database_url=url)
+    app = create_app(settings, engine)
     SHOTS.mkdir(parents=True, exist_ok=True)
     dialogs: list[str] = []
 
@@ -84,9 +91,11 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
         icon = page.locator(f'tr[data-message-id="{M_XSS}"] .hit-open')
         expect(icon).to_have_class(re.compile(r"\bis-none\b"))
         page.wait_for_function("document.body.dataset.liveState === 'open'")
-        event = add_open(engine, M_XSS, "browser-open")
+        # dave's mail client loads the real pixel: /o -> event writer -> live feed
+        pixel = f"{server.url}/o/{Signer(settings.signing_keys()).open_token(M_XSS, 1)}.gif"
         started = time.monotonic()
-        server.call(app.state.live_feed.publish([event]))
+        hit = httpx.get(pixel, headers={"User-Agent": IPHONE_MAIL})
+        assert (hit.status_code, hit.headers["content-type"]) == (200, "image/gif")
         toast = page.locator(".toast")
         expect(toast).to_contain_text("Opened by dave@client.example", timeout=10_000)
         print(f"pixel hit -> toast on screen: {(time.monotonic() - started) * 1000:.0f} ms")
@@ -134,6 +143,55 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
         page.click("text=Add user")
         shot(page, "user-form")
 
+        # add a webhook endpoint: its signing secret is shown once, then it is listed
+        page.click(".nav >> text=Webhooks")
+        shot(page, "webhooks-empty")
+        page.fill("input[name=url]", "https://crm.example/hooks/mail")
+        page.uncheck("input[name='type:message.sent']")
+        page.fill("input[name=description]", "CRM sync")
+        page.click("form.form button[type=submit]")
+        reveal = page.locator(".reveal")
+        expect(reveal).to_contain_text("Endpoint added")
+        expect(reveal.locator(".secret-value")).to_have_text(re.compile(r"^whsec_\S{20,}$"))
+        expect(page.locator("table.webhooks")).to_contain_text("https://crm.example/hooks/mail")
+        expect(page.locator("table.webhooks")).to_contain_text("message.opened")
+        shot(page, "webhooks-created")
+        page.click("table.webhooks >> text=Delivery log")
+        expect(page.locator("h1")).to_have_text("https://crm.example/hooks/mail")
+        shot(page, "webhook")
+
+        # create an API token: shown once with a copy button, then only its prefix
+        page.click(".nav >> text=API tokens")
+        page.fill("input[name=name]", "CRM sync")
+        page.click("form.form button[type=submit]")
+        secret = page.locator("#new-token")
+        expect(secret).to_have_text(re.compile(r"^trk_\S{40,}$"))
+        api_token = secret.inner_text()
+        page.click("button[data-copy='#new-token']")
+        expect(page.locator("button[data-copy='#new-token']")).to_have_text("Copied")
+        expect(page.locator("table.tokens")).to_contain_text(api_token[:12] + "…")
+        shot(page, "tokens-created")
+        page.goto(server.url + "/dashboard/tokens")  # seen again: only its prefix
+        expect(page.locator("table.tokens")).to_contain_text("CRM sync")
+        expect(page.locator("#new-token")).to_have_count(0)
+        assert api_token not in page.content()
+        shot(page, "tokens")
+
+        # privacy: consent, and erasing a recipient asks first
+        page.click(".nav >> text=Privacy")
+        page.fill("input[name=address]", "ana@eu.example")
+        page.click("text=Record consent")
+        expect(page.locator("table.consents")).to_contain_text("ana@eu.example")
+        shot(page, "consent")
+        page.click("nav.segmented >> text=Erase a recipient")
+        page.fill("input[name=address]", "bob@client.example")
+        page.click("text=Continue")
+        expect(page.locator("form.confirm h2")).to_contain_text("bob@client.example")
+        shot(page, "erase-confirm")
+        page.click("form.confirm button[type=submit]")
+        expect(page.locator(".erase-report")).to_contain_text("recipients")
+        shot(page, "erase-done")
+
         # sign out
         page.click("text=Sign out")
         expect(page).to_have_url(re.compile(r"/dashboard/login"))
@@ -154,10 +212,23 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
             ("/dashboard/policies/new", "policy-form"),
             ("/dashboard/suppressions", "suppressions"),
             ("/dashboard/users", "users"),
+            ("/dashboard/webhooks", "webhooks"),
+            ("/dashboard/webhooks/1", "webhook"),
+            ("/dashboard/tokens", "tokens"),
+            ("/dashboard/privacy", "consent"),
+            ("/dashboard/privacy/erase", "erase"),
         ]:
             phone.goto(server.url + path)
             shot(phone, name)
             overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert overflow <= 0, f"{name} scrolls sideways at phone width by {overflow}px"
+        # the shown-once token at phone width
+        phone.goto(server.url + "/dashboard/tokens")
+        phone.fill("input[name=name]", "Phone script")
+        phone.click("form.form button[type=submit]")
+        expect(phone.locator("#new-token")).to_be_visible()
+        shot(phone, "tokens-created")
+        overflow = phone.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"the new token scrolls sideways at phone width by {overflow}px"
         browser.close()
     assert dialogs == []  # nothing from mail ever ran as script

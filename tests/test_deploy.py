@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shared.config import Settings
 from trackrelay.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +44,20 @@ def test_dockerfile_installs_the_packages_compose_runs() -> None:
     for package in ("relay", "receiver", "shared", "trackrelay"):
         assert f"COPY {package} ./{package}" in dockerfile
     assert 'ENTRYPOINT ["trackrelay"]' in dockerfile
+
+
+def test_every_setting_in_compose_exists(compose: dict) -> None:
+    """A misspelt TRACKRELAY_ variable would be refused at start (extra="forbid")."""
+    fields = {f"TRACKRELAY_{name.upper()}" for name in Settings.model_fields}
+    for name, service in compose["services"].items():
+        for key in service.get("environment", {}):
+            if key.startswith("TRACKRELAY_"):
+                assert key in fields, (name, key)
+
+
+def test_relays_and_receivers_keep_their_journal_on_a_volume(compose: dict) -> None:
+    """The relay and receiver journals (database outages) must survive a restart."""
+    for name, service in compose["services"].items():
+        if service.get("command") in (["relay"], ["receiver"]):
+            mounts = [v.split(":")[1] for v in service.get("volumes", [])]
+            assert "/var/lib/trackrelay" in mounts, name

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,58 +18,19 @@ from typing import Any
 import httpx
 import pytest
 from receiver_support import (
+    Outage,
     ServerThread,
-    TCPProxy,
     count_events,
     event_rows,
     start_receiver,
     wait_for,
 )
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 
 from receiver.app import create_app
 from receiver.events import Journal, truncate_ip
 from shared.config import Settings
 from shared.tokens import Signer
-
-
-class Outage:
-    """Makes the database at ``database_url`` unavailable to the receiver, then back."""
-
-    def __init__(self, database_url: str) -> None:
-        parsed = make_url(database_url)
-        self.sqlite = parsed.get_backend_name() == "sqlite"
-        self._lock: sqlite3.Connection | None = None
-        if self.sqlite:
-            self.path = str(parsed.database)
-            self.app_url = database_url
-        else:
-            self.proxy = TCPProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
-            self.proxy.up()
-            self.app_url = self.proxy.url_for(database_url)
-
-    def down(self) -> None:
-        if self.sqlite:
-            self._lock = sqlite3.connect(self.path, isolation_level=None)
-            self._lock.execute("BEGIN EXCLUSIVE")
-        else:
-            self.proxy.down()
-
-    def up(self) -> None:
-        if self.sqlite:
-            assert self._lock is not None
-            self._lock.execute("ROLLBACK")
-            self._lock.close()
-            self._lock = None
-        else:
-            self.proxy.up()
-
-    def close(self) -> None:
-        if self.sqlite and self._lock is not None:
-            self.up()
-        elif not self.sqlite:
-            self.proxy.down()
 
 
 @pytest.fixture

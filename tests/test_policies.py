@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
+import receiver
+from shared.db import session_scope
 from shared.models import Policy
+from shared.outbox import sender_wants_mail
 from shared.policies import (
     DEFAULT_POLICY,
+    SUPPRESSION_SOURCES,
     PolicyError,
     add_suppression,
+    check_mode,
+    check_recipient_cap,
     list_policies,
     list_suppressions,
     load_snapshot,
+    normalize_address,
     normalize_pattern,
+    policy_by_id,
     remove_policy,
     remove_suppression,
     resolve,
     set_policy,
+    suppression_by_id,
 )
 from trackrelay.cli import main
 
@@ -76,7 +87,7 @@ def test_crud(engine: Engine) -> None:
     with pytest.raises(PolicyError, match="no policy"):
         remove_policy(engine, "*")
     add_suppression(engine, "Bob@Example.org")
-    add_suppression(engine, "bob@example.org", source="recipient")  # idempotent
+    add_suppression(engine, "bob@example.org", source="public")  # idempotent
     assert [s.address for s in list_suppressions(engine)] == ["bob@example.org"]
     snapshot = load_snapshot(engine)
     assert snapshot.is_suppressed("<BOB@example.org>")
@@ -109,3 +120,76 @@ def test_cli(
     assert capsys.readouterr().out.splitlines()[-1].startswith("carol@example.net\tcli\t")
     assert main(["suppress", "remove", "carol@example.net"]) == 0
     assert main(["suppress", "remove", "carol@example.net"]) == 1
+
+
+def test_forms_add_and_edit_by_id(engine: Engine) -> None:
+    first = set_policy(engine, "@example.com", mode="always", new=True)
+    with pytest.raises(PolicyError, match=r"already a policy for @example\.com") as caught:
+        set_policy(engine, "@EXAMPLE.com", new=True)
+    assert caught.value.field == "pattern"
+    other = set_policy(engine, "ann@example.com", new=True)
+    # an edit may change the pattern, but not onto another policy's
+    moved = set_policy(engine, "@example.org", mode="never", policy_id=first.id)
+    assert (moved.id, moved.pattern, moved.mode) == (first.id, "@example.org", "never")
+    with pytest.raises(PolicyError, match=r"already a policy for ann@example\.com"):
+        set_policy(engine, "ann@example.com", policy_id=first.id)
+    assert other.id is not None and policy_by_id(engine, other.id) is not None
+    remove_policy(engine, "ann@example.com")
+    with pytest.raises(PolicyError, match="no longer exists"):
+        set_policy(engine, "bob@example.com", policy_id=other.id)
+
+
+def test_suppression_search_and_strict_add(engine: Engine) -> None:
+    for address in ("zoe@example.com", "zed@example.org", "per%cent@example.com"):
+        add_suppression(engine, address, "dashboard", new=True)
+    with pytest.raises(PolicyError, match="already on the list") as caught:
+        add_suppression(engine, "ZOE@example.com", new=True)
+    assert caught.value.field == "address"
+    assert [s.address for s in list_suppressions(engine, "EXAMPLE.COM")] == [
+        "per%cent@example.com",
+        "zoe@example.com",
+    ]
+    assert [s.address for s in list_suppressions(engine, "%")] == ["per%cent@example.com"]
+    assert len(list_suppressions(engine, limit=2)) == 2
+    row = list_suppressions(engine, "zed")[0]
+    assert row.id is not None and suppression_by_id(engine, row.id) == row
+
+
+@pytest.mark.parametrize(
+    ("call", "text"),
+    [
+        (lambda: normalize_address("@example.com"), "not a whole domain"),
+        (lambda: normalize_address(""), "enter an email address"),
+        (lambda: normalize_pattern("  "), "say who this applies to"),
+        (lambda: normalize_pattern("sales at example"), "is not an email address (ann@"),
+        (lambda: check_recipient_cap("ten"), "whole number from 1 to 1000"),
+        (lambda: check_recipient_cap(1001), "whole number from 1 to 1000"),
+        (lambda: check_mode("sometimes"), "mode must be one of header, always, never"),
+    ],
+)
+def test_messages_for_people(call: Callable[[], object], text: str) -> None:
+    with pytest.raises(PolicyError, match=re.escape(text)):
+        call()
+
+
+def test_notification_mail_follows_policy_resolution(engine: Engine) -> None:
+
+    set_policy(engine, "@bücher.example", notify=True)
+    set_policy(engine, "*", notify=False)
+    set_policy(engine, "ann@bücher.example", notify=False)
+    with session_scope(engine) as session:
+        assert sender_wants_mail(session, "Bob@BÜCHER.example")  # IDN domain, any case
+        assert not sender_wants_mail(session, "ann@bücher.example")  # exact beats @domain
+        assert not sender_wants_mail(session, "x@elsewhere.example")  # falls to *
+
+
+def test_suppression_sources_are_what_the_writers_write(engine: Engine) -> None:
+    """The public page writes source 'public' and the API 'api': both are valid
+    sources, and the dashboard has a label for every one."""
+    template = (
+        Path(receiver.__file__).parent / "templates/dashboard/suppressions.html"
+    ).read_text()
+    for n, source in enumerate(SUPPRESSION_SOURCES):
+        add_suppression(engine, f"r{n}@example.org", source=source)
+        assert f'"{source}":' in template, source
+    assert {"public", "api"} <= set(SUPPRESSION_SOURCES)

@@ -167,7 +167,10 @@ def test_several_workers_share_the_port_and_record_every_hit(
     proc, url = start_receiver(env, tmp_path / "receiver.log")
     signer = Signer(settings.signing_keys())
     try:
-        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        # The socket is bound before the workers start: the first request queues
+        # until a worker has imported the app, which on a loaded machine takes more
+        # than httpx's default 5 s.
+        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=30).status_code == 200)
         with httpx.Client(base_url=url) as client:
             for i in range(100):
                 assert client.get(f"/o/{signer.open_token(21, i)}").status_code == 200

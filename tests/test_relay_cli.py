@@ -4,56 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import re
 import signal
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
 import pytest
-from relaykit import SIMPLE, RawClient
+from relaykit import SIMPLE, RawClient, RelayProcess
 from upstream import PASSWORD, USER, RecordingUpstream
-
-
-class RelayProcess:
-    def __init__(self, tmp_path: Path, **env: str) -> None:
-        values = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")}
-        values.update(
-            TRACKRELAY_VAR_DIR=str(tmp_path / "var"),
-            TRACKRELAY_SMTP_PORT="0",
-            TRACKRELAY_SMTPS_PORT="0",
-            TRACKRELAY_SECRET_KEY="cli-test-secret-0123456789abcdef",
-            **env,
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "trackrelay", "relay"],
-            env=values,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        self.banner = []
-        for line in self.process.stdout:
-            self.banner.append(line)
-            if line.startswith("Stop with"):
-                break
-        text = "".join(self.banner)
-        match = re.search(r"port (\d+) with STARTTLS, or port (\d+) with SSL/TLS", text)
-        assert match, text
-        self.smtp, self.smtps = int(match[1]), int(match[2])
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        code = self.process.wait(20)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-        return code
 
 
 @pytest.fixture

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from relaykit import SIMPLE, client, relay_settings, running_relay
+from relaykit import SIMPLE, client, relay_settings, running_relay, send
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 from upstream import PASSWORD, USER, RecordingUpstream
@@ -16,6 +17,8 @@ from upstream import PASSWORD, USER, RecordingUpstream
 from shared import db
 from shared.config import Settings
 from shared.models import Message, Recipient
+from shared.policies import add_suppression
+from shared.tokens import Signer
 
 
 async def send_three(settings: Settings, engine: Engine) -> str:
@@ -60,3 +63,62 @@ def test_database_failure_never_fails_the_client(
     assert reply.startswith("2.0.0")
     assert len(upstream.messages) == 1
     assert "DATABASE WRITE FAILED" in caplog.text
+
+
+TRACKED = (
+    b"From: alice@example.com\r\nTo: a@example.net, b@example.net\r\nSubject: hi\r\n"
+    b"X-Track: all\r\nMIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    b'<html><body><a href="https://example.com/x">x</a></body></html>\r\n'
+)
+
+
+def test_recipient_positions_match_the_tokens_when_one_is_untracked(
+    make_settings: Callable[..., Settings], upstream: RecordingUpstream, engine: Engine
+) -> None:
+    """The untracked (suppressed) first recipient's copy goes out last; its row
+    must still get position 1, or the second recipient's hits would be shown as
+    the first recipient's."""
+    settings = relay_settings(make_settings, upstream, public_url="https://t.example.net")
+    add_suppression(engine, "a@example.net")
+
+    async def scenario() -> None:
+        async with running_relay(settings, engine) as relay:
+            await send(relay, TRACKED, recipients=("a@example.net", "b@example.net"))
+
+    asyncio.run(scenario())
+    copies = {tuple(m.rcpt_tos): m.data for m in upstream.messages}
+    assert copies[("a@example.net",)] == TRACKED.replace(b"X-Track: all\r\n", b"")
+    token = re.search(rb"https://t\.example\.net/o/([\w-]+)\.gif", copies[("b@example.net",)])
+    assert token
+    position = Signer(settings.signing_keys()).verify_open(token[1].decode()).recipient
+    with Session(engine) as session:
+        rows = session.exec(select(Recipient).order_by(Recipient.position)).all()
+    assert [(r.position, r.address, r.tracked) for r in rows] == [
+        (1, "a@example.net", False),
+        (2, "b@example.net", True),
+    ]
+    assert position == 2
+
+
+def test_log_lines_name_the_message_as_the_dashboard_does(
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One id per message across the relay's log lines (the tracking decision and
+    the delivery), the same number the dashboard and API show, so grep finds both."""
+    settings = relay_settings(make_settings, upstream, public_url="https://t.example.net")
+
+    async def scenario() -> None:
+        async with running_relay(settings, engine) as relay:
+            await send(relay, TRACKED, recipients=("a@example.net",))
+            await send(relay, SIMPLE, recipients=("a@example.net",))
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        asyncio.run(scenario())
+    with Session(engine) as session:
+        ids = [m.id for m in session.exec(select(Message)).all()]
+    for mid in ids:
+        names = {r.name for r in caplog.records if re.search(rf"message {mid}\b", r.getMessage())}
+        assert names >= {"relay.track", "relay.record"}, (mid, caplog.text)

@@ -5,7 +5,8 @@ port 0, running its own event loop in a thread (so sync and async tests, and
 relays in subprocesses, can all use it). It speaks STARTTLS with a self-signed
 certificate and requires AUTH (PLAIN or LOGIN) for :data:`USER` /
 :data:`PASSWORD`, counting every attempt. Behaviour can be changed per test:
-refuse some recipients, answer DATA with a given reply, or answer slowly.
+refuse some recipients, answer DATA with a given reply, answer slowly, or
+drop the connection in the middle of DATA.
 
 Fixtures (registered through ``pytest_plugins`` in conftest.py):
 
@@ -51,6 +52,7 @@ class RecordingUpstream:
     refuse: dict[str, str] = field(default_factory=dict)  # RCPT address -> reply
     data_reply: str | None = None  # e.g. "554-5.7.1 first\r\n554 5.7.1 second"
     data_delay: float = 0.0
+    reset_mid_data: int = 0  # the next N DATA commands: read a little, then drop the connection
     messages: list[Received] = field(default_factory=list)
     auth_attempts: list[tuple[str, str]] = field(default_factory=list)  # (mechanism, user)
     connections: int = 0
@@ -80,7 +82,7 @@ class RecordingUpstream:
 
     def _protocol(self) -> SMTP:
         self.connections += 1
-        protocol = SMTP(
+        protocol = _SMTP(
             _Handler(self),
             hostname="upstream.test",
             ident="recording upstream",
@@ -136,6 +138,19 @@ class RecordingUpstream:
         while len(self.messages) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.messages
+
+
+class _SMTP(SMTP):
+    async def smtp_DATA(self, arg: str) -> None:
+        upstream = self.event_handler.upstream
+        if upstream.reset_mid_data <= 0 or not self.envelope or not self.envelope.rcpt_tos:
+            await super().smtp_DATA(arg)
+            return
+        upstream.reset_mid_data -= 1
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self._reader.readline()  # the first line of the message, then the wire is cut
+        assert self.transport is not None
+        self.transport.abort()
 
 
 class _Handler:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvicorn
 from sqlalchemy import Engine
+from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
 from shared.config import Settings
@@ -57,13 +58,21 @@ async def run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    if problem := settings.public_url_problem():
+        log.warning("%s", problem)
+    http_socket = bind_http(settings) if receiver else None
+    if http_socket is not None and settings.http_port == 0 and not settings.public_url:
+        # Links default to http://HOST:HTTP_PORT: name the port really bound, not 0.
+        settings = settings.model_copy(update={"http_port": http_socket.getsockname()[1]})
     relay_server = None
     if relay:
         from relay.server import RelayServer
 
         relay_server = RelayServer(settings, engine, sockets=relay_sockets)
-    http_server = _http_server(settings, engine) if receiver else None
-    http_socket = bind_http(settings) if receiver else None
+    app = _app(settings, engine) if receiver else None
+    if app is not None and relay_server is not None:
+        _relay_metrics(app)
+    http_server = _http_server(settings, app) if app is not None else None
     tasks: list[asyncio.Task[None]] = []
     try:
         if relay_server is not None:
@@ -79,6 +88,8 @@ async def run(
         waiter.cancel()
     finally:
         log.info("shutting down")
+        if app is not None:
+            app.state.live_feed.close_streams()  # open dashboards would hold uvicorn
         if http_server is not None:
             http_server.should_exit = True
         if relay_server is not None:
@@ -195,11 +206,28 @@ def serve_relay_workers(settings: Settings, engine: Engine) -> int:
     return status
 
 
-def _http_server(settings: Settings, engine: Engine) -> uvicorn.Server:
+def _app(settings: Settings, engine: Engine) -> Starlette:
     from receiver.app import create_app
 
+    return create_app(settings, engine)
+
+
+def _relay_metrics(app: Starlette) -> None:
+    """In one process, /metrics also shows the relay's injection counters."""
+    from relay.track import metrics as relay
+
+    registry = app.state.metrics
+    for name, help, read in (
+        ("prepared", "messages the relay prepared for delivery", lambda: relay.prepared),
+        ("tracked", "messages sent with tracking", lambda: relay.tracked),
+        ("injection_failures", "injection errors (sent untracked)", lambda: relay.failures),
+    ):
+        registry.counter(f"trackrelay_relay_messages_{name}_total", help, read)
+
+
+def _http_server(settings: Settings, app: Starlette) -> uvicorn.Server:
     config = uvicorn.Config(
-        create_app(settings, engine),
+        app,
         host=settings.host,
         port=settings.http_port,
         http="httptools",
@@ -228,12 +256,28 @@ def banner(
     receiver: bool,
     http_port: int | None = None,
 ) -> list[str]:
-    lines = ["trackrelay is running" + (" in dev mode" if settings.dev_mode else "") + "."]
+    """What a person needs to start using what was just started."""
+    dev = " in dev mode: no mail leaves this machine" if settings.dev_mode else ""
+    lines = [f"trackrelay is running{dev}."]
     if relay_server is not None:
         lines += getattr(relay_server, "describe", lambda: [])()
     if receiver:
         port = settings.http_port if http_port is None else http_port
-        lines.append(f"  receiver and dashboard: http://{settings.host}:{port}/")
-        lines.append(f"  links in mail point at: {settings.base_url}")
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        local = f"http://{host}:{port}"
+        dev_user = settings.dev_mode and relay_server is not None  # the relay made it
+        who = "sign in as dev" if dev_user else "users: trackrelay user add --admin NAME"
+        lines += [
+            "Receiver (tracking pixels and links) and dashboard:",
+            f"  dashboard: {local}/dashboard/  ({who})",
+            f"  links in mail point at: {settings.base_url}",
+            *([f"  WARNING: {problem}"] if (problem := settings.public_url_problem()) else []),
+            f'  receiver: {local}/  (its front page is for recipients: "stop tracking me")',
+        ]
+        if settings.dev_mode:
+            lines += [
+                "  note: opens and clicks from the machine that sent a message are the",
+                "  sender's own (verdict 'self'): recorded, not counted as opens or clicks",
+            ]
     lines.append("Stop with Ctrl-C.")
     return lines

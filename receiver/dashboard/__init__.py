@@ -13,7 +13,9 @@ started and stopped in the lifespan and given to the event writer as its
 
 One module per page family: ``auth`` (sign in/out), ``messages`` (list,
 detail, CSV, live stream), ``overview``, ``admin`` (policies, suppression,
-users); ``web`` holds what they share; ``queries`` what they read.
+users), ``integrations`` (webhooks, API tokens), ``privacy`` (consent,
+erasure); ``web`` holds what they share, ``forms`` how forms are read,
+``queries`` what they read.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from receiver.dashboard import admin, auth, messages, overview
+from receiver.dashboard import admin, auth, integrations, messages, overview, privacy
 from receiver.dashboard.web import STATIC_DIR
 from receiver.sessions import SessionMiddleware
 from shared.config import Settings
@@ -39,7 +41,7 @@ routes: list[BaseRoute] = [
     Route("/messages/{message_id:int}", messages.message_detail),
     Route("/live", messages.live),
     Route("/overview", overview.overview),
-    Route("/policies", admin.policies),
+    Route("/policies", admin.policies_list),
     Route("/policies/new", admin.policy_new, methods=GET_POST),
     Route("/policies/{policy_id:int}", admin.policy_edit, methods=GET_POST),
     Route("/policies/{policy_id:int}/delete", admin.policy_delete, methods=["POST"]),
@@ -49,6 +51,19 @@ routes: list[BaseRoute] = [
     Route("/users/new", admin.user_new, methods=GET_POST),
     Route("/users/{user_id:int}", admin.user_edit, methods=GET_POST),
     Route("/users/{user_id:int}/delete", admin.user_delete, methods=["POST"]),
+    Route("/webhooks", integrations.webhooks_list, methods=GET_POST),
+    Route("/webhooks/{endpoint_id:int}", integrations.webhook_detail),
+    Route("/webhooks/{endpoint_id:int}/active", integrations.webhook_active, methods=["POST"]),
+    Route("/webhooks/{endpoint_id:int}/test", integrations.webhook_test, methods=["POST"]),
+    Route("/webhooks/{endpoint_id:int}/delete", integrations.webhook_delete, methods=["POST"]),
+    Route("/tokens", integrations.tokens_list, methods=GET_POST),
+    Route("/tokens/{token_id:int}/revoke", integrations.token_revoke, methods=["POST"]),
+    Route("/privacy", privacy.consent_page),
+    Route("/privacy/mode", privacy.consent_mode, methods=["POST"]),
+    Route("/privacy/mode/clear", privacy.consent_mode_clear, methods=["POST"]),
+    Route("/privacy/consents", privacy.consent_add, methods=["POST"]),
+    Route("/privacy/consents/remove", privacy.consent_remove, methods=["POST"]),
+    Route("/privacy/erase", privacy.erase, methods=GET_POST),
     Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="dashboard-static"),
 ]
 

@@ -22,11 +22,12 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
+from receiver.classify import ENGAGED_VERDICTS
 from receiver.dashboard.filters import Filters
 from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient
 
-COUNTED = ("human", "proxy")
+COUNTED = tuple(sorted(ENGAGED_VERDICTS))
 MACHINE = ("machine", "scanner")
 
 

@@ -123,6 +123,18 @@ def redirect(request: Request, path: str) -> RedirectResponse:
     return RedirectResponse(base_path(request) + path, status_code=303)
 
 
+async def form_of(request: Request) -> dict[str, str]:
+    """The posted form's text fields (files are not taken anywhere)."""
+    form = await request.form()
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+def path_id(request: Request, name: str) -> int:
+    """A database id from the path; out-of-range numbers find nothing (404)."""
+    value = int(request.path_params[name])
+    return value if value < 2**31 else 0
+
+
 def engine_of(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine

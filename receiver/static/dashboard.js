@@ -18,9 +18,37 @@
     });
   }
 
+  // Copy a value shown once; the clipboard API needs a secure context, so
+  // fall back to selecting the text and the old copy command.
+  function copy(button) {
+    const target = document.querySelector(button.dataset.copy);
+    if (!target) return;
+    const value = target.textContent.trim();
+    const done = () => {
+      button.textContent = button.dataset.copied || "Copied";
+      button.classList.add("is-copied");
+    };
+    const fallback = () => {
+      const range = document.createRange();
+      range.selectNodeContents(target);
+      const selection = window.getSelection();
+      selection.removeAllRanges();
+      selection.addRange(range);
+      if (document.execCommand && document.execCommand("copy")) done();
+    };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(value).then(done, fallback);
+    } else {
+      fallback();
+    }
+  }
+
   function formHelpers() {
     document.querySelectorAll("select[data-autosubmit]").forEach((el) => {
       el.addEventListener("change", () => el.form.submit());
+    });
+    document.querySelectorAll("button[data-copy]").forEach((button) => {
+      button.addEventListener("click", () => copy(button));
     });
     document.querySelectorAll("form[data-confirm]").forEach((form) => {
       form.addEventListener("submit", (event) => {

@@ -1,0 +1,238 @@
+"""Administrators' pages for what talks to other systems: webhooks and API tokens.
+
+A webhook's signing secret and an API token are shown exactly once, on the
+page that answers the form that created them: never stored in the session
+cookie (signed, not encrypted), never shown again (the token is kept only as
+a hash; the secret is kept, because signing needs it, but not displayed).
+That page is ``no-store`` like every dashboard page, so Back does not bring
+it up from the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response
+
+from receiver.dashboard.forms import Errors, checked, message, text
+from receiver.dashboard.queries import Viewer
+from receiver.dashboard.web import (
+    engine_of,
+    flash,
+    form_of,
+    not_found,
+    page,
+    path_id,
+    redirect,
+    render,
+    settings_of,
+)
+from shared import apitokens, webhooks
+from shared.models import WebhookEndpoint
+from shared.outbox import EVENT_TYPES
+from shared.users import UserError, list_users
+
+log = logging.getLogger(__name__)
+
+EVENT_LABELS = {
+    "message.sent": "A message was relayed",
+    "message.opened": "First open of a message, per recipient",
+    "message.machine_opened": "Opened by a machine (privacy prefetch, scanners)",
+    "link.clicked": "A link was clicked",
+    "delivery.failed": "The mail server refused a recipient",
+}
+assert set(EVENT_LABELS) == set(EVENT_TYPES)
+LOG_ROWS = 50
+
+
+# --- webhooks ---
+
+
+def _event_types(endpoint: WebhookEndpoint) -> list[str]:
+    return [] if endpoint.event_types == "*" else endpoint.event_types.split(",")
+
+
+def _webhooks_page(
+    request: Request,
+    rows: list[WebhookEndpoint],
+    form: dict[str, Any],
+    errors: Errors,
+    created: WebhookEndpoint | None = None,
+) -> Response:
+    context = {
+        "endpoints": [(e, _event_types(e)) for e in rows],
+        "event_labels": EVENT_LABELS,
+        "form": form,
+        "errors": errors,
+        "created": created,
+        "nav": "webhooks",
+    }
+    return render(request, "dashboard/webhooks.html", context, 400 if errors else 200)
+
+
+@page(admin=True)
+async def webhooks_list(request: Request, viewer: Viewer) -> Response:
+    engine = engine_of(request)
+    form: dict[str, Any] = {"url": "", "description": "", "types": list(EVENT_TYPES)}
+    errors = Errors()
+    created = None
+    if request.method == "POST":
+        posted = await form_of(request)
+        form = {
+            "url": text(posted, "url"),
+            "description": text(posted, "description")[:500],
+            "types": [t for t in EVENT_TYPES if checked(posted, f"type:{t}")],
+        }
+        if not form["types"]:
+            errors["types"] = "Choose at least one event type to send."
+        errors.check(webhooks.check_url, form["url"])
+        if not errors:
+            every = len(form["types"]) == len(EVENT_TYPES)
+            try:
+                created = await asyncio.to_thread(
+                    webhooks.add_endpoint,
+                    engine,
+                    form["url"],
+                    ["*"] if every else form["types"],
+                    description=form["description"],
+                )
+            except UserError as exc:
+                errors.add(exc)
+            else:
+                form = {"url": "", "description": "", "types": list(EVENT_TYPES)}
+    rows = await asyncio.to_thread(webhooks.list_endpoints, engine)
+    return _webhooks_page(request, rows, form, errors, created)
+
+
+async def _endpoint(request: Request) -> WebhookEndpoint | None:
+    try:
+        return await asyncio.to_thread(
+            webhooks.get_endpoint, engine_of(request), path_id(request, "endpoint_id")
+        )
+    except webhooks.WebhookError:
+        return None
+
+
+@page(admin=True)
+async def webhook_detail(request: Request, viewer: Viewer) -> Response:
+    endpoint = await _endpoint(request)
+    if endpoint is None:
+        return not_found(request)
+    attempts = await asyncio.to_thread(
+        webhooks.delivery_log, engine_of(request), endpoint.id, LOG_ROWS
+    )
+    context = {
+        "endpoint": endpoint,
+        "types": _event_types(endpoint),
+        "event_labels": EVENT_LABELS,
+        "attempts": attempts,
+        "log_rows": LOG_ROWS,
+        "nav": "webhooks",
+    }
+    return render(request, "dashboard/webhook.html", context)
+
+
+@page(admin=True)
+async def webhook_active(request: Request, viewer: Viewer) -> Response:
+    endpoint = await _endpoint(request)
+    if endpoint is None or endpoint.id is None:
+        return not_found(request)
+    active = (await form_of(request)).get("active") == "1"
+    await asyncio.to_thread(webhooks.set_active, engine_of(request), endpoint.id, active)
+    if active:
+        flash(request, f"Sending to {endpoint.url} again, starting with what waited.")
+    else:
+        flash(request, f"Paused {endpoint.url}. Events are kept and sent when you resume.")
+    return redirect(request, f"/webhooks/{endpoint.id}")
+
+
+@page(admin=True)
+async def webhook_test(request: Request, viewer: Viewer) -> Response:
+    endpoint = await _endpoint(request)
+    if endpoint is None or endpoint.id is None:
+        return not_found(request)
+    try:
+        code, latency = await webhooks.send_test(
+            settings_of(request), engine_of(request), endpoint.id
+        )
+    except httpx.HTTPError as exc:
+        log.info("test event to %s failed: %r", endpoint.url, exc)
+        reason = str(exc) or type(exc).__name__
+        flash(request, f"Could not deliver the test event: {reason}.", "error")
+    else:
+        if 200 <= code < 300:
+            flash(request, f"Test event delivered: the endpoint answered {code} in {latency} ms.")
+        else:
+            flash(
+                request,
+                f"The endpoint answered {code} ({latency} ms). It must answer 2xx to "
+                "acknowledge an event; anything else is retried.",
+                "error",
+            )
+    return redirect(request, f"/webhooks/{endpoint.id}")
+
+
+@page(admin=True)
+async def webhook_delete(request: Request, viewer: Viewer) -> Response:
+    endpoint = await _endpoint(request)
+    if endpoint is None or endpoint.id is None:
+        return not_found(request)
+    try:
+        await asyncio.to_thread(webhooks.remove_endpoint, engine_of(request), endpoint.id)
+    except webhooks.WebhookError:  # removed meanwhile
+        return not_found(request)
+    flash(request, f"Removed {endpoint.url} with its queue and delivery log.")
+    return redirect(request, "/webhooks")
+
+
+# --- API tokens ---
+
+
+@page(admin=True)
+async def tokens_list(request: Request, viewer: Viewer) -> Response:
+    engine = engine_of(request)
+    form = {"name": "", "username": viewer.username}
+    errors = Errors()
+    created: tuple[str, Any] | None = None
+    if request.method == "POST":
+        posted = await form_of(request)
+        form = {"name": text(posted, "name"), "username": text(posted, "username")}
+        if not form["name"]:
+            errors["name"] = "Give the token a name, so you know later what uses it."
+        elif len(form["name"]) > 255:
+            errors["name"] = "Keep the name under 255 characters."
+        if not errors:
+            try:
+                created = await asyncio.to_thread(
+                    apitokens.create_token, engine, form["username"], form["name"]
+                )
+            except UserError as exc:
+                errors["username"] = message(exc)
+            else:
+                form["name"] = ""
+    rows = await asyncio.to_thread(apitokens.list_tokens, engine)
+    people = await asyncio.to_thread(list_users, engine)
+    context = {
+        "tokens": rows,
+        "users": [user for user, _ in people],
+        "form": form,
+        "errors": errors,
+        "created": created,
+        "nav": "tokens",
+    }
+    return render(request, "dashboard/tokens.html", context, 400 if errors else 200)
+
+
+@page(admin=True)
+async def token_revoke(request: Request, viewer: Viewer) -> Response:
+    token_id = path_id(request, "token_id")
+    try:
+        token = await asyncio.to_thread(apitokens.revoke_token, engine_of(request), str(token_id))
+    except UserError:
+        return not_found(request)
+    flash(request, f"Token {token.name} ({token.prefix}…) revoked: it stops working at once.")
+    return redirect(request, "/tokens")
