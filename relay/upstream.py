@@ -272,7 +272,7 @@ async def _send_data(smtp: aiosmtplib.SMTP, content: bytes, wait: float) -> SMTP
     """DATA, then ``content`` as :func:`data_chunks` encodes it, then the reply.
 
     Instead of ``SMTP.data``, whose line-ending normalisation and dot-stuffing
-    regexes cost ~1.5 ms per 50 KB message and hold the event loop ~2 s for a
+    regexes cost ~1.5 ms per 50 KB message and hold the event loop over a second for a
     35 MB one (every other session waits), and which make three copies of it.
     """
     start = await smtp.execute_command(b"DATA")
