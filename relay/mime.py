@@ -373,7 +373,7 @@ def _qp_edit(
     dec_starts = list(accumulate(map(len, pieces), initial=0))
     width = _qp_width(raw)
     whole = b"".join(pieces)
-    if whole != whole_body:
+    if whole != whole_body or not lines:  # malformed, or an empty body (only a pixel)
         return _qp_encode(_splice(whole_body, edits), width, eol)
     enc_starts = list(accumulate(map(len, lines), initial=0))
     last = len(lines) - 1
