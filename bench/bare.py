@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)  # connections queue from now on, even before the workers accept
     sock.set_inheritable(True)
     config = uvicorn.Config(
         "bench.bare:app",

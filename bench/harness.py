@@ -6,6 +6,7 @@ process so its CPU time and peak memory can be read from /proc.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -50,16 +51,36 @@ class Server:
     port: int
     proc: subprocess.Popen[bytes]
 
+    def pids(self) -> list[int]:
+        """The server and its live descendants (the worker processes of a supervisor)."""
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    todo += [int(child) for child in task.read_text().split()]
+        return found
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        """User + system CPU of the server and its workers so far."""
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks
 
     def peak_rss(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        """The largest VmHWM among the server's processes (one worker relays a message)."""
+        peak = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+        return peak
 
     def reset_peak_rss(self) -> None:
         """Reset VmHWM to the current RSS (Linux 4.0+: write 5 to clear_refs)."""
@@ -71,17 +92,26 @@ class Server:
 
 @contextmanager
 def running(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """Start ``cmd``, wait until ``port`` accepts; its output goes to a temp file
+    (a pipe nobody reads would block a chatty server) shown if it fails to start."""
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
     try:
-        wait_port(port, proc)
+        try:
+            wait_port(port, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{' '.join(cmd)}: {exc}\n{tail}") from None
         yield Server(port, proc)
     finally:
+        log.close()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)
@@ -108,11 +138,22 @@ def baseline(kind: str, upstream_port: int) -> Iterator[Server]:
 
 
 @contextmanager
-def trackrelay(upstream_port: int, **extra: str) -> Iterator[Server]:
-    """``trackrelay relay`` on a plain listener for trusted loopback clients."""
+def trackrelay(upstream_port: int, workers: int = 1, **extra: str) -> Iterator[Server]:
+    """``trackrelay relay`` on a plain listener for trusted loopback clients.
+
+    A real (loopback ``smtp://``) upstream means production mode, which wants a
+    certificate for the TLS listeners: a throwaway self-signed one is made here.
+    """
+    from relay.tlscert import write_self_signed
+
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="trackrelay-bench-") as var:
+        cert, key = Path(var) / "cert.pem", Path(var) / "key.pem"
+        write_self_signed(cert, key)
         env = {
+            "TRACKRELAY_TLS_CERT": str(cert),
+            "TRACKRELAY_TLS_KEY": str(key),
+            "TRACKRELAY_RELAY_WORKERS": str(workers),
             "TRACKRELAY_UPSTREAM": f"smtp://127.0.0.1:{upstream_port}",
             "TRACKRELAY_AUTH_MODE": "none",
             "TRACKRELAY_TRUSTED_NETWORKS": "127.0.0.0/8",

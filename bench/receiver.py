@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, text
 
@@ -102,11 +103,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", default="", help="default: SQLite in a temp dir")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    summary = measure(
+        args.workers, args.duration, args.rounds, args.connections, args.database_url, echo=True
+    )
+    args.output.mkdir(parents=True, exist_ok=True)
+    out = args.output / f"receiver-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"results: {out}")
+    return 0 if summary["all_hits_stored"] else 1
+
+
+def measure(
+    workers: int = 1,
+    duration: int = 10,
+    rounds: int = 3,
+    connections: int = 64,
+    database_url: str = "",
+    *,
+    echo: bool = False,
+) -> dict[str, Any]:
+    """Run the comparison; the summary says whether every answered hit was stored."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
 
+    def say(line: str) -> None:
+        if echo:
+            print(line, flush=True)
+
     work = Path(tempfile.mkdtemp(prefix="trackrelay-bench-"))
-    database_url = args.database_url or f"sqlite:///{work / 'bench.db'}"
+    database_url = database_url or f"sqlite:///{work / 'bench.db'}"
     db.upgrade(database_url)
     engine = create_engine(database_url)
     with engine.begin() as conn:
@@ -118,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "TRACKRELAY_DATABASE_URL": database_url,
         "TRACKRELAY_SECRET_KEY": SECRET,
         "TRACKRELAY_HTTP_PORT": "0",
-        "TRACKRELAY_RECEIVER_WORKERS": str(args.workers),
+        "TRACKRELAY_RECEIVER_WORKERS": str(workers),
         "TRACKRELAY_LOG_LEVEL": "WARNING",
     }
     receiver, receiver_url = start(
@@ -128,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         r"http://(127\.0\.0\.1:\d+)/",
     )
     bare, bare_url = start(
-        [sys.executable, "-m", "bench.bare", "--workers", str(args.workers)],
+        [sys.executable, "-m", "bench.bare", "--workers", str(workers)],
         env,
         work / "bare.log",
         r"bare endpoint on http://(127\.0\.0\.1:\d+)/",
@@ -139,19 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     served = 0
     try:
         for name, base in (("bare", bare_url), ("receiver", receiver_url)):
-            warm = wrk(f"http://{base}{path}", 2, args.connections)
+            warm = wrk(f"http://{base}{path}", 2, connections)
             receiver_total += int(warm["requests"]) if name == "receiver" else 0
-        for round_ in range(args.rounds):
+        for round_ in range(rounds):
             for name, base in (("bare", bare_url), ("receiver", receiver_url)):
-                result = wrk(f"http://{base}{path}", args.duration, args.connections)
+                result = wrk(f"http://{base}{path}", duration, connections)
                 runs[name].append(result)
                 receiver_total += int(result["requests"]) if name == "receiver" else 0
-                print(
+                say(
                     f"round {round_ + 1} {name:9s} {result['rps']:9.0f} hits/s  "
-                    f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms",
-                    flush=True,
+                    f"p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms"
                 )
-        if args.workers == 1:  # one process: its counter is every hit it answered
+        if workers == 1:  # one process: its counter is every hit it answered
             served = metric(f"http://{receiver_url}", VALID_HITS)
     finally:
         for proc in (receiver, bare):
@@ -165,17 +189,29 @@ def main(argv: list[str] | None = None) -> int:
         stored = conn.execute(text("SELECT count(*) FROM events")).scalar_one() - before
         distinct = conn.execute(text("SELECT count(DISTINCT event_key) FROM events")).scalar_one()
         distinct -= before
+    engine.dispose()
+    shutil.rmtree(work, ignore_errors=True)
 
     bare_rps = statistics.median(r["rps"] for r in runs["bare"])
     recv_rps = statistics.median(r["rps"] for r in runs["receiver"])
-    summary = {
-        "workers": args.workers,
-        "connections": args.connections,
-        "duration_s": args.duration,
-        "rounds": args.rounds,
+    # wrk does not count the requests in flight when a run stops (at most one per
+    # connection and run); the server answered, and so recorded, those too.
+    in_flight = connections * (rounds + 1)
+    ok = distinct == stored and receiver_total <= stored <= receiver_total + in_flight
+    if workers == 1:
+        ok = ok and stored == served
+    summary: dict[str, Any] = {
+        "workers": workers,
+        "connections": connections,
+        "duration_s": duration,
+        "rounds": rounds,
         "database": database_url.split("@")[-1],
         "bare_median_rps": bare_rps,
+        "bare_min_rps": min(r["rps"] for r in runs["bare"]),
+        "bare_max_rps": max(r["rps"] for r in runs["bare"]),
         "receiver_median_rps": recv_rps,
+        "receiver_min_rps": min(r["rps"] for r in runs["receiver"]),
+        "receiver_max_rps": max(r["rps"] for r in runs["receiver"]),
         "ratio": recv_rps / bare_rps,
         "ratios_per_round": [
             r["rps"] / b["rps"] for r, b in zip(runs["receiver"], runs["bare"], strict=True)
@@ -188,33 +224,25 @@ def main(argv: list[str] | None = None) -> int:
         "receiver_valid_hits_served": served or None,
         "events_in_database": stored,
         "distinct_event_keys": distinct,
+        "all_hits_stored": ok,
         "runs": runs,
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    out = args.output / f"receiver-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(summary, indent=2))
-    print(
+    say(
         f"\nmedian: bare {bare_rps:.0f} hits/s, receiver {recv_rps:.0f} hits/s "
         f"-> {summary['ratio']:.3f}x; p99 bare {summary['bare_median_p99_ms']:.2f} ms, "
         f"receiver {summary['receiver_median_p99_ms']:.2f} ms"
     )
-    print(
+    say(
         f"receiver responses completed by wrk: {receiver_total}; answered by the server: "
         f"{served or 'n/a (several workers)'}; events in the database: {stored} "
         f"(distinct keys {distinct})"
     )
-    print(f"results: {out}")
-    # wrk does not count the requests in flight when a run stops (at most one per
-    # connection and run); the server answered, and so recorded, those too.
-    in_flight = args.connections * (args.rounds + 1)
-    ok = distinct == stored and receiver_total <= stored <= receiver_total + in_flight
-    if args.workers == 1:
-        ok = ok and stored == served
-    if not ok:
-        print("MISMATCH: answered hits and stored events differ")
-        return 1
-    print("every answered hit is in the database")
-    return 0
+    say(
+        "every answered hit is in the database"
+        if ok
+        else "MISMATCH: answered hits and stored events differ"
+    )
+    return summary
 
 
 VALID_HITS = 'trackrelay_hits_total{kind="open",token="valid"}'

@@ -1,11 +1,13 @@
-"""Relay benchmarks: throughput, added latency, CPU, peak memory, event-loop stall.
+"""Relay benchmarks: throughput, added latency, CPU, peak memory, event-loop stall, scale-out.
 
 Baselines measured in the same run: smtp-source -> smtp-sink directly, a bare
 aiosmtpd forwarding proxy, and a naive email-package + selectolax tracking
-proxy (bench/baselines.py). Results are medians of ``--repeat`` runs with
-min-max, and ratios against the direct sink.
+proxy (bench/baselines.py). Every server is started once per item and the
+targets take turns in each repeat (direct, baseline, trackrelay, direct, ...),
+so slow drifts of a shared machine hit them alike. Results are medians of
+``--repeat`` runs with min-max, and ratios against the direct sink.
 
-    python -m bench.relay [throughput|latency|memory|all] [--repeat 3] [--quick]
+    python -m bench.relay [throughput|latency|memory|scaleout|all] [--repeat 3] [--quick]
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ TARGETS: dict[str, Factory] = {
     "naive tracking proxy": lambda up: baseline("naive", up),
     "trackrelay": lambda up: trackrelay(up),
 }
+MESSAGES = ("2KB", "2KB tracked", "50KB", "50KB tracked")
 
 
 def _targets_for(message: str) -> list[str]:
@@ -58,27 +61,93 @@ def _files(tmp: Path) -> dict[str, Path]:
     return paths
 
 
+def _counts(quick: bool) -> dict[str, int]:
+    return {"2KB": 150, "50KB": 80} if quick else {"2KB": 800, "50KB": 400}
+
+
+@contextmanager
+def _servers(factories: dict[str, Factory], upstream: int) -> Iterator[dict[str, Server]]:
+    with ExitStack() as stack:
+        yield {name: stack.enter_context(make(upstream)) for name, make in factories.items()}
+
+
+def _rate(server: Server, path: Path, sessions: int, n: int) -> tuple[float, float]:
+    """(messages/s, CPU seconds the server spent)."""
+    cpu0 = server.cpu_seconds()
+    elapsed = smtp_source(server.port, path, sessions, n)
+    return n / elapsed, server.cpu_seconds() - cpu0
+
+
 def throughput(repeat: int, quick: bool) -> list[dict[str, Any]]:
-    """Messages/s at 1, 10 and 50 sessions for each target and message."""
+    """Messages/s at 1, 10 and 50 sessions (10 with --quick) for each target and message."""
     rows: list[dict[str, Any]] = []
-    count = {"2KB": 400 if quick else 2000, "50KB": 200 if quick else 1000}
-    with tempfile.TemporaryDirectory() as tmp, smtp_sink() as sink:
+    count = _counts(quick)
+    levels = (10,) if quick else (1, 10, 50)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        smtp_sink() as sink,
+        _servers(TARGETS, sink.port) as servers,
+    ):
         files = _files(Path(tmp))
-        for sessions in (1, 10, 50):
-            for name, path in files.items():
+        for sessions in levels:
+            for name in MESSAGES:
                 n = count[name.split()[0]]
-                direct = Stat.of(
-                    [n / smtp_source(sink.port, path, sessions, n) for _ in range(repeat)]
-                )
-                rows.append(_row("direct smtp-sink", name, sessions, direct, direct, None))
+                path = files[name]
+                rates: dict[str, list[float]] = {"direct smtp-sink": []}
+                cpu: dict[str, float] = {}
                 for target in _targets_for(name):
-                    with TARGETS[target](sink.port) as server:
-                        cpu0 = server.cpu_seconds()
-                        rates = [
-                            n / smtp_source(server.port, path, sessions, n) for _ in range(repeat)
-                        ]
-                        cpu = (server.cpu_seconds() - cpu0) / (n * repeat)
-                    rows.append(_row(target, name, sessions, Stat.of(rates), direct, cpu))
+                    smtp_source(servers[target].port, path, sessions, min(n, 50))  # warm up
+                    rates[target] = []
+                    cpu[target] = 0.0
+                for _ in range(repeat):
+                    rates["direct smtp-sink"].append(n / smtp_source(sink.port, path, sessions, n))
+                    for target in _targets_for(name):
+                        rate, seconds = _rate(servers[target], path, sessions, n)
+                        rates[target].append(rate)
+                        cpu[target] += seconds
+                direct = Stat.of(rates["direct smtp-sink"])
+                for target, values in rates.items():
+                    spent = cpu.get(target)
+                    per_msg = None if spent is None else spent / (n * repeat)
+                    rows.append(_row(target, name, sessions, Stat.of(values), direct, per_msg))
+    return rows
+
+
+def scaleout(repeat: int, quick: bool) -> list[dict[str, Any]]:
+    """trackrelay as one process and as two worker processes sharing the port."""
+    rows: list[dict[str, Any]] = []
+    count = _counts(quick)
+    factories: dict[str, Factory] = {
+        "trackrelay 1 process": lambda up: trackrelay(up),
+        "trackrelay 2 processes": lambda up: trackrelay(up, workers=2),
+    }
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        smtp_sink() as sink,
+        _servers(factories, sink.port) as servers,
+    ):
+        files = _files(Path(tmp))
+        for sessions in (10,) if quick else (10, 50):
+            for name in ("2KB", "50KB tracked"):
+                n = count[name.split()[0]]
+                rates: dict[str, list[float]] = {"direct smtp-sink": []}
+                cpu: dict[str, float] = dict.fromkeys(factories, 0.0)
+                for target in factories:
+                    smtp_source(servers[target].port, files[name], sessions, min(n, 50))
+                    rates[target] = []
+                for _ in range(repeat):
+                    rates["direct smtp-sink"].append(
+                        n / smtp_source(sink.port, files[name], sessions, n)
+                    )
+                    for target in factories:
+                        rate, seconds = _rate(servers[target], files[name], sessions, n)
+                        rates[target].append(rate)
+                        cpu[target] += seconds
+                direct = Stat.of(rates["direct smtp-sink"])
+                for target, values in rates.items():
+                    per_msg = cpu[target] / (n * repeat) if target in cpu else None
+                    row = _row(target, name, sessions, Stat.of(values), direct, per_msg)
+                    rows.append({**row, "item": "scaleout"})
     return rows
 
 
@@ -113,27 +182,40 @@ async def _send_timed(port: int, data: bytes, n: int) -> list[float]:
 
 
 def latency(repeat: int, quick: bool) -> list[dict[str, Any]]:
-    """Added latency p50/p99 of one client, tracked 50 KB, over direct delivery."""
-    n = 100 if quick else 300
+    """Added latency p50/p99 of one client, tracked 50 KB, over direct delivery.
+
+    The targets take turns in slices of 20 messages, so every target sees the
+    same machine load; the direct figure is measured in the same slices.
+    """
+    n = 60 if quick else 300
     data = messages.newsletter(tracked=True)
+    order = ["direct", *TARGETS]
+    times: dict[str, list[float]] = {name: [] for name in order}
+    with smtp_sink() as sink, _servers(TARGETS, sink.port) as servers:
+        ports = {"direct": sink.port, **{name: s.port for name, s in servers.items()}}
+        for name in order:
+            asyncio.run(_send_timed(ports[name], data, 5))  # warm up
+        for _ in range(n // 20):
+            for name in order:
+                times[name] += asyncio.run(_send_timed(ports[name], data, 20))
+    direct = times["direct"]
     rows = []
-    with smtp_sink() as sink:
-        direct = asyncio.run(_send_timed(sink.port, data, n))
-        for target, factory in TARGETS.items():
-            with factory(sink.port) as server:
-                times = asyncio.run(_send_timed(server.port, data, n))
-            rows.append(
-                {
-                    "item": "latency",
-                    "target": target,
-                    "message": "50KB tracked",
-                    "direct_p50_ms": statistics.median(direct) * 1000,
-                    "p50_ms": statistics.median(times) * 1000,
-                    "p99_ms": percentile(times, 99) * 1000,
-                    "added_p50_ms": (statistics.median(times) - statistics.median(direct)) * 1000,
-                    "added_p99_ms": (percentile(times, 99) - percentile(direct, 99)) * 1000,
-                }
-            )
+    for target in TARGETS:
+        mine = times[target]
+        rows.append(
+            {
+                "item": "latency",
+                "target": target,
+                "message": "50KB tracked",
+                "samples": len(mine),
+                "direct_p50_ms": statistics.median(direct) * 1000,
+                "direct_p99_ms": percentile(direct, 99) * 1000,
+                "p50_ms": statistics.median(mine) * 1000,
+                "p99_ms": percentile(mine, 99) * 1000,
+                "added_p50_ms": (statistics.median(mine) - statistics.median(direct)) * 1000,
+                "added_p99_ms": (percentile(mine, 99) - percentile(direct, 99)) * 1000,
+            }
+        )
     return rows
 
 
@@ -156,6 +238,7 @@ async def _stall_probe(port: int, stop: asyncio.Event) -> list[float]:
 async def _big_with_small(port: int, big: bytes, small: bytes) -> tuple[float, list[float]]:
     stop = asyncio.Event()
     probe = asyncio.create_task(_stall_probe(port, stop))
+    await asyncio.sleep(0.2)  # the probe's session is open and idle
     start = time.perf_counter()
     smalls = asyncio.create_task(_send_timed(port, small, 50))
     await _send_timed(port, big, 1)
@@ -173,6 +256,7 @@ def memory(repeat: int, quick: bool) -> list[dict[str, Any]]:
     with smtp_sink() as sink:
         for target, factory in TARGETS.items():
             with factory(sink.port) as server:
+                asyncio.run(_send_timed(server.port, small, 5))  # imports and pools warm
                 idle = server.peak_rss()
                 elapsed, rtts = asyncio.run(_big_with_small(server.port, big, small))
                 peak = server.peak_rss()
@@ -188,12 +272,13 @@ def memory(repeat: int, quick: bool) -> list[dict[str, Any]]:
                     "big_message_s": elapsed,
                     "longest_stall_ms": max(rtts) * 1000 if rtts else None,
                     "median_noop_ms": statistics.median(rtts) * 1000 if rtts else None,
+                    "noop_samples": len(rtts),
                 }
             )
     return rows
 
 
-ITEMS = {"throughput": throughput, "latency": latency, "memory": memory}
+ITEMS = {"throughput": throughput, "latency": latency, "memory": memory, "scaleout": scaleout}
 
 
 def run(items: list[str], repeat: int, quick: bool) -> list[dict[str, Any]]:

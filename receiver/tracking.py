@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Awaitable, Callable
 
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from receiver.events import EventWriter, Row, new_event
 from receiver.metrics import Metrics
@@ -58,16 +58,16 @@ def _token(raw: str) -> str:
     return raw.split("/", 1)[0].split(".", 1)[0]
 
 
-def _event(request: Request, kind: str, message_id: int, recipient: int, link: int) -> Row:
+def _event(scope: Scope, kind: str, message_id: int, recipient: int, link: int) -> Row:
     user_agent = b""
     purpose: list[bytes] = []
-    for name, value in request.scope["headers"]:  # one pass; names are lower case
+    for name, value in scope["headers"]:  # one pass; names are lower case
         if name == b"user-agent":
             user_agent = value
         elif name in PURPOSE_HEADERS:
             purpose.append(value)
-    session = request.scope.get("session") or {}
-    client = request.scope.get("client")
+    session = scope.get("session") or {}
+    client = scope.get("client")
     return new_event(
         kind=kind,
         message_id=message_id,
@@ -75,59 +75,98 @@ def _event(request: Request, kind: str, message_id: int, recipient: int, link: i
         link=link,
         ip=client[0] if client else "",
         user_agent=user_agent.decode("latin-1"),
-        method=request.method,
+        method=scope["method"],
         purpose=b" ".join(purpose).decode("latin-1").lower(),
         dashboard_user=bool(session.get("user_id")),
     )
 
 
-async def pixel(request: Request) -> Response:
-    state = request.app.state
+# Raw ASGI endpoints: a hit is two ``send`` calls with headers encoded once at
+# import, instead of a Request, a Response and their header normalisation per
+# hit (~a third of the receiver's per-hit Python time in the benchmark).
+_PIXEL_START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [
+        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in PIXEL_HEADERS.items()
+    ],
+}
+_PIXEL_BODY = {"type": "http.response.body", "body": PIXEL}
+_NOT_FOUND_BODY = NOT_FOUND_PAGE.encode("utf-8")
+_NOT_FOUND_START = {
+    "type": "http.response.start",
+    "status": 404,
+    "headers": [
+        (b"cache-control", b"no-store"),
+        (b"content-length", str(len(_NOT_FOUND_BODY)).encode("latin-1")),
+        (b"content-type", b"text/html; charset=utf-8"),
+    ],
+}
+_NOT_FOUND = {"type": "http.response.body", "body": _NOT_FOUND_BODY}
+_REDIRECT_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-length", b"0"),
+]
+_EMPTY_BODY = {"type": "http.response.body", "body": b""}
+
+
+async def pixel(scope: Scope, receive: Receive, send: Send) -> None:
+    state = scope["app"].state
     signer: Signer = state.signer
     metrics: Metrics = state.metrics
     try:
-        token = signer.verify_open(_token(request.path_params["token"]))
+        token = signer.verify_open(_token(scope["path_params"]["token"]))
     except InvalidToken:
         metrics.hit("open", valid=False)
     else:
         metrics.hit("open", valid=True)
         writer: EventWriter = state.event_writer
-        writer.submit(_event(request, "open", token.message_id, token.recipient, 0))
-    return Response(PIXEL, headers=PIXEL_HEADERS)
+        writer.submit(_event(scope, "open", token.message_id, token.recipient, 0))
+    await send(_PIXEL_START)
+    await send(_PIXEL_BODY)
 
 
-async def click(request: Request) -> Response:
-    state = request.app.state
+async def click(scope: Scope, receive: Receive, send: Send) -> None:
+    state = scope["app"].state
     signer: Signer = state.signer
     metrics: Metrics = state.metrics
     try:
-        token = signer.verify_click(_token(request.path_params["token"]))
+        token = signer.verify_click(_token(scope["path_params"]["token"]))
     except InvalidToken as exc:
         log.debug("invalid click token: %s", exc)
-        return _not_found(metrics)
+        await _not_found(metrics, send)
+        return
     location = browser_url(token.url)
     if location is None:
         log.warning("click token of message %d holds an unusable URL", token.message_id)
-        return _not_found(metrics)
+        await _not_found(metrics, send)
+        return
     metrics.hit("click", valid=True)
     writer: EventWriter = state.event_writer
-    writer.submit(_event(request, "click", token.message_id, token.recipient, token.link))
-    return Response(
-        status_code=302,
-        headers={
-            "Location": location,
-            "Cache-Control": "no-store",
-            "Referrer-Policy": "no-referrer",
-        },
-    )
+    writer.submit(_event(scope, "click", token.message_id, token.recipient, token.link))
+    headers = [(b"location", location.encode("latin-1")), *_REDIRECT_HEADERS]
+    await send({"type": "http.response.start", "status": 302, "headers": headers})
+    await send(_EMPTY_BODY)
 
 
-def _not_found(metrics: Metrics) -> Response:
+async def _not_found(metrics: Metrics, send: Send) -> None:
     metrics.hit("click", valid=False)
-    return HTMLResponse(NOT_FOUND_PAGE, status_code=404, headers={"Cache-Control": "no-store"})
+    await send(_NOT_FOUND_START)
+    await send(_NOT_FOUND)
+
+
+class _Endpoint:
+    """Starlette runs an endpoint that is not a function as a plain ASGI app."""
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
 
 
 routes = [
-    Route("/o/{token:path}", pixel, methods=["GET", "HEAD"], name="pixel"),
-    Route("/c/{token:path}", click, methods=["GET", "HEAD"], name="click"),
+    Route("/o/{token:path}", _Endpoint(pixel), methods=["GET", "HEAD"], name="pixel"),
+    Route("/c/{token:path}", _Endpoint(click), methods=["GET", "HEAD"], name="click"),
 ]

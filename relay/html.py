@@ -122,6 +122,8 @@ def decode_attribute(value: str) -> str:
     """Decode character references in an attribute value (HTML5 rules)."""
     if "&" not in value:
         return value
+    if value.count("&") == value.count("&amp;"):  # the usual case: only &amp; (no re-scan)
+        return value.replace("&amp;", "&")
     return _CHARREF.sub(_charref, value)
 
 
@@ -255,7 +257,7 @@ def _cross_check(text: str, mine: list[str], hrefs: list[Href]) -> tuple[bool, s
     if not hrefs:
         return True, ""
     tree = LexborHTMLParser(text)
-    theirs = [clean_url(n.attributes.get("href") or "") for n in tree.css("a[href], area[href]")]
+    theirs = [clean_url(n.attrs["href"] or "") for n in tree.css("a[href], area[href]")]
     if Counter(theirs) == Counter(mine):
         return True, ""
     missing = Counter(theirs) - Counter(mine)

@@ -57,8 +57,10 @@ def ascii_host(host: str) -> str:
         return ""
 
 
+@lru_cache(maxsize=4096)
 def skip_reason(url: str, tracking_host: str) -> str:
-    """Why ``url`` must not be tracked, or '' when it may be."""
+    """Why ``url`` must not be tracked, or '' when it may be (pure, so cached:
+    a newsletter sent to each recipient separately asks about the same links)."""
     if not url:
         return "empty"
     if _PLACEHOLDER.search(url):

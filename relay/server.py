@@ -11,6 +11,12 @@ share the database engine or async clients with the receiver):
 * ``plain`` (optional): no TLS, no AUTH, for app servers in the trusted
   networks only; anyone else gets 554 and is disconnected.
 
+Scale-out: :func:`bind_listeners` binds the listening sockets once; worker
+processes forked after that (``TRACKRELAY_RELAY_WORKERS``) each pass them to
+their own ``RelayServer(..., sockets=...)``, and the kernel hands each new
+connection to one of them (a shared accept queue: a busy worker simply
+accepts less, and port 0 still means one port for all).
+
 ``stop()`` is graceful: stop accepting, answer 421 to idle sessions, let
 transactions in flight finish (up to ``grace`` seconds), wait for deliveries.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -38,9 +45,15 @@ log = logging.getLogger(__name__)
 
 class RelayServer:
     def __init__(
-        self, settings: Settings, engine: Engine, *, tracker: Tracker | None = None
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        tracker: Tracker | None = None,
+        sockets: dict[str, socket.socket] | None = None,
     ) -> None:
         self.settings = settings
+        self._sockets = sockets or {}
         self.engine = engine
         self.handler = RelayHandler(settings, engine, tracker)
         self.ports: dict[str, int] = {}
@@ -70,10 +83,12 @@ class RelayServer:
         self, listener: str, port: int, *, ssl: ssl.SSLContext | None = None, **options: Any
     ) -> None:
         loop = asyncio.get_running_loop()
+        factory = lambda: self._protocol(listener, **options)  # noqa: E731
         try:
-            server = await loop.create_server(
-                lambda: self._protocol(listener, **options), self.settings.host, port, ssl=ssl
-            )
+            if listener in self._sockets:  # bound by the parent of several workers
+                server = await loop.create_server(factory, sock=self._sockets[listener], ssl=ssl)
+            else:
+                server = await loop.create_server(factory, self.settings.host, port, ssl=ssl)
         except OSError as exc:
             setting = f"TRACKRELAY_{listener.upper()}_PORT"
             message = f"{setting}: cannot listen on {self.settings.host}:{port}: {exc}"
@@ -159,3 +174,28 @@ class RelayServer:
         else:
             lines.append(f"  mail is delivered to {target}")
         return lines
+
+
+def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
+    """Listening sockets for every listener, bound once for several worker processes."""
+    wanted = {"smtp": settings.smtp_port, "smtps": settings.smtps_port}
+    if settings.plain_port is not None:
+        wanted["plain"] = settings.plain_port
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sockets: dict[str, socket.socket] = {}
+    for listener, port in wanted.items():
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((settings.host, port))
+        except OSError as exc:
+            sock.close()
+            for other in sockets.values():
+                other.close()
+            setting = f"TRACKRELAY_{listener.upper()}_PORT"
+            message = f"{setting}: cannot listen on {settings.host}:{port}: {exc}"
+            raise SettingsError(message) from None
+        sock.listen(1024)
+        sock.setblocking(False)
+        sockets[listener] = sock
+    return sockets

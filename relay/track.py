@@ -32,10 +32,11 @@ import logging
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from email.utils import getaddresses, parseaddr
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import Engine
+from sqlmodel import SQLModel
 
 from relay import html, mime, text
 from relay.headers import Field, delete_fields, delete_named, dkim_signed_names, first, top_fields
@@ -50,6 +51,7 @@ from shared.tokens import Signer, new_message_id
 log = logging.getLogger(__name__)
 
 OFFLOAD_BYTES = 256 * 1024
+T = TypeVar("T", bound=SQLModel)
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,7 @@ class Tracker:
                 for p in the_plan.parts
             ]
         )
-        links = [Link(message_id=mid, position=i + 1, url=u) for i, u in enumerate(the_plan.links)]
+        links = _link_rows(mid, the_plan.links)
         metrics.tracked += 1
         log.info(
             "message %d: tracking opens=%s links=%d copies=%d (%s)",
@@ -408,7 +410,8 @@ def _message_row(sub: Submission, fields: list[Field]) -> Message:
         f = first(fields, name)
         return _decode(f.value) if f else ""
 
-    return Message(
+    return _row(
+        Message,
         id=sub.message_id,
         sender=sub.sender.strip("<>"),
         from_header=header("from"),
@@ -419,6 +422,29 @@ def _message_row(sub: Submission, fields: list[Field]) -> Message:
         size_in=len(sub.data),
         size_out=len(sub.data),
     )
+
+
+def _row(model: type[T], **values: Any) -> T:
+    """A new table row, built without SQLModel's ``__init__``.
+
+    ``Message(...)`` costs ~150 us and ``Link(...)`` ~50 us: SQLModel routes
+    every field through ``__setattr__`` and SQLAlchemy's attribute events, and
+    a newsletter makes ~30 links per message. ``model_construct`` fills the
+    same fields and defaults (trusted values: ours, not user input) and
+    ``setup_instance`` gives the object the SQLAlchemy state ``Session.add``
+    needs; an INSERT reads the values from the instance dict, so the rows are
+    the same, at ~30 us and ~15 us.
+    """
+    row: T = model.model_construct(**values)  # type: ignore[assignment]
+    model._sa_class_manager.setup_instance(row)  # type: ignore[attr-defined]
+    return row
+
+
+def _link_rows(message_id: int, urls: list[str]) -> list[Link]:
+    return [
+        _row(Link, message_id=message_id, position=position, url=url)
+        for position, url in enumerate(urls, start=1)
+    ]
 
 
 def _from_address(fields: list[Field]) -> str:

@@ -22,15 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse
 
 from shared.config import Settings, Upstream
 
@@ -126,6 +128,7 @@ class SmtpUpstream:
         self._smtp: aiosmtplib.SMTP | None = None
         self._logged_in: aiosmtplib.SMTP | None = None
         self._in_transaction = False
+        self._lock = asyncio.Lock()
 
     # --- connection ---
 
@@ -225,7 +228,8 @@ class SmtpUpstream:
     async def data(self, content: bytes) -> Reply:
         smtp = self._require()
         self._in_transaction = False
-        return await _command(smtp.data(content))
+        async with self._lock:  # close() must not QUIT between DATA and its content
+            return await _command(_send_data(smtp, content, self._settings.upstream_timeout))
 
     async def rset(self) -> None:
         self._in_transaction = False
@@ -236,6 +240,10 @@ class SmtpUpstream:
                 self._smtp.close()
 
     async def close(self) -> None:
+        async with self._lock:
+            await self._close()
+
+    async def _close(self) -> None:
         smtp, self._smtp = self._smtp, None
         if smtp is not None and smtp.is_connected:
             try:
@@ -258,6 +266,70 @@ async def _command(call: object) -> Reply:
     except (aiosmtplib.SMTPException, OSError) as exc:
         raise UpstreamUnavailable(str(exc)) from exc
     return Reply(response.code, response.message)
+
+
+async def _send_data(smtp: aiosmtplib.SMTP, content: bytes, wait: float) -> SMTPResponse:
+    """DATA, then ``content`` as :func:`data_chunks` encodes it, then the reply.
+
+    Instead of ``SMTP.data``, whose line-ending normalisation and dot-stuffing
+    regexes cost ~1.5 ms per 50 KB message and hold the event loop over a second for a
+    35 MB one (every other session waits), and which make three copies of it.
+    """
+    start = await smtp.execute_command(b"DATA")
+    if start.code != 354:
+        raise aiosmtplib.SMTPDataError(start.code, start.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    # Wait for the reply from now on: aiosmtplib drops what arrives while no
+    # reply is awaited, and the sleeps below let the loop run mid-upload.
+    reply_task = asyncio.ensure_future(protocol.read_response(timeout=wait))
+    try:
+        await asyncio.sleep(0)  # the reader is now waiting
+        for chunk in data_chunks(content):
+            protocol.write(chunk)
+            await asyncio.sleep(0)  # let other sessions run between megabytes
+        reply = await reply_task
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        smtp.close()  # what SMTP.data does: the connection is out of step
+        raise
+    finally:
+        if reply_task.done() and not reply_task.cancelled():
+            reply_task.exception()  # retrieved: never "exception was never retrieved"
+        reply_task.cancel()
+    if reply.code != 250:
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    return reply
+
+
+_BARE_LINE_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))")  # aiosmtplib's LINE_ENDINGS_REGEX
+DATA_CHUNK = 1 << 20
+
+
+def data_chunks(content: bytes, size: int = DATA_CHUNK) -> Iterator[bytes]:
+    """The DATA content on the wire: the same bytes ``aiosmtplib`` sends.
+
+    Lone CR and LF become CRLF (only when there is one: three counts in C
+    tell), a final CRLF is added if missing, a dot starting a line is doubled
+    (RFC 5321 4.5.2), then the ``.`` line. Stuffing is ``\r\n.`` ->
+    ``\r\n..`` plus a dot at the very start, done a megabyte at a time
+    (the pattern cannot overlap itself, so a boundary only needs the last
+    two bytes of the chunk before).
+    """
+    crlf = content.count(b"\r\n")
+    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+        content = _BARE_LINE_END.sub(b"\r\n", content)
+    before = b"\r\n"  # the start of the content is a line start
+    for start in range(0, len(content), size):
+        chunk = content[start : start + size]
+        out = chunk.replace(b"\r\n.", b"\r\n..")
+        if before == b"\r\n" and chunk.startswith(b"."):
+            out = b"." + out
+        elif before.endswith(b"\r") and chunk.startswith(b"\n."):
+            out = b"\n." + out[1:]
+        before = chunk[-2:] if len(chunk) >= 2 else (before + chunk)[-2:]
+        yield out
+    yield (b"" if content.endswith(b"\r\n") else b"\r\n") + b".\r\n"
 
 
 async def probe(settings: Settings) -> Capabilities | None:

@@ -139,6 +139,7 @@ class Settings(BaseSettings):
     auth_failures_per_ip: int = Field(10, gt=0)
     auth_failures_per_user: int = Field(5, gt=0)
     auth_failure_window: float = Field(900.0, gt=0)
+    relay_workers: int = Field(1, gt=0)  # processes for `trackrelay relay`, sharing the ports
 
     # --- storage and secrets ---
     var_dir: Path = Path("./var")

@@ -27,6 +27,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 VERSION = 1
 KIND_OPEN = 1
@@ -73,11 +74,11 @@ class Signer:
     def __init__(self, keys: Sequence[bytes]) -> None:
         if not keys or not keys[0]:
             raise ValueError("a signing key is required")
-        self._key = keys[0]
         self._key_id = key_id(keys[0])
-        self._keys: dict[int, list[bytes]] = {}
+        self._mac = _KeyedMac(keys[0])
+        self._keys: dict[int, list[_KeyedMac]] = {}
         for key in keys:
-            self._keys.setdefault(key_id(key), []).append(key)
+            self._keys.setdefault(key_id(key), []).append(_KeyedMac(key))
 
     # --- signing ---
 
@@ -86,14 +87,12 @@ class Signer:
         return self._seal(KIND_OPEN, head)
 
     def click_token(self, message_id: int, recipient: int, link: int, url: str) -> str:
-        raw = url.encode("utf-8")
-        packed = _deflate(raw)
-        flag, body = (_URL_DEFLATED, packed) if len(packed) < len(raw) else (_URL_RAW, raw)
+        flag, body = _url_body(url)
         head = _HEAD.pack(VERSION, self._key_id, KIND_CLICK, message_id, recipient)
         return self._seal(KIND_CLICK, head + _CLICK.pack(link, flag) + body)
 
     def _seal(self, kind: int, payload: bytes) -> str:
-        mac = _mac(self._key, kind, payload)
+        mac = self._mac(kind, payload)
         return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode("ascii")
 
     # --- verifying ---
@@ -138,14 +137,56 @@ class Signer:
             raise InvalidToken("unknown version")
         if found_kind != kind:
             raise InvalidToken("wrong kind")
-        for key in self._keys.get(kid, ()):
-            if hmac.compare_digest(mac, _mac(key, kind, payload)):
+        for keyed in self._keys.get(kid, ()):
+            if hmac.compare_digest(mac, keyed(kind, payload)):
                 return payload
         raise InvalidToken("bad signature")
 
 
+class _KeyedMac:
+    """HMAC-SHA256 (RFC 2104) with the keyed inner and outer states computed once.
+
+    ``hmac.digest`` sets up an OpenSSL HMAC context on every call (~8 us);
+    copying two ready SHA-256 states costs ~1.3 us, for the same bytes. Every
+    pixel hit verifies one MAC and every copy of a newsletter signs ~30.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def __call__(self, kind: int, payload: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(_LABELS[kind])
+        inner.update(payload)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:MAC_SIZE]
+
+
+_BLOCK = 64  # SHA-256 block size
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
 def _mac(key: bytes, kind: int, payload: bytes) -> bytes:
+    """The reference computation (:class:`_KeyedMac` must always equal it)."""
     return hmac.digest(key, _LABELS[kind] + payload, "sha256")[:MAC_SIZE]
+
+
+@lru_cache(maxsize=1024)
+def _url_body(url: str) -> tuple[int, bytes]:
+    """A URL as a click token carries it: (flag, raw or deflated bytes).
+
+    Cached: every per-recipient copy of a message, and every message of a
+    newsletter sent one recipient at a time, signs the same URLs again.
+    """
+    raw = url.encode("utf-8")
+    packed = _deflate(raw)
+    return (_URL_DEFLATED, packed) if len(packed) < len(raw) else (_URL_RAW, raw)
 
 
 def _deflate(data: bytes) -> bytes:

@@ -107,3 +107,10 @@ def test_multibyte_offsets() -> None:
     start = body.text.index("u'")
     edits = mime.byte_edits(body, [(start, start + 1, "https://t/c/1")])
     assert edits == [(14, 15, b"https://t/c/1")]
+
+
+def test_qp_empty_body_takes_the_pixel() -> None:
+    data = b"Content-Type: text/html\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+    body = mime.open_body(data, mime.scan(data))
+    new = mime.encode(body, [(0, 0, b'<img src="https://t.example.net/o/x.gif">')])
+    assert binascii.a2b_qp(new.raw) == b'<img src="https://t.example.net/o/x.gif">'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 from hypothesis import given, settings
@@ -98,3 +99,17 @@ def test_size_limit_answers_at_once_and_drains() -> None:
 def test_any_body_round_trips(lines: list[bytes], chunk: int) -> None:
     body = b"".join(line + b"\r\n" for line in lines)
     assert run_read(stuff(body), chunk=chunk) == (body, b"")
+
+
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"a", b".."]), max_size=40),
+    st.lists(st.integers(0, 60), max_size=8),
+)
+def test_unstuffing_chunk_by_chunk_equals_one_replace(parts: list[bytes], cuts: list[int]) -> None:
+    from relay.smtp import _Unstuffer
+
+    data = b"\r\n" + b"".join(parts)
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    unstuff = _Unstuffer()
+    out = b"".join(unstuff.feed(data[a:b]) for a, b in itertools.pairwise(bounds))
+    assert out == data.replace(b"\r\n.", b"\r\n")

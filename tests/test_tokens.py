@@ -67,3 +67,10 @@ def test_old_keys_keep_verifying_after_rotation() -> None:
     rotated = Signer([b"new", b"old"])
     assert rotated.verify_open(old_token).message_id == 9
     assert Signer([b"new"]).verify_open(rotated.open_token(9)).message_id == 9
+
+
+@given(st.binary(min_size=1, max_size=200), st.sampled_from([1, 2]), st.binary(max_size=300))
+def test_precomputed_hmac_equals_the_stdlib(key: bytes, kind: int, payload: bytes) -> None:
+    from shared.tokens import _KeyedMac, _mac
+
+    assert _KeyedMac(key)(kind, payload) == _mac(key, kind, payload)

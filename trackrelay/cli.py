@@ -235,8 +235,10 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
-    from trackrelay.serve import serve
+    from trackrelay.serve import serve, serve_relay_workers
 
+    if settings.relay_workers > 1:
+        return serve_relay_workers(settings, open_database(settings))
     return serve(settings, open_database(settings), relay=True, receiver=False)
 
 

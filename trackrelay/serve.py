@@ -28,16 +28,31 @@ from shared.config import Settings
 log = logging.getLogger(__name__)
 
 
-def serve(settings: Settings, engine: Engine, *, relay: bool, receiver: bool) -> int:
+def serve(
+    settings: Settings,
+    engine: Engine,
+    *,
+    relay: bool,
+    receiver: bool,
+    relay_sockets: dict[str, socket.socket] | None = None,
+) -> int:
+    main = run(settings, engine, relay=relay, receiver=receiver, relay_sockets=relay_sockets)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] ships it
-        return asyncio.run(run(settings, engine, relay=relay, receiver=receiver))
+        return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run(settings, engine, relay=relay, receiver=receiver))
+        return runner.run(main)
 
 
-async def run(settings: Settings, engine: Engine, *, relay: bool, receiver: bool) -> int:
+async def run(
+    settings: Settings,
+    engine: Engine,
+    *,
+    relay: bool,
+    receiver: bool,
+    relay_sockets: dict[str, socket.socket] | None = None,
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -53,7 +68,7 @@ async def run(settings: Settings, engine: Engine, *, relay: bool, receiver: bool
     if relay:
         from relay.server import RelayServer
 
-        relay_server = RelayServer(settings, engine)
+        relay_server = RelayServer(settings, engine, sockets=relay_sockets)
     app = _app(settings, engine) if receiver else None
     if app is not None and relay_server is not None:
         _relay_metrics(app)
@@ -141,6 +156,54 @@ def serve_receiver_workers(settings: Settings, config_file: Path | None) -> int:
     )
     Multiprocess(config, sockets=[sock]).run()
     return 0
+
+
+def serve_relay_workers(settings: Settings, engine: Engine) -> int:
+    """``trackrelay relay`` with TRACKRELAY_RELAY_WORKERS > 1: forked worker processes.
+
+    The listening sockets are bound once here and inherited by every worker
+    (like the receiver's workers: no SO_REUSEPORT needed, port 0 works); the
+    kernel gives each connection to whichever worker accepts it first, so a
+    worker busy with a large message takes fewer new sessions. SIGINT/SIGTERM
+    are passed on; each worker finishes its transactions in flight.
+    """
+    from relay.server import bind_listeners
+
+    sockets = bind_listeners(settings)
+    engine.dispose()  # each worker opens its own connections
+    children: list[int] = []
+    for _ in range(settings.relay_workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' traffic
+            code = 1
+            try:
+                code = serve(settings, engine, relay=True, receiver=False, relay_sockets=sockets)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    for sock in sockets.values():
+        sock.close()
+
+    def forward(signum: int, frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for pid in children:
+        while True:
+            try:
+                _, code = os.waitpid(pid, 0)
+                break
+            except ChildProcessError:
+                code = 0
+                break
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
 
 
 def _app(settings: Settings, engine: Engine) -> Starlette:
