@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlmodel import Session
 
@@ -102,8 +102,11 @@ def write_record(engine: Engine, record: Record) -> bool:
         recipients = [Recipient.model_validate(r) for r in record["recipients"]]
         session.add(message)
         session.add_all(recipients)
-        session.add_all(Link.model_validate(link) for link in record["links"])
         session.flush()
+        if record["links"]:
+            # One executemany: a newsletter has ~30 links, and ORM objects for
+            # them cost three times the insert itself.
+            session.execute(insert(Link), record["links"])
         # message.sent / delivery.failed webhooks commit with the message.
         enqueue_message_sent(session, message, recipients)
     return True
