@@ -31,6 +31,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from receiver.events import insert_ignoring
+from shared import policies
 from shared.config import Settings
 from shared.models import Suppression, utcnow
 
@@ -58,11 +59,18 @@ class PublicForms:
 
 
 def normalize_address(value: str) -> str | None:
-    """A plausible mail address, lower-cased, or None."""
-    address = value.strip().lower()
+    """A plausible mail address in the form the relay looks up, or None.
+
+    The canonical form (lower case, IDNA domain) is ``shared.policies``': an
+    address stored any other way would never match at the relay.
+    """
+    address = value.strip()
     if len(address) > MAX_ADDRESS or not _ADDRESS.match(address):
         return None
-    return address
+    try:
+        return policies.normalize_address(address)
+    except policies.PolicyError:
+        return None
 
 
 def _page(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 from receiver.app import create_app
 from receiver.public import CSRF_COOKIE, add_suppression, normalize_address
 from shared.config import Settings
+from shared.policies import lookup_key
 
 
 @pytest.fixture
@@ -110,6 +111,13 @@ def test_address_normalisation() -> None:
     assert normalize_address("  Alice@Example.org ") == "alice@example.org"
     for bad in ["", "alice", "a@b", "a b@example.org", "a@@example.org", "x" * 400 + "@e.org"]:
         assert normalize_address(bad) is None, bad
+
+
+def test_address_is_stored_as_the_relay_looks_it_up() -> None:
+    # An IDN domain must be kept in its IDNA form, or the relay never matches it.
+    stored = normalize_address("Jörg@Bücher.example")
+    assert stored == "jörg@xn--bcher-kva.example"
+    assert stored == lookup_key("jörg@bücher.example")[0]
 
 
 def test_add_suppression_is_idempotent(engine: Engine) -> None:
