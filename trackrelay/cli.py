@@ -228,6 +228,20 @@ def open_database(settings: Settings) -> Engine:
     return db.make_engine(settings.db_url)
 
 
+def _database_or_journal(settings: Settings, what: str) -> Engine:
+    """The relay and the receiver start without their database: mail and hits must flow.
+
+    What they would store goes to the journal under the var directory and is
+    replayed once the database answers (the schema must exist by then: a
+    database that was never migrated needs ``trackrelay db upgrade``).
+    """
+    try:
+        return open_database(settings)
+    except CommandError as exc:
+        log.warning("%s; starting anyway, %s are journaled until it is reachable", exc, what)
+        return db.make_engine(settings.db_url)
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve
 
@@ -237,20 +251,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve, serve_relay_workers
 
+    engine = _database_or_journal(settings, "records")
     if settings.relay_workers > 1:
-        return serve_relay_workers(settings, open_database(settings))
-    return serve(settings, open_database(settings), relay=True, receiver=False)
+        return serve_relay_workers(settings, engine)
+    return serve(settings, engine, relay=True, receiver=False)
 
 
 def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve, serve_receiver_workers
 
-    try:
-        engine = open_database(settings)
-    except CommandError as exc:
-        # Hits must still be answered: events go to the journal until the database is back.
-        log.warning("%s; starting anyway, events are journaled until it is reachable", exc)
-        engine = db.make_engine(settings.db_url)
+    # Hits must still be answered: events go to the journal until the database is back.
+    engine = _database_or_journal(settings, "events")
     if settings.receiver_workers == 1:
         return serve(settings, engine, relay=False, receiver=True)
     engine.dispose()  # each worker opens its own
