@@ -242,15 +242,26 @@ def _database_or_journal(settings: Settings, what: str) -> Engine:
         return db.make_engine(settings.db_url)
 
 
+def _links_must_be_reachable(settings: Settings) -> None:
+    """A relay sending real mail refuses to write links nobody can follow."""
+    if not settings.dev_mode and not settings.public_url:
+        raise CommandError(
+            f"{settings.public_url_problem()}; set TRACKRELAY_PUBLIC_URL to the receiver's "
+            "public https:// address"
+        )
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve
 
+    _links_must_be_reachable(settings)
     return serve(settings, open_database(settings), relay=True, receiver=True)
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve, serve_relay_workers
 
+    _links_must_be_reachable(settings)
     engine = _database_or_journal(settings, "records")
     if settings.relay_workers > 1:
         return serve_relay_workers(settings, engine)
