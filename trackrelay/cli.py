@@ -177,6 +177,12 @@ def add_privacy_commands(sub: Any, command: Callable[..., argparse.ArgumentParse
     command("list", cmd_webhook_list, "list endpoints with their queue", hook_sub)
     p = command("remove", cmd_webhook_remove, "remove an endpoint and its queue", hook_sub)
     p.add_argument("id", type=int)
+    p = command(
+        "pause", cmd_webhook_pause, "stop delivering to an endpoint (its queue waits)", hook_sub
+    )
+    p.add_argument("id", type=int)
+    p = command("resume", cmd_webhook_resume, "deliver to a paused endpoint again", hook_sub)
+    p.add_argument("id", type=int)
     p = command("test", cmd_webhook_test, "POST a signed webhook.test event now", hook_sub)
     p.add_argument("id", type=int)
     p = command("log", cmd_webhook_log, "the delivery log, newest first", hook_sub)
@@ -411,6 +417,23 @@ def cmd_webhook_remove(settings: Settings, args: argparse.Namespace) -> int:
     with database(settings) as engine:
         webhooks.remove_endpoint(engine, args.id)
         print(f"removed webhook {args.id}")
+        return 0
+
+
+def cmd_webhook_pause(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_webhook_active(settings, args.id, False)
+
+
+def cmd_webhook_resume(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_webhook_active(settings, args.id, True)
+
+
+def _set_webhook_active(settings: Settings, endpoint_id: int, active: bool) -> int:
+    from shared import webhooks
+
+    with database(settings) as engine:
+        webhooks.set_active(engine, endpoint_id, active)
+        print(f"webhook {endpoint_id} {'resumed' if active else 'paused'}")
         return 0
 
 
