@@ -53,6 +53,24 @@ def test_a_failed_append_leaves_no_partial_line(tiny_disk: Path) -> None:
     journal.close()
 
 
+def test_a_first_append_that_fails_leaves_no_file(tiny_disk: Path) -> None:
+    filler = tiny_disk / "filler"
+    with pytest.raises(OSError), open(filler, "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+            f.flush()
+    journal = Journal(tiny_disk, prefix="t")
+    with pytest.raises(OSError) as caught:  # an OSError, nothing else, and no empty file
+        journal.append([{"n": 1, "pad": "x" * 8192}])
+    assert caught.value.errno == errno.ENOSPC
+    assert list(tiny_disk.glob("t-*.jsonl")) == []
+    filler.unlink()
+    journal.append([{"n": 2}])
+    journal.seal()
+    assert [r["n"] for r in journal.read_slice(10)] == [2]
+    journal.close()
+
+
 def test_receiver_keeps_serving_when_the_journal_disk_is_full(
     make_settings: Callable[..., Settings],
     tiny_disk: Path,
