@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from receiver.events import EventWriter, Row, new_event
+from receiver.events import EventWriter, RawEvent, new_event
 from receiver.metrics import Metrics
 from receiver.redirect import browser_url
 from shared.tokens import InvalidToken, Signer
@@ -58,7 +58,7 @@ def _token(raw: str) -> str:
     return raw.split("/", 1)[0].split(".", 1)[0]
 
 
-def _event(scope: Scope, kind: str, message_id: int, recipient: int, link: int) -> Row:
+def _event(scope: Scope, kind: str, message_id: int, recipient: int, link: int) -> RawEvent:
     user_agent = b""
     purpose: list[bytes] = []
     for name, value in scope["headers"]:  # one pass; names are lower case
@@ -66,18 +66,18 @@ def _event(scope: Scope, kind: str, message_id: int, recipient: int, link: int) 
             user_agent = value
         elif name in PURPOSE_HEADERS:
             purpose.append(value)
-    session = scope.get("session") or {}
+    session = scope.get("session")
     client = scope.get("client")
     return new_event(
-        kind=kind,
-        message_id=message_id,
-        recipient=recipient,
-        link=link,
-        ip=client[0] if client else "",
-        user_agent=user_agent.decode("latin-1"),
-        method=scope["method"],
-        purpose=b" ".join(purpose).decode("latin-1").lower(),
-        dashboard_user=bool(session.get("user_id")),
+        kind,
+        message_id,
+        recipient,
+        link,
+        client[0] if client else "",
+        user_agent.decode("latin-1"),
+        scope["method"],
+        b" ".join(purpose).decode("latin-1").lower() if purpose else "",
+        bool(session.get("user_id")) if session else False,
     )
 
 

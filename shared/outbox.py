@@ -124,6 +124,7 @@ def enqueue_for_events(
     also queues the sender's notification mail where the sender's policy has
     ``notify`` on (pass ``bool(settings.notify_from)``).
     """
+    events = [e for e in events if may_notify(str(e.get("kind")), str(e.get("verdict", "unknown")))]
     if not events:
         return 0
     conn = connection_of(conn)
@@ -137,6 +138,17 @@ def enqueue_for_events(
     if notify_email:
         rows += _email_notifications(conn, context, notes)
     return rows
+
+
+def may_notify(kind: str, verdict: str) -> bool:
+    """Whether an event of this kind and verdict can be announced at all.
+
+    A cheap filter (the receiver's writer builds dictionaries only for these);
+    :func:`_notification` decides for each event.
+    """
+    if kind == "open":
+        return verdict in OPEN_VERDICTS or verdict == "machine"
+    return kind == "click" and verdict in CLICK_VERDICTS
 
 
 @dataclass

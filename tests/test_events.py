@@ -12,11 +12,14 @@ import re
 import shutil
 import signal
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from receiver_support import (
     Outage,
     ServerThread,
@@ -25,11 +28,22 @@ from receiver_support import (
     start_receiver,
     wait_for,
 )
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine, insert
 
 from receiver.app import create_app
-from receiver.events import Journal, truncate_ip
+from receiver.classify import Hit, classify
+from receiver.events import (
+    EVENTS,
+    BatchStore,
+    Journal,
+    SqliteTime,
+    _keys,
+    new_event,
+    to_record,
+    truncate_ip,
+)
 from shared.config import Settings
+from shared.models import Message
 from shared.tokens import Signer
 
 
@@ -178,3 +192,137 @@ def test_ip_truncation() -> None:
     assert truncate_ip("::ffff:203.0.113.77") == "203.0.113.0/24"
     assert truncate_ip("203.0.113.77", full=True) == "203.0.113.77"
     assert truncate_ip("testclient") == ""
+
+
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0"
+
+
+def _occurred_as_sqlalchemy_stores_it(timestamp: float) -> str:
+    engine = create_engine("sqlite://")
+    column_type = EVENTS.c.occurred_at.type.dialect_impl(engine.dialect)
+    bind = column_type.bind_processor(engine.dialect)
+    assert bind is not None
+    return str(bind(datetime.fromtimestamp(timestamp, UTC)))
+
+
+@given(st.floats(0, 4_102_444_800, allow_nan=False))  # 1970..2100
+def test_sqlite_time_is_what_sqlalchemy_stores(timestamp: float) -> None:
+    assert SqliteTime()(timestamp) == _occurred_as_sqlalchemy_stores_it(timestamp)
+
+
+def test_sqlite_time_rounds_half_even_and_carries_into_the_next_second() -> None:
+    fast = SqliteTime()
+    for timestamp in (1.0000005, 1.0000015, 59.9999996, 1767225599.9999997, 1767225600.0):
+        assert fast(timestamp) == _occurred_as_sqlalchemy_stores_it(timestamp)
+
+
+def _add_message(engine: Engine, message_id: int, client_ip: str, age: timedelta) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Message.__table__),  # type: ignore[attr-defined]
+            {
+                "id": message_id,
+                "created_at": datetime.now(UTC) - age,
+                "sender": "alice@example.org",
+                "client_ip": client_ip,
+            },
+        )
+
+
+def test_a_batch_is_classified_hit_by_hit_as_classify_does(engine: Engine) -> None:
+    """Remembered verdicts never leak between hits that differ in any fact."""
+    _add_message(engine, 1, "198.51.100.7", timedelta(hours=1))  # sent from the hit's IP
+    _add_message(engine, 2, "192.0.2.1", timedelta(hours=1))
+    _add_message(engine, 3, "192.0.2.1", timedelta(seconds=2))  # clicked right away
+    hits = [
+        new_event("open", 1, 1, 0, "198.51.100.7", CHROME, "GET"),  # self
+        new_event("open", 2, 1, 0, "198.51.100.7", CHROME, "GET"),  # human: same UA and IP
+        new_event("open", 2, 1, 0, "198.51.100.7", CHROME, "HEAD"),
+        new_event("open", 2, 1, 0, "198.51.100.7", CHROME, "GET", "prefetch"),
+        new_event("open", 2, 1, 0, "198.51.100.7", CHROME, "GET", "", True),
+        new_event("open", 2, 1, 0, "17.58.0.9", "Mozilla/5.0", "GET"),
+        new_event("click", 2, 1, 1, "198.51.100.7", CHROME, "GET"),
+        new_event("click", 3, 1, 1, "198.51.100.7", CHROME, "GET"),
+        new_event("click", 9, 1, 1, "198.51.100.7", CHROME, "GET"),  # message unknown
+        new_event("open", 2, 1, 0, "198.51.100.7", CHROME, "GET"),  # again, remembered
+        new_event("open", 2, 1, 0, "198.51.100.7", "curl/8.5.0", "GET"),
+    ]
+    keyed = _keys.assign(hits)
+    written = BatchStore(engine, store_full_ip=False).write(keyed)
+    assert written.inserted == len(hits)
+    rows = {row["event_key"]: row for row in event_rows(engine)}
+    sent = {1: ("198.51.100.7", 3600.0), 2: ("192.0.2.1", 3600.0), 3: ("192.0.2.1", 2.0)}
+    for key, _, kind, message_id, _, _, ip, agent, method, purpose, dashboard in keyed:
+        sender_ip, age = sent.get(message_id, ("", 0.0))
+        expected = classify(
+            Hit(
+                kind=kind,
+                method=method,
+                user_agent=agent,
+                ip=ip,
+                purpose=purpose,
+                dashboard_user=dashboard,
+                seconds_after_send=age if kind == "click" and sender_ip else None,
+                sender_ip=sender_ip,
+            )
+        )
+        row = rows[key]
+        assert (row["verdict"], row["reasons"]) == (expected.verdict, expected.reason_text), key
+        assert row["ip"] == truncate_ip(ip)
+    verdicts = [rows[event[0]]["verdict"] for event in keyed]
+    assert verdicts == [
+        "self",
+        "human",
+        "scanner",
+        "scanner",
+        "self",
+        "machine",
+        "human",
+        "scanner",
+        "human",
+        "human",
+        "scanner",
+    ]
+    assert written.recorded["open", "human"] == 2
+    # Only hits that can notify someone become dictionaries (and reach listeners).
+    assert sorted(str(row["verdict"]) for row in written.notable) == ["human"] * 4 + ["machine"]
+
+
+@pytest.mark.parametrize("size", [1, 7, 500, 1337])
+def test_a_batch_of_any_size_is_stored_once(engine: Engine, size: int) -> None:
+    store = BatchStore(engine, store_full_ip=True)
+    keyed = _keys.assign(new_event("open", 5, i, 0, "::1", "curl/8", "GET") for i in range(size))
+    assert store.write(keyed).inserted == size
+    stored = {row["event_key"]: row for row in event_rows(engine)}
+    assert sorted(stored) == sorted(event[0] for event in keyed)
+    assert sorted(row["recipient_position"] for row in stored.values()) == list(range(size))
+    assert {row["ip"] for row in stored.values()} == {"::1"}
+
+
+def test_a_live_batch_with_a_stored_key_keeps_only_the_new_rows(engine: Engine) -> None:
+    store = BatchStore(engine, store_full_ip=False)
+    first = _keys.assign([new_event("open", 6, i, 0, "192.0.2.1", CHROME, "GET") for i in range(3)])
+    store.write(first)
+    second = [first[1], *_keys.assign([new_event("open", 6, 9, 0, "192.0.2.1", CHROME, "GET")])]
+    written = store.write(second)  # a live batch: the insert finds a key already there
+    assert (written.inserted, written.duplicates) == (1, 1)
+    assert [row["event_key"] for row in written.notable] == [second[1][0]]
+    assert count_events(engine) == 4 and _distinct_keys(engine) == 4
+
+
+def test_an_unreadable_journal_record_is_set_aside_not_replayed_forever(
+    make_settings: Callable[..., Settings], engine: Engine, database_url: str
+) -> None:
+    settings = make_settings(database_url=database_url, event_flush_interval=0.02)
+    journal = Journal(settings.var_dir / "journal")
+    good = _keys.assign([new_event("open", 7, 1, 0, "192.0.2.1", CHROME, "GET")])
+    journal.append([to_record(good[0]), {"event_key": "no-kind"}])
+    journal.seal()
+    app = create_app(settings, engine)
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        wait_for(lambda: _health(client)["journal_files"] == 0)
+        metrics = client.get("/metrics").text
+    assert [row["event_key"] for row in event_rows(engine)] == [good[0][0]]
+    assert "trackrelay_events_rejected_total 1" in metrics
+    rejected = (settings.var_dir / "journal" / "rejected-events.jsonl").read_text()
+    assert "no-kind" in rejected
