@@ -8,10 +8,11 @@
 ``engine``             the SQLAlchemy engine (given, or made in lifespan)
 ``signer``             shared.tokens.Signer over settings.signing_keys()
 ``metrics``            receiver.metrics.Metrics
-``event_writer``       receiver.events.EventWriter (queue, batch writer, journal)
+``event_writer``       receiver.events.EventWriter (queue, writer process, journal)
 ``on_written``         ``event_writer.subscribe``: register
                        ``async def listener(rows: list[dict]) -> None``,
-                       called after each committed batch
+                       called after each committed batch with its rows
+                       that may notify someone
 ``public_forms``       signing for the public "stop tracking me" forms
 ``live_feed``          receiver.live.LiveFeed: dashboard notifications (SSE)
 =====================  =======================================================
@@ -65,7 +66,7 @@ async def healthz(request: Request) -> Response:
     body = {
         "status": "ok" if healthy else "degraded",
         "database": database,
-        "event_writer": "journaling" if writer.degraded else "ok",
+        "event_writer": writer.state,
         "queue_depth": writer.depth,
         "journal_files": files,
         "journal_bytes": size,

@@ -2,49 +2,45 @@
 
 The road of one hit::
 
-    request -> new_event(): a plain tuple -> EventWriter.submit()   (a list append)
-            ... every event_flush_interval s, or at event_batch_size pending ...
-    writer task: give each event its unique key, then in a thread
-                 (asyncio.to_thread) BatchStore.write(): look up the messages of
-                 the batch, classify (receiver/classify.py), INSERT ... ON CONFLICT
-                 DO NOTHING, outbox rows for the hits that notify (shared/outbox.py)
-            -> on_written listeners (dashboard live feed) with those rows
+    request -> new_event(): a tuple -> EventWriter.submit(): a list append
+        ... every event_flush_interval s, or at event_batch_size pending ...
+    EventWriter: numbers the batch (a key prefix and a first number) and hands it
+        to its writer process through a pipe, never blocking; keeps it until the
+        writer acknowledges it
+    writer process (receiver/eventstore.py): gives each event its unique key,
+        classifies it (receiver/classify.py), INSERT ... ON CONFLICT DO NOTHING
+        with the outbox rows in one transaction — or journals the batch while the
+        database is down, and replays the journal afterwards; reports back
+    EventWriter: the figures into /metrics, the rows that notify someone to the
+        on_written listeners (dashboard live feed)
 
-Everything that does not change the response happens in the writer, once per
-batch where it can: the request only verifies the token and appends a tuple.
-The writer shares the process (and its GIL) with the requests, so each batch
-is made cheap rather than moved away: a verdict is worked out once per distinct
-(user agent, IP, ...) and remembered; SQLite gets a few multi-row INSERTs per
-batch (one GIL release each, where ``executemany`` hands the GIL back and forth
-once per row), PostgreSQL one ``unnest`` of column arrays; dictionaries are
-built only for the few rows someone is notified about.
+The request does nothing that does not change its response: it verifies the
+token and appends a tuple. Everything else happens in the writer process, beside
+the requests rather than between them (its module docstring says why not a thread).
 
-If the database cannot be written, the batch is appended to a journal file
-under ``<var_dir>/journal/`` (JSON lines, fsynced, mode 0600) and the writer
-keeps journaling until a probe write succeeds (every ``PROBE_INTERVAL`` s).
-Journal files are then replayed a slice at a time between live batches, and a
-file is deleted only after its last row is committed. A restart replays what
-the journal holds. Every event gets a unique ``event_key`` before its first
-write attempt, so a replay that repeats rows (a crash between commit and
-delete, an ambiguous commit) is absorbed by the unique constraint: each hit is
-stored exactly once.
+Every event's key is fixed before its first write attempt (the receiver numbers
+the batch), so a batch written twice — sent again to a new writer after a crash,
+replayed from the journal after an ambiguous commit or a crash between commit and
+delete — is absorbed by the unique constraint: each hit is stored exactly once.
 
-What a crash (SIGKILL, power loss) can lose: the events still in memory — at
-most ``event_flush_interval`` seconds of hits (``TRACKRELAY_EVENT_FLUSH_INTERVAL``,
-default 0.1 s) plus the batch being written; while the database is unreachable,
-also the hits that arrive during one failed write attempt (for SQLite, up to
-``SQLITE_WRITE_TIMEOUT`` s). Nothing already in the journal is lost.
+What a crash can lose: a receiver process killed (SIGKILL) loses the events
+still in its memory, at most ``event_flush_interval`` seconds of hits
+(``TRACKRELAY_EVENT_FLUSH_INTERVAL``, default 0.1 s); its writer process goes
+on and writes or journals everything it was handed, then exits. A writer
+process that dies is started again and gets every batch it had not acknowledged.
+Both dying at once (power loss) also loses what the writer had received but
+not yet committed or journaled. Nothing already in the journal is lost.
 
-Journal files (shared/journal.py) are per process
-(``events-<pid>-<n>-<random>.jsonl``) and held with ``flock`` while written:
-with several workers, each replays its own files and those of dead
-processes, never a live sibling's. If the journal cannot be written either
-(disk full), pixels and redirects are still served: the batch is dropped,
-logged at ERROR and counted in ``trackrelay_events_dropped_total``.
-
-The journal keeps the full client IP until replay, because the "sender" rule
-compares it with the IP that submitted the message; the database gets the truncated IP (/24, /48)
-unless ``TRACKRELAY_STORE_FULL_IP`` is set.
+The journal: JSON lines under ``<var_dir>/journal/``, fsynced, mode 0600, per
+process (``events-<pid>-<n>-<random>.jsonl``, shared/journal.py) and held with
+``flock`` while written, so with several workers each writer replays its own
+files and those of dead processes, never a live sibling's. If the journal
+cannot be written either (disk full), pixels and redirects are still served:
+the batch is dropped, logged at ERROR and counted in
+``trackrelay_events_dropped_total``. The journal keeps the full client IP until
+replay, because the "sender" rule compares it with the IP that submitted the
+message; the database gets the truncated IP (/24, /48) unless
+``TRACKRELAY_STORE_FULL_IP`` is set.
 """
 
 from __future__ import annotations
@@ -55,46 +51,35 @@ import functools
 import ipaddress
 import itertools
 import logging
-import operator
+import marshal
 import os
 import secrets
+import struct
+import subprocess
+import sys
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Table, select
+from sqlalchemy import Engine, Insert, Table
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DataError, IntegrityError
 
-from receiver.classify import VERDICTS, Hit, classify
 from receiver.metrics import Metrics
 from shared import journal as shared_journal
 from shared.config import Settings
-from shared.models import Event, Message
-from shared.outbox import enqueue_for_events, may_notify
 
 log = logging.getLogger(__name__)
 
-#: Seconds between attempts to write again while the database is down.
-PROBE_INTERVAL = 1.0
-#: SQLite: how long one batch waits for the write lock before journaling.
-SQLITE_WRITE_TIMEOUT = 2.0
-#: Events held in memory at most; beyond, hits are dropped (and counted).
+#: Events held in memory at most (waiting, or sent and not acknowledged); beyond,
+#: hits are dropped (and counted).
 MAX_PENDING = 200_000
-#: Journal rows replayed per writer tick, between live batches.
-REPLAY_SLICE = 2000
 MAX_USER_AGENT = 1024
-#: Distinct (user agent, IP, ...) verdicts remembered by the writer.
-VERDICT_CACHE_SIZE = 65536
-#: SQLite: rows per INSERT at most (11 columns: far below the 32766 variables limit).
-SQLITE_ROWS_PER_INSERT = 512
-
-EVENTS: Table = Event.__table__  # type: ignore[attr-defined]
-MESSAGES: Table = Message.__table__  # type: ignore[attr-defined]
+#: Seconds before a writer process that died is started again.
+RESTART_DELAY = 1.0
+#: Seconds ``stop()`` waits for the writer process to finish; then this process journals.
+STOP_TIMEOUT = 60.0
 
 Row = dict[str, Any]
 OnWritten = Callable[[list[Row]], Awaitable[None]]
@@ -119,6 +104,13 @@ RECORD_FIELDS = (
     "purpose",
     "dashboard_user",
 )
+#: Frames between a receiver process and its writer: a 4-byte length, then marshal.
+FRAME_HEADER = struct.Struct(">I")
+
+
+def frame(payload: Any) -> bytes:
+    data = marshal.dumps(payload)
+    return FRAME_HEADER.pack(len(data)) + data
 
 
 def new_event(
@@ -147,6 +139,13 @@ def new_event(
     )
 
 
+def keyed(prefix: str, first: int, events: list[RawEvent]) -> list[KeyedEvent]:
+    """``events`` with their keys: ``prefix`` + the 16 hex digits of first, first+1, ..."""
+    template = prefix + "%016x"  # %-formatting: a third cheaper than an f-string
+    numbered = zip(events, itertools.count(first), strict=False)
+    return [(template % n,) + event for event, n in numbered]  # noqa: RUF005 - faster than *
+
+
 class _EventKeys:
     """Unique event keys without a syscall per hit.
 
@@ -161,15 +160,16 @@ class _EventKeys:
 
     def reset(self) -> None:
         self._prefix = secrets.token_hex(8)
-        self._counter = itertools.count()
+        self._next = 0
 
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter):016x}"
+    def reserve(self, count: int) -> tuple[str, int]:
+        """Numbers for ``count`` events: (prefix, first); key ``i`` is prefix + %016x of first+i."""
+        first, self._next = self._next, self._next + count
+        return self._prefix, first
 
-    def assign(self, events: Iterable[RawEvent]) -> list[KeyedEvent]:
-        template = self._prefix + "%016x"  # %-formatting: a third cheaper than an f-string
-        pairs = zip(events, self._counter, strict=False)
-        return [(template % n,) + event for event, n in pairs]  # noqa: RUF005 - faster than *
+    def assign(self, events: list[RawEvent]) -> list[KeyedEvent]:
+        prefix, first = self.reserve(len(events))
+        return keyed(prefix, first, events)
 
 
 _keys = _EventKeys()
@@ -221,344 +221,6 @@ def insert_ignoring(table: Table, key: str, dialect: str) -> Insert:
     raise ValueError(f"unsupported database: {dialect}")
 
 
-#: The events table's columns in the order of a database row tuple.
-COLUMNS = (
-    "event_key",
-    "message_id",
-    "recipient_position",
-    "link_position",
-    "kind",
-    "occurred_at",
-    "ip",
-    "user_agent",
-    "method",
-    "verdict",
-    "reasons",
-)
-_KIND, _VERDICT = COLUMNS.index("kind"), COLUMNS.index("verdict")
-_OCCURRED = COLUMNS.index("occurred_at")
-
-PG_TYPES = {
-    "event_key": "varchar",
-    "message_id": "bigint",
-    "recipient_position": "integer",
-    "link_position": "integer",
-    "kind": "varchar",
-    "occurred_at": "timestamptz",
-    "ip": "varchar",
-    "user_agent": "text",
-    "method": "varchar",
-    "verdict": "varchar",
-    "reasons": "text",
-}
-
-#: (kind, verdict) pairs that may notify someone: only these become dictionaries.
-NOTABLE = frozenset(
-    (kind, verdict)
-    for kind in ("open", "click")
-    for verdict in VERDICTS
-    if may_notify(kind, verdict)
-)
-
-
-class DatabaseUnavailable(Exception):
-    """A batch could not be written; it goes to the journal."""
-
-
-class _Collision(Exception):
-    """A live batch met a key already stored: redo it finding out which rows are new."""
-
-
-@dataclass
-class Written:
-    """What one write did: rows inserted, by (kind, verdict), and the ones that notify."""
-
-    inserted: int = 0
-    recorded: Counter[tuple[str, str]] = field(default_factory=Counter)
-    notable: list[Row] = field(default_factory=list)  # inserted rows that may notify someone
-    duplicates: int = 0
-    rejected: list[KeyedEvent] = field(default_factory=list)
-
-    def add(self, other: Written) -> None:
-        self.inserted += other.inserted
-        self.recorded.update(other.recorded)
-        self.notable += other.notable
-        self.duplicates += other.duplicates
-        self.rejected += other.rejected
-
-
-@dataclass
-class _MessageFacts:
-    sent_at: float  # POSIX timestamp
-    client_ip: str
-
-
-class SqliteTime:
-    """``occurred_at`` as SQLAlchemy stores a DateTime in SQLite, from a POSIX timestamp.
-
-    Equal to the column's bind processor applied to ``datetime.fromtimestamp(t, UTC)``
-    (same half-even rounding to the microsecond; a test checks it), at a fifth of
-    the cost: the date and time of day are formatted once per second.
-    """
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
-
-    def __call__(self, timestamp: float) -> str:
-        second = int(timestamp)
-        micro = round((timestamp - second) * 1e6)
-        if micro >= 1_000_000:
-            second += 1
-            micro -= 1_000_000
-        if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
-            self._second = second
-        return "%s.%06d" % (self._prefix, micro)  # noqa: UP031 - twice as fast as f"{:06d}"
-
-
-def _aware(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, UTC)
-
-
-class BatchStore:
-    """The synchronous database side: classify and insert one batch (run in a thread).
-
-    Calls are serialised by the writer task (one batch at a time).
-    """
-
-    def __init__(self, engine: Engine, store_full_ip: bool, notify_email: bool = False) -> None:
-        self.engine = engine
-        self.store_full_ip = store_full_ip
-        self.notify_email = notify_email
-        self.dialect = engine.dialect.name
-        if self.dialect not in ("sqlite", "postgresql"):
-            raise ValueError(f"unsupported database: {self.dialect}")
-        self._verdicts: dict[tuple[Any, ...], tuple[str, str, str]] = {}
-        self._db_time: Callable[[float], Any] = SqliteTime() if self.dialect == "sqlite" else _aware
-        marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-        self._values_row = f"({', '.join([marker] * len(COLUMNS))})"
-        self._values_sql: dict[tuple[int, bool], str] = {}
-        casts = ", ".join(f"%s::{PG_TYPES[c]}[]" for c in COLUMNS)
-        self._unnest_sql = (
-            f"INSERT INTO {EVENTS.name} ({', '.join(COLUMNS)}) SELECT * FROM unnest({casts}) "  # noqa: S608
-            "ON CONFLICT (event_key) DO NOTHING"
-        )
-
-    def write(self, events: list[KeyedEvent], replay: bool = False) -> Written:
-        """Insert ``events`` (new rows only) with their outbox rows, in one transaction.
-
-        Raises DatabaseUnavailable when the batch could not be written at all.
-        """
-        try:
-            try:
-                try:
-                    return self._write(events, returning=replay)
-                except _Collision:
-                    return self._write(events, returning=True)
-            except (DataError, IntegrityError):
-                log.exception("the database refused a batch; writing it row by row")
-                return self._one_by_one(events)
-        except Exception as exc:
-            raise DatabaseUnavailable(str(exc).splitlines()[0] if str(exc) else repr(exc)) from exc
-
-    def _write(self, events: list[KeyedEvent], returning: bool) -> Written:
-        """``returning``: find out which rows are new (replays); else all must be."""
-        with self.engine.begin() as conn, self._sqlite_timeout(conn):
-            rows = self.rows(conn, events)
-            duplicates = 0
-            if returning:
-                new = self._insert_returning(conn, rows)
-                if len(new) < len(rows):
-                    kept = [(e, r) for e, r in zip(events, rows, strict=True) if r[0] in new]
-                    duplicates = len(rows) - len(kept)
-                    events, rows = [e for e, _ in kept], [r for _, r in kept]
-            elif self._insert(conn, rows) != len(rows):
-                raise _Collision  # rolls the transaction back
-            written = self._summary(events, rows)
-            written.duplicates = duplicates
-            # Webhook and mail notifications commit with their events.
-            enqueue_for_events(conn, written.notable, notify_email=self.notify_email)
-        return written
-
-    def _one_by_one(self, events: list[KeyedEvent]) -> Written:
-        """A batch with a bad row: keep the good ones, set the bad ones aside."""
-        written = Written()
-        for event in events:
-            try:
-                done = self._write([event], returning=True)
-            except (DataError, IntegrityError):
-                written.rejected.append(event)
-                continue
-            written.add(done)
-        return written
-
-    def _summary(self, events: list[KeyedEvent], rows: list[tuple[Any, ...]]) -> Written:
-        recorded = Counter(map(operator.itemgetter(_KIND, _VERDICT), rows))
-        notable = []
-        if not NOTABLE.isdisjoint(recorded):  # scanners and self hits build no dictionaries
-            notable = [
-                self._as_dict(event, row)
-                for event, row in zip(events, rows, strict=True)
-                if (row[_KIND], row[_VERDICT]) in NOTABLE
-            ]
-        return Written(inserted=len(rows), recorded=recorded, notable=notable)
-
-    @staticmethod
-    def _as_dict(event: KeyedEvent, row: tuple[Any, ...]) -> Row:
-        values = dict(zip(COLUMNS, row, strict=True))
-        values["occurred_at"] = _aware(event[1])
-        return values
-
-    # --- inserting ---
-
-    def _insert(self, conn: Connection, rows: list[tuple[Any, ...]]) -> int:
-        """Insert ``rows`` skipping stored keys; return how many were inserted."""
-        if self.dialect == "postgresql":
-            return int(conn.exec_driver_sql(self._unnest_sql, self._arrays(rows)).rowcount)
-        inserted = 0
-        for sql, params in self._values(rows, returning=False):
-            inserted += conn.exec_driver_sql(sql, params).rowcount
-        return inserted
-
-    def _insert_returning(self, conn: Connection, rows: list[tuple[Any, ...]]) -> set[str]:
-        """Insert ``rows`` skipping stored keys; return the keys inserted."""
-        if self.dialect == "postgresql":
-            sql = self._unnest_sql + " RETURNING event_key"
-            return set(conn.exec_driver_sql(sql, self._arrays(rows)).scalars())
-        new: set[str] = set()
-        for sql, params in self._values(rows, returning=True):
-            new.update(conn.exec_driver_sql(sql, params).scalars())
-        return new
-
-    @staticmethod
-    def _arrays(rows: list[tuple[Any, ...]]) -> tuple[list[Any], ...]:
-        """PostgreSQL: one array per column for ``unnest``.
-
-        SQLAlchemy's multi-row VALUES makes psycopg parse a statement with
-        thousands of placeholders on every batch, and psycopg's executemany
-        costs a round trip per row; ``unnest`` of arrays costs neither.
-        """
-        if not rows:
-            return tuple([] for _ in COLUMNS)
-        return tuple(list(column) for column in zip(*rows, strict=True))
-
-    def _values(
-        self, rows: list[tuple[Any, ...]], returning: bool
-    ) -> Iterator[tuple[str, tuple[Any, ...]]]:
-        """SQLite: multi-row INSERTs of power-of-two sizes (a few cached statements).
-
-        sqlite3 releases the GIL around each statement step: one multi-row INSERT
-        gives it up once, ``executemany`` once per row — and each time the
-        event loop thread must hand it back before the next row is bound.
-        """
-        start = 0
-        while start < len(rows):
-            size = min(SQLITE_ROWS_PER_INSERT, 1 << ((len(rows) - start).bit_length() - 1))
-            chunk = rows[start : start + size]
-            start += size
-            yield self._values_statement(size, returning), tuple(itertools.chain(*chunk))
-
-    def _values_statement(self, size: int, returning: bool) -> str:
-        sql = self._values_sql.get((size, returning))
-        if sql is None:
-            sql = (
-                f"INSERT INTO {EVENTS.name} ({', '.join(COLUMNS)}) "  # noqa: S608 - constants
-                f"VALUES {', '.join([self._values_row] * size)} "
-                "ON CONFLICT (event_key) DO NOTHING" + (" RETURNING event_key" if returning else "")
-            )
-            self._values_sql[size, returning] = sql
-        return sql
-
-    @contextlib.contextmanager
-    def _sqlite_timeout(self, conn: Connection) -> Iterator[None]:
-        """A locked SQLite file must send the batch to the journal soon, not in 30 s."""
-        if self.dialect != "sqlite":
-            yield
-            return
-        before = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
-        conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(SQLITE_WRITE_TIMEOUT * 1000)}")
-        try:
-            yield
-        finally:
-            conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(before or 0)}")
-
-    # --- classifying ---
-
-    def rows(self, conn: Connection, events: list[KeyedEvent]) -> list[tuple[Any, ...]]:
-        """Database rows (in COLUMNS order) for ``events``, classified."""
-        facts = self._message_facts(conn, {event[3] for event in events})
-        verdicts = self._verdicts
-        db_time = self._db_time
-        rows = []
-        for event in events:
-            key, occurred, kind, message_id, recipient, link, ip, agent, method, purpose, dash = (
-                event
-            )
-            message = facts.get(message_id)
-            if message is None:
-                sender_ip, after_send = "", None
-            else:
-                sender_ip = message.client_ip
-                # Only click rules look at the send time; leaving it out of opens
-                # lets their verdicts be remembered.
-                after_send = occurred - message.sent_at if kind == "click" else None
-            facts_key = (kind, method, agent, ip, purpose, dash, after_send, sender_ip)
-            verdict = verdicts.get(facts_key)
-            if verdict is None:
-                verdict = self._judge(facts_key)
-            rows.append(
-                (
-                    key,
-                    message_id,
-                    recipient,
-                    link,
-                    kind,
-                    db_time(occurred),
-                    verdict[2],
-                    agent,
-                    method,
-                    verdict[0],
-                    verdict[1],
-                )
-            )
-        return rows
-
-    def _judge(self, facts_key: tuple[Any, ...]) -> tuple[str, str, str]:
-        """(verdict, reasons, stored IP) for one set of facts; remembered unless timed."""
-        kind, method, agent, ip, purpose, dashboard, after_send, sender_ip = facts_key
-        hit = Hit(
-            kind=kind,
-            method=method,
-            user_agent=agent,
-            ip=ip,
-            purpose=purpose,
-            dashboard_user=bool(dashboard),
-            seconds_after_send=after_send,
-            sender_ip=sender_ip,
-        )
-        verdict = classify(hit)
-        value = (verdict.verdict, verdict.reason_text, truncate_ip(ip, self.store_full_ip))
-        if after_send is None:  # a click's send delay is (nearly) never seen twice
-            if len(self._verdicts) >= VERDICT_CACHE_SIZE:
-                self._verdicts.clear()
-            self._verdicts[facts_key] = value
-        return value
-
-    def _message_facts(self, conn: Connection, ids: Iterable[int]) -> dict[int, _MessageFacts]:
-        found: dict[int, _MessageFacts] = {}
-        wanted = sorted(ids)
-        for start in range(0, len(wanted), 500):
-            query = select(MESSAGES.c.id, MESSAGES.c.created_at, MESSAGES.c.client_ip).where(
-                MESSAGES.c.id.in_(wanted[start : start + 500])
-            )
-            for id_, created_at, client_ip in conn.execute(query):
-                if created_at.tzinfo is None:
-                    created_at = created_at.replace(tzinfo=UTC)
-                found[id_] = _MessageFacts(created_at.timestamp(), client_ip or "")
-        return found
-
-
 class Journal(shared_journal.Journal):
     """The receiver's event journal: ``events-<pid>-<n>-<random>.jsonl`` files."""
 
@@ -566,24 +228,38 @@ class Journal(shared_journal.Journal):
         super().__init__(directory, prefix="events")
 
 
+_Batch = tuple[str, int, list[RawEvent]]  # key prefix, first number, events
+#: The directory holding this very code: the writer process imports it, wherever run from.
+_CODE_ROOT = str(Path(__file__).resolve().parents[1])
+
+
 class EventWriter:
-    """The in-memory queue and the task that writes it (see the module docstring)."""
+    """The in-memory queue and the writer process that stores it (module docstring)."""
 
     def __init__(
         self, settings: Settings, metrics: Metrics, on_written: OnWritten | None = None
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        #: The journal directory: its size for /healthz; journaled into here at
+        #: ``stop()`` only if the writer process could not take the last batches.
         self.journal = Journal(settings.var_dir / "journal")
         self.listeners: list[OnWritten] = [on_written] if on_written else []
-        self.degraded = False
         self._pending: list[RawEvent] = []
+        self._batch_size = settings.event_batch_size
+        self._unacked: dict[int, _Batch] = {}  # by batch id, in sending order
+        self._unacked_events = 0
+        self._batch_ids = itertools.count(1)
         self._wake = asyncio.Event()
-        self._store: BatchStore | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._database_url = ""
+        self._process: subprocess.Popen[bytes] | None = None
+        self._pipe: asyncio.WriteTransport | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._restart: asyncio.Task[None] | None = None
+        self._writer_degraded = False  # as the writer last reported
+        self._writer_down = False  # the writer process died; a new one is starting
         self._stopping = False
-        self._next_probe = 0.0
-        self._replay_needed = True
         self._notifications: set[asyncio.Future[None]] = set()
         self._last_drop_log = 0.0
 
@@ -591,20 +267,34 @@ class EventWriter:
 
     def submit(self, event: RawEvent) -> None:
         """Queue one event (see :func:`new_event`). O(1); never touches the database or the disk."""
-        if len(self._pending) >= MAX_PENDING:
+        pending = self._pending
+        if len(pending) + self._unacked_events >= MAX_PENDING:
             self.metrics.dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log > 10:
                 self._last_drop_log = now
                 log.error("event queue full (%d): dropping hits", MAX_PENDING)
             return
-        self._pending.append(event)
-        if len(self._pending) >= self.settings.event_batch_size:
+        pending.append(event)
+        if len(pending) >= self._batch_size:
             self._wake.set()
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        """Events not yet committed or journaled."""
+        return len(self._pending) + self._unacked_events
+
+    @property
+    def degraded(self) -> bool:
+        """Events are not reaching the database (journaled, or the writer is restarting)."""
+        return self._writer_degraded or self._writer_down
+
+    @property
+    def state(self) -> str:
+        """``ok``, ``journaling`` (database unavailable) or ``restarting`` (writer process)."""
+        if self._writer_down:
+            return "restarting"
+        return "journaling" if self._writer_degraded else "ok"
 
     def subscribe(self, listener: OnWritten) -> None:
         """Call ``listener(rows)`` after each committed batch.
@@ -619,125 +309,182 @@ class EventWriter:
     # --- lifecycle ---
 
     async def start(self, engine: Engine) -> None:
-        self._store = BatchStore(
-            engine, self.settings.store_full_ip, notify_email=bool(self.settings.notify_from)
-        )
-        self._task = asyncio.create_task(self._run(), name="trackrelay-event-writer")
+        """Start the writer process for ``engine``'s database, and the flushing task."""
+        self._database_url = engine.url.render_as_string(hide_password=False)
+        await self._spawn()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="trackrelay-event-flush")
 
     async def stop(self) -> None:
-        """Write (or journal) everything still queued, then stop."""
+        """Hand over everything still queued, let the writer finish, then stop it."""
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
+        if self._flusher is not None:
+            await self._flusher
+        if self._restart is not None:
+            self._restart.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restart
+        self._flush()
+        if self._pipe is not None:
+            self._pipe.close()  # the writer finishes what it read, reports, exits
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), STOP_TIMEOUT)
+            except TimeoutError:
+                log.error("the event writer did not finish in %.0f s; stopping it", STOP_TIMEOUT)
+                if self._process is not None:
+                    self._process.kill()
+                await self._reader
+        if self._unacked:
+            await asyncio.to_thread(self._journal_unacked)
         if self._notifications:
             await asyncio.gather(*self._notifications, return_exceptions=True)
         self.journal.close()
 
-    async def _run(self) -> None:
+    async def _spawn(self) -> None:
+        """Start a writer process and send it every batch not yet acknowledged."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_CODE_ROOT, env.get("PYTHONPATH")) if p)
+        process = await asyncio.to_thread(
+            subprocess.Popen,
+            [sys.executable, "-m", "receiver.eventstore"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        reports, _ = await loop.connect_read_pipe(lambda: protocol, process.stdout)
+        pipe, _ = await loop.connect_write_pipe(asyncio.Protocol, process.stdin)
+        self._process, self._pipe = process, pipe
+        config = {
+            "database_url": self._database_url,
+            "journal_dir": str(self.journal.directory),
+            "store_full_ip": self.settings.store_full_ip,
+            "notify_email": bool(self.settings.notify_from),
+            "flush_interval": self.settings.event_flush_interval,
+            "log_level": self.settings.log_level,
+        }
+        pipe.write(frame(config))
+        for batch_id, (prefix, first, events) in self._unacked.items():
+            pipe.write(frame(("batch", batch_id, prefix, first, events)))
+        self._reader = asyncio.create_task(
+            self._read(process, reader, reports), name="trackrelay-event-reports"
+        )
+
+    async def _read(
+        self,
+        process: subprocess.Popen[bytes],
+        reader: asyncio.StreamReader,
+        transport: asyncio.BaseTransport,
+    ) -> None:
+        """Apply the writer's reports until it exits; start a new one if it died."""
+        try:
+            while True:
+                (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+                self._apply(marshal.loads(await reader.readexactly(size)))  # noqa: S302 - ours
+        except asyncio.IncompleteReadError:
+            pass  # the writer closed its end: it is exiting
+        except Exception:
+            log.exception("bad report from the event writer")
+            process.kill()
+        transport.close()
+        if self._pipe is not None:
+            self._pipe.close()
+        code = await asyncio.to_thread(process.wait)
+        for end in (process.stdin, process.stdout):
+            with contextlib.suppress(OSError):
+                end.close()  # type: ignore[union-attr]
+        if self._stopping:
+            return
+        log.error(
+            "the event writer process exited (status %s) with %d events unacknowledged; "
+            "starting a new one",
+            code,
+            self._unacked_events,
+        )
+        self._writer_down = True
+        self._restart = asyncio.create_task(self._respawn())
+
+    async def _respawn(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(RESTART_DELAY)
+            try:
+                await self._spawn()
+                return
+            except Exception:
+                log.exception("cannot start the event writer process; retrying")
+
+    def _apply(self, report: dict[str, Any]) -> None:
+        if "ready" in report:
+            self._writer_down = False
+            return
+        for batch_id in report["acked"]:
+            _, _, events = self._unacked.pop(batch_id)
+            self._unacked_events -= len(events)
+        metrics = self.metrics
+        for kind, verdict, count in report["recorded"]:
+            metrics.recorded[kind, verdict] += count
+        for seconds in report["writes"]:
+            metrics.observe_write(seconds)
+        metrics.journaled += report["journaled"]
+        metrics.replayed += report["replayed"]
+        metrics.duplicates += report["duplicates"]
+        metrics.dropped += report["dropped"]
+        metrics.rejected += report["rejected"]
+        metrics.write_errors += report["write_errors"]
+        for level, problem in report["problems"]:
+            log.log(level, "%s", problem)
+        if self._writer_degraded and not report["degraded"]:
+            log.info("database available again: writing events")
+        self._writer_degraded = report["degraded"]
+        if report["notable"]:
+            rows = report["notable"]
+            for row in rows:
+                row["occurred_at"] = datetime.fromtimestamp(row["occurred_at"], UTC)
+            self._notify(rows)
+
+    async def _flush_loop(self) -> None:
         interval = self.settings.event_flush_interval
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
-            try:
-                await self._tick()
-            except Exception:  # never let the writer die: the next tick retries
-                log.exception("event writer tick failed")
-            if self._stopping and not self._pending:
-                return
+            self._flush()
 
-    async def _tick(self) -> None:
+    def _flush(self) -> None:
+        """Number what is queued and hand it to the writer, ``event_batch_size`` at a time."""
         batch, self._pending = self._pending, []
-        size = self.settings.event_batch_size
+        size = self._batch_size
         for start in range(0, len(batch), size):
-            # Keyed before the first attempt: a retry from the journal reuses the key.
-            await self._flush(_keys.assign(batch[start : start + size]))
-        if self.degraded and time.monotonic() >= self._next_probe and not self._stopping:
-            # Probe by trying for real: the next slice of the journal.
-            await asyncio.to_thread(self.journal.seal)
-            self.degraded = False
-            self._replay_needed = True
-        if not self.degraded and self._replay_needed and not self._stopping:
-            await self._replay_slice()
+            events = batch[start : start + size]
+            batch_id = next(self._batch_ids)
+            prefix, first = _keys.reserve(len(events))
+            self._unacked[batch_id] = (prefix, first, events)
+            self._unacked_events += len(events)
+            if self._pipe is not None and not self._pipe.is_closing():
+                self._pipe.write(frame(("batch", batch_id, prefix, first, events)))
 
-    async def _flush(self, batch: list[KeyedEvent]) -> None:
-        if not self.degraded:
-            try:
-                await self._write(batch)
-                return
-            except DatabaseUnavailable as exc:
-                self._degrade(exc)
-        await self._spill(batch)
-
-    def _degrade(self, exc: Exception) -> None:
-        self.metrics.write_errors += 1
-        if not self.degraded:
-            log.warning("database unavailable, journaling events: %s", exc)
-        self.degraded = True
-        self._next_probe = time.monotonic() + PROBE_INTERVAL
-
-    async def _spill(self, batch: list[KeyedEvent]) -> None:
-        written, error = await asyncio.to_thread(self._journal_events, batch)
+    def _journal_unacked(self) -> None:
+        """The last resort at stop: what the writer never acknowledged goes to the journal."""
+        records = [
+            to_record(event)
+            for prefix, first, events in self._unacked.values()
+            for event in keyed(prefix, first, events)
+        ]
+        written, error = self.journal.append_what_fits(records)
         self.metrics.journaled += written
-        if written < len(batch):
-            self.metrics.dropped += len(batch) - written
+        if written < len(records):
+            self.metrics.dropped += len(records) - written
             log.error(
-                "cannot write the event journal: %d hits lost (%s)", len(batch) - written, error
+                "cannot write the event journal: %d hits lost (%s)", len(records) - written, error
             )
-
-    def _journal_events(self, batch: list[KeyedEvent]) -> tuple[int, OSError | None]:
-        return self.journal.append_what_fits([to_record(event) for event in batch])
-
-    async def _replay_slice(self) -> None:
-        records = await asyncio.to_thread(self.journal.read_slice, REPLAY_SLICE)
-        if not records:
-            self._replay_needed = False
-            return
-        events: list[KeyedEvent] = []
-        unreadable: list[dict[str, Any]] = []
-        for record in records:
-            try:
-                events.append(from_record(record))
-            except (KeyError, TypeError, ValueError):
-                unreadable.append(record)
-        try:
-            await self._write(events, replay=True)
-        except DatabaseUnavailable as exc:
-            self._degrade(exc)
-            return
-        if unreadable:
-            log.error("journal: %d unreadable events set aside", len(unreadable))
-            self.metrics.rejected += len(unreadable)
-            await asyncio.to_thread(self.journal.append_rejected, unreadable)
-        await asyncio.to_thread(self.journal.commit_slice)
-
-    async def _write(self, events: list[KeyedEvent], replay: bool = False) -> None:
-        assert self._store is not None
-        if not events:
-            return
-        started = time.perf_counter()
-        written = await asyncio.to_thread(self._store.write, events, replay)
-        self.metrics.observe_write(time.perf_counter() - started)
-        self.metrics.recorded.update(written.recorded)
-        if replay:
-            self.metrics.replayed += written.inserted
-            self.metrics.duplicates += written.duplicates
-        if written.rejected:
-            self.metrics.rejected += len(written.rejected)
-            rejected = [to_record(event) for event in written.rejected]
-            await asyncio.to_thread(self.journal.append_rejected, rejected)
-        if written.inserted:
-            opens = sum(n for (kind, _), n in written.recorded.items() if kind == "open")
-            log.info(
-                "recorded %d events (%d opens, %d clicks)%s",
-                written.inserted,
-                opens,
-                written.inserted - opens,
-                " from the journal" if replay else "",
-            )
-        if written.notable:
-            self._notify(written.notable)
+        else:
+            log.warning("journaled %d events the event writer did not take", written)
+        self._unacked.clear()
+        self._unacked_events = 0
 
     def _notify(self, rows: list[Row]) -> None:
         for listener in self.listeners:

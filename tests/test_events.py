@@ -32,16 +32,8 @@ from sqlalchemy import Engine, create_engine, insert
 
 from receiver.app import create_app
 from receiver.classify import Hit, classify
-from receiver.events import (
-    EVENTS,
-    BatchStore,
-    Journal,
-    SqliteTime,
-    _keys,
-    new_event,
-    to_record,
-    truncate_ip,
-)
+from receiver.events import Journal, _keys, new_event, to_record, truncate_ip
+from receiver.eventstore import EVENTS, BatchStore, SqliteTime
 from shared.config import Settings
 from shared.models import Message
 from shared.tokens import Signer
@@ -291,7 +283,7 @@ def test_a_batch_is_classified_hit_by_hit_as_classify_does(engine: Engine) -> No
 @pytest.mark.parametrize("size", [1, 7, 500, 1337])
 def test_a_batch_of_any_size_is_stored_once(engine: Engine, size: int) -> None:
     store = BatchStore(engine, store_full_ip=True)
-    keyed = _keys.assign(new_event("open", 5, i, 0, "::1", "curl/8", "GET") for i in range(size))
+    keyed = _keys.assign([new_event("open", 5, i, 0, "::1", "curl/8", "GET") for i in range(size)])
     assert store.write(keyed).inserted == size
     stored = {row["event_key"]: row for row in event_rows(engine)}
     assert sorted(stored) == sorted(event[0] for event in keyed)
