@@ -129,7 +129,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
             if engine is None:
                 engine_.dispose()
 
-    app = Starlette(routes=build_routes(settings), lifespan=lifespan)
+    app = tracking.TrackingApp(routes=build_routes(settings), lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine_
     app.state.live_feed = live_feed

@@ -69,7 +69,7 @@ from shared import db
 from shared.models import Event, Message
 from shared.outbox import enqueue_for_events, may_notify
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("receiver.eventstore")  # also when run as __main__
 
 #: Seconds between attempts to write again while the database is down.
 PROBE_INTERVAL = 1.0

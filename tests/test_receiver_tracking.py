@@ -9,11 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from receiver_support import count_events, event_rows, wait_for
 from sqlalchemy import Engine, insert
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from receiver.app import create_app
-from receiver.tracking import PIXEL
+from receiver.tracking import PIXEL, TrackingApp
 from shared.config import Settings
 from shared.models import Message
 from shared.tokens import Signer
@@ -247,3 +248,51 @@ def test_healthz_and_metrics(client: TestClient, signer: Signer, engine: Engine)
     assert "trackrelay_journal_bytes 0" in text
     assert 'trackrelay_event_write_seconds_bucket{le="+Inf"} 1' in text
     assert "trackrelay_events_dropped_total 0" in text
+
+
+class _ThroughStarlette:
+    """The same app, but every request through Starlette's middleware and router."""
+
+    def __init__(self, app: TrackingApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await Starlette.__call__(self.app, scope, receive, send)
+
+
+def test_the_fast_path_answers_as_the_routes_do(
+    settings: Settings, signer: Signer, engine: Engine
+) -> None:
+    app = create_app(settings, engine)
+    assert isinstance(app, TrackingApp)
+    open_token = signer.open_token(MESSAGE_ID, 2)
+    click_token = signer.click_token(MESSAGE_ID, 2, 1, "https://example.com/a?b=1&c=2")
+    requests = [
+        (method, path)
+        for method in ("GET", "HEAD", "POST", "OPTIONS")
+        for path in (
+            f"/o/{open_token}",
+            f"/o/{open_token}.gif",
+            "/o/",
+            "/o",
+            "/o/bad/x.png",
+            f"/c/{click_token}",
+            f"/c/{click_token}/",
+            "/c/forged",
+            "/c/",
+            "/oo/x",
+        )
+    ]
+    answers = []
+    with TestClient(app) as fast:
+        slow = TestClient(_ThroughStarlette(app))
+        for method, path in requests:
+            pair = []
+            for client in (fast, slow):
+                response = client.request(method, path, follow_redirects=False)
+                headers = sorted((k, v) for k, v in response.headers.items() if k != "date")
+                pair.append((response.status_code, headers, response.content))
+            assert pair[0] == pair[1], (method, path)
+            answers.append(pair[0][0])
+        wait_for(lambda: count_events(engine) == 16)  # 2 of each valid token x GET/HEAD x 2 apps
+    assert sorted(set(answers)) == [200, 302, 307, 404, 405]  # 307: "/o" -> "/o/"
