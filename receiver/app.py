@@ -17,7 +17,11 @@
 ``live_feed``          receiver.live.LiveFeed: dashboard notifications (SSE)
 =====================  =======================================================
 
-Background work started in the lifespan: the event writer, the live feed
+and ``app.tracking`` (receiver.tracking.Tracking): the signer, metrics and event
+writer again, for /o and /c, which read them on every hit.
+
+Background work started in the lifespan: the event writer (and its writer
+process, receiver/eventstore.py), the live feed
 (PostgreSQL LISTEN/NOTIFY across processes), the webhook/notification outbox
 worker and the retention purge loop.
 """
@@ -138,6 +142,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     app.state.event_writer = writer
     app.state.on_written = writer.subscribe
     app.state.public_forms = public.PublicForms(settings)
+    app.tracking = tracking.Tracking(app.state.signer, registry, writer)
     registry.gauge("trackrelay_event_queue_depth", "events waiting in memory", lambda: writer.depth)
     registry.gauge(
         "trackrelay_journal_bytes", "bytes in the event journal", lambda: writer.journal.size()[1]
