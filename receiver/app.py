@@ -143,7 +143,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     app.state.on_written = writer.subscribe
     app.state.public_forms = public.PublicForms(settings)
     app.tracking = tracking.Tracking(app.state.signer, registry, writer)
-    registry.gauge("trackrelay_event_queue_depth", "events waiting in memory", lambda: writer.depth)
+    registry.gauge(
+        "trackrelay_event_queue_depth", "events not yet stored or journaled", lambda: writer.depth
+    )
     registry.gauge(
         "trackrelay_journal_bytes", "bytes in the event journal", lambda: writer.journal.size()[1]
     )

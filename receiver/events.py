@@ -296,6 +296,11 @@ class EventWriter:
             return "restarting"
         return "journaling" if self._writer_degraded else "ok"
 
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's id (diagnostics, tests); None before start."""
+        return self._process.pid if self._process is not None else None
+
     def subscribe(self, listener: OnWritten) -> None:
         """Call ``listener(rows)`` after each committed batch.
 

@@ -1,11 +1,11 @@
 """Live notifications: a first open or a click reaches open dashboards in seconds.
 
-The event writer calls :meth:`LiveFeed.publish` with each committed batch of
-events. The feed keeps only what a person wants to hear about — the first
-counted open per recipient copy (verdict ``human`` or ``proxy``; machine opens
-and scanners never notify) and every counted click — enriches it with the
-message's subject and sender, and hands it to every subscribed dashboard tab
-that may see that sender.
+The event writer calls :meth:`LiveFeed.publish` with the rows of each
+committed batch that may notify someone. The feed keeps only what a person
+wants to hear about — the first counted open per recipient copy (verdict
+``human`` or ``proxy``; machine opens and scanners never notify) and every
+counted click — enriches it with the message's subject and sender, and hands
+it to every subscribed dashboard tab that may see that sender.
 
 Fan-out: on PostgreSQL every receiver process LISTENs on one channel and
 publishing is a ``NOTIFY``, so a hit recorded by one replica reaches tabs

@@ -8,6 +8,7 @@ migration or a backup would.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -318,3 +319,47 @@ def test_an_unreadable_journal_record_is_set_aside_not_replayed_forever(
     assert "trackrelay_events_rejected_total 1" in metrics
     rejected = (settings.var_dir / "journal" / "rejected-events.jsonl").read_text()
     assert "no-kind" in rejected
+
+
+def _hits(client: httpx.Client, signer: Signer, message_id: int, count: int) -> None:
+    for i in range(count):
+        assert client.get(f"/o/{signer.open_token(message_id, i)}").status_code == 200
+
+
+def test_a_killed_writer_process_is_replaced_and_loses_nothing(
+    make_settings: Callable[..., Settings], engine: Engine, database_url: str
+) -> None:
+    settings = make_settings(database_url=database_url, event_flush_interval=0.02)
+    signer = Signer(settings.signing_keys())
+    app = create_app(settings, engine)
+    writer = app.state.event_writer
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        _hits(client, signer, 11, 100)
+        first = writer.writer_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)  # batches on their way to it are sent again
+        _hits(client, signer, 12, 300)
+        wait_for(lambda: writer.writer_pid != first and _health(client)["event_writer"] == "ok")
+        _hits(client, signer, 13, 100)
+        wait_for(lambda: count_events(engine) == 500, timeout=30)
+        wait_for(lambda: _health(client)["queue_depth"] == 0)
+    assert _distinct_keys(engine) == 500
+
+
+def test_what_the_writer_never_took_is_journaled_at_stop(
+    make_settings: Callable[..., Settings], engine: Engine, database_url: str
+) -> None:
+    settings = make_settings(database_url=database_url, event_flush_interval=0.02)
+    signer = Signer(settings.signing_keys())
+    app = create_app(settings, engine)
+    writer = app.state.event_writer
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        pid = writer.writer_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        _hits(client, signer, 14, 50)  # the server stops before a new writer starts
+    assert count_events(engine) == 0
+    assert sorted((settings.var_dir / "journal").glob("events-*.jsonl"))
+    with ServerThread(create_app(settings, engine)):
+        wait_for(lambda: count_events(engine) == 50, timeout=30)
+    assert _distinct_keys(engine) == 50
