@@ -486,21 +486,33 @@ class WriterLoop:
     def batch(self, batch_id: int, prefix: str, first: int, events: list[RawEvent]) -> None:
         """Write (or journal) one batch from the receiver, then acknowledge it."""
         batch = keyed(prefix, first, events)
-        if not self.degraded:
-            try:
-                self._write(batch)
-            except DatabaseUnavailable as exc:
-                self._degrade(exc)
+        try:
+            if not self.degraded:
+                try:
+                    self._write(batch)
+                except DatabaseUnavailable as exc:
+                    self._degrade(exc)
+                    self._spill(batch)
+            else:
                 self._spill(batch)
-        else:
-            self._spill(batch)
+        except Exception:  # a bug: count the batch lost rather than crash on it again
+            log.exception("event writer: a batch of %d events failed", len(batch))
+            self.report.dropped += len(batch)
+            self.report.problems.append((logging.ERROR, f"{len(batch)} hits lost (a bug)"))
         self.report.acked.append(batch_id)
 
     def tick(self, stopping: bool = False) -> None:
         """Between batches: probe the database while down, replay a slice of the journal."""
-        now = time.monotonic()
         if stopping:
             return
+        try:
+            self._tick()
+        except Exception:  # never let the writer die: the next round retries
+            log.exception("event writer: replaying the journal failed")
+            self._replay_needed = False  # until the next scan
+
+    def _tick(self) -> None:
+        now = time.monotonic()
         if self.degraded and now >= self._next_probe:
             self.journal.seal()  # probe by trying for real: the next slice of the journal
             self.degraded = False
@@ -619,17 +631,28 @@ class FrameReader:
         return frames
 
 
-def _send(fd: int, payload: Any) -> None:
-    data = memoryview(frame(payload))
-    while data:
-        data = data[os.write(fd, data) :]
+class Reports:
+    """Frames to the receiver; if it is gone (killed), the writer carries on without."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def send(self, payload: Any) -> None:
+        if self.fd is None:
+            return
+        data = memoryview(frame(payload))
+        try:
+            while data:
+                data = data[os.write(self.fd, data) :]
+        except OSError:  # EPIPE: nobody reads reports any more; the batches still count
+            self.fd = None
 
 
 def main() -> int:
     """``python -m receiver.eventstore``: run until stdin closes (see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    reports = os.dup(1)
+    reports = Reports(os.dup(1))
     os.dup2(2, 1)  # a stray print must not corrupt the frames
     inbox = FrameReader(0)
     while not (frames := inbox.read(None)) and not inbox.closed:
@@ -643,7 +666,7 @@ def main() -> int:
     engine = db.make_engine(config["database_url"])
     store = BatchStore(engine, config["store_full_ip"], notify_email=config["notify_email"])
     loop = WriterLoop(store, Journal(Path(config["journal_dir"])))
-    _send(reports, {"ready": os.getpid()})
+    reports.send({"ready": os.getpid()})
     interval = float(config["flush_interval"])
     told_degraded = False
     try:
@@ -654,7 +677,7 @@ def main() -> int:
             loop.tick(stopping=inbox.closed)
             if loop.report or loop.degraded != told_degraded:
                 told_degraded = loop.degraded
-                _send(reports, loop.take_report())
+                reports.send(loop.take_report())
             if inbox.closed:
                 return 0
             pending = inbox.read(0 if loop.busy else interval)
