@@ -17,7 +17,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlmodel import Session
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets its directory created and WAL mode."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -37,6 +37,21 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def impatient_engine(engine: Engine, lock_timeout: float) -> Engine:
+    """An engine for a writer that must not wait long for SQLite's write lock.
+
+    SQLite: a second engine on the same file whose connections wait at most
+    ``lock_timeout`` s for a lock, set once when each connection opens (the
+    driver's ``timeout``), instead of the 30 s every other user of the file
+    keeps. PostgreSQL (row locks, no file lock) and in-memory SQLite:
+    ``engine`` itself. The caller disposes what it got if it is not ``engine``.
+    """
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return engine
+    return make_engine(url, connect_args={"check_same_thread": False, "timeout": lock_timeout})
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
