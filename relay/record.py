@@ -57,7 +57,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_core import PydanticUndefined
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, bindparam, insert, select
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlmodel import SQLModel
 
@@ -86,6 +86,13 @@ Row = dict[str, Any]
 MESSAGES = Message.__table__  # type: ignore[attr-defined]
 RECIPIENTS = Recipient.__table__  # type: ignore[attr-defined]
 LINKS = Link.__table__  # type: ignore[attr-defined]
+# Built once: a batch executes them, it does not rebuild them.
+STORED = select(MESSAGES.c.id).where(MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
+INSERT_MESSAGES, INSERT_RECIPIENTS, INSERT_LINKS = (
+    insert(MESSAGES),
+    insert(RECIPIENTS),
+    insert(LINKS),
+)
 
 
 @dataclass
@@ -226,7 +233,7 @@ class RecordStore:
         """One transaction; returns how many records were new."""
         with self.engine.begin() as conn:
             ids = [rows.id for rows in batch]
-            seen = set(conn.execute(select(MESSAGES.c.id).where(MESSAGES.c.id.in_(ids))).scalars())
+            seen = set(conn.execute(STORED, {"ids": ids}).scalars())
             new = []
             for rows in batch:
                 if rows.id not in seen:  # also a record twice in one batch
@@ -234,13 +241,13 @@ class RecordStore:
                     new.append(rows)
             if not new:
                 return 0
-            conn.execute(insert(MESSAGES), [rows.message for rows in new])
+            conn.execute(INSERT_MESSAGES, [rows.message for rows in new])
             recipients = [r for rows in new for r in rows.recipients]
             if recipients:
-                conn.execute(insert(RECIPIENTS), recipients)
+                conn.execute(INSERT_RECIPIENTS, recipients)
             links = [link for rows in new for link in rows.links]
             if links:
-                conn.execute(insert(LINKS), links)
+                conn.execute(INSERT_LINKS, links)
             # message.sent / delivery.failed webhooks commit with the messages.
             enqueue_messages_sent(conn, [(rows.message, rows.recipients) for rows in new])
         return len(new)

@@ -271,16 +271,17 @@ def _is_first_open(conn: Connection, event: EventDict, verdicts: Iterable[str]) 
 # --- fan-out to destinations ---
 
 
+_ACTIVE_ENDPOINTS = select(col(WebhookEndpoint.id), col(WebhookEndpoint.event_types)).where(
+    col(WebhookEndpoint.active).is_(True)
+)
+
+
 def fan_out(conn: Conn, notes: Sequence[Notification]) -> int:
     """Insert one outbox row per active webhook endpoint that wants each note."""
     if not notes:
         return 0
     conn = connection_of(conn)
-    endpoints = conn.execute(
-        select(col(WebhookEndpoint.id), col(WebhookEndpoint.event_types)).where(
-            col(WebhookEndpoint.active).is_(True)
-        )
-    ).all()
+    endpoints = conn.execute(_ACTIVE_ENDPOINTS).all()
     now = _utcnow()
     rows = [
         {
