@@ -153,9 +153,11 @@ def _columns(table: Any) -> tuple[str, ...]:
 class _Rows:
     """One record as the column values of its rows: what the ORM inserted for it.
 
-    The record is the JSON of the models (``to_record``, or a journal line);
-    absent fields take the model's defaults, ``created_at`` is parsed back to
-    an aware datetime, unknown keys are ignored, as ``model_validate`` did.
+    The record is the JSON of the models (``to_record``, or a journal line):
+    absent fields take the model's defaults and unknown keys are ignored, as
+    ``model_validate`` did, and ``created_at`` is parsed back to the aware
+    datetime it was. No model objects: validating them cost more than the
+    insert (~0.2 ms a message, ~0.1 ms a recipient).
     """
 
     _message = (_columns(MESSAGES), _defaults(Message))

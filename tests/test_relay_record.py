@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from receiver_support import wait_for
 from relaykit import SIMPLE, client, relay_settings, running_relay, send, sqlite_engine
 from sqlalchemy import Engine, func, insert
 from sqlmodel import Session, select
 from upstream import PASSWORD, USER, RecordingUpstream
 
-from relay.record import SQLITE_WRITE_TIMEOUT, Delivery, Record, Recorder, RecordStore
+from relay.record import (
+    SQLITE_WRITE_TIMEOUT,
+    Delivery,
+    Record,
+    Recorder,
+    RecordStore,
+    to_record,
+)
 from relay.server import RelayServer
 from relay.track import Copy, Prepared
 from relay.upstream import Reply
@@ -338,3 +346,37 @@ def test_the_writer_alone_waits_briefly_for_a_locked_sqlite_file(
     finally:
         recorder.store.close()
         engine.dispose()
+
+
+def test_a_replay_stores_each_record_once_and_sets_aside_what_cannot_be_read(
+    make_settings: Callable[..., Settings], engine: Engine
+) -> None:
+    """A journal left by a dead relay, with a record already stored (a crash
+    between commit and delete), one repeated and one unreadable line."""
+    settings = make_settings()
+    stored, waiting = _prepared([1]), _prepared([1, 2])
+    journal = settings.var_dir / "journal"
+
+    async def scenario() -> Recorder:
+        first = Recorder(settings, engine)
+        await first.record(*stored)  # no writer started: written at once
+        await first.stop()
+        journal.mkdir(parents=True, exist_ok=True)
+        records = [to_record(*stored), to_record(*waiting), {"message": {}}, to_record(*waiting)]
+        lines = "".join(json.dumps(r) + "\n" for r in records)
+        (journal / "relay-999999-1-dead.jsonl").write_text(lines)
+        recorder = Recorder(settings, engine)
+        await recorder.start()
+        try:
+            await asyncio.to_thread(wait_for, lambda: not list(journal.glob("relay-*")), 20)
+        finally:
+            await recorder.stop()
+        return recorder
+
+    recorder = asyncio.run(scenario())
+    ids = [stored[0].message.id, waiting[0].message.id]
+    assert [_count(engine, Message, id=mid) for mid in ids] == [1, 1]
+    assert [_count(engine, Link, message_id=mid) for mid in ids] == [1, 2]
+    assert recorder.replayed == 1 and not recorder.degraded
+    rejected = (journal / "rejected-relay.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in rejected] == [{"message": {}}]
