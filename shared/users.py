@@ -86,12 +86,18 @@ def add_user(
     with session_scope(engine) as session:
         if session.exec(select(User).where(User.username == username)).first():
             raise UserError(f"user {username!r} already exists", "username")
-        user = User(username=username, password_hash=hash_password(password), role=role)
-        session.add(user)
-        session.flush()
-        assert user.id is not None
-        for pattern in patterns:
-            session.add(UserAddress(user_id=user.id, address=pattern))
+        return _insert_user(session, username, hash_password(password), role, patterns)
+
+
+def _insert_user(
+    session: Session, username: str, password_hash: str, role: str, patterns: Sequence[str]
+) -> User:
+    user = User(username=username, password_hash=password_hash, role=role)
+    session.add(user)
+    session.flush()
+    assert user.id is not None
+    for pattern in patterns:
+        session.add(UserAddress(user_id=user.id, address=pattern))
     return user
 
 
@@ -248,13 +254,7 @@ def mailbox_user(engine: Engine, username: str) -> User:
                 return user
         try:
             with session_scope(engine) as session:
-                user = User(username=username, password_hash=MAILBOX_LOGIN, role="sender")
-                session.add(user)
-                session.flush()
-                assert user.id is not None
-                for address in addresses:
-                    session.add(UserAddress(user_id=user.id, address=address))
-            return user
+                return _insert_user(session, username, MAILBOX_LOGIN, "sender", addresses)
         except IntegrityError:
             continue
     raise UserError(f"cannot create user {username!r}", "username")
