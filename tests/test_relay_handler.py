@@ -484,3 +484,26 @@ def _plain(user: str, password: str) -> bytes:
     import base64
 
     return base64.b64encode(f"\0{user}\0{password}".encode())
+
+
+def test_size_follows_the_upstreams_with_room_for_tracking(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """The upstream announces SIZE 100000: the relay announces 5 % less (what tracking adds)."""
+    upstream.size = 100_000
+    settings = relay_settings(make_settings, upstream)
+    body = b"Subject: sized\r\n\r\n" + b"x" * 76 + b"\r\n"
+
+    async def scenario() -> tuple[int, int, int]:
+        async with running_relay(settings, db_engine) as relay:
+            async with client(relay) as smtp:
+                await smtp.ehlo()
+                size = int(smtp.esmtp_extensions["size"])
+                await smtp.auth_plain(USER, PASSWORD)
+                fits = body * (90_000 // len(body))
+                await smtp.sendmail(USER, ["bob@example.net"], fits)
+                with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                    await smtp.sendmail(USER, ["bob@example.net"], body * (97_000 // len(body)))
+            return size, len(upstream.messages), refused.value.code
+
+    assert asyncio.run(scenario()) == (95_000, 1, 552)
