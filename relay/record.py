@@ -394,7 +394,11 @@ class Recorder:
         self.degraded = True
 
     async def _journal(self, records: list[Record]) -> None:
-        written, error = await asyncio.to_thread(self.journal.append_what_fits, records)
+        error: BaseException | None
+        try:
+            written, error = await asyncio.to_thread(self.journal.append_what_fits, records)
+        except Exception as exc:  # not even a bug may lose records without a word
+            written, error = 0, exc
         self.journaled += written
         for record in records[:written]:
             log.warning("message %s journaled (database unavailable)", _message_id(record))
