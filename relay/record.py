@@ -352,7 +352,8 @@ class Recorder:
                 async with self._lock:
                     if self._pending:
                         await self._write_pending()
-                    elif self._replaying or loop.time() >= self._replay_at:
+                    # Due even under steady traffic: it is also the probe while degraded.
+                    if (self._replaying or loop.time() >= self._replay_at) and not self._stopping:
                         await self._replay_step()
             except Exception:  # never let the writer die: the next round retries
                 log.exception("relay record writer failed")
