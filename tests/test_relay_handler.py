@@ -423,7 +423,7 @@ class PerRecipient(Tracker):
     async def prepare(self, submission: Submission) -> Prepared:
         prepared = await super().prepare(submission)
         copies = [
-            Copy([rcpt], submission.data.replace(b"Hello", b"Hello " + rcpt.encode()))
+            Copy([rcpt], [submission.data.replace(b"Hello", b"Hello " + rcpt.encode())])
             for rcpt in submission.recipients
         ]
         return Prepared(copies, prepared.message, [], set(submission.recipients))
