@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,7 +24,7 @@ def segments(content: bytes, cuts: list[int]) -> list[Segment]:
     view = memoryview(content)
     bounds = [0, *sorted(c % (len(content) + 1) for c in cuts), len(content)]
     out: list[Segment] = []
-    for i, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+    for i, (start, end) in enumerate(itertools.pairwise(bounds)):
         out.append(view[start:end] if i % 2 else bytes(view[start:end]))
     return out
 
