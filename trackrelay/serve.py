@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -80,6 +81,7 @@ async def run(
             tasks.append(asyncio.create_task(http_server.serve(sockets=[http_socket])))
             await web.started(http_server, tasks[-1])
         http_port = http_socket.getsockname()[1] if http_socket is not None else None
+        _freeze_startup_objects()
         for line in banner(settings, relay_server, receiver=receiver, http_port=http_port):
             print(line, flush=True)
         waiter = asyncio.create_task(stop.wait())
@@ -98,6 +100,19 @@ async def run(
         if http_socket is not None:
             http_socket.close()
     return 0
+
+
+def _freeze_startup_objects() -> None:
+    """Leave what start-up made (modules, classes, SQLAlchemy and pydantic
+    structures: ~80,000 objects) out of every later garbage collection.
+
+    A full collection walks every tracked object; with those it took ~20-35 ms,
+    all of it on the event loop, every time the allocation count triggered one
+    (a stall for every session, whatever it was doing). Frozen objects are
+    never collected; collecting first leaves no start-up garbage behind.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def bind_http(settings: Settings) -> socket.socket:
