@@ -486,6 +486,29 @@ def _plain(user: str, password: str) -> bytes:
     return base64.b64encode(f"\0{user}\0{password}".encode())
 
 
+def test_size_follows_the_upstreams_with_room_for_tracking(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """The upstream announces SIZE 100000: the relay announces 5 % less (what tracking adds)."""
+    upstream.size = 100_000
+    settings = relay_settings(make_settings, upstream)
+    body = b"Subject: sized\r\n\r\n" + b"x" * 76 + b"\r\n"
+
+    async def scenario() -> tuple[int, int, int]:
+        async with running_relay(settings, db_engine) as relay:
+            async with client(relay) as smtp:
+                await smtp.ehlo()
+                size = int(smtp.esmtp_extensions["size"])
+                await smtp.auth_plain(USER, PASSWORD)
+                fits = body * (90_000 // len(body))
+                await smtp.sendmail(USER, ["bob@example.net"], fits)
+                with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                    await smtp.sendmail(USER, ["bob@example.net"], body * (97_000 // len(body)))
+            return size, len(upstream.messages), refused.value.code
+
+    assert asyncio.run(scenario()) == (95_000, 1, 552)
+
+
 BIG_HEAD = (
     b"From: Ann <alice@example.com>\r\nTo: bob@example.net\r\nSubject: big and tracked\r\n"
     b"X-Track: opens, clicks\r\nMIME-Version: 1.0\r\n"

@@ -179,6 +179,12 @@ def add_privacy_commands(sub: Any, command: Callable[..., argparse.ArgumentParse
     command("list", cmd_webhook_list, "list endpoints with their queue", hook_sub)
     p = command("remove", cmd_webhook_remove, "remove an endpoint and its queue", hook_sub)
     p.add_argument("id", type=int)
+    p = command(
+        "pause", cmd_webhook_pause, "stop delivering to an endpoint (its queue waits)", hook_sub
+    )
+    p.add_argument("id", type=int)
+    p = command("resume", cmd_webhook_resume, "deliver to a paused endpoint again", hook_sub)
+    p.add_argument("id", type=int)
     p = command("test", cmd_webhook_test, "POST a signed webhook.test event now", hook_sub)
     p.add_argument("id", type=int)
     p = command("log", cmd_webhook_log, "the delivery log, newest first", hook_sub)
@@ -283,16 +289,41 @@ def _in_memory(url: str) -> bool:
     return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
+def _database_or_journal(settings: Settings, what: str) -> Engine:
+    """The relay and the receiver start without their database: mail and hits must flow.
+
+    What they would store goes to the journal under the var directory and is
+    replayed once the database answers (the schema must exist by then: a
+    database that was never migrated needs ``trackrelay db upgrade``).
+    """
+    try:
+        return open_database(settings, server=True)
+    except CommandError as exc:
+        log.warning("%s; starting anyway, %s are journaled until it is reachable", exc, what)
+        return db.make_engine(settings.db_url)
+
+
+def _links_must_be_reachable(settings: Settings) -> None:
+    """A relay sending real mail refuses to write links nobody can follow."""
+    if not settings.dev_mode and not settings.public_url:
+        raise CommandError(
+            f"{settings.public_url_problem()}; set TRACKRELAY_PUBLIC_URL to the receiver's "
+            "public https:// address"
+        )
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve
 
+    _links_must_be_reachable(settings)
     return serve(settings, open_database(settings, server=True), relay=True, receiver=True)
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve, serve_relay_workers
 
-    engine = open_database(settings, server=True)
+    _links_must_be_reachable(settings)
+    engine = _database_or_journal(settings, "records")
     if settings.relay_workers > 1:
         return serve_relay_workers(settings, engine)
     return serve(settings, engine, relay=True, receiver=False)
@@ -302,12 +333,8 @@ def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve
     from trackrelay.web import serve_receiver_workers
 
-    try:
-        engine = open_database(settings, server=True)
-    except CommandError as exc:
-        # Hits must still be answered: events go to the journal until the database is back.
-        log.warning("%s; starting anyway, events are journaled until it is reachable", exc)
-        engine = db.make_engine(settings.db_url)
+    # Hits must still be answered: events go to the journal until the database is back.
+    engine = _database_or_journal(settings, "events")
     if settings.receiver_workers == 1:
         return serve(settings, engine, relay=False, receiver=True)
     engine.dispose()  # each worker opens its own
@@ -446,6 +473,23 @@ def cmd_webhook_remove(settings: Settings, args: argparse.Namespace) -> int:
     with database(settings) as engine:
         webhooks.remove_endpoint(engine, args.id)
         print(f"removed webhook {args.id}")
+        return 0
+
+
+def cmd_webhook_pause(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_webhook_active(settings, args.id, False)
+
+
+def cmd_webhook_resume(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_webhook_active(settings, args.id, True)
+
+
+def _set_webhook_active(settings: Settings, endpoint_id: int, active: bool) -> int:
+    from shared import webhooks
+
+    with database(settings) as engine:
+        webhooks.set_active(engine, endpoint_id, active)
+        print(f"webhook {endpoint_id} {'resumed' if active else 'paused'}")
         return 0
 
 
