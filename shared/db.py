@@ -12,13 +12,14 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlmodel import Session
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config  # imported on demand: Alembic and Mako cost ~10 MB RSS
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -94,4 +97,6 @@ def upgrade(url: str) -> None:
     """Bring the schema at ``url`` to the newest migration."""
     if make_url(url).get_backend_name() == "sqlite":
         make_engine(url).dispose()  # creates the directory
+    from alembic import command
+
     command.upgrade(alembic_config(url), "head")

@@ -8,6 +8,7 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tracing import peak_allocated
 
 from relay.smtp import DataTooBig, DataTooLong, read_data
 
@@ -113,3 +114,29 @@ def test_unstuffing_chunk_by_chunk_equals_one_replace(parts: list[bytes], cuts: 
     unstuff = _Unstuffer()
     out = b"".join(unstuff.feed(data[a:b]) for a, b in itertools.pairwise(bounds))
     assert out == data.replace(b"\r\n.", b"\r\n")
+
+
+def test_a_large_message_is_held_once_while_it_arrives() -> None:
+    """The body grows in one buffer that is handed over without a copy: never
+    twice in memory, as a list of chunks joined at the end was."""
+    body = b"Subject: big\r\n\r\n" + b".line of the body\r\nanother line\r\n" * 600_000
+    wire = stuff(body)
+
+    async def go() -> tuple[bytes, int]:
+        reader = asyncio.StreamReader(limit=1001)
+
+        async def feed() -> None:
+            for start in range(0, len(wire), 1 << 18):
+                reader.feed_data(wire[start : start + (1 << 18)])
+                while len(reader._buffer) > 2 * 1001:  # type: ignore[attr-defined]
+                    await asyncio.sleep(0)  # the transport pauses reading
+
+        feeder = asyncio.create_task(feed())
+        with peak_allocated() as peak:
+            got = await read_data(reader, size_limit=None)
+        await feeder
+        return got, peak[0]
+
+    got, peak = asyncio.run(go())
+    assert got == body
+    assert peak < 1.3 * len(body)  # the body, its growth room, one chunk in flight
