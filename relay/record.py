@@ -132,7 +132,7 @@ def to_record(prepared: Prepared, delivery: Delivery) -> Record:
     return {
         "message": message.model_dump(mode="json"),
         "recipients": recipients,
-        "links": [link.model_dump(mode="json", exclude={"id"}) for link in prepared.links],
+        "links": [link._asdict() for link in prepared.links],
     }
 
 

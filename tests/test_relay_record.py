@@ -26,7 +26,7 @@ from relay.record import (
     to_record,
 )
 from relay.server import RelayServer
-from relay.track import Copy, Prepared
+from relay.track import Copy, LinkRow, Prepared
 from relay.upstream import Reply
 from shared import db
 from shared.config import Settings
@@ -273,7 +273,7 @@ def _prepared(links: list[int]) -> tuple[Prepared, Delivery]:
     """A relayed message's record with links at these positions."""
     mid = new_message_id()
     message = Message(id=mid, sender=USER, subject=f"m{mid}", size_in=10, size_out=10)
-    found = [Link(message_id=mid, position=p, url=f"https://example.com/{p}") for p in links]
+    found = [LinkRow(mid, p, f"https://example.com/{p}") for p in links]
     ok = Reply(250, "2.0.0 Ok")
     prepared = Prepared([Copy(["a@example.net"], b"x")], message, found, set())
     return prepared, Delivery({"a@example.net": ok}, [], ok)
