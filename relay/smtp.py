@@ -34,6 +34,8 @@ import functools
 import io
 import logging
 from collections.abc import Awaitable, Callable
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Session
@@ -221,6 +223,31 @@ class RelaySMTP(SMTP):
         self._smtp_methods = {
             name: self._tracked(method) for name, method in self._smtp_methods.items()
         }
+
+    # --- addresses ---
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parse of a MAIL/RCPT address, without its per-call class.
+
+        The stock method defines a ``typing.Protocol`` class on every call (for
+        a type annotation): ~2 % of the relay's CPU on small messages. Same
+        parse, same results (None, None) for what it refuses.
+        """
+        if not arg:
+            return "", ""
+        try:
+            if arg.lstrip().startswith("<"):
+                angle, rest = get_angle_addr(arg)
+                addr = angle.addr_spec
+            else:
+                spec, rest = get_addr_spec(arg)
+                addr = spec.addr_spec
+        except HeaderParseError:
+            return None, None
+        localpart = addr.rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     # --- sessions ---
 
