@@ -599,3 +599,26 @@ def test_a_30_mb_tracked_message_arrives_byte_for_byte(
     assert b"X-Track" not in rendered and b"/c/" in rendered and b"/o/" in rendered
     before, after = rendered.split(BIG_ATTACHMENT + b"x\r\n")
     assert got.data == before + BIG_ATTACHMENT + body + after
+
+
+def test_an_address_the_parser_chokes_on_is_a_syntax_error(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """``MAIL FROM:"`` crashes the stdlib address parser: a 553 5.1.3, the session goes on."""
+
+    async def scenario() -> list[str]:
+        async with running_relay(_trusted(make_settings, upstream), db_engine) as relay:
+            raw = await RawClient.connect(relay.ports["plain"])
+            await raw.command(b"EHLO app.test")
+            replies = [
+                await raw.command(b'MAIL FROM:"'),
+                await raw.command(b"MAIL FROM:<app@example.com>"),
+                await raw.command(b'RCPT TO:"'),
+            ]
+            await raw.close()
+            return replies
+
+    bad_from, good, bad_to = asyncio.run(scenario())
+    assert bad_from.startswith("553 5.1.3 ")
+    assert good.startswith("250 ")
+    assert bad_to.startswith("553 5.1.3 ")

@@ -169,4 +169,8 @@ ADDRESSES = [
 @given(st.one_of(st.sampled_from(ADDRESSES), st.text(max_size=60)), st.sampled_from([0, 64]))
 def test_address_parse_matches_aiosmtpd(arg: str, limit: int) -> None:
     limits = _Limits(limit)
-    assert RelaySMTP._getaddr(limits, arg) == SMTP._getaddr(limits, arg)  # type: ignore[arg-type]
+    try:
+        stock = SMTP._getaddr(limits, arg)  # type: ignore[arg-type]
+    except IndexError:  # the stdlib parser's crash on e.g. '"': a syntax error for us
+        stock = (None, None)
+    assert RelaySMTP._getaddr(limits, arg) == stock  # type: ignore[arg-type]
