@@ -155,6 +155,11 @@ class SmtpUpstream:
             smtp.close()
             log.warning("upstream %s unavailable: %s", self.target, exc)
             raise UpstreamUnavailable(str(exc)) from exc
+        except BaseException:
+            # Cancelled between connect and EHLO (a probe timing out, a client
+            # leaving during AUTH or MAIL): nothing else holds this connection.
+            smtp.close()
+            raise
         self._smtp = smtp
         self._in_transaction = False
         self.capabilities = Capabilities.from_extensions(
