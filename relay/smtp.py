@@ -21,6 +21,9 @@ Verified on aiosmtpd 1.4.6, and why each override exists:
   client gets 421 and is disconnected; nothing was sent upstream.
 * Sessions carry relay state (:class:`RelaySession`); the handler hears when a
   session ends (``handle_CLOSE``), also when STARTTLS replaces the session.
+  The server hears of a connection when it is made (``on_open``): on an
+  implicit-TLS listener a failed handshake never reaches the protocol, so
+  counting protocols as they are created would keep those forever.
 * Graceful shutdown: :meth:`RelaySMTP.begin_shutdown` answers 421 to idle
   sessions at once and to busy ones when their transaction ends.
 * A listener may restrict who can connect (``peer_allowed``): the plain port
@@ -187,6 +190,7 @@ class RelaySMTP(SMTP):
         *,
         listener: str,
         peer_allowed: Callable[[str], bool] | None = None,
+        on_open: Callable[[RelaySMTP], None] | None = None,
         on_close: Callable[[RelaySMTP], None] | None = None,
         data_timeout: float | None = None,
         **kwargs: Any,
@@ -195,6 +199,7 @@ class RelaySMTP(SMTP):
         self.listener = listener
         self.data_timeout = data_timeout
         self._peer_allowed = peer_allowed
+        self._on_open = on_open
         self._on_close = on_close
         self._forwarding = False
         self._in_data = False
@@ -217,6 +222,8 @@ class RelaySMTP(SMTP):
         super().connection_made(transport)
         if previous is not None and previous is not self.session:
             self._session_ended(previous)  # STARTTLS starts a new session (RFC 3207 4.2)
+        elif previous is None and self._on_open is not None:
+            self._on_open(self)  # implicit TLS: only now, after a successful handshake
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)

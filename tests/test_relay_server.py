@@ -119,3 +119,31 @@ def test_dev_mode_sink_self_signed_certificate_and_dev_user(
     assert delivered == ["a@example.net", "b@example.net"]
     head = b"Return-Path: <me@example.com>\r\nDelivered-To: "
     assert all(f.read_bytes().startswith(head) and f.read_bytes().endswith(SIMPLE) for f in files)
+
+
+def test_failed_tls_handshakes_are_not_sessions_to_wait_for(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    db_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Plain text on the implicit-TLS port (a scanner, a misconfigured client):
+    the handshake fails and the connection is gone. It must not stay counted as
+    a session, or the relay keeps it forever and every stop waits out the grace."""
+
+    async def scenario() -> str:
+        relay = RelayServer(relay_settings(make_settings, upstream), db_engine)
+        await relay.start()
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.ports["smtps"])
+            writer.write(b"EHLO plain.text.on.a.tls.port\r\n")
+            await reader.read()  # the relay drops it
+            writer.close()
+            await writer.wait_closed()
+        async with client(relay, "smtps") as smtp:  # a real session still works
+            reply = await smtp.ehlo()
+        await relay.stop(grace=30)
+        return reply.message
+
+    assert "AUTH" in asyncio.run(scenario())
+    assert not [r for r in caplog.records if "still busy" in r.getMessage()]
