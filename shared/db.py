@@ -16,8 +16,10 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.sql.dml import Insert
 from sqlmodel import Session
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,20 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def insert_ignoring(table: Table, key: str, dialect: str) -> Insert:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING`` for SQLite and PostgreSQL.
+
+    For rows several processes may add at once (two receivers, the CLI beside
+    the dashboard): the later insert does nothing instead of failing on the
+    unique key, and waits for the first where PostgreSQL must.
+    """
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+    raise ValueError(f"unsupported database: {dialect}")
 
 
 def alembic_config(url: str) -> Config:

@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from shared import consent
-from shared.db import session_scope
+from shared.db import insert_ignoring, session_scope
 from shared.models import Policy, Suppression, utcnow
 from shared.users import UserError
 
@@ -240,20 +240,25 @@ def describe(policy: Policy) -> str:
 def add_suppression(
     engine: Engine, address: str, source: str = "cli", *, new: bool = False
 ) -> Suppression:
-    """Never track ``address`` again; adding it twice is not an error unless ``new``."""
+    """Never track ``address`` again; adding it twice is not an error unless ``new``.
+    Returns the stored row (the first one when it was already there).
+
+    Safe when two writers add the same address at once (two receivers taking one
+    "stop tracking me" request, the CLI beside the dashboard): the insert does
+    nothing on a conflict, so the later one finds the first's row instead of
+    failing on the unique address.
+    """
     key = normalize_address(address)
     if source not in SUPPRESSION_SOURCES:
         raise PolicyError(f"source must be one of {', '.join(SUPPRESSION_SOURCES)}")
+    table = Suppression.__table__  # type: ignore[attr-defined]
+    insert = insert_ignoring(table, "address", engine.dialect.name).returning(table.c.id)
     with session_scope(engine) as session:
-        row = session.exec(select(Suppression).where(Suppression.address == key)).first()
-        if row is not None and new:
+        values = {"address": key, "source": source, "created_at": utcnow()}
+        added = session.connection().execute(insert, values).first() is not None
+        if not added and new:
             raise PolicyError(f"{key} is already on the list", "address")
-        if row is None:
-            row = Suppression(address=key, source=source)
-            session.add(row)
-            session.flush()
-            session.refresh(row)
-    return row
+        return session.exec(select(Suppression).where(Suppression.address == key)).one()
 
 
 def list_suppressions(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,3 +194,37 @@ def test_suppression_sources_are_what_the_writers_write(engine: Engine) -> None:
         add_suppression(engine, f"r{n}@example.org", source=source)
         assert f'"{source}":' in template, source
     assert {"public", "api"} <= set(SUPPRESSION_SOURCES)
+
+
+def test_adding_again_returns_the_first_row(engine: Engine) -> None:
+    first = add_suppression(engine, "Carol@Example.net", "cli")
+    again = add_suppression(engine, "carol@example.net", "public")
+    assert (again.id, again.address, again.source) == (first.id, "carol@example.net", "cli")
+    with pytest.raises(PolicyError, match="already on the list") as caught:
+        add_suppression(engine, "CAROL@example.net", "dashboard", new=True)
+    assert caught.value.field == "address"
+
+
+def test_concurrent_adds_of_one_address_make_one_row(engine: Engine) -> None:
+    """Two receivers taking the same "stop tracking me" request, or the CLI beside
+    the dashboard: each add must succeed, and the list holds the address once."""
+    workers, rounds = 6, 30
+    barrier = threading.Barrier(workers)
+    errors: list[BaseException] = []
+
+    def add(worker: int) -> None:
+        for n in range(rounds):
+            barrier.wait()
+            try:
+                add_suppression(engine, f"Race{n}@Example.org", ("cli", "public")[worker % 2])
+            except Exception as exc:  # collected, asserted below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    rows = list_suppressions(engine)
+    assert sorted(r.address for r in rows) == sorted(f"race{n}@example.org" for n in range(rounds))
