@@ -30,8 +30,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from shared import policies
+from shared import addresses, policies
 from shared.config import Settings
+from shared.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,15 @@ class PublicForms:
 def normalize_address(value: str) -> str | None:
     """A plausible mail address in the form the relay looks up, or None.
 
-    The canonical form (lower case, IDNA domain) is ``shared.policies``': an
+    The canonical form (lower case, IDNA domain) is ``shared.addresses``': an
     address stored any other way would never match at the relay.
     """
     address = value.strip()
     if len(address) > MAX_ADDRESS or not _ADDRESS.match(address):
         return None
     try:
-        return policies.normalize_address(address)
-    except policies.PolicyError:
+        return addresses.normalize_address(address)
+    except UserError:
         return None
 
 

@@ -91,8 +91,8 @@ def _not_alembic_chatter(record: logging.LogRecord) -> bool:
 logging.getLogger("alembic.runtime.migration").addFilter(_not_alembic_chatter)
 
 
-def upgrade(url: str) -> None:
-    """Bring the schema at ``url`` to the newest migration."""
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema at ``url`` to the newest migration (or to ``revision``)."""
     if make_url(url).get_backend_name() == "sqlite":
         make_engine(url).dispose()  # creates the directory
-    command.upgrade(alembic_config(url), "head")
+    command.upgrade(alembic_config(url), revision)

@@ -10,8 +10,9 @@ A policy pattern is an exact address (``ann@example.com``), a whole domain
 (``@example.com``, that domain only, not its subdomains) or ``*``. The most
 specific pattern wins: exact, then ``@domain``, then ``*``. With no matching
 policy the relay uses :data:`DEFAULT_POLICY` (track when the header asks).
-Domains are stored in their IDNA (UTS 46) ASCII form, so ``@bücher.example``
-and ``@xn--bcher-kva.example`` are the same policy.
+Patterns and suppressed addresses are stored in the one canonical form of
+shared/addresses.py (IDNA domain), so ``@bücher.example`` and
+``@xn--bcher-kva.example`` are the same policy.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import idna
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from shared import consent
+from shared.addresses import address_key, normalize_address, normalize_sender
 from shared.db import insert_ignoring, session_scope
+from shared.errors import UserError
 from shared.models import Policy, Suppression, utcnow
-from shared.users import UserError
 
 MODES = ("header", "always", "never")
 MAX_RECIPIENT_CAP = 1000
@@ -41,40 +42,6 @@ class PolicyError(UserError):
     """A policy or suppression operation that cannot be done; message for people."""
 
 
-def _domain(domain: str, original: str, field: str) -> str:
-    domain = domain.strip().rstrip(".").lower()
-    if not domain or " " in domain or "@" in domain:
-        raise PolicyError(f"{original!r} is not an email address, @domain or *", field)
-    if domain.isascii():
-        labels = domain.split(".")
-        if len(labels) < 2 or not all(labels):
-            raise PolicyError(f"{original!r}: {domain!r} is not a domain name", field)
-        return domain
-    try:
-        return idna.encode(domain, uts46=True).decode("ascii")
-    except idna.IDNAError as exc:
-        raise PolicyError(
-            f"{original!r}: {domain!r} is not a valid domain name ({exc})", field
-        ) from None
-
-
-def normalize_address(address: str) -> str:
-    """An address lower-cased with an ASCII domain; PolicyError if malformed."""
-    value = address.strip()
-    if not value:
-        raise PolicyError("enter an email address (like ann@example.com)", "address")
-    if value.startswith("<") and value.endswith(">"):
-        value = value[1:-1]
-    local, at, domain = value.rpartition("@")
-    if at and not local and domain:
-        raise PolicyError(
-            f"give one email address at a time, not a whole domain ({address!r})", "address"
-        )
-    if not at or not local or any(c in local for c in ' <>,;"'):
-        raise PolicyError(f"{address!r} is not an email address (like ann@example.com)", "address")
-    return f"{local.lower()}@{_domain(domain, address, 'address')}"
-
-
 def normalize_pattern(pattern: str) -> str:
     """``a@b.c``, ``@b.c`` or ``*``, normalised; PolicyError otherwise."""
     value = pattern.strip()
@@ -84,11 +51,9 @@ def normalize_pattern(pattern: str) -> str:
         raise PolicyError(
             "say who this applies to: an address, @domain or * for everyone", "pattern"
         )
-    if value.startswith("@"):
-        return "@" + _domain(value[1:], pattern, "pattern")
     try:
-        return normalize_address(value)
-    except PolicyError:
+        return normalize_sender(value, field="pattern")
+    except UserError:
         raise PolicyError(
             f"{pattern!r} is not an email address (ann@example.com), "
             "a domain (@example.com) or * for everyone",
@@ -118,10 +83,7 @@ def check_recipient_cap(cap: int | str) -> int:
 
 def lookup_key(address: str) -> tuple[str, str]:
     """(exact, @domain) keys for an address, without raising on junk."""
-    try:
-        exact = normalize_address(address)
-    except PolicyError:
-        exact = address.strip().lower()
+    exact = address_key(address)
     return exact, "@" + exact.rpartition("@")[2]
 
 
@@ -335,5 +297,5 @@ def snapshot_of(
         {normalize_pattern(p.pattern): p for p in policies},
         frozenset(lookup_key(a)[0] for a in suppressed),
         dict(consent_modes or {}),
-        frozenset(a.strip().lower() for a in consented),
+        frozenset(address_key(a) for a in consented),
     )

@@ -11,7 +11,9 @@ import pytest
 from sqlalchemy import Engine
 
 import receiver
+from shared.addresses import normalize_address
 from shared.db import session_scope
+from shared.errors import UserError
 from shared.models import Policy
 from shared.outbox import sender_wants_mail
 from shared.policies import (
@@ -24,7 +26,6 @@ from shared.policies import (
     list_policies,
     list_suppressions,
     load_snapshot,
-    normalize_address,
     normalize_pattern,
     policy_by_id,
     remove_policy,
@@ -159,8 +160,6 @@ def test_suppression_search_and_strict_add(engine: Engine) -> None:
 @pytest.mark.parametrize(
     ("call", "text"),
     [
-        (lambda: normalize_address("@example.com"), "not a whole domain"),
-        (lambda: normalize_address(""), "enter an email address"),
         (lambda: normalize_pattern("  "), "say who this applies to"),
         (lambda: normalize_pattern("sales at example"), "is not an email address (ann@"),
         (lambda: check_recipient_cap("ten"), "whole number from 1 to 1000"),
@@ -171,6 +170,21 @@ def test_suppression_search_and_strict_add(engine: Engine) -> None:
 def test_messages_for_people(call: Callable[[], object], text: str) -> None:
     with pytest.raises(PolicyError, match=re.escape(text)):
         call()
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        ("@example.com", "not a whole domain"),
+        ("", "enter an email address"),
+        ("ann@localhost", "'localhost' is not a domain name"),
+        ("ann@bü_cher.example", "is not a valid domain name"),
+    ],
+)
+def test_address_messages_for_people(address: str, text: str) -> None:
+    with pytest.raises(UserError, match=re.escape(text)) as caught:
+        normalize_address(address)
+    assert caught.value.field == "address"
 
 
 def test_notification_mail_follows_policy_resolution(engine: Engine) -> None:
