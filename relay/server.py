@@ -109,6 +109,7 @@ class RelayServer:
             enable_SMTPUTF8=True,  # decode UTF-8 arguments; advertised only if upstream has it
             timeout=self.settings.idle_timeout,
             data_timeout=self.settings.data_timeout,
+            command_limit=self.settings.max_commands_without_mail,
             loop=asyncio.get_running_loop(),
             **options,
         )
