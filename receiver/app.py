@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
 
 from sqlalchemy import Engine, text
 from starlette.applications import Starlette
@@ -163,7 +166,35 @@ def app_from_environment() -> Starlette:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return create_app(settings)
+    app = create_app(settings)
+    end_streams_on_exit_signal(app.state.live_feed)
+    return app
+
+
+def end_streams_on_exit_signal(live_feed: LiveFeed) -> None:
+    """A uvicorn worker told to stop ends the dashboards' live streams first.
+
+    uvicorn waits for open responses before it runs the lifespan shutdown, so
+    an open dashboard tab would hold the worker for the whole grace period and
+    then be cancelled with a traceback. uvicorn has installed its own handlers
+    by the time it calls the factory; this chains in front of them (uvicorn
+    restores the original handlers when it exits). Browsers reconnect to
+    another worker by themselves.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not under a running server (a test importing the factory)
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue
+
+        def handler(sig: int, frame: FrameType | None, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(live_feed.close_streams)
+            previous(sig, frame)
+
+        signal.signal(signum, handler)
 
 
 CONFIG_FILE_ENV = "TRACKRELAY_RECEIVER_CONFIG_FILE"

@@ -44,8 +44,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import logging
 from collections.abc import Awaitable, Callable
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Session
@@ -107,7 +110,8 @@ async def read_data(
     # The CRLF that ended the DATA command line also starts the terminator of
     # an empty message (".\r\n" at once): put it back so one search finds both.
     reader._buffer[:0] = b"\r\n"  # type: ignore[attr-defined]  # aiosmtpd touches it too
-    pieces: list[bytes] = []
+    content = io.BytesIO()  # see _bytes_of
+    skip = 2  # that CRLF is not content (un-stuffing keeps a CRLF)
     received = 0
     meter = _LineMeter()
     unstuff = _Unstuffer()
@@ -127,19 +131,34 @@ async def read_data(
             too_long = meter.too_long(body)
             too_big = size_limit is not None and received - 2 > size_limit
             if too_long or too_big:
-                pieces.clear()  # discard at once: no buffering of what we refuse
+                content = io.BytesIO()  # discard at once: no buffering of what we refuse
                 if too_big and not too_long and on_too_big is not None:
                     await on_too_big()
             else:
-                pieces.append(unstuff.feed(body))
+                content.write(memoryview(unstuff.feed(body))[skip:])
+                skip = 0
         if last:
             break
     if too_long:
         raise DataTooLong
     if too_big:
         raise DataTooBig
-    pieces[0] = pieces[0][2:]  # the CRLF put back above (un-stuffing keeps a CRLF)
-    return b"".join(pieces)
+    return _bytes_of(content)
+
+
+def _bytes_of(buffer: io.BytesIO) -> bytes:
+    """The buffer's bytes without a copy of them.
+
+    A list of chunks joined at the end holds the message twice (35 MB of
+    chunks and the 35 MB result); a ``BytesIO`` grows one bytes object in
+    place (``realloc``, which moves pages for a large block), and CPython's
+    ``getvalue()`` hands over that very object, shrunk to size, when no view
+    of the buffer exists. So the message is in memory once, plus at most
+    1/8 of growth room while it arrives.
+    """
+    value = buffer.getvalue()
+    buffer.close()
+    return value
 
 
 class _Unstuffer:
@@ -223,6 +242,33 @@ class RelaySMTP(SMTP):
         self._smtp_methods = {
             name: self._tracked(name, method) for name, method in self._smtp_methods.items()
         }
+
+    # --- addresses ---
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parse of a MAIL/RCPT address, without its per-call class.
+
+        The stock method defines a ``typing.Protocol`` class on every call (for
+        a type annotation): ~2 % of the relay's CPU on small messages. Same
+        parse, same results; and (None, None), so 553 5.1.3, where the stdlib
+        parser crashes (``MAIL FROM:"``), which aiosmtpd answered with a 500
+        naming the Python exception.
+        """
+        if not arg:
+            return "", ""
+        try:
+            if arg.lstrip().startswith("<"):
+                angle, rest = get_angle_addr(arg)
+                addr = angle.addr_spec
+            else:
+                spec, rest = get_addr_spec(arg)
+                addr = spec.addr_spec
+        except (HeaderParseError, IndexError):  # the stdlib parser fails so on '"'
+            return None, None
+        localpart = addr.rpartition("@")[0]
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     # --- sessions ---
 

@@ -104,9 +104,11 @@ class Journal:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._serial += 1
         name = f"{self.prefix}-{os.getpid()}-{self._serial}-{secrets.token_hex(4)}.jsonl"
-        fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return os.fdopen(fd, "ab", buffering=0)
+        # open() with an opener, not os.fdopen(): the file's .name must be its
+        # path (a failed first append unlinks it; _take_next skips it by name).
+        f = open(self.directory / name, "ab", buffering=0, opener=_private)
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        return f
 
     def seal(self) -> None:
         """Close the file being appended to, so it can be replayed."""
@@ -203,6 +205,10 @@ class Journal:
         if self._replay is not None:
             self._replay[1].close()
             self._replay = None
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 def _mtime(path: Path) -> float:

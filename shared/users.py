@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from functools import cache
 
 from sqlalchemy import Engine, func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from shared.addresses import address_key, normalize_sender
+from shared.addresses import address_key, normalize_address, normalize_sender
 from shared.db import session_scope
 from shared.errors import UserError
 from shared.models import User, UserAddress
@@ -64,12 +65,18 @@ def add_user(
     with session_scope(engine) as session:
         if session.exec(select(User).where(User.username == username)).first():
             raise UserError(f"user {username!r} already exists", "username")
-        user = User(username=username, password_hash=hash_password(password), role=role)
-        session.add(user)
-        session.flush()
-        assert user.id is not None
-        for pattern in patterns:
-            session.add(UserAddress(user_id=user.id, address=pattern))
+        return _insert_user(session, username, hash_password(password), role, patterns)
+
+
+def _insert_user(
+    session: Session, username: str, password_hash: str, role: str, patterns: Sequence[str]
+) -> User:
+    user = User(username=username, password_hash=password_hash, role=role)
+    session.add(user)
+    session.flush()
+    assert user.id is not None
+    for pattern in patterns:
+        session.add(UserAddress(user_id=user.id, address=pattern))
     return user
 
 
@@ -187,3 +194,47 @@ def may_send_as(patterns: list[str], address: str) -> bool:
 @cache
 def _dummy_hash() -> str:
     return hash_password("dummy password for timing")
+
+
+# --- dashboard logins with the mail server's credentials (passthrough mode) ---
+
+#: ``password_hash`` of a user made at their first dashboard login with their
+#: mail account (checked by the upstream server). No password verifies
+#: against it locally; an administrator who sets a password makes it local.
+MAILBOX_LOGIN = "!mailbox"
+
+
+def may_use_mailbox_login(engine: Engine, username: str) -> bool:
+    """True for a username that no local account holds.
+
+    A local account (an administrator made with ``user add``) never signs in
+    through the mail server: whoever owns a mailbox called ``admin`` upstream
+    must not become the local ``admin``.
+    """
+    with session_scope(engine) as session:
+        user = session.exec(select(User).where(User.username == username)).first()
+    return user is None or user.password_hash == MAILBOX_LOGIN
+
+
+def mailbox_user(engine: Engine, username: str) -> User:
+    """The user for a mailbox the upstream just accepted, made on first login.
+
+    A sender who sees mail from their own address (when the username is one;
+    an administrator can add more addresses or make them an administrator).
+    """
+    check_username(username)
+    try:
+        addresses = [normalize_address(username)]
+    except UserError:
+        addresses = []
+    for _ in range(2):  # a concurrent first login of the same user wins the insert
+        with session_scope(engine) as session:
+            user = session.exec(select(User).where(User.username == username)).first()
+            if user is not None:
+                return user
+        try:
+            with session_scope(engine) as session:
+                return _insert_user(session, username, MAILBOX_LOGIN, "sender", addresses)
+        except IntegrityError:
+            continue
+    raise UserError(f"cannot create user {username!r}", "username")

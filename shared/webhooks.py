@@ -18,7 +18,12 @@ every attempt in the delivery log. Guarantees:
   several tasks is safe too.
 * Retries back off exponentially (``webhook_retry_base`` doubled per attempt,
   at most ``webhook_retry_max_interval``) with jitter, until
-  ``webhook_retry_period`` after the row was created.
+  ``webhook_retry_period`` after the row was created. A ``Retry-After`` on a
+  429 or 503 reply (seconds or an HTTP date) is honoured when it asks for
+  longer than the backoff would wait.
+* ``410 Gone`` pauses the endpoint: the endpoint said it does not exist any
+  more, so hammering it for three days helps nobody. Its rows (this one
+  included) wait, as for any paused endpoint, until someone resumes it.
 
 Signature: ``X-Trackrelay-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
 "<t>.<body>" with the endpoint's secret>``; :func:`verify_signature` is what a
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import hashlib
 import hmac
 import logging
@@ -37,7 +43,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -282,6 +288,8 @@ class Outcome:
     latency_ms: int
     error: str = ""
     permanent: bool = False
+    retry_after: float | None = None  # seconds the endpoint asked us to wait
+    gone: bool = False  # 410: pause the endpoint, keep the row
 
 
 class OutboxWorker:
@@ -383,9 +391,28 @@ class OutboxWorker:
             content=body,
             headers=_headers(claim.secret, claim.event_type, claim.idempotency_key, body),
         )
-        ok = 200 <= reply.status_code < 300
-        error = "" if ok else f"HTTP {reply.status_code}: {reply.text[:200]}"
-        return Outcome(ok, reply.status_code, _ms(clock), error)
+        code = reply.status_code
+        ok = 200 <= code < 300
+        error = "" if ok else f"HTTP {code}: {reply.text[:200]}"
+        wait = retry_after(reply.headers.get("retry-after")) if code in (429, 503) else None
+        return Outcome(ok, code, _ms(clock), error, retry_after=wait, gone=code == 410)
+
+
+def retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta-seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP date is always GMT; without a zone it is not one
+    now = now or datetime.now(UTC)
+    return max(0.0, (when - now).total_seconds())
 
 
 def _ms(clock: float) -> int:
@@ -463,10 +490,18 @@ def record_outcome(
     """Log the attempt and move the row on, unless another worker took it over."""
     now = utcnow()
     values: dict[str, Any] = {"locked_until": None, "last_error": outcome.error}
+    paused = False
     if outcome.ok:
         values.update(status="delivered", delivered_at=now)
+    elif outcome.gone and claim.channel == "webhook" and claim.url is not None:
+        # The row waits with the paused endpoint; resuming sends it at once.
+        values.update(status="pending", next_attempt_at=now)
+        paused = True
     else:
-        next_at = now + timedelta(seconds=retry_delay(settings, claim.attempts))
+        delay = retry_delay(settings, claim.attempts)
+        if outcome.retry_after is not None:
+            delay = max(delay, outcome.retry_after)
+        next_at = now + timedelta(seconds=delay)
         deadline = claim.created_at + timedelta(seconds=settings.webhook_retry_period)
         if outcome.permanent or next_at > deadline:
             values.update(status="failed")
@@ -494,6 +529,12 @@ def record_outcome(
             )
             .values(**values)
         ).rowcount
+        if paused:
+            conn.execute(
+                update(WebhookEndpoint)
+                .where(col(WebhookEndpoint.id) == int(claim.target))
+                .values(active=False)
+            )
     level = logging.INFO if outcome.ok else logging.WARNING
     log.log(
         level,
@@ -507,6 +548,14 @@ def record_outcome(
     )
     if not moved:
         log.warning("outbox row %d was taken over by another worker (lease expired)", claim.id)
+    if paused:
+        log.warning(
+            "webhook endpoint %s (%s) answered 410 Gone: paused, its queue waits; "
+            "resume it in the dashboard or with `trackrelay webhook resume %s`",
+            claim.target,
+            claim.url,
+            claim.target,
+        )
 
 
 def events_hook(

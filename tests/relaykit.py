@@ -171,6 +171,7 @@ class RelayProcess:
             TRACKRELAY_SMTP_PORT="0",
             TRACKRELAY_SMTPS_PORT="0",
             TRACKRELAY_SECRET_KEY="cli-test-secret-0123456789abcdef",
+            TRACKRELAY_PUBLIC_URL="https://t.example.test",
         )
         values.update(env)
         with open(log or os.devnull, "ab") as stderr:

@@ -55,6 +55,11 @@ def test_webhook_commands(run: Run) -> None:
         assert f"1\tactive\t{server.url}\tmessage.opened\tempty" in run("webhook", "list")
         assert "answered 200" in run("webhook", "test", "1")
         assert server.requests[0].headers["X-Trackrelay-Event"] == "webhook.test"
+        assert run("webhook", "pause", "1") == "webhook 1 paused\n"
+        assert f"1\tpaused\t{server.url}" in run("webhook", "list")
+        assert run("webhook", "resume", "1") == "webhook 1 resumed\n"
+        assert f"1\tactive\t{server.url}" in run("webhook", "list")
+        assert "no webhook endpoint 9" in run("webhook", "pause", "9", status=1)
     assert "unknown event type" in run(
         "webhook", "add", "https://x.test/", "--event", "nope", status=1
     )

@@ -113,3 +113,28 @@ def test_the_readme_settings_tables_list_every_setting_once() -> None:
     assert sorted(settings - set(listed)) == []  # undocumented
     assert sorted(set(listed) - settings) == []  # documented, but no such setting
     assert len(listed) == len(set(listed))
+
+
+@pytest.mark.parametrize("command", ["relay", "serve"])
+def test_a_relay_for_real_mail_refuses_to_start_without_a_public_url(
+    tmp_path: Path, command: str
+) -> None:
+    """Links to this host's listening address would be dead for every recipient."""
+    env = {
+        "TRACKRELAY_VAR_DIR": str(tmp_path),
+        "TRACKRELAY_SECRET_KEY": "s" * 32,
+        "TRACKRELAY_UPSTREAM": "smtps://mail.example:465",
+        "PATH": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "trackrelay", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "TRACKRELAY_PUBLIC_URL is not set" in result.stderr
+    assert "set TRACKRELAY_PUBLIC_URL to the receiver's public https:// address" in result.stderr
+    assert "Traceback" not in result.stderr

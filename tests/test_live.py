@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +21,7 @@ from dashboard_support import (
     csrf_from,
     seed,
 )
+from receiver_support import start_receiver
 from sqlalchemy import Engine
 
 from receiver.app import create_app
@@ -110,3 +113,45 @@ def test_server_sent_events_end_to_end(
         note = json.loads(data.removeprefix("data: "))
         assert note["message_id"] == str(M_XSS) and note["kind"] == "open"
         print(f"publish -> SSE latency {latency * 1000:.0f} ms ({engine.url.get_backend_name()})")
+
+
+def test_a_stopping_worker_ends_open_streams_at_once(
+    database_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """Several uvicorn workers: SIGTERM with a dashboard tab open stops cleanly and quickly.
+
+    uvicorn runs the lifespan shutdown only after open responses end: without
+    ending the live streams first, the worker waits out its 5 s grace period
+    and then logs the stream's cancellation as a traceback.
+    """
+    seed(engine)
+    env = {
+        "TRACKRELAY_VAR_DIR": str(tmp_path / "var"),
+        "TRACKRELAY_DATABASE_URL": database_url,
+        "TRACKRELAY_SECRET_KEY": "live-test-secret-0123456789abcdef",
+        "TRACKRELAY_HTTP_PORT": "0",
+        "TRACKRELAY_RECEIVER_WORKERS": "2",
+    }
+    log = tmp_path / "receiver.log"
+    proc, url = start_receiver(env, log)
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            page = client.get("/dashboard/login")
+            client.post(
+                "/dashboard/login",
+                data={"username": "sam", "password": PASSWORD, "csrf_token": csrf_from(page.text)},
+            )
+            with client.stream("GET", "/dashboard/live") as stream:
+                lines = stream.iter_lines()
+                assert next(lines) == "retry: 3000"
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                rest = list(lines)  # the server ends the stream
+                ended = time.monotonic() - started
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = log.read_text()
+    assert "Traceback" not in said and "timeout graceful shutdown exceeded" not in said, said
+    print(f"stream ended {ended * 1000:.0f} ms after SIGTERM; {len(rest)} more lines")

@@ -7,20 +7,20 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from seedrows import add_message, event, write_events
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from sqlmodel import col
 from webhook_server import webhook_server
 
 from shared import webhooks
 from shared.config import Settings
 from shared.db import session_scope
-from shared.models import DeliveryAttempt, OutboxItem, Recipient
+from shared.models import DeliveryAttempt, OutboxItem, Recipient, utcnow
 from shared.outbox import enqueue_for_events, enqueue_message_sent
 
 
@@ -332,3 +332,73 @@ def test_a_paused_endpoint_keeps_its_queue(
         webhooks.set_active(engine, endpoint.id or 0, True)
         (claim,) = webhooks.claim_due(engine, 10, 60)
     assert claim.url == server.url and claim.attempts == 1
+
+
+def test_retry_after_is_honoured_when_longer_than_the_backoff(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> None:
+    settings = fast(make_settings)  # backoff: 0.01-0.05 s
+    with webhook_server() as server:
+        server.script = [(503, {"Retry-After": "120"}), (429, {"Retry-After": "soon"})]
+        webhooks.add_endpoint(engine, server.url)
+        queue_events(engine, [event(add_message(engine))])
+
+        async def run() -> None:
+            worker = webhooks.OutboxWorker(settings, engine)
+            await worker.start()
+            await until(lambda: len(attempts(engine)) == 1, "the first attempt")
+            (row,) = rows(engine)
+            assert row.status == "pending" and row.last_error.startswith("HTTP 503")
+            wait = (row.next_attempt_at - attempts(engine)[0].started_at).total_seconds()
+            assert 119 <= wait <= 125  # the endpoint's 120 s, not the 0.05 s backoff
+            with session_scope(engine) as session:  # time passes
+                session.execute(update_due(row.id))
+            await until(lambda: len(attempts(engine)) == 2, "the second attempt")
+            # an unreadable Retry-After is ignored: the backoff applies
+            await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
+            await worker.stop()
+
+        asyncio.run(run())
+    assert [a.reply_code for a in attempts(engine)] == [503, 429, 200]
+
+
+def update_due(outbox_id: int | None) -> Any:
+    """The statement that makes a waiting row due now."""
+    due = update(OutboxItem).where(col(OutboxItem.id) == outbox_id)
+    return due.values(next_attempt_at=utcnow())
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    now = datetime(2026, 12, 2, 8, 0, 0, tzinfo=UTC)
+    assert webhooks.retry_after("30", now) == 30.0
+    assert webhooks.retry_after(" 0 ", now) == 0.0
+    assert webhooks.retry_after("Wed, 02 Dec 2026 08:01:30 GMT", now) == 90.0
+    assert webhooks.retry_after("Wed, 02 Dec 2026 07:00:00 GMT", now) == 0.0  # in the past
+    for bad in (None, "", "-5", "1.5", "tomorrow", "Wed, 02 Dec 2026 08:01:30"):
+        assert webhooks.retry_after(bad, now) is None, bad
+
+
+def test_410_gone_pauses_the_endpoint_and_keeps_its_queue(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> None:
+    settings = fast(make_settings)
+    with webhook_server() as server:
+        server.script = [410]
+        endpoint = webhooks.add_endpoint(engine, server.url)
+        message = add_message(engine)
+        queue_events(engine, [event(message), event(message, kind="click", link=1)])
+
+        async def run() -> None:
+            worker = webhooks.OutboxWorker(settings, engine, batch_size=1)
+            await worker.start()
+            await until(lambda: not webhooks.get_endpoint(engine, endpoint.id or 0).active, "pause")
+            await asyncio.sleep(0.3)  # a paused endpoint is not called again
+            assert len(server.requests) == 1
+            assert {r.status for r in rows(engine)} == {"pending"}  # nothing given up
+            webhooks.set_active(engine, endpoint.id or 0, True)
+            await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
+            await worker.stop()
+
+        asyncio.run(run())
+    assert [a.reply_code for a in attempts(engine)] == [410, 200, 200]
+    assert len(set(server.keys())) == 2

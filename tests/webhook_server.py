@@ -1,8 +1,9 @@
 """A real HTTP server on 127.0.0.1:0 that records webhook deliveries.
 
-``script`` decides each reply: a list of status codes consumed in order (then
-200). ``hold`` makes the first request wait until ``release`` is set, to stop
-or kill a worker while a delivery is in flight.
+``script`` decides each reply: a list of status codes, or (code, headers)
+pairs, consumed in order (then 200). ``hold`` makes the first request wait
+until ``release`` is set, to stop or kill a worker while a delivery is in
+flight.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Received:
 @dataclass
 class WebhookServer:
     url: str = ""
-    script: list[int] = field(default_factory=list)
+    script: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
     requests: list[Received] = field(default_factory=list)
     hold: bool = False
     received: threading.Event = field(default_factory=threading.Event)
@@ -45,12 +46,15 @@ def webhook_server() -> Iterator[WebhookServer]:
             with state.lock:
                 state.requests.append(Received(dict(self.headers.items()), body))
                 first = len(state.requests) == 1
-                code = state.script.pop(0) if state.script else 200
+                step = state.script.pop(0) if state.script else 200
+            code, headers = step if isinstance(step, tuple) else (step, {})
             if first and state.hold:
                 state.received.set()
                 state.release.wait(30)
             state.received.set()
             self.send_response(code)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Length", "2")
             self.end_headers()
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 from shared import db
 from shared.config import Settings, SettingsError, load_settings
@@ -177,6 +179,12 @@ def add_privacy_commands(sub: Any, command: Callable[..., argparse.ArgumentParse
     command("list", cmd_webhook_list, "list endpoints with their queue", hook_sub)
     p = command("remove", cmd_webhook_remove, "remove an endpoint and its queue", hook_sub)
     p.add_argument("id", type=int)
+    p = command(
+        "pause", cmd_webhook_pause, "stop delivering to an endpoint (its queue waits)", hook_sub
+    )
+    p.add_argument("id", type=int)
+    p = command("resume", cmd_webhook_resume, "deliver to a paused endpoint again", hook_sub)
+    p.add_argument("id", type=int)
     p = command("test", cmd_webhook_test, "POST a signed webhook.test event now", hook_sub)
     p.add_argument("id", type=int)
     p = command("log", cmd_webhook_log, "the delivery log, newest first", hook_sub)
@@ -219,38 +227,114 @@ def add_privacy_commands(sub: Any, command: Callable[..., argparse.ArgumentParse
     p.add_argument("--domain", default="*", help="a recipient domain (default: all)")
 
 
-def open_database(settings: Settings) -> Engine:
-    """Migrate the schema and return an engine; errors name the setting."""
+def open_database(settings: Settings, *, server: bool = False) -> Engine:
+    """Migrate the schema and return an engine; errors name the setting.
+
+    ``server``: the process will run for long (serve, relay, receiver), so the
+    migrations run in a child process (:func:`upgrade_apart`).
+    """
     try:
-        db.upgrade(settings.db_url)
+        if server:
+            upgrade_apart(settings.db_url)
+        else:
+            db.upgrade(settings.db_url)
     except Exception as exc:
         raise CommandError(f"TRACKRELAY_DATABASE_URL: cannot open the database: {exc}") from None
     return db.make_engine(settings.db_url)
 
 
+class MigrationFailed(Exception):
+    """The migration child process failed; the message is its error."""
+
+
+def upgrade_apart(url: str) -> None:
+    """:func:`shared.db.upgrade` in a forked child process.
+
+    Alembic, Mako (with Pygments) and the migration scripts are imported by
+    the child and leave with it: in-process they stayed in a server's memory
+    for good (~10 MB of its idle RSS), for one use at start. The child
+    inherits everything already imported and the settings, so this costs a
+    fork. An in-memory SQLite database lives in this process only, and a
+    platform without fork has no cheap child: both migrate in-process.
+    """
+    if not hasattr(os, "fork") or _in_memory(url):
+        db.upgrade(url)
+        return
+    read, write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child; its effect is what the tests see
+        code = 0
+        try:
+            os.close(read)
+            db.upgrade(url)
+        except BaseException as exc:
+            os.write(write, (str(exc) or type(exc).__name__).encode(errors="replace")[:4000])
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        error = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise MigrationFailed(error or f"the migration process ended with status {status}")
+
+
+def _in_memory(url: str) -> bool:
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+
+def _database_or_journal(settings: Settings, what: str) -> Engine:
+    """The relay and the receiver start without their database: mail and hits must flow.
+
+    What they would store goes to the journal under the var directory and is
+    replayed once the database answers (the schema must exist by then: a
+    database that was never migrated needs ``trackrelay db upgrade``).
+    """
+    try:
+        return open_database(settings, server=True)
+    except CommandError as exc:
+        log.warning("%s; starting anyway, %s are journaled until it is reachable", exc, what)
+        return db.make_engine(settings.db_url)
+
+
+def _links_must_be_reachable(settings: Settings) -> None:
+    """A relay sending real mail refuses to write links nobody can follow."""
+    if not settings.dev_mode and not settings.public_url:
+        raise CommandError(
+            f"{settings.public_url_problem()}; set TRACKRELAY_PUBLIC_URL to the receiver's "
+            "public https:// address"
+        )
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve
 
-    return serve(settings, open_database(settings), relay=True, receiver=True)
+    _links_must_be_reachable(settings)
+    return serve(settings, open_database(settings, server=True), relay=True, receiver=True)
 
 
 def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from trackrelay.serve import serve, serve_relay_workers
 
+    _links_must_be_reachable(settings)
+    engine = _database_or_journal(settings, "records")
     if settings.relay_workers > 1:
-        return serve_relay_workers(settings, open_database(settings))
-    return serve(settings, open_database(settings), relay=True, receiver=False)
+        return serve_relay_workers(settings, engine)
+    return serve(settings, engine, relay=True, receiver=False)
 
 
 def cmd_receiver(settings: Settings, args: argparse.Namespace) -> int:
-    from trackrelay.serve import serve, serve_receiver_workers
+    from trackrelay.serve import serve
+    from trackrelay.web import serve_receiver_workers
 
-    try:
-        engine = open_database(settings)
-    except CommandError as exc:
-        # Hits must still be answered: events go to the journal until the database is back.
-        log.warning("%s; starting anyway, events are journaled until it is reachable", exc)
-        engine = db.make_engine(settings.db_url)
+    # Hits must still be answered: events go to the journal until the database is back.
+    engine = _database_or_journal(settings, "events")
     if settings.receiver_workers == 1:
         return serve(settings, engine, relay=False, receiver=True)
     engine.dispose()  # each worker opens its own
@@ -389,6 +473,23 @@ def cmd_webhook_remove(settings: Settings, args: argparse.Namespace) -> int:
     with database(settings) as engine:
         webhooks.remove_endpoint(engine, args.id)
         print(f"removed webhook {args.id}")
+        return 0
+
+
+def cmd_webhook_pause(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_webhook_active(settings, args.id, False)
+
+
+def cmd_webhook_resume(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_webhook_active(settings, args.id, True)
+
+
+def _set_webhook_active(settings: Settings, endpoint_id: int, active: bool) -> int:
+    from shared import webhooks
+
+    with database(settings) as engine:
+        webhooks.set_active(engine, endpoint_id, active)
+        print(f"webhook {endpoint_id} {'resumed' if active else 'paused'}")
         return 0
 
 
