@@ -21,10 +21,23 @@ Verified on aiosmtpd 1.4.6, and why each override exists:
   client gets 421 and is disconnected; nothing was sent upstream.
 * Sessions carry relay state (:class:`RelaySession`); the handler hears when a
   session ends (``handle_CLOSE``), also when STARTTLS replaces the session.
+  The server hears of a connection when it is made (``on_open``): on an
+  implicit-TLS listener a failed handshake never reaches the protocol, so
+  counting protocols as they are created would keep those forever.
 * Graceful shutdown: :meth:`RelaySMTP.begin_shutdown` answers 421 to idle
   sessions at once and to busy ones when their transaction ends.
 * A listener may restrict who can connect (``peer_allowed``): the plain port
   serves trusted networks only.
+* A client looping NOOP, RSET, VRFY, EHLO, refused MAILs... keeps a session
+  (and a slot of the upstream's) forever, since every valid command resets
+  the idle timeout. After ``command_limit`` commands that moved no mail it
+  gets 421 and is disconnected (``TRACKRELAY_MAX_COMMANDS_WITHOUT_MAIL``).
+  A message handed over (DATA with recipients) restores the budget, and an
+  accepted MAIL or a RCPT the upstream answered costs nothing, so a session
+  may send any number of messages. aiosmtpd's ``command_call_limit`` counts
+  each command per session and never forgives: a client that sends RSET
+  after each message (PHPMailer's keep-alive does) would be cut after N
+  messages. Unknown commands are aiosmtpd's: the fifth gets 502 and a close.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ TERMINATOR = b"\r\n.\r\n"
 MAX_LINE = 1001 - 2  # octets before CRLF, counting a transparency dot (aiosmtpd's limit)
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
 DATA_TIMEOUT_REPLY = "421 4.4.2 Message upload took too long, closing connection"
+COMMAND_LIMIT_REPLY = "421 4.7.0 Too many commands without sending mail, closing connection"
 
 
 class RelaySession(Session):
@@ -206,14 +220,19 @@ class RelaySMTP(SMTP):
         *,
         listener: str,
         peer_allowed: Callable[[str], bool] | None = None,
+        on_open: Callable[[RelaySMTP], None] | None = None,
         on_close: Callable[[RelaySMTP], None] | None = None,
         data_timeout: float | None = None,
+        command_limit: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.listener = listener
         self.data_timeout = data_timeout
+        self.command_limit = command_limit
+        self._idle_commands = 0  # commands since the last message that moved no mail
         self._peer_allowed = peer_allowed
+        self._on_open = on_open
         self._on_close = on_close
         self._forwarding = False
         self._in_data = False
@@ -221,7 +240,7 @@ class RelaySMTP(SMTP):
         self._draining = False
         # Wrap every command so shutdown can close a session between transactions.
         self._smtp_methods = {
-            name: self._tracked(method) for name, method in self._smtp_methods.items()
+            name: self._tracked(name, method) for name, method in self._smtp_methods.items()
         }
 
     # --- addresses ---
@@ -263,6 +282,8 @@ class RelaySMTP(SMTP):
         super().connection_made(transport)
         if previous is not None and previous is not self.session:
             self._session_ended(previous)  # STARTTLS starts a new session (RFC 3207 4.2)
+        elif previous is None and self._on_open is not None:
+            self._on_open(self)  # implicit TLS: only now, after a successful handshake
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
@@ -306,19 +327,52 @@ class RelaySMTP(SMTP):
     # --- shutdown ---
 
     def _tracked(
-        self, method: Callable[[Any], Awaitable[None]]
+        self, name: str, method: Callable[[Any], Awaitable[None]]
     ) -> Callable[[Any], Awaitable[None]]:
         @functools.wraps(method)
         async def run(arg: Any) -> None:
+            if self.command_limit is not None and self._idle_commands >= self.command_limit:
+                if name != "QUIT":
+                    await self._over_command_limit()
+                    return
+            before = self._progress()
             self._busy = True
             try:
                 await method(arg)
             finally:
                 self._busy = False
+            self._count(name, before)
             if self._draining:
                 self._close_if_idle()
 
         return run
+
+    # --- command limit ---
+
+    def _progress(self) -> tuple[bool, int, int]:
+        session, envelope = self.session, self.envelope
+        refused = len(session.refused) if isinstance(session, RelaySession) else 0
+        if envelope is None:
+            return False, 0, refused
+        return envelope.mail_from is not None, len(envelope.rcpt_tos), refused
+
+    def _count(self, name: str, before: tuple[bool, int, int]) -> None:
+        if name == "DATA" and before[1]:
+            self._idle_commands = 0  # a message was handed over
+        elif name in ("MAIL", "RCPT") and self._progress() != before:
+            pass  # an accepted MAIL, or a RCPT accepted or answered by the upstream
+        elif name != "QUIT":
+            self._idle_commands += 1
+
+    async def _over_command_limit(self) -> None:
+        log.warning(
+            "%s: %d commands without sending mail: disconnected",
+            self.session.peer if self.session else "?",
+            self.command_limit,
+        )
+        await self.push(COMMAND_LIMIT_REPLY)
+        assert self.transport is not None
+        self.transport.close()
 
     @property
     def in_transaction(self) -> bool:

@@ -157,6 +157,11 @@ class SmtpUpstream:
             smtp.close()
             log.warning("upstream %s unavailable: %s", self.target, exc)
             raise UpstreamUnavailable(str(exc)) from exc
+        except BaseException:
+            # Cancelled between connect and EHLO (a probe timing out, a client
+            # leaving during AUTH or MAIL): nothing else holds this connection.
+            smtp.close()
+            raise
         self._smtp = smtp
         self._in_transaction = False
         self.capabilities = Capabilities.from_extensions(
@@ -248,15 +253,46 @@ class SmtpUpstream:
     async def _close(self) -> None:
         smtp, self._smtp = self._smtp, None
         if smtp is not None and smtp.is_connected:
+            transport = smtp.transport
             try:
                 await asyncio.wait_for(smtp.quit(), timeout=5)
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 smtp.close()
+            if transport is not None:
+                await _until_closed(transport)
 
     def _require(self) -> aiosmtplib.SMTP:
         if self._smtp is None or not self._smtp.is_connected:
             raise UpstreamUnavailable("the upstream connection was lost")
         return self._smtp
+
+
+CLOSE_WAIT = 5.0  # seconds a closing upstream may take to answer close_notify
+
+
+async def _until_closed(transport: asyncio.BaseTransport) -> None:
+    """Return once the socket under ``transport`` is closed; abort it after CLOSE_WAIT.
+
+    ``quit()`` and ``close()`` only begin closing: over TLS the socket stays
+    open until the server answers close_notify. A relay that stopped without
+    waiting left that socket to the garbage collector once its loop was gone.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or await _socket_closed(sock, CLOSE_WAIT):
+        return
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    await _socket_closed(sock, 1.0)
+
+
+async def _socket_closed(sock: socket.socket, wait: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while sock.fileno() != -1:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 async def _command(call: object) -> Reply:

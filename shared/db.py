@@ -14,12 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlmodel import Session
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from sqlalchemy.sql.dml import Insert
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,24 @@ def session_scope(engine: Engine) -> Iterator[Session]:
             raise
 
 
+def insert_ignoring(table: Table, key: str, dialect: str) -> Insert:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING`` for SQLite and PostgreSQL.
+
+    For rows several processes may add at once (two receivers, the CLI beside
+    the dashboard): the later insert does nothing instead of failing on the
+    unique key, and waits for the first where PostgreSQL must.
+    """
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql  # on demand: the relay may never need it
+
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+    if dialect == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+    raise ValueError(f"unsupported database: {dialect}")
+
+
 def alembic_config(url: str) -> Config:
     from alembic.config import Config  # imported on demand: Alembic and Mako cost ~10 MB RSS
 
@@ -93,10 +112,10 @@ def _not_alembic_chatter(record: logging.LogRecord) -> bool:
 logging.getLogger("alembic.runtime.migration").addFilter(_not_alembic_chatter)
 
 
-def upgrade(url: str) -> None:
-    """Bring the schema at ``url`` to the newest migration."""
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema at ``url`` to the newest migration (or to ``revision``)."""
     if make_url(url).get_backend_name() == "sqlite":
         make_engine(url).dispose()  # creates the directory
     from alembic import command
 
-    command.upgrade(alembic_config(url), "head")
+    command.upgrade(alembic_config(url), revision)

@@ -9,34 +9,13 @@ from sqlalchemy import Engine, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from shared.addresses import address_key, normalize_address, normalize_sender
 from shared.db import session_scope
+from shared.errors import UserError
 from shared.models import User, UserAddress
 from shared.passwords import hash_password, verify_password
 
 ROLES = ("admin", "sender")
-
-
-class UserError(ValueError):
-    """An operation that cannot be done; the message is for people.
-
-    The base of every such error in shared/ (policies, consent, webhooks), so
-    the CLI, the API and the dashboard show them alike. ``field`` names the
-    input the message is about ('' for the request as a whole), so a form can
-    show it next to that input.
-    """
-
-    def __init__(self, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def normalize_address(address: str) -> str:
-    """Lower-case an address or ``@domain`` pattern, checking its shape."""
-    value = address.strip().lower()
-    local, at, domain = value.rpartition("@")
-    if not at or not domain or "." not in domain or " " in value or (local and "@" in local):
-        raise UserError(f"{address!r} is not an email address or @domain", "address")
-    return value
 
 
 def normalize_addresses(addresses: Sequence[str]) -> list[str]:
@@ -44,7 +23,7 @@ def normalize_addresses(addresses: Sequence[str]) -> list[str]:
     good, bad = [], []
     for address in addresses:
         try:
-            good.append(normalize_address(address))
+            good.append(normalize_sender(address))
         except UserError:
             bad.append(address)
     if bad:
@@ -205,8 +184,9 @@ def user_addresses(engine: Engine, user_id: int) -> list[str]:
 
 
 def may_send_as(patterns: list[str], address: str) -> bool:
-    """True when ``address`` matches one of the exact or ``@domain`` patterns."""
-    address = address.lower()
+    """True when ``address`` matches one of the exact or ``@domain`` patterns
+    (stored canonical, see shared/addresses.py)."""
+    address = address_key(address)
     domain = "@" + address.rpartition("@")[2]
     return any(p == address or p == domain for p in patterns)
 
