@@ -37,10 +37,11 @@ from starlette.routing import Mount, Route
 from receiver.classify import ENGAGED_VERDICTS
 from receiver.openapi import document
 from shared import consent, policies
+from shared.addresses import normalize_address, spellings
 from shared.apitokens import Principal, authenticate_token
 from shared.db import session_scope
 from shared.models import Event, Link, Message, Policy, Recipient, Suppression
-from shared.users import UserError, normalize_address
+from shared.users import UserError
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,10 @@ def _scope(principal: Principal) -> Any:
     if principal.is_admin:
         return None
     sender = func.lower(col(Message.sender))
-    clauses = [
+    clauses = [  # a sender keeps what MAIL FROM said: an IDN domain may be in Unicode
         sender.endswith(p, autoescape=True) if p.startswith("@") else sender == p
-        for p in principal.addresses
+        for pattern in principal.addresses
+        for p in spellings(pattern)
     ]
     return or_(*clauses) if clauses else col(Message.id).is_(None)
 
@@ -547,7 +549,7 @@ async def add_suppression(request: Request, principal: Principal) -> dict[str, A
 async def remove_suppression(request: Request, principal: Principal) -> None:
     """Track a recipient again (subject to consent and policy)."""
     try:
-        address = policies.normalize_address(request.path_params["address"])
+        address = normalize_address(request.path_params["address"])
     except UserError as exc:
         raise ApiError(400, str(exc)) from None
     try:

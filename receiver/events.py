@@ -63,8 +63,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Insert, Table
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine
 
 from receiver.metrics import Metrics
 from shared import journal as shared_journal
@@ -210,15 +209,6 @@ def truncate_ip(ip: str, full: bool = False) -> str:
         return str(address)
     prefix = 24 if address.version == 4 else 48
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
-
-
-def insert_ignoring(table: Table, key: str, dialect: str) -> Insert:
-    """``INSERT ... ON CONFLICT (key) DO NOTHING`` for SQLite and PostgreSQL."""
-    if dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
-    raise ValueError(f"unsupported database: {dialect}")
 
 
 class Journal(shared_journal.Journal):

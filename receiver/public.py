@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import Engine, Table
+from sqlalchemy import Engine
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,10 +30,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from receiver.events import insert_ignoring
-from shared import policies
+from shared import addresses, policies
 from shared.config import Settings
-from shared.models import Suppression, utcnow
+from shared.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +43,6 @@ CSRF_MAX_AGE = 2 * 3600
 CONFIRM_MAX_AGE = 3600
 MAX_ADDRESS = 320
 _ADDRESS = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[^@\s<>(),;:\"\[\]\\]+\.[^@\s<>(),;:\"\[\]\\]+$")
-
-SUPPRESSIONS: Table = Suppression.__table__  # type: ignore[attr-defined]
 
 
 class PublicForms:
@@ -61,15 +58,15 @@ class PublicForms:
 def normalize_address(value: str) -> str | None:
     """A plausible mail address in the form the relay looks up, or None.
 
-    The canonical form (lower case, IDNA domain) is ``shared.policies``': an
+    The canonical form (lower case, IDNA domain) is ``shared.addresses``': an
     address stored any other way would never match at the relay.
     """
     address = value.strip()
     if len(address) > MAX_ADDRESS or not _ADDRESS.match(address):
         return None
     try:
-        return policies.normalize_address(address)
-    except policies.PolicyError:
+        return addresses.normalize_address(address)
+    except UserError:
         return None
 
 
@@ -162,7 +159,7 @@ async def confirm_stop_tracking(request: Request) -> Response:
         )
     engine: Engine = request.app.state.engine
     try:
-        await asyncio.to_thread(add_suppression, engine, str(address), "public")
+        await asyncio.to_thread(policies.add_suppression, engine, str(address), "public")
     except Exception:
         log.exception("could not record a suppression")
         return _page(
@@ -173,18 +170,6 @@ async def confirm_stop_tracking(request: Request) -> Response:
         )
     log.info("suppressed %s at the recipient's request", address)
     return _page(request, "public/done.html", address=address)
-
-
-def add_suppression(engine: Engine, address: str, source: str) -> bool:
-    """Add ``address`` to the suppression list; False if it was already there."""
-    statement = insert_ignoring(SUPPRESSIONS, "address", engine.dialect.name).returning(
-        SUPPRESSIONS.c.id
-    )
-    with engine.begin() as conn:
-        row = conn.execute(
-            statement, {"address": address, "source": source, "created_at": utcnow()}
-        ).first()
-    return row is not None
 
 
 routes = [

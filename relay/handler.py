@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from relay import upstream
 from relay.auth import Credentials, FailureLimiter, read_login, read_plain
+from relay.headers import Segment
 from relay.record import Delivery, Recorder
 from relay.smtp import RelaySession
 from relay.track import Copy, Prepared, Submission, Tracker
@@ -248,7 +249,7 @@ class RelayHandler:
         copies = prepared.copies
         if len(copies) == 1 and sorted(copies[0].recipients) == sorted(submission.recipients):
             # One copy: DATA in the transaction whose RCPTs were checked live.
-            reply = await _data(connection, copies[0].data)
+            reply = await _data(connection, copies[0].segments)
             replies = {rcpt: reply for rcpt in submission.recipients}
         else:
             # Per-recipient copies: one full transaction each, same connection.
@@ -273,7 +274,7 @@ class RelayHandler:
             if not accepted:
                 await connection.rset()
                 return replies
-            reply = await connection.data(copy.data)
+            reply = await connection.data(copy.segments)
         except UpstreamUnavailable:
             return dict.fromkeys(copy.recipients, UNAVAILABLE)
         return {**replies, **dict.fromkeys(accepted, reply)}
@@ -348,7 +349,7 @@ def _untracked(submission: Submission) -> Prepared:
         size_in=size,
         size_out=size,
     )
-    return Prepared([Copy(list(submission.recipients), submission.data)], message, [], set())
+    return Prepared([Copy(list(submission.recipients), [submission.data])], message, [], set())
 
 
 def _envelope_sender(address: str) -> str:
@@ -356,9 +357,9 @@ def _envelope_sender(address: str) -> str:
     return "" if address == "<>" else address
 
 
-async def _data(connection: upstream.Connection, data: bytes) -> Reply:
+async def _data(connection: upstream.Connection, segments: list[Segment]) -> Reply:
     try:
-        return await connection.data(data)
+        return await connection.data(segments)
     except UpstreamUnavailable:
         return UNAVAILABLE
 

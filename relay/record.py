@@ -1,19 +1,46 @@
-"""Write what was relayed: the Message, one Recipient row each, the Links.
+"""Write what was relayed: the Message, one Recipient row each, the Links and the
+``message.sent`` outbox rows, committed before the client gets its reply.
 
-The write runs off the event loop (``asyncio.to_thread``) after the upstream
-has answered. A database failure must never turn a delivered message into an
-error for the client (who would retry and deliver it twice), and must not
-lose the record either: tokens are self-contained, so mail keeps flowing
-while the database is down, and its records go to an append-only journal
+Group commit. :meth:`Recorder.record` queues the record and waits for it; ONE
+writer task takes everything queued (up to ``MAX_BATCH``) and stores it in ONE
+transaction with SQLAlchemy Core, in a worker thread: one ``SELECT id FROM
+messages WHERE id IN (...)`` (a record already stored is skipped: replays), one
+executemany each for messages, recipients and links, one endpoint query and
+one insert for the outbox rows (shared/outbox.py ``enqueue_messages_sent``).
+Then every waiter of the batch is woken and its client gets its reply. There
+is no delay: while one batch is written the next accumulates, so one client
+gets batches of one and ten clients share commits. Per message this replaces
+an ORM unit of work (object states, flush ordering), a ``Session.get`` and an
+endpoint query; rows are plain dicts built from the record (the JSON the
+journal keeps), with the model's defaults, so they are the rows the ORM wrote.
+
+Why a task on the event loop that hands each batch to ``asyncio.to_thread``,
+not a thread of its own: the queue, the waiters' futures, the degraded flag
+and the journal (used one call at a time) all stay on the loop, so they need
+no locks and no cross-thread wake-up per waiter; the one hop to a thread and
+back per batch is shared by the batch.
+
+A database failure must never turn a delivered message into an error for the
+client (who would retry and deliver it twice), and must not lose the record
+either: tokens are self-contained, so mail keeps flowing while the database
+is down, and the whole batch goes to an append-only journal
 (``<var_dir>/journal/relay-<pid>-....jsonl``, shared/journal.py) instead.
+SQLite: the writer has its own engine whose connections wait at most
+``SQLITE_WRITE_TIMEOUT`` s for the write lock (set once per connection,
+shared/db.py ``impatient_engine``), so a locked file sends the batch to the
+journal soon, not in 30 s. A batch the database refuses as invalid
+(``DataError``, ``IntegrityError``) is retried record by record, so only the
+bad record is set aside (``rejected-relay.jsonl``, never replayed) and the
+others are stored.
 
 While degraded, records go straight to the journal (no client waits for a
-dead database); every ``PROBE_INTERVAL`` s the recorder replays the journal,
-which doubles as the probe. A record (message, recipients, links and the
-``message.sent`` outbox rows) is one transaction keyed by the message id, the
-primary key: a replay that repeats a record (a crash between commit and
-deleting the file) finds the message there and skips it, so every record is
-stored exactly once. A restarted relay replays what its predecessors left.
+dead database); every ``PROBE_INTERVAL`` s the writer replays the journal, a
+slice of ``REPLAY_SLICE`` records per transaction between live batches, which
+doubles as the probe. Every record is keyed by its message id, the primary
+key: a replay that repeats a record (a crash between commit and deleting the
+file) finds the message there and skips it, so every record is stored exactly
+once. A restarted relay replays what its predecessors left; ``stop()`` writes
+(or journals) what is still queued before it returns.
 
 If the journal cannot be written either (disk full), the record is lost —
 never the mail — and that is logged at ERROR with the message id.
@@ -24,32 +51,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, insert
+from pydantic_core import PydanticUndefined
+from sqlalchemy import Engine, bindparam, insert, select
 from sqlalchemy.exc import DataError, IntegrityError
-from sqlmodel import Session
+from sqlmodel import SQLModel
 
 from relay.track import Prepared
 from relay.upstream import Reply
 from shared.config import Settings
-from shared.db import session_scope
+from shared.db import impatient_engine
 from shared.journal import Journal
-from shared.models import Link, Message, Recipient
-from shared.outbox import enqueue_message_sent
+from shared.models import Link, Message, Recipient, utcnow
+from shared.outbox import enqueue_messages_sent
 
 log = logging.getLogger(__name__)
 
 #: Seconds between replay attempts while records wait in the journal.
 PROBE_INTERVAL = 1.0
-#: SQLite: how long one record waits for the write lock before it is journaled.
+#: SQLite: how long a batch waits for the write lock before it is journaled.
 SQLITE_WRITE_TIMEOUT = 2.0
-#: Records replayed per transaction batch.
+#: Most live records written in one transaction (more wait for the next one).
+MAX_BATCH = 500
+#: Journaled records replayed per transaction.
 REPLAY_SLICE = 200
 
 Record = dict[str, Any]
+Row = dict[str, Any]
+
+MESSAGES = Message.__table__  # type: ignore[attr-defined]
+RECIPIENTS = Recipient.__table__  # type: ignore[attr-defined]
+LINKS = Link.__table__  # type: ignore[attr-defined]
+# Built once: a batch executes them, it does not rebuild them.
+STORED = select(MESSAGES.c.id).where(MESSAGES.c.id.in_(bindparam("ids", expanding=True)))
+INSERT_MESSAGES, INSERT_RECIPIENTS, INSERT_LINKS = (
+    insert(MESSAGES),
+    insert(RECIPIENTS),
+    insert(LINKS),
+)
 
 
 @dataclass
@@ -89,76 +132,186 @@ def to_record(prepared: Prepared, delivery: Delivery) -> Record:
     return {
         "message": message.model_dump(mode="json"),
         "recipients": recipients,
-        "links": [link.model_dump(mode="json", exclude={"id"}) for link in prepared.links],
+        "links": [link._asdict() for link in prepared.links],
     }
 
 
-def write_record(engine: Engine, record: Record) -> bool:
-    """Store one record in one transaction; False when it was already there."""
-    message = Message.model_validate(record["message"])
-    with session_scope(engine) as session, _short_lock_wait(session):
-        if session.get(Message, message.id) is not None:
-            return False
-        recipients = [Recipient.model_validate(r) for r in record["recipients"]]
-        session.add(message)
-        session.add_all(recipients)
-        session.flush()
-        if record["links"]:
-            # One executemany: a newsletter has ~30 links, and ORM objects for
-            # them cost three times the insert itself.
-            session.execute(insert(Link), record["links"])
-        # message.sent / delivery.failed webhooks commit with the message.
-        enqueue_message_sent(session, message, recipients)
-    return True
+def _defaults(model: type[SQLModel]) -> dict[str, Any]:
+    """The values ``model_validate`` fills in for absent fields (not factories)."""
+    return {
+        name: field.default
+        for name, field in model.model_fields.items()
+        if field.default is not PydanticUndefined and field.default_factory is None
+    }
 
 
-@contextlib.contextmanager
-def _short_lock_wait(session: Session) -> Iterator[None]:
-    """A locked SQLite file sends the record to the journal soon, not in 30 s."""
-    if session.get_bind().dialect.name != "sqlite":
-        yield
-        return
-    conn = session.connection()
-    before = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
-    conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(SQLITE_WRITE_TIMEOUT * 1000)}")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):  # the connection may be gone with the database
-            conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(before or 0)}")
+def _columns(table: Any) -> tuple[str, ...]:
+    """Every column but an autoincrement id (the database numbers those rows)."""
+    return tuple(c.name for c in table.columns if not (c.primary_key and c.autoincrement))
+
+
+class _Rows:
+    """One record as the column values of its rows: what the ORM inserted for it.
+
+    The record is the JSON of the models (``to_record``, or a journal line):
+    absent fields take the model's defaults and unknown keys are ignored, as
+    ``model_validate`` did, and ``created_at`` is parsed back to the aware
+    datetime it was. No model objects: validating them cost more than the
+    insert (~0.2 ms a message, ~0.1 ms a recipient).
+    """
+
+    _message = (_columns(MESSAGES), _defaults(Message))
+    _recipient = (_columns(RECIPIENTS), _defaults(Recipient))
+    _link = (_columns(LINKS), _defaults(Link))
+
+    def __init__(self, record: Record) -> None:
+        self.record = record
+        values = dict(record["message"])
+        values["created_at"] = _aware(values.get("created_at"))
+        self.message = _row(values, *self._message)
+        self.id: int = self.message["id"]
+        self.recipients = [_row(r, *self._recipient) for r in record["recipients"]]
+        self.links = [_row(link, *self._link) for link in record["links"]]
+
+
+def _row(values: Mapping[str, Any], columns: tuple[str, ...], defaults: Mapping[str, Any]) -> Row:
+    # A required field absent (no default): KeyError, the record cannot be stored.
+    return {c: values[c] if c in values else defaults[c] for c in columns}
+
+
+def _aware(value: Any) -> datetime:
+    if value is None:
+        return utcnow()
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise TypeError(f"created_at: not a datetime: {value!r}")
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class RecordStore:
+    """The database side of the writer; its methods block (run them in a thread)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.shared = engine
+        self.engine = impatient_engine(engine, SQLITE_WRITE_TIMEOUT)
+
+    def write(self, records: list[Record]) -> tuple[int, list[Record]]:
+        """Store ``records``; return (records stored, records refused as invalid).
+
+        Records already stored are skipped. Anything but an invalid record
+        (the database is down, locked, unreachable) raises: nothing of the
+        batch was stored or the rest is safe to write again.
+        """
+        batch: list[_Rows] = []
+        refused: list[Record] = []
+        for record in records:
+            try:
+                batch.append(_Rows(record))
+            except Exception:
+                log.exception("the record of message %s is unreadable", _message_id(record))
+                refused.append(record)
+        if not batch:
+            return 0, refused
+        try:
+            return self._insert(batch), refused
+        except (DataError, IntegrityError):
+            if len(batch) == 1:
+                log.exception("the database refused the record of message %d", batch[0].id)
+                return 0, [*refused, batch[0].record]
+        log.warning(
+            "the database refused a batch of %d records: writing them one by one", len(batch)
+        )
+        stored = 0
+        for rows in batch:
+            try:
+                stored += self._insert([rows])
+            except (DataError, IntegrityError):
+                log.exception("the database refused the record of message %d", rows.id)
+                refused.append(rows.record)
+        return stored, refused
+
+    def _insert(self, batch: list[_Rows]) -> int:
+        """One transaction; returns how many records were new."""
+        with self.engine.begin() as conn:
+            ids = [rows.id for rows in batch]
+            seen = set(conn.execute(STORED, {"ids": ids}).scalars())
+            new = []
+            for rows in batch:
+                if rows.id not in seen:  # also a record twice in one batch
+                    seen.add(rows.id)
+                    new.append(rows)
+            if not new:
+                return 0
+            conn.execute(INSERT_MESSAGES, [rows.message for rows in new])
+            recipients = [r for rows in new for r in rows.recipients]
+            if recipients:
+                conn.execute(INSERT_RECIPIENTS, recipients)
+            links = [link for rows in new for link in rows.links]
+            if links:
+                conn.execute(INSERT_LINKS, links)
+            # message.sent / delivery.failed webhooks commit with the messages.
+            enqueue_messages_sent(conn, [(rows.message, rows.recipients) for rows in new])
+        return len(new)
+
+    def close(self) -> None:
+        if self.engine is not self.shared:
+            self.engine.dispose()
+
+
+def _message_id(record: Any) -> Any:
+    with contextlib.suppress(Exception):
+        return record["message"]["id"]
+    return "?"
 
 
 class Recorder:
-    """Stores relayed messages; journals them while the database is down."""
+    """Stores relayed messages in batches; journals them while the database is down."""
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.engine = engine
+        self.store = RecordStore(engine)
         self.journal = Journal(settings.var_dir / "journal", prefix="relay")
         self.degraded = False
         self.journaled = 0
         self.replayed = 0
         self.lost = 0
-        self._lock = asyncio.Lock()  # the journal is used one call at a time
+        self.batches = 0  # live batches committed ...
+        self.written = 0  # ... and the live records they stored
+        self._pending: list[tuple[Record, asyncio.Future[None]]] = []
+        self._lock = asyncio.Lock()  # the store and the journal, one call at a time
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._replay_at = 0.0  # loop time of the next replay round
+        self._replaying = False  # a round is under way: one slice per turn
+        self._replay_stored = 0
 
     async def start(self) -> None:
-        """Start the replay loop (it first replays what a previous run left)."""
+        """Start the writer (it first replays what a previous run left)."""
         self._stopping = False
-        self._task = asyncio.create_task(self._run(), name="trackrelay-relay-journal")
+        self._replay_at = 0.0
+        self._task = asyncio.create_task(self._run(), name="trackrelay-relay-recorder")
 
     async def stop(self) -> None:
+        """Write (or journal) every queued record, then stop."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
             await self._task
             self._task = None
         async with self._lock:
+            while self._pending:
+                await self._write_pending()
             await asyncio.to_thread(self.journal.close)
+        self.store.close()
 
     async def record(self, prepared: Prepared, delivery: Delivery) -> None:
-        """Log one INFO line and store the rows (or journal them); never raises."""
+        """Log one INFO line and store the rows (or journal them); never raises.
+
+        Returns once the record is committed or journaled, so the client's
+        reply never runs ahead of it.
+        """
         message = prepared.message
         log.info(
             "relayed message %d from <%s> to %d recipient(s), %d bytes: %s (%s)",
@@ -174,88 +327,121 @@ class Recorder:
         except Exception:
             log.exception("cannot build the record of message %d (mail was delivered)", message.id)
             return
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((record, done))
+        if self._task is None or self._task.done():  # no writer (not started, or stopped)
+            async with self._lock:
+                while self._pending:
+                    await self._write_pending()
+        else:
+            self._wake.set()
+        await done
+
+    # --- the writer ---
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending and not self._stopping and not self._replaying:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._replay_at - loop.time())
+                self._wake.clear()
+            if self._stopping and not self._pending:
+                return
+            try:
+                async with self._lock:
+                    if self._pending:
+                        await self._write_pending()
+                    # Due even under steady traffic: it is also the probe while degraded.
+                    if (self._replaying or loop.time() >= self._replay_at) and not self._stopping:
+                        await self._replay_step()
+            except Exception:  # never let the writer die: the next round retries
+                log.exception("relay record writer failed")
+                self._replaying = False
+
+    async def _write_pending(self) -> None:
+        """One batch: everything queued (up to MAX_BATCH); then wake its waiters."""
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        try:
+            await self._store([record for record, _ in batch])
+        finally:
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+    async def _store(self, records: list[Record]) -> None:
         if not self.degraded:
             try:
-                await asyncio.to_thread(write_record, self.engine, record)
-                return
-            except (DataError, IntegrityError):
-                log.exception("the database refused the record of message %d", message.id)
-                await self._set_aside([record])
-                return
+                stored, refused = await asyncio.to_thread(self.store.write, records)
             except Exception as exc:
-                self._degrade(exc, message.id)
-        await self._journal(record)
+                self._degrade(exc, records)
+            else:
+                self.batches += 1
+                self.written += stored
+                if refused:
+                    await self._set_aside(refused)
+                return
+        await self._journal(records)
 
-    def _degrade(self, exc: Exception, message_id: int | None = None) -> None:
+    def _degrade(self, exc: Exception, records: list[Record] | None = None) -> None:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not self.degraded:
+            ids = ", ".join(str(_message_id(r)) for r in records or [])
             log.error(
                 "DATABASE WRITE FAILED%s (mail was delivered): %s; journaling message records",
-                f" for relayed message {message_id}" if message_id is not None else "",
+                f" for relayed message(s) {ids}" if ids else "",
                 first,
             )
         self.degraded = True
 
-    async def _journal(self, record: Record) -> None:
-        message_id = record["message"]["id"]
+    async def _journal(self, records: list[Record]) -> None:
+        error: BaseException | None
         try:
-            async with self._lock:
-                await asyncio.to_thread(self.journal.append, [record])
-        except OSError:
+            written, error = await asyncio.to_thread(self.journal.append_what_fits, records)
+        except Exception as exc:  # not even a bug may lose records without a word
+            written, error = 0, exc
+        self.journaled += written
+        for record in records[:written]:
+            log.warning("message %s journaled (database unavailable)", _message_id(record))
+        for record in records[written:]:
             self.lost += 1
-            log.exception(
-                "RELAY JOURNAL WRITE FAILED: the record of message %d is lost (mail was delivered)",
-                message_id,
+            log.error(
+                "RELAY JOURNAL WRITE FAILED: the record of message %s is lost (mail was delivered)",
+                _message_id(record),
+                exc_info=error,
             )
-            return
-        self.journaled += 1
-        log.warning("message %d journaled (database unavailable)", message_id)
 
     async def _set_aside(self, records: list[Record]) -> None:
-        async with self._lock:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(self.journal.append_rejected, records)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.journal.append_rejected, records)
 
-    async def _run(self) -> None:
-        while not self._stopping:
-            try:
-                await self.replay()
-            except Exception:  # never let the loop die: the next round retries
-                log.exception("relay journal replay failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), PROBE_INTERVAL)
-            self._wake.clear()
-
-    async def replay(self) -> int:
-        """Write what the journal holds; returns the records stored (0 if none or down)."""
-        if not await asyncio.to_thread(self.journal.has_files):
-            self.degraded = False
-            return 0
-        stored = 0
-        async with self._lock:
+    async def _replay_step(self) -> None:
+        """One slice of the journal; a round goes on until the journal is empty."""
+        if not self._replaying:
+            self._replay_at = asyncio.get_running_loop().time() + PROBE_INTERVAL
+            if not await asyncio.to_thread(self.journal.has_files):
+                self.degraded = False
+                return
             await asyncio.to_thread(self.journal.seal)  # our own file becomes replayable
-            while not self._stopping:
-                records = await asyncio.to_thread(self.journal.read_slice, REPLAY_SLICE)
-                if not records:
-                    break
-                try:
-                    stored += await asyncio.to_thread(self._write_slice, records)
-                except Exception as exc:
-                    self._degrade(exc)
-                    return stored
-                await asyncio.to_thread(self.journal.commit_slice)
-        if stored:
-            log.info("database back: %d journaled message record(s) written", stored)
+            self._replaying, self._replay_stored = True, 0
+        records = await asyncio.to_thread(self.journal.read_slice, REPLAY_SLICE)
+        if not records:
+            self._replaying = False
+            self.degraded = False
+            if self._replay_stored:
+                log.info(
+                    "database back: %d journaled message record(s) written", self._replay_stored
+                )
+            return
+        try:
+            stored, refused = await asyncio.to_thread(self.store.write, records)
+        except Exception as exc:
+            self._replaying = False
+            self._degrade(exc)
+            return
+        self.degraded = False  # the probe worked: live records go to the database again
+        if refused:
+            await self._set_aside(refused)
+        await asyncio.to_thread(self.journal.commit_slice)
+        self._replay_stored += stored
         self.replayed += stored
-        self.degraded = False
-        return stored
-
-    def _write_slice(self, records: list[Record]) -> int:
-        stored = 0
-        for record in records:
-            try:
-                stored += write_record(self.engine, record)
-            except (DataError, IntegrityError):
-                log.exception("the database refused journaled message %s", record["message"]["id"])
-                self.journal.append_rejected([record])
-        return stored

@@ -61,6 +61,7 @@ class RelayServer:
         self._servers: list[asyncio.Server] = []
         self._connections: set[RelaySMTP] = set()
         self._closed = asyncio.Event()
+        self._stopping = False
         self._dev_lines: list[str] = []
 
     async def start(self) -> None:
@@ -100,6 +101,7 @@ class RelayServer:
         protocol = RelaySMTP(
             self.handler,
             listener=listener,
+            on_open=self._remember,
             on_close=self._forget,
             hostname=self.settings.smtp_hostname,
             ident="trackrelay ESMTP",
@@ -107,12 +109,17 @@ class RelayServer:
             enable_SMTPUTF8=True,  # decode UTF-8 arguments; advertised only if upstream has it
             timeout=self.settings.idle_timeout,
             data_timeout=self.settings.data_timeout,
+            command_limit=self.settings.max_commands_without_mail,
             loop=asyncio.get_running_loop(),
             **options,
         )
+        return protocol
+
+    def _remember(self, protocol: RelaySMTP) -> None:
         self._connections.add(protocol)
         self._closed.clear()
-        return protocol
+        if self._stopping:  # its TLS handshake ended after stop() began: greet, then 421
+            asyncio.get_running_loop().call_soon(protocol.begin_shutdown)
 
     def _forget(self, protocol: RelaySMTP) -> None:
         self._connections.discard(protocol)
@@ -121,6 +128,7 @@ class RelayServer:
 
     async def stop(self, grace: float = 30) -> None:
         """Stop accepting; finish transactions in flight; close the rest after grace."""
+        self._stopping = True
         for server in self._servers:
             server.close()
         for protocol in list(self._connections):

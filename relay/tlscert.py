@@ -13,11 +13,6 @@ import logging
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
-
 from shared.config import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -50,6 +45,12 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 def write_self_signed(cert_path: Path, key_path: Path, hostname: str = "localhost") -> None:
     """A 2048-bit RSA self-signed certificate (what every mail client accepts)."""
+    # Imported here: a relay given its certificate never needs cryptography (~10 MB RSS).
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname or "localhost")])
     alt_names: list[x509.GeneralName] = [x509.DNSName("localhost")]

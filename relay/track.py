@@ -29,22 +29,31 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from email.utils import getaddresses, parseaddr
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import Engine
 from sqlmodel import SQLModel
 
 from relay import html, mime, text
-from relay.headers import Field, delete_fields, delete_named, dkim_signed_names, first, top_fields
+from relay.headers import (
+    Field,
+    Segment,
+    delete_fields,
+    delete_named,
+    dkim_signed_names,
+    first,
+    top_fields,
+)
 from relay.links import ascii_host
 from relay.policy import Decision, PolicyCache, PolicyUnavailable, decide, off, parse_triggers
 from relay.policy import trigger_names as _trigger_names
 from shared.config import Settings
-from shared.models import Link, Message
+from shared.models import Message
 from shared.policies import Snapshot, lookup_key
 from shared.tokens import Signer, new_message_id
 
@@ -66,15 +75,36 @@ class Submission:
 
 @dataclass
 class Copy:
+    """One upstream transaction: its recipients and its bytes, as segments
+    (views of the received message, and the few bytes tracking made new)."""
+
     recipients: list[str]
-    data: bytes
+    segments: list[Segment]
+
+    @property
+    def size(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+    @property
+    def data(self) -> bytes:
+        """The copy as one bytes object: a new copy of all of it (for tests and
+        small uses; delivery writes :attr:`segments`)."""
+        return b"".join(self.segments)
+
+
+class LinkRow(NamedTuple):
+    """A row of the ``links`` table (plain data: the recorder inserts it with Core)."""
+
+    message_id: int
+    position: int
+    url: str
 
 
 @dataclass
 class Prepared:
     copies: list[Copy]
     message: Message
-    links: list[Link]
+    links: list[LinkRow]
     tracked_recipients: set[str]
 
 
@@ -169,9 +199,28 @@ def plan(data: bytes, decision: Decision, tracking_host: str) -> Plan:
 
 
 def render(data: bytes, the_plan: Plan, links_for: Any, pixel_url: str | None) -> bytes:
-    """``data`` with every planned part rewritten; ``links_for(position, url)``
-    gives the tracking URL of a link."""
-    replacements: list[tuple[int, int, bytes]] = []
+    """:func:`render_segments` joined into one bytes object."""
+    return b"".join(render_segments(data, the_plan, links_for, pixel_url))
+
+
+def render_segments(
+    data: bytes,
+    the_plan: Plan,
+    links_for: Any,
+    pixel_url: str | None,
+    cut: Sequence[Field] = (),
+) -> list[Segment]:
+    """``data`` with every planned part rewritten and the ``cut`` header fields
+    deleted; ``links_for(position, url)`` gives the tracking URL of a link.
+
+    Only the rewritten bodies (and a changed Content-Transfer-Encoding line)
+    are new bytes; everything between them is a view of ``data``, so a 25 MB
+    attachment next to a tracked HTML part is never copied. The plan's offsets
+    are offsets into ``data`` itself, the cut fields included: deleting whole
+    header lines moves nothing else, so planning the received bytes and
+    cutting here gives the same bytes as planning the message without them.
+    """
+    replacements: list[tuple[int, int, bytes]] = [(f.start, f.end, b"") for f in cut]
     for pp in the_plan.parts:
         urls = [links_for(pp.first_position + i, url) for i, url in enumerate(pp.links)]
         if pp.kind == "html":
@@ -194,14 +243,18 @@ def render(data: bytes, the_plan: Plan, links_for: Any, pixel_url: str | None) -
                 replacements.append((part.header_end, part.header_end, new.cte_line))
         replacements.append((part.body_start, part.body_end, new.raw))
     replacements.sort(key=lambda r: (r[0], r[1]))
-    out: list[bytes] = []
+    view = memoryview(data)
+    out: list[Segment] = []
     pos = 0
     for start, end, new_bytes in replacements:
-        out.append(data[pos:start])
-        out.append(new_bytes)
+        if start > pos:
+            out.append(view[pos:start])
+        if new_bytes:
+            out.append(new_bytes)
         pos = end
-    out.append(data[pos:])
-    return b"".join(out)
+    if pos < len(data) or not out:
+        out.append(view[pos:])
+    return out
 
 
 # --- the tracker --------------------------------------------------------------
@@ -249,8 +302,8 @@ class Tracker:
         if covered is not None and any(f.name in covered for f in triggers):
             names = sorted({f.name for f in triggers if f.name in covered})
             reason = f"DKIM signature covers {', '.join(names)}: message not modified"
-            return self._untracked(sub, message, data, off(reason))
-        cleaned = delete_fields(data, triggers)
+            return self._untracked(sub, message, [data], off(reason))
+        cleaned = delete_fields(data, triggers)  # views: no copy of the message
         request = parse_triggers(triggers, self._own_header)
         if snapshot is None:
             return self._untracked(sub, message, cleaned, off("policy store unavailable"))
@@ -269,11 +322,11 @@ class Tracker:
             if "no consent" in left_out.values():
                 why = "no recipient may be tracked (suppressed, or no consent in opt-in mode)"
             return self._untracked(sub, message, cleaned, decision, why)
-        the_plan = plan(cleaned, decision, self._host)
+        the_plan = plan(data, decision, self._host)  # the trigger lines are cut when rendering
         if not the_plan.parts:
             return self._untracked(sub, message, cleaned, decision, "nothing to track", the_plan)
         return self._tracked(
-            sub, message, cleaned, decision, the_plan, candidates, left_out, fields
+            sub, message, cleaned, decision, the_plan, candidates, left_out, fields, triggers
         )
 
     # --- outcomes ---
@@ -282,12 +335,13 @@ class Tracker:
         self,
         sub: Submission,
         message: Message,
-        cleaned: bytes,
+        cleaned: list[Segment],
         decision: Decision,
         the_plan: Plan,
         tracked: list[str],
         left_out: dict[str, str],
         fields: list[Field],
+        triggers: list[Field],
     ) -> Prepared:
         mid = sub.message_id
         per_recipient = decision.per_recipient and len(sub.recipients) <= decision.recipient_cap
@@ -295,17 +349,19 @@ class Tracker:
         position = {r: i + 1 for i, r in reversed(list(enumerate(sub.recipients)))}
         copies: list[Copy] = []
         group = [] if per_recipient else [r for r in tracked if lookup_key(r)[0] in visible]
+        data = sub.data
         if group:
-            copies.append(Copy(group, self._render(cleaned, the_plan, mid, 0)))
+            copies.append(Copy(group, self._render(data, the_plan, triggers, mid, 0)))
         for rcpt in tracked:
             if rcpt not in group:
-                copies.append(Copy([rcpt], self._render(cleaned, the_plan, mid, position[rcpt])))
+                segments = self._render(data, the_plan, triggers, mid, position[rcpt])
+                copies.append(Copy([rcpt], segments))
         if left_out:
             copies.append(Copy(list(left_out), cleaned))
         message.track_opens = the_plan.pixel
         message.track_clicks = bool(the_plan.links)
         message.per_recipient = per_recipient
-        message.size_out = max(len(c.data) for c in copies)
+        message.size_out = max(c.size for c in copies)
         notes = {
             "tracked": True,
             "copies": len(copies),
@@ -339,24 +395,27 @@ class Tracker:
         )
         return Prepared(copies, message, links, set(tracked))
 
-    def _render(self, data: bytes, the_plan: Plan, mid: int, recipient: int) -> bytes:
+    def _render(
+        self, data: bytes, the_plan: Plan, cut: list[Field], mid: int, recipient: int
+    ) -> list[Segment]:
         def link_url(position: int, url: str) -> str:
             token = self._signer.click_token(mid, recipient, position, url)
             return f"{self._base_url}/c/{token}"
 
         pixel = f"{self._base_url}/o/{self._signer.open_token(mid, recipient)}.gif"
-        return render(data, the_plan, link_url, pixel)
+        return render_segments(data, the_plan, link_url, pixel, cut)
 
     def _untracked(
         self,
         sub: Submission,
         message: Message,
-        data: bytes,
+        segments: list[Segment],
         decision: Decision,
         note: str = "",
         the_plan: Plan | None = None,
     ) -> Prepared:
-        message.size_out = len(data)
+        copy = Copy(list(sub.recipients), segments)
+        message.size_out = copy.size
         notes: dict[str, Any] = {"tracked": False}
         if note:
             notes["why"] = note
@@ -367,22 +426,23 @@ class Tracker:
             sub.message_id,
             "; ".join([*decision.reasons, note] if note else decision.reasons),
         )
-        return Prepared([Copy(list(sub.recipients), data)], message, [], set())
+        return Prepared([copy], message, [], set())
 
     def _fail_open(self, sub: Submission) -> Prepared:
         try:
-            data = delete_named(sub.data, self._trigger_names)
+            segments = delete_named(sub.data, self._trigger_names)
         except Exception:
             log.exception("message %d: cannot even delete the trigger headers", sub.message_id)
-            data = sub.data
+            segments = [sub.data]
+        copy = Copy(list(sub.recipients), segments)
         try:
             message = _message_row(sub, top_fields(sub.data)[0])
         except Exception:
             message = Message(id=sub.message_id or new_message_id(), sender=sub.sender)
-        message.size_out = len(data)
+        message.size_out = copy.size
         message.decision = json.dumps({"tracked": False, "reasons": ["injection failed"]})
         message.parts_modified = "[]"
-        return Prepared([Copy(list(sub.recipients), data)], message, [], set())
+        return Prepared([copy], message, [], set())
 
 
 # --- helpers ------------------------------------------------------------------
@@ -427,24 +487,19 @@ def _message_row(sub: Submission, fields: list[Field]) -> Message:
 def _row(model: type[T], **values: Any) -> T:
     """A new table row, built without SQLModel's ``__init__``.
 
-    ``Message(...)`` costs ~150 us and ``Link(...)`` ~50 us: SQLModel routes
-    every field through ``__setattr__`` and SQLAlchemy's attribute events, and
-    a newsletter makes ~30 links per message. ``model_construct`` fills the
-    same fields and defaults (trusted values: ours, not user input) and
-    ``setup_instance`` gives the object the SQLAlchemy state ``Session.add``
-    needs; an INSERT reads the values from the instance dict, so the rows are
-    the same, at ~30 us and ~15 us.
+    ``Message(...)`` costs ~150 us: SQLModel routes every field through
+    ``__setattr__`` and SQLAlchemy's attribute events. ``model_construct``
+    fills the same fields and defaults (trusted values: ours, not user input)
+    and ``setup_instance`` gives the object the SQLAlchemy state it needs, at
+    ~30 us.
     """
     row: T = model.model_construct(**values)  # type: ignore[assignment]
     model._sa_class_manager.setup_instance(row)  # type: ignore[attr-defined]
     return row
 
 
-def _link_rows(message_id: int, urls: list[str]) -> list[Link]:
-    return [
-        _row(Link, message_id=message_id, position=position, url=url)
-        for position, url in enumerate(urls, start=1)
-    ]
+def _link_rows(message_id: int, urls: list[str]) -> list[LinkRow]:
+    return [LinkRow(message_id, position, url) for position, url in enumerate(urls, start=1)]
 
 
 def _from_address(fields: list[Field]) -> str:

@@ -25,15 +25,17 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
+from aiosmtplib.protocol import SMTPProtocol
 
+from relay.headers import Segment
 from shared.config import Settings, Upstream
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class Connection(Protocol):
     async def authenticate(self, mechanism: str, username: bytes, password: bytes) -> Reply: ...
     async def mail(self, sender: str, options: Sequence[str]) -> Reply: ...
     async def rcpt(self, recipient: str) -> Reply: ...
-    async def data(self, content: bytes) -> Reply: ...
+    async def data(self, content: Sequence[Segment]) -> Reply: ...
     async def rset(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -155,6 +157,11 @@ class SmtpUpstream:
             smtp.close()
             log.warning("upstream %s unavailable: %s", self.target, exc)
             raise UpstreamUnavailable(str(exc)) from exc
+        except BaseException:
+            # Cancelled between connect and EHLO (a probe timing out, a client
+            # leaving during AUTH or MAIL): nothing else holds this connection.
+            smtp.close()
+            raise
         self._smtp = smtp
         self._in_transaction = False
         self.capabilities = Capabilities.from_extensions(
@@ -225,7 +232,7 @@ class SmtpUpstream:
         encoding = "ascii" if recipient.isascii() else "utf-8"
         return await _command(smtp.rcpt(recipient, encoding=encoding))
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: Sequence[Segment]) -> Reply:
         smtp = self._require()
         self._in_transaction = False
         async with self._lock:  # close() must not QUIT between DATA and its content
@@ -246,15 +253,46 @@ class SmtpUpstream:
     async def _close(self) -> None:
         smtp, self._smtp = self._smtp, None
         if smtp is not None and smtp.is_connected:
+            transport = smtp.transport
             try:
                 await asyncio.wait_for(smtp.quit(), timeout=5)
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 smtp.close()
+            if transport is not None:
+                await _until_closed(transport)
 
     def _require(self) -> aiosmtplib.SMTP:
         if self._smtp is None or not self._smtp.is_connected:
             raise UpstreamUnavailable("the upstream connection was lost")
         return self._smtp
+
+
+CLOSE_WAIT = 5.0  # seconds a closing upstream may take to answer close_notify
+
+
+async def _until_closed(transport: asyncio.BaseTransport) -> None:
+    """Return once the socket under ``transport`` is closed; abort it after CLOSE_WAIT.
+
+    ``quit()`` and ``close()`` only begin closing: over TLS the socket stays
+    open until the server answers close_notify. A relay that stopped without
+    waiting left that socket to the garbage collector once its loop was gone.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or await _socket_closed(sock, CLOSE_WAIT):
+        return
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    await _socket_closed(sock, 1.0)
+
+
+async def _socket_closed(sock: socket.socket, wait: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while sock.fileno() != -1:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 async def _command(call: object) -> Reply:
@@ -268,12 +306,17 @@ async def _command(call: object) -> Reply:
     return Reply(response.code, response.message)
 
 
-async def _send_data(smtp: aiosmtplib.SMTP, content: bytes, wait: float) -> SMTPResponse:
+async def _send_data(
+    smtp: aiosmtplib.SMTP, content: Sequence[Segment], wait: float
+) -> SMTPResponse:
     """DATA, then ``content`` as :func:`data_chunks` encodes it, then the reply.
 
     Instead of ``SMTP.data``, whose line-ending normalisation and dot-stuffing
     regexes cost ~1.5 ms per 50 KB message and hold the event loop over a second for a
     35 MB one (every other session waits), and which make three copies of it.
+    Each chunk waits for the transport to drain below its high-water mark
+    before the next is made, so a slow upstream never gets the whole message
+    queued in the transport's buffer (one more copy of it in memory).
     """
     start = await smtp.execute_command(b"DATA")
     if start.code != 354:
@@ -289,6 +332,8 @@ async def _send_data(smtp: aiosmtplib.SMTP, content: bytes, wait: float) -> SMTP
         for chunk in data_chunks(content):
             protocol.write(chunk)
             await asyncio.sleep(0)  # let other sessions run between megabytes
+            if not await _drained(protocol, reply_task):
+                break  # the upstream answered (or timed out) before the end
         reply = await reply_task
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         smtp.close()  # what SMTP.data does: the connection is out of step
@@ -302,34 +347,93 @@ async def _send_data(smtp: aiosmtplib.SMTP, content: bytes, wait: float) -> SMTP
     return reply
 
 
+async def _drained(protocol: SMTPProtocol, reply_task: asyncio.Future[SMTPResponse]) -> bool:
+    """Wait until the transport's buffer is below its high-water mark again
+    (aiosmtplib's FlowControlMixin); False if the reply came first (an early
+    refusal, the connection lost, or the reply timeout)."""
+    transport = cast(asyncio.WriteTransport | None, protocol.transport)  # uvloop's: no subclass
+    if transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+        return True
+    drain = asyncio.ensure_future(protocol._drain_helper())
+    waiting: list[asyncio.Future[Any]] = [drain, reply_task]
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        drain.cancel()
+    if drain.done() and not drain.cancelled() and drain.exception() is not None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    return not reply_task.done()
+
+
 _BARE_LINE_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))")  # aiosmtplib's LINE_ENDINGS_REGEX
 DATA_CHUNK = 1 << 20
 
 
-def data_chunks(content: bytes, size: int = DATA_CHUNK) -> Iterator[bytes]:
-    """The DATA content on the wire: the same bytes ``aiosmtplib`` sends.
+def data_chunks(content: Iterable[Segment], size: int = DATA_CHUNK) -> Iterator[bytes]:
+    """The DATA content on the wire: the same bytes ``aiosmtplib`` sends for
+    ``b"".join(content)``, made ``size`` bytes at a time from the segments.
 
-    Lone CR and LF become CRLF (only when there is one: three counts in C
+    Lone CR and LF become CRLF (only when a block has one: three counts in C
     tell), a final CRLF is added if missing, a dot starting a line is doubled
-    (RFC 5321 4.5.2), then the ``.`` line. Stuffing is ``\r\n.`` ->
-    ``\r\n..`` plus a dot at the very start, done a megabyte at a time
-    (the pattern cannot overlap itself, so a boundary only needs the last
-    two bytes of the chunk before).
+    (RFC 5321 4.5.2), then the ``.`` line. Each block of at most ``size``
+    bytes is copied out of its segment, normalised and stuffed on its own, so
+    the whole message is never copied and no pass over it holds the event
+    loop: ``\r\n.`` cannot overlap itself, so a boundary only needs the last
+    two bytes sent before, and a block ending in CR keeps that CR for the next
+    one (it may be the first half of a CRLF). Blocks smaller than ``size``
+    (headers, a rewritten part) are gathered into one chunk.
     """
-    crlf = content.count(b"\r\n")
-    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-        content = _BARE_LINE_END.sub(b"\r\n", content)
-    before = b"\r\n"  # the start of the content is a line start
-    for start in range(0, len(content), size):
-        chunk = content[start : start + size]
-        out = chunk.replace(b"\r\n.", b"\r\n..")
-        if before == b"\r\n" and chunk.startswith(b"."):
-            out = b"." + out
-        elif before.endswith(b"\r") and chunk.startswith(b"\n."):
-            out = b"\n." + out[1:]
-        before = chunk[-2:] if len(chunk) >= 2 else (before + chunk)[-2:]
-        yield out
-    yield (b"" if content.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+    before = b"\r\n"  # the last two bytes written; the content starts at a line start
+    carry = b""  # a CR that ended the previous block
+    sent = 0
+    pending: list[bytes] = []
+    pending_size = 0
+    for block in _blocks(content, size):
+        if carry:
+            block, carry = carry + block, b""
+        if block.endswith(b"\r"):
+            block, carry = block[:-1], b"\r"
+        if not block:
+            continue
+        out = _encode_block(block, before)
+        before = (before + out)[-2:]
+        sent += len(out)
+        pending.append(out)
+        pending_size += len(out)
+        if pending_size >= size:
+            yield b"".join(pending)
+            pending, pending_size = [], 0
+    if carry:  # a lone CR at the very end: a line end of its own
+        pending.append(b"\r\n")
+        before, sent = b"\r\n", sent + 2
+    if not sent or before != b"\r\n":
+        pending.append(b"\r\n")
+    pending.append(b".\r\n")
+    yield b"".join(pending)
+
+
+def _blocks(content: Iterable[Segment], size: int) -> Iterator[bytes]:
+    """The bytes of ``content`` in order, at most ``size`` at a time."""
+    for segment in content:
+        if len(segment) <= size:
+            yield bytes(segment) if isinstance(segment, memoryview) else segment
+            continue
+        view = memoryview(segment)
+        for start in range(0, len(view), size):
+            yield bytes(view[start : start + size])
+
+
+def _encode_block(block: bytes, before: bytes) -> bytes:
+    """One block (never ending in CR) normalised and dot-stuffed."""
+    crlf = block.count(b"\r\n")
+    if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+        block = _BARE_LINE_END.sub(b"\r\n", block)
+    out = block.replace(b"\r\n.", b"\r\n..")
+    if before.endswith(b"\r\n") and block.startswith(b"."):
+        out = b"." + out
+    return out
 
 
 async def probe(settings: Settings) -> Capabilities | None:
@@ -379,7 +483,7 @@ class MaildirSink:
         self._recipients.append(recipient)
         return Reply(250, "2.1.5 Ok")
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: Sequence[Segment]) -> Reply:
         sender, recipients = self._sender, self._recipients
         self._sender, self._recipients = None, []
         if sender is None or not recipients:
@@ -391,7 +495,7 @@ class MaildirSink:
             return Reply(451, "4.3.0 Cannot write to the Maildir sink")
         return Reply(250, f"2.0.0 Ok: delivered to {self.path} as {names[0]}")
 
-    def _write(self, sender: str, recipients: list[str], content: bytes) -> list[str]:
+    def _write(self, sender: str, recipients: list[str], content: Sequence[Segment]) -> list[str]:
         for sub in ("tmp", "new", "cur"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
         names = []
@@ -404,7 +508,7 @@ class MaildirSink:
             tmp = self.path / "tmp" / name
             with tmp.open("wb") as handle:
                 handle.write(head)
-                handle.write(content)
+                handle.writelines(content)
             tmp.rename(self.path / "new" / name)
             names.append(name)
         return names

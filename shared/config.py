@@ -136,6 +136,7 @@ class Settings(BaseSettings):
     max_recipients: int = Field(100, gt=0)
     idle_timeout: float = Field(300.0, gt=0)
     data_timeout: float = Field(600.0, gt=0)  # the longest one DATA upload may take
+    max_commands_without_mail: int = Field(100, gt=0)  # then 421 (NOOP/RSET loops)
     auth_failures_per_ip: int = Field(10, gt=0)
     auth_failures_per_user: int = Field(5, gt=0)
     auth_failure_window: float = Field(900.0, gt=0)

@@ -1,7 +1,9 @@
 """Consent: who may be tracked when a recipient domain is in opt-in mode.
 
 EU law expects recipients' consent to tracking. Each recipient domain (or the
-global default ``*``) is in one of two modes:
+global default ``*``) is in one of two modes (domains and addresses are stored
+and looked up as shared/addresses.py spells them, so a mode or a consent for
+``bücher.example`` holds for mail to ``xn--bcher-kva.example`` and back):
 
 * ``opt-out`` (the default): track unless the recipient is suppressed;
 * ``opt-in``: track only recipients with a recorded consent.
@@ -25,9 +27,10 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, delete, func
 from sqlmodel import Session, col, select
 
+from shared import addresses
 from shared.db import session_scope
+from shared.errors import UserError
 from shared.models import Consent, ConsentMode, utcnow
-from shared.users import UserError, normalize_address
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +43,23 @@ class ConsentError(UserError):
 
 
 def normalize_domain(domain: str) -> str:
-    value = domain.strip().lower().lstrip("@")
+    """A recipient domain (IDNA, as shared/addresses.py spells it) or ``*``."""
+    value = domain.strip().removeprefix("@")
     if value == GLOBAL:
         return value
-    if not value or "." not in value or "@" in value or " " in value:
-        raise ConsentError(f"{domain!r} is not a domain")
-    return value
+    try:
+        return addresses.normalize_domain(value)
+    except UserError as exc:
+        raise ConsentError(str(exc), exc.field) from None
 
 
 def _address(address: str) -> str:
-    value = normalize_address(address)
-    if value.startswith("@"):
+    if address.strip().startswith("@"):
         raise ConsentError(f"consent is recorded per address, not for a domain: {address!r}")
-    return value
+    try:
+        return addresses.normalize_address(address)
+    except UserError as exc:
+        raise ConsentError(str(exc), exc.field) from None
 
 
 def add_consent(engine: Engine, address: str, source: str = "cli") -> bool:
@@ -119,13 +126,12 @@ def list_modes(engine: Engine) -> dict[str, str]:
 
 def mode_for(modes: Mapping[str, str], recipient: str) -> str:
     """The mode that applies to ``recipient``: its domain's, else the global one."""
-    domain = recipient.strip().lower().rpartition("@")[2]
-    return modes.get(domain) or modes.get(GLOBAL) or "opt-out"
+    return modes.get(addresses.domain_of(recipient)) or modes.get(GLOBAL) or "opt-out"
 
 
 def allowed_by(modes: Mapping[str, str], consented: Container[str], recipient: str) -> bool:
     """:func:`consent_allows` from values already read (see :func:`load_state`)."""
-    address = recipient.strip().lower()
+    address = addresses.address_key(recipient)
     return mode_for(modes, address) == "opt-out" or address in consented
 
 
@@ -196,7 +202,7 @@ def consent_allows(source: Engine | ConsentCache, recipient: str) -> bool:
     ``asyncio.to_thread`` (or keep a :class:`ConsentCache`, whose hits do not
     touch the database).
     """
-    address = recipient.strip().lower()
+    address = addresses.address_key(recipient)
     if isinstance(source, ConsentCache):
         if mode_for(source.modes(), address) == "opt-out":
             return True

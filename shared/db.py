@@ -12,20 +12,22 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy.engine import URL, make_url
 from sqlmodel import Session
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy.sql.dml import Insert
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets its directory created and WAL mode."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -37,6 +39,21 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_engine(url, **kwargs)
+
+
+def impatient_engine(engine: Engine, lock_timeout: float) -> Engine:
+    """An engine for a writer that must not wait long for SQLite's write lock.
+
+    SQLite: a second engine on the same file whose connections wait at most
+    ``lock_timeout`` s for a lock, set once when each connection opens (the
+    driver's ``timeout``), instead of the 30 s every other user of the file
+    keeps. PostgreSQL (row locks, no file lock) and in-memory SQLite:
+    ``engine`` itself. The caller disposes what it got if it is not ``engine``.
+    """
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return engine
+    return make_engine(url, connect_args={"check_same_thread": False, "timeout": lock_timeout})
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -59,7 +76,27 @@ def session_scope(engine: Engine) -> Iterator[Session]:
             raise
 
 
+def insert_ignoring(table: Table, key: str, dialect: str) -> Insert:
+    """``INSERT ... ON CONFLICT (key) DO NOTHING`` for SQLite and PostgreSQL.
+
+    For rows several processes may add at once (two receivers, the CLI beside
+    the dashboard): the later insert does nothing instead of failing on the
+    unique key, and waits for the first where PostgreSQL must.
+    """
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql  # on demand: the relay may never need it
+
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+    if dialect == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+    raise ValueError(f"unsupported database: {dialect}")
+
+
 def alembic_config(url: str) -> Config:
+    from alembic.config import Config  # imported on demand: Alembic and Mako cost ~10 MB RSS
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -75,8 +112,10 @@ def _not_alembic_chatter(record: logging.LogRecord) -> bool:
 logging.getLogger("alembic.runtime.migration").addFilter(_not_alembic_chatter)
 
 
-def upgrade(url: str) -> None:
-    """Bring the schema at ``url`` to the newest migration."""
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema at ``url`` to the newest migration (or to ``revision``)."""
     if make_url(url).get_backend_name() == "sqlite":
         make_engine(url).dispose()  # creates the directory
-    command.upgrade(alembic_config(url), "head")
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)

@@ -104,8 +104,8 @@ class Journal:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._serial += 1
         name = f"{self.prefix}-{os.getpid()}-{self._serial}-{secrets.token_hex(4)}.jsonl"
-        # open() rather than os.fdopen(): the file's name must be its path (not the
-        # fd) for _cut_back and _take_next.
+        # open() with an opener, not os.fdopen(): the file's .name must be its
+        # path (a failed first append unlinks it; _take_next skips it by name).
         f = open(self.directory / name, "ab", buffering=0, opener=_private)
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         return f

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +52,9 @@ CLICK_VERDICTS = ("human", "proxy", "unknown")  # scanners, machines and the sen
 
 Conn = Session | Connection
 EventDict = Mapping[str, Any]
+#: A message or recipient as a model object or as its column values.
+MessageLike = Message | Mapping[str, Any]
+RecipientLike = Recipient | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -92,23 +95,46 @@ def enqueue_message_sent(conn: Conn, message: Message, recipients: Sequence[Reci
     Returns the number of outbox rows inserted. ``recipients`` are every
     envelope recipient with its outcome (``status`` ``accepted``/``refused``).
     """
-    conn = connection_of(conn)
-    data = {"message": message_data(message), "recipients": [recipient_data(r) for r in recipients]}
-    rows = fan_out(
-        conn, [Notification(MESSAGE_SENT, f"{MESSAGE_SENT}:{message.id}", message.id, "", data)]
-    )
-    refused = [r for r in recipients if r.status != "accepted"]
-    if refused:
-        rows += enqueue_delivery_failed(conn, message, refused)
-    return rows
+    return enqueue_messages_sent(conn, [(message, recipients)])
+
+
+def enqueue_messages_sent(
+    conn: Conn, sent: Iterable[tuple[MessageLike, Sequence[RecipientLike]]]
+) -> int:
+    """:func:`enqueue_message_sent` for a batch of relayed messages (the relay's group
+    commit): the active endpoints are read once and the rows go in one insert.
+
+    Messages and recipients may be model objects or their column values (the
+    rows the relay inserts with SQLAlchemy Core, ``created_at`` a datetime):
+    the payloads are the same either way.
+    """
+    notes = [note for message, rcpts in sent for note in sent_notifications(message, rcpts)]
+    return fan_out(conn, notes)
 
 
 def enqueue_delivery_failed(conn: Conn, message: Message, refused: Sequence[Recipient]) -> int:
     """Announce the recipients of ``message`` that the upstream refused."""
-    conn = connection_of(conn)
-    data = {"message": message_data(message), "recipients": [recipient_data(r) for r in refused]}
-    key = f"{DELIVERY_FAILED}:{message.id}"
-    return fan_out(conn, [Notification(DELIVERY_FAILED, key, message.id, "", data)])
+    return fan_out(conn, [_delivery_failed(message_data(message), refused)])
+
+
+def sent_notifications(
+    message: MessageLike, recipients: Sequence[RecipientLike]
+) -> list[Notification]:
+    """``message.sent`` for a relayed message; ``delivery.failed`` if a recipient was refused."""
+    about = message_data(message)
+    data = {"message": about, "recipients": [recipient_data(r) for r in recipients]}
+    mid = int(about["id"])
+    notes = [Notification(MESSAGE_SENT, f"{MESSAGE_SENT}:{mid}", mid, "", data)]
+    refused = [r for r in recipients if _getter(r)("status") != "accepted"]
+    if refused:
+        notes.append(_delivery_failed(about, refused))
+    return notes
+
+
+def _delivery_failed(about: dict[str, Any], refused: Sequence[RecipientLike]) -> Notification:
+    mid = int(about["id"])
+    data = {"message": dict(about), "recipients": [recipient_data(r) for r in refused]}
+    return Notification(DELIVERY_FAILED, f"{DELIVERY_FAILED}:{mid}", mid, "", data)
 
 
 # --- what the receiver calls after writing a batch of events ---
@@ -257,16 +283,17 @@ def _is_first_open(conn: Connection, event: EventDict, verdicts: Iterable[str]) 
 # --- fan-out to destinations ---
 
 
+_ACTIVE_ENDPOINTS = select(col(WebhookEndpoint.id), col(WebhookEndpoint.event_types)).where(
+    col(WebhookEndpoint.active).is_(True)
+)
+
+
 def fan_out(conn: Conn, notes: Sequence[Notification]) -> int:
     """Insert one outbox row per active webhook endpoint that wants each note."""
     if not notes:
         return 0
     conn = connection_of(conn)
-    endpoints = conn.execute(
-        select(col(WebhookEndpoint.id), col(WebhookEndpoint.event_types)).where(
-            col(WebhookEndpoint.active).is_(True)
-        )
-    ).all()
+    endpoints = conn.execute(_ACTIVE_ENDPOINTS).all()
     now = _utcnow()
     rows = [
         {
@@ -341,9 +368,9 @@ def insert_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:
     else:  # pragma: no cover - only SQLite and PostgreSQL are supported
         statement = insert(table)
     statement = statement.returning(table.c.id)
-    inserted = 0
-    for row in rows:  # RETURNING tells which rows were not skipped, on both databases
-        inserted += len(conn.execute(statement, row).all())
+    # One executemany ("insertmanyvalues": a multi-row INSERT); RETURNING tells
+    # which rows were not skipped, on both databases.
+    inserted = len(conn.execute(statement, rows).all())
     if inserted:
         log.debug("queued %d outbox rows", inserted)
     return inserted
@@ -352,29 +379,38 @@ def insert_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:
 # --- payload pieces ---
 
 
-def message_data(message: Message) -> dict[str, Any]:
+def message_data(message: MessageLike) -> dict[str, Any]:
+    m = _getter(message)
     return {
-        "id": str(message.id),
-        "sender": message.sender,
-        "from": message.from_header,
-        "subject": message.subject,
-        "message_id_header": message.message_id_header,
-        "sent_at": iso(message.created_at),
-        "status": message.status,
-        "track_opens": message.track_opens,
-        "track_clicks": message.track_clicks,
+        "id": str(m("id")),
+        "sender": m("sender"),
+        "from": m("from_header"),
+        "subject": m("subject"),
+        "message_id_header": m("message_id_header"),
+        "sent_at": iso(m("created_at")),
+        "status": m("status"),
+        "track_opens": m("track_opens"),
+        "track_clicks": m("track_clicks"),
     }
 
 
-def recipient_data(recipient: Recipient) -> dict[str, Any]:
+def recipient_data(recipient: RecipientLike) -> dict[str, Any]:
+    r = _getter(recipient)
     return {
-        "position": recipient.position,
-        "address": recipient.address,
-        "tracked": recipient.tracked,
-        "status": recipient.status,
-        "reply_code": recipient.reply_code,
-        "reply_text": recipient.reply_text,
+        "position": r("position"),
+        "address": r("address"),
+        "tracked": r("tracked"),
+        "status": r("status"),
+        "reply_code": r("reply_code"),
+        "reply_text": r("reply_text"),
     }
+
+
+def _getter(row: Message | Recipient | Mapping[str, Any]) -> Callable[[str], Any]:
+    """Read a field of a model object or of its column values alike."""
+    if isinstance(row, Mapping):
+        return row.__getitem__
+    return lambda name: getattr(row, name)
 
 
 def event_data(event: EventDict) -> dict[str, Any]:

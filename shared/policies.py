@@ -10,8 +10,9 @@ A policy pattern is an exact address (``ann@example.com``), a whole domain
 (``@example.com``, that domain only, not its subdomains) or ``*``. The most
 specific pattern wins: exact, then ``@domain``, then ``*``. With no matching
 policy the relay uses :data:`DEFAULT_POLICY` (track when the header asks).
-Domains are stored in their IDNA (UTS 46) ASCII form, so ``@bücher.example``
-and ``@xn--bcher-kva.example`` are the same policy.
+Patterns and suppressed addresses are stored in the one canonical form of
+shared/addresses.py (IDNA domain), so ``@bücher.example`` and
+``@xn--bcher-kva.example`` are the same policy.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import idna
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from shared import consent
-from shared.db import session_scope
+from shared.addresses import address_key, normalize_address, normalize_sender
+from shared.db import insert_ignoring, session_scope
+from shared.errors import UserError
 from shared.models import Policy, Suppression, utcnow
-from shared.users import UserError
 
 MODES = ("header", "always", "never")
 MAX_RECIPIENT_CAP = 1000
@@ -41,40 +42,6 @@ class PolicyError(UserError):
     """A policy or suppression operation that cannot be done; message for people."""
 
 
-def _domain(domain: str, original: str, field: str) -> str:
-    domain = domain.strip().rstrip(".").lower()
-    if not domain or " " in domain or "@" in domain:
-        raise PolicyError(f"{original!r} is not an email address, @domain or *", field)
-    if domain.isascii():
-        labels = domain.split(".")
-        if len(labels) < 2 or not all(labels):
-            raise PolicyError(f"{original!r}: {domain!r} is not a domain name", field)
-        return domain
-    try:
-        return idna.encode(domain, uts46=True).decode("ascii")
-    except idna.IDNAError as exc:
-        raise PolicyError(
-            f"{original!r}: {domain!r} is not a valid domain name ({exc})", field
-        ) from None
-
-
-def normalize_address(address: str) -> str:
-    """An address lower-cased with an ASCII domain; PolicyError if malformed."""
-    value = address.strip()
-    if not value:
-        raise PolicyError("enter an email address (like ann@example.com)", "address")
-    if value.startswith("<") and value.endswith(">"):
-        value = value[1:-1]
-    local, at, domain = value.rpartition("@")
-    if at and not local and domain:
-        raise PolicyError(
-            f"give one email address at a time, not a whole domain ({address!r})", "address"
-        )
-    if not at or not local or any(c in local for c in ' <>,;"'):
-        raise PolicyError(f"{address!r} is not an email address (like ann@example.com)", "address")
-    return f"{local.lower()}@{_domain(domain, address, 'address')}"
-
-
 def normalize_pattern(pattern: str) -> str:
     """``a@b.c``, ``@b.c`` or ``*``, normalised; PolicyError otherwise."""
     value = pattern.strip()
@@ -84,11 +51,9 @@ def normalize_pattern(pattern: str) -> str:
         raise PolicyError(
             "say who this applies to: an address, @domain or * for everyone", "pattern"
         )
-    if value.startswith("@"):
-        return "@" + _domain(value[1:], pattern, "pattern")
     try:
-        return normalize_address(value)
-    except PolicyError:
+        return normalize_sender(value, field="pattern")
+    except UserError:
         raise PolicyError(
             f"{pattern!r} is not an email address (ann@example.com), "
             "a domain (@example.com) or * for everyone",
@@ -118,10 +83,7 @@ def check_recipient_cap(cap: int | str) -> int:
 
 def lookup_key(address: str) -> tuple[str, str]:
     """(exact, @domain) keys for an address, without raising on junk."""
-    try:
-        exact = normalize_address(address)
-    except PolicyError:
-        exact = address.strip().lower()
+    exact = address_key(address)
     return exact, "@" + exact.rpartition("@")[2]
 
 
@@ -240,20 +202,25 @@ def describe(policy: Policy) -> str:
 def add_suppression(
     engine: Engine, address: str, source: str = "cli", *, new: bool = False
 ) -> Suppression:
-    """Never track ``address`` again; adding it twice is not an error unless ``new``."""
+    """Never track ``address`` again; adding it twice is not an error unless ``new``.
+    Returns the stored row (the first one when it was already there).
+
+    Safe when two writers add the same address at once (two receivers taking one
+    "stop tracking me" request, the CLI beside the dashboard): the insert does
+    nothing on a conflict, so the later one finds the first's row instead of
+    failing on the unique address.
+    """
     key = normalize_address(address)
     if source not in SUPPRESSION_SOURCES:
         raise PolicyError(f"source must be one of {', '.join(SUPPRESSION_SOURCES)}")
+    table = Suppression.__table__  # type: ignore[attr-defined]
+    insert = insert_ignoring(table, "address", engine.dialect.name).returning(table.c.id)
     with session_scope(engine) as session:
-        row = session.exec(select(Suppression).where(Suppression.address == key)).first()
-        if row is not None and new:
+        values = {"address": key, "source": source, "created_at": utcnow()}
+        added = session.connection().execute(insert, values).first() is not None
+        if not added and new:
             raise PolicyError(f"{key} is already on the list", "address")
-        if row is None:
-            row = Suppression(address=key, source=source)
-            session.add(row)
-            session.flush()
-            session.refresh(row)
-    return row
+        return session.exec(select(Suppression).where(Suppression.address == key)).one()
 
 
 def list_suppressions(
@@ -330,5 +297,5 @@ def snapshot_of(
         {normalize_pattern(p.pattern): p for p in policies},
         frozenset(lookup_key(a)[0] for a in suppressed),
         dict(consent_modes or {}),
-        frozenset(a.strip().lower() for a in consented),
+        frozenset(address_key(a) for a in consented),
     )

@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, update
 from sqlmodel import col
 
+from shared.addresses import normalize_address, spellings
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import (
@@ -42,7 +43,6 @@ from shared.models import (
     Suppression,
     utcnow,
 )
-from shared.users import normalize_address
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +127,16 @@ class Erasure:
 def erase(engine: Engine, address: str, *, forget_suppression: bool = False) -> Erasure:
     """Remove every record about recipient ``address``."""
     addr = normalize_address(address)
+    # Recipient rows and message texts keep what the mail said: an IDN domain
+    # may be there in its Unicode form as well as in the canonical one.
+    forms = spellings(addr)
     result = Erasure(addr)
     counts = result.counts
     with session_scope(engine) as session:
         conn = session.connection()
         mine = conn.execute(
             select(col(Recipient.message_id), col(Recipient.position)).where(
-                func.lower(col(Recipient.address)) == addr
+                func.lower(col(Recipient.address)).in_(forms)
             )
         ).all()
         pairs = [(int(m), int(p)) for m, p in mine]
@@ -141,20 +144,22 @@ def erase(engine: Engine, address: str, *, forget_suppression: bool = False) -> 
         counts["events"] = sum(
             _delete(conn, Event, or_(*chunk)) for chunk in _chunks(_event_filters(pairs, sole))
         )
-        counts["recipients"] = _delete(conn, Recipient, func.lower(col(Recipient.address)) == addr)
-        counts["messages scrubbed"] = _scrub_messages(conn, addr)
+        counts["recipients"] = _delete(
+            conn, Recipient, func.lower(col(Recipient.address)).in_(forms)
+        )
+        counts["messages scrubbed"] = _scrub_messages(conn, forms)
         mentions = or_(
-            func.lower(col(OutboxItem.recipient)) == addr,
-            func.lower(col(OutboxItem.payload)).contains(addr, autoescape=True),
-            func.lower(col(OutboxItem.target)) == addr,
+            func.lower(col(OutboxItem.recipient)).in_(forms),
+            *(func.lower(col(OutboxItem.payload)).contains(f, autoescape=True) for f in forms),
+            func.lower(col(OutboxItem.target)).in_(forms),
         )
         outbox_ids = select(col(OutboxItem.id)).where(mentions)
         counts["delivery_attempts"] = _delete(
             conn, DeliveryAttempt, col(DeliveryAttempt.outbox_id).in_(outbox_ids)
         )
         counts["outbox"] = _delete(conn, OutboxItem, mentions)
-        counts["consents"] = _delete(conn, Consent, func.lower(col(Consent.address)) == addr)
-        suppressed = func.lower(col(Suppression.address)) == addr
+        counts["consents"] = _delete(conn, Consent, func.lower(col(Consent.address)).in_(forms))
+        suppressed = func.lower(col(Suppression.address)).in_(forms)
         if forget_suppression:
             counts["suppressions"] = _delete(conn, Suppression, suppressed)
         else:
@@ -198,16 +203,16 @@ def _chunks(items: Iterable[Any]) -> list[list[Any]]:
 _TEXT_COLUMNS = ("from_header", "subject", "decision", "upstream_reply")
 
 
-def _scrub_messages(conn: Connection, addr: str) -> int:
+def _scrub_messages(conn: Connection, forms: list[str]) -> int:
     """Replace the address where a message's text quotes it (e.g. a 550 reply)."""
     table = Message.__table__  # type: ignore[attr-defined]
     columns = [table.c[name] for name in _TEXT_COLUMNS]
     hits = conn.execute(
         select(table.c.id, *columns).where(
-            or_(*(func.lower(c).contains(addr, autoescape=True) for c in columns))
+            or_(*(func.lower(c).contains(f, autoescape=True) for c in columns for f in forms))
         )
     ).all()
-    pattern = re.compile(re.escape(addr), re.IGNORECASE)
+    pattern = re.compile("|".join(map(re.escape, forms)), re.IGNORECASE)
     for row in hits:
         values = {c.name: pattern.sub(ERASED, row._mapping[c.name]) for c in columns}
         conn.execute(update(table).where(table.c.id == row.id).values(**values))

@@ -6,36 +6,16 @@ from collections.abc import Sequence
 from functools import cache
 
 from sqlalchemy import Engine, func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from shared.addresses import address_key, normalize_address, normalize_sender
 from shared.db import session_scope
+from shared.errors import UserError
 from shared.models import User, UserAddress
 from shared.passwords import hash_password, verify_password
 
 ROLES = ("admin", "sender")
-
-
-class UserError(ValueError):
-    """An operation that cannot be done; the message is for people.
-
-    The base of every such error in shared/ (policies, consent, webhooks), so
-    the CLI, the API and the dashboard show them alike. ``field`` names the
-    input the message is about ('' for the request as a whole), so a form can
-    show it next to that input.
-    """
-
-    def __init__(self, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def normalize_address(address: str) -> str:
-    """Lower-case an address or ``@domain`` pattern, checking its shape."""
-    value = address.strip().lower()
-    local, at, domain = value.rpartition("@")
-    if not at or not domain or "." not in domain or " " in value or (local and "@" in local):
-        raise UserError(f"{address!r} is not an email address or @domain", "address")
-    return value
 
 
 def normalize_addresses(addresses: Sequence[str]) -> list[str]:
@@ -43,7 +23,7 @@ def normalize_addresses(addresses: Sequence[str]) -> list[str]:
     good, bad = [], []
     for address in addresses:
         try:
-            good.append(normalize_address(address))
+            good.append(normalize_sender(address))
         except UserError:
             bad.append(address)
     if bad:
@@ -85,12 +65,18 @@ def add_user(
     with session_scope(engine) as session:
         if session.exec(select(User).where(User.username == username)).first():
             raise UserError(f"user {username!r} already exists", "username")
-        user = User(username=username, password_hash=hash_password(password), role=role)
-        session.add(user)
-        session.flush()
-        assert user.id is not None
-        for pattern in patterns:
-            session.add(UserAddress(user_id=user.id, address=pattern))
+        return _insert_user(session, username, hash_password(password), role, patterns)
+
+
+def _insert_user(
+    session: Session, username: str, password_hash: str, role: str, patterns: Sequence[str]
+) -> User:
+    user = User(username=username, password_hash=password_hash, role=role)
+    session.add(user)
+    session.flush()
+    assert user.id is not None
+    for pattern in patterns:
+        session.add(UserAddress(user_id=user.id, address=pattern))
     return user
 
 
@@ -198,8 +184,9 @@ def user_addresses(engine: Engine, user_id: int) -> list[str]:
 
 
 def may_send_as(patterns: list[str], address: str) -> bool:
-    """True when ``address`` matches one of the exact or ``@domain`` patterns."""
-    address = address.lower()
+    """True when ``address`` matches one of the exact or ``@domain`` patterns
+    (stored canonical, see shared/addresses.py)."""
+    address = address_key(address)
     domain = "@" + address.rpartition("@")[2]
     return any(p == address or p == domain for p in patterns)
 
@@ -207,3 +194,47 @@ def may_send_as(patterns: list[str], address: str) -> bool:
 @cache
 def _dummy_hash() -> str:
     return hash_password("dummy password for timing")
+
+
+# --- dashboard logins with the mail server's credentials (passthrough mode) ---
+
+#: ``password_hash`` of a user made at their first dashboard login with their
+#: mail account (checked by the upstream server). No password verifies
+#: against it locally; an administrator who sets a password makes it local.
+MAILBOX_LOGIN = "!mailbox"
+
+
+def may_use_mailbox_login(engine: Engine, username: str) -> bool:
+    """True for a username that no local account holds.
+
+    A local account (an administrator made with ``user add``) never signs in
+    through the mail server: whoever owns a mailbox called ``admin`` upstream
+    must not become the local ``admin``.
+    """
+    with session_scope(engine) as session:
+        user = session.exec(select(User).where(User.username == username)).first()
+    return user is None or user.password_hash == MAILBOX_LOGIN
+
+
+def mailbox_user(engine: Engine, username: str) -> User:
+    """The user for a mailbox the upstream just accepted, made on first login.
+
+    A sender who sees mail from their own address (when the username is one;
+    an administrator can add more addresses or make them an administrator).
+    """
+    check_username(username)
+    try:
+        addresses = [normalize_address(username)]
+    except UserError:
+        addresses = []
+    for _ in range(2):  # a concurrent first login of the same user wins the insert
+        with session_scope(engine) as session:
+            user = session.exec(select(User).where(User.username == username)).first()
+            if user is not None:
+                return user
+        try:
+            with session_scope(engine) as session:
+                return _insert_user(session, username, MAILBOX_LOGIN, "sender", addresses)
+        except IntegrityError:
+            continue
+    raise UserError(f"cannot create user {username!r}", "username")

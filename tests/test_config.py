@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from shared.config import SettingsError, load_settings
+from shared.config import Settings, SettingsError, load_settings
 from trackrelay.serve import banner
 
 
@@ -102,6 +103,16 @@ def test_public_url_problems_outside_dev_mode(tmp_path: Path) -> None:
     assert load_settings(**real, public_url="https://t.example").public_url_problem() == ""
     lines = banner(load_settings(**real), None, receiver=True)
     assert any(line.startswith("  WARNING: TRACKRELAY_PUBLIC_URL is not set") for line in lines)
+
+
+def test_the_readme_settings_tables_list_every_setting_once() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `TRACKRELAY_")]
+    listed = [name for row in rows for name in re.findall(r"`(TRACKRELAY_\w+)`", row.split("|")[1])]
+    settings = {f"TRACKRELAY_{name.upper()}" for name in Settings.model_fields}
+    assert sorted(settings - set(listed)) == []  # undocumented
+    assert sorted(set(listed) - settings) == []  # documented, but no such setting
+    assert len(listed) == len(set(listed))
 
 
 @pytest.mark.parametrize("command", ["relay", "serve"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from dashboard_support import D, login, token
@@ -208,3 +209,37 @@ def test_nav_links_for_admins(client: TestClient, path: str) -> None:
     html = client.get(f"{D}/messages").text
     assert f'href="{D}{path}"' in html
     assert 'aria-current="page"' in client.get(D + path).text
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "count"),
+    [
+        (
+            "/webhooks",
+            {"url": "https://crm.example/h", "type:link.clicked": "on"},
+            lambda engine: len(webhooks.list_endpoints(engine)),
+        ),
+        ("/tokens", {"name": "crm", "username": "ada"}, lambda e: len(apitokens.list_tokens(e))),
+    ],
+)
+def test_reloading_the_page_that_shows_a_secret_creates_nothing_twice(
+    client: TestClient, engine: Engine, path: str, fields: dict[str, str], count: Any
+) -> None:
+    """A reload re-sends the form: it lands on the list with a note, not a second secret."""
+    login(client, "ada")
+    page = client.get(f"{D}{path}").text
+    once = re.search(r'name="once" value="([^"]+)"', page)
+    assert once, "the form carries a one-time value"
+    form = {"csrf_token": token(client, f"{D}{path}"), "once": once[1], **fields}
+    first = client.post(f"{D}{path}", data=form)
+    assert first.status_code == 200 and "only time" in first.text
+    again = client.post(f"{D}{path}", data=form, follow_redirects=False)
+    assert again.status_code == 303 and again.headers["location"] == f"{D}{path}"
+    listed = client.get(f"{D}{path}").text
+    assert "That form was already sent" in listed
+    assert count(engine) == 1
+    # a new page load gives a new value: a deliberate second one is still possible
+    fresh = re.search(r'name="once" value="([^"]+)"', listed)
+    assert fresh and fresh[1] != once[1]
+    assert client.post(f"{D}{path}", data={**form, "once": fresh[1]}).status_code == 200
+    assert count(engine) == 2

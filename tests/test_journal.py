@@ -1,4 +1,5 @@
-"""The journal on a full disk: nothing half-written, the receiver keeps serving.
+"""The journal on a full disk: nothing half-written, the receiver keeps serving,
+the relay counts what it loses.
 
 The disk is really full: the journal directory is a 64 KiB tmpfs mounted for
 the test (root only; skipped with the reason otherwise).
@@ -6,6 +7,7 @@ the test (root only; skipped with the reason otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import re
@@ -18,9 +20,13 @@ import pytest
 from receiver_support import Outage, ServerThread, count_events, wait_for
 
 from receiver.app import create_app
+from relay.record import Delivery, Recorder
+from relay.track import Copy, Prepared
+from relay.upstream import Reply
 from shared import db
 from shared.config import Settings
 from shared.journal import Journal
+from shared.models import Message
 from shared.tokens import Signer
 
 
@@ -53,22 +59,56 @@ def test_a_failed_append_leaves_no_partial_line(tiny_disk: Path) -> None:
     journal.close()
 
 
-def test_a_first_append_that_fails_leaves_no_file(tiny_disk: Path) -> None:
-    filler = tiny_disk / "filler"
-    with pytest.raises(OSError), open(filler, "wb") as f:
+def _fill(disk: Path) -> None:
+    with open(disk / "filler", "wb", buffering=0) as f, pytest.raises(OSError) as caught:
         while True:
             f.write(b"x" * 4096)
-            f.flush()
+    assert caught.value.errno == errno.ENOSPC
+
+
+def test_a_new_file_the_full_disk_refuses_is_removed(tiny_disk: Path) -> None:
+    """The first append to a new file fails: OSError, and no empty file is left."""
+    _fill(tiny_disk)
     journal = Journal(tiny_disk, prefix="t")
-    with pytest.raises(OSError) as caught:  # an OSError, nothing else, and no empty file
+    with pytest.raises(OSError) as caught:
         journal.append([{"n": 1, "pad": "x" * 8192}])
     assert caught.value.errno == errno.ENOSPC
     assert list(tiny_disk.glob("t-*.jsonl")) == []
-    filler.unlink()
-    journal.append([{"n": 2}])
-    journal.seal()
-    assert [r["n"] for r in journal.read_slice(10)] == [2]
     journal.close()
+
+
+def test_relay_counts_the_records_it_loses_when_database_and_journal_disk_fail(
+    make_settings: Callable[..., Settings],
+    tiny_disk: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Never the mail and never silently: each lost record is counted and logged."""
+    settings = make_settings()
+    broken = db.make_engine(f"sqlite:///{tmp_path / 'no-tables.db'}")  # never migrated
+    recorder = Recorder(settings, broken)
+    _fill(tiny_disk)
+    ok = Reply(250, "2.0.0 Ok")
+    items = [
+        (
+            Prepared([Copy(["a@example.net"], b"x")], Message(id=i, subject="x" * 8192), [], set()),
+            Delivery({"a@example.net": ok}, [], ok),
+        )
+        for i in (1, 2, 3)
+    ]
+
+    async def scenario() -> None:
+        await recorder.start()
+        try:
+            await asyncio.gather(*(recorder.record(*item) for item in items))
+        finally:
+            await recorder.stop()
+
+    with caplog.at_level(logging.ERROR, logger="relay.record"):
+        asyncio.run(scenario())
+    broken.dispose()
+    assert (recorder.lost, recorder.journaled) == (3, 0)
+    assert caplog.text.count("RELAY JOURNAL WRITE FAILED") == 3
 
 
 def test_receiver_keeps_serving_when_the_journal_disk_is_full(

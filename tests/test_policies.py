@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import pytest
 from sqlalchemy import Engine
 
 import receiver
+from shared.addresses import normalize_address
 from shared.db import session_scope
+from shared.errors import UserError
 from shared.models import Policy
 from shared.outbox import sender_wants_mail
 from shared.policies import (
@@ -23,7 +26,6 @@ from shared.policies import (
     list_policies,
     list_suppressions,
     load_snapshot,
-    normalize_address,
     normalize_pattern,
     policy_by_id,
     remove_policy,
@@ -158,8 +160,6 @@ def test_suppression_search_and_strict_add(engine: Engine) -> None:
 @pytest.mark.parametrize(
     ("call", "text"),
     [
-        (lambda: normalize_address("@example.com"), "not a whole domain"),
-        (lambda: normalize_address(""), "enter an email address"),
         (lambda: normalize_pattern("  "), "say who this applies to"),
         (lambda: normalize_pattern("sales at example"), "is not an email address (ann@"),
         (lambda: check_recipient_cap("ten"), "whole number from 1 to 1000"),
@@ -170,6 +170,21 @@ def test_suppression_search_and_strict_add(engine: Engine) -> None:
 def test_messages_for_people(call: Callable[[], object], text: str) -> None:
     with pytest.raises(PolicyError, match=re.escape(text)):
         call()
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        ("@example.com", "not a whole domain"),
+        ("", "enter an email address"),
+        ("ann@localhost", "'localhost' is not a domain name"),
+        ("ann@bü_cher.example", "is not a valid domain name"),
+    ],
+)
+def test_address_messages_for_people(address: str, text: str) -> None:
+    with pytest.raises(UserError, match=re.escape(text)) as caught:
+        normalize_address(address)
+    assert caught.value.field == "address"
 
 
 def test_notification_mail_follows_policy_resolution(engine: Engine) -> None:
@@ -193,3 +208,37 @@ def test_suppression_sources_are_what_the_writers_write(engine: Engine) -> None:
         add_suppression(engine, f"r{n}@example.org", source=source)
         assert f'"{source}":' in template, source
     assert {"public", "api"} <= set(SUPPRESSION_SOURCES)
+
+
+def test_adding_again_returns_the_first_row(engine: Engine) -> None:
+    first = add_suppression(engine, "Carol@Example.net", "cli")
+    again = add_suppression(engine, "carol@example.net", "public")
+    assert (again.id, again.address, again.source) == (first.id, "carol@example.net", "cli")
+    with pytest.raises(PolicyError, match="already on the list") as caught:
+        add_suppression(engine, "CAROL@example.net", "dashboard", new=True)
+    assert caught.value.field == "address"
+
+
+def test_concurrent_adds_of_one_address_make_one_row(engine: Engine) -> None:
+    """Two receivers taking the same "stop tracking me" request, or the CLI beside
+    the dashboard: each add must succeed, and the list holds the address once."""
+    workers, rounds = 6, 30
+    barrier = threading.Barrier(workers)
+    errors: list[BaseException] = []
+
+    def add(worker: int) -> None:
+        for n in range(rounds):
+            barrier.wait()
+            try:
+                add_suppression(engine, f"Race{n}@Example.org", ("cli", "public")[worker % 2])
+            except Exception as exc:  # collected, asserted below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    rows = list_suppressions(engine)
+    assert sorted(r.address for r in rows) == sorted(f"race{n}@example.org" for n in range(rounds))

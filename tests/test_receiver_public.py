@@ -10,7 +10,7 @@ from sqlalchemy import Engine, text
 from starlette.testclient import TestClient
 
 from receiver.app import create_app
-from receiver.public import CSRF_COOKIE, add_suppression, normalize_address
+from receiver.public import CSRF_COOKIE, normalize_address
 from shared.config import Settings
 from shared.policies import lookup_key
 
@@ -118,8 +118,3 @@ def test_address_is_stored_as_the_relay_looks_it_up() -> None:
     stored = normalize_address("Jörg@Bücher.example")
     assert stored == "jörg@xn--bcher-kva.example"
     assert stored == lookup_key("jörg@bücher.example")[0]
-
-
-def test_add_suppression_is_idempotent(engine: Engine) -> None:
-    assert add_suppression(engine, "carol@example.net", "public") is True
-    assert add_suppression(engine, "carol@example.net", "public") is False

@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 import pytest
 from injection_checks import check_relayed, without_header
-from relaykit import MESSAGE, relay_settings, running_relay, send
+from relaykit import MESSAGE, client, relay_settings, running_relay, send
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 from starlette.testclient import TestClient
-from upstream import RecordingUpstream
+from upstream import PASSWORD, USER, RecordingUpstream
 
 from receiver.app import create_app
 from shared import consent
@@ -73,6 +73,41 @@ def test_opt_in_tracks_only_consenting_recipients(
     assert [(r.address, r.tracked) for r in rows] == [(r, r in tracked) for r in (ANA, BEN, CY)]
     decision = json.loads(message.decision)
     assert (decision["tracked"], decision["no_consent"]) == (True, untracked)
+
+
+@pytest.mark.parametrize(
+    ("stored", "mailed"),
+    [("bücher.example", "xn--bcher-kva.example"), ("xn--bcher-kva.example", "bücher.example")],
+    ids=["unicode-stored", "ascii-stored"],
+)
+def test_opt_in_for_an_idn_domain_holds_in_either_spelling(
+    stored: str,
+    mailed: str,
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    engine: Engine,
+) -> None:
+    """An opt-in and a consent recorded for ``bücher.example`` hold for mail to
+    ``xn--bcher-kva.example``, and the other way round."""
+    consent.set_mode(engine, "opt-in", stored)
+    consent.add_consent(engine, f"Ana@{stored}")
+    ana, ben = f"ana@{mailed}", f"ben@{mailed}"
+    settings = relay_settings(make_settings, upstream, public_url=PUBLIC_URL)
+    data = MESSAGE.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+    async def scenario() -> None:
+        async with running_relay(settings, engine) as relay, client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            options = [] if mailed.isascii() else ["SMTPUTF8"]
+            await smtp.sendmail(USER, [ana, ben, CY], data, mail_options=options)
+
+    asyncio.run(scenario())
+    copies = {tuple(m.rcpt_tos): m.data for m in upstream.messages}
+    assert sorted(copies) == sorted([(ana,), (ben,), (CY,)])  # CY: opt-out, tracked
+    assert copies[(ben,)] == without_header(data, "X-Track")
+    relayed = check_relayed(data, copies[(ana,)], PUBLIC_URL, Signer(settings.signing_keys()))
+    assert relayed.recipients == {1} and relayed.report.pixels == 1
 
 
 def test_opt_in_without_any_consent_sends_the_message_untracked(

@@ -423,7 +423,7 @@ class PerRecipient(Tracker):
     async def prepare(self, submission: Submission) -> Prepared:
         prepared = await super().prepare(submission)
         copies = [
-            Copy([rcpt], submission.data.replace(b"Hello", b"Hello " + rcpt.encode()))
+            Copy([rcpt], [submission.data.replace(b"Hello", b"Hello " + rcpt.encode())])
             for rcpt in submission.recipients
         ]
         return Prepared(copies, prepared.message, [], set(submission.recipients))
@@ -484,3 +484,141 @@ def _plain(user: str, password: str) -> bytes:
     import base64
 
     return base64.b64encode(f"\0{user}\0{password}".encode())
+
+
+def test_size_follows_the_upstreams_with_room_for_tracking(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """The upstream announces SIZE 100000: the relay announces 5 % less (what tracking adds)."""
+    upstream.size = 100_000
+    settings = relay_settings(make_settings, upstream)
+    body = b"Subject: sized\r\n\r\n" + b"x" * 76 + b"\r\n"
+
+    async def scenario() -> tuple[int, int, int]:
+        async with running_relay(settings, db_engine) as relay:
+            async with client(relay) as smtp:
+                await smtp.ehlo()
+                size = int(smtp.esmtp_extensions["size"])
+                await smtp.auth_plain(USER, PASSWORD)
+                fits = body * (90_000 // len(body))
+                await smtp.sendmail(USER, ["bob@example.net"], fits)
+                with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                    await smtp.sendmail(USER, ["bob@example.net"], body * (97_000 // len(body)))
+            return size, len(upstream.messages), refused.value.code
+
+    assert asyncio.run(scenario()) == (95_000, 1, 552)
+
+
+BIG_HEAD = (
+    b"From: Ann <alice@example.com>\r\nTo: bob@example.net\r\nSubject: big and tracked\r\n"
+    b"X-Track: opens, clicks\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+    b"--b1\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
+    b'<html><body><p>The file, and <a href="https://example.com/page">a page</a>.</p>'
+    b"</body></html>"
+)
+BIG_ATTACHMENT = (
+    b"\r\n--b1\r\nContent-Type: text/plain; charset=us-ascii\r\n"
+    b'Content-Disposition: attachment; filename="dots.txt"\r\n'
+    b"Content-Transfer-Encoding: 7bit\r\n\r\n"
+)
+BIG_TAIL = b"--b1--\r\n"
+
+
+def dotted_body(start: int, boundaries: list[int], size: int) -> tuple[bytes, list[str]]:
+    """~``size`` bytes of lines, many starting with a dot, that begin at offset
+    ``start`` of the message; at each offset in ``boundaries`` (where the DATA
+    encoder cuts the message into blocks) in turn: a dot line starts there, the
+    cut falls between the CR and the LF before a dot line, or a line of a lone
+    dot starts there. Returns the body and what sits at each boundary."""
+    filler = [b"", b".", b"..", b"x", b".start", b"a.b", b". ", b"...."]
+    lines: list[bytes] = []
+    pos, n, placed = start, 0, []
+    for kind, cut in enumerate(boundaries):
+        if not start + 300 <= cut < start + size - 1000:
+            continue
+        while cut - pos >= 300:
+            line = filler[n % len(filler)] + b"y" * (n * 7919 % 230) + b"\r\n"
+            lines.append(line)
+            pos, n = pos + len(line), n + 1
+        if kind % 3 == 1:  # the cut falls between CR and LF
+            line = b"z" * (cut - pos - 1) + b"\r\n"
+            placed.append("CR|LF.")
+        else:
+            line = b"z" * (cut - pos - 2) + b"\r\n"
+            placed.append("CRLF|." if kind % 3 == 0 else "CRLF|.CRLF")
+        lines.append(line)
+        pos += len(line)
+        line = b".\r\n" if kind % 3 == 2 else b".dot line after the cut\r\n"
+        lines.append(line)
+        pos += len(line)
+    while pos - start < size:
+        line = filler[n % len(filler)] + b"w" * (n * 104729 % 990) + b"\r\n"
+        lines.append(line)
+        pos, n = pos + len(line), n + 1
+    return b"".join(lines), placed
+
+
+def test_a_30_mb_tracked_message_arrives_byte_for_byte(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """The relay's large-message path (BytesIO reader, views of the received
+    bytes, block-by-block DATA encoder with flow control) delivers exactly the
+    rendering of the small message with the same HTML part, the 30 MB of dotted
+    lines unchanged, dot-stuffed correctly wherever the encoder cuts them."""
+    from relay.upstream import DATA_CHUNK
+    from shared.policies import snapshot_of
+
+    # The tracked copy is [head, head, new HTML part, the rest as one view]: the
+    # encoder's blocks of the big view start where the HTML body ends.
+    cuts = [len(BIG_HEAD) + k * DATA_CHUNK for k in range(1, 40)]
+    body, placed = dotted_body(len(BIG_HEAD) + len(BIG_ATTACHMENT), cuts, 30 * 1024 * 1024)
+    assert {"CRLF|.", "CR|LF.", "CRLF|.CRLF"} <= set(placed)
+    big = BIG_HEAD + BIG_ATTACHMENT + body + BIG_TAIL
+    settings = relay_settings(make_settings, upstream, max_message_size=40 * 1024 * 1024)
+    ids: list[int] = []
+
+    class Capturing(Tracker):
+        async def prepare(self, submission: Submission) -> Prepared:
+            ids.append(submission.message_id)
+            return await super().prepare(submission)
+
+    tracker = Capturing(settings, db_engine)
+
+    async def scenario() -> str:
+        async with running_relay(settings, db_engine, tracker=tracker) as relay:
+            return (await send(relay, big)).message
+
+    assert asyncio.run(scenario()).startswith("2.0.0 Ok")
+    [got] = upstream.messages
+    # Expected: the small message with the same HTML part, as the tracker renders it
+    # for this message id, with its one-line attachment body replaced by the big one.
+    small = BIG_HEAD + BIG_ATTACHMENT + b"x\r\n" + BIG_TAIL
+    sub = Submission(ids[0], USER, ["bob@example.net"], small, USER, "127.0.0.1")
+    rendered = tracker.prepare_sync(sub, snapshot_of([])).copies[0].data
+    assert b"X-Track" not in rendered and b"/c/" in rendered and b"/o/" in rendered
+    before, after = rendered.split(BIG_ATTACHMENT + b"x\r\n")
+    assert got.data == before + BIG_ATTACHMENT + body + after
+
+
+def test_an_address_the_parser_chokes_on_is_a_syntax_error(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """``MAIL FROM:"`` crashes the stdlib address parser: a 553 5.1.3, the session goes on."""
+
+    async def scenario() -> list[str]:
+        async with running_relay(_trusted(make_settings, upstream), db_engine) as relay:
+            raw = await RawClient.connect(relay.ports["plain"])
+            await raw.command(b"EHLO app.test")
+            replies = [
+                await raw.command(b'MAIL FROM:"'),
+                await raw.command(b"MAIL FROM:<app@example.com>"),
+                await raw.command(b'RCPT TO:"'),
+            ]
+            await raw.close()
+            return replies
+
+    bad_from, good, bad_to = asyncio.run(scenario())
+    assert bad_from.startswith("553 5.1.3 ")
+    assert good.startswith("250 ")
+    assert bad_to.startswith("553 5.1.3 ")

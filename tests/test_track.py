@@ -8,11 +8,12 @@ from collections.abc import Callable
 
 import pytest
 from sqlalchemy import Engine
+from tracing import peak_allocated
 
 from relay import track
 from relay.track import Prepared, Submission, Tracker
 from shared.config import Settings
-from shared.policies import add_suppression, set_policy
+from shared.policies import add_suppression, set_policy, snapshot_of
 from shared.tokens import Signer
 
 BASE = "https://t.example.net"
@@ -203,3 +204,37 @@ def test_database_down_at_start_means_untracked(
     assert [c.data for c in prepared.copies] == [message(b"")]
     assert "policy store unavailable" in prepared.message.decision
     engine.dispose()
+
+
+@pytest.mark.parametrize("trigger", [b"X-Track: all\r\n", b"X-Track: off\r\n"])
+def test_a_large_attachment_is_never_copied(
+    make_settings: Callable[..., Settings], trigger: bytes
+) -> None:
+    """Tracked or not, a copy is views of the received bytes plus the few new
+    ones (the rewritten HTML part): preparing a message with a 20 MB attachment
+    allocates a small fraction of it, where deleting the trigger line and
+    splicing the HTML part once made two full copies."""
+    data = (
+        b"From: ann@example.com\r\nTo: bob@example.org\r\nSubject: big\r\n"
+        + trigger
+        + b"MIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: text/html; charset=us-ascii\r\n\r\n"
+        b'<p><a href="https://example.com/a">a</a></p>\r\n--b\r\n'
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + (b"QUJD" * 19 + b"\r\n") * 270_000
+        + b"--b--\r\n"
+    )
+    tracker = Tracker(make_settings(public_url=BASE), None)  # type: ignore[arg-type]
+    small = Submission(42, "ann@example.com", ["bob@example.org"], message(), "ann", "")
+    tracker.prepare_sync(small, snapshot_of([]))  # caches and compiled patterns are warm
+    sub = Submission(42, "ann@example.com", ["bob@example.org"], data, "ann", "")
+    with peak_allocated() as peak:
+        prepared = tracker.prepare_sync(sub, snapshot_of([]))
+    assert peak[0] < len(data) / 10  # ~1.3 MB: selectolax's parser of the HTML part
+    [copy] = prepared.copies
+    new = [s for s in copy.segments if not (isinstance(s, memoryview) and s.obj is data)]
+    assert sum(map(len, new)) < 1000
+    assert copy.size == len(copy.data) == prepared.message.size_out
+    assert b"X-Track" not in copy.data
+    assert prepared.message.track_opens == (trigger == b"X-Track: all\r\n")

@@ -5,6 +5,13 @@ configured window (the same limits the relay applies to SMTP AUTH). Once a
 limit is reached the password is not even checked until the window moves on,
 so guessing costs the attacker time, not us CPU. Counts live in memory: each
 receiver process brakes on its own, which bounds guesses to N times the limit.
+
+In passthrough mode (``TRACKRELAY_AUTH_MODE=passthrough`` with a real
+upstream) people sign in with their mail account, as in their mail client:
+when no local account has that username, the password is checked with ONE
+SMTP AUTH at the upstream (the relay's own upstream code, TLS required) and a
+sender account is made on first success (shared.users.mailbox_user). Local
+accounts, administrators first of all, never go to the upstream.
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ from receiver.dashboard.web import (
 )
 from receiver.sessions import start_session
 from shared.config import Settings
-from shared.users import authenticate
+from shared.models import User
+from shared.users import authenticate, mailbox_user, may_use_mailbox_login
+
+CANNOT_CHECK = "Your mail server cannot check the password right now. Try again in a minute."
 
 
 class LoginThrottle:
@@ -98,7 +108,7 @@ async def login(request: Request) -> Response:
     if request.method == "GET":
         if await current_viewer(request) is not None:
             return redirect(request, "/messages")
-        return render(request, "dashboard/login.html", {"error": "", "username": ""})
+        return _login_page(request)
     if not await csrf_valid(request):
         return csrf_failed(request)
     form = await request.form()
@@ -109,30 +119,62 @@ async def login(request: Request) -> Response:
     wait = throttle.wait(ip, username)
     if wait > 0:
         minutes = max(1, math.ceil(wait / 60))
-        return render(
-            request,
-            "dashboard/login.html",
-            {
-                "error": f"Too many failed attempts. Try again in {minutes} minute"
-                + ("s." if minutes > 1 else "."),
-                "username": username,
-            },
-            status=429,
-        )
-    user = await asyncio.to_thread(authenticate, engine_of(request), username, password)
+        plural = "s" if minutes > 1 else ""
+        error = f"Too many failed attempts. Try again in {minutes} minute{plural}."
+        return _login_page(request, error, username, 429)
+    user: User | None = await asyncio.to_thread(
+        authenticate, engine_of(request), username, password
+    )
+    if user is None and username and password and mailbox_logins(settings_of(request)):
+        try:
+            user = await _mailbox_login(request, username, password)
+        except ConnectionError:
+            return _login_page(request, CANNOT_CHECK, username, 503)
     if user is None or user.id is None:
         throttle.failed(ip, username)
-        return render(
-            request,
-            "dashboard/login.html",
-            {"error": "That username and password do not match.", "username": username},
-            status=401,
-        )
+        return _login_page(request, "That username and password do not match.", username, 401)
     throttle.succeeded(username)
     start_session(request.session, user.id)
     response = redirect(request, "/messages")
     response.headers["location"] = _safe_next(request, str(request.query_params.get("next", "")))
     return response
+
+
+def _login_page(
+    request: Request, error: str = "", username: str = "", status: int = 200
+) -> Response:
+    context = {
+        "error": error,
+        "username": username,
+        "mailbox_logins": mailbox_logins(settings_of(request)),
+    }
+    return render(request, "dashboard/login.html", context, status=status)
+
+
+def mailbox_logins(settings: Settings) -> bool:
+    """Whether the sign-in form also takes mail-account credentials."""
+    return settings.auth_mode == "passthrough" and not settings.upstream_target.is_sink
+
+
+async def _mailbox_login(request: Request, username: str, password: str) -> User | None:
+    """The user when the upstream accepts these credentials; ConnectionError if it can't say."""
+    from relay import upstream
+
+    engine = engine_of(request)
+    if not await asyncio.to_thread(may_use_mailbox_login, engine, username):
+        return None
+    connection = upstream.connect(settings_of(request))
+    try:
+        reply = await connection.authenticate("PLAIN", username.encode(), password.encode())
+    except upstream.UpstreamUnavailable as exc:
+        raise ConnectionError(str(exc)) from None
+    finally:
+        await connection.close()
+    if reply.code >= 400 and reply.code < 500:
+        raise ConnectionError(str(reply))  # 454: a temporary failure, not a wrong password
+    if not reply.ok:
+        return None
+    return await asyncio.to_thread(mailbox_user, engine, username)
 
 
 @page()

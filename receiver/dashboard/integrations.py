@@ -5,7 +5,8 @@ page that answers the form that created them: never stored in the session
 cookie (signed, not encrypted), never shown again (the token is kept only as
 a hash; the secret is kept, because signing needs it, but not displayed).
 That page is ``no-store`` like every dashboard page, so Back does not bring
-it up from the cache.
+it up from the cache, and its form carries a one-time value, so reloading it
+(which re-sends the form) lands on the list instead of creating a second one.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from receiver.dashboard.web import (
     page,
     path_id,
     redirect,
+    remember_submitted,
     render,
     settings_of,
+    submitted_before,
 )
 from shared import apitokens, webhooks
 from shared.models import WebhookEndpoint
@@ -82,6 +85,12 @@ async def webhooks_list(request: Request, viewer: Viewer) -> Response:
     created = None
     if request.method == "POST":
         posted = await form_of(request)
+        if submitted_before(posted, request):
+            flash(
+                request,
+                "That form was already sent: the endpoint exists, its secret was shown then.",
+            )
+            return redirect(request, "/webhooks")
         form = {
             "url": text(posted, "url"),
             "description": text(posted, "description")[:500],
@@ -103,6 +112,7 @@ async def webhooks_list(request: Request, viewer: Viewer) -> Response:
             except UserError as exc:
                 errors.add(exc)
             else:
+                remember_submitted(posted, request)
                 form = {"url": "", "description": "", "types": list(EVENT_TYPES)}
     rows = await asyncio.to_thread(webhooks.list_endpoints, engine)
     return _webhooks_page(request, rows, form, errors, created)
@@ -200,6 +210,9 @@ async def tokens_list(request: Request, viewer: Viewer) -> Response:
     created: tuple[str, Any] | None = None
     if request.method == "POST":
         posted = await form_of(request)
+        if submitted_before(posted, request):
+            flash(request, "That form was already sent: the token exists, it was shown then.")
+            return redirect(request, "/tokens")
         form = {"name": text(posted, "name"), "username": text(posted, "username")}
         if not form["name"]:
             errors["name"] = "Give the token a name, so you know later what uses it."
@@ -213,6 +226,7 @@ async def tokens_list(request: Request, viewer: Viewer) -> Response:
             except UserError as exc:
                 errors["username"] = message(exc)
             else:
+                remember_submitted(posted, request)
                 form["name"] = ""
     rows = await asyncio.to_thread(apitokens.list_tokens, engine)
     people = await asyncio.to_thread(list_users, engine)

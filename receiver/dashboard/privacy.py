@@ -19,7 +19,8 @@ from receiver.dashboard.forms import Errors, checked, message, text
 from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import engine_of, flash, form_of, page, redirect, render
 from shared import consent, privacy
-from shared.users import UserError, normalize_address
+from shared.addresses import normalize_address
+from shared.users import UserError
 
 MODE_LABELS = {
     "opt-out": "Track unless the recipient asked not to be (opt-out)",

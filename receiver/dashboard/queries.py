@@ -24,6 +24,7 @@ from sqlmodel import Session, col, select
 
 from receiver.classify import ENGAGED_VERDICTS
 from receiver.dashboard.filters import Filters
+from shared.addresses import spellings
 from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient
 
@@ -79,7 +80,8 @@ def visible(viewer: Viewer) -> ColumnElement[bool]:
         return true()
     sender = func.lower(col(Message.sender))
     clauses: list[ColumnElement[bool]] = []
-    for pattern in viewer.addresses:
+    # A sender keeps what MAIL FROM said: an IDN domain may be in Unicode.
+    for pattern in (p for stored in viewer.addresses for p in spellings(stored)):
         if pattern.startswith("@"):
             clauses.append(sender.like("%" + _like(pattern)[1:-1], escape="\\"))
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -88,6 +89,7 @@ def _common(request: Request) -> dict[str, Any]:
         "viewer": getattr(request.state, "viewer", None),
         "csrf_field": CSRF_FIELD,
         "csrf_token": csrf_token(session),
+        "once_token": secrets.token_urlsafe(12),
         "flashes": flashes,
     }
 
@@ -113,6 +115,29 @@ def not_found(request: Request) -> Response:
     return error_page(
         request, 404, "Not found", "There is nothing here, or it is not yours to see."
     )
+
+
+#: Hidden field of a form that creates something shown once (a secret, a token).
+ONCE_FIELD = "once"
+#: Session key: the ``once`` values of the last such forms that succeeded.
+SUBMITTED = "submitted"
+
+
+def submitted_before(posted: dict[str, str], request: Request) -> bool:
+    """True when this exact form was already sent and succeeded (a page reload).
+
+    Reloading the page that answered a POST makes the browser send the form
+    again; without this it would create a second endpoint or token. Forms
+    without the field (scripts, older pages) are not deduplicated.
+    """
+    once = posted.get(ONCE_FIELD, "")
+    return bool(once) and once in request.session.get(SUBMITTED, [])
+
+
+def remember_submitted(posted: dict[str, str], request: Request) -> None:
+    once = posted.get(ONCE_FIELD, "")
+    if once:
+        request.session[SUBMITTED] = [*request.session.get(SUBMITTED, [])[-9:], once]
 
 
 def flash(request: Request, text: str, kind: str = "ok") -> None:
