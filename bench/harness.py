@@ -165,6 +165,8 @@ def trackrelay(upstream_port: int, workers: int = 1, **extra: str) -> Iterator[S
             "TRACKRELAY_PUBLIC_URL": "https://t.example.com",
             "TRACKRELAY_LOG_LEVEL": "WARNING",
             "TRACKRELAY_MAX_MESSAGE_SIZE": str(100 * 1024 * 1024),
+            # The memory item's stall probe is a session that only sends NOOP.
+            "TRACKRELAY_MAX_COMMANDS_WITHOUT_MAIL": str(10**9),
             **extra,
         }
         cmd = [sys.executable, "-m", "trackrelay", "relay"]
