@@ -34,7 +34,7 @@ from sqlalchemy import Engine, create_engine, insert
 from receiver.app import create_app
 from receiver.classify import Hit, classify
 from receiver.events import Journal, _keys, new_event, to_record, truncate_ip
-from receiver.eventstore import EVENTS, BatchStore, SqliteTime
+from receiver.eventstore import EVENTS, BatchStore, SqliteTime, WriterLoop
 from shared.config import Settings
 from shared.models import Message
 from shared.tokens import Signer
@@ -363,3 +363,21 @@ def test_what_the_writer_never_took_is_journaled_at_stop(
     with ServerThread(create_app(settings, engine)):
         wait_for(lambda: count_events(engine) == 50, timeout=30)
     assert _distinct_keys(engine) == 50
+
+
+def test_batches_that_queue_up_are_written_together_and_all_acknowledged(
+    engine: Engine, tmp_path: Path
+) -> None:
+    loop = WriterLoop(BatchStore(engine, store_full_ip=False), Journal(tmp_path / "journal"))
+    batches = []
+    for batch_id in range(1, 7):
+        raw = [new_event("open", 15, i, 0, "192.0.2.1", "curl/8", "GET") for i in range(10)]
+        prefix, first = _keys.reserve(len(raw))
+        batches.append((batch_id, prefix, first, raw))
+    loop.batches(batches)
+    report = loop.take_report()
+    assert report["acked"] == [1, 2, 3, 4, 5, 6]
+    assert len(report["writes"]) == 2  # four batches, then two
+    assert report["recorded"] == [["open", "scanner", 60]]
+    assert count_events(engine) == 60 and _distinct_keys(engine) == 60
+    loop.journal.close()
