@@ -17,14 +17,7 @@ from sqlalchemy import Engine, func, insert
 from sqlmodel import Session, select
 from upstream import PASSWORD, USER, RecordingUpstream
 
-from relay.record import (
-    SQLITE_WRITE_TIMEOUT,
-    Delivery,
-    Record,
-    Recorder,
-    RecordStore,
-    to_record,
-)
+from relay.record import Delivery, Record, Recorder, RecordStore, to_record
 from relay.server import RelayServer
 from relay.track import Copy, LinkRow, Prepared
 from relay.upstream import Reply
@@ -34,6 +27,7 @@ from shared.db import session_scope
 from shared.models import Link, Message, OutboxItem, Recipient
 from shared.outbox import enqueue_message_sent
 from shared.policies import add_suppression
+from shared.spool import SQLITE_WRITE_TIMEOUT
 from shared.tokens import Signer, new_message_id
 from shared.webhooks import add_endpoint
 
@@ -152,9 +146,9 @@ class KeepingStore(RecordStore):
         super().__init__(engine)
         self.seen: list[Record] = []
 
-    def write(self, records: list[Record]) -> tuple[int, list[Record]]:
+    def write(self, records: list[Record], replay: bool) -> int:
         self.seen += json.loads(json.dumps(records))
-        return super().write(records)
+        return super().write(records, replay)
 
 
 def orm_write(engine: Engine, record: Record) -> None:
