@@ -1,7 +1,7 @@
 """Write what was relayed: the Message, one Recipient row each, the Links and the
 ``message.sent`` outbox rows, committed before the client gets its reply.
 
-Group commit (shared/spool.py ``GroupCommit``): :meth:`Recorder.record` queues
+Group commit (shared/groupcommit.py): :meth:`Recorder.record` queues
 the record and waits for it; ONE writer task takes everything queued (up to
 ``MAX_BATCH``) and :class:`RecordStore` stores it in ONE transaction with
 SQLAlchemy Core, in a worker thread: one ``SELECT id FROM messages WHERE id IN
@@ -52,10 +52,11 @@ from relay.track import Prepared
 from relay.upstream import Reply
 from shared.config import Settings
 from shared.db import impatient_engine
+from shared.groupcommit import GroupCommit
 from shared.journal import Journal
 from shared.models import Link, Message, Recipient, utcnow
 from shared.outbox import enqueue_messages_sent
-from shared.spool import SQLITE_WRITE_TIMEOUT, GroupCommit, Invalid, Spool, Store
+from shared.spool import SQLITE_WRITE_TIMEOUT, Invalid, Spool, Store, first_line
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class RecordStore(Store[Record]):
             log.error(
                 "DATABASE WRITE FAILED%s (mail was delivered): %s; journaling message records",
                 f" for relayed message(s) {ids}" if ids else "",
-                _first_line(error),
+                first_line(error),
             )
 
     def journaled(self, items: list[Record]) -> None:
@@ -263,10 +264,6 @@ def _message_id(record: Any) -> Any:
     with contextlib.suppress(Exception):
         return record["message"]["id"]
     return "?"
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 class Recorder:
