@@ -2,7 +2,7 @@
 
 Each endpoint checks JSON types and hands the values to the module that owns
 the rule (shared/policies.py, shared/consent.py), which checks the values;
-a :class:`shared.users.UserError` from there becomes a 400 with its text.
+a :class:`shared.errors.UserError` from there becomes a 400 with its text.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from starlette.requests import Request
 from receiver.api.endpoint import ApiError, address_of, endpoint, engine_of, iso, json_body
 from shared import consent, policies
 from shared.addresses import normalize_address
+from shared.errors import UserError
 from shared.identity import Viewer
-from shared.models import Policy, Suppression
-from shared.users import UserError
+from shared.models import Consent, Policy, Suppression
 
 # --- policies (admin) ---
 
@@ -108,7 +108,8 @@ async def delete_policy(request: Request, viewer: Viewer) -> None:
 # --- suppression (admin) ---
 
 
-def _suppression(row: Suppression) -> dict[str, Any]:
+def _listed(row: Suppression | Consent) -> dict[str, Any]:
+    """A suppression or a consent: the same three fields."""
     return {"address": row.address, "source": row.source, "created_at": iso(row.created_at)}
 
 
@@ -116,7 +117,7 @@ def _suppression(row: Suppression) -> dict[str, Any]:
 async def list_suppressions(request: Request, viewer: Viewer) -> dict[str, Any]:
     """Recipients never tracked."""
     rows = await asyncio.to_thread(policies.list_suppressions, engine_of(request))
-    return {"suppressions": [_suppression(r) for r in rows]}
+    return {"suppressions": [_listed(r) for r in rows]}
 
 
 @endpoint(admin=True, status=201)
@@ -129,7 +130,7 @@ async def add_suppression(request: Request, viewer: Viewer) -> dict[str, Any]:
         row = await asyncio.to_thread(policies.add_suppression, engine_of(request), address, "api")
     except UserError as exc:
         raise ApiError(400, str(exc)) from None
-    return _suppression(row)
+    return _listed(row)
 
 
 @endpoint(admin=True)
@@ -155,10 +156,7 @@ async def list_consents(request: Request, viewer: Viewer) -> dict[str, Any]:
     rows = await asyncio.to_thread(consent.list_consents, engine)
     modes = await asyncio.to_thread(consent.list_modes, engine)
     return {
-        "consents": [
-            {"address": c.address, "source": c.source, "created_at": iso(c.created_at)}
-            for c in rows
-        ],
+        "consents": [_listed(c) for c in rows],
         "modes": [{"domain": d, "mode": m} for d, m in sorted(modes.items())],
     }
 
@@ -174,7 +172,7 @@ async def add_consent(request: Request, viewer: Viewer) -> dict[str, Any]:
     await asyncio.to_thread(consent.add_consent, engine_of(request), address, source)
     rows = await asyncio.to_thread(consent.list_consents, engine_of(request))
     row = next(c for c in rows if c.address == address)
-    return {"address": row.address, "source": row.source, "created_at": iso(row.created_at)}
+    return _listed(row)
 
 
 @endpoint(admin=True)

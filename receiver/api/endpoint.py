@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse, Response
 from receiver.readmodel import day_end, day_start
 from shared.addresses import normalize_address
 from shared.apitokens import authenticate_token
+from shared.errors import UserError
 from shared.identity import Viewer
-from shared.users import UserError
 
 
 class ApiError(Exception):
