@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import Response
 
-from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import (
     base_path,
     csrf_failed,
@@ -39,6 +38,7 @@ from receiver.dashboard.web import (
 )
 from receiver.sessions import start_session
 from shared.config import Settings
+from shared.identity import Viewer
 from shared.models import User
 from shared.users import authenticate, mailbox_user, may_use_mailbox_login
 
