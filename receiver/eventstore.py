@@ -65,7 +65,8 @@ from receiver.events import (
 from receiver.events import Journal as Journal
 from shared import db
 from shared.models import Event, Message
-from shared.outbox import enqueue_for_events, may_notify
+from shared.notable import may_notify
+from shared.outbox import enqueue_for_events
 
 log = logging.getLogger("receiver.eventstore")  # also when run as __main__
 
