@@ -94,20 +94,15 @@ def wants(event_types: str, event_type: str) -> bool:
 # --- what the relay calls (relay/record.py, same transaction as the message rows) ---
 
 
-def enqueue_message_sent(conn: Conn, message: Message, recipients: Sequence[Recipient]) -> int:
-    """Announce a relayed message; also ``delivery.failed`` if a recipient was refused.
-
-    Returns the number of outbox rows inserted. ``recipients`` are every
-    envelope recipient with its outcome (``status`` ``accepted``/``refused``).
-    """
-    return enqueue_messages_sent(conn, [(message, recipients)])
-
-
 def enqueue_messages_sent(
     conn: Conn, sent: Iterable[tuple[MessageLike, Sequence[RecipientLike]]]
 ) -> int:
-    """:func:`enqueue_message_sent` for a batch of relayed messages (the relay's group
-    commit): the active endpoints are read once and the rows go in one insert.
+    """Announce relayed messages; also ``delivery.failed`` where a recipient was refused.
+
+    ``sent`` pairs each message with every envelope recipient and its outcome
+    (``status`` ``accepted``/``refused``). One call per group commit of the
+    relay's record writer: the active endpoints are read once and the rows go
+    in one insert; returns the number of outbox rows inserted.
 
     Messages and recipients may be model objects or their column values (the
     rows the relay inserts with SQLAlchemy Core, ``created_at`` a datetime):
@@ -249,6 +244,7 @@ _ACTIVE_ENDPOINTS = select(col(WebhookEndpoint.id), col(WebhookEndpoint.event_ty
 
 
 def active_endpoints(conn: Connection) -> Endpoints:
+    """(id, event types) of every endpoint that is not paused."""
     return [(id_ or 0, event_types) for id_, event_types in conn.execute(_ACTIVE_ENDPOINTS)]
 
 

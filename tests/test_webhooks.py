@@ -23,7 +23,7 @@ from shared import outbox_worker, webhooks
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import DeliveryAttempt, OutboxItem, Recipient, utcnow
-from shared.outbox import enqueue_for_events, enqueue_message_sent
+from shared.outbox import enqueue_for_events, enqueue_messages_sent
 from shared.webhook_signature import SIGNATURE_HEADER, sign, verify_signature
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0"
@@ -95,12 +95,12 @@ def test_outbox_rows_commit_and_roll_back_with_the_message(engine: Engine) -> No
     with session_scope(engine) as session:
         recipients = list(session.exec(select(Recipient)).scalars())
     with pytest.raises(RuntimeError), session_scope(engine) as session:
-        assert enqueue_message_sent(session, message, recipients) == 2
+        assert enqueue_messages_sent(session, [(message, recipients)]) == 2
         raise RuntimeError("the caller's transaction fails")
     assert rows(engine) == []
     with session_scope(engine) as session:
-        enqueue_message_sent(session, message, recipients)
-        assert enqueue_message_sent(session, message, recipients) == 0  # same keys: skipped
+        enqueue_messages_sent(session, [(message, recipients)])
+        assert enqueue_messages_sent(session, [(message, recipients)]) == 0  # same keys: skipped
     assert [r.event_type for r in rows(engine)] == ["message.sent", "delivery.failed"]
     failed = json.loads(rows(engine)[1].payload)
     assert [r["address"] for r in failed["data"]["recipients"]] == ["carol@other.test"]
