@@ -72,24 +72,25 @@ def mark(conn: Connection, rows: Iterable[Row]) -> list[Row]:
     ``occurred_at`` (a datetime or an ISO string) and ``event_key``.
     """
     rows = list(rows)
-    earliest: dict[tuple[int, int, bool], list[Row]] = {}  # copy + machine -> first in batch
+    # copy and verdict group -> the batch's earliest open(s) there, and their time
+    earliest: dict[tuple[int, int, bool], tuple[datetime, list[Row]]] = {}
     for row in rows:
-        kind, verdict = row.get("kind"), str(row.get("verdict", "unknown"))
+        kind, verdict = row.get("kind"), row.get("verdict")
         row["notable"] = CLICK if kind == "click" and verdict in CLICK_VERDICTS else None
-        if kind != "open" or not may_notify("open", verdict):
+        if kind != "open" or not may_notify("open", str(verdict)):
             continue
-        position = int(row.get("recipient_position") or 0)
-        copy = (int(row["message_id"]), position, verdict in MACHINE_VERDICTS)
-        tied = earliest.get(copy)
-        if tied is None or when(row) < when(tied[0]):
-            earliest[copy] = [row]
-        elif when(row) == when(tied[0]):
-            tied.append(row)  # the database breaks the tie by event key
-    candidates = [row for tied in earliest.values() for row in tied]
+        machine = verdict in MACHINE_VERDICTS
+        copy = (int(row["message_id"]), int(row.get("recipient_position") or 0), machine)
+        at, seen = when(row), earliest.get(copy)
+        if seen is None or at < seen[0]:
+            earliest[copy] = (at, [row])
+        elif at == seen[0]:
+            seen[1].append(row)  # the database breaks the tie by event key
+    candidates = [row for _, tied in earliest.values() for row in tied]
     opened_before = _opened_before(conn, candidates)
     for index, row in enumerate(candidates):
         if index not in opened_before:
-            machine = row.get("verdict") == "machine"
+            machine = row.get("verdict") in MACHINE_VERDICTS
             row["notable"] = FIRST_MACHINE_OPEN if machine else FIRST_OPEN
     return sorted((row for row in rows if row["notable"]), key=when)
 
