@@ -273,7 +273,7 @@ def claim_due(engine: Engine, limit: int, lease: float) -> list[Claim]:
 
 def retry_delay(settings: Settings, attempts: int) -> float:
     """Exponential backoff with jitter: base * 2**(n-1), capped, times 0.5-1.0."""
-    delay = min(
+    delay: float = min(
         settings.webhook_retry_max_interval, settings.webhook_retry_base * 2 ** (attempts - 1)
     )
     return delay * random.uniform(0.5, 1.0)

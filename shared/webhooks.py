@@ -24,9 +24,9 @@ from sqlmodel import select as model_select
 
 from shared.config import Settings
 from shared.db import session_scope
+from shared.errors import UserError
 from shared.models import DeliveryAttempt, OutboxItem, WebhookEndpoint, utcnow
 from shared.outbox import EVENT_TYPES, WEBHOOK_TEST, payload
-from shared.users import UserError
 from shared.webhook_signature import headers
 
 log = logging.getLogger(__name__)
