@@ -31,7 +31,8 @@ from receiver.classify import VERDICTS, Hit, classify
 from receiver.eventrecord import KeyedEvent, Row, truncate_ip
 from shared.db import insert_ignoring_sql
 from shared.models import Event, Message
-from shared.outbox import enqueue_for_events, may_notify
+from shared.notable import may_notify
+from shared.outbox import enqueue_for_events
 
 #: Distinct (user agent, IP, ...) verdicts remembered.
 VERDICT_CACHE_SIZE = 65536

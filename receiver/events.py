@@ -156,9 +156,10 @@ class EventWriter:
     def subscribe(self, listener: OnWritten) -> None:
         """Call ``listener(rows)`` after each committed batch.
 
-        ``rows`` are the inserted rows that may notify someone (shared/outbox.py
+        ``rows`` are the inserted rows that may notify someone (shared/notable.py
         ``may_notify``: human and proxy hits, machine opens, unknown clicks) as
-        dictionaries of the events table's columns; scanner and self hits are
+        dictionaries of the events table's columns and ``notable``, what the
+        writer decided about each (shared/notable.py); scanner and self hits are
         only counted. A batch without such rows calls no listener.
         """
         self.listeners.append(listener)

@@ -14,7 +14,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from seedrows import add_message, event, write_events
 from sqlalchemy import Engine, select
 
-from shared import webhooks
+from shared import outbox_worker
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import OutboxItem, Policy
@@ -70,7 +70,7 @@ def test_first_open_and_first_click_mail_the_sender(
         settings = make_settings(
             upstream=f"smtp://127.0.0.1:{port}", notify_from="trackrelay@example.com"
         )
-        worker = webhooks.OutboxWorker(settings, engine)
+        worker = outbox_worker.OutboxWorker(settings, engine)
         await worker.start()
         deadline = asyncio.get_running_loop().time() + 10
         while len(sink.mail) < 2:
@@ -101,7 +101,7 @@ def test_without_notify_from_the_row_fails_once_and_says_why(
     queue(engine, [event(add_message(engine))])
 
     async def run() -> None:
-        worker = webhooks.OutboxWorker(make_settings(), engine)
+        worker = outbox_worker.OutboxWorker(make_settings(), engine)
         await worker.start()
         await worker.run_once()  # this or the started loop claims it; stop() waits for both
         await worker.stop()
@@ -121,7 +121,7 @@ def test_dev_mode_writes_the_notification_to_the_maildir_sink(
     settings = make_settings(upstream=f"maildir:{tmp_path / 'sink'}", notify_from="tr@example.com")
 
     async def run() -> None:
-        worker = webhooks.OutboxWorker(settings, engine)
+        worker = outbox_worker.OutboxWorker(settings, engine)
         await worker.start()
         await worker.run_once()
         await worker.stop()

@@ -25,7 +25,7 @@ from shared import db
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Link, Message, OutboxItem, Recipient
-from shared.outbox import enqueue_message_sent
+from shared.outbox import enqueue_messages_sent
 from shared.policies import add_suppression
 from shared.spool import SQLITE_WRITE_TIMEOUT
 from shared.tokens import Signer, new_message_id
@@ -162,7 +162,7 @@ def orm_write(engine: Engine, record: Record) -> None:
         session.flush()
         if record["links"]:
             session.execute(insert(Link), record["links"])
-        enqueue_message_sent(session, message, recipients)
+        enqueue_messages_sent(session, [(message, recipients)])
 
 
 STORED = {  # every column but autoincrement ids and the outbox rows' own times
