@@ -1,6 +1,8 @@
 """aiosmtpd's SMTP protocol, with the fixes a relay in front of a real server needs.
 
-Verified on aiosmtpd 1.4.6, and why each override exists:
+Verified on aiosmtpd 1.4.6, and why each override exists (every private part
+of aiosmtpd it needs is reached through relay/aiosmtpd_adapter.py, and only
+there):
 
 * DATA is read line by line with a debug log call per line. :func:`read_data`
   reads whatever the socket delivered (up to one receive buffer) and searches
@@ -47,11 +49,11 @@ import functools
 import io
 import logging
 from collections.abc import Awaitable, Callable
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, Session
+from aiosmtpd.smtp import MISSING, Session
+
+from relay.aiosmtpd_adapter import AdaptedSession, AdaptedSMTP, Command, unread
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ DATA_TIMEOUT_REPLY = "421 4.4.2 Message upload took too long, closing connection
 COMMAND_LIMIT_REPLY = "421 4.7.0 Too many commands without sending mail, closing connection"
 
 
-class RelaySession(Session):
+class RelaySession(AdaptedSession):
     """An aiosmtpd session plus what the relay keeps for one client connection."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -72,15 +74,6 @@ class RelaySession(Session):
         self.auth_user = ""
         self.addresses: list[str] = []  # local mode: what the user may send as
         self.refused: list[tuple[str, Any]] = []  # RCPTs the upstream refused (address, Reply)
-
-    # aiosmtpd sets this on every AUTH and logs a deprecation WARNING each time.
-    @property
-    def login_data(self) -> Any:
-        return self._login_data
-
-    @login_data.setter
-    def login_data(self, value: Any) -> None:
-        self._login_data = value
 
     @property
     def client_ip(self) -> str:
@@ -109,7 +102,7 @@ async def read_data(
     """
     # The CRLF that ended the DATA command line also starts the terminator of
     # an empty message (".\r\n" at once): put it back so one search finds both.
-    reader._buffer[:0] = b"\r\n"  # type: ignore[attr-defined]  # aiosmtpd touches it too
+    unread(reader, b"\r\n")
     content = io.BytesIO()  # see _bytes_of
     skip = 2  # that CRLF is not content (un-stuffing keeps a CRLF)
     received = 0
@@ -211,7 +204,7 @@ class _LineMeter:
         return longest > MAX_LINE
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(AdaptedSMTP):
     """The relay's SMTP protocol: one instance per client connection."""
 
     def __init__(
@@ -234,45 +227,15 @@ class RelaySMTP(SMTP):
         self._peer_allowed = peer_allowed
         self._on_open = on_open
         self._on_close = on_close
-        self._forwarding = False
         self._in_data = False
         self._busy = False
         self._draining = False
         # Wrap every command so shutdown can close a session between transactions.
-        self._smtp_methods = {
-            name: self._tracked(name, method) for name, method in self._smtp_methods.items()
-        }
-
-    # --- addresses ---
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's parse of a MAIL/RCPT address, without its per-call class.
-
-        The stock method defines a ``typing.Protocol`` class on every call (for
-        a type annotation): ~2 % of the relay's CPU on small messages. Same
-        parse, same results; and (None, None), so 553 5.1.3, where the stdlib
-        parser crashes (``MAIL FROM:"``), which aiosmtpd answered with a 500
-        naming the Python exception.
-        """
-        if not arg:
-            return "", ""
-        try:
-            if arg.lstrip().startswith("<"):
-                angle, rest = get_angle_addr(arg)
-                addr = angle.addr_spec
-            else:
-                spec, rest = get_addr_spec(arg)
-                addr = spec.addr_spec
-        except (HeaderParseError, IndexError):  # the stdlib parser fails so on '"'
-            return None, None
-        localpart = addr.rpartition("@")[0]
-        if self.local_part_limit and len(localpart) > self.local_part_limit:
-            return None, None
-        return addr, rest
+        self.wrap_commands(self._tracked)
 
     # --- sessions ---
 
-    def _create_session(self) -> RelaySession:
+    def new_session(self) -> RelaySession:
         session = RelaySession(self.loop)
         session.listener = self.listener
         return session
@@ -297,7 +260,7 @@ class RelaySMTP(SMTP):
         if hook is not None:
             hook(self, session)
 
-    async def _handle_client(self) -> None:
+    async def serve_client(self) -> None:
         assert self.session is not None
         ip = self.session.peer[0] if isinstance(self.session.peer, tuple) else ""
         if self._peer_allowed is not None and not self._peer_allowed(str(ip)):
@@ -306,31 +269,20 @@ class RelaySMTP(SMTP):
             assert self.transport is not None
             self.transport.close()
             return
-        await super()._handle_client()
+        await super().serve_client()
 
     # --- idle timeout ---
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        if self._forwarding:
-            return  # never time out while the upstream is being written to
-        super()._reset_timeout(duration)
-
     def data_received(self, data: bytes) -> None:
         if self._in_data and b"\n" in data:
-            self._reset_timeout()  # a line arrived: the upload is slow, not idle
+            self.reset_timeout()  # a line arrived: the upload is slow, not idle
         super().data_received(data)
-
-    def _suspend_timeout(self) -> None:
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
 
     # --- shutdown ---
 
-    def _tracked(
-        self, name: str, method: Callable[[Any], Awaitable[None]]
-    ) -> Callable[[Any], Awaitable[None]]:
+    def _tracked(self, name: str, method: Command) -> Command:
         @functools.wraps(method)
-        async def run(arg: Any) -> None:
+        async def run(arg: str) -> None:
             if self.command_limit is not None and self._idle_commands >= self.command_limit:
                 if name != "QUIT":
                     await self._over_command_limit()
@@ -386,7 +338,7 @@ class RelaySMTP(SMTP):
     def _close_if_idle(self) -> None:
         if self.transport is None or self.transport.is_closing() or self.in_transaction:
             return
-        self._writer.write(SHUTDOWN_REPLY)
+        self.write_now(SHUTDOWN_REPLY)
         self.transport.close()
 
     def abort(self) -> None:
@@ -412,7 +364,7 @@ class RelaySMTP(SMTP):
         try:
             content = await asyncio.wait_for(
                 read_data(
-                    self._reader, size_limit=self.data_size_limit, on_too_big=self._reply_too_big
+                    self.reader, size_limit=self.data_size_limit, on_too_big=self._reply_too_big
                 ),
                 self.data_timeout,
             )
@@ -435,14 +387,12 @@ class RelaySMTP(SMTP):
         finally:
             self._in_data = False
         self.envelope.content = self.envelope.original_content = content
-        self._forwarding = True
-        self._suspend_timeout()
+        self.suspend_timeout()  # never time out while the upstream is being written to
         try:
-            status = await self._call_handler_hook("DATA")
+            status = await self.call_hook("DATA")
         finally:
-            self._forwarding = False
-            self._reset_timeout()
-        self._set_post_data_state()
+            self.resume_timeout()
+        self.end_transaction()
         await self.push("250 OK" if status is MISSING else status)
 
     async def _reply_too_big(self) -> None:
@@ -450,5 +400,5 @@ class RelaySMTP(SMTP):
 
     async def _abandon_transaction(self) -> None:
         """The client's DATA was refused here: end the upstream transaction too."""
-        self._set_post_data_state()
-        await self._call_handler_hook("RSET")
+        self.end_transaction()
+        await self.call_hook("RSET")
