@@ -1,4 +1,5 @@
-"""The SMTP protocol layer (relay/smtp.py): DATA reader, limits, idle timeout."""
+"""The SMTP protocol layer (relay/smtp.py, relay/datareader.py): DATA reader,
+limits, idle timeout."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tracing import peak_allocated
 
-from relay.smtp import DataTooBig, DataTooLong, read_data
+from relay.datareader import DataTooBig, DataTooLong, read_data
 
 
 def stuff(body: bytes) -> bytes:
@@ -107,7 +108,7 @@ def test_any_body_round_trips(lines: list[bytes], chunk: int) -> None:
     st.lists(st.integers(0, 60), max_size=8),
 )
 def test_unstuffing_chunk_by_chunk_equals_one_replace(parts: list[bytes], cuts: list[int]) -> None:
-    from relay.smtp import _Unstuffer
+    from relay.datareader import _Unstuffer
 
     data = b"\r\n" + b"".join(parts)
     bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
