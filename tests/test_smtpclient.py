@@ -94,27 +94,35 @@ def test_a_whole_message_is_sent_after_one_login(
     assert b"Subject: hi\r\n" in received.data
 
 
-def test_tls_is_required_even_when_the_server_offers_none(
-    make_settings: Callable[..., Settings],
-) -> None:
-    """smtp+starttls:// to a server without STARTTLS: no plaintext fallback,
-    so no credentials ever cross the wire in the clear."""
+def _connect_fails(
+    make_settings: Callable[..., Settings], server: Callable[[], asyncio.BaseProtocol], scheme: str
+) -> UpstreamUnavailable:
+    """What connecting to ``server`` (on loopback, by ``scheme``) raises."""
 
     async def go() -> UpstreamUnavailable:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: SMTP(object()), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        client = _client(make_settings, f"smtp+starttls://127.0.0.1:{port}")
+        listening = await loop.create_server(server, "127.0.0.1", 0)
+        port = listening.sockets[0].getsockname()[1]
+        client = _client(make_settings, f"{scheme}://127.0.0.1:{port}")
         try:
             with pytest.raises(UpstreamUnavailable) as caught:
                 await client.connect()
         finally:
             await client.close()
-            server.close()
-            await server.wait_closed()
+            listening.close()
+            await listening.wait_closed()
         return caught.value
 
-    assert "STARTTLS" in str(asyncio.run(go()))
+    return asyncio.run(go())
+
+
+def test_tls_is_required_even_when_the_server_offers_none(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """smtp+starttls:// to a server without STARTTLS: no plaintext fallback,
+    so no credentials ever cross the wire in the clear."""
+    failure = _connect_fails(make_settings, lambda: SMTP(object()), "smtp+starttls")
+    assert "STARTTLS" in str(failure)
 
 
 def test_an_unreachable_server_raises_unavailable(
@@ -146,20 +154,8 @@ class _Refusing(asyncio.Protocol):
 def test_a_refused_greeting_is_unavailable_with_the_reply(
     make_settings: Callable[..., Settings],
 ) -> None:
-    async def go() -> UpstreamUnavailable:
-        server = await asyncio.get_running_loop().create_server(_Refusing, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        client = _client(make_settings, f"smtp://127.0.0.1:{port}")
-        try:
-            with pytest.raises(UpstreamUnavailable) as caught:
-                await client.connect()
-        finally:
-            await client.close()
-            server.close()
-            await server.wait_closed()
-        return caught.value
-
-    assert asyncio.run(go()).reply == Reply(554, "5.3.2 not now")
+    failure = _connect_fails(make_settings, _Refusing, "smtp")
+    assert failure.reply == Reply(554, "5.3.2 not now")
 
 
 class Lingering(asyncio.Protocol):
