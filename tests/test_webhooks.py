@@ -17,8 +17,8 @@ from sqlalchemy import Engine, func, select, update
 from sqlmodel import col
 from webhook_server import webhook_server
 
-from receiver.events import _keys, new_event
-from receiver.eventstore import BatchStore
+from receiver.eventrecord import event_keys, new_event
+from receiver.eventrows import BatchStore
 from shared import outbox_worker, webhooks
 from shared.config import Settings
 from shared.db import session_scope
@@ -308,7 +308,7 @@ def test_the_writer_queues_notifications_with_its_batch(engine: Engine) -> None:
     message = add_message(engine)
     assert message.id is not None
     store = BatchStore(engine, store_full_ip=False)
-    batch = _keys.assign(
+    batch = event_keys.assign(
         [
             new_event("open", message.id, 1, 0, "192.0.2.1", FIREFOX, "GET"),
             new_event("open", message.id, 1, 0, "192.0.2.1", FIREFOX, "GET"),
