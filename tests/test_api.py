@@ -21,6 +21,7 @@ from receiver import api
 from receiver.openapi import document
 from shared import apitokens
 from shared.db import session_scope
+from shared.identity import Viewer
 from shared.models import Message
 from shared.users import add_user
 
@@ -82,6 +83,13 @@ def test_tokens_are_required_hashed_and_revocable(
     assert tokens["root"] not in repr(listed)  # only the hash and a prefix are kept
     assert listed["root"].prefix == tokens["root"][:12]
     assert listed["root"].last_used_at is not None
+    caller = apitokens.authenticate_token(engine, tokens["alice"])
+    assert isinstance(caller, Viewer)  # the dashboard's identity: one scope for both
+    assert (caller.username, caller.addresses, caller.is_admin) == (
+        "alice",
+        ("alice@example.com",),
+        False,
+    )
     apitokens.revoke_token(engine, listed["root"].prefix)
     reply = client.get("/api/v1/messages", headers=auth(tokens["root"]))
     assert reply.status_code == 401 and reply.json() == {"error": "unknown or revoked API token"}
