@@ -61,7 +61,7 @@ from sqlalchemy import Engine, bindparam, insert, select
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlmodel import SQLModel
 
-from relay.track import Prepared
+from relay.prepared import Prepared
 from relay.upstream import Reply
 from shared.config import Settings
 from shared.db import impatient_engine
@@ -130,7 +130,7 @@ def to_record(prepared: Prepared, delivery: Delivery) -> Record:
         for position, (address, reply) in enumerate(outcomes, start=1)
     ]
     return {
-        "message": message.model_dump(mode="json"),
+        "message": message.as_json(),
         "recipients": recipients,
         "links": [link._asdict() for link in prepared.links],
     }
