@@ -604,7 +604,7 @@ def test_a_30_mb_tracked_message_arrives_byte_for_byte(
     bytes, block-by-block DATA encoder with flow control) delivers exactly the
     rendering of the small message with the same HTML part, the 30 MB of dotted
     lines unchanged, dot-stuffed correctly wherever the encoder cuts them."""
-    from relay.upstream import DATA_CHUNK
+    from relay.datawriter import DATA_CHUNK
     from shared.policies import snapshot_of
 
     # The tracked copy is [head, head, new HTML part, the rest as one view]: the

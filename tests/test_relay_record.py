@@ -18,22 +18,16 @@ from sqlmodel import Session, select
 from upstream import PASSWORD, USER, RecordingUpstream
 
 from relay.prepared import Copy, LinkRow, MessageRecord, Prepared
-from relay.record import (
-    SQLITE_WRITE_TIMEOUT,
-    Delivery,
-    Record,
-    Recorder,
-    RecordStore,
-    to_record,
-)
+from relay.record import Delivery, Record, Recorder, RecordStore, to_record
 from relay.server import RelayServer
 from relay.upstream import Reply
 from shared import db
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Link, Message, OutboxItem, Recipient
-from shared.outbox import enqueue_message_sent
+from shared.outbox import enqueue_messages_sent
 from shared.policies import add_suppression
+from shared.spool import SQLITE_WRITE_TIMEOUT
 from shared.tokens import Signer, new_message_id
 from shared.webhooks import add_endpoint
 
@@ -152,9 +146,9 @@ class KeepingStore(RecordStore):
         super().__init__(engine)
         self.seen: list[Record] = []
 
-    def write(self, records: list[Record]) -> tuple[int, list[Record]]:
+    def write(self, records: list[Record], replay: bool) -> int:
         self.seen += json.loads(json.dumps(records))
-        return super().write(records)
+        return super().write(records, replay)
 
 
 def orm_write(engine: Engine, record: Record) -> None:
@@ -168,7 +162,7 @@ def orm_write(engine: Engine, record: Record) -> None:
         session.flush()
         if record["links"]:
             session.execute(insert(Link), record["links"])
-        enqueue_message_sent(session, message, recipients)
+        enqueue_messages_sent(session, [(message, recipients)])
 
 
 STORED = {  # every column but autoincrement ids and the outbox rows' own times

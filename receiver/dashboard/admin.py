@@ -22,7 +22,6 @@ from receiver.dashboard.forms import (
     UserForm,
     message,
 )
-from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import (
     engine_of,
     flash,
@@ -34,6 +33,7 @@ from receiver.dashboard.web import (
     render,
 )
 from shared import policies
+from shared.identity import Viewer
 from shared.users import (
     UserError,
     add_user,

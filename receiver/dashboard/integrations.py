@@ -20,7 +20,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from receiver.dashboard.forms import Errors, checked, message, text
-from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import (
     engine_of,
     flash,
@@ -35,6 +34,7 @@ from receiver.dashboard.web import (
     submitted_before,
 )
 from shared import apitokens, webhooks
+from shared.identity import Viewer
 from shared.models import WebhookEndpoint
 from shared.outbox import EVENT_TYPES
 from shared.users import UserError, list_users

@@ -16,10 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from receiver.dashboard.forms import Errors, checked, message, text
-from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import engine_of, flash, form_of, page, redirect, render
 from shared import consent, privacy
 from shared.addresses import normalize_address
+from shared.identity import Viewer
 from shared.users import UserError
 
 MODE_LABELS = {

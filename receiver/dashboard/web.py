@@ -25,10 +25,11 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from receiver.dashboard.queries import Viewer, aware
+from receiver.readmodel import aware
 from receiver.sessions import CSRF_FIELD, CSRF_HEADER, csrf_ok, csrf_token
 from shared.config import Settings
 from shared.db import session_scope
+from shared.identity import Viewer
 from shared.models import User
 from shared.users import user_addresses
 
