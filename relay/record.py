@@ -48,7 +48,7 @@ from pydantic_core import PydanticUndefined
 from sqlalchemy import Engine, bindparam, insert, select
 from sqlmodel import SQLModel
 
-from relay.track import Prepared
+from relay.prepared import Prepared
 from relay.upstream import Reply
 from shared.config import Settings
 from shared.db import impatient_engine
@@ -117,7 +117,7 @@ def to_record(prepared: Prepared, delivery: Delivery) -> Record:
         for position, (address, reply) in enumerate(outcomes, start=1)
     ]
     return {
-        "message": message.model_dump(mode="json"),
+        "message": message.as_json(),
         "recipients": recipients,
         "links": [link._asdict() for link in prepared.links],
     }
