@@ -188,7 +188,7 @@ class RecordStore(Store[Record]):
         """Store ``records`` in one transaction (those already stored are skipped)."""
         try:
             batch = [_Rows(record) for record in records]
-        except Exception as exc:  # a required field absent, a date that is none
+        except Exception as exc:  # a required field absent, a date that is not one
             raise Invalid(f"an unreadable record: {exc!r}") from exc
         return self._insert(batch)
 

@@ -16,8 +16,9 @@ and raises ``OSError``: no half-written line is left in the middle of a file
 to spoil the records after it. ``append_what_fits`` keeps what still fits of
 a batch, so the caller counts only what was really lost.
 
-Callers serialise their calls (one at a time); the methods block, so async
-callers run them with ``asyncio.to_thread``.
+When to append, replay and set aside is decided in one place, shared/spool.py
+(``Spool``), for every writer; it serialises its calls (one at a time). The
+methods block, so async callers run them with ``asyncio.to_thread``.
 """
 
 from __future__ import annotations

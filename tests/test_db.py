@@ -1,4 +1,5 @@
-"""shared/db.py: migrations at start say what they did and nothing else."""
+"""shared/db.py: migrations at start say what they did and nothing else; the one
+``ON CONFLICT DO NOTHING`` (a Core statement and its SQL text) on both databases."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import logging
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 from shared import db
+from shared.models import Event
 
 
 def test_upgrade_logs_only_the_migrations_it_ran(
@@ -23,3 +26,43 @@ def test_upgrade_logs_only_the_migrations_it_ran(
     with caplog.at_level(logging.INFO):
         db.upgrade(url)  # every later start: already up to date, nothing to say
     assert caplog.records == []
+
+
+EVENTS = Event.__table__  # type: ignore[attr-defined]
+
+
+def _event(key: str) -> dict[str, object]:
+    return {"event_key": key, "message_id": 1, "kind": "open", "user_agent": "", "reasons": ""}
+
+
+def _keys(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.exec_driver_sql("SELECT event_key FROM events ORDER BY id").scalars())
+
+
+@pytest.mark.parametrize("key", ["event_key", None])
+def test_insert_ignoring_skips_a_stored_key(engine: Engine, key: str | None) -> None:
+    statement = db.insert_ignoring(EVENTS, key, engine.dialect.name)
+    with engine.begin() as conn:
+        conn.execute(statement, [_event("a"), _event("b")])
+    with engine.begin() as conn:
+        added = conn.execute(statement.returning(EVENTS.c.event_key), [_event("b"), _event("c")])
+        assert [row.event_key for row in added] == ["c"]
+    assert _keys(engine) == ["a", "b", "c"]
+
+
+def test_insert_ignoring_sql_is_the_same_statement_as_text(engine: Engine) -> None:
+    marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+    columns = tuple(c.name for c in EVENTS.columns if c.name != "id")
+    row = f"({', '.join([marker] * len(columns))})"
+    sql = db.insert_ignoring_sql(
+        "events", columns, f"VALUES {row}, {row}", "event_key", returning="event_key"
+    )
+    every = {"recipient_position": 0, "link_position": 0, "ip": "", "method": "GET"}
+    every |= {"occurred_at": "2026-01-01 00:00:00+00:00", "verdict": "human"}
+    values = tuple({**every, **_event(key)}[c] for key in ("a", "b") for c in columns)
+    with engine.begin() as conn:
+        assert sorted(conn.exec_driver_sql(sql, values).scalars()) == ["a", "b"]
+    with engine.begin() as conn:
+        assert list(conn.exec_driver_sql(sql, values).scalars()) == []
+    assert _keys(engine) == ["a", "b"]
