@@ -8,6 +8,11 @@ upstream gives 451 4.4.1 (the client keeps the mail and retries).
 Never an open relay: MAIL needs AUTH, or a client address in the trusted
 networks (530 5.7.0 otherwise).
 
+DATA is three steps, each owned elsewhere: prepare (relay/track.py runs the
+steps of relay/pipeline.py and is the one place that fails open) -> deliver
+(relay/deliver.py) -> record (relay/record.py). Every hook returns the reply
+string the client gets.
+
 Hook names are case-sensitive in aiosmtpd and a misspelt one is silently
 skipped (the server still answers 250): the end-to-end tests assert on the
 bytes the upstream received, which is what catches that.

@@ -7,6 +7,9 @@ and either returns the :class:`Prepared` outcome, which ends the pipeline —
 a guard clause: the message goes out untracked, for the reason it records —
 or ``None``, and the next step runs. The last step always returns.
 
+Before them :meth:`Job.start` reads the top-level header fields, finds the
+trigger headers and starts the message's record; then:
+
 1. ``dkim``: a DKIM signature covers a trigger header: deleting it would break
    the signature, so the message goes out untouched;
 2. ``strip_triggers``: delete the trigger headers (always, tracked or not);
@@ -86,6 +89,7 @@ class Job:
 
     @classmethod
     def start(cls, setup: Setup, sub: Submission, snapshot: Snapshot | None) -> Job:
+        """The job of ``sub``: its header fields and trigger headers found, its record begun."""
         fields, _ = top_fields(sub.data)
         triggers = [f for f in fields if f.name in setup.trigger_names]
         record = message_record(sub, fields)
