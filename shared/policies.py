@@ -36,6 +36,8 @@ MAX_RECIPIENT_CAP = 1000
 SUPPRESSION_SOURCES = ("cli", "dashboard", "public", "api")
 DEFAULT_POLICY = Policy(pattern="", mode="header")
 _FLAGS = ("allow_opens", "allow_clicks", "allow_text_links", "per_recipient", "notify")
+# what set_policy() takes besides the pattern, by the names of Policy's columns
+POLICY_FIELDS = ("mode", *_FLAGS, "recipient_cap")
 
 
 class PolicyError(UserError):
@@ -188,6 +190,12 @@ def describe(policy: Policy) -> str:
     flags = [n.removeprefix("allow_").replace("_", "-") for n in _FLAGS if getattr(policy, n)]
     cap = f"cap={policy.recipient_cap}" if policy.per_recipient else ""
     return " ".join(p for p in (f"mode={policy.mode}", *flags, cap) if p)
+
+
+def policy_values(source: object) -> dict[str, Any]:
+    """The :data:`POLICY_FIELDS` of ``source`` (a form, the CLI's parsed
+    arguments: anything with those attributes), for ``set_policy(**...)``."""
+    return {name: getattr(source, name) for name in POLICY_FIELDS}
 
 
 # --- suppressions ---------------------------------------------------------------

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import dataclass, replace
 
 from sqlalchemy import Engine
 
@@ -24,15 +25,24 @@ from shared.config import Settings
 log = logging.getLogger(__name__)
 
 
-def serve(
-    settings: Settings,
-    engine: Engine,
-    *,
-    relay: bool,
-    receiver: bool,
-    relay_sockets: dict[str, socket.socket] | None = None,
-) -> int:
-    main = run(settings, engine, relay=relay, receiver=receiver, relay_sockets=relay_sockets)
+@dataclass(frozen=True)
+class Parts:
+    """What one process serves: the relay, the receiver or both."""
+
+    relay: bool
+    receiver: bool
+    # a relay worker's listeners, bound once by its parent (serve_relay_workers)
+    relay_sockets: dict[str, socket.socket] | None = None
+
+
+BOTH = Parts(relay=True, receiver=True)
+RELAY = Parts(relay=True, receiver=False)
+RECEIVER = Parts(relay=False, receiver=True)
+
+
+def serve(settings: Settings, engine: Engine, parts: Parts) -> int:
+    """Run ``parts`` on uvloop until SIGINT or SIGTERM; the exit status."""
+    main = run(settings, engine, parts)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] ships it
@@ -41,14 +51,7 @@ def serve(
         return runner.run(main)
 
 
-async def run(
-    settings: Settings,
-    engine: Engine,
-    *,
-    relay: bool,
-    receiver: bool,
-    relay_sockets: dict[str, socket.socket] | None = None,
-) -> int:
+async def run(settings: Settings, engine: Engine, parts: Parts) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,17 +59,17 @@ async def run(
 
     if problem := settings.public_url_problem():
         log.warning("%s", problem)
-    http_socket = bind_http(settings) if receiver else None
+    http_socket = bind_http(settings) if parts.receiver else None
     if http_socket is not None and settings.http_port == 0 and not settings.public_url:
         # Links default to http://HOST:HTTP_PORT: name the port really bound, not 0.
         settings = settings.model_copy(update={"http_port": http_socket.getsockname()[1]})
     relay_server = None
-    if relay:
+    if parts.relay:
         from relay.server import RelayServer
 
-        relay_server = RelayServer(settings, engine, sockets=relay_sockets)
+        relay_server = RelayServer(settings, engine, sockets=parts.relay_sockets)
     app = http_server = None
-    if receiver:
+    if parts.receiver:
         from trackrelay import web  # uvicorn and Starlette: only a process that serves HTTP
 
         app = web.receiver_app(settings, engine)
@@ -82,7 +85,7 @@ async def run(
             await web.started(http_server, tasks[-1])
         http_port = http_socket.getsockname()[1] if http_socket is not None else None
         _freeze_startup_objects()
-        for line in banner(settings, relay_server, receiver=receiver, http_port=http_port):
+        for line in banner(settings, relay_server, receiver=parts.receiver, http_port=http_port):
             print(line, flush=True)
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -152,7 +155,7 @@ def serve_relay_workers(settings: Settings, engine: Engine) -> int:
         if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' traffic
             code = 1
             try:
-                code = serve(settings, engine, relay=True, receiver=False, relay_sockets=sockets)
+                code = serve(settings, engine, replace(RELAY, relay_sockets=sockets))
             finally:
                 os._exit(code)
         children.append(pid)
