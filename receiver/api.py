@@ -34,19 +34,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from receiver.classify import ENGAGED_VERDICTS
 from receiver.openapi import document
 from shared import consent, policies
 from shared.addresses import normalize_address, spellings
 from shared.apitokens import Principal, authenticate_token
 from shared.db import session_scope
+from shared.isotime import iso, parse
 from shared.models import Event, Link, Message, Policy, Recipient, Suppression
 from shared.users import UserError
+from shared.verdicts import COUNTED
 
 log = logging.getLogger(__name__)
 
-# Opens and clicks count only verdicts human and proxy, as in the dashboard.
-COUNTED = tuple(sorted(ENGAGED_VERDICTS))
 MAX_LIMIT = 200
 
 
@@ -161,10 +160,9 @@ def _time(request: Request, name: str, end_of_day: bool = False) -> datetime | N
         if len(value) == 10:
             day = date.fromisoformat(value)
             return datetime.combine(day, time.max if end_of_day else time.min, tzinfo=UTC)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse(value)
     except ValueError:
         raise ApiError(400, f"{name} must be a date (YYYY-MM-DD) or an ISO 8601 time") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _address(value: Any) -> str:
@@ -288,9 +286,9 @@ def _stats(conn: Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
     ):
         entry = stats.setdefault(mid, dict(_NO_STATS))
         if kind == "open":
-            entry.update(opens=count, first_opened_at=_iso(first))
+            entry.update(opens=count, first_opened_at=iso(first))
         elif kind == "click":
-            entry.update(clicks=count, first_clicked_at=_iso(first))
+            entry.update(clicks=count, first_clicked_at=iso(first))
     return stats
 
 
@@ -340,7 +338,7 @@ def _message_detail(conn: Connection, message_id: int, scope: Any) -> dict[str, 
             for e in counted
             if e.kind == kind and all(getattr(e, k) == v for k, v in match.items())
         ]
-        return _iso(min(times)) if times else None
+        return iso(min(times)) if times else None
 
     return {
         **_message(message),
@@ -377,7 +375,7 @@ def _message_detail(conn: Connection, message_id: int, scope: Any) -> dict[str, 
 def _message(m: Message) -> dict[str, Any]:
     return {
         "id": str(m.id),
-        "created_at": _iso(m.created_at),
+        "created_at": iso(m.created_at),
         "sender": m.sender,
         "from": m.from_header,
         "subject": m.subject,
@@ -396,20 +394,12 @@ def _event(e: Event) -> dict[str, Any]:
         "kind": e.kind,
         "recipient_position": e.recipient_position,
         "link_position": e.link_position,
-        "occurred_at": _iso(e.occurred_at),
+        "occurred_at": iso(e.occurred_at),
         "verdict": e.verdict,
         "reasons": [r for r in e.reasons.split(",") if r],
         "ip": e.ip,
         "user_agent": e.user_agent,
     }
-
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 # --- events ---
@@ -446,7 +436,7 @@ def _policy(p: Policy) -> dict[str, Any]:
         "per_recipient": p.per_recipient,
         "recipient_cap": p.recipient_cap,
         "notify": p.notify,
-        "updated_at": _iso(p.updated_at),
+        "updated_at": iso(p.updated_at),
     }
 
 
@@ -522,7 +512,7 @@ async def delete_policy(request: Request, principal: Principal) -> None:
 
 
 def _suppression(row: Suppression) -> dict[str, Any]:
-    return {"address": row.address, "source": row.source, "created_at": _iso(row.created_at)}
+    return {"address": row.address, "source": row.source, "created_at": iso(row.created_at)}
 
 
 @endpoint(admin=True)
@@ -569,7 +559,7 @@ async def list_consents(request: Request, principal: Principal) -> dict[str, Any
     modes = await asyncio.to_thread(consent.list_modes, engine)
     return {
         "consents": [
-            {"address": c.address, "source": c.source, "created_at": _iso(c.created_at)}
+            {"address": c.address, "source": c.source, "created_at": iso(c.created_at)}
             for c in rows
         ],
         "modes": [{"domain": d, "mode": m} for d, m in sorted(modes.items())],
@@ -587,7 +577,7 @@ async def add_consent(request: Request, principal: Principal) -> dict[str, Any]:
     await asyncio.to_thread(consent.add_consent, _engine(request), address, source)
     rows = await asyncio.to_thread(consent.list_consents, _engine(request))
     row = next(c for c in rows if c.address == address)
-    return {"address": row.address, "source": row.source, "created_at": _iso(row.created_at)}
+    return {"address": row.address, "source": row.source, "created_at": iso(row.created_at)}
 
 
 @endpoint(admin=True)

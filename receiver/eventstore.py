@@ -50,7 +50,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Table
 from sqlalchemy.exc import DataError, IntegrityError
 
-from receiver.classify import VERDICTS, Hit, classify
+from receiver.classify import Hit, classify
 from receiver.events import (
     FRAME_HEADER,
     KeyedEvent,
@@ -66,6 +66,7 @@ from receiver.events import Journal as Journal
 from shared import db
 from shared.models import Event, Message
 from shared.outbox import enqueue_for_events, may_notify
+from shared.verdicts import VERDICTS
 
 log = logging.getLogger("receiver.eventstore")  # also when run as __main__
 

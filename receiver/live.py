@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -30,13 +29,14 @@ from sqlalchemy import Engine, func, text
 from sqlmodel import col, select
 
 from shared.db import session_scope
+from shared.isotime import moment
 from shared.models import Event, Link, Message, Recipient
 from shared.users import may_send_as
+from shared.verdicts import COUNTED
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "trackrelay_live"
-COUNTED = ("human", "proxy")
 QUEUE_SIZE = 100
 _MAX_TEXT = 300  # NOTIFY payloads are limited to 8000 bytes
 
@@ -204,7 +204,7 @@ def notifications(engine: Engine, events: Iterable[Mapping[str, Any]]) -> list[d
         }
         notes: list[dict[str, Any]] = []
         seen: set[tuple[int, int]] = set()
-        for event in sorted(counted, key=lambda e: _when(e.get("occurred_at"))):
+        for event in sorted(counted, key=lambda e: moment(e.get("occurred_at"), strict=False)):
             message_id = int(event["message_id"])
             position = int(event.get("recipient_position") or 0)
             if event["kind"] == "open":
@@ -224,7 +224,7 @@ def notifications(engine: Engine, events: Iterable[Mapping[str, Any]]) -> list[d
                     "sender": message.sender if message else "",
                     "recipient": recipients.get((message_id, position), ""),
                     "url": url[:_MAX_TEXT] if event["kind"] == "click" else "",
-                    "at": _when(event.get("occurred_at")).isoformat(),
+                    "at": moment(event.get("occurred_at"), strict=False).isoformat(),
                 }
             )
     return notes
@@ -244,18 +244,9 @@ def _opened_before(
             col(Event.verdict).in_(COUNTED),
         )
     )
-    when = _when(event.get("occurred_at"))
+    when = moment(event.get("occurred_at"), strict=False)
     if batch_keys:  # the batch's own rows are already committed: leave them out
         query = query.where(col(Event.occurred_at) <= when, col(Event.event_key).not_in(batch_keys))
     else:
         query = query.where(col(Event.occurred_at) < when)
     return int(session.exec(query).one()) > 0
-
-
-def _when(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, str) and value:
-        with contextlib.suppress(ValueError):
-            return _when(datetime.fromisoformat(value))
-    return datetime.now(UTC)

@@ -26,16 +26,18 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, and_, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
+from shared.isotime import iso, moment
 from shared.models import Event, Link, Message, OutboxItem, Policy, Recipient, WebhookEndpoint
 from shared.models import utcnow as _utcnow
 from shared.policies import lookup_key, resolve
+from shared.verdicts import COUNTED, MACHINE, NOTIFIED_CLICKS
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ LINK_CLICKED = "link.clicked"
 WEBHOOK_TEST = "webhook.test"
 EVENT_TYPES = (MESSAGE_SENT, MESSAGE_OPENED, MESSAGE_MACHINE_OPENED, LINK_CLICKED, DELIVERY_FAILED)
 
-OPEN_VERDICTS = ("human", "proxy")  # a person read it (proxies fetch at open time)
-CLICK_VERDICTS = ("human", "proxy", "unknown")  # scanners, machines and the sender are not clicks
 
 Conn = Session | Connection
 EventDict = Mapping[str, Any]
@@ -73,12 +73,6 @@ def payload(event_type: str, key: str, data: Mapping[str, Any], created_at: date
     """The JSON body delivered for one notification (stable key order)."""
     body = {"id": key, "type": event_type, "created_at": iso(created_at), "data": data}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-
-
-def iso(value: datetime | str | None) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return value.isoformat().replace("+00:00", "Z")
 
 
 def wants(event_types: str, event_type: str) -> bool:
@@ -173,8 +167,8 @@ def may_notify(kind: str, verdict: str) -> bool:
     :func:`_notification` decides for each event.
     """
     if kind == "open":
-        return verdict in OPEN_VERDICTS or verdict == "machine"
-    return kind == "click" and verdict in CLICK_VERDICTS
+        return verdict in COUNTED or verdict == MACHINE
+    return kind == "click" and verdict in NOTIFIED_CLICKS
 
 
 @dataclass
@@ -232,18 +226,18 @@ def _notification(conn: Connection, context: _Context, event: EventDict) -> Noti
     }
     address = recipient.address if recipient else ""
     sender = message.sender if message else ""
-    if kind == "open" and verdict in OPEN_VERDICTS:
-        if not _is_first_open(conn, event, OPEN_VERDICTS):
+    if kind == "open" and verdict in COUNTED:
+        if not _is_first_open(conn, event, COUNTED):
             return None
         return Notification(
             MESSAGE_OPENED, f"{MESSAGE_OPENED}:{mid}:{position}", mid, address, data, sender
         )
-    if kind == "open" and verdict == "machine":
-        if not _is_first_open(conn, event, ("machine",)):
+    if kind == "open" and verdict == MACHINE:
+        if not _is_first_open(conn, event, (MACHINE,)):
             return None
         key = f"{MESSAGE_MACHINE_OPENED}:{mid}:{position}"
         return Notification(MESSAGE_MACHINE_OPENED, key, mid, address, data, sender)
-    if kind == "click" and verdict in CLICK_VERDICTS:
+    if kind == "click" and verdict in NOTIFIED_CLICKS:
         link_position = int(event.get("link_position", 0))
         url = event.get("url") or context.links.get((mid, link_position))
         data["link"] = {"position": link_position, "url": url}
@@ -255,10 +249,8 @@ def _notification(conn: Connection, context: _Context, event: EventDict) -> Noti
 def _is_first_open(conn: Connection, event: EventDict, verdicts: Iterable[str]) -> bool:
     """No earlier open of these verdicts for the same message and recipient."""
     occurred = event.get("occurred_at")
-    if isinstance(occurred, str):
-        occurred = datetime.fromisoformat(occurred.replace("Z", "+00:00"))
-    if isinstance(occurred, datetime) and occurred.tzinfo is None:
-        occurred = occurred.replace(tzinfo=UTC)
+    if isinstance(occurred, str | datetime):
+        occurred = moment(occurred)
     earlier = (
         select(func.count())
         .select_from(Event)

@@ -17,6 +17,7 @@ from receiver.dashboard.filters import STATES, TRACKING, Filters
 from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import engine_of, not_found, page, render
 from receiver.live import LiveFeed
+from shared.isotime import iso
 
 PER_PAGE = 50
 KEEPALIVE = 15.0
@@ -101,29 +102,24 @@ def _csv_response(lines: Iterator[str], name: str) -> Response:
     )
 
 
-def _iso(value: object) -> str:
-    when = queries.aware(value) if hasattr(value, "isoformat") else None  # type: ignore[arg-type]
-    return when.isoformat() if when else ""
-
-
 @page()
 async def messages_csv(request: Request, viewer: Viewer) -> Response:
     filters, _ = Filters.parse(request.query_params)
     rows = (
         [
             str(r.message.id),
-            _iso(r.message.created_at),
+            iso(r.message.created_at, zulu=False),
             r.message.sender,
             r.message.subject,
             "; ".join(r.recipients),
             "yes" if r.message.track_opens else "no",
             "yes" if r.message.track_clicks else "no",
             r.opens.count,
-            _iso(r.opens.first),
-            _iso(r.opens.last),
+            iso(r.opens.first, zulu=False),
+            iso(r.opens.last, zulu=False),
             r.clicks.count,
-            _iso(r.clicks.first),
-            _iso(r.clicks.last),
+            iso(r.clicks.first, zulu=False),
+            iso(r.clicks.last, zulu=False),
             r.machine_opens,
             r.message.status,
         ]
@@ -146,7 +142,7 @@ async def events_csv(request: Request, viewer: Viewer) -> Response:
             message.subject,
             message.sender,
             event.kind,
-            _iso(event.occurred_at),
+            iso(event.occurred_at, zulu=False),
             address,
             url,
             event.verdict,

@@ -20,11 +20,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from receiver.dashboard.chart import Point, rate_chart
-from receiver.dashboard.queries import COUNTED, MACHINE, Viewer, aware, visible
+from receiver.dashboard.queries import Viewer, aware, visible
 from receiver.dashboard.queries import senders as all_senders
 from receiver.dashboard.web import engine_of, page, render
 from shared.db import session_scope
 from shared.models import Event, Message
+from shared.verdicts import COUNTED, MACHINES
 
 PERIODS = {"day": ("Daily, last 30 days", 30), "week": ("Weekly, last 12 weeks", 12)}
 
@@ -98,7 +99,7 @@ def build(engine: Engine, viewer: Viewer, period: str, today: date, sender: str 
             (opened if kind == "open" else clicked).add(message_id)
             if kind == "open":
                 human[message_id] = human.get(message_id, 0) + int(n)
-        elif kind == "open" and verdict in MACHINE:
+        elif kind == "open" and verdict in MACHINES:
             machine[message_id] = machine.get(message_id, 0) + int(n)
     buckets = {start: Tally() for start in starts}
     per_sender: dict[str, Tally] = {}

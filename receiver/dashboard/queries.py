@@ -22,14 +22,12 @@ from sqlalchemy import select as sa_select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
-from receiver.classify import ENGAGED_VERDICTS
 from receiver.dashboard.filters import Filters
 from shared.addresses import spellings
 from shared.db import session_scope
+from shared.isotime import aware
 from shared.models import Event, Link, Message, Recipient
-
-COUNTED = tuple(sorted(ENGAGED_VERDICTS))
-MACHINE = ("machine", "scanner")
+from shared.verdicts import COUNTED, MACHINES
 
 
 @dataclass(frozen=True)
@@ -61,12 +59,6 @@ class MessageRow:
     opens: Hits = field(default_factory=Hits)
     clicks: Hits = field(default_factory=Hits)
     machine_opens: int = 0
-
-
-def aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _like(value: str) -> str:
@@ -169,7 +161,7 @@ def _with_hits(session: Session, messages: list[Message]) -> list[MessageRow]:
             func.count(case((counted, 1))),
             func.min(case((counted, col(Event.occurred_at)))),
             func.max(case((counted, col(Event.occurred_at)))),
-            func.count(case((col(Event.verdict).in_(MACHINE), 1))),
+            func.count(case((col(Event.verdict).in_(MACHINES), 1))),
         )
         .where(col(Event.message_id).in_(ids))
         .group_by(col(Event.message_id), col(Event.kind))

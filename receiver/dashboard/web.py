@@ -25,10 +25,11 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from receiver.dashboard.queries import Viewer, aware
+from receiver.dashboard.queries import Viewer
 from receiver.sessions import CSRF_FIELD, CSRF_HEADER, csrf_ok, csrf_token
 from shared.config import Settings
 from shared.db import session_scope
+from shared.isotime import aware, iso
 from shared.models import User
 from shared.users import user_addresses
 
@@ -71,7 +72,7 @@ def _make_templates() -> Jinja2Templates:
     )
     env.filters["when"] = _format_time
     env.filters["plural"] = _plural
-    env.filters["iso"] = lambda v: (aware(v) or v).isoformat() if v else ""
+    env.filters["iso"] = lambda v: iso(v, zulu=False) or ""
     env.tests["web_url"] = _is_web_url
     return Jinja2Templates(env=env, context_processors=[_common])
 
