@@ -57,7 +57,7 @@ from shared.config import Settings
 from shared.db import session_scope
 from shared.models import DeliveryAttempt, OutboxItem, WebhookEndpoint, utcnow
 from shared.outbox import EVENT_TYPES, WEBHOOK_TEST, enqueue_for_events, payload
-from shared.errors import UserError
+from shared.users import UserError
 
 log = logging.getLogger(__name__)
 

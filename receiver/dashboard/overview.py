@@ -20,10 +20,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from receiver.dashboard.chart import Point, rate_chart
-from receiver.dashboard.queries import Viewer, aware, visible
+from receiver.dashboard.queries import Viewer, visible
 from receiver.dashboard.queries import senders as all_senders
 from receiver.dashboard.web import engine_of, page, render
 from shared.db import session_scope
+from shared.isotime import aware
 from shared.models import Event, Message
 from shared.verdicts import COUNTED, MACHINES
 
