@@ -33,6 +33,7 @@ from receiver.dashboard.web import (
     redirect,
     render,
     render_form,
+    then_redirect,
 )
 from shared import policies
 from shared.errors import UserError
@@ -57,9 +58,8 @@ async def _policy_form(request: Request, policy_id: int | None, initial: PolicyF
         context = {"form": form, "policy_id": policy_id, "modes": MODE_LABELS, "nav": "policies"}
         return render_form(request, "dashboard/policy_form.html", context, errors)
 
-    async def done(form: PolicyForm, _: object) -> Response:
-        flash(request, f"Policy for {form.pattern} {'added' if policy_id is None else 'saved'}.")
-        return redirect(request, "/policies")
+    def said(form: PolicyForm, _: object) -> str:
+        return f"Policy for {form.pattern} {'added' if policy_id is None else 'saved'}."
 
     return await form_page(
         request,
@@ -67,7 +67,7 @@ async def _policy_form(request: Request, policy_id: int | None, initial: PolicyF
         show=show,
         read=PolicyForm.parse,
         save=lambda form: form.save(engine, policy_id),
-        done=done,
+        done=then_redirect(request, "/policies", said),
     )
 
 
@@ -131,9 +131,8 @@ async def suppressions(request: Request, viewer: Viewer) -> Response:
         }
         return render_form(request, "dashboard/suppressions.html", context, errors)
 
-    async def done(_: str, row: Suppression) -> Response:
-        flash(request, f"{row.address} will not be tracked any more.")
-        return redirect(request, "/suppressions")
+    def said(_: str, row: Suppression) -> str:
+        return f"{row.address} will not be tracked any more."
 
     return await form_page(
         request,
@@ -141,7 +140,7 @@ async def suppressions(request: Request, viewer: Viewer) -> Response:
         show=show,
         read=lambda posted: (posted.get("address", ""), Errors()),
         save=lambda address: policies.add_suppression(engine, address, "dashboard", new=True),
-        done=done,
+        done=then_redirect(request, "/suppressions", said),
     )
 
 
@@ -183,11 +182,11 @@ async def _user_form(
         form.username = form.username if user_id is None else initial.username  # fixed once made
         return form, errors
 
-    async def saved(form: UserForm, _: object) -> Response:
-        flash(request, f"User {form.username} {verb}.")
-        return redirect(request, "/users")
+    def said(form: UserForm, _: object) -> str:
+        return f"User {form.username} {verb}."
 
-    return await form_page(request, initial, show=show, read=read, save=save, done=saved)
+    done = then_redirect(request, "/users", said)
+    return await form_page(request, initial, show=show, read=read, save=save, done=done)
 
 
 @page(admin=True)

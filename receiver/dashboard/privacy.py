@@ -20,7 +20,16 @@ from starlette.responses import Response
 
 from receiver.dashboard.forms import Errors, checked, filed_under, message, text
 from receiver.dashboard.queries import Viewer
-from receiver.dashboard.web import engine_of, flash, form_of, form_page, page, redirect, render_form
+from receiver.dashboard.web import (
+    engine_of,
+    flash,
+    form_of,
+    form_page,
+    page,
+    redirect,
+    render_form,
+    then_redirect,
+)
 from shared import consent, privacy
 from shared.addresses import normalize_address
 from shared.errors import UserError
@@ -65,17 +74,13 @@ async def _consent_form(
     engine = engine_of(request)
     nothing_typed: dict[str, str] = {}  # these forms only post (GET /privacy shows them)
 
-    async def done(form: dict[str, str], _: object) -> Response:
-        flash(request, said(form))
-        return redirect(request, "/privacy")
-
     return await form_page(
         request,
         nothing_typed,
         show=lambda form, errors: _consent_page(request, form, errors),
         read=lambda posted: (read(posted), Errors()),
         save=lambda form: save(engine, form),
-        done=done,
+        done=then_redirect(request, "/privacy", lambda form, _: said(form)),
     )
 
 

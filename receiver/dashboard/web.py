@@ -161,6 +161,18 @@ async def form_page(
     return await show(form, errors)
 
 
+def then_redirect(
+    request: Request, path: str, said: Callable[[F, R], str]
+) -> Callable[[F, R], Awaitable[Response]]:
+    """The usual ``done`` of :func:`form_page`: flash what ``said`` says, then 303 to ``path``."""
+
+    async def done(form: F, result: R) -> Response:
+        flash(request, said(form, result))
+        return redirect(request, path)
+
+    return done
+
+
 def error_page(request: Request, status: int, title: str, text: str) -> Response:
     return render(
         request, "dashboard/error.html", {"title": title, "text": text, "status": status}, status
