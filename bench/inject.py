@@ -29,7 +29,7 @@ from selectolax.lexbor import LexborHTMLParser
 from bench import messages
 from relay.links import skip_reason
 from relay.policy import Decision
-from relay.track import Plan, plan, render
+from relay.rewrite import Plan, plan, render
 from shared.tokens import Signer, _url_body
 
 BASE = "https://track.example.com"

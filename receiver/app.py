@@ -48,8 +48,8 @@ from receiver.live import LiveFeed
 from receiver.metrics import Metrics
 from shared import db, privacy
 from shared.config import Settings, load_settings
+from shared.outbox_worker import OutboxWorker
 from shared.tokens import Signer
-from shared.webhooks import OutboxWorker
 
 log = logging.getLogger(__name__)
 

@@ -2,15 +2,16 @@
 
 The road of one hit::
 
-    request -> new_event(): a tuple -> EventWriter.submit(): a list append
+    request -> new_event() (receiver/eventrecord.py): a tuple -> EventWriter.submit(): a list append
         ... every event_flush_interval s, or at event_batch_size pending ...
     EventWriter: numbers the batch (a key prefix and a first number) and hands it
         to its writer process through a pipe, never blocking; keeps it until the
         writer acknowledges it
-    writer process (receiver/eventstore.py): gives each event its unique key,
-        classifies it (receiver/classify.py), INSERT ... ON CONFLICT DO NOTHING
-        with the outbox rows in one transaction — or journals the batch while the
-        database is down, and replays the journal afterwards; reports back
+    writer process (receiver/eventstore.py, frames: receiver/frames.py): gives each
+        event its unique key, classifies it (receiver/classify.py), INSERT ... ON
+        CONFLICT DO NOTHING with the outbox rows in one transaction
+        (receiver/eventrows.py) — or journals the batch while the database is
+        down, and replays the journal afterwards (shared/spool.py); reports back
     EventWriter: the figures into /metrics, the rows that notify someone to the
         on_written listeners (dashboard live feed)
 
@@ -47,14 +48,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import ipaddress
 import itertools
 import logging
 import marshal
 import os
-import secrets
-import struct
 import subprocess
 import sys
 import time
@@ -65,158 +62,23 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from receiver.eventrecord import JOURNAL_PREFIX, RawEvent, Row, event_keys, keyed, to_record
+from receiver.frames import FRAME_HEADER, frame
 from receiver.metrics import Metrics
-from shared import journal as shared_journal
 from shared.config import Settings
+from shared.journal import Journal
 
 log = logging.getLogger(__name__)
 
 #: Events held in memory at most (waiting, or sent and not acknowledged); beyond,
 #: hits are dropped (and counted).
 MAX_PENDING = 200_000
-MAX_USER_AGENT = 1024
 #: Seconds before a writer process that died is started again.
 RESTART_DELAY = 1.0
 #: Seconds ``stop()`` waits for the writer process to finish; then this process journals.
 STOP_TIMEOUT = 60.0
 
-Row = dict[str, Any]
 OnWritten = Callable[[list[Row]], Awaitable[None]]
-
-#: What a request hands to the writer: (occurred_at, kind, message_id,
-#: recipient_position, link_position, ip, user_agent, method, purpose,
-#: dashboard_user). A tuple: building it costs a tenth of a dict.
-RawEvent = tuple[float, str, int, int, int, str, str, str, str, bool]
-#: A raw event with its unique ``event_key`` in front: what is written, journaled, replayed.
-KeyedEvent = tuple[str, float, str, int, int, int, str, str, str, str, bool]
-#: The journal's field names for a KeyedEvent, in its order (the journal holds JSON objects).
-RECORD_FIELDS = (
-    "event_key",
-    "occurred_at",
-    "kind",
-    "message_id",
-    "recipient_position",
-    "link_position",
-    "ip",
-    "user_agent",
-    "method",
-    "purpose",
-    "dashboard_user",
-)
-#: Frames between a receiver process and its writer: a 4-byte length, then marshal.
-FRAME_HEADER = struct.Struct(">I")
-
-
-def frame(payload: Any) -> bytes:
-    data = marshal.dumps(payload)
-    return FRAME_HEADER.pack(len(data)) + data
-
-
-def new_event(
-    kind: str,
-    message_id: int,
-    recipient: int,
-    link: int,
-    ip: str,
-    user_agent: str,
-    method: str,
-    purpose: str = "",
-    dashboard_user: bool = False,
-) -> RawEvent:
-    """A raw event as the request saw it; the writer keys and classifies it."""
-    return (
-        time.time(),
-        kind,
-        message_id,
-        recipient,
-        link,
-        ip,
-        user_agent[:MAX_USER_AGENT],
-        method,
-        purpose,
-        dashboard_user,
-    )
-
-
-def keyed(prefix: str, first: int, events: list[RawEvent]) -> list[KeyedEvent]:
-    """``events`` with their keys: ``prefix`` + the 16 hex digits of first, first+1, ..."""
-    template = prefix + "%016x"  # %-formatting: a third cheaper than an f-string
-    numbered = zip(events, itertools.count(first), strict=False)
-    return [(template % n,) + event for event, n in numbered]  # noqa: RUF005 - faster than *
-
-
-class _EventKeys:
-    """Unique event keys without a syscall per hit.
-
-    ``os.urandom`` costs ~100 us on some VMs — more than the rest of a pixel
-    request. A key is a random 64-bit per-process prefix and a counter: unique
-    within a process, and across processes and restarts with overwhelming odds.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)  # a worker never reuses a prefix
-
-    def reset(self) -> None:
-        self._prefix = secrets.token_hex(8)
-        self._next = 0
-
-    def reserve(self, count: int) -> tuple[str, int]:
-        """Numbers for ``count`` events: (prefix, first); key ``i`` is prefix + %016x of first+i."""
-        first, self._next = self._next, self._next + count
-        return self._prefix, first
-
-    def assign(self, events: list[RawEvent]) -> list[KeyedEvent]:
-        prefix, first = self.reserve(len(events))
-        return keyed(prefix, first, events)
-
-
-_keys = _EventKeys()
-
-
-def to_record(event: KeyedEvent) -> dict[str, Any]:
-    """A keyed event as the journal stores it (a JSON object, as always)."""
-    return dict(zip(RECORD_FIELDS, event, strict=True))
-
-
-def from_record(record: dict[str, Any]) -> KeyedEvent:
-    """A journal record back as a keyed event; KeyError/TypeError/ValueError if malformed."""
-    return (
-        str(record["event_key"]),
-        float(record["occurred_at"]),
-        str(record["kind"]),
-        int(record["message_id"]),
-        int(record["recipient_position"]),
-        int(record["link_position"]),
-        str(record["ip"]),
-        str(record["user_agent"]),
-        str(record["method"]),
-        str(record.get("purpose", "")),
-        bool(record.get("dashboard_user")),
-    )
-
-
-@functools.lru_cache(maxsize=65536)
-def truncate_ip(ip: str, full: bool = False) -> str:
-    """``203.0.113.0/24`` / ``2001:db8:1::/48`` by default; the address when ``full``."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return ""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if full:
-        return str(address)
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
-
-
-class Journal(shared_journal.Journal):
-    """The receiver's event journal: ``events-<pid>-<n>-<random>.jsonl`` files."""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__(directory, prefix="events")
-
 
 _Batch = tuple[str, int, list[RawEvent]]  # key prefix, first number, events
 #: The directory holding this very code: the writer process imports it, wherever run from.
@@ -233,7 +95,7 @@ class EventWriter:
         self.metrics = metrics
         #: The journal directory: its size for /healthz; journaled into here at
         #: ``stop()`` only if the writer process could not take the last batches.
-        self.journal = Journal(settings.var_dir / "journal")
+        self.journal = Journal(settings.var_dir / "journal", prefix=JOURNAL_PREFIX)
         self.listeners: list[OnWritten] = [on_written] if on_written else []
         self._pending: list[RawEvent] = []
         self._batch_size = settings.event_batch_size
@@ -294,9 +156,10 @@ class EventWriter:
     def subscribe(self, listener: OnWritten) -> None:
         """Call ``listener(rows)`` after each committed batch.
 
-        ``rows`` are the inserted rows that may notify someone (shared/outbox.py
+        ``rows`` are the inserted rows that may notify someone (shared/notable.py
         ``may_notify``: human and proxy hits, machine opens, unknown clicks) as
-        dictionaries of the events table's columns; scanner and self hits are
+        dictionaries of the events table's columns and ``notable``, what the
+        writer decided about each (shared/notable.py); scanner and self hits are
         only counted. A batch without such rows calls no listener.
         """
         self.listeners.append(listener)
@@ -456,7 +319,7 @@ class EventWriter:
         for start in range(0, len(batch), size):
             events = batch[start : start + size]
             batch_id = next(self._batch_ids)
-            prefix, first = _keys.reserve(len(events))
+            prefix, first = event_keys.reserve(len(events))
             self._unacked[batch_id] = (prefix, first, events)
             self._unacked_events += len(events)
             if self._pipe is not None and not self._pipe.is_closing():

@@ -1,11 +1,14 @@
 """Live notifications: a first open or a click reaches open dashboards in seconds.
 
 The event writer calls :meth:`LiveFeed.publish` with the rows of each
-committed batch that may notify someone. The feed keeps only what a person
-wants to hear about — the first counted open per recipient copy (verdict
-``human`` or ``proxy``; machine opens and scanners never notify) and every
-counted click — enriches it with the message's subject and sender, and hands
-it to every subscribed dashboard tab that may see that sender.
+committed batch that may notify someone. The writer process has already
+decided what each row is (shared/notable.py: ``row["notable"]``, one query per
+batch in the transaction that stored it, the same answer webhooks and mail
+get); the feed keeps what a person wants to hear about — the first counted
+open per recipient copy and every counted click (verdict ``human`` or
+``proxy``; machine opens, scanners and unknown clicks never make a toast) —,
+enriches it with the message's subject and sender, and hands it to every
+subscribed dashboard tab that may see that sender.
 
 Fan-out: on PostgreSQL every receiver process LISTENs on one channel and
 publishing is a ``NOTIFY``, so a hit recorded by one replica reaches tabs
@@ -25,12 +28,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, func, text
+from sqlalchemy import Engine, text
 from sqlmodel import col, select
 
 from shared.db import session_scope
 from shared.isotime import moment
-from shared.models import Event, Link, Message, Recipient
+from shared.models import Link, Message, Recipient
+from shared.notable import CLICK, FIRST_OPEN
 from shared.users import may_send_as
 from shared.verdicts import COUNTED
 
@@ -132,8 +136,8 @@ class LiveFeed:
     # --- publishing ---
 
     async def publish(self, events: list[dict[str, Any]]) -> None:
-        """The event writer's ``on_written`` hook: events already committed."""
-        if not any(e.get("verdict") in COUNTED for e in events):
+        """The event writer's ``on_written`` hook: events already committed and marked."""
+        if not any(map(worth_a_toast, events)):
             return
         try:
             notes = await asyncio.to_thread(notifications, self.engine, events)
@@ -182,11 +186,17 @@ class LiveFeed:
                 delay = min(delay * 2, 30.0)
 
 
+def worth_a_toast(event: Mapping[str, Any]) -> bool:
+    """A first counted open or a counted click (the writer marked ``notable``)."""
+    notable = event.get("notable")
+    return notable in (FIRST_OPEN, CLICK) and event.get("verdict") in COUNTED
+
+
 def notifications(engine: Engine, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """What is worth telling a person about, from a committed batch of events."""
-    counted = [
-        e for e in events if e.get("verdict") in COUNTED and e.get("kind") in ("open", "click")
-    ]
+    """What is worth telling a person about, from a committed batch of marked events."""
+    counted = sorted(
+        filter(worth_a_toast, events), key=lambda e: moment(e.get("occurred_at"), strict=False)
+    )
     if not counted:
         return []
     ids = {int(e["message_id"]) for e in counted}
@@ -202,51 +212,21 @@ def notifications(engine: Engine, events: Iterable[Mapping[str, Any]]) -> list[d
             (link.message_id, link.position): link.url
             for link in session.exec(select(Link).where(col(Link.message_id).in_(ids)))
         }
-        notes: list[dict[str, Any]] = []
-        seen: set[tuple[int, int]] = set()
-        for event in sorted(counted, key=lambda e: moment(e.get("occurred_at"), strict=False)):
-            message_id = int(event["message_id"])
-            position = int(event.get("recipient_position") or 0)
-            if event["kind"] == "open":
-                if (message_id, position) in seen:
-                    continue
-                seen.add((message_id, position))
-                batch_keys = [str(e.get("event_key")) for e in counted if e.get("event_key")]
-                if _opened_before(session, message_id, position, event, batch_keys):
-                    continue
-            message = messages.get(message_id)
-            url = links.get((message_id, int(event.get("link_position") or 0)), "")
-            notes.append(
-                {
-                    "kind": event["kind"],
-                    "message_id": str(message_id),  # 63-bit: beyond a JS number
-                    "subject": (message.subject if message else "")[:_MAX_TEXT],
-                    "sender": message.sender if message else "",
-                    "recipient": recipients.get((message_id, position), ""),
-                    "url": url[:_MAX_TEXT] if event["kind"] == "click" else "",
-                    "at": moment(event.get("occurred_at"), strict=False).isoformat(),
-                }
-            )
-    return notes
-
-
-def _opened_before(
-    session: Any, message_id: int, position: int, event: Mapping[str, Any], batch_keys: list[str]
-) -> bool:
-    """Was a counted open of this copy recorded before this batch's first one?"""
-    query = (
-        select(func.count())
-        .select_from(Event)
-        .where(
-            col(Event.message_id) == message_id,
-            col(Event.recipient_position) == position,
-            col(Event.kind) == "open",
-            col(Event.verdict).in_(COUNTED),
+    notes: list[dict[str, Any]] = []
+    for event in counted:
+        message_id = int(event["message_id"])
+        position = int(event.get("recipient_position") or 0)
+        message = messages.get(message_id)
+        url = links.get((message_id, int(event.get("link_position") or 0)), "")
+        notes.append(
+            {
+                "kind": event["kind"],
+                "message_id": str(message_id),  # 63-bit: beyond a JS number
+                "subject": (message.subject if message else "")[:_MAX_TEXT],
+                "sender": message.sender if message else "",
+                "recipient": recipients.get((message_id, position), ""),
+                "url": url[:_MAX_TEXT] if event["kind"] == "click" else "",
+                "at": moment(event.get("occurred_at"), strict=False).isoformat(),
+            }
         )
-    )
-    when = moment(event.get("occurred_at"), strict=False)
-    if batch_keys:  # the batch's own rows are already committed: leave them out
-        query = query.where(col(Event.occurred_at) <= when, col(Event.event_key).not_in(batch_keys))
-    else:
-        query = query.where(col(Event.occurred_at) < when)
-    return int(session.exec(query).one()) > 0
+    return notes

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of the JSON API (receiver/api.py).
+"""The OpenAPI 3.1 document of the JSON API (receiver/api/).
 
 Written by hand, next to the routes it describes, and held to them by a test:
 every route is documented, every documented operation exists, and sample
@@ -197,12 +197,12 @@ PATHS: dict[str, Any] = {
             {**_ok("MessageList"), **_ERRORS},
             parameters=[
                 _query("tracked", _FLAG, "tracking was on for opens or clicks"),
-                _query("opened", _FLAG, "has (not) been opened"),
-                _query("clicked", _FLAG, "has (not) been clicked"),
+                _query("opened", _FLAG, "has a counted open; false: tracked for opens, none yet"),
+                _query("clicked", _FLAG, "has a counted click; false: tracked for clicks, none"),
                 _query("sender", _STR, "envelope sender, exact"),
                 _query("since", _STR, "date (YYYY-MM-DD) or ISO 8601 time, inclusive"),
                 _query("until", _STR, "date (whole day) or ISO 8601 time, inclusive"),
-                _query("q", _STR, "text in the subject or a recipient address"),
+                _query("q", _STR, "text in the subject or a recipient address (% and _ literal)"),
                 _query(
                     "limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size (50)"
                 ),

@@ -26,7 +26,8 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from receiver.events import EventWriter, RawEvent, new_event
+from receiver.eventrecord import RawEvent, new_event
+from receiver.events import EventWriter
 from receiver.metrics import Metrics
 from receiver.redirect import browser_url
 from shared.tokens import InvalidToken, Signer

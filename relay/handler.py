@@ -26,14 +26,14 @@ from sqlalchemy import Engine
 
 from relay import upstream
 from relay.auth import Credentials, FailureLimiter, read_login, read_plain
-from relay.headers import Segment
-from relay.record import Delivery, Recorder
+from relay.deliver import deliver
+from relay.prepared import Submission
+from relay.record import Recorder
 from relay.smtp import RelaySession
-from relay.track import Copy, Prepared, Submission, Tracker
+from relay.track import Tracker
 from relay.upstream import UNAVAILABLE, Capabilities, Reply, UpstreamUnavailable
 from shared import users
 from shared.config import Settings
-from shared.models import Message
 from shared.tokens import new_message_id
 
 log = logging.getLogger(__name__)
@@ -226,58 +226,18 @@ class RelayHandler:
     async def _relay(
         self, session: RelaySession, submission: Submission, options: list[str]
     ) -> str:
-        prepared = await self._prepare(submission)
-        delivery = await self._deliver(session, submission, prepared, self._options(options))
-        if delivery.status != "failed" or delivery.reply.code >= 500:
-            await self.recorder.record(prepared, delivery)
-        else:  # transient: the client keeps the message and retries
+        """prepare (relay/track.py: the pipeline, failing open) -> deliver -> record."""
+        prepared = await self.tracker.prepare(submission)
+        assert session.upstream is not None  # MAIL opened it
+        delivery = await deliver(
+            session.upstream, submission, prepared, self._options(options), session.refused
+        )
+        if delivery.status == "failed" and delivery.reply.code < 500:
+            # transient: the client keeps the message and retries
             log.warning("message %d not relayed: %s", submission.message_id, delivery.reply)
+            return delivery.reply.line
+        await self.recorder.record(prepared, delivery)
         return delivery.reply.line
-
-    async def _prepare(self, submission: Submission) -> Prepared:
-        """Tracking injection; any failure forwards the original (fail open)."""
-        try:
-            return await self.tracker.prepare(submission)
-        except Exception:
-            log.exception("tracking failed for message %d: sent untracked", submission.message_id)
-            return _untracked(submission)
-
-    async def _deliver(
-        self, session: RelaySession, submission: Submission, prepared: Prepared, options: list[str]
-    ) -> Delivery:
-        connection = session.upstream
-        copies = prepared.copies
-        if len(copies) == 1 and sorted(copies[0].recipients) == sorted(submission.recipients):
-            # One copy: DATA in the transaction whose RCPTs were checked live.
-            reply = await _data(connection, copies[0].segments)
-            replies = {rcpt: reply for rcpt in submission.recipients}
-        else:
-            # Per-recipient copies: one full transaction each, same connection.
-            await connection.rset()
-            replies = {}
-            for copy in copies:
-                replies.update(await self._send_copy(connection, submission.sender, options, copy))
-            # Back in RCPT order: the recorded positions are what the tokens carry,
-            # whatever order the copies went out in (untracked copies go last).
-            replies = {rcpt: replies[rcpt] for rcpt in submission.recipients if rcpt in replies}
-        return Delivery(replies, session.refused, _client_reply(replies))
-
-    async def _send_copy(
-        self, connection: upstream.Connection, sender: str, options: list[str], copy: Copy
-    ) -> dict[str, Reply]:
-        try:
-            reply = await connection.mail(sender, options)
-            if not reply.ok:
-                return dict.fromkeys(copy.recipients, reply)
-            replies = {rcpt: await connection.rcpt(rcpt) for rcpt in copy.recipients}
-            accepted = [rcpt for rcpt, r in replies.items() if r.ok]
-            if not accepted:
-                await connection.rset()
-                return replies
-            reply = await connection.data(copy.segments)
-        except UpstreamUnavailable:
-            return dict.fromkeys(copy.recipients, UNAVAILABLE)
-        return {**replies, **dict.fromkeys(accepted, reply)}
 
     # --- helpers ---
 
@@ -339,34 +299,6 @@ class RelayHandler:
             self.capabilities = capabilities
 
 
-def _untracked(submission: Submission) -> Prepared:
-    size = len(submission.data)
-    message = Message(
-        id=submission.message_id,
-        sender=submission.sender,
-        auth_user=submission.auth_user,
-        client_ip=submission.client_ip,
-        size_in=size,
-        size_out=size,
-    )
-    return Prepared([Copy(list(submission.recipients), [submission.data])], message, [], set())
-
-
 def _envelope_sender(address: str) -> str:
     """aiosmtpd hands the null sender over as '<>'; aiosmtplib wants ''."""
     return "" if address == "<>" else address
-
-
-async def _data(connection: upstream.Connection, segments: list[Segment]) -> Reply:
-    try:
-        return await connection.data(segments)
-    except UpstreamUnavailable:
-        return UNAVAILABLE
-
-
-def _client_reply(replies: dict[str, Reply]) -> Reply:
-    """250 (the upstream's) when any copy was accepted, else the first refusal."""
-    for reply in replies.values():
-        if reply.ok:
-            return reply
-    return next(iter(replies.values()), UNAVAILABLE)

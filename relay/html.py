@@ -31,8 +31,8 @@ from __future__ import annotations
 import html as stdlib_html
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from html.entities import html5 as _ENTITIES
 from typing import NamedTuple
 
@@ -105,17 +105,6 @@ class Scan:
 
     def skipped(self) -> Counter[str]:
         return Counter(h.skip for h in self.hrefs if h.skip)
-
-
-@dataclass
-class Rewritten:
-    """The result of :func:`rewrite`: the new text plus what was done."""
-
-    text: str
-    edits: list[Edit]
-    links: list[str] = field(default_factory=list)
-    pixel: bool = False
-    scan: Scan | None = None
 
 
 def decode_attribute(value: str) -> str:
@@ -275,47 +264,22 @@ def _escape(value: str) -> str:
     return value.replace("&", "&amp;").replace('"', "&quot;").replace("'", "&#39;")
 
 
-def edits_for(scan: Scan, urls: Sequence[str], pixel: str | None) -> list[Edit]:
-    """Edits that give ``scan.tracked[i]`` the URL ``urls[i]`` and add ``pixel``."""
-    tracked = scan.tracked
-    if len(urls) != len(tracked):
-        raise ValueError(f"{len(urls)} URLs for {len(tracked)} tracked links")
-    edits = [Edit(h.start, h.end, _escape(u)) for h, u in zip(tracked, urls, strict=True)]
-    if scan.agreed:
-        for href in scan.hrefs:
+def edits_for(scan: Scan, urls: Sequence[str], pixel_url: str | None) -> list[Edit]:
+    """Edits that give ``scan.tracked[i]`` the URL ``urls[i]`` and add the pixel.
+
+    No ``urls`` (clicks not tracked in this part, or no link may be): the links
+    and their opt-out markers stay as they are, only the pixel goes in. With
+    URLs, the opt-out markers are deleted too (their links stay untracked).
+    """
+    edits: list[Edit] = []
+    if urls:
+        tracked = scan.tracked
+        if len(urls) != len(tracked):
+            raise ValueError(f"{len(urls)} URLs for {len(tracked)} tracked links")
+        edits = [Edit(h.start, h.end, _escape(u)) for h, u in zip(tracked, urls, strict=True)]
+        for href in scan.hrefs:  # tracked links: the scan agreed with the parser
             edits.extend(Edit(s, e, "") for s, e in href.markers)
-    if pixel is not None:
-        edits.append(Edit(scan.pixel_at, scan.pixel_at, pixel))
+    if pixel_url is not None:
+        edits.append(Edit(scan.pixel_at, scan.pixel_at, pixel_tag(pixel_url)))
     edits.sort(key=lambda e: (e.start, e.end))
     return edits
-
-
-def apply(text: str, edits: Sequence[Edit]) -> str:
-    """``text`` with sorted, non-overlapping ``edits`` applied."""
-    out: list[str] = []
-    pos = 0
-    for edit in edits:
-        out.append(text[pos : edit.start])
-        out.append(edit.new)
-        pos = edit.end
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def rewrite(
-    text: str,
-    tracking_host: str,
-    click_url: Callable[[int, str], str] | None,
-    pixel_url: str | None,
-    first_position: int = 1,
-) -> Rewritten:
-    """Scan and rewrite in one go (``click_url(position, url)`` -> new href)."""
-    found = scan(text, tracking_host)
-    tracked = found.tracked if click_url is not None else []
-    urls = (
-        [click_url(first_position + i, h.url) for i, h in enumerate(tracked)] if click_url else []
-    )
-    view = found if click_url is not None else Scan([], found.pixel_at, True)
-    pixel = pixel_tag(pixel_url) if pixel_url is not None else None
-    edits = edits_for(view, urls, pixel)
-    return Rewritten(apply(text, edits), edits, [h.url for h in tracked], pixel is not None, found)

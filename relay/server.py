@@ -36,9 +36,9 @@ from sqlalchemy import Engine
 from relay.handler import RelayHandler
 from relay.smtp import RelaySMTP
 from relay.tlscert import certificate_paths, server_context
-from relay.track import Tracker
+from relay.track import Counters, Tracker
 from shared.config import Settings, SettingsError
-from trackrelay.devsetup import ensure_dev_user
+from shared.devsetup import ensure_dev_user
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ class RelayServer:
         self._closed = asyncio.Event()
         self._stopping = False
         self._dev_lines: list[str] = []
+
+    @property
+    def metrics(self) -> Counters:
+        """This relay's injection counters (for /metrics)."""
+        return self.handler.tracker.metrics
 
     async def start(self) -> None:
         # aiosmtpd logs every command line at INFO, AUTH PLAIN's credentials included.

@@ -1,15 +1,11 @@
 """aiosmtpd's SMTP protocol, with the fixes a relay in front of a real server needs.
 
-Verified on aiosmtpd 1.4.6, and why each override exists:
+Verified on aiosmtpd 1.4.6, and why each override exists (every private part
+of aiosmtpd it needs is reached through relay/aiosmtpd_adapter.py, and only
+there):
 
-* DATA is read line by line with a debug log call per line. :func:`read_data`
-  reads whatever the socket delivered (up to one receive buffer) and searches
-  it for the terminator in C. It keeps the rules of the stock reader: dot
-  un-stuffing, lines over 1001 octets (1000 + a transparency dot) get 500, and
-  only ``<CRLF>.<CRLF>`` ends DATA (a bare ``<LF>.<LF>`` or ``<CR>.<CR>`` is
-  message content, so SMTP smuggling payloads stay inside one message).
-  Past the size limit it answers 552 at once and discards the rest while
-  draining, instead of buffering it.
+* DATA is read line by line with a debug log call per line: the relay reads
+  it in chunks (relay/datareader.py), with the same rules.
 * The idle timeout resets per command only, so a slow upload is cut. Here
   every received chunk resets it, and it is suspended while ``handle_DATA``
   forwards the message upstream: a timeout there would cancel the handler
@@ -44,25 +40,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
 import logging
-from collections.abc import Awaitable, Callable
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
+from collections.abc import Callable
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, Session
+from aiosmtpd.smtp import MISSING, Session
+
+from relay.aiosmtpd_adapter import AdaptedSession, AdaptedSMTP, Command
+from relay.datareader import DataTooBig, DataTooLong, read_data
 
 log = logging.getLogger(__name__)
 
-TERMINATOR = b"\r\n.\r\n"
-MAX_LINE = 1001 - 2  # octets before CRLF, counting a transparency dot (aiosmtpd's limit)
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
 DATA_TIMEOUT_REPLY = "421 4.4.2 Message upload took too long, closing connection"
 COMMAND_LIMIT_REPLY = "421 4.7.0 Too many commands without sending mail, closing connection"
 
 
-class RelaySession(Session):
+class RelaySession(AdaptedSession):
     """An aiosmtpd session plus what the relay keeps for one client connection."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -73,145 +67,13 @@ class RelaySession(Session):
         self.addresses: list[str] = []  # local mode: what the user may send as
         self.refused: list[tuple[str, Any]] = []  # RCPTs the upstream refused (address, Reply)
 
-    # aiosmtpd sets this on every AUTH and logs a deprecation WARNING each time.
-    @property
-    def login_data(self) -> Any:
-        return self._login_data
-
-    @login_data.setter
-    def login_data(self, value: Any) -> None:
-        self._login_data = value
-
     @property
     def client_ip(self) -> str:
         peer = self.peer
         return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
-class DataTooLong(Exception):
-    """A DATA line exceeded the line limit; reply 500 after draining."""
-
-
-class DataTooBig(Exception):
-    """The message passed the size limit; 552 was already sent."""
-
-
-async def read_data(
-    reader: asyncio.StreamReader,
-    *,
-    size_limit: int | None,
-    on_too_big: Callable[[], Awaitable[None]] | None = None,
-) -> bytes:
-    """Read one DATA body, un-stuffed, from just after the ``354`` reply.
-
-    Raises :class:`DataTooLong` or :class:`DataTooBig` once the terminator has
-    been read (the stream is then positioned at the next command).
-    """
-    # The CRLF that ended the DATA command line also starts the terminator of
-    # an empty message (".\r\n" at once): put it back so one search finds both.
-    reader._buffer[:0] = b"\r\n"  # type: ignore[attr-defined]  # aiosmtpd touches it too
-    content = io.BytesIO()  # see _bytes_of
-    skip = 2  # that CRLF is not content (un-stuffing keeps a CRLF)
-    received = 0
-    meter = _LineMeter()
-    unstuff = _Unstuffer()
-    too_long = too_big = False
-    while True:
-        try:
-            piece = await reader.readuntil(TERMINATOR)
-            body = piece[:-3]  # keep the CRLF that ends the last line
-            last = True
-        except asyncio.LimitOverrunError as exc:
-            piece = body = await reader.read(exc.consumed)
-            last = False
-        except asyncio.IncompleteReadError as exc:
-            raise ConnectionResetError("connection closed during DATA") from exc
-        received += len(body)
-        if not (too_long or too_big):
-            too_long = meter.too_long(body)
-            too_big = size_limit is not None and received - 2 > size_limit
-            if too_long or too_big:
-                content = io.BytesIO()  # discard at once: no buffering of what we refuse
-                if too_big and not too_long and on_too_big is not None:
-                    await on_too_big()
-            else:
-                content.write(memoryview(unstuff.feed(body))[skip:])
-                skip = 0
-        if last:
-            break
-    if too_long:
-        raise DataTooLong
-    if too_big:
-        raise DataTooBig
-    return _bytes_of(content)
-
-
-def _bytes_of(buffer: io.BytesIO) -> bytes:
-    """The buffer's bytes without a copy of them.
-
-    A list of chunks joined at the end holds the message twice (35 MB of
-    chunks and the 35 MB result); a ``BytesIO`` grows one bytes object in
-    place (``realloc``, which moves pages for a large block), and CPython's
-    ``getvalue()`` hands over that very object, shrunk to size, when no view
-    of the buffer exists. So the message is in memory once, plus at most
-    1/8 of growth room while it arrives.
-    """
-    value = buffer.getvalue()
-    buffer.close()
-    return value
-
-
-class _Unstuffer:
-    """Un-stuffing (a line starting with a dot loses that dot, RFC 5321 4.5.2),
-    chunk by chunk as DATA arrives.
-
-    ``\r\n.`` cannot overlap itself, so its occurrences are those inside each
-    chunk plus those straddling a boundary (the raw stream so far ends in
-    ``\r\n`` or ``\r``): the result equals one ``replace`` over the joined
-    message, without a pass over a 35 MB message that would hold the event
-    loop (and the GIL) for tens of milliseconds, nor another copy of it.
-    """
-
-    def __init__(self) -> None:
-        self.tail = b""  # the last two raw bytes seen
-
-    def feed(self, chunk: bytes) -> bytes:
-        tail = self.tail
-        self.tail = (tail + chunk[-2:])[-2:]
-        if tail.endswith(b"\r\n") and chunk.startswith(b"."):
-            chunk = chunk[1:]
-        elif tail.endswith(b"\r") and chunk.startswith(b"\n."):
-            chunk = b"\n" + chunk[2:]
-        return chunk.replace(b"\r\n.", b"\r\n")
-
-
-class _LineMeter:
-    """Line lengths across chunks, without splitting the message into lines.
-
-    A CRLF may straddle two chunks: a chunk ending in CR is measured without
-    it, and a following chunk starting with LF ends that line.
-    """
-
-    def __init__(self) -> None:
-        self.current = 0  # octets of the unfinished line, without a trailing CR
-        self.cr = False  # the last chunk ended with CR
-
-    def too_long(self, chunk: bytes) -> bool:
-        if self.cr and chunk.startswith(b"\n"):
-            self.current, chunk = 0, chunk[1:]
-        elif self.cr:
-            self.current += 1  # that CR was content
-        self.cr = chunk.endswith(b"\r")
-        if self.cr:
-            chunk = chunk[:-1]
-        lines = chunk.split(b"\r\n")
-        first = self.current + len(lines[0])
-        self.current = len(lines[-1]) if len(lines) > 1 else first
-        longest = max(first, max(map(len, lines[1:]), default=0))
-        return longest > MAX_LINE
-
-
-class RelaySMTP(SMTP):
+class RelaySMTP(AdaptedSMTP):
     """The relay's SMTP protocol: one instance per client connection."""
 
     def __init__(
@@ -234,45 +96,15 @@ class RelaySMTP(SMTP):
         self._peer_allowed = peer_allowed
         self._on_open = on_open
         self._on_close = on_close
-        self._forwarding = False
         self._in_data = False
         self._busy = False
         self._draining = False
         # Wrap every command so shutdown can close a session between transactions.
-        self._smtp_methods = {
-            name: self._tracked(name, method) for name, method in self._smtp_methods.items()
-        }
-
-    # --- addresses ---
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """aiosmtpd's parse of a MAIL/RCPT address, without its per-call class.
-
-        The stock method defines a ``typing.Protocol`` class on every call (for
-        a type annotation): ~2 % of the relay's CPU on small messages. Same
-        parse, same results; and (None, None), so 553 5.1.3, where the stdlib
-        parser crashes (``MAIL FROM:"``), which aiosmtpd answered with a 500
-        naming the Python exception.
-        """
-        if not arg:
-            return "", ""
-        try:
-            if arg.lstrip().startswith("<"):
-                angle, rest = get_angle_addr(arg)
-                addr = angle.addr_spec
-            else:
-                spec, rest = get_addr_spec(arg)
-                addr = spec.addr_spec
-        except (HeaderParseError, IndexError):  # the stdlib parser fails so on '"'
-            return None, None
-        localpart = addr.rpartition("@")[0]
-        if self.local_part_limit and len(localpart) > self.local_part_limit:
-            return None, None
-        return addr, rest
+        self.wrap_commands(self._tracked)
 
     # --- sessions ---
 
-    def _create_session(self) -> RelaySession:
+    def new_session(self) -> RelaySession:
         session = RelaySession(self.loop)
         session.listener = self.listener
         return session
@@ -297,7 +129,7 @@ class RelaySMTP(SMTP):
         if hook is not None:
             hook(self, session)
 
-    async def _handle_client(self) -> None:
+    async def serve_client(self) -> None:
         assert self.session is not None
         ip = self.session.peer[0] if isinstance(self.session.peer, tuple) else ""
         if self._peer_allowed is not None and not self._peer_allowed(str(ip)):
@@ -306,31 +138,20 @@ class RelaySMTP(SMTP):
             assert self.transport is not None
             self.transport.close()
             return
-        await super()._handle_client()
+        await super().serve_client()
 
     # --- idle timeout ---
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        if self._forwarding:
-            return  # never time out while the upstream is being written to
-        super()._reset_timeout(duration)
-
     def data_received(self, data: bytes) -> None:
         if self._in_data and b"\n" in data:
-            self._reset_timeout()  # a line arrived: the upload is slow, not idle
+            self.reset_timeout()  # a line arrived: the upload is slow, not idle
         super().data_received(data)
-
-    def _suspend_timeout(self) -> None:
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
 
     # --- shutdown ---
 
-    def _tracked(
-        self, name: str, method: Callable[[Any], Awaitable[None]]
-    ) -> Callable[[Any], Awaitable[None]]:
+    def _tracked(self, name: str, method: Command) -> Command:
         @functools.wraps(method)
-        async def run(arg: Any) -> None:
+        async def run(arg: str) -> None:
             if self.command_limit is not None and self._idle_commands >= self.command_limit:
                 if name != "QUIT":
                     await self._over_command_limit()
@@ -386,7 +207,7 @@ class RelaySMTP(SMTP):
     def _close_if_idle(self) -> None:
         if self.transport is None or self.transport.is_closing() or self.in_transaction:
             return
-        self._writer.write(SHUTDOWN_REPLY)
+        self.write_now(SHUTDOWN_REPLY)
         self.transport.close()
 
     def abort(self) -> None:
@@ -412,7 +233,7 @@ class RelaySMTP(SMTP):
         try:
             content = await asyncio.wait_for(
                 read_data(
-                    self._reader, size_limit=self.data_size_limit, on_too_big=self._reply_too_big
+                    self.reader, size_limit=self.data_size_limit, on_too_big=self._reply_too_big
                 ),
                 self.data_timeout,
             )
@@ -435,14 +256,12 @@ class RelaySMTP(SMTP):
         finally:
             self._in_data = False
         self.envelope.content = self.envelope.original_content = content
-        self._forwarding = True
-        self._suspend_timeout()
+        self.suspend_timeout()  # never time out while the upstream is being written to
         try:
-            status = await self._call_handler_hook("DATA")
+            status = await self.call_hook("DATA")
         finally:
-            self._forwarding = False
-            self._reset_timeout()
-        self._set_post_data_state()
+            self.resume_timeout()
+        self.end_transaction()
         await self.push("250 OK" if status is MISSING else status)
 
     async def _reply_too_big(self) -> None:
@@ -450,5 +269,5 @@ class RelaySMTP(SMTP):
 
     async def _abandon_transaction(self) -> None:
         """The client's DATA was refused here: end the upstream transaction too."""
-        self._set_post_data_state()
-        await self._call_handler_hook("RSET")
+        self.end_transaction()
+        await self.call_hook("RSET")

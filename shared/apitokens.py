@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import Engine, update
 from sqlmodel import col, select
 
 from shared.db import session_scope
+from shared.identity import Viewer
 from shared.models import ApiToken, User, UserAddress, utcnow
 from shared.users import UserError
 
@@ -25,21 +25,6 @@ log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "trk_"  # noqa: S105 - a marker, not a secret
 _TOUCH_EVERY = timedelta(minutes=1)  # last_used_at precision: no write per request
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: a user, their role and the addresses they send as."""
-
-    user_id: int
-    username: str
-    role: str
-    addresses: tuple[str, ...]
-    token_id: int | None = None
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
 
 
 def token_hash(token: str) -> str:
@@ -94,8 +79,8 @@ def revoke_token(engine: Engine, ident: str) -> ApiToken:
     return token
 
 
-def authenticate_token(engine: Engine, token: str) -> Principal | None:
-    """The principal of a valid, unrevoked token; None otherwise."""
+def authenticate_token(engine: Engine, token: str) -> Viewer | None:
+    """Who holds a valid, unrevoked token; None otherwise."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     with session_scope(engine) as session:
@@ -117,4 +102,4 @@ def authenticate_token(engine: Engine, token: str) -> Principal | None:
             session.connection().execute(
                 update(ApiToken).where(col(ApiToken.id) == api_token.id).values(last_used_at=now)
             )
-        return Principal(user.id, user.username, user.role, tuple(addresses), api_token.id)
+        return Viewer(user.id, user.username, user.role, tuple(addresses), api_token.id)

@@ -9,7 +9,7 @@ psycopg 3. The code is synchronous SQLAlchemy: async callers run it with
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,22 +76,50 @@ def session_scope(engine: Engine) -> Iterator[Session]:
             raise
 
 
-def insert_ignoring(table: Table, key: str, dialect: str) -> Insert:
+def insert_ignoring(table: Table, key: str | None, dialect: str) -> Insert:
     """``INSERT ... ON CONFLICT (key) DO NOTHING`` for SQLite and PostgreSQL.
 
     For rows several processes may add at once (two receivers, the CLI beside
-    the dashboard): the later insert does nothing instead of failing on the
-    unique key, and waits for the first where PostgreSQL must.
+    the dashboard), or that a replay adds again: the later insert does nothing
+    instead of failing on the unique key, and waits for the first where
+    PostgreSQL must. ``key`` None: any unique constraint (``ON CONFLICT DO
+    NOTHING``), for a key of several columns.
+
+    The one owner of the clause: a Core statement here, for inserts of dicts
+    (``executemany``, "insertmanyvalues"); the same clause as SQL text in
+    :func:`insert_ignoring_sql`, for the one writer that measured a Core
+    statement slower than its insert.
     """
+    keys = None if key is None else [key]
     if dialect == "postgresql":
         from sqlalchemy.dialects import postgresql  # on demand: the relay may never need it
 
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
     if dialect == "sqlite":
         from sqlalchemy.dialects import sqlite
 
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)
     raise ValueError(f"unsupported database: {dialect}")
+
+
+def insert_ignoring_sql(
+    table: str, columns: Sequence[str], source: str, key: str, returning: str = ""
+) -> str:
+    """:func:`insert_ignoring` as SQL text: ``INSERT INTO table (columns) source ON
+    CONFLICT (key) DO NOTHING [RETURNING returning]``; the same on both databases.
+
+    ``source`` is ``VALUES (...), ...`` or a ``SELECT``, with the driver's
+    placeholders. Only for the receiver's event writer, the hot path of every
+    hit (receiver/eventrows.py, whose methods say what was measured): it builds
+    its few statements once and executes them with ``exec_driver_sql``; on
+    SQLite one multi-row VALUES gives up the GIL once where ``executemany``
+    gives it up per row, and on PostgreSQL one ``unnest`` of column arrays
+    replaces a statement with thousands of placeholders parsed per batch.
+    Everything else uses :func:`insert_ignoring`. Only constants go in: no
+    value is ever formatted into the text.
+    """
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) {source} ON CONFLICT ({key}) DO NOTHING"
+    return f"{sql} RETURNING {returning}" if returning else sql
 
 
 def alembic_config(url: str) -> Config:

@@ -6,6 +6,10 @@ own account (``TRACKRELAY_UPSTREAM_USER``/``_PASSWORD``), never through the
 relay, so it is never tracked itself; in dev mode it lands in the Maildir sink
 like every other message. It is queued and retried through the same outbox as
 the webhooks (channel ``email``), so a notification survives restarts.
+
+It is sent with shared.smtpclient, the one SMTP client: TLS always, and ONE
+AUTH attempt (``aiosmtplib.send(username=...)`` would try every mechanism the
+server offers against the relay's real account).
 """
 
 from __future__ import annotations
@@ -18,9 +22,8 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
 
-import aiosmtplib
-
 from shared.config import Settings
+from shared.smtpclient import Reply, SmtpClient, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -85,32 +88,32 @@ async def send(settings: Settings, to: str, event_type: str, body: str) -> int:
         await asyncio.to_thread(_to_maildir, str(upstream.path), mail.as_bytes())
         log.info("notification to %s written to %s", to, upstream.path)
         return 250
-    user = settings.upstream_user or None
-    password = settings.upstream_password.get_secret_value() or None
-    try:
-        errors, reply = await aiosmtplib.send(
-            mail,
-            hostname=upstream.host,
-            port=upstream.port,
-            use_tls=upstream.implicit_tls,
-            start_tls=upstream.starttls,
-            username=user if user and password else None,
-            password=password if user and password else None,
-            validate_certs=settings.upstream_verify_tls,
-            timeout=settings.upstream_timeout,
-        )
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        first = exc.recipients[0]
-        raise MailRefused(first.code, first.message) from exc
-    except aiosmtplib.SMTPResponseException as exc:
-        raise MailRefused(exc.code, exc.message) from exc
-    except aiosmtplib.SMTPException as exc:
-        raise MailError(str(exc)) from exc
-    if errors:
-        code, text = next(iter(errors.values()))
-        raise MailRefused(code, text)
+    reply = await _deliver(settings, mail)
+    if not reply.ok:
+        raise MailRefused(reply.code, reply.text)
     log.info("notification to %s sent: %s", to, reply)
     return 250
+
+
+async def _deliver(settings: Settings, mail: EmailMessage) -> Reply:
+    """Log in once if the relay has an account, then send: the first refusal or
+    the DATA reply; MailError when the upstream cannot be reached."""
+    user = settings.upstream_user
+    password = settings.upstream_password.get_secret_value()
+    client = SmtpClient(settings, settings.upstream_target)
+    try:
+        await client.connect()
+        if user and password:
+            reply = await client.authenticate("PLAIN", user.encode(), password.encode())
+            if not reply.ok:
+                return reply
+        return await client.send_message(mail)
+    except UpstreamUnavailable as exc:
+        if exc.reply is not None:
+            return exc.reply  # up, but refusing us: its code says whether to retry
+        raise MailError(str(exc)) from exc
+    finally:
+        await client.close()
 
 
 def _to_maildir(path: str, data: bytes) -> None:

@@ -3,7 +3,7 @@
 An event must never be committed without its notifications, nor a
 notification sent for an event that was rolled back: so every ``enqueue_*``
 function takes the caller's open ``Session`` (or ``Connection``) and only
-inserts; the caller commits. A worker (shared/webhooks.py) delivers the rows.
+inserts; the caller commits. A worker (shared/outbox_worker.py) delivers the rows.
 
 Event types (payloads are documented in the README):
 
@@ -12,6 +12,9 @@ Event types (payloads are documented in the README):
 * ``message.opened``          the first human or proxy open per recipient
 * ``message.machine_opened``  the first machine open per recipient (Apple MPP...)
 * ``link.clicked``            every click judged human, proxy or unknown
+
+What is "first" is decided once, in shared/notable.py, for webhooks, mail and
+the dashboards' live feed alike.
 
 Each row has an idempotency key: ``message.opened`` and
 ``message.machine_opened`` are keyed by message and recipient, so a second
@@ -29,15 +32,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select
+from sqlalchemy import Connection, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
-from shared.isotime import iso, moment
-from shared.models import Event, Link, Message, OutboxItem, Policy, Recipient, WebhookEndpoint
+from shared.isotime import iso
+from shared.models import Link, Message, OutboxItem, Policy, Recipient, WebhookEndpoint
 from shared.models import utcnow as _utcnow
+from shared.notable import CLICK, FIRST_MACHINE_OPEN, FIRST_OPEN, mark
 from shared.policies import lookup_key, resolve
-from shared.verdicts import COUNTED, MACHINE, NOTIFIED_CLICKS
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +52,12 @@ LINK_CLICKED = "link.clicked"
 WEBHOOK_TEST = "webhook.test"
 EVENT_TYPES = (MESSAGE_SENT, MESSAGE_OPENED, MESSAGE_MACHINE_OPENED, LINK_CLICKED, DELIVERY_FAILED)
 
-
 Conn = Session | Connection
 EventDict = Mapping[str, Any]
+#: An event row as the receiver's writer has it; :func:`enqueue_for_events` marks it.
+EventRow = dict[str, Any]
+#: The active webhook endpoints: (id, comma-separated event types).
+Endpoints = list[tuple[int, str]]
 #: A message or recipient as a model object or as its column values.
 MessageLike = Message | Mapping[str, Any]
 RecipientLike = Recipient | Mapping[str, Any]
@@ -83,20 +89,15 @@ def wants(event_types: str, event_type: str) -> bool:
 # --- what the relay calls (relay/record.py, same transaction as the message rows) ---
 
 
-def enqueue_message_sent(conn: Conn, message: Message, recipients: Sequence[Recipient]) -> int:
-    """Announce a relayed message; also ``delivery.failed`` if a recipient was refused.
-
-    Returns the number of outbox rows inserted. ``recipients`` are every
-    envelope recipient with its outcome (``status`` ``accepted``/``refused``).
-    """
-    return enqueue_messages_sent(conn, [(message, recipients)])
-
-
 def enqueue_messages_sent(
     conn: Conn, sent: Iterable[tuple[MessageLike, Sequence[RecipientLike]]]
 ) -> int:
-    """:func:`enqueue_message_sent` for a batch of relayed messages (the relay's group
-    commit): the active endpoints are read once and the rows go in one insert.
+    """Announce relayed messages; also ``delivery.failed`` where a recipient was refused.
+
+    ``sent`` pairs each message with every envelope recipient and its outcome
+    (``status`` ``accepted``/``refused``). One call per group commit of the
+    relay's record writer: the active endpoints are read once and the rows go
+    in one insert; returns the number of outbox rows inserted.
 
     Messages and recipients may be model objects or their column values (the
     rows the relay inserts with SQLAlchemy Core, ``created_at`` a datetime):
@@ -104,11 +105,6 @@ def enqueue_messages_sent(
     """
     notes = [note for message, rcpts in sent for note in sent_notifications(message, rcpts)]
     return fan_out(conn, notes)
-
-
-def enqueue_delivery_failed(conn: Conn, message: Message, refused: Sequence[Recipient]) -> int:
-    """Announce the recipients of ``message`` that the upstream refused."""
-    return fan_out(conn, [_delivery_failed(message_data(message), refused)])
 
 
 def sent_notifications(
@@ -135,40 +131,29 @@ def _delivery_failed(about: dict[str, Any], refused: Sequence[RecipientLike]) ->
 
 
 def enqueue_for_events(
-    conn: Conn, events: Sequence[EventDict], *, notify_email: bool = False
+    conn: Conn, events: Sequence[EventRow], *, notify_email: bool = False
 ) -> int:
-    """Outbox rows for a batch of events already written in ``conn``'s database.
+    """Outbox rows for a batch of events already written in ``conn``'s transaction.
 
-    Call it in the transaction that inserts the events (preferred) or right
-    after it committed (the receiver's ``on_written`` hook). ``notify_email``
-    also queues the sender's notification mail where the sender's policy has
-    ``notify`` on (pass ``bool(settings.notify_from)``).
+    First it decides what is notable (:func:`shared.notable.mark`, one query
+    for the batch) and leaves the answer on each row, ``row["notable"]``: the
+    writer reports those rows to the receiver's live feed, which reads nothing
+    else. ``notify_email`` also queues the sender's notification mail where
+    the sender's policy has ``notify`` on (pass ``bool(settings.notify_from)``).
     """
-    events = [e for e in events if may_notify(str(e.get("kind")), str(e.get("verdict", "unknown")))]
-    if not events:
-        return 0
     conn = connection_of(conn)
-    context = _Context.load(conn, events)
-    notes: list[Notification] = []
-    for event in sorted(events, key=lambda e: str(iso(e.get("occurred_at")) or "")):
-        note = _notification(conn, context, event)
-        if note is not None:
-            notes.append(note)
-    rows = fan_out(conn, notes)
+    notable = mark(conn, events)
+    if not notable:
+        return 0
+    endpoints = active_endpoints(conn)
+    if not endpoints and not notify_email:
+        return 0  # nobody to tell: no need to read the messages
+    context = _Context.load(conn, notable)
+    notes = [_notification(context, event) for event in notable]
+    rows = fan_out(conn, notes, endpoints)
     if notify_email:
-        rows += _email_notifications(conn, context, notes)
+        rows += _email_notifications(conn, notes)
     return rows
-
-
-def may_notify(kind: str, verdict: str) -> bool:
-    """Whether an event of this kind and verdict can be announced at all.
-
-    A cheap filter (the receiver's writer builds dictionaries only for these);
-    :func:`_notification` decides for each event.
-    """
-    if kind == "open":
-        return verdict in COUNTED or verdict == MACHINE
-    return kind == "click" and verdict in NOTIFIED_CLICKS
 
 
 @dataclass
@@ -214,8 +199,17 @@ def _load(conn: Connection, model: Any, where: Any) -> list[Any]:
     return [model(**row._mapping) for row in conn.execute(select(table).where(where))]
 
 
-def _notification(conn: Connection, context: _Context, event: EventDict) -> Notification | None:
-    kind, verdict = event.get("kind"), event.get("verdict", "unknown")
+#: What each notable kind is announced as (shared/notable.py decides the kind).
+ANNOUNCED = {
+    FIRST_OPEN: MESSAGE_OPENED,
+    FIRST_MACHINE_OPEN: MESSAGE_MACHINE_OPENED,
+    CLICK: LINK_CLICKED,
+}
+
+
+def _notification(context: _Context, event: EventDict) -> Notification:
+    """The announcement of one notable event (marked by :func:`shared.notable.mark`)."""
+    event_type = ANNOUNCED[event["notable"]]
     mid, position = int(event["message_id"]), int(event.get("recipient_position", 0))
     message = context.messages.get(mid)
     recipient = context.recipient(mid, position)
@@ -226,50 +220,14 @@ def _notification(conn: Connection, context: _Context, event: EventDict) -> Noti
     }
     address = recipient.address if recipient else ""
     sender = message.sender if message else ""
-    if kind == "open" and verdict in COUNTED:
-        if not _is_first_open(conn, event, COUNTED):
-            return None
-        return Notification(
-            MESSAGE_OPENED, f"{MESSAGE_OPENED}:{mid}:{position}", mid, address, data, sender
-        )
-    if kind == "open" and verdict == MACHINE:
-        if not _is_first_open(conn, event, (MACHINE,)):
-            return None
-        key = f"{MESSAGE_MACHINE_OPENED}:{mid}:{position}"
-        return Notification(MESSAGE_MACHINE_OPENED, key, mid, address, data, sender)
-    if kind == "click" and verdict in NOTIFIED_CLICKS:
+    if event_type == LINK_CLICKED:
         link_position = int(event.get("link_position", 0))
         url = event.get("url") or context.links.get((mid, link_position))
         data["link"] = {"position": link_position, "url": url}
         key = f"{LINK_CLICKED}:{event['event_key']}"
-        return Notification(LINK_CLICKED, key, mid, address, data, sender)
-    return None
-
-
-def _is_first_open(conn: Connection, event: EventDict, verdicts: Iterable[str]) -> bool:
-    """No earlier open of these verdicts for the same message and recipient."""
-    occurred = event.get("occurred_at")
-    if isinstance(occurred, str | datetime):
-        occurred = moment(occurred)
-    earlier = (
-        select(func.count())
-        .select_from(Event)
-        .where(
-            col(Event.message_id) == int(event["message_id"]),
-            col(Event.recipient_position) == int(event.get("recipient_position", 0)),
-            col(Event.kind) == "open",
-            col(Event.verdict).in_(tuple(verdicts)),
-            col(Event.event_key) != event["event_key"],
-        )
-    )
-    if occurred is not None:
-        earlier = earlier.where(
-            or_(
-                Event.occurred_at < occurred,  # type: ignore[arg-type]
-                and_(Event.occurred_at == occurred, Event.event_key < event["event_key"]),  # type: ignore[arg-type]
-            )
-        )
-    return not conn.execute(earlier).scalar_one()
+    else:  # one per recipient copy: a replica that saw another "first" adds nothing
+        key = f"{event_type}:{mid}:{position}"
+    return Notification(event_type, key, mid, address, data, sender)
 
 
 # --- fan-out to destinations ---
@@ -280,26 +238,24 @@ _ACTIVE_ENDPOINTS = select(col(WebhookEndpoint.id), col(WebhookEndpoint.event_ty
 )
 
 
-def fan_out(conn: Conn, notes: Sequence[Notification]) -> int:
-    """Insert one outbox row per active webhook endpoint that wants each note."""
+def active_endpoints(conn: Connection) -> Endpoints:
+    """(id, event types) of every endpoint that is not paused."""
+    return [(id_ or 0, event_types) for id_, event_types in conn.execute(_ACTIVE_ENDPOINTS)]
+
+
+def fan_out(conn: Conn, notes: Sequence[Notification], endpoints: Endpoints | None = None) -> int:
+    """Insert one outbox row per active webhook endpoint that wants each note.
+
+    ``endpoints``: the active endpoints' (id, event types), if the caller read them.
+    """
     if not notes:
         return 0
     conn = connection_of(conn)
-    endpoints = conn.execute(_ACTIVE_ENDPOINTS).all()
+    if endpoints is None:
+        endpoints = active_endpoints(conn)
     now = _utcnow()
     rows = [
-        {
-            "channel": "webhook",
-            "target": str(endpoint_id),
-            "endpoint_id": endpoint_id,
-            "event_type": note.event_type,
-            "idempotency_key": note.key,
-            "message_id": note.message_id,
-            "recipient": note.recipient,
-            "payload": payload(note.event_type, note.key, note.data, now),
-            "created_at": now,
-            "next_attempt_at": now,
-        }
+        _row("webhook", str(endpoint_id), endpoint_id, note, note.key, now)
         for note in notes
         for endpoint_id, event_types in endpoints
         if wants(event_types, note.event_type)
@@ -307,33 +263,41 @@ def fan_out(conn: Conn, notes: Sequence[Notification]) -> int:
     return insert_rows(conn, rows)
 
 
-def _email_notifications(conn: Connection, context: _Context, notes: Sequence[Notification]) -> int:
+def _email_notifications(conn: Connection, notes: Sequence[Notification]) -> int:
     """The sender's mail on the first open and the first click per recipient."""
     now = _utcnow()
     rows = []
+    wanted: dict[str, bool] = {}  # sender -> policy says notify (asked once per batch)
     for note in notes:
         if note.event_type not in (MESSAGE_OPENED, LINK_CLICKED) or not note.sender:
             continue
-        if not sender_wants_mail(conn, note.sender):
+        if note.sender not in wanted:
+            wanted[note.sender] = sender_wants_mail(conn, note.sender)
+        if not wanted[note.sender]:
             continue
         what = "open" if note.event_type == MESSAGE_OPENED else "click"
         position = (note.data.get("recipient") or {}).get("position", 0)
         key = f"notify.{what}:{note.message_id}:{position}"
-        rows.append(
-            {
-                "channel": "email",
-                "target": note.sender,
-                "endpoint_id": None,
-                "event_type": note.event_type,
-                "idempotency_key": key,
-                "message_id": note.message_id,
-                "recipient": note.recipient,
-                "payload": payload(note.event_type, key, note.data, now),
-                "created_at": now,
-                "next_attempt_at": now,
-            }
-        )
+        rows.append(_row("email", note.sender, None, note, key, now))
     return insert_rows(conn, rows)
+
+
+def _row(
+    channel: str, target: str, endpoint_id: int | None, note: Notification, key: str, now: datetime
+) -> dict[str, Any]:
+    """An outbox row announcing ``note`` to one destination."""
+    return {
+        "channel": channel,
+        "target": target,
+        "endpoint_id": endpoint_id,
+        "event_type": note.event_type,
+        "idempotency_key": key,
+        "message_id": note.message_id,
+        "recipient": note.recipient,
+        "payload": payload(note.event_type, key, note.data, now),
+        "created_at": now,
+        "next_attempt_at": now,
+    }
 
 
 def sender_wants_mail(conn: Conn, sender: str) -> bool:

@@ -157,12 +157,6 @@ def set_policy(
     return policy
 
 
-def get_policy(engine: Engine, pattern: str) -> Policy | None:
-    key = normalize_pattern(pattern)
-    with session_scope(engine) as session:
-        return session.exec(select(Policy).where(Policy.pattern == key)).first()
-
-
 def policy_by_id(engine: Engine, policy_id: int) -> Policy | None:
     with session_scope(engine) as session:
         return session.get(Policy, policy_id)

@@ -19,8 +19,9 @@ import aiosmtplib
 from sqlalchemy import Engine
 from upstream import PASSWORD, USER, RecordingUpstream
 
+from relay.prepared import Prepared, Submission
 from relay.server import RelayServer
-from relay.track import Prepared, Submission, Tracker
+from relay.track import Tracker
 from shared import db
 from shared.config import Settings
 

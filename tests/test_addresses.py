@@ -8,7 +8,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from receiver import public
-from receiver.dashboard.queries import Viewer, visible
+from receiver.readmodel import visible
 from shared import consent, policies, privacy, users
 from shared.addresses import (
     address_key,
@@ -18,6 +18,7 @@ from shared.addresses import (
     spellings,
 )
 from shared.errors import UserError
+from shared.identity import Viewer
 from shared.models import Message, Recipient
 
 IDN = "xn--bcher-kva.example"

@@ -20,6 +20,9 @@ from starlette.routing import Route
 from receiver import api
 from receiver.openapi import document
 from shared import apitokens
+from shared.db import session_scope
+from shared.identity import Viewer
+from shared.models import Message
 from shared.users import add_user
 
 
@@ -80,6 +83,13 @@ def test_tokens_are_required_hashed_and_revocable(
     assert tokens["root"] not in repr(listed)  # only the hash and a prefix are kept
     assert listed["root"].prefix == tokens["root"][:12]
     assert listed["root"].last_used_at is not None
+    caller = apitokens.authenticate_token(engine, tokens["alice"])
+    assert isinstance(caller, Viewer)  # the dashboard's identity: one scope for both
+    assert (caller.username, caller.addresses, caller.is_admin) == (
+        "alice",
+        ("alice@example.com",),
+        False,
+    )
     apitokens.revoke_token(engine, listed["root"].prefix)
     reply = client.get("/api/v1/messages", headers=auth(tokens["root"]))
     assert reply.status_code == 401 and reply.json() == {"error": "unknown or revoked API token"}
@@ -156,6 +166,56 @@ def test_message_filters_and_paging(
     bad = client.get("/api/v1/messages?since=yesterday", headers=auth(tokens["root"]))
     assert bad.status_code == 400
     assert client.get("/api/v1/messages?limit=0", headers=auth(tokens["root"])).status_code == 400
+
+
+def test_not_opened_means_tracked_for_opens_and_no_counted_open(
+    client: httpx.Client, engine: Engine, tokens: dict[str, str]
+) -> None:
+    """As on the dashboard: mail not tracked for opens is not "not opened" (nor
+    mail not tracked for clicks "not clicked")."""
+    quiet = add_message(engine, subject="Quiet")
+    machine_only = add_message(engine, subject="Machine only")
+    opened = add_message(engine, subject="Opened")
+    untracked = add_message(engine, subject="Untracked", tracked=False)
+    clicks_only = add_message(engine, subject="Clicks only")
+    with session_scope(engine) as session:
+        row = session.get(Message, clicks_only.id)
+        assert row is not None
+        row.track_opens = False
+    write_events(engine, [event(machine_only, verdict="machine"), event(opened)])
+
+    def ids(**params: str) -> set[str]:
+        reply = client.get("/api/v1/messages", params=params, headers=auth(tokens["root"]))
+        assert reply.status_code == 200, reply.text
+        return {m["id"] for m in reply.json()["messages"]}
+
+    assert ids(opened="false") == {str(quiet.id), str(machine_only.id)}
+    assert ids(opened="false", tracked="true") == {str(quiet.id), str(machine_only.id)}
+    not_clicked = {str(m.id) for m in (quiet, machine_only, opened, clicks_only)}
+    assert ids(clicked="false") == not_clicked
+    assert str(untracked.id) not in ids(opened="false") | ids(clicked="false")
+
+
+def test_search_matches_like_wildcards_literally(
+    client: httpx.Client, engine: Engine, tokens: dict[str, str]
+) -> None:
+    percent = add_message(engine, subject="50% off")
+    add_message(engine, subject="500 off")
+    underscore = add_message(engine, subject="Plan a_b")
+    add_message(engine, subject="Plan a1b")
+    in_address = add_message(engine, subject="x", recipients=("first_last@client.test",))
+    add_message(engine, subject="y", recipients=("firstxlast@client.test",))
+
+    def ids(q: str) -> set[str]:
+        reply = client.get("/api/v1/messages", params={"q": q}, headers=auth(tokens["root"]))
+        assert reply.status_code == 200, reply.text
+        return {m["id"] for m in reply.json()["messages"]}
+
+    assert ids("50%") == {str(percent.id)}
+    assert ids("A_B") == {str(underscore.id)}
+    assert ids("first_last") == {str(in_address.id)}
+    assert ids("%") == {str(percent.id)}
+    assert ids("\\") == set()
 
 
 def test_one_message_and_the_event_cursor(

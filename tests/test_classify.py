@@ -17,7 +17,7 @@ from receiver.classify import (
 from receiver.classify import (
     classify as verdict_of,
 )
-from shared.verdicts import COUNTED, MACHINES, VERDICTS
+from shared.verdicts import AUTOMATED, COUNTED, VERDICTS
 
 CHROME = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -165,8 +165,8 @@ def test_first_match_wins_and_all_reasons_are_kept() -> None:
 
 def test_only_human_and_proxy_count() -> None:
     assert {v for v in VERDICTS if v in COUNTED} == {"human", "proxy"}
-    assert set(MACHINES) == {"machine", "scanner"}
-    assert not set(COUNTED) & set(MACHINES)
+    assert set(AUTOMATED) == {"machine", "scanner"}
+    assert not set(COUNTED) & set(AUTOMATED)
 
 
 def test_network_set() -> None:

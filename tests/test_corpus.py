@@ -18,7 +18,8 @@ from injection_checks import check
 
 from relay import mime
 from relay.headers import top_fields
-from relay.track import Submission, Tracker
+from relay.prepared import Submission
+from relay.track import Tracker
 from shared.config import Settings
 from shared.models import Policy
 from shared.policies import snapshot_of

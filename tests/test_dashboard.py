@@ -353,6 +353,32 @@ def test_filters(client: TestClient, params: dict[str, str], expected: set[int])
     assert ids_on(client.get(f"{D}/messages", params=params).text) == expected
 
 
+def test_not_opened_means_tracked_for_opens_and_no_counted_open(
+    client: TestClient, engine: Engine
+) -> None:
+    """As in the API: mail not tracked for opens is not "not opened"."""
+    with session_scope(engine) as s:
+        s.add(Message(id=97, sender="sam@example.com", subject="clicks only", track_clicks=True))
+    login(client, "ada")
+    html = client.get(f"{D}/messages", params={"state": "not_opened"}).text
+    assert ids_on(html) == {M_XSS}  # not M_UNTRACKED: never tracked
+    assert 'data-message-id="97"' not in html  # tracked for clicks only
+
+
+def test_search_matches_like_wildcards_literally(client: TestClient, engine: Engine) -> None:
+    with session_scope(engine) as s:
+        for mid, subject in ((91, "50% off"), (92, "500 off"), (93, "Plan a_b"), (94, "Plan a1b")):
+            s.add(Message(id=mid, sender="sam@example.com", subject=subject))
+    login(client, "ada")
+
+    def found(q: str) -> set[int]:
+        html = client.get(f"{D}/messages", params={"q": q}).text
+        return {m for m in (91, 92, 93, 94) if f'data-message-id="{m}"' in html}
+
+    assert found("50%") == {91}
+    assert found("A_B") == {93}
+
+
 def test_bad_filter_values_are_explained(client: TestClient) -> None:
     login(client, "ada")
     response = client.get(f"{D}/messages", params={"from": "yesterday", "page": "x"})

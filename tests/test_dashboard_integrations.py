@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 from starlette.testclient import TestClient
 from webhook_server import webhook_server
 
-from shared import apitokens, webhooks
+from shared import apitokens, webhook_signature, webhooks
 from shared.db import session_scope
 from shared.models import DeliveryAttempt, OutboxItem, utcnow
 
@@ -133,8 +133,8 @@ def test_send_test_event_and_delivery_log(client: TestClient, engine: Engine) ->
         ok = client.post(f"{D}/webhooks/{endpoint.id}/test", data={"csrf_token": t})
         assert re.search(r"Test event delivered: the endpoint answered 200 in \d+ ms\.", ok.text)
         (received,) = server.requests
-        assert webhooks.verify_signature(
-            endpoint.secret, received.headers[webhooks.SIGNATURE_HEADER], received.body
+        assert webhook_signature.verify_signature(
+            endpoint.secret, received.headers[webhook_signature.SIGNATURE_HEADER], received.body
         )
         refused = client.post(f"{D}/webhooks/{endpoint.id}/test", data={"csrf_token": t})
         assert "The endpoint answered 503" in refused.text and "flash-error" in refused.text

@@ -33,9 +33,11 @@ from sqlalchemy import Engine, create_engine, insert
 
 from receiver.app import create_app
 from receiver.classify import Hit, classify
-from receiver.events import Journal, _keys, new_event, to_record, truncate_ip
-from receiver.eventstore import EVENTS, BatchStore, SqliteTime, WriterLoop
+from receiver.eventrecord import JOURNAL_PREFIX, event_keys, new_event, to_record, truncate_ip
+from receiver.eventrows import EVENTS, BatchStore, SqliteTime
+from receiver.eventstore import WriterLoop
 from shared.config import Settings
+from shared.journal import Journal
 from shared.models import Message
 from shared.tokens import Signer
 
@@ -156,7 +158,7 @@ def test_a_killed_receiver_replays_its_journal_once(
 
 
 def test_journal_skips_a_torn_last_line(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
+    journal = Journal(tmp_path, prefix=JOURNAL_PREFIX)
     journal.append([{"event_key": "a"}, {"event_key": "b"}])
     journal.seal()
     [path] = tmp_path.glob("events-*.jsonl")
@@ -170,9 +172,9 @@ def test_journal_skips_a_torn_last_line(tmp_path: Path) -> None:
 
 
 def test_a_live_writers_journal_is_not_replayed_by_another(tmp_path: Path) -> None:
-    live = Journal(tmp_path)
+    live = Journal(tmp_path, prefix=JOURNAL_PREFIX)
     live.append([{"event_key": "x"}])  # open and locked, as in a running worker
-    other = Journal(tmp_path)
+    other = Journal(tmp_path, prefix=JOURNAL_PREFIX)
     assert other.read_slice(10) == []
     live.seal()
     assert [e["event_key"] for e in other.read_slice(10)] == ["x"]
@@ -240,7 +242,7 @@ def test_a_batch_is_classified_hit_by_hit_as_classify_does(engine: Engine) -> No
         new_event("open", 2, 1, 0, "198.51.100.7", CHROME, "GET"),  # again, remembered
         new_event("open", 2, 1, 0, "198.51.100.7", "curl/8.5.0", "GET"),
     ]
-    keyed = _keys.assign(hits)
+    keyed = event_keys.assign(hits)
     written = BatchStore(engine, store_full_ip=False).write(keyed)
     assert written.inserted == len(hits)
     rows = {row["event_key"]: row for row in event_rows(engine)}
@@ -284,7 +286,9 @@ def test_a_batch_is_classified_hit_by_hit_as_classify_does(engine: Engine) -> No
 @pytest.mark.parametrize("size", [1, 7, 500, 1337])
 def test_a_batch_of_any_size_is_stored_once(engine: Engine, size: int) -> None:
     store = BatchStore(engine, store_full_ip=True)
-    keyed = _keys.assign([new_event("open", 5, i, 0, "::1", "curl/8", "GET") for i in range(size)])
+    keyed = event_keys.assign(
+        [new_event("open", 5, i, 0, "::1", "curl/8", "GET") for i in range(size)]
+    )
     assert store.write(keyed).inserted == size
     stored = {row["event_key"]: row for row in event_rows(engine)}
     assert sorted(stored) == sorted(event[0] for event in keyed)
@@ -294,9 +298,14 @@ def test_a_batch_of_any_size_is_stored_once(engine: Engine, size: int) -> None:
 
 def test_a_live_batch_with_a_stored_key_keeps_only_the_new_rows(engine: Engine) -> None:
     store = BatchStore(engine, store_full_ip=False)
-    first = _keys.assign([new_event("open", 6, i, 0, "192.0.2.1", CHROME, "GET") for i in range(3)])
+    first = event_keys.assign(
+        [new_event("open", 6, i, 0, "192.0.2.1", CHROME, "GET") for i in range(3)]
+    )
     store.write(first)
-    second = [first[1], *_keys.assign([new_event("open", 6, 9, 0, "192.0.2.1", CHROME, "GET")])]
+    second = [
+        first[1],
+        *event_keys.assign([new_event("open", 6, 9, 0, "192.0.2.1", CHROME, "GET")]),
+    ]
     written = store.write(second)  # a live batch: the insert finds a key already there
     assert (written.inserted, written.duplicates) == (1, 1)
     assert [row["event_key"] for row in written.notable] == [second[1][0]]
@@ -307,8 +316,8 @@ def test_an_unreadable_journal_record_is_set_aside_not_replayed_forever(
     make_settings: Callable[..., Settings], engine: Engine, database_url: str
 ) -> None:
     settings = make_settings(database_url=database_url, event_flush_interval=0.02)
-    journal = Journal(settings.var_dir / "journal")
-    good = _keys.assign([new_event("open", 7, 1, 0, "192.0.2.1", CHROME, "GET")])
+    journal = Journal(settings.var_dir / "journal", prefix=JOURNAL_PREFIX)
+    good = event_keys.assign([new_event("open", 7, 1, 0, "192.0.2.1", CHROME, "GET")])
     journal.append([to_record(good[0]), {"event_key": "no-kind"}])
     journal.seal()
     app = create_app(settings, engine)
@@ -368,11 +377,14 @@ def test_what_the_writer_never_took_is_journaled_at_stop(
 def test_batches_that_queue_up_are_written_together_and_all_acknowledged(
     engine: Engine, tmp_path: Path
 ) -> None:
-    loop = WriterLoop(BatchStore(engine, store_full_ip=False), Journal(tmp_path / "journal"))
+    loop = WriterLoop(
+        BatchStore(engine, store_full_ip=False),
+        Journal(tmp_path / "journal", prefix=JOURNAL_PREFIX),
+    )
     batches = []
     for batch_id in range(1, 7):
         raw = [new_event("open", 15, i, 0, "192.0.2.1", "curl/8", "GET") for i in range(10)]
-        prefix, first = _keys.reserve(len(raw))
+        prefix, first = event_keys.reserve(len(raw))
         batches.append((batch_id, prefix, first, raw))
     loop.batches(batches)
     report = loop.take_report()

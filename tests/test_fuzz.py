@@ -25,8 +25,8 @@ from conftest import CORPUS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import track
-from relay.track import Submission, Tracker
+from relay.prepared import Submission
+from relay.track import Tracker
 from shared import db
 from shared.config import Settings
 from shared.policies import set_policy
@@ -96,11 +96,11 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
 def prepare(tracker: Tracker, data: bytes) -> tuple[bytes, bool]:
     """(data of the copy for the first recipient, whether injection failed)."""
     sub = Submission(11, "ann@example.com", ["bob@example.org", "cy@example.org"], data, "", "")
-    failures = track.metrics.failures
+    failures = tracker.metrics.failures
     with time_bound(BOUND):
         prepared = asyncio.run(tracker.prepare(sub))
     assert sum(len(c.recipients) for c in prepared.copies) == 2  # nobody lost
-    return prepared.copies[0].data, track.metrics.failures > failures
+    return prepared.copies[0].data, tracker.metrics.failures > failures
 
 
 def check_outcome(original: bytes, out: bytes, failed: bool) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from injection_checks import check
 
-from relay.track import Submission, Tracker
+from relay.prepared import Submission
+from relay.track import Tracker
 from shared.config import Settings
 from shared.policies import snapshot_of
 from shared.tokens import Signer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html as stdlib_html
+from typing import NamedTuple
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,8 +17,28 @@ def click(position: int, url: str) -> str:
     return f"https://{HOST}/c/L{position}"
 
 
-def rewrite(text: str, pixel: str | None = None) -> html.Rewritten:
-    return html.rewrite(text, HOST, click, pixel)
+class Rewritten(NamedTuple):
+    text: str
+    edits: list[html.Edit]
+    links: list[str]
+    scan: html.Scan
+
+
+def rewrite(text: str, pixel: str | None = None) -> Rewritten:
+    """What relay/rewrite.py does with an HTML part, on a str: ``html.scan``
+    when planning, ``html.edits_for`` with every tracked link when rendering."""
+    found = html.scan(text, HOST)
+    links = [h.url for h in found.tracked]
+    edits = html.edits_for(found, [click(i, url) for i, url in enumerate(links, 1)], pixel)
+    return Rewritten(_apply(text, edits), edits, links, found)
+
+
+def _apply(text: str, edits: list[html.Edit]) -> str:
+    out, pos = [], 0
+    for edit in edits:
+        out += [text[pos : edit.start], edit.new]
+        pos = edit.end
+    return "".join([*out, text[pos:]])
 
 
 def test_attribute_decoding_follows_html5_not_html_unescape() -> None:
@@ -112,6 +133,13 @@ def test_opt_out_markers_are_removed_and_link_kept() -> None:
     )
 
 
+def test_no_tracked_link_means_markers_stay_and_only_the_pixel_goes_in() -> None:
+    text = '<a data-notrack href="https://a.example/1">1</a><a href="mailto:a@b.example">m</a>'
+    out = rewrite(text, "https://p.example/o.gif")
+    assert out.links == []
+    assert out.text == text + html.pixel_tag("https://p.example/o.gif")
+
+
 def test_vml_button_in_conditional_comment() -> None:
     text = (
         "<body><!--[if mso]>\n"
@@ -161,7 +189,7 @@ def test_disagreement_with_the_parser_leaves_links_alone() -> None:
     text = '<p><a href="https://a.example/ok">ok</a><template><a href="https://a.example/t">'
     text += "t</a></template></p></body>"
     out = rewrite(text, "https://p.example/o.gif")
-    assert out.scan is not None and not out.scan.agreed
+    assert not out.scan.agreed
     assert out.links == []
     assert out.text == text.replace(
         "</body>", html.pixel_tag("https://p.example/o.gif") + "</body>"
@@ -213,7 +241,7 @@ def _outside(text: str, spans: list[tuple[int, int]]) -> str:
     return "".join([*pieces, text[pos:]])
 
 
-def _check_only_hrefs_and_pixel(text: str, out: html.Rewritten, pixel: str) -> None:
+def _check_only_hrefs_and_pixel(text: str, out: Rewritten, pixel: str) -> None:
     """Output minus the new spans == input minus the old spans, and every edit
     is a tracked href, the pixel, or a removed opt-out marker."""
     old_spans, new_spans, pos_shift = [], [], 0
@@ -240,12 +268,12 @@ def _check_only_hrefs_and_pixel(text: str, out: html.Rewritten, pixel: str) -> N
 @settings(max_examples=300, deadline=None)
 @given(_documents)
 def test_splicer_never_raises_and_changes_only_hrefs_and_pixel(text: str) -> None:
-    out = html.rewrite(text, HOST, click, "https://p.example/o.gif")
+    out = rewrite(text, "https://p.example/o.gif")
     _check_only_hrefs_and_pixel(text, out, html.pixel_tag("https://p.example/o.gif"))
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=200))
 def test_splicer_never_raises_on_any_text(text: str) -> None:
-    out = html.rewrite(text, HOST, click, "https://p.example/o.gif")
+    out = rewrite(text, "https://p.example/o.gif")
     _check_only_hrefs_and_pixel(text, out, html.pixel_tag("https://p.example/o.gif"))

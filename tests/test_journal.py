@@ -20,13 +20,12 @@ import pytest
 from receiver_support import Outage, ServerThread, count_events, wait_for
 
 from receiver.app import create_app
+from relay.prepared import Copy, MessageRecord, Prepared
 from relay.record import Delivery, Recorder
-from relay.track import Copy, Prepared
 from relay.upstream import Reply
 from shared import db
 from shared.config import Settings
 from shared.journal import Journal
-from shared.models import Message
 from shared.tokens import Signer
 
 
@@ -91,7 +90,12 @@ def test_relay_counts_the_records_it_loses_when_database_and_journal_disk_fail(
     ok = Reply(250, "2.0.0 Ok")
     items = [
         (
-            Prepared([Copy(["a@example.net"], b"x")], Message(id=i, subject="x" * 8192), [], set()),
+            Prepared(
+                [Copy(["a@example.net"], b"x")],
+                MessageRecord(id=i, subject="x" * 8192),
+                [],
+                set(),
+            ),
             Delivery({"a@example.net": ok}, [], ok),
         )
         for i in (1, 2, 3)

@@ -27,26 +27,36 @@ from sqlalchemy import Engine
 from receiver.app import create_app
 from receiver.live import LiveFeed, notifications
 from shared.config import Settings
+from shared.notable import mark
+
+
+def marked(engine: Engine, *events: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows as the writer process reports them: marked by shared/notable.py."""
+    with engine.begin() as conn:
+        mark(conn, events)
+    return list(events)
 
 
 def test_first_open_and_clicks_only(engine: Engine) -> None:
     seed(engine)
     # M_OPENED already has a human open from recipient 1: another is not "first"
     again = add_open(engine, M_OPENED, "again")
-    assert notifications(engine, [again]) == []
+    assert notifications(engine, marked(engine, again)) == []
     first = add_open(engine, M_XSS, "first")
     second = add_open(engine, M_XSS, "second")
-    notes = notifications(engine, [first, second])  # one batch, one toast
+    notes = notifications(engine, marked(engine, first, second))  # one batch, one toast
     assert len(notes) == 1
     note = notes[0]
     assert note["kind"] == "open" and note["message_id"] == str(M_XSS)
     assert note["recipient"] == "dave@client.example"
     assert note["subject"] == "<script>alert(1)</script>"  # escaped by the page, not here
     machine = {**first, "event_key": "m", "verdict": "machine"}
-    assert notifications(engine, [machine]) == []
+    assert notifications(engine, marked(engine, machine)) == []
     click = {**first, "event_key": "c", "kind": "click", "message_id": M_OPENED, "link_position": 1}
-    [clicked] = notifications(engine, [click])
+    [clicked] = notifications(engine, marked(engine, click))
     assert clicked["url"] == "https://example.com/pricing?a=1&b=2"
+    unknown = {**click, "event_key": "u", "verdict": "unknown"}  # a webhook, not a toast
+    assert notifications(engine, marked(engine, unknown)) == []
 
 
 def _receive(feeds: list[LiveFeed], engine: Engine, event: dict[str, Any]) -> list[Any]:
@@ -72,7 +82,7 @@ def _receive(feeds: list[LiveFeed], engine: Engine, event: dict[str, Any]) -> li
 
 def test_feed_delivers_to_those_who_may_see_it(engine: Engine) -> None:
     seed(engine)
-    event = add_open(engine, M_CORP, "corp2", recipient=1)
+    [event] = marked(engine, add_open(engine, M_CORP, "corp2", recipient=1))
     feeds = [LiveFeed(engine)]
     if feeds[0].on_postgresql:
         # a second receiver process on the same database: LISTEN/NOTIFY carries it
@@ -85,7 +95,12 @@ def test_feed_delivers_to_those_who_may_see_it(engine: Engine) -> None:
 
 def test_publish_fails_soft(engine: Engine) -> None:
     feed = LiveFeed(engine)
-    bad = {"message_id": "not a number", "kind": "open", "verdict": "human"}
+    bad = {
+        "message_id": "not a number",
+        "kind": "open",
+        "verdict": "human",
+        "notable": "first_open",
+    }
     asyncio.run(feed.publish([bad]))  # logged, not raised
 
 
@@ -105,7 +120,7 @@ def test_server_sent_events_end_to_end(
             assert stream.headers["content-type"].startswith("text/event-stream")
             lines = stream.iter_lines()
             assert next(lines) == "retry: 3000"
-            event = add_open(engine, M_XSS, "live-1")
+            [event] = marked(engine, add_open(engine, M_XSS, "live-1"))
             started = time.monotonic()
             server.call(app.state.live_feed.publish([event]))
             data = next(line for line in lines if line.startswith("data: "))

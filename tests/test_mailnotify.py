@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
+import socket
 from collections.abc import Callable
 from datetime import timedelta
 from email.message import Message as EmailMessage
 from typing import Any
 
+import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from seedrows import add_message, event, write_events
 from sqlalchemy import Engine, select
+from upstream import PASSWORD, USER, RecordingUpstream
 
-from shared import webhooks
+from shared import mailnotify, outbox_worker
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import OutboxItem, Policy
@@ -70,7 +74,7 @@ def test_first_open_and_first_click_mail_the_sender(
         settings = make_settings(
             upstream=f"smtp://127.0.0.1:{port}", notify_from="trackrelay@example.com"
         )
-        worker = webhooks.OutboxWorker(settings, engine)
+        worker = outbox_worker.OutboxWorker(settings, engine)
         await worker.start()
         deadline = asyncio.get_running_loop().time() + 10
         while len(sink.mail) < 2:
@@ -101,7 +105,7 @@ def test_without_notify_from_the_row_fails_once_and_says_why(
     queue(engine, [event(add_message(engine))])
 
     async def run() -> None:
-        worker = webhooks.OutboxWorker(make_settings(), engine)
+        worker = outbox_worker.OutboxWorker(make_settings(), engine)
         await worker.start()
         await worker.run_once()  # this or the started loop claims it; stop() waits for both
         await worker.stop()
@@ -121,7 +125,7 @@ def test_dev_mode_writes_the_notification_to_the_maildir_sink(
     settings = make_settings(upstream=f"maildir:{tmp_path / 'sink'}", notify_from="tr@example.com")
 
     async def run() -> None:
-        worker = webhooks.OutboxWorker(settings, engine)
+        worker = outbox_worker.OutboxWorker(settings, engine)
         await worker.start()
         await worker.run_once()
         await worker.stop()
@@ -129,3 +133,47 @@ def test_dev_mode_writes_the_notification_to_the_maildir_sink(
     asyncio.run(run())
     files = list((tmp_path / "sink" / "new").iterdir())
     assert len(files) == 1 and b"Opened: Quarterly numbers" in files[0].read_bytes()
+
+
+def _payload() -> str:
+    data = {"message": {"subject": "Quarterly numbers"}, "recipient": {"address": "bob@x.test"}}
+    return json.dumps({"id": "evt-1", "data": data})
+
+
+@pytest.mark.parametrize(("password", "delivered"), [(PASSWORD, True), ("not it", False)])
+def test_the_relay_account_logs_in_once_through_tls(
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    password: str,
+    delivered: bool,
+) -> None:
+    """One AUTH attempt (aiosmtplib.send(username=...) tried every mechanism
+    offered, PLAIN then LOGIN, against the relay's real account)."""
+    settings = make_settings(
+        upstream=upstream.url,  # STARTTLS: the recording upstream refuses AUTH without it
+        upstream_user=USER,
+        upstream_password=password,
+        upstream_verify_tls=False,
+        notify_from="trackrelay@example.com",
+    )
+    send = mailnotify.send(settings, "alice@example.com", "message.opened", _payload())
+    if delivered:
+        assert asyncio.run(send) == 250
+        (received,) = upstream.messages
+        assert received.mail_from == "trackrelay@example.com"
+        assert received.rcpt_tos == ["alice@example.com"]
+    else:
+        with pytest.raises(mailnotify.MailRefused) as refused:
+            asyncio.run(send)
+        assert refused.value.code == 535 and upstream.messages == []
+    assert upstream.auth_attempts == [("PLAIN", USER)]
+
+
+def test_an_unreachable_upstream_is_retryable(make_settings: Callable[..., Settings]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    settings = make_settings(upstream=f"smtp://127.0.0.1:{port}", notify_from="tr@example.com")
+    with pytest.raises(mailnotify.MailError) as caught:
+        asyncio.run(mailnotify.send(settings, "alice@example.com", "message.opened", _payload()))
+    assert not isinstance(caught.value, mailnotify.MailRefused)

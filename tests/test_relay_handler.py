@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +21,13 @@ from relaykit import (
     sqlite_engine,
 )
 from sqlalchemy import Engine
+from sqlmodel import Session, select
 from upstream import PASSWORD, USER, RecordingUpstream
 
-from relay.track import Copy, Prepared, Submission, Tracker
+from relay.prepared import Copy, Prepared, Submission
+from relay.track import Tracker
 from shared.config import Settings
+from shared.models import Message
 from shared.users import add_user
 
 MakeSettings = Callable[..., Settings]
@@ -458,6 +462,40 @@ def test_per_recipient_copies_and_mixed_outcomes(
     ]
 
 
+class BrokenTracker(Tracker):
+    """The real Tracker with a rewriting bug: the steps of every message raise."""
+
+    def prepare_sync(self, sub: Submission, snapshot: object) -> Prepared:
+        raise RuntimeError("rewriting bug")
+
+
+def test_an_injection_failure_forwards_the_original_minus_the_trigger_headers(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """Fail open (DESIGN.md section 5), through the relay: the upstream receives the
+    client's bytes with only the trigger header lines deleted, the client gets the
+    upstream's 250, and the failure is counted and recorded."""
+    settings = relay_settings(make_settings, upstream)
+    tracker = BrokenTracker(settings, db_engine)
+    triggers = b"X-Track: open, click\r\nX-PM-TrackLinks: HtmlOnly\r\nX-Mailgun-Track: yes\r\n"
+    data = SIMPLE.replace(b"Subject: hello\r\n", b"Subject: hello\r\n" + triggers)
+    assert data != SIMPLE
+
+    async def scenario() -> str:
+        async with running_relay(settings, db_engine, tracker=tracker) as relay:
+            return (await send(relay, data)).message
+
+    assert asyncio.run(scenario()).startswith("2.0.0 Ok")
+    [got] = upstream.messages
+    assert got.data == SIMPLE
+    counted = tracker.metrics
+    assert (counted.prepared, counted.failures, counted.tracked) == (1, 1, 0)
+    with Session(db_engine) as session:
+        [message] = session.exec(select(Message)).all()
+    assert json.loads(message.decision) == {"tracked": False, "reasons": ["injection failed"]}
+    assert (message.status, message.subject, message.size_out) == ("sent", "hello", len(SIMPLE))
+
+
 def _trusted(
     make_settings: MakeSettings, upstream: RecordingUpstream, **overrides: object
 ) -> Settings:
@@ -566,7 +604,7 @@ def test_a_30_mb_tracked_message_arrives_byte_for_byte(
     bytes, block-by-block DATA encoder with flow control) delivers exactly the
     rendering of the small message with the same HTML part, the 30 MB of dotted
     lines unchanged, dot-stuffed correctly wherever the encoder cuts them."""
-    from relay.upstream import DATA_CHUNK
+    from relay.datawriter import DATA_CHUNK
     from shared.policies import snapshot_of
 
     # The tracked copy is [head, head, new HTML part, the rest as one view]: the

@@ -17,23 +17,17 @@ from sqlalchemy import Engine, func, insert
 from sqlmodel import Session, select
 from upstream import PASSWORD, USER, RecordingUpstream
 
-from relay.record import (
-    SQLITE_WRITE_TIMEOUT,
-    Delivery,
-    Record,
-    Recorder,
-    RecordStore,
-    to_record,
-)
+from relay.prepared import Copy, LinkRow, MessageRecord, Prepared
+from relay.record import Delivery, Record, Recorder, RecordStore, to_record
 from relay.server import RelayServer
-from relay.track import Copy, LinkRow, Prepared
 from relay.upstream import Reply
 from shared import db
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Link, Message, OutboxItem, Recipient
-from shared.outbox import enqueue_message_sent
+from shared.outbox import enqueue_messages_sent
 from shared.policies import add_suppression
+from shared.spool import SQLITE_WRITE_TIMEOUT
 from shared.tokens import Signer, new_message_id
 from shared.webhooks import add_endpoint
 
@@ -138,7 +132,7 @@ def test_log_lines_name_the_message_as_the_dashboard_does(
         ids = [m.id for m in session.exec(select(Message)).all()]
     for mid in ids:
         names = {r.name for r in caplog.records if re.search(rf"message {mid}\b", r.getMessage())}
-        assert names >= {"relay.track", "relay.record"}, (mid, caplog.text)
+        assert names >= {"relay.pipeline", "relay.record"}, (mid, caplog.text)
 
 
 # --- the group-commit writer ---
@@ -152,9 +146,9 @@ class KeepingStore(RecordStore):
         super().__init__(engine)
         self.seen: list[Record] = []
 
-    def write(self, records: list[Record]) -> tuple[int, list[Record]]:
+    def write(self, records: list[Record], replay: bool) -> int:
         self.seen += json.loads(json.dumps(records))
-        return super().write(records)
+        return super().write(records, replay)
 
 
 def orm_write(engine: Engine, record: Record) -> None:
@@ -168,7 +162,7 @@ def orm_write(engine: Engine, record: Record) -> None:
         session.flush()
         if record["links"]:
             session.execute(insert(Link), record["links"])
-        enqueue_message_sent(session, message, recipients)
+        enqueue_messages_sent(session, [(message, recipients)])
 
 
 STORED = {  # every column but autoincrement ids and the outbox rows' own times
@@ -272,7 +266,7 @@ def test_concurrent_sessions_share_commits_and_each_message_gets_its_own_rows(
 def _prepared(links: list[int]) -> tuple[Prepared, Delivery]:
     """A relayed message's record with links at these positions."""
     mid = new_message_id()
-    message = Message(id=mid, sender=USER, subject=f"m{mid}", size_in=10, size_out=10)
+    message = MessageRecord(id=mid, sender=USER, subject=f"m{mid}", size_in=10, size_out=10)
     found = [LinkRow(mid, p, f"https://example.com/{p}") for p in links]
     ok = Reply(250, "2.0.0 Ok")
     prepared = Prepared([Copy(["a@example.net"], b"x")], message, found, set())

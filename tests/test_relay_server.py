@@ -1,4 +1,4 @@
-"""Listeners, graceful shutdown and dev mode (relay/server.py, trackrelay/devsetup.py)."""
+"""Listeners, graceful shutdown and dev mode (relay/server.py, shared/devsetup.py)."""
 
 from __future__ import annotations
 

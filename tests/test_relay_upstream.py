@@ -1,5 +1,5 @@
-"""relay/upstream.py: DATA (the very bytes aiosmtplib would have sent, with flow
-control), and connections that are always closed."""
+"""relay/upstream.py and relay/datawriter.py: DATA (the very bytes aiosmtplib
+would have sent, with flow control), and connections that are always closed."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from tracing import peak_allocated
 from upstream import PASSWORD, USER
 
 from relay import upstream
+from relay.datawriter import DATA_CHUNK, data_chunks
 from relay.headers import Segment
-from relay.upstream import DATA_CHUNK, Reply, SmtpUpstream, data_chunks
+from relay.upstream import Reply, SmtpUpstream
 from shared.config import Settings, parse_upstream
 
 PIECES = [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"a", b"..", b"\r\r\n", b"\n."]
@@ -231,53 +232,3 @@ def test_a_client_leaving_while_the_relay_connects_upstream_closes_that_connecti
 
     asyncio.run(scenario())
     engine.dispose()
-
-
-class Lingering(asyncio.Protocol):
-    """An implicit-TLS upstream that answers QUIT with 221 and then neither closes
-    nor answers the relay's TLS close_notify (it keeps the connection open)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(b"220 lingering.test ESMTP\r\n")
-
-    def data_received(self, data: bytes) -> None:
-        for line in data.decode().splitlines():
-            verb = line.split(" ", 1)[0].upper()
-            reply = {"EHLO": "250-lingering.test\r\n250 AUTH PLAIN", "QUIT": "221 Bye"}
-            self.transport.write(reply.get(verb, "235 2.7.0 Ok").encode() + b"\r\n")
-
-    def eof_received(self) -> bool:
-        return True  # keep the connection: no close_notify in reply
-
-
-def test_close_returns_once_the_socket_is_closed(
-    make_settings: Callable[..., Settings],
-    tls_pair: tuple[Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """QUIT only begins the TLS close. close() returns when the socket is closed
-    (aborted if the server never answers), or a stopping relay leaves the socket
-    behind its event loop and the garbage collector reports it later."""
-    monkeypatch.setattr(upstream, "CLOSE_WAIT", 0.2)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(*tls_pair)
-
-    async def scenario() -> int:
-        server = await asyncio.get_running_loop().create_server(
-            Lingering, "127.0.0.1", 0, ssl=context
-        )
-        port = server.sockets[0].getsockname()[1]
-        settings = make_settings(upstream=f"smtps://127.0.0.1:{port}", upstream_verify_tls=False)
-        conn = SmtpUpstream(settings, settings.upstream_target)
-        reply = await conn.authenticate("PLAIN", USER.encode(), PASSWORD.encode())
-        assert reply.ok and conn._smtp is not None and conn._smtp.transport is not None
-        sock = conn._smtp.transport.get_extra_info("socket")
-        await conn.close()
-        closed = sock.fileno()
-        server.close()
-        await server.wait_closed()
-        return int(closed)
-
-    assert asyncio.run(scenario()) == -1

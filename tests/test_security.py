@@ -27,7 +27,8 @@ from starlette.testclient import TestClient
 from upstream import PASSWORD, USER, RecordingUpstream
 
 from receiver.app import create_app
-from relay.track import Submission, Tracker
+from relay.prepared import Submission
+from relay.track import Tracker
 from shared.config import Settings
 from shared.policies import set_policy
 from shared.tokens import Signer

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import Engine
 from tracing import peak_allocated
 
-from relay import track
-from relay.track import Prepared, Submission, Tracker
+from relay.prepared import MessageRecord, Prepared, Submission
+from relay.track import Tracker
 from shared.config import Settings
+from shared.models import Message
 from shared.policies import add_suppression, set_policy, snapshot_of
 from shared.tokens import Signer
 
 BASE = "https://t.example.net"
+NOON = datetime(2026, 1, 2, 12, 0, 0, tzinfo=UTC)
 HTML = (
     b"From: Ann <ann@example.com>\r\nTo: Bob <bob@example.org>, carol@example.net\r\n"
     b"Subject: hello\r\nMessage-ID: <m1@example.com>\r\n{trigger}"
@@ -59,7 +63,7 @@ def tokens(prepared: Prepared, signer: Signer) -> list[tuple[list[str], int, int
 
 
 def signer_of(tracker: Tracker) -> Signer:
-    return tracker._signer
+    return tracker._setup.signer
 
 
 def test_per_recipient_copies_and_bcc(tracker: Tracker) -> None:
@@ -183,13 +187,13 @@ class Broken(Tracker):
 
 def test_fail_open(make_settings: Callable[..., Settings], engine: Engine) -> None:
     tracker = Broken(make_settings(public_url=BASE), engine)
-    before = track.metrics.failures
+    before = tracker.metrics.failures
     prepared = prepare(
         tracker, message(b"X-Track: all\r\nX-PM-TrackLinks: HtmlOnly\r\n"), ["b@x.org"]
     )
     assert [c.data for c in prepared.copies] == [message(b"")]
     assert [c.recipients for c in prepared.copies] == [["b@x.org"]]
-    assert track.metrics.failures == before + 1
+    assert tracker.metrics.failures == before + 1
     assert prepared.message.id == 42 and prepared.links == []
 
 
@@ -238,3 +242,19 @@ def test_a_large_attachment_is_never_copied(
     assert copy.size == len(copy.data) == prepared.message.size_out
     assert b"X-Track" not in copy.data
     assert prepared.message.track_opens == (trigger == b"X-Track: all\r\n")
+
+
+def test_the_record_is_the_json_the_message_model_wrote(tracker: Tracker) -> None:
+    """MessageRecord is plain data, but its JSON (journal lines, rows) is what
+    ``Message.model_dump(mode="json")`` gave: same keys in order, defaults, values."""
+
+    def items(values: dict[str, object]) -> list[tuple[str, object]]:
+        return list(values.items())
+
+    assert [f.name for f in dataclasses.fields(MessageRecord)] == list(Message.model_fields)
+    for moment in (NOON, NOON.replace(microsecond=120000), datetime.now(UTC)):
+        expected = Message(id=7, created_at=moment).model_dump(mode="json")
+        assert items(MessageRecord(id=7, created_at=moment).as_json()) == items(expected)
+    record = prepare(tracker, message(), ["bob@example.org", "carol@example.net"]).message
+    expected = Message(**dataclasses.asdict(record)).model_dump(mode="json")
+    assert items(record.as_json()) == items(expected)

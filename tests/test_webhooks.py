@@ -17,11 +17,16 @@ from sqlalchemy import Engine, func, select, update
 from sqlmodel import col
 from webhook_server import webhook_server
 
-from shared import webhooks
+from receiver.eventrecord import event_keys, new_event
+from receiver.eventrows import BatchStore
+from shared import outbox_worker, webhooks
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import DeliveryAttempt, OutboxItem, Recipient, utcnow
-from shared.outbox import enqueue_for_events, enqueue_message_sent
+from shared.outbox import enqueue_for_events, enqueue_messages_sent
+from shared.webhook_signature import SIGNATURE_HEADER, sign, verify_signature
+
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0"
 
 
 def rows(engine: Engine) -> list[OutboxItem]:
@@ -62,14 +67,14 @@ async def until(condition: Callable[[], bool], what: str, limit: float = 20.0) -
 
 def test_signature_round_trip_and_replay_window() -> None:
     body = b'{"id":"x"}'
-    header = webhooks.sign("s3cret", body, timestamp=1_700_000_000)
+    header = sign("s3cret", body, timestamp=1_700_000_000)
     assert header.startswith("t=1700000000,v1=")
-    assert webhooks.verify_signature("s3cret", header, body, now=1_700_000_100)
-    assert not webhooks.verify_signature("s3cret", header, body + b" ", now=1_700_000_100)
-    assert not webhooks.verify_signature("other", header, body, now=1_700_000_100)
-    assert not webhooks.verify_signature("s3cret", header, body, now=1_700_000_301)  # replay
-    assert not webhooks.verify_signature("s3cret", "v1=abc", body)
-    assert webhooks.verify_signature("s3cret", webhooks.sign("s3cret", body), body)
+    assert verify_signature("s3cret", header, body, now=1_700_000_100)
+    assert not verify_signature("s3cret", header, body + b" ", now=1_700_000_100)
+    assert not verify_signature("other", header, body, now=1_700_000_100)
+    assert not verify_signature("s3cret", header, body, now=1_700_000_301)  # replay
+    assert not verify_signature("s3cret", "v1=abc", body)
+    assert verify_signature("s3cret", sign("s3cret", body), body)
 
 
 def test_endpoint_validation(engine: Engine) -> None:
@@ -90,12 +95,12 @@ def test_outbox_rows_commit_and_roll_back_with_the_message(engine: Engine) -> No
     with session_scope(engine) as session:
         recipients = list(session.exec(select(Recipient)).scalars())
     with pytest.raises(RuntimeError), session_scope(engine) as session:
-        assert enqueue_message_sent(session, message, recipients) == 2
+        assert enqueue_messages_sent(session, [(message, recipients)]) == 2
         raise RuntimeError("the caller's transaction fails")
     assert rows(engine) == []
     with session_scope(engine) as session:
-        enqueue_message_sent(session, message, recipients)
-        assert enqueue_message_sent(session, message, recipients) == 0  # same keys: skipped
+        enqueue_messages_sent(session, [(message, recipients)])
+        assert enqueue_messages_sent(session, [(message, recipients)]) == 0  # same keys: skipped
     assert [r.event_type for r in rows(engine)] == ["message.sent", "delivery.failed"]
     failed = json.loads(rows(engine)[1].payload)
     assert [r["address"] for r in failed["data"]["recipients"]] == ["carol@other.test"]
@@ -148,7 +153,7 @@ def test_delivery_retries_after_500_and_is_signed(
         queue_events(engine, [event(message), event(message, kind="click", link=1)])
 
         async def run() -> None:
-            worker = webhooks.OutboxWorker(settings, engine)
+            worker = outbox_worker.OutboxWorker(settings, engine)
             await worker.start()
             await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
             await worker.stop()
@@ -157,8 +162,8 @@ def test_delivery_retries_after_500_and_is_signed(
         keys = server.keys()
         assert len(keys) == 3 and len(set(keys)) == 2  # one retried after the 500
         for received in server.requests:
-            signature = received.headers[webhooks.SIGNATURE_HEADER]
-            assert webhooks.verify_signature(endpoint.secret, signature, received.body)
+            signature = received.headers[SIGNATURE_HEADER]
+            assert verify_signature(endpoint.secret, signature, received.body)
             body = json.loads(received.body)
             assert body["id"] == received.headers["Idempotency-Key"]
             assert body["type"] == received.headers["X-Trackrelay-Event"]
@@ -185,14 +190,14 @@ def test_graceful_restart_mid_delivery_sends_nothing_twice(
         queue_events(engine, [event(message), event(message, recipient=2)])
 
         async def run() -> None:
-            worker = webhooks.OutboxWorker(settings, engine, batch_size=1)
+            worker = outbox_worker.OutboxWorker(settings, engine, batch_size=1)
             await worker.start()
             await asyncio.to_thread(server.received.wait, 10)
             stopping = asyncio.create_task(worker.stop(grace=30))
             await asyncio.sleep(0.05)
             server.release.set()
             await stopping  # the delivery in flight finished before the worker stopped
-            restarted = webhooks.OutboxWorker(settings, engine)
+            restarted = outbox_worker.OutboxWorker(settings, engine)
             await restarted.start()
             await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
             await restarted.stop()
@@ -214,7 +219,7 @@ def test_crash_mid_delivery_redelivers_with_the_same_key(
         queue_events(engine, [event(message)])
 
         async def run() -> None:
-            doomed = webhooks.OutboxWorker(settings, engine, lease=0.3)
+            doomed = outbox_worker.OutboxWorker(settings, engine, lease=0.3)
             await doomed.start()
             await asyncio.to_thread(server.received.wait, 10)
             # A crash: the process dies without writing anything back.
@@ -222,7 +227,7 @@ def test_crash_mid_delivery_redelivers_with_the_same_key(
             doomed._task.cancel()
             await asyncio.gather(doomed._task, return_exceptions=True)
             assert [r.status for r in rows(engine)] == ["delivering"]
-            survivor = webhooks.OutboxWorker(settings, engine)
+            survivor = outbox_worker.OutboxWorker(settings, engine)
             await survivor.start()
             await until(lambda: rows(engine)[0].status == "delivered", "redelivery")
             await survivor.stop()
@@ -245,7 +250,7 @@ def test_gives_up_after_the_retry_period(
         queue_events(engine, [event(add_message(engine))])
 
         async def run() -> None:
-            worker = webhooks.OutboxWorker(settings, engine)
+            worker = outbox_worker.OutboxWorker(settings, engine)
             await worker.start()
             await worker.run_once()
             await worker.stop()
@@ -265,8 +270,8 @@ def test_two_workers_share_the_queue_without_overlap(
         queue_events(engine, [event(message, recipient=i) for i in range(1, 13)])
 
         async def run() -> list[int]:
-            a = webhooks.OutboxWorker(settings, engine, batch_size=4)
-            b = webhooks.OutboxWorker(settings, engine, batch_size=4)
+            a = outbox_worker.OutboxWorker(settings, engine, batch_size=4)
+            b = outbox_worker.OutboxWorker(settings, engine, batch_size=4)
             await a.start()
             await b.start()
             await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
@@ -291,20 +296,28 @@ def test_send_test_posts_a_signed_ping(
         (received,) = server.requests
     assert code == 200
     assert json.loads(received.body)["type"] == "webhook.test"
-    signature = received.headers[webhooks.SIGNATURE_HEADER]
-    assert webhooks.verify_signature(endpoint.secret, signature, received.body)
+    signature = received.headers[SIGNATURE_HEADER]
+    assert verify_signature(endpoint.secret, signature, received.body)
 
 
-def test_events_hook_queues_after_the_batch_committed(
-    engine: Engine, make_settings: Callable[..., Settings]
-) -> None:
+def test_the_writer_queues_notifications_with_its_batch(engine: Engine) -> None:
+    """What production runs: the receiver's writer process queues the outbox rows in
+    the transaction that stores the hits (receiver/eventstore.py), and reports the
+    rows marked with what shared/notable.py decided."""
     webhooks.add_endpoint(engine, "https://example.com/h")
     message = add_message(engine)
-    batch = [event(message), event(message, kind="click", link=1)]
-    write_events(engine, batch)
-    hook = webhooks.events_hook(make_settings(), engine)
-    asyncio.run(hook(batch))
-    asyncio.run(hook(batch))  # a replay adds nothing
+    assert message.id is not None
+    store = BatchStore(engine, store_full_ip=False)
+    batch = event_keys.assign(
+        [
+            new_event("open", message.id, 1, 0, "192.0.2.1", FIREFOX, "GET"),
+            new_event("open", message.id, 1, 0, "192.0.2.1", FIREFOX, "GET"),
+            new_event("click", message.id, 1, 1, "192.0.2.1", FIREFOX, "GET"),
+        ]
+    )
+    written = store.write(batch)
+    assert [row["notable"] for row in written.notable] == ["first_open", None, "click"]
+    assert store.write(batch, replay=True).inserted == 0  # a replay adds nothing
     assert sorted(r.event_type for r in rows(engine)) == ["link.clicked", "message.opened"]
 
 
@@ -315,9 +328,9 @@ def test_the_readme_verification_snippet_works() -> None:
     exec(compile(snippet, "README.md", "exec"), namespace)
     verify = namespace["verify"]
     body = b'{"id":"x"}'
-    assert verify("s3cret", webhooks.sign("s3cret", body), body)
-    assert not verify("s3cret", webhooks.sign("s3cret", body), body + b"!")
-    assert not verify("s3cret", webhooks.sign("s3cret", body, int(time.time()) - 301), body)
+    assert verify("s3cret", sign("s3cret", body), body)
+    assert not verify("s3cret", sign("s3cret", body), body + b"!")
+    assert not verify("s3cret", sign("s3cret", body, int(time.time()) - 301), body)
     assert not verify("s3cret", "garbage", body)
 
 
@@ -328,9 +341,9 @@ def test_a_paused_endpoint_keeps_its_queue(
         endpoint = webhooks.add_endpoint(engine, server.url)
         queue_events(engine, [event(add_message(engine))])
         webhooks.set_active(engine, endpoint.id or 0, False)
-        assert webhooks.claim_due(engine, 10, 60) == []
+        assert outbox_worker.claim_due(engine, 10, 60) == []
         webhooks.set_active(engine, endpoint.id or 0, True)
-        (claim,) = webhooks.claim_due(engine, 10, 60)
+        (claim,) = outbox_worker.claim_due(engine, 10, 60)
     assert claim.url == server.url and claim.attempts == 1
 
 
@@ -344,7 +357,7 @@ def test_retry_after_is_honoured_when_longer_than_the_backoff(
         queue_events(engine, [event(add_message(engine))])
 
         async def run() -> None:
-            worker = webhooks.OutboxWorker(settings, engine)
+            worker = outbox_worker.OutboxWorker(settings, engine)
             await worker.start()
             await until(lambda: len(attempts(engine)) == 1, "the first attempt")
             (row,) = rows(engine)
@@ -370,12 +383,12 @@ def update_due(outbox_id: int | None) -> Any:
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:
     now = datetime(2026, 12, 2, 8, 0, 0, tzinfo=UTC)
-    assert webhooks.retry_after("30", now) == 30.0
-    assert webhooks.retry_after(" 0 ", now) == 0.0
-    assert webhooks.retry_after("Wed, 02 Dec 2026 08:01:30 GMT", now) == 90.0
-    assert webhooks.retry_after("Wed, 02 Dec 2026 07:00:00 GMT", now) == 0.0  # in the past
+    assert outbox_worker.retry_after("30", now) == 30.0
+    assert outbox_worker.retry_after(" 0 ", now) == 0.0
+    assert outbox_worker.retry_after("Wed, 02 Dec 2026 08:01:30 GMT", now) == 90.0
+    assert outbox_worker.retry_after("Wed, 02 Dec 2026 07:00:00 GMT", now) == 0.0  # in the past
     for bad in (None, "", "-5", "1.5", "tomorrow", "Wed, 02 Dec 2026 08:01:30"):
-        assert webhooks.retry_after(bad, now) is None, bad
+        assert outbox_worker.retry_after(bad, now) is None, bad
 
 
 def test_410_gone_pauses_the_endpoint_and_keeps_its_queue(
@@ -389,7 +402,7 @@ def test_410_gone_pauses_the_endpoint_and_keeps_its_queue(
         queue_events(engine, [event(message), event(message, kind="click", link=1)])
 
         async def run() -> None:
-            worker = webhooks.OutboxWorker(settings, engine, batch_size=1)
+            worker = outbox_worker.OutboxWorker(settings, engine, batch_size=1)
             await worker.start()
             await until(lambda: not webhooks.get_endpoint(engine, endpoint.id or 0).active, "pause")
             await asyncio.sleep(0.3)  # a paused endpoint is not called again

@@ -71,7 +71,7 @@ async def run(
 
         app = web.receiver_app(settings, engine)
         if relay_server is not None:
-            web.add_relay_metrics(app)
+            web.add_relay_metrics(app, relay_server.metrics)
         http_server = web.http_server(settings, app)
     tasks: list[asyncio.Task[None]] = []
     try:

@@ -12,6 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from sqlalchemy import Engine
@@ -20,6 +21,9 @@ from uvicorn.supervisors import Multiprocess
 
 from shared.config import Settings
 from trackrelay.serve import bind_http
+
+if TYPE_CHECKING:
+    from relay.track import Counters
 
 
 async def started(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
@@ -67,10 +71,8 @@ def receiver_app(settings: Settings, engine: Engine) -> Starlette:
     return create_app(settings, engine)
 
 
-def add_relay_metrics(app: Starlette) -> None:
+def add_relay_metrics(app: Starlette, relay: Counters) -> None:
     """In one process, /metrics also shows the relay's injection counters."""
-    from relay.track import metrics as relay
-
     registry = app.state.metrics
     for name, help, read in (
         ("prepared", "messages the relay prepared for delivery", lambda: relay.prepared),

@@ -14,8 +14,8 @@ started and stopped in the lifespan and given to the event writer as its
 One module per page family: ``auth`` (sign in/out), ``messages`` (list,
 detail, CSV, live stream), ``overview``, ``admin`` (policies, suppression,
 users), ``integrations`` (webhooks, API tokens), ``privacy`` (consent,
-erasure); ``web`` holds what they share, ``forms`` how forms are read,
-``queries`` what they read.
+erasure); ``web`` holds what they share, ``forms`` how forms are read.
+What they read about messages comes from receiver/readmodel/, as the API's.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from receiver.dashboard.forms import (
     UserForm,
     message,
 )
-from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import (
     engine_of,
     flash,
@@ -37,6 +36,7 @@ from receiver.dashboard.web import (
 )
 from shared import policies
 from shared.errors import UserError
+from shared.identity import Viewer
 from shared.models import Suppression
 from shared.users import (
     add_user,

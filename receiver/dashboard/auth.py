@@ -9,7 +9,7 @@ receiver process brakes on its own, which bounds guesses to N times the limit.
 In passthrough mode (``TRACKRELAY_AUTH_MODE=passthrough`` with a real
 upstream) people sign in with their mail account, as in their mail client:
 when no local account has that username, the password is checked with ONE
-SMTP AUTH at the upstream (the relay's own upstream code, TLS required) and a
+SMTP AUTH at the upstream (shared.smtpclient, TLS required) and a
 sender account is made on first success (shared.users.mailbox_user). Local
 accounts, administrators first of all, never go to the upstream.
 """
@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import Response
 
-from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import (
     base_path,
     csrf_failed,
@@ -39,7 +38,9 @@ from receiver.dashboard.web import (
 )
 from receiver.sessions import start_session
 from shared.config import Settings
+from shared.identity import Viewer
 from shared.models import User
+from shared.smtpclient import SmtpClient, UpstreamUnavailable
 from shared.users import authenticate, mailbox_user, may_use_mailbox_login
 
 CANNOT_CHECK = "Your mail server cannot check the password right now. Try again in a minute."
@@ -158,18 +159,18 @@ def mailbox_logins(settings: Settings) -> bool:
 
 async def _mailbox_login(request: Request, username: str, password: str) -> User | None:
     """The user when the upstream accepts these credentials; ConnectionError if it can't say."""
-    from relay import upstream
-
     engine = engine_of(request)
     if not await asyncio.to_thread(may_use_mailbox_login, engine, username):
         return None
-    connection = upstream.connect(settings_of(request))
+    settings = settings_of(request)
+    client = SmtpClient(settings, settings.upstream_target)
     try:
-        reply = await connection.authenticate("PLAIN", username.encode(), password.encode())
-    except upstream.UpstreamUnavailable as exc:
+        await client.connect()
+        reply = await client.authenticate("PLAIN", username.encode(), password.encode())
+    except UpstreamUnavailable as exc:
         raise ConnectionError(str(exc)) from None
     finally:
-        await connection.close()
+        await client.close()
     if reply.code >= 400 and reply.code < 500:
         raise ConnectionError(str(reply))  # 454: a temporary failure, not a wrong password
     if not reply.ok:

@@ -1,8 +1,10 @@
 """The messages list's filters, read from and written back to the query string.
 
 One object carries them so the list, its pager, its CSV export and the events
-export all apply exactly the same selection. Bad values are dropped with a
-note for the person rather than answered with an error page.
+export all apply exactly the same selection: :meth:`Filters.selection`, what
+the read model (receiver/readmodel/) understands, the same as the API's query
+parameters become. Bad values are dropped with a note for the person rather
+than answered with an error page.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from starlette.datastructures import QueryParams
+
+from receiver.readmodel import Selection, day_end, day_start
 
 TRACKING = {"": "Any tracking", "on": "Tracking enabled", "off": "Not tracked"}
 STATES = {"": "Any", "opened": "Opened", "not_opened": "Not opened", "clicked": "Clicked"}
@@ -83,6 +87,18 @@ class Filters:
     def query(self, **changes: Any) -> str:
         encoded = urlencode(self.params(**changes))
         return f"?{encoded}" if encoded else ""
+
+    def selection(self) -> Selection:
+        """What the read model selects for these filters (``page`` is paging, not here)."""
+        return Selection(
+            tracked={"on": True, "off": False}.get(self.tracking),
+            opened={"opened": True, "not_opened": False}.get(self.state),
+            clicked=True if self.state == "clicked" else None,
+            sender=self.sender,
+            since=day_start(self.date_from) if self.date_from else None,
+            until=day_end(self.date_to) if self.date_to else None,
+            text=self.q,
+        )
 
     @property
     def active(self) -> bool:

@@ -20,7 +20,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from receiver.dashboard.forms import Errors, checked, filed_under, text
-from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import (
     engine_of,
     flash,
@@ -36,6 +35,7 @@ from receiver.dashboard.web import (
 )
 from shared import apitokens, webhooks
 from shared.errors import UserError
+from shared.identity import Viewer
 from shared.models import WebhookEndpoint
 from shared.outbox import EVENT_TYPES
 from shared.users import list_users

@@ -1,4 +1,8 @@
-"""The messages list, one message's story, the CSV exports and the live stream."""
+"""The messages list, one message's story, the CSV exports and the live stream.
+
+These pages only present: what they show comes from the read model
+(receiver/readmodel/), the same answers the JSON API gives.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,12 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from receiver.dashboard import queries
+from receiver import readmodel
+from receiver.dashboard.devices import device_family
 from receiver.dashboard.filters import STATES, TRACKING, Filters
-from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import engine_of, not_found, page, render
 from receiver.live import LiveFeed
+from shared.identity import Viewer
 from shared.isotime import iso
 
 PER_PAGE = 50
@@ -27,15 +32,22 @@ KEEPALIVE = 15.0
 async def messages_list(request: Request, viewer: Viewer) -> Response:
     filters, notes = Filters.parse(request.query_params)
     engine = engine_of(request)
-    rows, total = await asyncio.to_thread(queries.list_messages, engine, viewer, filters, PER_PAGE)
-    senders = await asyncio.to_thread(queries.senders, engine, viewer)
-    pages = max(1, math.ceil(total / PER_PAGE))
+    found = await asyncio.to_thread(
+        readmodel.messages_page,
+        engine,
+        viewer,
+        filters.selection(),
+        PER_PAGE,
+        (filters.page - 1) * PER_PAGE,
+    )
+    senders = await asyncio.to_thread(readmodel.senders, engine, viewer)
+    pages = max(1, math.ceil(found.total / PER_PAGE))
     return render(
         request,
         "dashboard/messages.html",
         {
-            "rows": rows,
-            "total": total,
+            "rows": found.rows,
+            "total": found.total,
             "filters": filters,
             "notes": notes,
             "senders": senders,
@@ -51,12 +63,43 @@ async def messages_list(request: Request, viewer: Viewer) -> Response:
 @page()
 async def message_detail(request: Request, viewer: Viewer) -> Response:
     message_id = int(request.path_params["message_id"])
-    if message_id >= 2**63:
-        return not_found(request)
-    detail = await asyncio.to_thread(queries.message_detail, engine_of(request), viewer, message_id)
+    detail = await asyncio.to_thread(
+        readmodel.message_detail, engine_of(request), viewer, message_id
+    )
     if detail is None:
         return not_found(request)
-    return render(request, "dashboard/message.html", {"d": detail, "nav": "messages"})
+    context = {
+        "d": detail,
+        "decision": decision_lines(detail.row.message.decision),
+        "device": device_family,
+        "nav": "messages",
+    }
+    return render(request, "dashboard/message.html", context)
+
+
+def decision_lines(raw: str) -> list[tuple[str, str]]:
+    """The recorded tracking decision as (label, value) lines a person can read."""
+    if not raw.strip():
+        return []
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return [("Decision", raw)]
+    if not isinstance(data, dict):
+        return [("Decision", str(data))]
+    lines = []
+    for key, value in data.items():
+        label = str(key).replace("_", " ").capitalize()
+        if isinstance(value, bool):
+            text = "yes" if value else "no"
+        elif isinstance(value, list):
+            text = "; ".join(str(v) for v in value) or "—"
+        elif isinstance(value, dict):
+            text = ", ".join(f"{k}: {v}" for k, v in value.items()) or "—"
+        else:
+            text = str(value) if value not in ("", None) else "—"
+        lines.append((label, text))
+    return lines
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -123,7 +166,7 @@ async def messages_csv(request: Request, viewer: Viewer) -> Response:
             r.machine_opens,
             r.message.status,
         ]
-        for r in queries.iter_message_rows(engine_of(request), viewer, filters)
+        for r in readmodel.all_messages(engine_of(request), viewer, filters.selection())
     )
     header = [
         "message_id", "sent_at", "sender", "subject", "recipients", "track_opens",
@@ -138,20 +181,20 @@ async def events_csv(request: Request, viewer: Viewer) -> Response:
     filters, _ = Filters.parse(request.query_params)
     rows = (
         [
-            str(event.message_id),
-            message.subject,
-            message.sender,
-            event.kind,
-            iso(event.occurred_at, zulu=False),
-            address,
-            url,
-            event.verdict,
-            event.reasons,
-            event.ip,
-            event.user_agent,
-            event.method,
+            str(row.event.message_id),
+            row.subject,
+            row.sender,
+            row.event.kind,
+            iso(row.event.occurred_at, zulu=False),
+            row.address,
+            row.url,
+            row.event.verdict,
+            row.event.reasons,
+            row.event.ip,
+            row.event.user_agent,
+            row.event.method,
         ]
-        for event, message, address, url in queries.iter_events(engine_of(request), viewer, filters)
+        for row in readmodel.all_events(engine_of(request), viewer, filters.selection())
     )
     header = [
         "message_id", "subject", "sender", "kind", "occurred_at", "recipient", "url",

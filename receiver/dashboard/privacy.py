@@ -19,7 +19,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from receiver.dashboard.forms import Errors, checked, filed_under, message, text
-from receiver.dashboard.queries import Viewer
 from receiver.dashboard.web import (
     engine_of,
     flash,
@@ -33,6 +32,7 @@ from receiver.dashboard.web import (
 from shared import consent, privacy
 from shared.addresses import normalize_address
 from shared.errors import UserError
+from shared.identity import Viewer
 
 MODE_LABELS = {
     "opt-out": "Track unless the recipient asked not to be (opt-out)",

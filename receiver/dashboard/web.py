@@ -32,11 +32,11 @@ from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
 from receiver.dashboard.forms import Errors
-from receiver.dashboard.queries import Viewer
 from receiver.sessions import CSRF_FIELD, CSRF_HEADER, csrf_ok, csrf_token
 from shared.config import Settings
 from shared.db import session_scope
 from shared.errors import UserError
+from shared.identity import Viewer
 from shared.isotime import aware, iso
 from shared.models import User
 from shared.users import user_addresses

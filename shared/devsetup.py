@@ -4,6 +4,10 @@ Only in dev mode (no real upstream: nothing can leave the machine). The
 password is printed on the first start and kept in ``var_dir/dev_password``
 (owner-readable), like the dev secret key next to it, so later starts can
 say where it is without printing it again.
+
+In shared/ because both sides use the one user: the relay creates it when it
+starts (relay/server.py, so AUTH works at once) and the dashboard signs it
+in. It was in trackrelay/, which made the relay import the CLI package.
 """
 
 from __future__ import annotations
