@@ -27,8 +27,8 @@ from shared.addresses import spellings
 from shared.identity import Viewer
 from shared.isotime import aware as aware  # re-exported for readmodel's modules
 from shared.models import Event, Message, Recipient
-from shared.verdicts import AUTOMATED as AUTOMATED
-from shared.verdicts import COUNTED
+from shared.verdicts import AUTOMATED as AUTOMATED  # re-exported, as are aware and COUNTED
+from shared.verdicts import COUNTED as COUNTED
 
 
 def day_start(day: date) -> datetime:
