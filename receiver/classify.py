@@ -25,7 +25,7 @@ unknown   nothing matched
 matches gives the verdict, every matching rule adds its reason. Rules that
 need the message (its send time, the submitting IP) get those facts from the
 event writer, which looks them up in the database in batches; a request never
-does. First-open and unique-click figures count only :data:`ENGAGED_VERDICTS`.
+does. Which verdicts count (human, proxy) is said once, in shared/verdicts.py.
 """
 
 from __future__ import annotations
@@ -38,31 +38,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from shared.verdicts import HUMAN, MACHINE, PROXY, SCANNER, SELF, UNKNOWN
+
 log = logging.getLogger(__name__)
 
 OPEN, CLICK = "open", "click"
-HUMAN, PROXY, MACHINE, SCANNER, SELF, UNKNOWN = (
-    "human",
-    "proxy",
-    "machine",
-    "scanner",
-    "self",
-    "unknown",
-)
-VERDICTS = (HUMAN, PROXY, MACHINE, SCANNER, SELF, UNKNOWN)
-#: Only these count towards first-open and unique-click figures.
-ENGAGED_VERDICTS = frozenset({HUMAN, PROXY})
 
 #: A click this soon after the message was sent is a gateway following links.
 FAST_CLICK_SECONDS = 10.0
 
 DATA_DIR = Path(__file__).with_name("data")
 APPLE_RANGES_FILE = DATA_DIR / "apple_mpp_ranges.txt"
-
-
-def counts_as_engagement(verdict: str) -> bool:
-    """Whether an event with ``verdict`` counts as a first open / unique click."""
-    return verdict in ENGAGED_VERDICTS
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,12 +27,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Table
 
-from receiver.classify import VERDICTS, Hit, classify
+from receiver.classify import Hit, classify
 from receiver.eventrecord import KeyedEvent, Row, truncate_ip
 from shared.db import insert_ignoring_sql
 from shared.models import Event, Message
 from shared.notable import may_notify
 from shared.outbox import enqueue_for_events
+from shared.verdicts import VERDICTS
 
 #: Distinct (user agent, IP, ...) verdicts remembered.
 VERDICT_CACHE_SIZE = 65536

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -33,14 +32,15 @@ from sqlalchemy import Engine, text
 from sqlmodel import col, select
 
 from shared.db import session_scope
+from shared.isotime import moment
 from shared.models import Link, Message, Recipient
 from shared.notable import CLICK, FIRST_OPEN
 from shared.users import may_send_as
+from shared.verdicts import COUNTED
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "trackrelay_live"
-COUNTED = ("human", "proxy")
 QUEUE_SIZE = 100
 _MAX_TEXT = 300  # NOTIFY payloads are limited to 8000 bytes
 
@@ -194,7 +194,9 @@ def worth_a_toast(event: Mapping[str, Any]) -> bool:
 
 def notifications(engine: Engine, events: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """What is worth telling a person about, from a committed batch of marked events."""
-    counted = sorted(filter(worth_a_toast, events), key=lambda e: _when(e.get("occurred_at")))
+    counted = sorted(
+        filter(worth_a_toast, events), key=lambda e: moment(e.get("occurred_at"), strict=False)
+    )
     if not counted:
         return []
     ids = {int(e["message_id"]) for e in counted}
@@ -224,16 +226,7 @@ def notifications(engine: Engine, events: Iterable[Mapping[str, Any]]) -> list[d
                 "sender": message.sender if message else "",
                 "recipient": recipients.get((message_id, position), ""),
                 "url": url[:_MAX_TEXT] if event["kind"] == "click" else "",
-                "at": _when(event.get("occurred_at")).isoformat(),
+                "at": moment(event.get("occurred_at"), strict=False).isoformat(),
             }
         )
     return notes
-
-
-def _when(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, str) and value:
-        with contextlib.suppress(ValueError):
-            return _when(datetime.fromisoformat(value))
-    return datetime.now(UTC)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.policies import MAX_RECIPIENT_CAP, MODES
+from shared.verdicts import VERDICTS
 
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
@@ -85,7 +86,7 @@ SCHEMAS: dict[str, Any] = {
             "recipient_position": {**_INT, "description": "0: a message-level token"},
             "link_position": {**_INT, "description": "0 for opens"},
             "occurred_at": _TIME,
-            "verdict": {"enum": ["human", "proxy", "machine", "scanner", "self", "unknown"]},
+            "verdict": {"enum": list(VERDICTS)},
             "reasons": {"type": "array", "items": _STR},
             "ip": {**_STR, "description": "truncated to /24 or /48 unless configured"},
             "user_agent": _STR,

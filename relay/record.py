@@ -41,7 +41,6 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_core import PydanticUndefined
@@ -53,8 +52,9 @@ from relay.upstream import Reply
 from shared.config import Settings
 from shared.db import impatient_engine
 from shared.groupcommit import GroupCommit
+from shared.isotime import moment
 from shared.journal import Journal
-from shared.models import Link, Message, Recipient, utcnow
+from shared.models import Link, Message, Recipient
 from shared.outbox import enqueue_messages_sent
 from shared.spool import SQLITE_WRITE_TIMEOUT, Invalid, Spool, Store, first_line
 
@@ -154,7 +154,7 @@ class _Rows:
     def __init__(self, record: Record) -> None:
         self.record = record
         values = dict(record["message"])
-        values["created_at"] = _aware(values.get("created_at"))
+        values["created_at"] = moment(values.get("created_at"))
         self.message = _row(values, *self._message)
         self.id: int = self.message["id"]
         self.recipients = [_row(r, *self._recipient) for r in record["recipients"]]
@@ -164,16 +164,6 @@ class _Rows:
 def _row(values: Mapping[str, Any], columns: tuple[str, ...], defaults: Mapping[str, Any]) -> Row:
     # A required field absent (no default): KeyError, the record cannot be stored.
     return {c: values[c] if c in values else defaults[c] for c in columns}
-
-
-def _aware(value: Any) -> datetime:
-    if value is None:
-        return utcnow()
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if not isinstance(value, datetime):
-        raise TypeError(f"created_at: not a datetime: {value!r}")
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class RecordStore(Store[Record]):

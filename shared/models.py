@@ -152,15 +152,23 @@ class Policy(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
-class Suppression(SQLModel, table=True):
-    """A recipient never tracked ("stop tracking me", CLI, dashboard)."""
+class _AddressList(SQLModel):
+    """A row of a list of recipient addresses: who put it there (``source``) and when.
 
-    __tablename__ = "suppressions"
+    The suppression list and the consents have this one shape (each its own
+    table); an address is on a list once.
+    """
 
     id: int | None = Field(default=None, primary_key=True)
     address: str = Field(unique=True, max_length=320)
     source: str = Field(default="cli", max_length=16)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class Suppression(_AddressList, table=True):
+    """A recipient never tracked ("stop tracking me", CLI, dashboard)."""
+
+    __tablename__ = "suppressions"
 
 
 # --- issue 6: webhooks, API tokens, consent (migration 0002) ---
@@ -259,15 +267,12 @@ class ApiToken(SQLModel, table=True):
     revoked_at: datetime | None = None
 
 
-class Consent(SQLModel, table=True):
+class Consent(_AddressList, table=True):
     """A recipient who agreed to be tracked (needed in opt-in mode)."""
 
     __tablename__ = "consents"
 
-    id: int | None = Field(default=None, primary_key=True)
-    address: str = Field(unique=True, max_length=320)
-    source: str = Field(default="cli", max_length=64)
-    created_at: datetime = Field(default_factory=utcnow)
+    source: str = Field(default="cli", max_length=64)  # free text: an API client may name itself
 
 
 class ConsentMode(SQLModel, table=True):

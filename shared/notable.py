@@ -34,17 +34,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Table
 
+from shared.isotime import parse
 from shared.models import Event
+from shared.verdicts import COUNTED, MACHINE_OPENS, NOTIFIED_CLICKS
 
 FIRST_OPEN = "first_open"
 FIRST_MACHINE_OPEN = "first_machine_open"
 CLICK = "click"
-
-#: Open verdicts that mean a person read it (image proxies fetch at open time).
-OPEN_VERDICTS = ("human", "proxy")
-MACHINE_VERDICTS = ("machine",)
-#: Click verdicts announced: scanners, machines and the sender are not clicks.
-CLICK_VERDICTS = ("human", "proxy", "unknown")
 
 #: SQLite: candidates per query at most (6 variables each).
 SQLITE_CANDIDATES_PER_QUERY = 500
@@ -60,8 +56,8 @@ def may_notify(kind: str, verdict: str) -> bool:
     and :func:`mark` decides for each of them.
     """
     if kind == "open":
-        return verdict in OPEN_VERDICTS or verdict in MACHINE_VERDICTS
-    return kind == "click" and verdict in CLICK_VERDICTS
+        return verdict in COUNTED or verdict in MACHINE_OPENS
+    return kind == "click" and verdict in NOTIFIED_CLICKS
 
 
 def mark(conn: Connection, rows: Iterable[Row]) -> list[Row]:
@@ -76,10 +72,10 @@ def mark(conn: Connection, rows: Iterable[Row]) -> list[Row]:
     earliest: dict[tuple[int, int, bool], tuple[datetime, list[Row]]] = {}
     for row in rows:
         kind, verdict = row.get("kind"), row.get("verdict")
-        row["notable"] = CLICK if kind == "click" and verdict in CLICK_VERDICTS else None
+        row["notable"] = CLICK if kind == "click" and verdict in NOTIFIED_CLICKS else None
         if kind != "open" or not may_notify("open", str(verdict)):
             continue
-        machine = verdict in MACHINE_VERDICTS
+        machine = verdict in MACHINE_OPENS
         copy = (int(row["message_id"]), int(row.get("recipient_position") or 0), machine)
         at, seen = when(row), earliest.get(copy)
         if seen is None or at < seen[0]:
@@ -90,7 +86,7 @@ def mark(conn: Connection, rows: Iterable[Row]) -> list[Row]:
     opened_before = _opened_before(conn, candidates)
     for index, row in enumerate(candidates):
         if index not in opened_before:
-            machine = row.get("verdict") in MACHINE_VERDICTS
+            machine = row.get("verdict") in MACHINE_OPENS
             row["notable"] = FIRST_MACHINE_OPEN if machine else FIRST_OPEN
     return sorted((row for row in rows if row["notable"]), key=when)
 
@@ -99,14 +95,14 @@ def when(row: Mapping[str, Any]) -> datetime:
     """A row's ``occurred_at`` as an aware UTC datetime."""
     value = row.get("occurred_at")
     if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        value = parse(value)
     if not isinstance(value, datetime):
         raise ValueError(f"event {row.get('event_key')!r} has no time")
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-_MACHINE = ", ".join(f"'{v}'" for v in MACHINE_VERDICTS)
-_OPENS = ", ".join(f"'{v}'" for v in OPEN_VERDICTS + MACHINE_VERDICTS)
+_MACHINE = ", ".join(f"'{v}'" for v in MACHINE_OPENS)
+_OPENS = ", ".join(f"'{v}'" for v in COUNTED + MACHINE_OPENS)
 # An earlier stored open of the candidate's copy, in its verdict group.
 _EARLIER = (
     f"EXISTS (SELECT 1 FROM {EVENTS.name} e WHERE e.message_id = c.m AND e.kind = 'open' "  # noqa: S608 - constants
@@ -129,7 +125,7 @@ def _opened_before(conn: Connection, candidates: Sequence[Row]) -> set[int]:
     if not candidates:
         return set()
     dialect = conn.dialect
-    machine = [row.get("verdict") in MACHINE_VERDICTS for row in candidates]
+    machine = [row.get("verdict") in MACHINE_OPENS for row in candidates]
     columns: list[list[Any]] = [
         list(range(len(candidates))),
         [int(row["message_id"]) for row in candidates],

@@ -36,6 +36,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
+from shared.isotime import iso
 from shared.models import Link, Message, OutboxItem, Policy, Recipient, WebhookEndpoint
 from shared.models import utcnow as _utcnow
 from shared.notable import CLICK, FIRST_MACHINE_OPEN, FIRST_OPEN, mark
@@ -78,12 +79,6 @@ def payload(event_type: str, key: str, data: Mapping[str, Any], created_at: date
     """The JSON body delivered for one notification (stable key order)."""
     body = {"id": key, "type": event_type, "created_at": iso(created_at), "data": data}
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-
-
-def iso(value: datetime | str | None) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return value.isoformat().replace("+00:00", "Z")
 
 
 def wants(event_types: str, event_type: str) -> bool:

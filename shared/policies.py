@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from shared import consent
 from shared.addresses import address_key, normalize_address, normalize_sender
@@ -178,11 +179,16 @@ def _specificity(policy: Policy) -> tuple[int, str]:
 
 def remove_policy(engine: Engine, pattern: str) -> None:
     key = normalize_pattern(pattern)
+    _remove(engine, select(Policy).where(Policy.pattern == key), f"no policy for {key!r}")
+
+
+def _remove(engine: Engine, query: SelectOfScalar[Any], missing: str) -> None:
+    """Delete the row ``query`` finds; PolicyError(``missing``) when there is none."""
     with session_scope(engine) as session:
-        policy = session.exec(select(Policy).where(Policy.pattern == key)).first()
-        if policy is None:
-            raise PolicyError(f"no policy for {key!r}")
-        session.delete(policy)
+        row = session.exec(query).first()
+        if row is None:
+            raise PolicyError(missing)
+        session.delete(row)
 
 
 def describe(policy: Policy) -> str:
@@ -243,11 +249,8 @@ def suppression_by_id(engine: Engine, suppression_id: int) -> Suppression | None
 
 def remove_suppression(engine: Engine, address: str) -> None:
     key = normalize_address(address)
-    with session_scope(engine) as session:
-        row = session.exec(select(Suppression).where(Suppression.address == key)).first()
-        if row is None:
-            raise PolicyError(f"{key!r} is not suppressed")
-        session.delete(row)
+    query = select(Suppression).where(Suppression.address == key)
+    _remove(engine, query, f"{key!r} is not suppressed")
 
 
 # --- the relay's view -------------------------------------------------------------

@@ -13,11 +13,11 @@ from receiver.classify import (
     RULES,
     Hit,
     NetworkSet,
-    counts_as_engagement,
 )
 from receiver.classify import (
     classify as verdict_of,
 )
+from shared.verdicts import AUTOMATED, COUNTED, VERDICTS
 
 CHROME = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -69,7 +69,7 @@ def test_rules_table_is_well_formed() -> None:
     names = [rule.name for rule in RULES]
     assert len(names) == len(set(names))
     for rule in RULES:
-        assert rule.verdict in classify.VERDICTS
+        assert rule.verdict in VERDICTS
         assert rule.kinds <= {OPEN, CLICK} and rule.kinds
         assert rule.reason
 
@@ -114,7 +114,7 @@ def test_gmail_prefetch_is_machine() -> None:
 @pytest.mark.parametrize("agent", [GMAIL_PROXY, YAHOO_PROXY])
 def test_image_proxies_are_real_opens(agent: str) -> None:
     check(Hit(OPEN, user_agent=agent, ip="66.249.84.10"), "proxy", "image_proxy")
-    assert counts_as_engagement("proxy")
+    assert "proxy" in COUNTED
 
 
 def test_gateway_agent_is_scanner() -> None:
@@ -164,7 +164,9 @@ def test_first_match_wins_and_all_reasons_are_kept() -> None:
 
 
 def test_only_human_and_proxy_count() -> None:
-    assert {v for v in classify.VERDICTS if counts_as_engagement(v)} == {"human", "proxy"}
+    assert {v for v in VERDICTS if v in COUNTED} == {"human", "proxy"}
+    assert set(AUTOMATED) == {"machine", "scanner"}
+    assert not set(COUNTED) & set(AUTOMATED)
 
 
 def test_network_set() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -24,6 +24,8 @@ from shared.addresses import normalize_address
 from shared.apitokens import authenticate_token
 from shared.errors import UserError
 from shared.identity import Viewer
+from shared.isotime import iso as iso  # re-exported for the API's modules
+from shared.isotime import parse
 
 
 class ApiError(Exception):
@@ -86,15 +88,6 @@ async def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
-def iso(value: datetime | None) -> str | None:
-    """A time as JSON shows it: UTC, ISO 8601, with a ``Z``."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 # --- parameters: a bad value is a 400 that names the parameter ---
 
 
@@ -131,10 +124,9 @@ def time_param(request: Request, name: str, end_of_day: bool = False) -> datetim
         if len(value) == 10:
             day = date.fromisoformat(value)
             return day_end(day) if end_of_day else day_start(day)
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse(value)
     except ValueError:
         raise ApiError(400, f"{name} must be a date (YYYY-MM-DD) or an ISO 8601 time") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def address_of(value: Any) -> str:

@@ -9,7 +9,7 @@ is decided in shared/policies.py and shared/users.py (see forms.py).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,17 +25,20 @@ from receiver.dashboard.forms import (
 from receiver.dashboard.web import (
     engine_of,
     flash,
-    form_of,
+    form_page,
     not_found,
     page,
     path_id,
     redirect,
     render,
+    render_form,
+    then_redirect,
 )
 from shared import policies
+from shared.errors import UserError
 from shared.identity import Viewer
+from shared.models import Suppression
 from shared.users import (
-    UserError,
     add_user,
     check_removable,
     list_users,
@@ -47,17 +50,25 @@ from shared.users import (
 # --- policies ---
 
 
-def _policy_page(
-    request: Request, form: PolicyForm, errors: Errors, policy_id: int | None
-) -> Response:
-    context: dict[str, Any] = {
-        "form": form,
-        "errors": errors,
-        "policy_id": policy_id,
-        "modes": MODE_LABELS,
-        "nav": "policies",
-    }
-    return render(request, "dashboard/policy_form.html", context, 400 if errors else 200)
+async def _policy_form(request: Request, policy_id: int | None, initial: PolicyForm) -> Response:
+    """The new-policy page (``policy_id`` None) or one policy's edit page."""
+    engine = engine_of(request)
+
+    async def show(form: PolicyForm, errors: Errors) -> Response:
+        context = {"form": form, "policy_id": policy_id, "modes": MODE_LABELS, "nav": "policies"}
+        return render_form(request, "dashboard/policy_form.html", context, errors)
+
+    def said(form: PolicyForm, _: object) -> str:
+        return f"Policy for {form.pattern} {'added' if policy_id is None else 'saved'}."
+
+    return await form_page(
+        request,
+        initial,
+        show=show,
+        read=PolicyForm.parse,
+        save=lambda form: form.save(engine, policy_id),
+        done=then_redirect(request, "/policies", said),
+    )
 
 
 @page(admin=True)
@@ -70,24 +81,9 @@ async def policies_list(request: Request, viewer: Viewer) -> Response:
     )
 
 
-async def _save_policy(request: Request, policy_id: int | None) -> Response:
-    form, errors = PolicyForm.parse(await form_of(request))
-    if not errors:
-        try:
-            await asyncio.to_thread(form.save, engine_of(request), policy_id)
-        except UserError as exc:
-            errors.add(exc)
-    if errors:
-        return _policy_page(request, form, errors, policy_id)
-    flash(request, f"Policy for {form.pattern} {'added' if policy_id is None else 'saved'}.")
-    return redirect(request, "/policies")
-
-
 @page(admin=True)
 async def policy_new(request: Request, viewer: Viewer) -> Response:
-    if request.method == "GET":
-        return _policy_page(request, PolicyForm(), Errors(), None)
-    return await _save_policy(request, None)
+    return await _policy_form(request, None, PolicyForm())
 
 
 @page(admin=True)
@@ -96,9 +92,7 @@ async def policy_edit(request: Request, viewer: Viewer) -> Response:
     policy = await asyncio.to_thread(policies.policy_by_id, engine_of(request), policy_id)
     if policy is None:
         return not_found(request)
-    if request.method == "GET":
-        return _policy_page(request, PolicyForm.of(policy), Errors(), policy_id)
-    return await _save_policy(request, policy_id)
+    return await _policy_form(request, policy_id, PolicyForm.of(policy))
 
 
 @page(admin=True)
@@ -122,31 +116,32 @@ SHOWN = 500
 
 @page(admin=True)
 async def suppressions(request: Request, viewer: Viewer) -> Response:
+    """The list (searchable) beside the form that adds an address."""
     engine = engine_of(request)
-    errors = Errors()
-    address = ""
-    if request.method == "POST":
-        address = (await form_of(request)).get("address", "")
-        try:
-            row = await asyncio.to_thread(
-                policies.add_suppression, engine, address, "dashboard", new=True
-            )
-        except UserError as exc:
-            errors.add(exc)
-        else:
-            flash(request, f"{row.address} will not be tracked any more.")
-            return redirect(request, "/suppressions")
-    search = request.query_params.get("q", "").strip()[:320]
-    rows = await asyncio.to_thread(policies.list_suppressions, engine, search, SHOWN + 1)
-    context = {
-        "rows": rows[:SHOWN],
-        "more": len(rows) > SHOWN,
-        "errors": errors,
-        "address": address,
-        "q": search,
-        "nav": "suppressions",
-    }
-    return render(request, "dashboard/suppressions.html", context, 400 if errors else 200)
+
+    async def show(address: str, errors: Errors) -> Response:
+        search = request.query_params.get("q", "").strip()[:320]
+        rows = await asyncio.to_thread(policies.list_suppressions, engine, search, SHOWN + 1)
+        context = {
+            "rows": rows[:SHOWN],
+            "more": len(rows) > SHOWN,
+            "address": address,
+            "q": search,
+            "nav": "suppressions",
+        }
+        return render_form(request, "dashboard/suppressions.html", context, errors)
+
+    def said(_: str, row: Suppression) -> str:
+        return f"{row.address} will not be tracked any more."
+
+    return await form_page(
+        request,
+        "",
+        show=show,
+        read=lambda posted: (posted.get("address", ""), Errors()),
+        save=lambda address: policies.add_suppression(engine, address, "dashboard", new=True),
+        done=then_redirect(request, "/suppressions", said),
+    )
 
 
 @page(admin=True)
@@ -168,16 +163,30 @@ async def suppression_delete(request: Request, viewer: Viewer) -> Response:
 # --- users ---
 
 
-def _user_page(request: Request, form: UserForm, errors: Errors, user_id: int | None) -> Response:
-    form.password = ""
-    context: dict[str, Any] = {
-        "form": form,
-        "errors": errors,
-        "user_id": user_id,
-        "roles": ROLE_LABELS,
-        "nav": "users",
-    }
-    return render(request, "dashboard/user_form.html", context, 400 if errors else 200)
+async def _user_form(
+    request: Request,
+    user_id: int | None,
+    initial: UserForm,
+    save: Callable[[UserForm], object],
+    verb: str,
+) -> Response:
+    """The new-user page (``user_id`` None) or one user's; ``verb``: what the flash says."""
+
+    async def show(form: UserForm, errors: Errors) -> Response:
+        form.password = ""  # never sent back to the browser
+        context = {"form": form, "user_id": user_id, "roles": ROLE_LABELS, "nav": "users"}
+        return render_form(request, "dashboard/user_form.html", context, errors)
+
+    def read(posted: dict[str, str]) -> tuple[UserForm, Errors]:
+        form, errors = UserForm.parse(posted, new=user_id is None)
+        form.username = form.username if user_id is None else initial.username  # fixed once made
+        return form, errors
+
+    def said(form: UserForm, _: object) -> str:
+        return f"User {form.username} {verb}."
+
+    done = then_redirect(request, "/users", said)
+    return await form_page(request, initial, show=show, read=read, save=save, done=done)
 
 
 @page(admin=True)
@@ -188,21 +197,14 @@ async def users(request: Request, viewer: Viewer) -> Response:
 
 @page(admin=True)
 async def user_new(request: Request, viewer: Viewer) -> Response:
-    if request.method == "GET":
-        return _user_page(request, UserForm(), Errors(), None)
-    form, errors = UserForm.parse(await form_of(request), new=True)
-    if not errors:
-        try:
-            await asyncio.to_thread(
-                add_user, engine_of(request), form.username, form.password, form.role,
-                form.addresses,
-            )  # fmt: skip
-        except UserError as exc:
-            errors.add(exc)
-    if errors:
-        return _user_page(request, form, errors, None)
-    flash(request, f"User {form.username} added.")
-    return redirect(request, "/users")
+    engine = engine_of(request)
+    return await _user_form(
+        request,
+        None,
+        UserForm(),
+        lambda form: add_user(engine, form.username, form.password, form.role, form.addresses),
+        "added",
+    )
 
 
 @page(admin=True)
@@ -213,28 +215,19 @@ async def user_edit(request: Request, viewer: Viewer) -> Response:
     if found is None:
         return not_found(request)
     user, addresses = found
-    if request.method == "GET":
-        return _user_page(request, UserForm(user.username, user.role, addresses), Errors(), user_id)
-    form, errors = UserForm.parse(await form_of(request), new=False)
-    form.username = user.username
-    if not errors:
-        try:
-            await asyncio.to_thread(
-                lambda: update_user(
-                    engine,
-                    user_id,
-                    role=form.role,
-                    addresses=form.addresses,
-                    password=form.password,
-                    acting_user_id=viewer.user_id,
-                )
-            )
-        except UserError as exc:
-            errors.add(exc)
-    if errors:
-        return _user_page(request, form, errors, user_id)
-    flash(request, f"User {user.username} saved.")
-    return redirect(request, "/users")
+
+    def save(form: UserForm) -> object:
+        return update_user(
+            engine,
+            user_id,
+            role=form.role,
+            addresses=form.addresses,
+            password=form.password,
+            acting_user_id=viewer.user_id,
+        )
+
+    initial = UserForm(user.username, user.role, addresses)
+    return await _user_form(request, user_id, initial, save, "saved")
 
 
 @page(admin=True)

@@ -10,16 +10,17 @@ get their own wording (``say``), because the person sees labels there, not value
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
 from sqlalchemy import Engine
 
 from shared import policies
+from shared.errors import UserError
 from shared.models import Policy
 from shared.users import (
-    UserError,
     check_password,
     check_role,
     check_username,
@@ -67,6 +68,20 @@ class Errors(dict[str, str]):
             return None
 
 
+@contextmanager
+def filed_under(name: str) -> Iterator[None]:
+    """A :class:`UserError` raised inside is about ``name``: the input (or the form) it came from.
+
+    For rules that cannot know which input they checked: ``no user 'x'`` is
+    about the token form's user list, a bad mode about the consent form it came from.
+    """
+    try:
+        yield
+    except UserError as exc:
+        exc.field = name
+        raise
+
+
 def text(form: Mapping[str, str], name: str) -> str:
     return form.get(name, "").strip()
 
@@ -96,16 +111,8 @@ class PolicyForm:
 
     @classmethod
     def of(cls, policy: Policy) -> PolicyForm:
-        return cls(
-            policy.pattern,
-            policy.mode,
-            policy.allow_opens,
-            policy.allow_clicks,
-            policy.allow_text_links,
-            policy.per_recipient,
-            str(policy.recipient_cap),
-            policy.notify,
-        )
+        values = {f.name: getattr(policy, f.name) for f in fields(cls)}
+        return cls(**values | {"recipient_cap": str(policy.recipient_cap)})
 
     @classmethod
     def parse(cls, form: Mapping[str, str]) -> tuple[PolicyForm, Errors]:

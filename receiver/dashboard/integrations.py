@@ -19,25 +19,26 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
-from receiver.dashboard.forms import Errors, checked, message, text
+from receiver.dashboard.forms import Errors, checked, filed_under, text
 from receiver.dashboard.web import (
     engine_of,
     flash,
     form_of,
+    form_page,
     not_found,
     page,
     path_id,
     redirect,
-    remember_submitted,
     render,
+    render_form,
     settings_of,
-    submitted_before,
 )
 from shared import apitokens, webhooks
+from shared.errors import UserError
 from shared.identity import Viewer
 from shared.models import WebhookEndpoint
 from shared.outbox import EVENT_TYPES
-from shared.users import UserError, list_users
+from shared.users import list_users
 
 log = logging.getLogger(__name__)
 
@@ -59,63 +60,58 @@ def _event_types(endpoint: WebhookEndpoint) -> list[str]:
     return [] if endpoint.event_types == "*" else endpoint.event_types.split(",")
 
 
-def _webhooks_page(
-    request: Request,
-    rows: list[WebhookEndpoint],
-    form: dict[str, Any],
-    errors: Errors,
-    created: WebhookEndpoint | None = None,
-) -> Response:
-    context = {
-        "endpoints": [(e, _event_types(e)) for e in rows],
-        "event_labels": EVENT_LABELS,
-        "form": form,
-        "errors": errors,
-        "created": created,
-        "nav": "webhooks",
+def _blank_endpoint() -> dict[str, Any]:
+    return {"url": "", "description": "", "types": list(EVENT_TYPES)}
+
+
+def _read_endpoint(posted: dict[str, str]) -> tuple[dict[str, Any], Errors]:
+    form = {
+        "url": text(posted, "url"),
+        "description": text(posted, "description")[:500],
+        "types": [t for t in EVENT_TYPES if checked(posted, f"type:{t}")],
     }
-    return render(request, "dashboard/webhooks.html", context, 400 if errors else 200)
+    errors = Errors()
+    if not form["types"]:
+        errors["types"] = "Choose at least one event type to send."
+    errors.check(webhooks.check_url, form["url"])
+    return form, errors
 
 
 @page(admin=True)
 async def webhooks_list(request: Request, viewer: Viewer) -> Response:
+    """The endpoints beside the form that adds one; the page after adding shows its secret."""
     engine = engine_of(request)
-    form: dict[str, Any] = {"url": "", "description": "", "types": list(EVENT_TYPES)}
-    errors = Errors()
-    created = None
-    if request.method == "POST":
-        posted = await form_of(request)
-        if submitted_before(posted, request):
-            flash(
-                request,
-                "That form was already sent: the endpoint exists, its secret was shown then.",
-            )
-            return redirect(request, "/webhooks")
-        form = {
-            "url": text(posted, "url"),
-            "description": text(posted, "description")[:500],
-            "types": [t for t in EVENT_TYPES if checked(posted, f"type:{t}")],
+
+    async def show(
+        form: dict[str, Any], errors: Errors, created: WebhookEndpoint | None = None
+    ) -> Response:
+        rows = await asyncio.to_thread(webhooks.list_endpoints, engine)
+        context = {
+            "endpoints": [(e, _event_types(e)) for e in rows],
+            "event_labels": EVENT_LABELS,
+            "form": form,
+            "created": created,
+            "nav": "webhooks",
         }
-        if not form["types"]:
-            errors["types"] = "Choose at least one event type to send."
-        errors.check(webhooks.check_url, form["url"])
-        if not errors:
-            every = len(form["types"]) == len(EVENT_TYPES)
-            try:
-                created = await asyncio.to_thread(
-                    webhooks.add_endpoint,
-                    engine,
-                    form["url"],
-                    ["*"] if every else form["types"],
-                    description=form["description"],
-                )
-            except UserError as exc:
-                errors.add(exc)
-            else:
-                remember_submitted(posted, request)
-                form = {"url": "", "description": "", "types": list(EVENT_TYPES)}
-    rows = await asyncio.to_thread(webhooks.list_endpoints, engine)
-    return _webhooks_page(request, rows, form, errors, created)
+        return render_form(request, "dashboard/webhooks.html", context, errors)
+
+    def save(form: dict[str, Any]) -> WebhookEndpoint:
+        every = len(form["types"]) == len(EVENT_TYPES)
+        types = ["*"] if every else form["types"]
+        return webhooks.add_endpoint(engine, form["url"], types, description=form["description"])
+
+    async def done(_: dict[str, Any], created: WebhookEndpoint) -> Response:
+        return await show(_blank_endpoint(), Errors(), created)
+
+    return await form_page(
+        request,
+        _blank_endpoint(),
+        show=show,
+        read=_read_endpoint,
+        save=save,
+        done=done,
+        once="That form was already sent: the endpoint exists, its secret was shown then.",
+    )
 
 
 async def _endpoint(request: Request) -> WebhookEndpoint | None:
@@ -202,43 +198,51 @@ async def webhook_delete(request: Request, viewer: Viewer) -> Response:
 # --- API tokens ---
 
 
+def _read_token(posted: dict[str, str]) -> tuple[dict[str, str], Errors]:
+    form = {"name": text(posted, "name"), "username": text(posted, "username")}
+    errors = Errors()
+    if not form["name"]:
+        errors["name"] = "Give the token a name, so you know later what uses it."
+    elif len(form["name"]) > 255:
+        errors["name"] = "Keep the name under 255 characters."
+    return form, errors
+
+
 @page(admin=True)
 async def tokens_list(request: Request, viewer: Viewer) -> Response:
+    """The tokens beside the form that creates one; the page after creating shows it."""
     engine = engine_of(request)
-    form = {"name": "", "username": viewer.username}
-    errors = Errors()
-    created: tuple[str, Any] | None = None
-    if request.method == "POST":
-        posted = await form_of(request)
-        if submitted_before(posted, request):
-            flash(request, "That form was already sent: the token exists, it was shown then.")
-            return redirect(request, "/tokens")
-        form = {"name": text(posted, "name"), "username": text(posted, "username")}
-        if not form["name"]:
-            errors["name"] = "Give the token a name, so you know later what uses it."
-        elif len(form["name"]) > 255:
-            errors["name"] = "Keep the name under 255 characters."
-        if not errors:
-            try:
-                created = await asyncio.to_thread(
-                    apitokens.create_token, engine, form["username"], form["name"]
-                )
-            except UserError as exc:
-                errors["username"] = message(exc)
-            else:
-                remember_submitted(posted, request)
-                form["name"] = ""
-    rows = await asyncio.to_thread(apitokens.list_tokens, engine)
-    people = await asyncio.to_thread(list_users, engine)
-    context = {
-        "tokens": rows,
-        "users": [user for user, _ in people],
-        "form": form,
-        "errors": errors,
-        "created": created,
-        "nav": "tokens",
-    }
-    return render(request, "dashboard/tokens.html", context, 400 if errors else 200)
+
+    async def show(
+        form: dict[str, str], errors: Errors, created: tuple[str, Any] | None = None
+    ) -> Response:
+        rows = await asyncio.to_thread(apitokens.list_tokens, engine)
+        people = await asyncio.to_thread(list_users, engine)
+        context = {
+            "tokens": rows,
+            "users": [user for user, _ in people],
+            "form": form,
+            "created": created,
+            "nav": "tokens",
+        }
+        return render_form(request, "dashboard/tokens.html", context, errors)
+
+    def save(form: dict[str, str]) -> tuple[str, Any]:
+        with filed_under("username"):  # the only thing that can fail: that user
+            return apitokens.create_token(engine, form["username"], form["name"])
+
+    async def done(form: dict[str, str], created: tuple[str, Any]) -> Response:
+        return await show({**form, "name": ""}, Errors(), created)
+
+    return await form_page(
+        request,
+        {"name": "", "username": viewer.username},
+        show=show,
+        read=_read_token,
+        save=save,
+        done=done,
+        once="That form was already sent: the token exists, it was shown then.",
+    )
 
 
 @page(admin=True)

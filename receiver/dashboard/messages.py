@@ -12,7 +12,6 @@ import io
 import json
 import math
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from datetime import datetime
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -23,6 +22,7 @@ from receiver.dashboard.filters import STATES, TRACKING, Filters
 from receiver.dashboard.web import engine_of, not_found, page, render
 from receiver.live import LiveFeed
 from shared.identity import Viewer
+from shared.isotime import iso
 
 PER_PAGE = 50
 KEEPALIVE = 15.0
@@ -145,29 +145,24 @@ def _csv_response(lines: Iterator[str], name: str) -> Response:
     )
 
 
-def _iso(value: object) -> str:
-    when = readmodel.aware(value) if isinstance(value, datetime) else None
-    return when.isoformat() if when else ""
-
-
 @page()
 async def messages_csv(request: Request, viewer: Viewer) -> Response:
     filters, _ = Filters.parse(request.query_params)
     rows = (
         [
             str(r.message.id),
-            _iso(r.message.created_at),
+            iso(r.message.created_at, zulu=False),
             r.message.sender,
             r.message.subject,
             "; ".join(r.recipients),
             "yes" if r.message.track_opens else "no",
             "yes" if r.message.track_clicks else "no",
             r.opens.count,
-            _iso(r.opens.first),
-            _iso(r.opens.last),
+            iso(r.opens.first, zulu=False),
+            iso(r.opens.last, zulu=False),
             r.clicks.count,
-            _iso(r.clicks.first),
-            _iso(r.clicks.last),
+            iso(r.clicks.first, zulu=False),
+            iso(r.clicks.last, zulu=False),
             r.machine_opens,
             r.message.status,
         ]
@@ -190,7 +185,7 @@ async def events_csv(request: Request, viewer: Viewer) -> Response:
             row.subject,
             row.sender,
             row.event.kind,
-            _iso(row.event.occurred_at),
+            iso(row.event.occurred_at, zulu=False),
             row.address,
             row.url,
             row.event.verdict,

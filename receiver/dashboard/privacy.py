@@ -10,17 +10,29 @@ what :func:`shared.privacy.erase` removed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Engine
 from starlette.requests import Request
 from starlette.responses import Response
 
-from receiver.dashboard.forms import Errors, checked, message, text
-from receiver.dashboard.web import engine_of, flash, form_of, page, redirect, render
+from receiver.dashboard.forms import Errors, checked, filed_under, message, text
+from receiver.dashboard.web import (
+    engine_of,
+    flash,
+    form_of,
+    form_page,
+    page,
+    redirect,
+    render_form,
+    then_redirect,
+)
 from shared import consent, privacy
 from shared.addresses import normalize_address
+from shared.errors import UserError
 from shared.identity import Viewer
-from shared.users import UserError
 
 MODE_LABELS = {
     "opt-out": "Track unless the recipient asked not to be (opt-out)",
@@ -30,9 +42,8 @@ SHOWN = 500
 FORGET_HINT = "erase again with “Also remove the suppression” ticked to remove it too"
 
 
-async def _consent_page(
-    request: Request, errors: Errors | None = None, form: dict[str, str] | None = None
-) -> Response:
+async def _consent_page(request: Request, form: dict[str, str], errors: Errors) -> Response:
+    """The page of the three consent forms; ``form``: what one of them sent."""
     engine = engine_of(request)
     modes = await asyncio.to_thread(consent.list_modes, engine)
     rows = await asyncio.to_thread(consent.list_consents, engine)
@@ -46,84 +57,115 @@ async def _consent_page(
         "total": len(rows),
         "q": search,
         "labels": MODE_LABELS,
-        "errors": errors or Errors(),
-        "form": {"domain": "", "domain_mode": "opt-in", "address": "", **(form or {})},
+        "form": {"domain": "", "domain_mode": "opt-in", "address": "", **form},
         "nav": "privacy",
         "tab": "consent",
     }
-    return render(request, "dashboard/consent.html", context, 400 if errors else 200)
+    return render_form(request, "dashboard/consent.html", context, errors)
+
+
+async def _consent_form(
+    request: Request,
+    read: Callable[[dict[str, str]], dict[str, str]],
+    save: Callable[[Engine, dict[str, str]], object],
+    said: Callable[[dict[str, str]], str],
+) -> Response:
+    """One of the consent page's forms: ``said`` is the flash when ``save`` went through."""
+    engine = engine_of(request)
+    nothing_typed: dict[str, str] = {}  # these forms only post (GET /privacy shows them)
+
+    return await form_page(
+        request,
+        nothing_typed,
+        show=lambda form, errors: _consent_page(request, form, errors),
+        read=lambda posted: (read(posted), Errors()),
+        save=lambda form: save(engine, form),
+        done=then_redirect(request, "/privacy", lambda form, _: said(form)),
+    )
 
 
 @page(admin=True)
 async def consent_page(request: Request, viewer: Viewer) -> Response:
-    return await _consent_page(request)
+    return await _consent_page(request, {}, Errors())
+
+
+def _mode_field(form: dict[str, str]) -> str:
+    """Which form set a mode: the global one (no domain) or a domain's."""
+    return "global" if form["domain"] == consent.GLOBAL else "domain"
+
+
+def _set_mode(engine: Engine, form: dict[str, str]) -> None:
+    with filed_under(_mode_field(form)):
+        consent.set_mode(engine, form["domain_mode"], form["domain"])
+
+
+def _mode_set(form: dict[str, str]) -> str:
+    where = (
+        "every recipient domain without its own"
+        if _mode_field(form) == "global"
+        else consent.normalize_domain(form["domain"])
+    )
+    return f"Consent mode for {where}: {form['domain_mode']}."
 
 
 @page(admin=True)
 async def consent_mode(request: Request, viewer: Viewer) -> Response:
     """The global mode (no ``domain``) or one domain's."""
-    posted = await form_of(request)
-    domain = text(posted, "domain") or consent.GLOBAL
-    mode = posted.get("mode", "")
-    field = "global" if domain == consent.GLOBAL else "domain"
-    errors = Errors()
-    try:
-        await asyncio.to_thread(consent.set_mode, engine_of(request), mode, domain)
-    except UserError as exc:
-        errors[field] = message(exc)
-        return await _consent_page(request, errors, {"domain": domain, "domain_mode": mode})
-    where = (
-        "every recipient domain without its own"
-        if field == "global"
-        else consent.normalize_domain(domain)
+    return await _consent_form(
+        request,
+        lambda posted: {
+            "domain": text(posted, "domain") or consent.GLOBAL,
+            "domain_mode": posted.get("mode", ""),
+        },
+        _set_mode,
+        _mode_set,
     )
-    flash(request, f"Consent mode for {where}: {mode}.")
-    return redirect(request, "/privacy")
+
+
+def _add_consent(engine: Engine, form: dict[str, str]) -> None:
+    address = form["address"]
+    with filed_under("address"):
+        if not consent.add_consent(engine, address, "dashboard"):
+            raise UserError(f"The consent of {address.lower()} is already recorded.")
+
+
+@page(admin=True)
+async def consent_add(request: Request, viewer: Viewer) -> Response:
+    return await _consent_form(
+        request,
+        lambda posted: {"address": text(posted, "address")},
+        _add_consent,
+        lambda form: f"Consent of {form['address'].lower()} recorded.",
+    )
+
+
+async def _flashed(
+    request: Request, action: Callable[[Engine, str], bool], value: str
+) -> bool | None:
+    """``action(engine, value)``'s answer; None when it refused (its reason flashed)."""
+    try:
+        return await asyncio.to_thread(action, engine_of(request), value)
+    except UserError as exc:
+        flash(request, message(exc), "error")
+        return None
 
 
 @page(admin=True)
 async def consent_mode_clear(request: Request, viewer: Viewer) -> Response:
     domain = text(await form_of(request), "domain")
-    try:
-        cleared = await asyncio.to_thread(consent.clear_mode, engine_of(request), domain)
-    except UserError as exc:
-        flash(request, message(exc), "error")
-    else:
-        if cleared:
-            flash(request, f"{domain} follows the global mode again.")
-    return redirect(request, "/privacy")
-
-
-@page(admin=True)
-async def consent_add(request: Request, viewer: Viewer) -> Response:
-    address = text(await form_of(request), "address")
-    errors = Errors()
-    try:
-        added = await asyncio.to_thread(
-            consent.add_consent, engine_of(request), address, "dashboard"
-        )
-    except UserError as exc:
-        errors["address"] = message(exc)
-        return await _consent_page(request, errors, {"address": address})
-    if not added:
-        errors["address"] = f"The consent of {address.lower()} is already recorded."
-        return await _consent_page(request, errors, {"address": address})
-    flash(request, f"Consent of {address.lower()} recorded.")
+    if await _flashed(request, consent.clear_mode, domain):
+        flash(request, f"{domain} follows the global mode again.")
     return redirect(request, "/privacy")
 
 
 @page(admin=True)
 async def consent_remove(request: Request, viewer: Viewer) -> Response:
     address = text(await form_of(request), "address")
-    try:
-        removed = await asyncio.to_thread(consent.remove_consent, engine_of(request), address)
-    except UserError as exc:
-        flash(request, message(exc), "error")
-    else:
-        if removed:
-            flash(request, f"Consent of {address} withdrawn.")
-        else:
-            flash(request, f"No consent was recorded for {address}.", "error")
+    removed = await _flashed(request, consent.remove_consent, address)
+    if removed:
+        flash(request, f"Consent of {address} withdrawn.")
+    elif removed is not None:
+        flash(request, f"No consent was recorded for {address}.", "error")
     return redirect(request, "/privacy")
 
 
@@ -137,24 +179,47 @@ def _recipient(value: str) -> str:
     return address
 
 
+@dataclass
+class EraseForm:
+    address: str = ""
+    forget: bool = False
+    confirmed: bool = False  # the second POST, from the page that asked
+
+
+def _read_erase(posted: dict[str, str]) -> tuple[EraseForm, Errors]:
+    form = EraseForm(text(posted, "address"), checked(posted, "forget"))
+    errors = Errors()
+    if (address := errors.check(_recipient, form.address)) is not None:
+        form.address = address
+        form.confirmed = posted.get("confirm") == "yes"
+    return form, errors
+
+
 @page(admin=True)
 async def erase(request: Request, viewer: Viewer) -> Response:
-    context: dict[str, Any] = {"nav": "privacy", "tab": "erase", "errors": Errors()}
-    context.update(address="", confirm=False, forget=False, result=None)
-    if request.method == "POST":
-        posted = await form_of(request)
-        context.update(address=text(posted, "address"), forget=checked(posted, "forget"))
-        address = context["errors"].check(_recipient, context["address"])
-        if address is not None:
-            context["address"] = address
-            if posted.get("confirm") != "yes":
-                context["confirm"] = True  # ask once more
-            else:
-                result = await asyncio.to_thread(
-                    lambda: privacy.erase(
-                        engine_of(request), address, forget_suppression=context["forget"]
-                    )
-                )
-                context["result"] = result.lines(FORGET_HINT)
-    status = 400 if context["errors"] else 200
-    return render(request, "dashboard/erase.html", context, status)
+    """The address form; its first POST asks to confirm, the second erases."""
+    engine = engine_of(request)
+
+    async def show(
+        form: EraseForm, errors: Errors, result: list[str] | None = None, confirm: bool = False
+    ) -> Response:
+        context = {
+            "address": form.address,
+            "forget": form.forget,
+            "confirm": confirm,
+            "result": result,
+            "nav": "privacy",
+            "tab": "erase",
+        }
+        return render_form(request, "dashboard/erase.html", context, errors)
+
+    def save(form: EraseForm) -> list[str] | None:
+        if not form.confirmed:
+            return None  # ask once more
+        erased = privacy.erase(engine, form.address, forget_suppression=form.forget)
+        return erased.lines(FORGET_HINT)
+
+    async def done(form: EraseForm, result: list[str] | None) -> Response:
+        return await show(form, Errors(), result, confirm=result is None)
+
+    return await form_page(request, EraseForm(), show=show, read=_read_erase, save=save, done=done)

@@ -5,6 +5,12 @@ in one place: no viewer → the login page; a POST without the session's CSRF
 token (or from a foreign Origin) → 403 before the handler runs; an admin page
 for a sender → 403. Templates autoescape everything, so text from mail
 (subjects, addresses, user agents, URLs) is always shown as text.
+
+Every page with a form answers through :func:`form_page`: a GET shows the
+form, a POST is read, checked and saved, and then either the browser moves on
+(a flash and a 303, or the page that shows what was made) or the same page
+comes back with what was typed and each message by its field, status 400
+(:func:`render_form`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import jinja2
@@ -25,11 +31,13 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from receiver.readmodel import aware
+from receiver.dashboard.forms import Errors
 from receiver.sessions import CSRF_FIELD, CSRF_HEADER, csrf_ok, csrf_token
 from shared.config import Settings
 from shared.db import session_scope
+from shared.errors import UserError
 from shared.identity import Viewer
+from shared.isotime import aware, iso
 from shared.models import User
 from shared.users import user_addresses
 
@@ -40,6 +48,8 @@ STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
 Handler = Callable[[Request, Viewer], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
+F = TypeVar("F")  # what a form holds (a dataclass, a dict, a string)
+R = TypeVar("R")  # what saving it gave
 
 
 def _format_time(value: datetime | None, style: str = "full") -> str:
@@ -72,7 +82,7 @@ def _make_templates() -> Jinja2Templates:
     )
     env.filters["when"] = _format_time
     env.filters["plural"] = _plural
-    env.filters["iso"] = lambda v: (aware(v) or v).isoformat() if v else ""
+    env.filters["iso"] = lambda v: iso(v, zulu=False) or ""
     env.tests["web_url"] = _is_web_url
     return Jinja2Templates(env=env, context_processors=[_common])
 
@@ -104,6 +114,63 @@ def render(
     response = templates.TemplateResponse(request, name, context or {}, status_code=status)
     response.headers["Cache-Control"] = "no-store"
     return response
+
+
+def render_form(request: Request, name: str, context: dict[str, Any], errors: Errors) -> Response:
+    """A page with a form and its messages: 400 when there are any, else 200."""
+    return render(request, name, {**context, "errors": errors}, 400 if errors else 200)
+
+
+async def form_page(
+    request: Request,
+    initial: F,
+    *,
+    show: Callable[[F, Errors], Awaitable[Response]],
+    read: Callable[[dict[str, str]], tuple[F, Errors]],
+    save: Callable[[F], R],
+    done: Callable[[F, R], Awaitable[Response]],
+    once: str = "",
+) -> Response:
+    """A form page: a GET shows ``initial``; a POST is read, saved, answered.
+
+    ``read`` turns the posted fields into the form and the messages of the
+    fields that do not pass; only when none is left is ``save`` run (in a
+    thread: it writes). A :class:`UserError` it raises joins the messages under
+    the field it names, and ``show`` brings the page back with them (use
+    :func:`render_form`: 400). Success is ``done``: a flash and a redirect, or
+    the page showing what was made. ``once`` (a flash) marks a form that makes
+    something shown only once: sent again (a reload, see
+    :func:`submitted_before`) it redirects to the page with that flash instead.
+    """
+    if request.method == "GET":
+        return await show(initial, Errors())
+    posted = await form_of(request)
+    if once and submitted_before(posted, request):
+        flash(request, once)
+        return RedirectResponse(request.url.path, status_code=303)
+    form, errors = read(posted)
+    if not errors:
+        try:
+            result = await asyncio.to_thread(save, form)
+        except UserError as exc:
+            errors.add(exc)
+        else:
+            if once:
+                remember_submitted(posted, request)
+            return await done(form, result)
+    return await show(form, errors)
+
+
+def then_redirect(
+    request: Request, path: str, said: Callable[[F, R], str]
+) -> Callable[[F, R], Awaitable[Response]]:
+    """The usual ``done`` of :func:`form_page`: flash what ``said`` says, then 303 to ``path``."""
+
+    async def done(form: F, result: R) -> Response:
+        flash(request, said(form, result))
+        return redirect(request, path)
+
+    return done
 
 
 def error_page(request: Request, status: int, title: str, text: str) -> Response:

@@ -23,22 +23,12 @@ from sqlalchemy import exists, false, func, or_, true
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col
 
-from receiver.classify import ENGAGED_VERDICTS, MACHINE, SCANNER
 from shared.addresses import spellings
 from shared.identity import Viewer
+from shared.isotime import aware as aware  # re-exported for readmodel's modules
 from shared.models import Event, Message, Recipient
-
-#: Opens and clicks count only these verdicts (human, proxy), everywhere.
-COUNTED = tuple(sorted(ENGAGED_VERDICTS))
-#: Opens by these are counted apart ("automatic opens"), never as opens.
-AUTOMATED = (MACHINE, SCANNER)
-
-
-def aware(value: datetime | None) -> datetime | None:
-    """A database time as an aware UTC datetime (SQLite hands them back naive)."""
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+from shared.verdicts import AUTOMATED as AUTOMATED  # re-exported, as are aware and COUNTED
+from shared.verdicts import COUNTED as COUNTED
 
 
 def day_start(day: date) -> datetime:
