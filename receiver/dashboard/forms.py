@@ -139,18 +139,10 @@ class PolicyForm:
 
     def save(self, engine: Engine, policy_id: int | None = None) -> Policy:
         """Add (``policy_id`` None) or change a policy; PolicyError as shared says."""
+        values = policies.policy_values(self)
+        values["recipient_cap"] = policies.check_recipient_cap(self.recipient_cap)
         return policies.set_policy(
-            engine,
-            self.pattern,
-            mode=self.mode,
-            allow_opens=self.allow_opens,
-            allow_clicks=self.allow_clicks,
-            allow_text_links=self.allow_text_links,
-            per_recipient=self.per_recipient,
-            recipient_cap=policies.check_recipient_cap(self.recipient_cap),
-            notify=self.notify,
-            new=policy_id is None,
-            policy_id=policy_id,
+            engine, self.pattern, **values, new=policy_id is None, policy_id=policy_id
         )
 
 
