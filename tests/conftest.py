@@ -34,6 +34,17 @@ CORPUS = Path(
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that runs on PostgreSQL ``postgres``, so ``-m "not postgres"``
+    (``make test-fast``) leaves PostgreSQL out: the ``database_url`` fixture's
+    "postgresql" param and every test parametrised with it (directly, as
+    tests/test_scaleout.py does, or through a fixture of its own)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "postgresql" in callspec.params.values():
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture(autouse=True)
 def _no_trackrelay_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings in the developer's environment must not leak into tests."""

@@ -152,6 +152,7 @@ def wait_for(probe: Callable[[], object], timeout: float = 15.0) -> object:
         time.sleep(0.05)
 
 
+@pytest.mark.clients
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
 def test_send_open_click_loop(
     serve: ServeProcess, database_url: str, make_settings: Callable[..., Settings]

@@ -29,12 +29,15 @@ from pathlib import Path
 
 import aiosmtplib
 import httpx
+import pytest
 from receiver_support import wait_for
 from relaykit import RelayProcess
 from sqlalchemy import Engine, text
 from upstream import PASSWORD, USER, RecordingUpstream
 
 from shared import db
+
+pytestmark = pytest.mark.soak
 
 SECONDS = float(os.environ.get("TRACKRELAY_SOAK_SECONDS", "20"))
 SESSIONS = 50
