@@ -25,8 +25,9 @@ from shared.config import Settings, load_settings
 
 PG_URL = os.environ.get("TRACKRELAY_TEST_DATABASE_URL", "")
 TEST_SECRET = "test-secret-key-0123456789abcdef"
-# The recording upstream SMTP server (tests/support/upstream.py).
-pytest_plugins = ["tests.support.upstream"]
+# Fixtures that live beside what they set up: the recording upstream SMTP server
+# (upstream, tls_pair), db_engine and processes (relay), outage (database down).
+pytest_plugins = ["tests.support.upstream", "tests.support.relaykit", "tests.support.receiverkit"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

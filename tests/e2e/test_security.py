@@ -16,8 +16,6 @@ test_message_of_25_mb_and_the_size_limit), slowloris (test_faults.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from pathlib import Path
 
 import aiosmtplib
 import pytest
@@ -26,19 +24,17 @@ from starlette.testclient import TestClient
 
 from receiver.app import create_app
 from relay.track import Submission, Tracker
-from shared.config import Settings
 from shared.policies import set_policy
 from shared.tokens import Signer
 from shared.users import add_user
-from tests.support.relaykit import SIMPLE, client, relay_settings, running_relay, sqlite_engine
+from tests.support.relaykit import (
+    SIMPLE,
+    MakeSettings,
+    client,
+    relay_settings,
+    running_relay,
+)
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
-
-MakeSettings = Callable[..., Settings]
-
-
-@pytest.fixture
-def db_engine(tmp_path: Path) -> Engine:
-    return sqlite_engine(tmp_path)
 
 
 def test_local_mode_cannot_send_as_another_users_address(

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,6 @@ from tests.support.receiverkit import (
     start_receiver,
     wait_for,
 )
-
-
-@pytest.fixture
-def outage(database_url: str) -> Iterator[Outage]:
-    o = Outage(database_url)
-    yield o
-    o.close()
 
 
 def _health(client: httpx.Client) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import gc
 import re
 import signal
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
@@ -16,14 +15,6 @@ import pytest
 
 from tests.support.relaykit import SIMPLE, RawClient, RelayProcess
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
-
-
-@pytest.fixture
-def processes() -> Iterator[list[RelayProcess]]:
-    started: list[RelayProcess] = []
-    yield started
-    for relay in started:
-        relay.stop(signal.SIGKILL)
 
 
 def test_relay_command_in_dev_mode(tmp_path: Path, processes: list[RelayProcess]) -> None:

@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from relay.server import RelayServer
-from shared.config import Settings
 from shared.tokens import Signer
 from tests.support.injection_checks import Relayed, check_relayed
 from tests.support.relaykit import (
     CLIENTS,
     MESSAGE,
+    MakeSettings,
     RecordingTracker,
     relay_settings,
     running_relay,
@@ -40,7 +40,6 @@ from tests.support.relaykit import (
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 pytestmark = pytest.mark.clients
-MakeSettings = Callable[..., Settings]
 PUBLIC_URL = "https://t.example.net"
 RCPT = "rcpt@example.net"
 # body.html's links: the unsubscribe link and mailto are skipped, the rest tracked

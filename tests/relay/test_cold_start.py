@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
-import pytest
 from sqlalchemy import Engine, text
 
 from tests.support.receiverkit import Outage, wait_for
 from tests.support.relaykit import SIMPLE, RelayProcess
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
-
-
-@pytest.fixture
-def outage(database_url: str) -> Iterator[Outage]:
-    o = Outage(database_url)
-    yield o
-    o.close()
 
 
 def _messages(engine: Engine) -> int:

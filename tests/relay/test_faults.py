@@ -8,23 +8,12 @@ second copy. Slowloris clients cannot hold a session forever.
 from __future__ import annotations
 
 import asyncio
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
-import pytest
 
 from tests.support.relaykit import SIMPLE, RawClient, RelayProcess
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
-
-
-@pytest.fixture
-def processes() -> Iterator[list[RelayProcess]]:
-    started: list[RelayProcess] = []
-    yield started
-    for relay in started:
-        relay.stop(signal.SIGKILL)
 
 
 def _start(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
@@ -17,21 +16,14 @@ from shared.users import add_user
 from tests.support.relaykit import (
     MESSAGE,
     SIMPLE,
+    MakeSettings,
     RawClient,
     client,
     relay_settings,
     running_relay,
     send,
-    sqlite_engine,
 )
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
-
-MakeSettings = Callable[..., Settings]
-
-
-@pytest.fixture
-def db_engine(tmp_path: Path) -> Engine:
-    return sqlite_engine(tmp_path)
 
 
 @pytest.mark.parametrize(("listener", "mechanism"), [("smtp", "PLAIN"), ("smtps", "LOGIN")])

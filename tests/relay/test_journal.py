@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine, func
 from sqlmodel import Session, select
 
@@ -22,13 +21,6 @@ from shared.webhooks import add_endpoint
 from tests.support.receiverkit import Outage, wait_for
 from tests.support.relaykit import SIMPLE, relay_settings, running_relay, send
 from tests.support.upstream import RecordingUpstream
-
-
-@pytest.fixture
-def outage(database_url: str) -> Iterator[Outage]:
-    o = Outage(database_url)
-    yield o
-    o.close()
 
 
 def _count(engine: Engine, model: type) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from email import message_from_bytes
 from pathlib import Path
 
@@ -12,24 +11,16 @@ import pytest
 from sqlalchemy import Engine
 
 from relay.server import RelayServer
-from shared.config import Settings
 from tests.support.relaykit import (
     SIMPLE,
+    MakeSettings,
     RawClient,
     client,
     relay_settings,
     running_relay,
     send,
-    sqlite_engine,
 )
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
-
-MakeSettings = Callable[..., Settings]
-
-
-@pytest.fixture
-def db_engine(tmp_path: Path) -> Engine:
-    return sqlite_engine(tmp_path)
 
 
 def test_graceful_shutdown_finishes_the_transaction_in_flight(

@@ -3,40 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
-import pytest
 
-from tests.support.relaykit import SIMPLE, RelayProcess
+from tests.support.relaykit import SIMPLE, RelayProcess, children
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
-
-
-@pytest.fixture
-def processes() -> Iterator[list[RelayProcess]]:
-    started: list[RelayProcess] = []
-    yield started
-    for relay in started:
-        for pid in _children(relay.process.pid):
-            _kill(pid)
-        relay.stop(signal.SIGKILL)
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            found += [int(child) for child in task.read_text().split()]
-    return found
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 def test_two_workers_share_the_ports_and_stop_together(
@@ -51,7 +23,7 @@ def test_two_workers_share_the_ports_and_stop_together(
         TRACKRELAY_TLS_KEY=str(upstream.key),
     )
     processes.append(relay)
-    workers = _children(relay.process.pid)
+    workers = children(relay.process.pid)
     assert len(workers) == 2
 
     async def one(i: int) -> None:

@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
 
-import pytest
 import uvicorn
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from receiver.app import create_app
-from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient, User, UserAddress
 from shared.passwords import hash_password
@@ -219,14 +216,6 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(15)
         self.loop.close()
-
-
-@pytest.fixture
-def client(engine: Engine, make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
-    """The app on the seeded database, in a TestClient (lifespan running)."""
-    seed(engine)
-    with TestClient(create_app(make_settings(), engine)) as client:
-        yield client
 
 
 def login(client: TestClient, username: str, password: str = PASSWORD) -> None:

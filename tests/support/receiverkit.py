@@ -1,4 +1,7 @@
-"""Helpers for the receiver tests: a real uvicorn server, a stoppable TCP proxy."""
+"""Helpers for the receiver tests: a real uvicorn server, a stoppable TCP proxy.
+
+Fixture (registered through ``pytest_plugins`` in tests/conftest.py):
+``outage``, an Outage of the test's ``database_url``, closed at the end."""
 
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import uvicorn
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
@@ -210,3 +214,10 @@ def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
     url = wait_for(banner, timeout=30)
     open(log, "w").close()  # the next start writes a fresh banner
     return proc, url
+
+
+@pytest.fixture
+def outage(database_url: str) -> Iterator[Outage]:
+    o = Outage(database_url)
+    yield o
+    o.close()

@@ -1,5 +1,9 @@
 """Helpers for relay tests: settings pointing at the recording upstream, a relay
-running in the test's event loop, and aiosmtplib clients for its listeners."""
+running in the test's event loop, and aiosmtplib clients for its listeners.
+
+Fixtures (registered through ``pytest_plugins`` in tests/conftest.py):
+``db_engine`` (a migrated SQLite file) and ``processes`` (``trackrelay relay``
+processes killed, with their worker children, when the test ends)."""
 
 from __future__ import annotations
 
@@ -11,11 +15,12 @@ import signal
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import pytest
 from sqlalchemy import Engine
 
 from relay.server import RelayServer
@@ -26,6 +31,7 @@ from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 CLIENTS = Path(__file__).parents[1] / "data" / "clients"  # copies of ../shared/clients
 MESSAGE = CLIENTS / "message.eml"  # carries "X-Track: open, click" as its first line
+MakeSettings = Callable[..., Settings]  # the make_settings fixture of tests/conftest.py
 SIMPLE = (
     b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\nSubject: hello\r\n"
     b"Message-ID: <1@example.com>\r\n\r\nHello Bob.\r\n.dot line\r\n..two dots\r\n"
@@ -108,6 +114,13 @@ def sqlite_engine(directory: Path) -> Engine:
     url = f"sqlite:///{directory / 'relay.db'}"
     db.upgrade(url)
     return db.make_engine(url)
+
+
+@pytest.fixture
+def db_engine(tmp_path: Path) -> Engine:
+    """SQLite only, for tests where the relay's transport is the subject, not the
+    database (``engine`` from tests/conftest.py runs on PostgreSQL too)."""
+    return sqlite_engine(tmp_path)
 
 
 class RawClient:
@@ -204,3 +217,25 @@ class RelayProcess:
         assert self.process.stdout is not None
         self.process.stdout.close()
         return code
+
+
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (from /proc): a relay's workers."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in task.read_text().split()]
+    return found
+
+
+@pytest.fixture
+def processes() -> Iterator[list[RelayProcess]]:
+    """Append each RelayProcess the test starts: at the end each is SIGKILLed,
+    its worker children first."""
+    started: list[RelayProcess] = []
+    yield started
+    for relay in started:
+        for pid in children(relay.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        relay.stop(signal.SIGKILL)

@@ -13,7 +13,6 @@ from shared import apitokens, webhooks
 from shared.db import session_scope
 from shared.models import DeliveryAttempt, OutboxItem, utcnow
 from tests.support.dashboardkit import D, login, token
-from tests.support.dashboardkit import client as client
 from tests.support.webhook_server import webhook_server
 
 ADMIN_PAGES = ["/webhooks", "/webhooks/1", "/tokens"]

@@ -10,7 +10,6 @@ from shared import consent, policies
 from shared.db import session_scope
 from shared.models import Event, Recipient
 from tests.support.dashboardkit import M_OPENED, D, login, token
-from tests.support.dashboardkit import client as client
 
 POSTS = [
     "/privacy/mode",

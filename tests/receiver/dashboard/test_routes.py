@@ -44,7 +44,6 @@ from tests.support.dashboardkit import (
     seed,
     token,
 )
-from tests.support.dashboardkit import client as client
 
 
 def ids_on(html: str) -> set[int]:
