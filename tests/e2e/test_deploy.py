@@ -20,10 +20,12 @@ def compose() -> dict:
 
 def test_topology(compose: dict) -> None:
     services = compose["services"]
-    assert "postgres" in services and "mailpit" in services
+    assert "postgres" in services
+    assert "mailpit" in services
     relays = [s for s in services.values() if s.get("command") == ["relay"]]
     receivers = [s for s in services.values() if s.get("command") == ["receiver"]]
-    assert len(relays) == 2 and len(receivers) == 2
+    assert len(relays) == 2
+    assert len(receivers) == 2
     for service in relays + receivers:
         assert "healthcheck" in service
         assert service["environment"]["TRACKRELAY_DATABASE_URL"].startswith("postgresql+psycopg://")

@@ -99,7 +99,8 @@ def _login(http: httpx.Client) -> None:
     page = http.get("/dashboard/login")
     data = {"username": "ops", "password": "ops-password-123", "csrf_token": csrf_from(page.text)}
     response = http.post("/dashboard/login", data=data)
-    assert response.status_code == 303 and response.headers["location"].endswith("/messages")
+    assert response.status_code == 303
+    assert response.headers["location"].endswith("/messages")
 
 
 # LISTEN/NOTIFY is PostgreSQL's; the fixture empties the tables afterwards.
@@ -125,7 +126,8 @@ def test_two_relays_two_receivers_one_database(
             assert reader.get(pixel[1].decode()).status_code == 200  # through receiver B
             data = next(line for line in lines if line.startswith("data: "))
         note = json.loads(data.removeprefix("data: "))
-        assert note["kind"] == "open" and note["subject"] == "scale-out"
+        assert note["kind"] == "open"
+        assert note["subject"] == "scale-out"
 
         _send_through(relay_b)
         second = upstream.wait_for(2)[1]

@@ -88,14 +88,16 @@ def test_passthrough_one_upstream_attempt_per_client_attempt_in_one_session(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> None:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                for mechanism in (smtp.auth_plain, smtp.auth_login, smtp.auth_plain):
-                    with pytest.raises(aiosmtplib.SMTPAuthenticationError):
-                        await mechanism(USER, "wrong")
-                await smtp.auth_login(USER, PASSWORD)
-                await smtp.sendmail(USER, ["bob@example.net"], SIMPLE)
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            client(relay) as smtp,
+        ):
+            await smtp.ehlo()
+            for mechanism in (smtp.auth_plain, smtp.auth_login, smtp.auth_plain):
+                with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                    await mechanism(USER, "wrong")
+            await smtp.auth_login(USER, PASSWORD)
+            await smtp.sendmail(USER, ["bob@example.net"], SIMPLE)
 
     asyncio.run(scenario())
     assert upstream.auth_attempts == [

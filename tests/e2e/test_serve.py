@@ -276,7 +276,8 @@ def test_http_port_0_links_point_at_the_port_really_bound(
         match = re.search(
             r"links in mail point at: http://127\.0\.0\.1:(\d+)\n", "".join(serve.banner)
         )
-        assert match and match[1] != "0", serve.banner
+        assert match, serve.banner
+        assert match[1] != "0", serve.banner
         base = f"http://127.0.0.1:{match[1]}"
         assert httpx.get(f"{base}/healthz", timeout=30).status_code == 200
         password = (serve.var / "dev_password").read_text().strip()
@@ -286,7 +287,8 @@ def test_http_port_0_links_point_at_the_port_really_bound(
             smtp.sendmail("dev@example.com", ["ann@example.net"], TRACKED)
         [path] = (serve.var / "outbox" / "new").iterdir()
         pixel = re.search(r'src="([^"]+/o/[^"]+)"', path.read_text())
-        assert pixel and pixel[1].startswith(base + "/o/"), path.read_text()
+        assert pixel, path.read_text()
+        assert pixel[1].startswith(base + "/o/"), path.read_text()
         assert httpx.get(pixel[1]).status_code == 200
     finally:
         assert serve.stop() == 0

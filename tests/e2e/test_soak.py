@@ -195,7 +195,8 @@ def test_soak(tmp_path: Path, upstream: RecordingUpstream) -> None:
     finally:
         relay.stop(signal.SIGKILL)
 
-    assert tally.errors == [] and tally.hit_errors == []
+    assert tally.errors == []
+    assert tally.hit_errors == []
     # Every accepted message at the sink exactly once per recipient; nothing else.
     delivered: dict[tuple[int, str], int] = {}
     for message in upstream.messages:

@@ -36,7 +36,8 @@ def client(engine: Engine) -> Iterator[httpx.Client]:
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        assert thread.is_alive(), "uvicorn did not start"
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
@@ -72,7 +73,8 @@ def test_tokens_are_required_hashed_and_revocable(
     client: httpx.Client, engine: Engine, tokens: dict[str, str]
 ) -> None:
     reply = client.get("/api/v1/messages")
-    assert reply.status_code == 401 and "error" in reply.json()
+    assert reply.status_code == 401
+    assert "error" in reply.json()
     assert reply.headers["www-authenticate"] == "Bearer"
     assert client.get("/api/v1/messages", headers=auth("trk_forged")).status_code == 401
     assert client.get("/api/v1/messages", headers=auth(tokens["root"])).status_code == 200
@@ -82,7 +84,8 @@ def test_tokens_are_required_hashed_and_revocable(
     assert listed["root"].last_used_at is not None
     apitokens.revoke_token(engine, listed["root"].prefix)
     reply = client.get("/api/v1/messages", headers=auth(tokens["root"]))
-    assert reply.status_code == 401 and reply.json() == {"error": "unknown or revoked API token"}
+    assert reply.status_code == 401
+    assert reply.json() == {"error": "unknown or revoked API token"}
 
 
 def test_senders_see_only_their_own_mail(
@@ -109,7 +112,8 @@ def test_senders_see_only_their_own_mail(
     assert {e["message_id"] for e in events} == {str(mine.id)}
     for path in ("/api/v1/policies", "/api/v1/suppressions", "/api/v1/consents"):
         reply = client.get(path, headers=auth(tokens["alice"]))
-        assert reply.status_code == 403 and reply.json() == {"error": "this needs an admin token"}
+        assert reply.status_code == 403
+        assert reply.json() == {"error": "this needs an admin token"}
 
 
 def test_message_filters_and_paging(
@@ -147,12 +151,14 @@ def test_message_filters_and_paging(
     assert ids(since="2026-03-02", until="2026-03-03") == [str(quiet.id), str(clicked.id)]
     assert ids(sender="nobody@example.com") == []
     page = client.get("/api/v1/messages?limit=2&offset=1", headers=auth(tokens["root"])).json()
-    assert page["total"] == 4 and [m["id"] for m in page["messages"]] == [
+    assert page["total"] == 4
+    assert [m["id"] for m in page["messages"]] == [
         str(quiet.id),
         str(clicked.id),
     ]
     bad = client.get("/api/v1/messages?opened=maybe", headers=auth(tokens["root"]))
-    assert bad.status_code == 400 and "opened" in bad.json()["error"]
+    assert bad.status_code == 400
+    assert "opened" in bad.json()["error"]
     bad = client.get("/api/v1/messages?since=yesterday", headers=auth(tokens["root"]))
     assert bad.status_code == 400
     assert client.get("/api/v1/messages?limit=0", headers=auth(tokens["root"])).status_code == 400
@@ -205,11 +211,13 @@ def test_admin_manages_policies_suppression_and_consent(
     )
     assert reply.status_code == 200, reply.text
     validate(reply.json(), "Policy")
-    assert reply.json()["pattern"] == "@example.com" and reply.json()["notify"]
+    assert reply.json()["pattern"] == "@example.com"
+    assert reply.json()["notify"]
     again = client.put(
         "/api/v1/policies", json={"pattern": "@example.com", "mode": "never"}, headers=h
     )
-    assert again.json()["id"] == reply.json()["id"] and again.json()["mode"] == "never"
+    assert again.json()["id"] == reply.json()["id"]
+    assert again.json()["mode"] == "never"
     listed = client.get("/api/v1/policies", headers=h).json()
     validate(listed, "PolicyList")
     assert [p["mode"] for p in listed["policies"]] == ["never"]
@@ -261,9 +269,11 @@ def test_unknown_paths_and_methods_answer_json(
     client: httpx.Client, tokens: dict[str, str]
 ) -> None:
     reply = client.get("/api/v1/nothing", headers=auth(tokens["root"]))
-    assert reply.status_code == 404 and reply.json() == {"error": "no such API path"}
+    assert reply.status_code == 404
+    assert reply.json() == {"error": "no such API path"}
     reply = client.post("/api/v1/messages", headers=auth(tokens["root"]))
-    assert reply.status_code == 405 and reply.json() == {"error": "method not allowed"}
+    assert reply.status_code == 405
+    assert reply.json() == {"error": "method not allowed"}
 
 
 def _documented_operations(doc: dict[str, Any]) -> set[tuple[str, str]]:

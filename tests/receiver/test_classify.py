@@ -70,7 +70,8 @@ def test_rules_table_is_well_formed() -> None:
     assert len(names) == len(set(names))
     for rule in RULES:
         assert rule.verdict in classify.VERDICTS
-        assert rule.kinds <= {OPEN, CLICK} and rule.kinds
+        assert rule.kinds <= {OPEN, CLICK}
+        assert rule.kinds
         assert rule.reason
 
 
@@ -150,7 +151,8 @@ def test_browser_agent_is_human(agent: str) -> None:
 
 def test_anything_else_is_unknown() -> None:
     result = verdict_of(Hit(CLICK, user_agent="SomethingNew/1.0", ip=HOME_IP))
-    assert result.verdict == "unknown" and result.reasons == ()
+    assert result.verdict == "unknown"
+    assert result.reasons == ()
 
 
 def test_first_match_wins_and_all_reasons_are_kept() -> None:
@@ -170,10 +172,15 @@ def test_only_human_and_proxy_count() -> None:
 def test_network_set() -> None:
     nets = NetworkSet(["10.0.0.0/8", "10.1.0.0/16", "192.0.2.0/24", "2001:db8::/32"])
     assert len(nets) == 3  # 10.1/16 merged into 10/8
-    assert "10.255.0.1" in nets and "192.0.2.255" in nets and "2001:db8::1" in nets
-    assert "11.0.0.0" not in nets and "192.0.3.0" not in nets and "2001:db9::" not in nets
+    assert "10.255.0.1" in nets
+    assert "192.0.2.255" in nets
+    assert "2001:db8::1" in nets
+    assert "11.0.0.0" not in nets
+    assert "192.0.3.0" not in nets
+    assert "2001:db9::" not in nets
     assert "::ffff:192.0.2.7" in nets
-    assert "not-an-ip" not in nets and "" not in nets
+    assert "not-an-ip" not in nets
+    assert "" not in nets
 
 
 def test_apple_ranges_file_names_its_source_and_date() -> None:

@@ -82,7 +82,8 @@ def test_every_hit_during_an_outage_is_recorded_after_it(
     assert count_events(engine, "kind = 'click' AND message_id = 2") == 300
     assert "trackrelay_events_dropped_total 0" in metrics
     journaled = re.search(r"^trackrelay_events_journaled_total (\d+)$", metrics, re.M)
-    assert journaled is not None and int(journaled[1]) > 0
+    assert journaled is not None
+    assert int(journaled[1]) > 0
 
 
 def test_a_killed_receiver_replays_its_journal_once(
@@ -293,7 +294,8 @@ def test_a_live_batch_with_a_stored_key_keeps_only_the_new_rows(engine: Engine) 
     written = store.write(second)  # a live batch: the insert finds a key already there
     assert (written.inserted, written.duplicates) == (1, 1)
     assert [row["event_key"] for row in written.notable] == [second[1][0]]
-    assert count_events(engine) == 4 and _distinct_keys(engine) == 4
+    assert count_events(engine) == 4
+    assert _distinct_keys(engine) == 4
 
 
 def test_an_unreadable_journal_record_is_set_aside_not_replayed_forever(
@@ -372,5 +374,6 @@ def test_batches_that_queue_up_are_written_together_and_all_acknowledged(
     assert report["acked"] == [1, 2, 3, 4, 5, 6]
     assert len(report["writes"]) == 2  # four batches, then two
     assert report["recorded"] == [["open", "scanner", 60]]
-    assert count_events(engine) == 60 and _distinct_keys(engine) == 60
+    assert count_events(engine) == 60
+    assert _distinct_keys(engine) == 60
     loop.journal.close()

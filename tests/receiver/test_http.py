@@ -142,7 +142,8 @@ def test_a_browser_following_the_redirect_lands_there(server: ServerThread, engi
         2,
         3,
     )
-    assert row["ip"] == "127.0.0.0/24" and row["user_agent"] == CHROME
+    assert row["ip"] == "127.0.0.0/24"
+    assert row["user_agent"] == CHROME
 
 
 def test_pixels_over_http(server: ServerThread, engine: Engine) -> None:
@@ -150,7 +151,8 @@ def test_pixels_over_http(server: ServerThread, engine: Engine) -> None:
     with httpx.Client(base_url=server.url) as client:
         for recipient in range(1, 21):
             response = client.get(f"/o/{signer.open_token(11, recipient)}.gif")
-            assert response.status_code == 200 and len(response.content) == 43
+            assert response.status_code == 200
+            assert len(response.content) == 43
         assert client.get("/o/nonsense.gif").status_code == 200
         assert client.get("/c/nonsense").status_code == 404
     wait_for(lambda: count_events(engine) == 20)

@@ -39,7 +39,8 @@ def test_first_open_and_clicks_only(engine: Engine) -> None:
     notes = notifications(engine, [first, second])  # one batch, one toast
     assert len(notes) == 1
     note = notes[0]
-    assert note["kind"] == "open" and note["message_id"] == str(M_XSS)
+    assert note["kind"] == "open"
+    assert note["message_id"] == str(M_XSS)
     assert note["recipient"] == "dave@client.example"
     assert note["subject"] == "<script>alert(1)</script>"  # escaped by the page, not here
     machine = {**first, "event_key": "m", "verdict": "machine"}
@@ -78,7 +79,8 @@ def test_feed_delivers_to_those_who_may_see_it(engine: Engine) -> None:
         # a second receiver process on the same database: LISTEN/NOTIFY carries it
         feeds.append(LiveFeed(engine))
     admin, dom, sam = _receive(feeds, engine, event)
-    assert isinstance(admin, dict) and admin["message_id"] == str(M_CORP)
+    assert isinstance(admin, dict)
+    assert admin["message_id"] == str(M_CORP)
     assert dom == admin
     assert sam is True
 
@@ -111,7 +113,8 @@ def test_server_sent_events_end_to_end(
             data = next(line for line in lines if line.startswith("data: "))
             latency = time.monotonic() - started
         note = json.loads(data.removeprefix("data: "))
-        assert note["message_id"] == str(M_XSS) and note["kind"] == "open"
+        assert note["message_id"] == str(M_XSS)
+        assert note["kind"] == "open"
         print(f"publish -> SSE latency {latency * 1000:.0f} ms ({engine.url.get_backend_name()})")
 
 
@@ -153,5 +156,6 @@ def test_a_stopping_worker_ends_open_streams_at_once(
         if proc.poll() is None:
             proc.kill()
     said = log.read_text()
-    assert "Traceback" not in said and "timeout graceful shutdown exceeded" not in said, said
+    assert "Traceback" not in said, said
+    assert "timeout graceful shutdown exceeded" not in said, said
     print(f"stream ended {ended * 1000:.0f} ms after SIGTERM; {len(rest)} more lines")

@@ -47,7 +47,8 @@ def test_pixel_is_always_the_same_gif(client: TestClient, signer: Signer) -> Non
     for path in [f"/o/{valid}", f"/o/{valid}.gif", f"/o/{valid}/p.png", "/o/garbage", "/o/x.gif"]:
         response = client.get(path)
         assert response.status_code == 200, path
-        assert response.content == PIXEL and len(PIXEL) == 43
+        assert response.content == PIXEL
+        assert len(PIXEL) == 43
         assert response.headers["content-type"] == "image/gif"
         assert response.headers["cache-control"] == "no-store, private"
         assert "set-cookie" not in response.headers
@@ -62,11 +63,15 @@ def test_pixel_records_one_open_per_valid_hit(
     client.get(f"/o/{signer.click_token(MESSAGE_ID, 2, 1, 'https://example.com/')}")
     wait_for(lambda: count_events(engine) == 1)
     [row] = event_rows(engine)
-    assert row["kind"] == "open" and row["message_id"] == MESSAGE_ID
-    assert row["recipient_position"] == 2 and row["link_position"] == 0
+    assert row["kind"] == "open"
+    assert row["message_id"] == MESSAGE_ID
+    assert row["recipient_position"] == 2
+    assert row["link_position"] == 0
     assert row["ip"] == "198.51.100.0/24"  # truncated by default
-    assert row["user_agent"] == CHROME and row["method"] == "GET"
-    assert row["verdict"] == "human" and row["reasons"] == "browser or mail client"
+    assert row["user_agent"] == CHROME
+    assert row["method"] == "GET"
+    assert row["verdict"] == "human"
+    assert row["reasons"] == "browser or mail client"
     assert len(row["event_key"]) == 32
 
 
@@ -127,13 +132,15 @@ def test_only_http_and_https_targets(client: TestClient, signer: Signer, url: st
 
 def test_head_answers_but_is_flagged(client: TestClient, signer: Signer, engine: Engine) -> None:
     head = client.head(f"/o/{signer.open_token(MESSAGE_ID, 0)}", headers={"user-agent": CHROME})
-    assert head.status_code == 200 and head.headers["content-length"] == "43"
+    assert head.status_code == 200
+    assert head.headers["content-length"] == "43"
     click = client.head(
         f"/c/{signer.click_token(MESSAGE_ID, 0, 1, 'https://example.com/')}",
         headers={"user-agent": CHROME},
         follow_redirects=False,
     )
-    assert click.status_code == 302 and click.headers["location"] == "https://example.com/"
+    assert click.status_code == 302
+    assert click.headers["location"] == "https://example.com/"
     wait_for(lambda: count_events(engine) == 2)
     assert {(r["method"], r["verdict"]) for r in event_rows(engine)} == {("HEAD", "scanner")}
 
@@ -181,7 +188,8 @@ def test_a_click_seconds_after_sending_is_a_scanner(
     client.get(f"/c/{token}", headers={"user-agent": CHROME}, follow_redirects=False)
     wait_for(lambda: count_events(engine) == 1)
     [row] = event_rows(engine)
-    assert row["verdict"] == "scanner" and "clicked seconds after sending" in row["reasons"]
+    assert row["verdict"] == "scanner"
+    assert "clicked seconds after sending" in row["reasons"]
 
 
 class _LoggedIn:
@@ -222,8 +230,10 @@ def test_on_written_listeners_get_the_committed_rows(
         client.get(f"/o/{signer.open_token(MESSAGE_ID, 3)}", headers={"user-agent": CHROME})
         wait_for(lambda: seen)
     [row] = seen
-    assert row["message_id"] == MESSAGE_ID and row["recipient_position"] == 3
-    assert row["verdict"] == "human" and len(str(row["event_key"])) == 32
+    assert row["message_id"] == MESSAGE_ID
+    assert row["recipient_position"] == 3
+    assert row["verdict"] == "human"
+    assert len(str(row["event_key"])) == 32
 
 
 def test_healthz_and_metrics(client: TestClient, signer: Signer, engine: Engine) -> None:

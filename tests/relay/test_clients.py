@@ -98,7 +98,8 @@ class Harness:
             assert got.rcpt_tos == [RCPT]
             relayed = check_relayed(sent, got.data, PUBLIC_URL, self.signer)
             assert relayed.report.pixels == 1
-            assert len(relayed.opens) == 1 and relayed.clicks
+            assert len(relayed.opens) == 1
+            assert relayed.clicks
             assert relayed.recipients == {1}, "one recipient: its copy carries position 1"
             assert len(relayed.message_ids) == 1
             out.append(relayed)
@@ -228,7 +229,8 @@ def test_s_nail_quoted_printable_urls(
 
     harness.run(scenario)
     [submitted] = harness.tracker.submitted
-    assert b"=3D" in submitted and b"Content-Transfer-Encoding: quoted-printable" in submitted
+    assert b"=3D" in submitted
+    assert b"Content-Transfer-Encoding: quoted-printable" in submitted
     [relayed] = harness.delivered()
     assert_composed(harness, relayed)
 

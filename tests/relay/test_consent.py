@@ -65,7 +65,8 @@ def test_opt_in_tracks_only_consenting_recipients(
     for rcpt in tracked:
         relayed = check_relayed(data, copies[(rcpt,)], PUBLIC_URL, signer)
         assert relayed.recipients == {positions[rcpt]}
-        assert relayed.report.pixels == 1 and relayed.clicks
+        assert relayed.report.pixels == 1
+        assert relayed.clicks
 
     with Session(engine) as session:
         [message] = session.exec(select(Message)).all()
@@ -107,7 +108,8 @@ def test_opt_in_for_an_idn_domain_holds_in_either_spelling(
     assert sorted(copies) == sorted([(ana,), (ben,), (CY,)])  # CY: opt-out, tracked
     assert copies[(ben,)] == without_header(data, "X-Track")
     relayed = check_relayed(data, copies[(ana,)], PUBLIC_URL, Signer(settings.signing_keys()))
-    assert relayed.recipients == {1} and relayed.report.pixels == 1
+    assert relayed.recipients == {1}
+    assert relayed.report.pixels == 1
 
 
 def test_opt_in_without_any_consent_sends_the_message_untracked(

@@ -56,13 +56,15 @@ def test_wrong_password_is_one_upstream_attempt_and_its_verdict(
     mechanism: str, make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> aiosmtplib.SMTPAuthenticationError:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                auth = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
-                with pytest.raises(aiosmtplib.SMTPAuthenticationError) as caught:
-                    await auth(USER, "wrong password")
-                return caught.value
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            client(relay) as smtp,
+        ):
+            await smtp.ehlo()
+            auth = smtp.auth_plain if mechanism == "PLAIN" else smtp.auth_login
+            with pytest.raises(aiosmtplib.SMTPAuthenticationError) as caught:
+                await auth(USER, "wrong password")
+            return caught.value
 
     error = asyncio.run(scenario())
     assert (error.code, error.message) == (535, "5.7.8 Authentication credentials invalid")
@@ -101,7 +103,8 @@ def test_no_auth_before_starttls(
             return ehlo, auth
 
     ehlo, auth = asyncio.run(scenario())
-    assert "STARTTLS" in ehlo and "AUTH" not in ehlo
+    assert "STARTTLS" in ehlo
+    assert "AUTH" not in ehlo
     assert auth.startswith("538 ")
     assert upstream.auth_attempts == []
 
@@ -110,14 +113,17 @@ def test_never_an_open_relay(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> int:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with client(relay) as smtp:
-                with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
-                    await smtp.sendmail("spam@example.org", ["victim@example.net"], SIMPLE)
-                return caught.value.code
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            client(relay) as smtp,
+        ):
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
+                await smtp.sendmail("spam@example.org", ["victim@example.net"], SIMPLE)
+            return caught.value.code
 
     assert asyncio.run(scenario()) == 530
-    assert upstream.messages == [] and upstream.connections == 1  # the start-up probe only
+    assert upstream.messages == []
+    assert upstream.connections == 1
 
 
 def test_refused_recipient_reaches_the_client_verbatim(
@@ -126,11 +132,13 @@ def test_refused_recipient_reaches_the_client_verbatim(
     upstream.refuse["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: Recipient unknown"
 
     async def scenario() -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                await smtp.auth_plain(USER, PASSWORD)
-                return await smtp.sendmail(USER, ["bob@example.net", "nobody@example.net"], SIMPLE)
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            client(relay) as smtp,
+        ):
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            return await smtp.sendmail(USER, ["bob@example.net", "nobody@example.net"], SIMPLE)
 
     errors, _ = asyncio.run(scenario())
     assert errors["nobody@example.net"].code == 550
@@ -167,16 +175,18 @@ def test_upstream_gone_before_data_gives_451_and_nothing_is_lost(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> aiosmtplib.SMTPDataError:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                await smtp.auth_plain(USER, PASSWORD)
-                await smtp.mail(USER)
-                await smtp.rcpt("bob@example.net")
-                await asyncio.to_thread(upstream.stop)
-                with pytest.raises(aiosmtplib.SMTPDataError) as caught:
-                    await smtp.data(SIMPLE)
-                return caught.value
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            client(relay) as smtp,
+        ):
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            await smtp.mail(USER)
+            await smtp.rcpt("bob@example.net")
+            await asyncio.to_thread(upstream.stop)
+            with pytest.raises(aiosmtplib.SMTPDataError) as caught:
+                await smtp.data(SIMPLE)
+            return caught.value
 
     error = asyncio.run(scenario())
     assert (error.code, error.message) == (
@@ -197,13 +207,12 @@ def test_upstream_unreachable_local_mode(
     add_user(db_engine, "carol", "carol-password", addresses=["carol@example.com"])
 
     async def scenario() -> int:
-        async with running_relay(settings, db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                await smtp.auth_plain("carol", "carol-password")
-                with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
-                    await smtp.sendmail("carol@example.com", ["bob@example.net"], SIMPLE)
-                return caught.value.code
+        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_plain("carol", "carol-password")
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
+                await smtp.sendmail("carol@example.com", ["bob@example.net"], SIMPLE)
+            return caught.value.code
 
     assert asyncio.run(scenario()) == 451
 
@@ -217,17 +226,17 @@ def test_local_mode_checks_the_sender_and_logs_in_with_the_relay_account(
     add_user(db_engine, "carol", "carol-password", addresses=["carol@example.com"])
 
     async def scenario() -> tuple[int, str]:
-        async with running_relay(settings, db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                await smtp.auth_login("carol", "carol-password")
-                with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
-                    await smtp.mail("ceo@example.com")
-                _, reply = await smtp.sendmail("carol@example.com", ["bob@example.net"], SIMPLE)
-                return caught.value.code, reply
+        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_login("carol", "carol-password")
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
+                await smtp.mail("ceo@example.com")
+            _, reply = await smtp.sendmail("carol@example.com", ["bob@example.net"], SIMPLE)
+            return caught.value.code, reply
 
     code, reply = asyncio.run(scenario())
-    assert code == 553 and reply.startswith("2.0.0")
+    assert code == 553
+    assert reply.startswith("2.0.0")
     assert [m.mail_from for m in upstream.messages] == ["carol@example.com"]
     assert upstream.auth_attempts == [("PLAIN", USER)]
 
@@ -276,17 +285,19 @@ def test_recipient_limit(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> tuple[int, str]:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                await smtp.auth_plain(USER, PASSWORD)
-                await smtp.mail(USER)
-                for i in range(100):
-                    await smtp.rcpt(f"r{i}@example.net")
-                with pytest.raises(aiosmtplib.SMTPRecipientRefused) as caught:
-                    await smtp.rcpt("r100@example.net")
-                await smtp.data(SIMPLE)
-                return caught.value.code, caught.value.message
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            client(relay) as smtp,
+        ):
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            await smtp.mail(USER)
+            for i in range(100):
+                await smtp.rcpt(f"r{i}@example.net")
+            with pytest.raises(aiosmtplib.SMTPRecipientRefused) as caught:
+                await smtp.rcpt("r100@example.net")
+            await smtp.data(SIMPLE)
+            return caught.value.code, caught.value.message
 
     assert asyncio.run(scenario()) == (452, "4.5.3 Too many recipients")
     assert len(upstream.messages[0].rcpt_tos) == 100
@@ -296,13 +307,15 @@ def test_null_sender_and_client_size_parameter(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> None:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                await smtp.auth_plain(USER, PASSWORD)
-                await smtp.sendmail(
-                    "", ["bob@example.net"], SIMPLE, mail_options=["SIZE=123", "BODY=8BITMIME"]
-                )
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            client(relay) as smtp,
+        ):
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            await smtp.sendmail(
+                "", ["bob@example.net"], SIMPLE, mail_options=["SIZE=123", "BODY=8BITMIME"]
+            )
 
     asyncio.run(scenario())
     [got] = upstream.messages
@@ -318,20 +331,22 @@ def test_smtputf8_only_when_the_upstream_has_it(
     message = "From: Jörg <jörg@exämple.com>\r\nSubject: grüße\r\n\r\nhi\r\n".encode()
 
     async def scenario() -> tuple[bool, int]:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                advertised = smtp.supports_extension("smtputf8")
-                await smtp.auth_plain(USER, PASSWORD)
-                if not advertised:  # aiosmtplib would not even try: send it raw
-                    sender = "FROM:<jörg@exämple.com>".encode()
-                    reply = await smtp.execute_command(b"MAIL", sender, b"SMTPUTF8")
-                    return advertised, reply.code
-                options = ["SMTPUTF8"]
-                await smtp.sendmail(
-                    "jörg@exämple.com", ["bob@example.net"], message, mail_options=options
-                )
-                return advertised, 250
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            client(relay) as smtp,
+        ):
+            await smtp.ehlo()
+            advertised = smtp.supports_extension("smtputf8")
+            await smtp.auth_plain(USER, PASSWORD)
+            if not advertised:  # aiosmtplib would not even try: send it raw
+                sender = "FROM:<jörg@exämple.com>".encode()
+                reply = await smtp.execute_command(b"MAIL", sender, b"SMTPUTF8")
+                return advertised, reply.code
+            options = ["SMTPUTF8"]
+            await smtp.sendmail(
+                "jörg@exämple.com", ["bob@example.net"], message, mail_options=options
+            )
+            return advertised, 250
 
     assert asyncio.run(scenario()) == ((True, 250) if upstream_utf8 else (False, 555))
     if upstream_utf8:
@@ -342,18 +357,20 @@ def test_long_line_gets_500(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> aiosmtplib.SMTPDataError:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                await smtp.auth_plain(USER, PASSWORD)
-                with pytest.raises(aiosmtplib.SMTPDataError) as caught:
-                    await smtp.sendmail(
-                        USER, ["bob@example.net"], b"Subject: x\r\n\r\n" + b"a" * 1000 + b"\r\n"
-                    )
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            client(relay) as smtp,
+        ):
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            with pytest.raises(aiosmtplib.SMTPDataError) as caught:
                 await smtp.sendmail(
-                    USER, ["bob@example.net"], b"Subject: x\r\n\r\n" + b"a" * 998 + b"\r\n"
+                    USER, ["bob@example.net"], b"Subject: x\r\n\r\n" + b"a" * 1000 + b"\r\n"
                 )
-                return caught.value
+            await smtp.sendmail(
+                USER, ["bob@example.net"], b"Subject: x\r\n\r\n" + b"a" * 998 + b"\r\n"
+            )
+            return caught.value
 
     assert asyncio.run(scenario()).code == 500
     assert len(upstream.messages) == 1  # the session went on; the refused one never left
@@ -382,7 +399,8 @@ def test_message_of_25_mb_and_the_size_limit(
             return size, reply.code, declared.value.code, streamed.value.code
 
     assert asyncio.run(scenario()) == (26 * 1024 * 1024, 250, 552, 552)
-    assert len(upstream.messages) == 1 and upstream.messages[0].data == big
+    assert len(upstream.messages) == 1
+    assert upstream.messages[0].data == big
 
 
 def test_smuggling_payload_is_one_message(
@@ -406,7 +424,8 @@ def test_smuggling_payload_is_one_message(
 
     assert asyncio.run(scenario()).startswith("250 ")
     [got] = upstream.messages
-    assert got.rcpt_tos == ["bob@example.net"] and b"forged" in got.data
+    assert got.rcpt_tos == ["bob@example.net"]
+    assert b"forged" in got.data
 
 
 class PerRecipient(Tracker):
@@ -428,19 +447,19 @@ def test_per_recipient_copies_and_mixed_outcomes(
     recipients = ["a@example.net", "b@example.net", "c@example.net"]
 
     async def scenario() -> str:
-        async with running_relay(
-            settings, db_engine, tracker=PerRecipient(settings, db_engine)
-        ) as relay:
-            async with client(relay) as smtp:
-                await smtp.ehlo()
-                await smtp.auth_plain(USER, PASSWORD)
-                await smtp.mail(USER)
-                for rcpt in recipients:
-                    await smtp.rcpt(rcpt)
-                # b is refused only in its own transaction (after the live RCPT check)
-                upstream.refuse["b@example.net"] = "550 5.2.1 Mailbox disabled"
-                reply = await smtp.data(SIMPLE)
-                return reply.message
+        async with (
+            running_relay(settings, db_engine, tracker=PerRecipient(settings, db_engine)) as relay,
+            client(relay) as smtp,
+        ):
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            await smtp.mail(USER)
+            for rcpt in recipients:
+                await smtp.rcpt(rcpt)
+            # b is refused only in its own transaction (after the live RCPT check)
+            upstream.refuse["b@example.net"] = "550 5.2.1 Mailbox disabled"
+            reply = await smtp.data(SIMPLE)
+            return reply.message
 
     assert asyncio.run(scenario()).startswith("2.0.0")
     assert [m.rcpt_tos for m in upstream.messages] == [["a@example.net"], ["c@example.net"]]
@@ -588,7 +607,9 @@ def test_a_30_mb_tracked_message_arrives_byte_for_byte(
     small = BIG_HEAD + BIG_ATTACHMENT + b"x\r\n" + BIG_TAIL
     sub = Submission(ids[0], USER, ["bob@example.net"], small, USER, "127.0.0.1")
     rendered = tracker.prepare_sync(sub, snapshot_of([])).copies[0].data
-    assert b"X-Track" not in rendered and b"/c/" in rendered and b"/o/" in rendered
+    assert b"X-Track" not in rendered
+    assert b"/c/" in rendered
+    assert b"/o/" in rendered
     before, after = rendered.split(BIG_ATTACHMENT + b"x\r\n")
     assert got.data == before + BIG_ATTACHMENT + body + after
 

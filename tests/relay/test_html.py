@@ -90,7 +90,8 @@ def test_skip_rules() -> None:
 def test_same_url_twice_gets_two_positions() -> None:
     out = rewrite('<a href="https://a.example/">1</a><a href="https://a.example/">2</a>')
     assert out.links == ["https://a.example/", "https://a.example/"]
-    assert "/c/L1" in out.text and "/c/L2" in out.text
+    assert "/c/L1" in out.text
+    assert "/c/L2" in out.text
 
 
 def test_opt_out_markers_are_removed_and_link_kept() -> None:
@@ -161,7 +162,8 @@ def test_disagreement_with_the_parser_leaves_links_alone() -> None:
     text = '<p><a href="https://a.example/ok">ok</a><template><a href="https://a.example/t">'
     text += "t</a></template></p></body>"
     out = rewrite(text, "https://p.example/o.gif")
-    assert out.scan is not None and not out.scan.agreed
+    assert out.scan is not None
+    assert not out.scan.agreed
     assert out.links == []
     assert out.text == text.replace(
         "</body>", html.pixel_tag("https://p.example/o.gif") + "</body>"

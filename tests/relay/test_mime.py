@@ -25,11 +25,15 @@ def test_offsets_and_eligibility() -> None:
     root = mime.scan(NESTED)
     parts = {p.path: p for p in mime.walk(root)}
     body = {path: NESTED[p.body_start : p.body_end] for path, p in parts.items()}
-    assert body["1.1.1"] == b"plain" and parts["1.1.1"].kind == "text"
-    assert body["1.1.2"] == b"<p>html</p>" and parts["1.1.2"].kind == "html"
+    assert body["1.1.1"] == b"plain"
+    assert parts["1.1.1"].kind == "text"
+    assert body["1.1.2"] == b"<p>html</p>"
+    assert parts["1.1.2"].kind == "html"
     assert parts["1.1.2"].charset == "utf-8"
-    assert parts["1.2.1"].frozen == "signed" and parts["1.2.1"].kind == ""
-    assert parts["1.3"].attachment and parts["1.3"].kind == ""
+    assert parts["1.2.1"].frozen == "signed"
+    assert parts["1.2.1"].kind == ""
+    assert parts["1.3"].attachment
+    assert parts["1.3"].kind == ""
 
 
 def test_lf_only_and_missing_close_delimiter() -> None:
@@ -74,7 +78,8 @@ def test_qp_only_the_edited_logical_line_changes() -> None:
     data += b"\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
     new = _edit(data, b"https://example.com/x?a=1", b"https://t.example.net/c/" + b"T" * 100)
     out = new.raw.split(b"\r\n")
-    assert out[:2] == lines[:2] and out[-3:] == [*lines[3:], b""]
+    assert out[:2] == lines[:2]
+    assert out[-3:] == [*lines[3:], b""]
     assert all(len(line) <= 76 for line in out)
     assert binascii.a2b_qp(new.raw).count(b"T" * 100) == 1
     assert new.cte_line is None
@@ -87,7 +92,8 @@ def test_base64_keeps_line_length_and_ending() -> None:
     data = b"Content-Type: text/html\nContent-Transfer-Encoding: base64\n\n" + body
     new = _edit(data, b"https://example.com/", b"https://t.example.net/c/abc")
     lines = new.raw.split(b"\n")
-    assert {len(line) for line in lines[:-2]} == {64} and lines[-1] == b""
+    assert {len(line) for line in lines[:-2]} == {64}
+    assert lines[-1] == b""
     assert b"https://t.example.net/c/abc" in binascii.a2b_base64(new.raw)
 
 
@@ -97,7 +103,8 @@ def test_7bit_line_over_998_moves_to_quoted_printable() -> None:
     assert new.cte_line == b"Content-Transfer-Encoding: quoted-printable\r\n"
     assert binascii.a2b_qp(new.raw).startswith(b"<a href='https://t.example.net/c/xxx")
     small = _edit(data, b"https://example.com/", b"https://t.example.net/c/x")
-    assert small.cte_line is None and small.raw.startswith(b"<a href='https://t.example.net/c/x'")
+    assert small.cte_line is None
+    assert small.raw.startswith(b"<a href='https://t.example.net/c/x'")
 
 
 def test_multibyte_offsets() -> None:

@@ -46,14 +46,13 @@ from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 
 async def send_three(settings: Settings, engine: Engine) -> str:
-    async with running_relay(settings, engine) as relay:
-        async with client(relay) as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
-            _, reply = await smtp.sendmail(
-                USER, ["a@example.net", "gone@example.net", "b@example.net"], SIMPLE
-            )
-            return reply
+    async with running_relay(settings, engine) as relay, client(relay) as smtp:
+        await smtp.ehlo()
+        await smtp.auth_plain(USER, PASSWORD)
+        _, reply = await smtp.sendmail(
+            USER, ["a@example.net", "gone@example.net", "b@example.net"], SIMPLE
+        )
+        return reply
 
 
 def test_message_and_recipients_are_recorded(
@@ -65,7 +64,8 @@ def test_message_and_recipients_are_recorded(
         [message] = session.exec(select(Message)).all()
         rows = session.exec(select(Recipient).order_by(Recipient.position)).all()
     assert (message.sender, message.auth_user, message.client_ip) == (USER, USER, "127.0.0.1")
-    assert message.size_in == len(SIMPLE) and message.status == "partial"
+    assert message.size_in == len(SIMPLE)
+    assert message.status == "partial"
     assert message.upstream_reply == f"250 {reply}"
     assert [(r.address, r.status, r.reply_code) for r in rows] == [
         ("a@example.net", "accepted", 250),
@@ -317,7 +317,8 @@ def test_a_refused_record_is_set_aside_and_the_rest_of_its_batch_stored(
     assert [json.loads(line)["message"]["id"] for line in rejected.read_text().splitlines()] == [
         ids[1]
     ]
-    assert not recorder.degraded and recorder.journaled == 0
+    assert not recorder.degraded
+    assert recorder.journaled == 0
 
 
 def test_stop_writes_what_is_still_queued(
@@ -384,6 +385,7 @@ def test_a_replay_stores_each_record_once_and_sets_aside_what_cannot_be_read(
     ids = [stored[0].message.id, waiting[0].message.id]
     assert [_count(engine, Message, id=mid) for mid in ids] == [1, 1]
     assert [_count(engine, Link, message_id=mid) for mid in ids] == [1, 2]
-    assert recorder.replayed == 1 and not recorder.degraded
+    assert recorder.replayed == 1
+    assert not recorder.degraded
     rejected = (journal / "rejected-relay.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in rejected] == [{"message": {}}]

@@ -49,7 +49,8 @@ def test_graceful_shutdown_finishes_the_transaction_in_flight(
 
     idle_reply, reply, done = asyncio.run(scenario())
     assert idle_reply.startswith("421 4.3.2")
-    assert reply.startswith("2.0.0") and done == "True"
+    assert reply.startswith("2.0.0")
+    assert done == "True"
     assert len(upstream.messages) == 1
 
 
@@ -81,11 +82,10 @@ def test_trusted_network_sends_without_auth_on_the_plain_port(
     )
 
     async def scenario() -> str:
-        async with running_relay(settings, db_engine) as relay:
-            async with client(relay, "plain") as smtp:
-                ehlo = await smtp.ehlo()
-                await smtp.sendmail("app@example.com", ["bob@example.net"], SIMPLE)
-                return ehlo.message
+        async with running_relay(settings, db_engine) as relay, client(relay, "plain") as smtp:
+            ehlo = await smtp.ehlo()
+            await smtp.sendmail("app@example.com", ["bob@example.net"], SIMPLE)
+            return ehlo.message
 
     assert "AUTH" not in asyncio.run(scenario())
     assert upstream.messages[0].mail_from == "app@example.com"
@@ -113,7 +113,8 @@ def test_dev_mode_sink_self_signed_certificate_and_dev_user(
     assert any("self-signed" in line for line in first)
     assert (settings.var_dir / "tls" / "relay-cert.pem").exists()
     files = sorted((outbox / "new").iterdir())
-    assert len(files) == 2 and not any((outbox / "tmp").iterdir())
+    assert len(files) == 2
+    assert not any((outbox / "tmp").iterdir())
     delivered = sorted(message_from_bytes(f.read_bytes())["Delivered-To"] for f in files)
     assert delivered == ["a@example.net", "b@example.net"]
     head = b"Return-Path: <me@example.com>\r\nDelivered-To: "
@@ -179,20 +180,28 @@ def test_a_client_looping_commands_that_send_no_mail_is_cut_off(
 
     noops, refused = asyncio.run(scenario())
     assert noops == ["250"] * 20 + ["421"]
-    assert len(refused) == 21 and refused[-1] == "421" and "530" in refused
+    assert len(refused) == 21
+    assert refused[-1] == "421"
+    assert "530" in refused
 
 
 def test_unknown_commands_are_cut_off_by_aiosmtpd(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> list[str]:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            async with await RawClient.connect(relay.ports["smtp"]) as raw:
-                codes = []
-                with pytest.raises(ConnectionError):
-                    for _ in range(100):
-                        codes.append((await raw.command(b"XYZZY"))[:3])
-                return codes
+        async with (
+            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
+            await RawClient.connect(relay.ports["smtp"]) as raw,
+        ):
+            codes = []
+
+            async def until_cut_off() -> None:
+                for _ in range(100):
+                    codes.append((await raw.command(b"XYZZY"))[:3])
+
+            with pytest.raises(ConnectionError):
+                await until_cut_off()
+            return codes
 
     assert asyncio.run(scenario()) == ["500"] * 4 + ["502"]
 

@@ -77,9 +77,12 @@ def test_per_recipient_copies_and_bcc(tracker: Tracker) -> None:
         "hello",
         "Ann <ann@example.com>",
     )
-    assert row.track_opens and row.track_clicks and row.per_recipient
+    assert row.track_opens
+    assert row.track_clicks
+    assert row.per_recipient
     assert row.message_id_header == "<m1@example.com>"
-    assert row.size_in == len(message()) and row.size_out > row.size_in
+    assert row.size_in == len(message())
+    assert row.size_out > row.size_in
     assert [(link.position, link.url) for link in prepared.links] == [(1, "https://example.com/a")]
     assert prepared.tracked_recipients == set(rcpts)
     for copy in prepared.copies:
@@ -125,7 +128,8 @@ def test_all_suppressed_means_untracked(tracker: Tracker, engine: Engine) -> Non
     add_suppression(engine, "bob@example.org")
     prepared = prepare(tracker, message(), ["bob@example.org"])
     assert [c.data for c in prepared.copies] == [message(b"")]
-    assert not prepared.message.track_opens and prepared.links == []
+    assert not prepared.message.track_opens
+    assert prepared.links == []
 
 
 def test_headers_removed_even_when_not_tracked(tracker: Tracker, engine: Engine) -> None:
@@ -134,7 +138,8 @@ def test_headers_removed_even_when_not_tracked(tracker: Tracker, engine: Engine)
     prepared = prepare(tracker, message(triggers), ["bob@example.org"])
     assert [c.data for c in prepared.copies] == [message(b"")]
     decision = json.loads(prepared.message.decision)
-    assert decision["tracked"] is False and "policy *: mode never" in decision["reasons"]
+    assert decision["tracked"] is False
+    assert "policy *: mode never" in decision["reasons"]
 
 
 def test_no_header_no_tracking_in_header_mode(tracker: Tracker) -> None:
@@ -145,7 +150,8 @@ def test_no_header_no_tracking_in_header_mode(tracker: Tracker) -> None:
 def test_always_policy_tracks_without_header(tracker: Tracker, engine: Engine) -> None:
     set_policy(engine, "@example.com", mode="always", allow_clicks=False)
     prepared = prepare(tracker, message(b""), ["bob@example.org"])
-    assert prepared.message.track_opens and not prepared.message.track_clicks
+    assert prepared.message.track_opens
+    assert not prepared.message.track_clicks
     assert tokens(prepared, signer_of(tracker)) == [(["bob@example.org"], 1, -1)]
 
 
@@ -190,7 +196,8 @@ def test_fail_open(make_settings: Callable[..., Settings], engine: Engine) -> No
     assert [c.data for c in prepared.copies] == [message(b"")]
     assert [c.recipients for c in prepared.copies] == [["b@x.org"]]
     assert track.metrics.failures == before + 1
-    assert prepared.message.id == 42 and prepared.links == []
+    assert prepared.message.id == 42
+    assert prepared.links == []
 
 
 def test_database_down_at_start_means_untracked(

@@ -219,15 +219,17 @@ def test_a_client_leaving_while_the_relay_connects_upstream_closes_that_connecti
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
 
     async def scenario() -> None:
-        async with stalling(make_settings, tls_pair) as (stall, settings):
-            async with running_relay(settings, engine) as relay:  # session 0: the probe
-                raw = await RawClient.connect(relay.ports["smtps"], ssl=context)
-                await raw.command(b"EHLO client.test")
-                raw.writer.write(auth + b"\r\n")  # passthrough: the relay connects upstream
-                ehlo, _ = await asyncio.wait_for(stall.session(1), 10)
-                await asyncio.wait_for(ehlo.wait(), 10)
-                await raw.close()  # the client gives up while the upstream says nothing
-                await _closed(stall, 1)
+        async with (
+            stalling(make_settings, tls_pair) as (stall, settings),
+            running_relay(settings, engine) as relay,  # session 0: the probe
+        ):
+            raw = await RawClient.connect(relay.ports["smtps"], ssl=context)
+            await raw.command(b"EHLO client.test")
+            raw.writer.write(auth + b"\r\n")  # passthrough: the relay connects upstream
+            ehlo, _ = await asyncio.wait_for(stall.session(1), 10)
+            await asyncio.wait_for(ehlo.wait(), 10)
+            await raw.close()  # the client gives up while the upstream says nothing
+            await _closed(stall, 1)
 
     asyncio.run(scenario())
     engine.dispose()
@@ -272,7 +274,9 @@ def test_close_returns_once_the_socket_is_closed(
         settings = make_settings(upstream=f"smtps://127.0.0.1:{port}", upstream_verify_tls=False)
         conn = SmtpUpstream(settings, settings.upstream_target)
         reply = await conn.authenticate("PLAIN", USER.encode(), PASSWORD.encode())
-        assert reply.ok and conn._smtp is not None and conn._smtp.transport is not None
+        assert reply.ok
+        assert conn._smtp is not None
+        assert conn._smtp.transport is not None
         sock = conn._smtp.transport.get_extra_info("socket")
         await conn.close()
         closed = sock.fileno()

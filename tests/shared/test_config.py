@@ -98,7 +98,8 @@ def test_public_url_problems_outside_dev_mode(tmp_path: Path) -> None:
     real = {"var_dir": tmp_path, "secret_key": "s" * 32, "upstream": "smtps://mail.example:465"}
     assert load_settings(var_dir=tmp_path).public_url_problem() == ""  # dev mode
     missing = load_settings(**real, host="0.0.0.0").public_url_problem()
-    assert "TRACKRELAY_PUBLIC_URL is not set" in missing and "http://0.0.0.0:8080" in missing
+    assert "TRACKRELAY_PUBLIC_URL is not set" in missing
+    assert "http://0.0.0.0:8080" in missing
     assert "https://" in load_settings(**real, public_url="http://t.example").public_url_problem()
     assert load_settings(**real, public_url="https://t.example").public_url_problem() == ""
     lines = banner(load_settings(**real), None, receiver=True)

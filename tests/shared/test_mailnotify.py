@@ -109,7 +109,8 @@ def test_without_notify_from_the_row_fails_once_and_says_why(
     asyncio.run(run())
     with session_scope(engine) as session:
         (row,) = session.exec(select(OutboxItem)).scalars().all()
-    assert row.status == "failed" and "TRACKRELAY_NOTIFY_FROM" in row.last_error
+    assert row.status == "failed"
+    assert "TRACKRELAY_NOTIFY_FROM" in row.last_error
 
 
 def test_dev_mode_writes_the_notification_to_the_maildir_sink(
@@ -128,4 +129,5 @@ def test_dev_mode_writes_the_notification_to_the_maildir_sink(
 
     asyncio.run(run())
     files = list((tmp_path / "sink" / "new").iterdir())
-    assert len(files) == 1 and b"Opened: Quarterly numbers" in files[0].read_bytes()
+    assert len(files) == 1
+    assert b"Opened: Quarterly numbers" in files[0].read_bytes()

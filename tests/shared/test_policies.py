@@ -135,7 +135,8 @@ def test_forms_add_and_edit_by_id(engine: Engine) -> None:
     assert (moved.id, moved.pattern, moved.mode) == (first.id, "@example.org", "never")
     with pytest.raises(PolicyError, match=r"already a policy for ann@example\.com"):
         set_policy(engine, "ann@example.com", policy_id=first.id)
-    assert other.id is not None and policy_by_id(engine, other.id) is not None
+    assert other.id is not None
+    assert policy_by_id(engine, other.id) is not None
     remove_policy(engine, "ann@example.com")
     with pytest.raises(PolicyError, match="no longer exists"):
         set_policy(engine, "bob@example.com", policy_id=other.id)
@@ -154,7 +155,8 @@ def test_suppression_search_and_strict_add(engine: Engine) -> None:
     assert [s.address for s in list_suppressions(engine, "%")] == ["per%cent@example.com"]
     assert len(list_suppressions(engine, limit=2)) == 2
     row = list_suppressions(engine, "zed")[0]
-    assert row.id is not None and suppression_by_id(engine, row.id) == row
+    assert row.id is not None
+    assert suppression_by_id(engine, row.id) == row
 
 
 @pytest.mark.parametrize(

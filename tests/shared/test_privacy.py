@@ -45,7 +45,9 @@ def test_purge_removes_old_rows_and_links_still_redirect(engine: Engine) -> None
     token = signer.click_token(old.id, 1, 1, "https://example.com/report")
 
     counts = privacy.purge(engine, 100, now=T0 + timedelta(days=310))
-    assert counts["messages"] == 1 and counts["events"] == 2 and counts["recipients"] == 1
+    assert counts["messages"] == 1
+    assert counts["events"] == 2
+    assert counts["recipients"] == 1
     assert counts["outbox"] == 0  # not delivered yet: kept until it is
     assert not mentions(engine, "old@client.test").keys() - {"outbox"}
     assert mentions(engine, "new@client.test")

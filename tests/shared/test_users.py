@@ -19,13 +19,15 @@ from shared.users import (
 def test_update_keeps_an_administrator(engine: Engine) -> None:
     ada = add_user(engine, "ada", "password123", "admin")
     tina = add_user(engine, "tina", "password123", "sender", ["tina@example.com"])
-    assert ada.id is not None and tina.id is not None
+    assert ada.id is not None
+    assert tina.id is not None
     update_user(
         engine, tina.id, role="admin", addresses=["@Team.example", "tina@example.com"],
         acting_user_id=ada.id,
     )  # fmt: skip
     found = user_by_id(engine, tina.id)
-    assert found is not None and found[0].role == "admin"
+    assert found is not None
+    assert found[0].role == "admin"
     assert found[1] == ["@team.example", "tina@example.com"]
     with pytest.raises(UserError, match="your own administrator role") as caught:
         update_user(engine, ada.id, role="sender", addresses=[], acting_user_id=ada.id)

@@ -89,9 +89,14 @@ def test_outbox_rows_commit_and_roll_back_with_the_message(engine: Engine) -> No
     message = add_message(engine, refused=("carol@other.test",))
     with session_scope(engine) as session:
         recipients = list(session.exec(select(Recipient)).scalars())
-    with pytest.raises(RuntimeError), session_scope(engine) as session:
-        assert enqueue_message_sent(session, message, recipients) == 2
-        raise RuntimeError("the caller's transaction fails")
+
+    def failing_transaction() -> None:
+        with session_scope(engine) as session:
+            assert enqueue_message_sent(session, message, recipients) == 2
+            raise RuntimeError("the caller's transaction fails")
+
+    with pytest.raises(RuntimeError, match="the caller's transaction fails"):
+        failing_transaction()
     assert rows(engine) == []
     with session_scope(engine) as session:
         enqueue_message_sent(session, message, recipients)
@@ -155,7 +160,8 @@ def test_delivery_retries_after_500_and_is_signed(
 
         asyncio.run(run())
         keys = server.keys()
-        assert len(keys) == 3 and len(set(keys)) == 2  # one retried after the 500
+        assert len(keys) == 3
+        assert len(set(keys)) == 2
         for received in server.requests:
             signature = received.headers[webhooks.SIGNATURE_HEADER]
             assert webhooks.verify_signature(endpoint.secret, signature, received.body)
@@ -252,7 +258,8 @@ def test_gives_up_after_the_retry_period(
 
         asyncio.run(run())
     (row,) = rows(engine)
-    assert row.status == "failed" and row.last_error.startswith("HTTP 503")
+    assert row.status == "failed"
+    assert row.last_error.startswith("HTTP 503")
 
 
 def test_two_workers_share_the_queue_without_overlap(
@@ -331,7 +338,8 @@ def test_a_paused_endpoint_keeps_its_queue(
         assert webhooks.claim_due(engine, 10, 60) == []
         webhooks.set_active(engine, endpoint.id or 0, True)
         (claim,) = webhooks.claim_due(engine, 10, 60)
-    assert claim.url == server.url and claim.attempts == 1
+    assert claim.url == server.url
+    assert claim.attempts == 1
 
 
 def test_retry_after_is_honoured_when_longer_than_the_backoff(
@@ -348,7 +356,8 @@ def test_retry_after_is_honoured_when_longer_than_the_backoff(
             await worker.start()
             await until(lambda: len(attempts(engine)) == 1, "the first attempt")
             (row,) = rows(engine)
-            assert row.status == "pending" and row.last_error.startswith("HTTP 503")
+            assert row.status == "pending"
+            assert row.last_error.startswith("HTTP 503")
             wait = (row.next_attempt_at - attempts(engine)[0].started_at).total_seconds()
             assert 119 <= wait <= 125  # the endpoint's 120 s, not the 0.05 s backoff
             with session_scope(engine) as session:  # time passes

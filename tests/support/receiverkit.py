@@ -191,15 +191,14 @@ def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
     """``trackrelay receiver`` in a subprocess; returns it and its base URL."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKRELAY_")}
     full_env.update(env)
-    out = open(log, "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trackrelay", "receiver"],
-        cwd=ROOT,
-        env=full_env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-    out.close()
+    with open(log, "ab") as out:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trackrelay", "receiver"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
     def banner() -> str | None:
         for line in log.read_text().splitlines():

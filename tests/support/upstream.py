@@ -172,7 +172,8 @@ class _Handler:
             await asyncio.sleep(self.upstream.data_delay)
         if self.upstream.data_reply is not None:
             return self.upstream.data_reply
-        assert envelope.mail_from is not None and envelope.original_content is not None
+        assert envelope.mail_from is not None
+        assert envelope.original_content is not None
         self.upstream.messages.append(
             Received(
                 envelope.mail_from,

@@ -8,6 +8,7 @@ flight.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,10 +58,8 @@ def webhook_server() -> Iterator[WebhookServer]:
                 self.send_header(name, value)
             self.send_header("Content-Length", "2")
             self.end_headers()
-            try:
+            with contextlib.suppress(OSError):  # the worker is gone
                 self.wfile.write(b"ok")
-            except OSError:
-                pass  # the worker is gone
 
         def log_message(self, format: str, *args: object) -> None:
             pass
