@@ -210,7 +210,12 @@ def start_receiver(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[byt
             raise AssertionError(f"receiver exited: {log.read_text()}")
         return None
 
-    url = wait_for(banner, timeout=30)
+    try:
+        url = wait_for(banner, timeout=30)
+    except BaseException:  # no banner: the caller never gets proc, so stop it here
+        proc.kill()
+        proc.wait()
+        raise
     open(log, "w").close()  # the next start writes a fresh banner
     return proc, url
 
