@@ -32,7 +32,8 @@ class BareProxy:
         return data
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        assert envelope.original_content is not None and envelope.mail_from is not None
+        assert envelope.original_content is not None
+        assert envelope.mail_from is not None
         data = self.transform(envelope.original_content)
         sender = "" if envelope.mail_from == "<>" else envelope.mail_from
         try:

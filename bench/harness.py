@@ -84,17 +84,15 @@ class Server:
 
     def reset_peak_rss(self) -> None:
         """Reset VmHWM to the current RSS (Linux 4.0+: write 5 to clear_refs)."""
-        try:
+        with contextlib.suppress(OSError):
             Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-        except OSError:
-            pass
 
 
 @contextmanager
 def running(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[Server]:
     """Start ``cmd``, wait until ``port`` accepts; its output goes to a temp file
     (a pipe nobody reads would block a chatty server) shown if it fails to start."""
-    log = tempfile.TemporaryFile()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - the server writes it while it runs
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, **(env or {})},

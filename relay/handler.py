@@ -97,9 +97,9 @@ class RelayHandler:
             keyword = line[4:].split(" ", 1)[0].upper()
             if keyword == "SIZE":
                 line = f"250-SIZE {server.data_size_limit}"
-            elif keyword == "SMTPUTF8" and not self.capabilities.smtputf8:
-                continue
-            elif keyword == "AUTH" and self.settings.auth_mode == "none":
+            elif (keyword == "SMTPUTF8" and not self.capabilities.smtputf8) or (
+                keyword == "AUTH" and self.settings.auth_mode == "none"
+            ):
                 continue
             lines.append(line)
         return lines

@@ -42,12 +42,16 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, Session
 
 from relay.aiosmtpd_adapter import AdaptedSession, AdaptedSMTP, Command
 from relay.datareader import DataTooBig, DataTooLong, read_data
+
+if TYPE_CHECKING:
+    from relay.upstream import Connection
+    from shared.smtpclient import Reply
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +66,10 @@ class RelaySession(AdaptedSession):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.listener = ""
-        self.upstream: Any = None  # relay.upstream.Connection, opened on demand
+        self.upstream: Connection | None = None  # opened on demand
         self.auth_user = ""
         self.addresses: list[str] = []  # local mode: what the user may send as
-        self.refused: list[tuple[str, Any]] = []  # RCPTs the upstream refused (address, Reply)
+        self.refused: list[tuple[str, Reply]] = []  # RCPTs the upstream refused (address, Reply)
 
     @property
     def client_ip(self) -> str:
@@ -152,10 +156,10 @@ class RelaySMTP(AdaptedSMTP):
     def _tracked(self, name: str, method: Command) -> Command:
         @functools.wraps(method)
         async def run(arg: str) -> None:
-            if self.command_limit is not None and self._idle_commands >= self.command_limit:
-                if name != "QUIT":
-                    await self._over_command_limit()
-                    return
+            limit = self.command_limit
+            if limit is not None and self._idle_commands >= limit and name != "QUIT":
+                await self._over_command_limit()
+                return
             before = self._progress()
             self._busy = True
             try:

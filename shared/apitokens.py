@@ -19,7 +19,7 @@ from sqlmodel import col, select
 from shared.db import session_scope
 from shared.identity import Viewer
 from shared.models import ApiToken, User, UserAddress, utcnow
-from shared.users import UserError
+from shared.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -107,7 +107,7 @@ class Journal:
         name = f"{self.prefix}-{os.getpid()}-{self._serial}-{secrets.token_hex(4)}.jsonl"
         # open() with an opener, not os.fdopen(): the file's .name must be its
         # path (a failed first append unlinks it; _take_next skips it by name).
-        f = open(self.directory / name, "ab", buffering=0, opener=_private)
+        f = open(self.directory / name, "ab", buffering=0, opener=_private)  # noqa: SIM115 - held until sealed
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         return f
 
@@ -171,7 +171,7 @@ class Journal:
             if self._active is not None and path.name == Path(self._active.name).name:
                 continue
             try:
-                f = open(path, encoding="utf-8")
+                f = open(path, encoding="utf-8")  # noqa: SIM115 - read slice by slice across calls
             except FileNotFoundError:
                 continue
             try:

@@ -188,7 +188,7 @@ def may_send_as(patterns: list[str], address: str) -> bool:
     (stored canonical, see shared/addresses.py)."""
     address = address_key(address)
     domain = "@" + address.rpartition("@")[2]
-    return any(p == address or p == domain for p in patterns)
+    return any(p in (address, domain) for p in patterns)
 
 
 @cache

@@ -25,13 +25,20 @@ from shared.config import Settings, load_settings
 
 PG_URL = os.environ.get("TRACKRELAY_TEST_DATABASE_URL", "")
 TEST_SECRET = "test-secret-key-0123456789abcdef"
-pytest_plugins = ["upstream"]  # the recording upstream SMTP server: tests/upstream.py
-# ../shared/corpus from the repository root; a worktree elsewhere can point
-# TRACKRELAY_TEST_CORPUS at it.
-CORPUS = Path(
-    os.environ.get("TRACKRELAY_TEST_CORPUS")
-    or Path(__file__).resolve().parents[2] / "shared" / "corpus"
-)
+# Fixtures that live beside what they set up: the recording upstream SMTP server
+# (upstream, tls_pair), db_engine and processes (relay), outage (database down).
+pytest_plugins = ["tests.support.upstream", "tests.support.relaykit", "tests.support.receiverkit"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that runs on PostgreSQL ``postgres``, so ``-m "not postgres"``
+    (``make test-fast``) leaves PostgreSQL out: the ``database_url`` fixture's
+    "postgresql" param and every test parametrised with it (directly, as
+    tests/e2e/test_scaleout.py does, or through a fixture of its own)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "postgresql" in callspec.params.values():
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture(autouse=True)

@@ -51,7 +51,7 @@ def serve(settings: Settings, engine: Engine, parts: Parts) -> int:
         return runner.run(main)
 
 
-async def run(settings: Settings, engine: Engine, parts: Parts) -> int:
+async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa: C901 - start, then stop, what runs
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

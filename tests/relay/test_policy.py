@@ -1,0 +1,99 @@
+"""Trigger headers and the precedence of header, policy and ceilings."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.headers import top_fields
+from relay.policy import Request, decide, parse_triggers
+from shared.models import Policy
+
+
+def request(*headers: str, own: str = "X-Track") -> Request:
+    data = "".join(f"{h}\r\n" for h in headers).encode() + b"\r\nbody"
+    return parse_triggers(top_fields(data)[0], own)
+
+
+def asked(r: Request) -> tuple[bool | None, bool | None, bool | None]:
+    return r.opens, r.html_links, r.text_links
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("X-Track: opens", (True, False, False)),
+        ("X-Track: open", (True, False, False)),
+        ("X-Track: Clicks", (False, True, None)),
+        ("x-track:  OPENS , click ", (True, True, None)),
+        ("X-Track: all", (True, True, None)),
+        ("X-Track: on", (True, True, None)),
+        ("X-Track: yes", (True, True, None)),
+        ("X-Track: none", (False, False, False)),
+        ("X-Track: off", (False, False, False)),
+        ("X-Track: No", (False, False, False)),
+        ("X-Mailgun-Track: yes", (True, True, None)),
+        ("X-Mailgun-Track: no", (False, False, False)),
+        ("X-Mailgun-Track-Opens: yes", (True, None, None)),
+        ("X-Mailgun-Track-Clicks: htmlonly", (None, True, False)),
+        ("X-Mailgun-Track-Clicks: no", (None, False, False)),
+        ("X-PM-TrackOpens: true", (True, None, None)),
+        ("X-PM-TrackOpens: false", (False, None, None)),
+        ("X-PM-TrackLinks: None", (None, False, False)),
+        ("X-PM-TrackLinks: HtmlAndText", (None, True, True)),
+        ("X-PM-TrackLinks: HtmlOnly", (None, True, False)),
+        ("X-PM-TrackLinks: TextOnly", (None, False, True)),
+    ],
+)
+def test_header_values(header: str, expected: tuple[bool | None, ...]) -> None:
+    r = request(header)
+    assert not r.invalid
+    assert asked(r) == expected
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["X-Track: maybe", "X-Track:", "X-Track: none, opens", "X-PM-TrackOpens: sometimes"],
+)
+def test_unknown_values_are_invalid(header: str) -> None:
+    assert "is not understood" in request(header).invalid
+
+
+def test_configured_header_name() -> None:
+    assert asked(request("X-Spy: opens", own="X-Spy")) == (True, False, False)
+    assert asked(request("X-Track: opens", own="X-Spy")) == (None, None, None)
+
+
+def test_off_wins_when_headers_disagree() -> None:
+    r = request("X-Track: all", "X-PM-TrackOpens: false")
+    assert asked(r) == (False, True, None)
+
+
+def policy(**values: object) -> Policy:
+    return Policy(pattern="*", **values)
+
+
+def test_precedence() -> None:
+    # header mode: header switches on; nothing asked -> off
+    d = decide(request("X-Track: all"), policy())
+    assert (d.opens, d.html_links, d.text_links) == (True, True, False)
+    assert not decide(request(), policy()).anything
+    # never beats the header
+    assert not decide(request("X-Track: all"), policy(mode="never")).anything
+    # always: on without a header, header may switch off
+    d = decide(request(), policy(mode="always", allow_text_links=True))
+    assert (d.opens, d.html_links, d.text_links) == (True, True, True)
+    d = decide(request("X-Track: opens"), policy(mode="always"))
+    assert (d.opens, d.clicks) == (True, False)
+    # ceilings beat the header, with a reason
+    d = decide(request("X-Track: all"), policy(allow_opens=False))
+    assert (d.opens, d.html_links) == (False, True)
+    assert "policy *: opens not allowed" in d.reasons
+    # text links need the policy's permission
+    d = decide(request("X-PM-TrackLinks: HtmlAndText"), policy())
+    assert (d.html_links, d.text_links) == (True, False)
+    d = decide(request("X-PM-TrackLinks: TextOnly"), policy(allow_text_links=True))
+    assert (d.html_links, d.text_links) == (False, True)
+    # invalid header -> untracked even in always mode
+    d = decide(request("X-Track: perhaps"), policy(mode="always"))
+    assert not d.anything
+    assert d.reasons[0].startswith("untracked: X-Track")

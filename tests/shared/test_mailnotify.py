@@ -1,0 +1,182 @@
+"""The sender's notification mail, delivered through the outbox to a real
+aiosmtpd server on 127.0.0.1:0 (standing in for the upstream)."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import json
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+from email.message import Message as EmailMessage
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from sqlalchemy import Engine, select
+
+from shared import mailnotify, outbox_worker
+from shared.config import Settings
+from shared.db import session_scope
+from shared.models import OutboxItem, Policy
+from shared.outbox import enqueue_for_events
+from tests.support.seedrows import add_message, event, write_events
+from tests.support.upstream import PASSWORD, USER, RecordingUpstream
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.mail: list[tuple[Envelope, EmailMessage]] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        assert isinstance(envelope.content, bytes)
+        self.mail.append((envelope, email.message_from_bytes(envelope.content)))
+        return "250 2.0.0 queued"
+
+
+def queue(engine: Engine, events: list[dict[str, Any]]) -> int:
+    write_events(engine, events)
+    with session_scope(engine) as session:
+        return enqueue_for_events(session, events, notify_email=True)
+
+
+def test_first_open_and_first_click_mail_the_sender(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> None:
+    with session_scope(engine) as session:
+        session.add(Policy(pattern="@example.com", notify=True))
+        session.add(Policy(pattern="quiet@example.com", notify=False))
+    message = add_message(engine, sender="alice@example.com")
+    quiet = add_message(engine, sender="quiet@example.com")
+    t = message.created_at
+    assert (
+        queue(
+            engine,
+            [
+                event(message, at=t + timedelta(minutes=1)),
+                event(message, at=t + timedelta(minutes=2)),  # not the first open
+                event(message, verdict="machine"),  # not a person
+                event(message, kind="click", link=1, at=t + timedelta(minutes=3)),
+                event(message, kind="click", link=1, at=t + timedelta(minutes=4)),  # not the first
+                event(quiet),  # policy says no
+            ],
+        )
+        == 2
+    )
+    sink = Sink()
+
+    async def run() -> None:
+        server = await asyncio.get_running_loop().create_server(
+            lambda: SMTP(sink, hostname="upstream.test"), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        settings = make_settings(
+            upstream=f"smtp://127.0.0.1:{port}", notify_from="trackrelay@example.com"
+        )
+        worker = outbox_worker.OutboxWorker(settings, engine)
+        await worker.start()
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(sink.mail) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "no notification arrived"
+            await asyncio.sleep(0.02)
+        await worker.stop()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(run())
+    subjects = sorted(m["Subject"] for _, m in sink.mail)
+    assert subjects == ["Clicked: Quarterly numbers", "Opened: Quarterly numbers"]
+    for envelope, mail in sink.mail:
+        assert envelope.mail_from == "trackrelay@example.com"
+        assert envelope.rcpt_tos == ["alice@example.com"]
+        assert mail["Auto-Submitted"] == "auto-generated"
+        assert "bob@client.test" in mail.get_payload(decode=True).decode()
+    with session_scope(engine) as session:
+        statuses = session.exec(select(OutboxItem.status)).scalars().all()
+    assert statuses == ["delivered", "delivered"]
+
+
+def test_without_notify_from_the_row_fails_once_and_says_why(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> None:
+    with session_scope(engine) as session:
+        session.add(Policy(pattern="*", notify=True))
+    queue(engine, [event(add_message(engine))])
+
+    async def run() -> None:
+        worker = outbox_worker.OutboxWorker(make_settings(), engine)
+        await worker.start()
+        await worker.run_once()  # this or the started loop claims it; stop() waits for both
+        await worker.stop()
+
+    asyncio.run(run())
+    with session_scope(engine) as session:
+        (row,) = session.exec(select(OutboxItem)).scalars().all()
+    assert row.status == "failed"
+    assert "TRACKRELAY_NOTIFY_FROM" in row.last_error
+
+
+def test_dev_mode_writes_the_notification_to_the_maildir_sink(
+    engine: Engine, make_settings: Callable[..., Settings], tmp_path: Any
+) -> None:
+    with session_scope(engine) as session:
+        session.add(Policy(pattern="alice@example.com", notify=True))
+    queue(engine, [event(add_message(engine))])
+    settings = make_settings(upstream=f"maildir:{tmp_path / 'sink'}", notify_from="tr@example.com")
+
+    async def run() -> None:
+        worker = outbox_worker.OutboxWorker(settings, engine)
+        await worker.start()
+        await worker.run_once()
+        await worker.stop()
+
+    asyncio.run(run())
+    files = list((tmp_path / "sink" / "new").iterdir())
+    assert len(files) == 1
+    assert b"Opened: Quarterly numbers" in files[0].read_bytes()
+
+
+def _payload() -> str:
+    data = {"message": {"subject": "Quarterly numbers"}, "recipient": {"address": "bob@x.test"}}
+    return json.dumps({"id": "evt-1", "data": data})
+
+
+@pytest.mark.parametrize(("password", "delivered"), [(PASSWORD, True), ("not it", False)])
+def test_the_relay_account_logs_in_once_through_tls(
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    password: str,
+    delivered: bool,
+) -> None:
+    """One AUTH attempt (aiosmtplib.send(username=...) tried every mechanism
+    offered, PLAIN then LOGIN, against the relay's real account)."""
+    settings = make_settings(
+        upstream=upstream.url,  # STARTTLS: the recording upstream refuses AUTH without it
+        upstream_user=USER,
+        upstream_password=password,
+        upstream_verify_tls=False,
+        notify_from="trackrelay@example.com",
+    )
+    send = mailnotify.send(settings, "alice@example.com", "message.opened", _payload())
+    if delivered:
+        assert asyncio.run(send) == 250
+        (received,) = upstream.messages
+        assert received.mail_from == "trackrelay@example.com"
+        assert received.rcpt_tos == ["alice@example.com"]
+    else:
+        with pytest.raises(mailnotify.MailRefused) as refused:
+            asyncio.run(send)
+        assert refused.value.code == 535
+        assert upstream.messages == []
+    assert upstream.auth_attempts == [("PLAIN", USER)]
+
+
+def test_an_unreachable_upstream_is_retryable(make_settings: Callable[..., Settings]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    settings = make_settings(upstream=f"smtp://127.0.0.1:{port}", notify_from="tr@example.com")
+    with pytest.raises(mailnotify.MailError) as caught:
+        asyncio.run(mailnotify.send(settings, "alice@example.com", "message.opened", _payload()))
+    assert not isinstance(caught.value, mailnotify.MailRefused)

@@ -1,0 +1,138 @@
+"""Retention purge and erasure leave no trace: every table is read back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import Engine, select, text
+from sqlmodel import SQLModel, col
+
+from shared import consent, privacy, webhooks
+from shared.config import Settings
+from shared.db import session_scope
+from shared.models import Event, Message, Recipient, Suppression
+from shared.outbox import enqueue_for_events
+from shared.tokens import Signer
+from tests.support.seedrows import T0, add_message, event, write_events
+
+
+def dump(engine: Engine) -> dict[str, list[str]]:
+    """Every row of every table, as text (lower case)."""
+    out: dict[str, list[str]] = {}
+    with engine.connect() as conn:
+        for table in SQLModel.metadata.sorted_tables:
+            rows = conn.execute(text(f'SELECT * FROM "{table.name}"')).all()
+            out[table.name] = [repr(tuple(row)).lower() for row in rows]
+    return out
+
+
+def mentions(engine: Engine, needle: str) -> dict[str, int]:
+    found = {t: sum(needle.lower() in r for r in rows) for t, rows in dump(engine).items()}
+    return {t: n for t, n in found.items() if n}
+
+
+def test_purge_removes_old_rows_and_links_still_redirect(engine: Engine) -> None:
+    webhooks.add_endpoint(engine, "https://example.com/h")
+    old = add_message(engine, created_at=T0, recipients=("old@client.test",))
+    new = add_message(engine, created_at=T0 + timedelta(days=300), recipients=("new@client.test",))
+    old_hits = [event(old), event(old, kind="click", link=1)]
+    write_events(engine, [*old_hits, event(new)])
+    with session_scope(engine) as session:
+        enqueue_for_events(session, old_hits)
+    signer = Signer([b"k" * 32])
+    token = signer.click_token(old.id, 1, 1, "https://example.com/report")
+
+    counts = privacy.purge(engine, 100, now=T0 + timedelta(days=310))
+    assert counts["messages"] == 1
+    assert counts["events"] == 2
+    assert counts["recipients"] == 1
+    assert counts["outbox"] == 0  # not delivered yet: kept until it is
+    assert not mentions(engine, "old@client.test").keys() - {"outbox"}
+    assert mentions(engine, "new@client.test")
+    with session_scope(engine) as session:
+        assert session.get(Message, old.id) is None
+    clicked = signer.verify_click(token)  # the redirect needs only the token
+    assert (clicked.message_id, clicked.url) == (old.id, "https://example.com/report")
+
+    assert privacy.purge(engine, 0) == {}  # 0 keeps everything
+    assert mentions(engine, "new@client.test")
+
+
+def test_purged_notifications_go_once_delivered(engine: Engine) -> None:
+    webhooks.add_endpoint(engine, "https://example.com/h")
+    message = add_message(engine, created_at=T0, recipients=("old@client.test",))
+    hit = event(message)
+    write_events(engine, [hit])
+    with session_scope(engine) as session:
+        enqueue_for_events(session, [hit])
+        session.connection().execute(text("UPDATE outbox SET status = 'delivered'"))
+    counts = privacy.purge(engine, 30, now=T0 + timedelta(days=400))
+    assert counts["outbox"] == 1
+    assert mentions(engine, "old@client.test") == {}
+
+
+def test_purge_loop_runs_and_stops(
+    engine: Engine, make_settings: Callable[..., Settings], database_url: str
+) -> None:
+    add_message(engine, created_at=T0, recipients=("old@client.test",))
+    settings = make_settings(database_url=database_url, retention_days=1)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(privacy.purge_loop(settings, engine, stop))
+        deadline = asyncio.get_running_loop().time() + 10
+        while mentions(engine, "old@client.test"):
+            assert asyncio.get_running_loop().time() < deadline, "purge did not run"
+            await asyncio.sleep(0.02)
+        stop.set()
+        await task
+
+    asyncio.run(run())
+
+
+def test_erase_leaves_no_trace(engine: Engine) -> None:
+    webhooks.add_endpoint(engine, "https://example.com/h")
+    shared_mail = add_message(engine, recipients=("Bob@Client.test", "carol@other.test"))
+    only_bob = add_message(engine, recipients=("bob@client.test",), subject="Just for you")
+    refused = add_message(engine, recipients=("bob@client.test",), refused=("bob@client.test",))
+    with session_scope(engine) as session:
+        row = session.get(Message, refused.id)
+        assert row is not None
+        row.upstream_reply = "550 5.1.1 <bob@client.test>: no such user"
+        session.add(row)
+    hits = [
+        event(shared_mail, recipient=1),
+        event(shared_mail, recipient=2),
+        event(shared_mail, recipient=0),  # message-level: cannot be told apart, stays
+        event(only_bob, recipient=0),  # message-level of a one-recipient message: Bob's
+        event(only_bob, kind="click", recipient=1, link=1),
+    ]
+    write_events(engine, hits)
+    with session_scope(engine) as session:
+        enqueue_for_events(session, hits)
+    consent.add_consent(engine, "bob@client.test")
+    with session_scope(engine) as session:
+        session.add(Suppression(address="bob@client.test", source="public"))
+
+    result = privacy.erase(engine, "BOB@client.test")
+    assert result.counts["recipients"] == 3
+    assert result.counts["events"] == 3
+    assert result.counts["consents"] == 1
+    assert result.counts["messages scrubbed"] == 1
+    assert result.counts["outbox"] >= 2
+    assert result.suppression_kept
+    assert any("kept" in line for line in result.lines())
+    assert mentions(engine, "bob@client.test") == {"suppressions": 1}
+    with session_scope(engine) as session:
+        left = session.exec(select(Event.recipient_position, Event.message_id)).all()
+        positions = sorted((p, m == shared_mail.id) for p, m in left)
+        recipients = session.exec(select(col(Recipient.address))).scalars().all()
+    assert positions == [(0, True), (2, True)]  # Carol's hit and the shared one
+    assert recipients == ["carol@other.test"]
+    assert mentions(engine, "carol@other.test")
+
+    again = privacy.erase(engine, "bob@client.test", forget_suppression=True)
+    assert again.counts["suppressions"] == 1
+    assert mentions(engine, "bob@client.test") == {}

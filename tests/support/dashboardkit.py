@@ -1,0 +1,233 @@
+"""Shared by the dashboard tests: a seeded database, sign-in, a real server thread."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Any
+
+import uvicorn
+from sqlalchemy import Engine
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from shared.db import session_scope
+from shared.models import Event, Link, Message, Recipient, User, UserAddress
+from shared.passwords import hash_password
+
+D = "/dashboard"
+PASSWORD = "correct horse battery"
+NOW = datetime.now(UTC).replace(microsecond=0)
+XSS_SUBJECT = "<script>alert(1)</script>"
+
+# message ids (63-bit values, like the relay's)
+M_OPENED = 7_000_000_000_000_000_001  # sam, opened + clicked, one copy refused
+M_XSS = 7_000_000_000_000_000_002  # sam, tracked, nothing happened
+M_CORP = 7_000_000_000_000_000_003  # x@corp.example, proxy open
+M_UNTRACKED = 7_000_000_000_000_000_004  # someone else, not tracked, 10 days old
+
+
+USERS = [
+    ("ada", "admin", []),
+    ("sam", "sender", ["sam@example.com"]),
+    ("dom", "sender", ["@corp.example"]),
+    ("nobody", "sender", []),
+]
+
+
+@cache
+def _password_hash() -> str:
+    """Hashed once per run: scrypt is slow on purpose."""
+    return hash_password(PASSWORD)
+
+
+def seed(engine: Engine) -> None:
+    """Users ada (admin), sam (sam@example.com), dom (@corp.example), nobody; 4 messages."""
+    with session_scope(engine) as s:
+        for name, role, addresses in USERS:
+            user = User(username=name, password_hash=_password_hash(), role=role)
+            s.add(user)
+            s.flush()
+            assert user.id is not None
+            s.add_all(UserAddress(user_id=user.id, address=a) for a in addresses)
+    with session_scope(engine) as s:
+        s.add(
+            Message(
+                id=M_OPENED,
+                created_at=NOW - timedelta(hours=3),
+                sender="sam@example.com",
+                from_header="Sam Sender <sam@example.com>",
+                subject="Quarterly numbers",
+                track_opens=True,
+                track_clicks=True,
+                per_recipient=True,
+                decision='{"policy": "sam@example.com", "mode": "header", '
+                '"reasons": ["X-Track: all asked for opens and clicks"]}',
+                status="partial",
+            )
+        )
+        s.add(
+            Recipient(message_id=M_OPENED, position=1, address="bob@client.example", tracked=True)
+        )
+        s.add(
+            Recipient(
+                message_id=M_OPENED,
+                position=2,
+                address="carol@client.example",
+                status="refused",
+                reply_code=550,
+                reply_text="5.1.1 <carol@client.example>: mailbox unavailable",
+            )
+        )
+        s.add(Link(message_id=M_OPENED, position=1, url="https://example.com/pricing?a=1&b=2"))
+        s.add(Link(message_id=M_OPENED, position=2, url="javascript:alert(2)"))
+        outlook = "Mozilla/4.0 (compatible; ms-office; MSOffice 16) Windows NT 10.0"
+        s.add(_event("o1", M_OPENED, 1, 0, "open", "human", NOW - timedelta(hours=2), outlook))
+        s.add(
+            _event("o2", M_OPENED, 1, 0, "open", "machine", NOW - timedelta(hours=2), "Mozilla/5.0")
+        )
+        s.add(_event("c1", M_OPENED, 1, 1, "click", "human", NOW - timedelta(hours=1), outlook))
+        s.add(_event("c2", M_OPENED, 1, 1, "click", "scanner", NOW - timedelta(hours=1), "curl/8"))
+
+        s.add(
+            Message(
+                id=M_XSS,
+                created_at=NOW - timedelta(hours=2),
+                sender="sam@example.com",
+                subject=XSS_SUBJECT,
+                track_opens=True,
+                track_clicks=True,
+                per_recipient=True,
+            )
+        )
+        s.add(Recipient(message_id=M_XSS, position=1, address="dave@client.example", tracked=True))
+
+        s.add(
+            Message(
+                id=M_CORP,
+                created_at=NOW - timedelta(hours=1),
+                sender="x@corp.example",
+                subject="Corp plan",
+                track_opens=True,
+            )
+        )
+        s.add(Recipient(message_id=M_CORP, position=1, address="erin@partner.example"))
+        s.add(_event("o3", M_CORP, 0, 0, "open", "proxy", NOW, "Mozilla/5.0 GoogleImageProxy"))
+
+        s.add(
+            Message(
+                id=M_UNTRACKED,
+                created_at=NOW - timedelta(days=10),
+                sender="other@elsewhere.example",
+                subject="Lunch?",
+            )
+        )
+        s.add(Recipient(message_id=M_UNTRACKED, position=1, address="frank@client.example"))
+
+
+def _event(
+    key: str,
+    message_id: int,
+    recipient: int,
+    link: int,
+    kind: str,
+    verdict: str,
+    when: datetime,
+    ua: str,
+) -> Event:
+    return Event(
+        event_key=key,
+        message_id=message_id,
+        recipient_position=recipient,
+        link_position=link,
+        kind=kind,
+        verdict=verdict,
+        occurred_at=when,
+        user_agent=ua,
+        ip="203.0.113.0",
+    )
+
+
+def add_open(engine: Engine, message_id: int, key: str, recipient: int = 1) -> dict[str, Any]:
+    """Write a human open as the receiver's event writer would; return its dict."""
+    event = _event(
+        key,
+        message_id,
+        recipient,
+        0,
+        "open",
+        "human",
+        datetime.now(UTC),
+        "Mozilla/5.0 (iPhone) AppleWebKit/605",
+    )
+    with session_scope(engine) as s:
+        s.add(event)
+    return event.model_dump()
+
+
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def csrf_from(html: str) -> str:
+    match = CSRF_RE.search(html)
+    assert match, "no CSRF field on the page"
+    return match.group(1)
+
+
+class ServerThread:
+    """The app under uvicorn on 127.0.0.1, port 0, in a thread with its own loop."""
+
+    def __init__(self, app: Starlette) -> None:
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
+            timeout_graceful_shutdown=2,
+        )  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve())
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            self.thread.join(0.05)
+        assert self.server.started, "uvicorn did not start"
+        return self
+
+    @property
+    def url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run a coroutine on the server's loop (as the event writer would)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(15)
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.loop.close()
+
+
+def login(client: TestClient, username: str, password: str = PASSWORD) -> None:
+    token = csrf_from(client.get(f"{D}/login").text)
+    response = client.post(
+        f"{D}/login",
+        data={"username": username, "password": password, "csrf_token": token},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303, response.text
+
+
+def token(client: TestClient, path: str = f"{D}/messages") -> str:
+    """The CSRF token of the signed-in session, read from a page."""
+    return csrf_from(client.get(path).text)
