@@ -17,9 +17,9 @@ from sqlalchemy import Engine, update
 from sqlmodel import col, select
 
 from shared.db import session_scope
+from shared.errors import UserError
 from shared.identity import Viewer
 from shared.models import ApiToken, User, UserAddress, utcnow
-from shared.errors import UserError
 
 log = logging.getLogger(__name__)
 
