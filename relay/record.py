@@ -56,7 +56,7 @@ from shared.isotime import moment
 from shared.journal import Journal
 from shared.models import Link, Message, Recipient
 from shared.outbox import enqueue_messages_sent
-from shared.spool import SQLITE_WRITE_TIMEOUT, Invalid, Spool, Store, first_line
+from shared.spool import SQLITE_WRITE_TIMEOUT, Counters, Invalid, Spool, Store, first_line
 
 log = logging.getLogger(__name__)
 
@@ -283,26 +283,9 @@ class Recorder:
         return self.spool.degraded
 
     @property
-    def journaled(self) -> int:
-        return self.spool.counts.journaled
-
-    @property
-    def replayed(self) -> int:
-        return self.spool.counts.replayed
-
-    @property
-    def lost(self) -> int:
-        return self.spool.counts.lost
-
-    @property
-    def batches(self) -> int:
-        """Live batches committed ..."""
-        return self.spool.counts.batches
-
-    @property
-    def written(self) -> int:
-        """... and the live records they stored."""
-        return self.spool.counts.written
+    def counts(self) -> Counters:
+        """Batches and records written, replayed, journaled, lost (shared/spool.py)."""
+        return self.spool.counts
 
     async def start(self) -> None:
         """Start the writer (it first replays what a previous run left)."""

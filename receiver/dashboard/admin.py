@@ -30,6 +30,7 @@ from receiver.dashboard.web import (
     page,
     path_id,
     redirect,
+    remove_page,
     render,
     render_form,
     then_redirect,
@@ -99,14 +100,13 @@ async def policy_edit(request: Request, viewer: Viewer) -> Response:
 async def policy_delete(request: Request, viewer: Viewer) -> Response:
     engine = engine_of(request)
     policy = await asyncio.to_thread(policies.policy_by_id, engine, path_id(request, "policy_id"))
-    if policy is None:
-        return not_found(request)
-    try:
-        await asyncio.to_thread(policies.remove_policy, engine, policy.pattern)
-    except policies.PolicyError:  # removed meanwhile
-        return not_found(request)
-    flash(request, f"Policy for {policy.pattern} removed.")
-    return redirect(request, "/policies")
+    return await remove_page(
+        request,
+        policy,
+        lambda p: policies.remove_policy(engine, p.pattern),
+        lambda p: f"Policy for {p.pattern} removed.",
+        "/policies",
+    )
 
 
 # --- suppression list ---
@@ -150,14 +150,13 @@ async def suppression_delete(request: Request, viewer: Viewer) -> Response:
     row = await asyncio.to_thread(
         policies.suppression_by_id, engine, path_id(request, "suppression_id")
     )
-    if row is None:
-        return not_found(request)
-    try:
-        await asyncio.to_thread(policies.remove_suppression, engine, row.address)
-    except policies.PolicyError:  # removed meanwhile
-        return not_found(request)
-    flash(request, f"{row.address} removed from the suppression list.")
-    return redirect(request, "/suppressions")
+    return await remove_page(
+        request,
+        row,
+        lambda r: policies.remove_suppression(engine, r.address),
+        lambda r: f"{r.address} removed from the suppression list.",
+        "/suppressions",
+    )
 
 
 # --- users ---

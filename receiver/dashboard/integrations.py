@@ -29,6 +29,7 @@ from receiver.dashboard.web import (
     page,
     path_id,
     redirect,
+    remove_page,
     render,
     render_form,
     settings_of,
@@ -187,12 +188,14 @@ async def webhook_delete(request: Request, viewer: Viewer) -> Response:
     endpoint = await _endpoint(request)
     if endpoint is None or endpoint.id is None:
         return not_found(request)
-    try:
-        await asyncio.to_thread(webhooks.remove_endpoint, engine_of(request), endpoint.id)
-    except webhooks.WebhookError:  # removed meanwhile
-        return not_found(request)
-    flash(request, f"Removed {endpoint.url} with its queue and delivery log.")
-    return redirect(request, "/webhooks")
+    endpoint_id, engine = endpoint.id, engine_of(request)
+    return await remove_page(
+        request,
+        endpoint,
+        lambda _: webhooks.remove_endpoint(engine, endpoint_id),
+        lambda e: f"Removed {e.url} with its queue and delivery log.",
+        "/webhooks",
+    )
 
 
 # --- API tokens ---

@@ -173,6 +173,25 @@ def then_redirect(
     return done
 
 
+async def remove_page(
+    request: Request,
+    row: R | None,
+    remove: Callable[[R], object],
+    said: Callable[[R], str],
+    back: str,
+) -> Response:
+    """A "remove" button's POST: 404 for a row not found (or removed meanwhile:
+    the owner raises a UserError), else remove it in a thread, flash, 303 to ``back``."""
+    if row is None:
+        return not_found(request)
+    try:
+        await asyncio.to_thread(remove, row)
+    except UserError:
+        return not_found(request)
+    flash(request, said(row))
+    return redirect(request, back)
+
+
 def error_page(request: Request, status: int, title: str, text: str) -> Response:
     return render(
         request, "dashboard/error.html", {"title": title, "text": text, "status": status}, status

@@ -266,8 +266,8 @@ def test_concurrent_sessions_share_commits_and_each_message_gets_its_own_rows(
         f"s{i}:r{i}@example.net" for i in range(sessions)
     )
     assert sorted(keys) == sorted(f"message.sent:{mid}" for mid in subjects)
-    assert recorder.written == sessions
-    assert recorder.batches < sessions  # records shared transactions
+    assert recorder.counts.written == sessions
+    assert recorder.counts.batches < sessions  # records shared transactions
 
 
 def _prepared(links: list[int]) -> tuple[Prepared, Delivery]:
@@ -312,7 +312,7 @@ def test_a_refused_record_is_set_aside_and_the_rest_of_its_batch_stored(
         ids[1]
     ]
     assert not recorder.degraded
-    assert recorder.journaled == 0
+    assert recorder.counts.journaled == 0
 
 
 def test_stop_writes_what_is_still_queued(
@@ -379,7 +379,7 @@ def test_a_replay_stores_each_record_once_and_sets_aside_what_cannot_be_read(
     ids = [stored[0].message.id, waiting[0].message.id]
     assert [_count(engine, Message, id=mid) for mid in ids] == [1, 1]
     assert [_count(engine, Link, message_id=mid) for mid in ids] == [1, 2]
-    assert recorder.replayed == 1
+    assert recorder.counts.replayed == 1
     assert not recorder.degraded
     rejected = (journal / "rejected-relay.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in rejected] == [{"message": {}}]

@@ -114,7 +114,7 @@ def test_relay_counts_the_records_it_loses_when_database_and_journal_disk_fail(
     with caplog.at_level(logging.ERROR, logger="relay.record"):
         asyncio.run(scenario())
     broken.dispose()
-    assert (recorder.lost, recorder.journaled) == (3, 0)
+    assert (recorder.counts.lost, recorder.counts.journaled) == (3, 0)
     assert caplog.text.count("RELAY JOURNAL WRITE FAILED") == 3
 
 
