@@ -22,6 +22,12 @@ break still does, so the rest of its logical line keeps its bytes); base64
 keeps its line length and line ending. A 7bit/8bit body
 whose edited line would pass 998 octets moves to quoted-printable, and then
 the part's Content-Transfer-Encoding line is the only header line changed.
+
+One job at a little over 400 lines: locating a part and re-encoding it are
+the two halves of one round trip (a body is only marked touchable once its
+charset and transfer encoding are known to encode back to the very same
+bytes, and the encoder then relies on exactly that check), so they share
+``Part`` and its codec handling and are tested together.
 """
 
 from __future__ import annotations
