@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, select
 from sqlmodel import Session, col
 
+from shared.db import insert_ignoring
 from shared.isotime import iso
 from shared.models import Link, Message, OutboxItem, Policy, Recipient, WebhookEndpoint
 from shared.models import utcnow as _utcnow
@@ -316,14 +316,7 @@ def insert_rows(conn: Conn, rows: list[dict[str, Any]]) -> int:
         return 0
     conn = connection_of(conn)
     table = OutboxItem.__table__  # type: ignore[attr-defined]
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        statement: Any = postgresql.insert(table).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        statement = sqlite.insert(table).on_conflict_do_nothing()
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        statement = insert(table)
-    statement = statement.returning(table.c.id)
+    statement = insert_ignoring(table, None, conn.dialect.name).returning(table.c.id)
     # One executemany ("insertmanyvalues": a multi-row INSERT); RETURNING tells
     # which rows were not skipped, on both databases.
     inserted = len(conn.execute(statement, rows).all())

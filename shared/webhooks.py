@@ -18,7 +18,7 @@ from datetime import datetime
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, func, select
 from sqlmodel import col
 from sqlmodel import select as model_select
 
@@ -136,6 +136,19 @@ class LoggedAttempt:
     latency_ms: int
     error: str
     row_status: str
+
+
+def queue_by_endpoint(engine: Engine) -> dict[int | None, dict[str, int]]:
+    """{endpoint id: {status: rows}} of the outbox (email rows under None)."""
+    by_status = select(col(OutboxItem.endpoint_id), col(OutboxItem.status), func.count())
+    queue: dict[int | None, dict[str, int]] = {}
+    with session_scope(engine) as session:
+        rows = session.connection().execute(
+            by_status.group_by(col(OutboxItem.endpoint_id), col(OutboxItem.status))
+        )
+        for endpoint_id, status, n in rows:
+            queue.setdefault(endpoint_id, {})[status] = n
+    return queue
 
 
 def delivery_log(

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from sqlalchemy import Engine, func, select
-from sqlmodel import col
-
 from shared.config import Settings
-from shared.db import session_scope
-from shared.models import OutboxItem
 from shared.outbox import EVENT_TYPES
 from trackrelay.commands import CommandError, Commands, command, group
 from trackrelay.database import database
@@ -58,30 +53,13 @@ def webhook_list(settings: Settings, args: argparse.Namespace) -> int:
     from shared import webhooks
 
     with database(settings) as engine:
-        queue = _queue_by_endpoint(engine)
+        queue = webhooks.queue_by_endpoint(engine)
         endpoints = webhooks.list_endpoints(engine)
     for e in endpoints:
         states = ", ".join(f"{n} {s}" for s, n in sorted(queue.get(e.id, {}).items())) or "empty"
         active = "active" if e.active else "paused"
         print(f"{e.id}\t{active}\t{e.url}\t{e.event_types}\t{states}")
     return 0
-
-
-def _queue_by_endpoint(engine: Engine) -> dict[int | None, dict[str, int]]:
-    """{endpoint id: {status: rows}} of the outbox (email rows under None).
-
-    The outbox's queries live in shared/webhooks.py, which is being split
-    (issue 12); this one belongs there, next to delivery_log.
-    """
-    by_status = select(col(OutboxItem.endpoint_id), col(OutboxItem.status), func.count())
-    queue: dict[int | None, dict[str, int]] = {}
-    with session_scope(engine) as session:
-        rows = session.connection().execute(
-            by_status.group_by(col(OutboxItem.endpoint_id), col(OutboxItem.status))
-        )
-        for endpoint_id, status, n in rows:
-            queue.setdefault(endpoint_id, {})[status] = n
-    return queue
 
 
 def webhook_remove(settings: Settings, args: argparse.Namespace) -> int:
