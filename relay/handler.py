@@ -233,7 +233,15 @@ class RelayHandler:
     ) -> str:
         """prepare (relay/track.py: the pipeline, failing open) -> deliver -> record."""
         prepared = await self.tracker.prepare(submission)
-        assert session.upstream is not None  # MAIL opened it
+        if session.upstream is None:
+            # The client left while the message was prepared (handle_CLOSE closed
+            # the upstream): nothing was sent and the client got no 250, so it
+            # still has the message and sends it again.
+            log.warning(
+                "message %d not relayed: the client left before it was sent",
+                submission.message_id,
+            )
+            return UNAVAILABLE.line
         delivery = await deliver(
             session.upstream, submission, prepared, self._options(options), session.refused
         )

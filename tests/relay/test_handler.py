@@ -507,6 +507,56 @@ def test_an_injection_failure_forwards_the_original_minus_the_trigger_headers(
     assert (message.status, message.subject, message.size_out) == ("sent", "hello", len(SIMPLE))
 
 
+class SlowTracker(Tracker):
+    """The real Tracker, held at the start of every prepare until released."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def prepare(self, submission: Submission) -> Prepared:
+        self.started.set()
+        await self.release.wait()
+        return await super().prepare(submission)
+
+
+def test_a_client_gone_while_its_message_is_prepared_gets_nothing_sent(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    db_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client sends the final dot and leaves before the relay answers: the
+    upstream connection is closed with the session, nothing is delivered (the
+    client got no 250 and sends the message again), and it is one warning, not
+    a crash of the handler."""
+    settings = _trusted(make_settings, upstream)
+
+    async def scenario() -> None:
+        tracker = SlowTracker(settings, db_engine)
+        async with running_relay(settings, db_engine, tracker=tracker) as relay:
+            port = relay.ports["plain"]
+            async with await RawClient.connect(port) as raw:
+                await raw.command(b"EHLO client.example")
+                assert (await raw.command(b"MAIL FROM:<" + USER.encode() + b">")).startswith("250")
+                assert (await raw.command(b"RCPT TO:<bob@example.org>")).startswith("250")
+                assert (await raw.command(b"DATA")).startswith("354")
+                raw.writer.write(SIMPLE + b".\r\n")
+                await raw.writer.drain()
+                await tracker.started.wait()
+            await asyncio.sleep(0.2)  # the relay sees the close
+            tracker.release.set()
+            await asyncio.sleep(0.3)
+
+    with caplog.at_level("WARNING", logger="relay.handler"):
+        asyncio.run(scenario())
+    assert upstream.messages == []
+    assert "the client left before it was sent" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def _trusted(
     make_settings: MakeSettings, upstream: RecordingUpstream, **overrides: object
 ) -> Settings:
