@@ -138,6 +138,9 @@ def _not_alembic_chatter(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("alembic.runtime.migration").addFilter(_not_alembic_chatter)
+# Alembic 1.16+ also announces each of its own plugins ("setup plugin ...") at
+# INFO on every start: nothing an operator can act on.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from sqlalchemy import Engine
 
 from shared import db
 from shared.models import Event
+from tests.support.paths import ROOT
 
 
 def test_upgrade_logs_only_the_migrations_it_ran(
@@ -66,3 +69,18 @@ def test_insert_ignoring_sql_is_the_same_statement_as_text(engine: Engine) -> No
     with engine.begin() as conn:
         assert list(conn.exec_driver_sql(sql, values).scalars()) == []
     assert _keys(engine) == ["a", "b"]
+
+
+def test_a_fresh_process_logs_no_alembic_plugin_lines(tmp_path: Path) -> None:
+    """Alembic announces its plugins once per process, at import: a new process
+    (as `trackrelay serve` is) must not print them at every start."""
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    script = (
+        "import logging; logging.basicConfig(level=logging.INFO); "
+        f"from shared import db; db.upgrade({url!r})"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert "Running upgrade  -> 0001" in done.stderr
+    assert "setup plugin" not in done.stderr
