@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import tomllib
-from pathlib import Path
 
 import aiosmtplib
 import pytest
 from aiosmtplib.protocol import FlowControlMixin, SMTPProtocol
 
 from relay.aiosmtplib_adapter import VERIFIED, RawData
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import pinned
 
 
 def test_the_installed_aiosmtplib_is_the_verified_one_and_pinned() -> None:
@@ -26,8 +23,7 @@ def test_the_installed_aiosmtplib_is_the_verified_one_and_pinned() -> None:
         f"aiosmtplib {aiosmtplib.__version__} is installed, the adapter was verified on "
         f"{VERIFIED}: re-read relay/aiosmtplib_adapter.py against it"
     )
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert f"aiosmtplib=={VERIFIED}" in project["dependencies"]
+    assert pinned("aiosmtplib") == VERIFIED
 
 
 def test_the_names_relied_on_exist_with_their_signatures() -> None:
