@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from receiver import readmodel
+from receiver.dashboard import decision
 from receiver.dashboard.devices import device_family
 from receiver.dashboard.filters import STATES, TRACKING, Filters
 from receiver.dashboard.web import engine_of, not_found, page, render
@@ -70,36 +71,11 @@ async def message_detail(request: Request, viewer: Viewer) -> Response:
         return not_found(request)
     context = {
         "d": detail,
-        "decision": decision_lines(detail.row.message.decision),
+        "panel": decision.panel(detail.decision),
         "device": device_family,
         "nav": "messages",
     }
     return render(request, "dashboard/message.html", context)
-
-
-def decision_lines(raw: str) -> list[tuple[str, str]]:
-    """The recorded tracking decision as (label, value) lines a person can read."""
-    if not raw.strip():
-        return []
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return [("Decision", raw)]
-    if not isinstance(data, dict):
-        return [("Decision", str(data))]
-    lines = []
-    for key, value in data.items():
-        label = str(key).replace("_", " ").capitalize()
-        if isinstance(value, bool):
-            text = "yes" if value else "no"
-        elif isinstance(value, list):
-            text = "; ".join(str(v) for v in value) or "—"
-        elif isinstance(value, dict):
-            text = ", ".join(f"{k}: {v}" for k, v in value.items()) or "—"
-        else:
-            text = str(value) if value not in ("", None) else "—"
-        lines.append((label, text))
-    return lines
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

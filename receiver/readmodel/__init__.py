@@ -12,8 +12,9 @@ queries. The rules every read follows live here and nowhere else:
   on the timeline (``scope.COUNTED``, ``scope.AUTOMATED``).
 
 Modules: ``scope`` (the WHERE clauses), ``messages`` (lists with hit counts,
-paging, senders), ``detail`` (one message's story), ``events`` (the feed after
-a cursor), ``activity`` (per-message figures for the overview's rates).
+paging, senders), ``detail`` (one message's story and the facts of its
+tracking decision), ``events`` (the feed after a cursor), ``activity``
+(per-message figures for the overview's rates).
 Everything is synchronous SQLAlchemy taking an Engine: callers run it with
 ``asyncio.to_thread``. This is the place to make reads fast (keyset paging,
 indexes): callers only see rows and pages.
@@ -22,7 +23,16 @@ indexes): callers only see rows and pages.
 from __future__ import annotations
 
 from receiver.readmodel.activity import Activity, Window, activity
-from receiver.readmodel.detail import Detail, LinkView, RecipientView, TimelineEntry, message_detail
+from receiver.readmodel.detail import (
+    DecisionFacts,
+    Detail,
+    LinkView,
+    Outcome,
+    RecipientView,
+    TimelineEntry,
+    decision_facts,
+    message_detail,
+)
 from receiver.readmodel.events import EventRow, all_events, events_after
 from receiver.readmodel.messages import (
     Hits,
@@ -47,11 +57,13 @@ __all__ = [
     "AUTOMATED",
     "COUNTED",
     "Activity",
+    "DecisionFacts",
     "Detail",
     "EventRow",
     "Hits",
     "LinkView",
     "MessageRow",
+    "Outcome",
     "Page",
     "RecipientView",
     "Selection",
@@ -63,6 +75,7 @@ __all__ = [
     "aware",
     "day_end",
     "day_start",
+    "decision_facts",
     "events_after",
     "message_detail",
     "messages_page",
