@@ -65,8 +65,8 @@ def seed(engine: Engine) -> None:
                 track_opens=True,
                 track_clicks=True,
                 per_recipient=True,
-                decision='{"policy": "sam@example.com", "mode": "header", '
-                '"reasons": ["X-Track: all asked for opens and clicks"]}',
+                decision='{"tracked": true, "copies": 2, "policy": "sam@example.com", '
+                '"mode": "header", "reasons": ["header X-Track: all"]}',
                 status="partial",
             )
         )
