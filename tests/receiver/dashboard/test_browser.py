@@ -8,19 +8,28 @@ page, at 1280x800 and at phone width (390x844), go to
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import Engine, func
+from sqlmodel import col, select
 
 from receiver.app import create_app
 from shared import db
 from shared.config import Settings
+from shared.db import session_scope
+from shared.models import Event, Message
 from shared.tokens import Signer
 from tests.support.dashboardkit import M_OPENED, M_XSS, PASSWORD, ServerThread, seed
+from tests.support.relaykit import relay_settings, running_relay, send
+from tests.support.seedrows import event, write_events
+from tests.support.upstream import RecordingUpstream
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -41,9 +50,43 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs the Debian chromium package"),
 ]
+TWO_OF_US = (
+    b"X-Track: opens, clicks\r\nFrom: Alice <alice@example.com>\r\n"
+    b"To: bob@client.example, carol@client.example\r\nSubject: Two of us\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=us-ascii\r\n\r\n"
+    b'<p>Our <a href="https://example.com/offer">offer</a>.</p>\r\n'
+)
 
 
-def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Settings]) -> None:
+def relay_two_of_us(settings: Settings, engine: Engine) -> int:
+    """As the issue saw it: one tracked message to two recipients through the real
+    relay (recording upstream, the same database); its id."""
+
+    async def go() -> None:
+        async with running_relay(settings, engine) as relay:
+            await send(relay, TWO_OF_US, recipients=("bob@client.example", "carol@client.example"))
+
+    asyncio.run(go())
+    with session_scope(engine) as s:
+        message_id = s.exec(select(Message.id).where(Message.subject == "Two of us")).one()
+    assert message_id is not None
+    return message_id
+
+
+def wait_for_events(engine: Engine, message_id: int, count: int) -> None:
+    """The event writer batches: wait until ``count`` events of the message are stored."""
+    for _ in range(200):
+        with session_scope(engine) as s:
+            found = s.exec(select(func.count()).where(col(Event.message_id) == message_id)).one()
+        if found >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{count} events of message {message_id} never arrived")
+
+
+def test_dashboard_in_a_browser(
+    tmp_path: Path, make_settings: Callable[..., Settings], upstream: RecordingUpstream
+) -> None:
     from playwright.sync_api import Page, expect, sync_playwright
 
     url = f"sqlite:///{tmp_path / 'dash.db'}"
@@ -51,6 +94,10 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
     engine = db.make_engine(url)
     seed(engine)
     settings = make_settings(database_url=url)
+    two_of_us = relay_two_of_us(relay_settings(make_settings, upstream, database_url=url), engine)
+    bob_copy = next(m for m in upstream.messages if m.rcpt_tos == ["bob@client.example"]).data
+    [pixel_path] = re.findall(rb"/o/[\w-]+\.gif", bob_copy)
+    [link_path] = re.findall(rb"/c/[\w-]+", bob_copy)
     app = create_app(settings, engine)
     SHOTS.mkdir(parents=True, exist_ok=True)
     dialogs: list[str] = []
@@ -113,6 +160,55 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
         expect(page.locator("h1")).to_have_text("Quarterly numbers")
         expect(page.locator(".rcpt", has_text="carol@client.example")).to_contain_text("550")
         shot(page, "message")
+
+        # the message the relay tracked: the sender opens and clicks it from the
+        # machine that sent it ("Sender"); carol clicks, a scanner follows the link
+        message_id = two_of_us
+        with session_scope(engine) as s:
+            relayed = s.get(Message, message_id)
+        assert relayed is not None
+        now = datetime.now(UTC)
+        write_events(
+            engine,
+            [
+                event(relayed, "click", recipient=2, verdict="human", at=now, link=1),
+                event(relayed, "click", recipient=2, verdict="scanner", at=now, link=1),
+            ],
+        )
+        assert httpx.get(server.url + pixel_path.decode()).status_code == 200
+        assert httpx.get(server.url + link_path.decode()).status_code in (302, 303)
+        wait_for_events(engine, message_id, 4)
+        page.goto(f"{server.url}/dashboard/messages/{message_id}")
+        expect(page.locator("h1")).to_have_text("Two of us")
+        decision = page.locator(".decision")
+        expect(decision.locator("p.decision-line")).to_have_text(
+            [
+                "Opens and clicks tracked because the message asked for it (X-Track).",
+                "One copy per recipient: 2 copies.",
+                "1 link tracked, pixel added in the HTML part.",
+                "Delivered: 2 of 2 accepted by the server.",
+            ]
+        )
+        outcomes = decision.locator(".outcome")
+        expect(outcomes).to_have_count(2)
+        for row, address in zip(
+            outcomes.all(), ("bob@client.example", "carol@client.example"), strict=True
+        ):
+            expect(row).to_contain_text(address)
+            expect(row.locator(".badge")).to_have_text("Accepted")
+            expect(row.locator(".outcome-reply")).to_have_text(re.compile(r"^250 \S"))
+        link = page.locator(".links li", has_text="https://example.com/offer")
+        expect(link.locator(".link-count")).to_have_text("1 click · 1 automatic · 1 by the sender")
+        expect(page.locator(".rcpt", has_text="bob@client.example")).to_contain_text("Sender")
+        technical = decision.locator("details.technical")
+        expect(technical.locator(".facts")).to_be_hidden()
+        for word in ("Policy", "Mode", "Sent by", '"part"', "automated"):
+            assert word not in decision.inner_text(), word
+        shot(page, "message-decision")
+        technical.locator("summary").click()
+        expect(technical.locator(".facts")).to_contain_text("header X-Track: opens, clicks")
+        expect(technical.locator("table.technical-table")).to_contain_text("text/html")
+        shot(page, "message-technical")
 
         page.click(".nav >> text=Overview")
         expect(page.locator("svg.chart")).to_be_visible()
@@ -207,6 +303,7 @@ def test_dashboard_in_a_browser(tmp_path: Path, make_settings: Callable[..., Set
         shot(phone, "messages")
         for path, name in [
             (f"/dashboard/messages/{M_OPENED}", "message"),
+            (f"/dashboard/messages/{two_of_us}", "message-decision"),
             ("/dashboard/overview", "overview"),
             ("/dashboard/policies", "policies"),
             ("/dashboard/policies/new", "policy-form"),
