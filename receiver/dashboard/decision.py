@@ -300,7 +300,8 @@ def _not_done(f: DecisionFacts, links: bool, pixel: bool) -> list[str]:
     if f.record.get("opens") is True and not pixel and not html_left_alone:
         out.append("The message has no HTML part to carry the open pixel.")
     wanted = f.record.get("html_links") is True or f.record.get("text_links") is True
-    if wanted and not links and not f.record.get("links_skipped") and not _left_alone(f):
+    explained = ("links_skipped", "links_left_alone", "parts_left_alone")
+    if wanted and not links and not any(f.record.get(key) for key in explained):
         out.append("The message has no links to track.")
     return out
 

@@ -141,9 +141,10 @@ def message_detail(engine: Engine, viewer: Viewer, message_id: int) -> Detail | 
         link = link_views.get(event.link_position) if event.kind == "click" else None
         target = views.get(event.recipient_position, whole)
         target.timeline.append(TimelineEntry(event, link.url if link else ""))
+        is_counted = event.verdict in COUNTED
         if event.kind == "open":
             verdicts[event.verdict] = verdicts.get(event.verdict, 0) + 1
-        if event.verdict in COUNTED:
+        if is_counted:
             _count(target.opens if event.kind == "open" else target.clicks, event)
     return Detail(
         row=row,

@@ -204,6 +204,23 @@ def test_links_never_tracked(relay: Callable[..., DecisionFacts]) -> None:
     ]
 
 
+def test_links_the_relay_could_not_read_with_certainty(
+    relay: Callable[..., DecisionFacts],
+) -> None:
+    # relay/html.py's splicer and the HTML parser disagree (tests/relay/test_html.py)
+    body = HTML_BODY.split(b"<html>")[0] + (
+        b'<p><a href="https://a.example/ok">ok</a><template><a href="https://a.example/t">'
+        b"t</a></template></p></body>\r\n"
+    )
+    assert said(relay(html(body=body)))[:4] == [
+        "Opens tracked (not clicks) because the message asked for it (X-Track).",
+        "One copy per recipient: 2 copies.",
+        "Pixel added in the HTML part.",
+        "The links of the HTML part were left as written: its HTML could not be read with "
+        "certainty, and a wrong link would be worse than an untracked one.",
+    ]
+
+
 # --- not tracked -----------------------------------------------------------------
 
 
