@@ -51,6 +51,8 @@ NEED_AUTH = "530 5.7.0 Authentication required"
 TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 NOT_UTF8 = "553 5.6.7 Non-ASCII address needs SMTPUTF8"
 UTF8_UNSUPPORTED = "555 5.6.7 SMTPUTF8 is not supported by the upstream server"
+CONTROL_CHARACTER = "553 5.1.3 Address or parameter contains a control character"
+NOT_VALID_UTF8 = "553 5.6.7 Address or parameter is not valid UTF-8"
 # Room left below the upstream's SIZE for what tracking adds (pixel, longer links).
 GROWTH_FRACTION = 20
 
@@ -168,6 +170,8 @@ class RelayHandler:
         if not (session.authenticated or self.trusted(session.client_ip)):
             log.warning("MAIL without AUTH from %s refused (not trusted)", session.client_ip)
             return NEED_AUTH
+        if problem := _unsendable(address, options):
+            return problem
         if not self._may_send_as(session, address):
             return f"553 5.7.1 <{address}>: sender address not owned by user {session.auth_user}"
         if not address.isascii() and "SMTPUTF8" not in options:
@@ -175,6 +179,7 @@ class RelayHandler:
         if "SMTPUTF8" in options and not self.capabilities.smtputf8:
             return UTF8_UNSUPPORTED
         session.refused = []
+        session.overshoot = 0
         reply = await self._mail(session, _envelope_sender(address), self._options(options))
         if reply.ok:
             envelope.mail_from = address  # a hook that answers must fill the envelope
@@ -185,7 +190,10 @@ class RelayHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         assert isinstance(session, RelaySession)
+        if problem := _unsendable(address, options):
+            return problem
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            session.overshoot += 1  # free for the command budget (relay/smtp.py)
             return TOO_MANY_RCPTS
         if not address.isascii() and not envelope.smtp_utf8:
             return NOT_UTF8
@@ -310,6 +318,21 @@ class RelayHandler:
             log.warning("upstream %s not reachable at start", self.settings.upstream_target)
         else:
             self.capabilities = capabilities
+
+
+def _unsendable(address: str, options: list[str]) -> str | None:
+    """Why an address or parameter cannot go upstream: aiosmtplib refuses control
+    characters (ValueError) and aiosmtpd hands invalid UTF-8 over as surrogates
+    (UnicodeEncodeError), each of which aiosmtpd answered with a 500 quoting the
+    exception, and logged with a traceback."""
+    for text in (address, *options):
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            return CONTROL_CHARACTER
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return NOT_VALID_UTF8
+    return None
 
 
 def _envelope_sender(address: str) -> str:

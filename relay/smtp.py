@@ -34,6 +34,12 @@ there):
   each command per session and never forgives: a client that sends RSET
   after each message (PHPMailer's keep-alive does) would be cut after N
   messages. Unknown commands are aiosmtpd's: the fifth gets 502 and a close.
+* A RCPT refused for being past ``TRACKRELAY_MAX_RECIPIENTS`` (452) costs
+  nothing either, up to :data:`OVERSHOOT` per transaction: RFC 5321
+  4.5.3.1.10 has the client send DATA for the accepted recipients and the
+  rest in a later transaction, so a list of 2,000 must not end the session
+  (and its hundred accepted recipients) at RCPT 197. Past :data:`OVERSHOOT`
+  (Postfix's ``smtpd_recipient_overshoot_limit`` idea) they count again.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
 DATA_TIMEOUT_REPLY = "421 4.4.2 Message upload took too long, closing connection"
 COMMAND_LIMIT_REPLY = "421 4.7.0 Too many commands without sending mail, closing connection"
+OVERSHOOT = 10_000  # RCPTs past the recipient limit that cost no command, per transaction
 
 
 class RelaySession(AdaptedSession):
@@ -70,6 +77,7 @@ class RelaySession(AdaptedSession):
         self.auth_user = ""
         self.addresses: list[str] = []  # local mode: what the user may send as
         self.refused: list[tuple[str, Reply]] = []  # RCPTs the upstream refused (address, Reply)
+        self.overshoot = 0  # RCPTs of this transaction refused past the recipient limit
 
     @property
     def client_ip(self) -> str:
@@ -174,18 +182,20 @@ class RelaySMTP(AdaptedSMTP):
 
     # --- command limit ---
 
-    def _progress(self) -> tuple[bool, int, int]:
+    def _progress(self) -> tuple[bool, int, int, int]:
         session, envelope = self.session, self.envelope
-        refused = len(session.refused) if isinstance(session, RelaySession) else 0
+        refused = overshoot = 0
+        if isinstance(session, RelaySession):
+            refused, overshoot = len(session.refused), min(session.overshoot, OVERSHOOT)
         if envelope is None:
-            return False, 0, refused
-        return envelope.mail_from is not None, len(envelope.rcpt_tos), refused
+            return False, 0, refused, overshoot
+        return envelope.mail_from is not None, len(envelope.rcpt_tos), refused, overshoot
 
-    def _count(self, name: str, before: tuple[bool, int, int]) -> None:
+    def _count(self, name: str, before: tuple[bool, int, int, int]) -> None:
         if name == "DATA" and before[1]:
             self._idle_commands = 0  # a message was handed over
         elif name in ("MAIL", "RCPT") and self._progress() != before:
-            pass  # an accepted MAIL, or a RCPT accepted or answered by the upstream
+            pass  # an accepted MAIL; a RCPT accepted, answered upstream, or past the limit
         elif name != "QUIT":
             self._idle_commands += 1
 
