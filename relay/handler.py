@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 from relay import upstream
 from relay.auth import Credentials, FailureLimiter, read_login, read_plain
 from relay.deliver import deliver
+from relay.headers import addr_specs, top_fields
 from relay.prepared import Submission
 from relay.record import Recorder
 from relay.smtp import RelaySession
@@ -224,6 +225,10 @@ class RelayHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         assert isinstance(session, RelaySession)
+        if refusal := self._foreign_from(session, envelope.original_content or b""):
+            if session.upstream is not None:
+                await session.upstream.rset()
+            return refusal
         submission = Submission(
             message_id=new_message_id(),
             sender=_envelope_sender(envelope.mail_from or ""),
@@ -274,6 +279,29 @@ class RelayHandler:
         if self.settings.auth_mode != "local" or not session.authenticated:
             return True
         return address == "<>" or users.may_send_as(session.addresses, address)
+
+    def _foreign_from(self, session: RelaySession, data: bytes) -> str | None:
+        """Local mode with TRACKRELAY_LOCAL_CHECK_FROM_HEADER: every From: address must
+        be one the user may send as, like MAIL FROM (the shared upstream account would
+        send anything); the refusal, or None."""
+        if not (self.settings.local_check_from_header and self.settings.auth_mode == "local"):
+            return None
+        if not session.authenticated:
+            return None  # a trusted network, not a user
+        for field in top_fields(data)[0]:
+            if field.name != "from":
+                continue
+            for address in addr_specs(field):
+                if not (address and users.may_send_as(session.addresses, address)):
+                    log.warning(
+                        "message refused: From %r is not user %r's", address, session.auth_user
+                    )
+                    shown = "".join(c if c.isprintable() else "?" for c in address)
+                    return (
+                        f"553 5.7.1 From: <{shown}> is not an address user "
+                        f"{session.auth_user} may send as"
+                    )
+        return None
 
     def _options(self, options: list[str]) -> list[str]:
         """MAIL parameters for the upstream: never the client's SIZE (aiosmtplib sends none,

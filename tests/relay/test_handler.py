@@ -246,6 +246,53 @@ def test_local_mode_checks_the_sender_and_logs_in_with_the_relay_account(
     assert upstream.auth_attempts == [("PLAIN", USER)]
 
 
+@pytest.mark.parametrize("check", [False, True])
+def test_local_mode_may_require_the_from_header_to_be_the_users_too(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine, check: bool
+) -> None:
+    """TRACKRELAY_LOCAL_CHECK_FROM_HEADER: a user of the shared account cannot put
+    another user's address in From: (off by default: only MAIL FROM is checked)."""
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=PASSWORD,
+        local_check_from_header=check,
+    )
+    add_user(db_engine, "carol", "carol-password", addresses=["carol@example.com"])
+    forged = SIMPLE.replace(b"Alice <alice@example.com>", b"CEO <ceo@example.com>")
+    folded = SIMPLE.replace(
+        b"Alice <alice@example.com>", b"=?utf-8?q?Carol?=\r\n\t<Carol@Example.com>"
+    )
+
+    async def scenario() -> list[tuple[int, str]]:
+        replies = []
+        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_login("carol", "carol-password")
+            for message in (forged, folded):
+                try:
+                    _, text = await smtp.sendmail("carol@example.com", ["bob@example.net"], message)
+                    replies.append((250, text))
+                except aiosmtplib.SMTPDataError as exc:
+                    replies.append((exc.code, exc.message))
+            await smtp.noop()  # the session goes on
+        return replies
+
+    forged_reply, folded_reply = asyncio.run(scenario())
+    assert folded_reply[0] == 250
+    if check:
+        assert forged_reply == (
+            553,
+            "5.7.1 From: <ceo@example.com> is not an address user carol may send as",
+        )
+        assert len(upstream.messages) == 1
+    else:
+        assert forged_reply[0] == 250
+        assert len(upstream.messages) == 2
+
+
 def test_slow_upload_is_not_cut_by_the_idle_timeout(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
