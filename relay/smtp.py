@@ -24,6 +24,12 @@ there):
   sessions at once and to busy ones when their transaction ends.
 * A listener may restrict who can connect (``peer_allowed``): the plain port
   serves trusted networks only.
+* Session limits (relay/limits.py) are checked once per connection, when it
+  is made (after the handshake on implicit TLS; STARTTLS's new session is the
+  same connection), and a refused one is greeted with the 421 instead of 220.
+  Until its first valid command a connection has ``greeting_timeout`` seconds
+  (``TRACKRELAY_GREETING_TIMEOUT``), not the idle timeout: a silent
+  connection holds a slot for 30 s, not 300.
 * A client looping NOOP, RSET, VRFY, EHLO, refused MAILs... keeps a session
   (and a slot of the upstream's) forever, since every valid command resets
   the idle timeout. After ``command_limit`` commands that moved no mail it
@@ -54,6 +60,7 @@ from aiosmtpd.smtp import MISSING, Session
 
 from relay.aiosmtpd_adapter import AdaptedSession, AdaptedSMTP, Command
 from relay.datareader import DataTooBig, DataTooLong, read_data
+from relay.limits import SessionLimits
 
 if TYPE_CHECKING:
     from relay.upstream import Connection
@@ -98,10 +105,16 @@ class RelaySMTP(AdaptedSMTP):
         on_close: Callable[[RelaySMTP], None] | None = None,
         data_timeout: float | None = None,
         command_limit: int | None = None,
+        limits: SessionLimits | None = None,
+        greeting_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.listener = listener
+        self.greeting_timeout = greeting_timeout
+        self._limits = limits
+        self._counted_ip: str | None = None  # counted by limits, released at the end
+        self._refusal: str | None = None  # the 421 to greet with, over a limit
         self.data_timeout = data_timeout
         self.command_limit = command_limit
         self._idle_commands = 0  # commands since the last message that moved no mail
@@ -126,11 +139,25 @@ class RelaySMTP(AdaptedSMTP):
         super().connection_made(transport)
         if previous is not None and previous is not self.session:
             self._session_ended(previous)  # STARTTLS starts a new session (RFC 3207 4.2)
-        elif previous is None and self._on_open is not None:
-            self._on_open(self)  # implicit TLS: only now, after a successful handshake
+        elif previous is None:
+            self._first_contact()  # implicit TLS: only now, after a successful handshake
+
+    def _first_contact(self) -> None:
+        assert isinstance(self.session, RelaySession)
+        if self._limits is not None:
+            ip = self.session.client_ip
+            self._refusal = self._limits.admit(ip, self.listener)
+            self._counted_ip = None if self._refusal else ip
+        if self.greeting_timeout is not None:
+            self.reset_timeout(self.greeting_timeout)
+        if self._on_open is not None:
+            self._on_open(self)
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
+        if self._limits is not None and self._counted_ip is not None:
+            self._limits.release(self._counted_ip)
+            self._counted_ip = None
         if self.session is not None:
             self._session_ended(self.session)
         if self._on_close is not None:
@@ -143,6 +170,11 @@ class RelaySMTP(AdaptedSMTP):
 
     async def serve_client(self) -> None:
         assert self.session is not None
+        if self._refusal is not None:  # over a session limit (logged by relay/limits.py)
+            await self.push(self._refusal)
+            assert self.transport is not None
+            self.transport.close()
+            return
         ip = self.session.peer[0] if isinstance(self.session.peer, tuple) else ""
         if self._peer_allowed is not None and not self._peer_allowed(str(ip)):
             log.warning("%s listener: refused %s (not in the trusted networks)", self.listener, ip)
