@@ -97,7 +97,7 @@ class RelayServer:
         loop = asyncio.get_running_loop()
         factory = lambda: self._protocol(listener, **options)  # noqa: E731
         # A TLS handshake never begun holds a socket too: no longer than a greeting.
-        handshake = self.settings.greeting_timeout if ssl else None
+        handshake = self._greeting_timeout() if ssl else None
         try:
             if listener in self._sockets:  # bound by the parent of several workers
                 server = await loop.create_server(
@@ -131,11 +131,15 @@ class RelayServer:
             data_timeout=self.settings.data_timeout,
             command_limit=self.settings.max_commands_without_mail,
             limits=self.limits,
-            greeting_timeout=self.settings.greeting_timeout,
+            greeting_timeout=self._greeting_timeout(),
             loop=asyncio.get_running_loop(),
             **options,
         )
         return protocol
+
+    def _greeting_timeout(self) -> float:
+        """Until the first command: the greeting timeout, never longer than the idle one."""
+        return min(self.settings.greeting_timeout, self.settings.idle_timeout)
 
     def _remember(self, protocol: RelaySMTP) -> None:
         self._connections.add(protocol)
