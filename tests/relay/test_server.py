@@ -250,13 +250,15 @@ def test_recipients_past_the_limit_are_free_only_up_to_the_overshoot(
     )
 
     async def scenario() -> list[str]:
-        async with running_relay(settings, db_engine) as relay:
-            async with await RawClient.connect(relay.ports["plain"]) as raw:
-                start = [
-                    (await raw.command(line))[:3]
-                    for line in (b"EHLO app.test", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@x>")
-                ]
-                return start + await _until_cut(raw, [b"RCPT TO:<c@x>"])
+        async with (
+            running_relay(settings, db_engine) as relay,
+            await RawClient.connect(relay.ports["plain"]) as raw,
+        ):
+            start = [
+                (await raw.command(line))[:3]
+                for line in (b"EHLO app.test", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@x>")
+            ]
+            return start + await _until_cut(raw, [b"RCPT TO:<c@x>"])
 
     codes = asyncio.run(scenario())
     # EHLO costs 1 of 10; 5 free 452s, then 9 counted ones; the next is refused
