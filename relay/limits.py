@@ -10,6 +10,9 @@ and nothing was logged. So:
   ``TRACKRELAY_MAX_SESSIONS_PER_IP`` from one client address; the next
   connection is greeted ``421 4.7.0`` and closed at once (RFC 5321 3.1: a
   server may answer the connection with 421 and close);
+* an IPv6 client counts by its /64 (one host is commonly given a whole /64,
+  so counting single addresses would not limit it); an IPv4-mapped address
+  counts as the IPv4 address;
 * a WARNING names the refused peer and the limit, at most once a minute per
   address and limit with the count refused meanwhile, so a flood of
   connections cannot flood the log as well;
@@ -31,6 +34,7 @@ many, each within its own open-file limit.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -40,6 +44,19 @@ log = logging.getLogger(__name__)
 TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_FROM_IP = "421 4.7.0 Too many connections from your address, try again later"
 LOG_EVERY = 60.0  # seconds between two refusal lines for one address and limit
+
+
+def client_key(ip: str) -> str:
+    """What one client is, for the per-address limit: the IPv4 address, or the /64."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
 
 
 class SessionLimits:
@@ -61,18 +78,20 @@ class SessionLimits:
 
     def admit(self, ip: str, listener: str) -> str | None:
         """Count a new session from ``ip``; or the 421 to greet it with (then not counted)."""
+        key = client_key(ip)
         if self._active >= self.total:
-            self._refused(ip, listener, "TRACKRELAY_MAX_SESSIONS", self.total)
+            self._refused(ip, key, listener, "TRACKRELAY_MAX_SESSIONS", self.total)
             return TOO_MANY_SESSIONS
-        if self._by_ip.get(ip, 0) >= self.per_ip:
-            self._refused(ip, listener, "TRACKRELAY_MAX_SESSIONS_PER_IP", self.per_ip)
+        if self._by_ip.get(key, 0) >= self.per_ip:
+            self._refused(ip, key, listener, "TRACKRELAY_MAX_SESSIONS_PER_IP", self.per_ip)
             return TOO_MANY_FROM_IP
         self._active += 1
-        self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
+        self._by_ip[key] = self._by_ip.get(key, 0) + 1
         return None
 
     def release(self, ip: str) -> None:
         """The session from ``ip`` that :meth:`admit` counted has ended."""
+        ip = client_key(ip)
         self._active -= 1
         left = self._by_ip.get(ip, 0) - 1
         if left > 0:
@@ -80,9 +99,9 @@ class SessionLimits:
         else:
             self._by_ip.pop(ip, None)
 
-    def _refused(self, ip: str, listener: str, setting: str, limit: int) -> None:
+    def _refused(self, ip: str, client: str, listener: str, setting: str, limit: int) -> None:
         now = self._clock()
-        key = (ip, setting)
+        key = (client, setting)
         last, since = self._logged.get(key, (now - LOG_EVERY, 0))
         if now - last < LOG_EVERY:
             self._logged[key] = (last, since + 1)

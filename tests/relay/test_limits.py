@@ -118,3 +118,34 @@ def test_limits_count_and_release_per_address() -> None:
     limits.release("a")
     assert limits.admit("c", "smtp") is None
     assert limits.active == 3
+
+
+def test_an_ipv6_client_counts_by_its_64() -> None:
+    limits = SessionLimits(total=10, per_ip=2, clock=lambda: 0.0)
+    assert limits.admit("2001:db8:1:2::1", "smtp") is None
+    assert limits.admit("2001:db8:1:2:ffff::9", "smtp") is None
+    assert limits.admit("2001:db8:1:2::abcd", "smtp") is not None
+    assert limits.admit("2001:db8:1:3::1", "smtp") is None  # another /64
+    assert limits.admit("::ffff:192.0.2.1", "smtp") is None
+    assert limits.admit("192.0.2.1", "smtp") is None
+    assert limits.admit("192.0.2.1", "smtp") is not None  # the mapped one counted too
+    limits.release("2001:db8:1:2::1")
+    assert limits.admit("2001:db8:1:2::77", "smtp") is None
+
+
+def test_refusals_are_logged_once_a_minute_per_address(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    limits = SessionLimits(total=5, per_ip=1, clock=lambda: now[0])
+    limits.admit("192.0.2.1", "smtp")
+    with caplog.at_level(logging.WARNING, logger="relay.limits"):
+        for _ in range(100):
+            limits.admit("192.0.2.1", "smtp")
+        limits.admit("192.0.2.2", "smtp")
+        limits.admit("192.0.2.2", "smtp")  # another address: its own line
+        now[0] = 61.0
+        limits.admit("192.0.2.1", "smtp")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3
+    assert "refused 192.0.2.1" in lines[0]
+    assert "refused 192.0.2.2" in lines[1]
+    assert lines[2].endswith("(99 more refused since the last line)")
