@@ -116,9 +116,10 @@ class AdaptedSMTP(SMTP):
             name: wrap(name, method) for name, method in self._smtp_methods.items()
         }
 
-    def reset_timeout(self) -> None:
-        """Restart the idle timeout (unless suspended)."""
-        self._reset_timeout()
+    def reset_timeout(self, duration: float | None = None) -> None:
+        """Restart the idle timeout, or one of ``duration`` seconds (unless suspended);
+        aiosmtpd's next reset, at the next valid command, is the idle timeout again."""
+        self._reset_timeout(duration)
 
     def suspend_timeout(self) -> None:
         """No idle timeout until :meth:`resume_timeout`."""

@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 from relay import upstream
 from relay.auth import Credentials, FailureLimiter, read_login, read_plain
 from relay.deliver import deliver
+from relay.headers import addr_specs, top_fields
 from relay.prepared import Submission
 from relay.record import Recorder
 from relay.smtp import RelaySession
@@ -51,6 +52,8 @@ NEED_AUTH = "530 5.7.0 Authentication required"
 TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 NOT_UTF8 = "553 5.6.7 Non-ASCII address needs SMTPUTF8"
 UTF8_UNSUPPORTED = "555 5.6.7 SMTPUTF8 is not supported by the upstream server"
+CONTROL_CHARACTER = "553 5.1.3 Address or parameter contains a control character"
+NOT_VALID_UTF8 = "553 5.6.7 Address or parameter is not valid UTF-8"
 # Room left below the upstream's SIZE for what tracking adds (pixel, longer links).
 GROWTH_FRACTION = 20
 
@@ -168,6 +171,8 @@ class RelayHandler:
         if not (session.authenticated or self.trusted(session.client_ip)):
             log.warning("MAIL without AUTH from %s refused (not trusted)", session.client_ip)
             return NEED_AUTH
+        if problem := _unsendable(address, options):
+            return problem
         if not self._may_send_as(session, address):
             return f"553 5.7.1 <{address}>: sender address not owned by user {session.auth_user}"
         if not address.isascii() and "SMTPUTF8" not in options:
@@ -175,6 +180,7 @@ class RelayHandler:
         if "SMTPUTF8" in options and not self.capabilities.smtputf8:
             return UTF8_UNSUPPORTED
         session.refused = []
+        session.overshoot = 0
         reply = await self._mail(session, _envelope_sender(address), self._options(options))
         if reply.ok:
             envelope.mail_from = address  # a hook that answers must fill the envelope
@@ -185,7 +191,10 @@ class RelayHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         assert isinstance(session, RelaySession)
+        if problem := _unsendable(address, options):
+            return problem
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            session.overshoot += 1  # free for the command budget (relay/smtp.py)
             return TOO_MANY_RCPTS
         if not address.isascii() and not envelope.smtp_utf8:
             return NOT_UTF8
@@ -216,6 +225,10 @@ class RelayHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         assert isinstance(session, RelaySession)
+        if refusal := self._foreign_from(session, envelope.original_content or b""):
+            if session.upstream is not None:
+                await session.upstream.rset()
+            return refusal
         submission = Submission(
             message_id=new_message_id(),
             sender=_envelope_sender(envelope.mail_from or ""),
@@ -267,6 +280,29 @@ class RelayHandler:
             return True
         return address == "<>" or users.may_send_as(session.addresses, address)
 
+    def _foreign_from(self, session: RelaySession, data: bytes) -> str | None:
+        """Local mode with TRACKRELAY_LOCAL_CHECK_FROM_HEADER: every From: address must
+        be one the user may send as, like MAIL FROM (the shared upstream account would
+        send anything); the refusal, or None."""
+        if not (self.settings.local_check_from_header and self.settings.auth_mode == "local"):
+            return None
+        if not session.authenticated:
+            return None  # a trusted network, not a user
+        for field in top_fields(data)[0]:
+            if field.name != "from":
+                continue
+            for address in addr_specs(field):
+                if not (address and users.may_send_as(session.addresses, address)):
+                    log.warning(
+                        "message refused: From %r is not user %r's", address, session.auth_user
+                    )
+                    shown = "".join(c if c.isprintable() else "?" for c in address)
+                    return (
+                        f"553 5.7.1 From: <{shown}> is not an address user "
+                        f"{session.auth_user} may send as"
+                    )
+        return None
+
     def _options(self, options: list[str]) -> list[str]:
         """MAIL parameters for the upstream: never the client's SIZE (aiosmtplib sends none,
         and tracking changes the size); BODY only when the upstream knows 8BITMIME."""
@@ -310,6 +346,21 @@ class RelayHandler:
             log.warning("upstream %s not reachable at start", self.settings.upstream_target)
         else:
             self.capabilities = capabilities
+
+
+def _unsendable(address: str, options: list[str]) -> str | None:
+    """Why an address or parameter cannot go upstream: aiosmtplib refuses control
+    characters (ValueError) and aiosmtpd hands invalid UTF-8 over as surrogates
+    (UnicodeEncodeError), each of which aiosmtpd answered with a 500 quoting the
+    exception, and logged with a traceback."""
+    for text in (address, *options):
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            return CONTROL_CHARACTER
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return NOT_VALID_UTF8
+    return None
 
 
 def _envelope_sender(address: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from email.utils import getaddresses
 
 # A message on its way out: views of the received bytes, and new bytes where
 # something changed. Slicing a 35 MB message or joining it again copies all of
@@ -40,6 +41,14 @@ class Field:
         """The unfolded value (latin-1 so no byte is lost), stripped."""
         _, _, value = self.raw.partition(b":")
         return _FOLD.sub(b"", value).strip().decode("latin-1")
+
+
+def addr_specs(field: Field) -> list[str]:
+    """The addresses of an address field (From, To...); UTF-8 read as such, and an
+    empty string for a part the parser cannot read."""
+    _, _, value = field.raw.partition(b":")
+    text = _FOLD.sub(b"", value).decode("utf-8", "replace")
+    return [address for _, address in getaddresses([text])]
 
 
 def header_end(data: bytes, start: int = 0) -> tuple[int, int]:

@@ -4,8 +4,8 @@ Trigger headers (all removed before forwarding, tracked or not):
 
 * the configured header (default ``X-Track``): ``opens``/``open``,
   ``clicks``/``click``, ``all``/``on``/``yes``, ``none``/``off``/``no``,
-  comma-separated, any case, spaces ignored. The list is complete: ``opens``
-  alone means opens and not clicks;
+  comma-separated, any case, white space (spaces, tabs, folding) ignored.
+  The list is complete: ``opens`` alone means opens and not clicks;
 * Mailgun's ``X-Mailgun-Track`` (yes/no), ``-Track-Opens`` (yes/no),
   ``-Track-Clicks`` (yes/no/htmlonly) and Postmark's ``X-PM-TrackOpens``
   (true/false), ``X-PM-TrackLinks`` (None/HtmlAndText/HtmlOnly/TextOnly), so
@@ -87,8 +87,14 @@ class Request:
         return any(v is not None for v in (self.opens, self.html_links, self.text_links))
 
 
+def _squeeze(value: str) -> str:
+    """Lower case, without any white space: a field folded with a tab (RFC 5322
+    2.2.3 unfolding keeps the WSP after the CRLF) reads as one folded with a space."""
+    return "".join(value.split()).lower()
+
+
 def _own_header(value: str) -> _Ask | None:
-    words = {w.replace(" ", "").lower() for w in value.split(",")} - {""}
+    words = {_squeeze(w) for w in value.split(",")} - {""}
     if not words:
         return None
     opens = clicks = False
@@ -108,7 +114,7 @@ def _own_header(value: str) -> _Ask | None:
 
 def _ask(name: str, value: str, own: str) -> _Ask | None:
     """What one header asks, or None if its value is not understood."""
-    word = value.replace(" ", "").lower()
+    word = _squeeze(value)
     if name == own:
         return _own_header(value)
     if name == "x-mailgun-track":

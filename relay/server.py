@@ -11,6 +11,10 @@ share the database engine or async clients with the receiver):
 * ``plain`` (optional): no TLS, no AUTH, for app servers in the trusted
   networks only; anyone else gets 554 and is disconnected.
 
+All listeners share one :class:`relay.limits.SessionLimits` (sessions in all
+and per client address, 421 past them); a TLS handshake on ``smtps`` must end
+within the greeting timeout.
+
 Scale-out: :func:`bind_listeners` binds the listening sockets once; worker
 processes forked after that (``TRACKRELAY_RELAY_WORKERS``) each pass them to
 their own ``RelayServer(..., sockets=...)``, and the kernel hands each new
@@ -34,6 +38,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from relay.handler import RelayHandler
+from relay.limits import SessionLimits
 from relay.smtp import RelaySMTP
 from relay.tlscert import certificate_paths, server_context
 from relay.track import Counters, Tracker
@@ -56,6 +61,7 @@ class RelayServer:
         self._sockets = sockets or {}
         self.engine = engine
         self.handler = RelayHandler(settings, engine, tracker)
+        self.limits = SessionLimits(settings.max_sessions, settings.max_sessions_per_ip)
         self.ports: dict[str, int] = {}
         self.certificate: Path | None = None
         self._servers: list[asyncio.Server] = []
@@ -90,11 +96,20 @@ class RelayServer:
     ) -> None:
         loop = asyncio.get_running_loop()
         factory = lambda: self._protocol(listener, **options)  # noqa: E731
+        # A TLS handshake never begun holds a socket too: no longer than a greeting.
+        handshake = self._greeting_timeout() if ssl else None
         try:
             if listener in self._sockets:  # bound by the parent of several workers
-                server = await loop.create_server(factory, sock=self._sockets[listener], ssl=ssl)
+                server = await loop.create_server(
+                    factory,
+                    sock=self._sockets[listener],
+                    ssl=ssl,
+                    ssl_handshake_timeout=handshake,
+                )
             else:
-                server = await loop.create_server(factory, self.settings.host, port, ssl=ssl)
+                server = await loop.create_server(
+                    factory, self.settings.host, port, ssl=ssl, ssl_handshake_timeout=handshake
+                )
         except OSError as exc:
             setting = f"TRACKRELAY_{listener.upper()}_PORT"
             message = f"{setting}: cannot listen on {self.settings.host}:{port}: {exc}"
@@ -115,10 +130,16 @@ class RelayServer:
             timeout=self.settings.idle_timeout,
             data_timeout=self.settings.data_timeout,
             command_limit=self.settings.max_commands_without_mail,
+            limits=self.limits,
+            greeting_timeout=self._greeting_timeout(),
             loop=asyncio.get_running_loop(),
             **options,
         )
         return protocol
+
+    def _greeting_timeout(self) -> float:
+        """Until the first command: the greeting timeout, never longer than the idle one."""
+        return min(self.settings.greeting_timeout, self.settings.idle_timeout)
 
     def _remember(self, protocol: RelaySMTP) -> None:
         self._connections.add(protocol)

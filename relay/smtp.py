@@ -24,6 +24,12 @@ there):
   sessions at once and to busy ones when their transaction ends.
 * A listener may restrict who can connect (``peer_allowed``): the plain port
   serves trusted networks only.
+* Session limits (relay/limits.py) are checked once per connection, when it
+  is made (after the handshake on implicit TLS; STARTTLS's new session is the
+  same connection), and a refused one is greeted with the 421 instead of 220.
+  Until its first valid command a connection has ``greeting_timeout`` seconds
+  (``TRACKRELAY_GREETING_TIMEOUT``), not the idle timeout: a silent
+  connection holds a slot for 30 s, not 300.
 * A client looping NOOP, RSET, VRFY, EHLO, refused MAILs... keeps a session
   (and a slot of the upstream's) forever, since every valid command resets
   the idle timeout. After ``command_limit`` commands that moved no mail it
@@ -34,6 +40,12 @@ there):
   each command per session and never forgives: a client that sends RSET
   after each message (PHPMailer's keep-alive does) would be cut after N
   messages. Unknown commands are aiosmtpd's: the fifth gets 502 and a close.
+* A RCPT refused for being past ``TRACKRELAY_MAX_RECIPIENTS`` (452) costs
+  nothing either, up to :data:`OVERSHOOT` per transaction: RFC 5321
+  4.5.3.1.10 has the client send DATA for the accepted recipients and the
+  rest in a later transaction, so a list of 2,000 must not end the session
+  (and its hundred accepted recipients) at RCPT 197. Past :data:`OVERSHOOT`
+  (Postfix's ``smtpd_recipient_overshoot_limit`` idea) they count again.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from aiosmtpd.smtp import MISSING, Session
 
 from relay.aiosmtpd_adapter import AdaptedSession, AdaptedSMTP, Command
 from relay.datareader import DataTooBig, DataTooLong, read_data
+from relay.limits import SessionLimits
 
 if TYPE_CHECKING:
     from relay.upstream import Connection
@@ -58,6 +71,7 @@ log = logging.getLogger(__name__)
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
 DATA_TIMEOUT_REPLY = "421 4.4.2 Message upload took too long, closing connection"
 COMMAND_LIMIT_REPLY = "421 4.7.0 Too many commands without sending mail, closing connection"
+OVERSHOOT = 10_000  # RCPTs past the recipient limit that cost no command, per transaction
 
 
 class RelaySession(AdaptedSession):
@@ -70,6 +84,7 @@ class RelaySession(AdaptedSession):
         self.auth_user = ""
         self.addresses: list[str] = []  # local mode: what the user may send as
         self.refused: list[tuple[str, Reply]] = []  # RCPTs the upstream refused (address, Reply)
+        self.overshoot = 0  # RCPTs of this transaction refused past the recipient limit
 
     @property
     def client_ip(self) -> str:
@@ -90,10 +105,16 @@ class RelaySMTP(AdaptedSMTP):
         on_close: Callable[[RelaySMTP], None] | None = None,
         data_timeout: float | None = None,
         command_limit: int | None = None,
+        limits: SessionLimits | None = None,
+        greeting_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.listener = listener
+        self.greeting_timeout = greeting_timeout
+        self._limits = limits
+        self._counted_ip: str | None = None  # counted by limits, released at the end
+        self._refusal: str | None = None  # the 421 to greet with, over a limit
         self.data_timeout = data_timeout
         self.command_limit = command_limit
         self._idle_commands = 0  # commands since the last message that moved no mail
@@ -118,11 +139,25 @@ class RelaySMTP(AdaptedSMTP):
         super().connection_made(transport)
         if previous is not None and previous is not self.session:
             self._session_ended(previous)  # STARTTLS starts a new session (RFC 3207 4.2)
-        elif previous is None and self._on_open is not None:
-            self._on_open(self)  # implicit TLS: only now, after a successful handshake
+        elif previous is None:
+            self._first_contact()  # implicit TLS: only now, after a successful handshake
+
+    def _first_contact(self) -> None:
+        assert isinstance(self.session, RelaySession)
+        if self._limits is not None:
+            ip = self.session.client_ip
+            self._refusal = self._limits.admit(ip, self.listener)
+            self._counted_ip = None if self._refusal else ip
+        if self.greeting_timeout is not None:
+            self.reset_timeout(self.greeting_timeout)
+        if self._on_open is not None:
+            self._on_open(self)
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
+        if self._limits is not None and self._counted_ip is not None:
+            self._limits.release(self._counted_ip)
+            self._counted_ip = None
         if self.session is not None:
             self._session_ended(self.session)
         if self._on_close is not None:
@@ -135,6 +170,11 @@ class RelaySMTP(AdaptedSMTP):
 
     async def serve_client(self) -> None:
         assert self.session is not None
+        if self._refusal is not None:  # over a session limit (logged by relay/limits.py)
+            await self.push(self._refusal)
+            assert self.transport is not None
+            self.transport.close()
+            return
         ip = self.session.peer[0] if isinstance(self.session.peer, tuple) else ""
         if self._peer_allowed is not None and not self._peer_allowed(str(ip)):
             log.warning("%s listener: refused %s (not in the trusted networks)", self.listener, ip)
@@ -174,18 +214,20 @@ class RelaySMTP(AdaptedSMTP):
 
     # --- command limit ---
 
-    def _progress(self) -> tuple[bool, int, int]:
+    def _progress(self) -> tuple[bool, int, int, int]:
         session, envelope = self.session, self.envelope
-        refused = len(session.refused) if isinstance(session, RelaySession) else 0
+        refused = overshoot = 0
+        if isinstance(session, RelaySession):
+            refused, overshoot = len(session.refused), min(session.overshoot, OVERSHOOT)
         if envelope is None:
-            return False, 0, refused
-        return envelope.mail_from is not None, len(envelope.rcpt_tos), refused
+            return False, 0, refused, overshoot
+        return envelope.mail_from is not None, len(envelope.rcpt_tos), refused, overshoot
 
-    def _count(self, name: str, before: tuple[bool, int, int]) -> None:
+    def _count(self, name: str, before: tuple[bool, int, int, int]) -> None:
         if name == "DATA" and before[1]:
             self._idle_commands = 0  # a message was handed over
         elif name in ("MAIL", "RCPT") and self._progress() != before:
-            pass  # an accepted MAIL, or a RCPT accepted or answered by the upstream
+            pass  # an accepted MAIL; a RCPT accepted, answered upstream, or past the limit
         elif name != "QUIT":
             self._idle_commands += 1
 

@@ -12,6 +12,11 @@ encoder (relay/datawriter.py); dev mode delivers to a Maildir
   kept for those reopenings.
 * ``close()`` never QUITs between DATA and its content (a client leaving
   mid-delivery closes the session while DATA runs).
+* DATA (its content and the reply to the final dot) is given
+  ``TRACKRELAY_UPSTREAM_DATA_TIMEOUT`` (600 s), every other command
+  ``TRACKRELAY_UPSTREAM_TIMEOUT``. Past it the client gets 451 and retries:
+  if the upstream accepted after all, that retry is a second copy, the one
+  case no relay that does not queue can rule out.
 """
 
 from __future__ import annotations
@@ -155,7 +160,10 @@ class SmtpUpstream:
         client = self._require()
         self._in_transaction = False
         async with self._lock:  # close() must not QUIT between DATA and its content
-            wait = self._settings.upstream_timeout
+            # RFC 5321 4.5.3.2.6: the reply to the final dot may take 10 minutes
+            # (a server filtering the message); answering 451 sooner would make
+            # the client retry a message the upstream may still accept.
+            wait = self._settings.upstream_data_timeout
             return await command(send_data(client.smtp, content, wait))
 
     async def rset(self) -> None:

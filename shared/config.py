@@ -142,6 +142,13 @@ class Settings(BaseSettings):
     auth_failure_window: float = Field(900.0, gt=0)
     relay_workers: int = Field(1, gt=0)  # processes for `trackrelay relay`, sharing the ports
 
+    # --- SMTP sessions: limits and timeouts against one client taking the process down ---
+    max_sessions: int = Field(300, gt=0)  # SMTP sessions per relay process; more get 421
+    max_sessions_per_ip: int = Field(50, gt=0)  # of those, from one client address
+    greeting_timeout: float = Field(30.0, gt=0)  # the first command must come within this
+    upstream_data_timeout: float = Field(600.0, gt=0)  # the upstream's reply to the final dot
+    local_check_from_header: bool = False  # local mode: From: must be the user's too (553)
+
     # --- storage and secrets ---
     var_dir: Path = Path("./var")
     database_url: str = ""

@@ -4,7 +4,8 @@ The aiosmtpd listeners are created with ``loop.create_server`` (not aiosmtpd's
 ``Controller``, which runs its own loop in a thread and could not share the
 database engine or async clients with uvicorn), and uvicorn runs through
 ``Server.serve()`` on the same loop. SIGINT/SIGTERM stop both: the HTTP side
-stops accepting, the relay finishes the transactions in flight.
+stops accepting, the relay finishes the transactions in flight. At start the
+soft open-file limit is raised to the hard one (:func:`raise_open_file_limit`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 from dataclasses import dataclass, replace
@@ -23,6 +25,10 @@ from sqlalchemy import Engine
 from shared.config import Settings
 
 log = logging.getLogger(__name__)
+
+# Descriptors a process needs besides its SMTP sessions: listeners, the database
+# pool, the event writer's pipe, journals and HTTP connections (relay/limits.py).
+FILES_BESIDE_SESSIONS = 200
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ RECEIVER = Parts(relay=False, receiver=True)
 
 def serve(settings: Settings, engine: Engine, parts: Parts) -> int:
     """Run ``parts`` on uvloop until SIGINT or SIGTERM; the exit status."""
+    raise_open_file_limit(settings if parts.relay else None)
     main = run(settings, engine, parts)
     try:
         import uvloop
@@ -49,6 +56,39 @@ def serve(settings: Settings, engine: Engine, parts: Parts) -> int:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+def raise_open_file_limit(relay: Settings | None = None) -> int:
+    """Raise the soft open-file limit to the hard one and log the figure; the limit now.
+
+    Every SMTP session, upstream connection and HTTP connection is a descriptor:
+    the common soft limit of 1024 is what a flood of idle connections ran out
+    of, taking HTTP down with SMTP (relay/limits.py has the arithmetic). A relay
+    whose TRACKRELAY_MAX_SESSIONS cannot fit the limit gets a WARNING.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            log.info("open-file limit raised from %d to %d (the hard limit)", soft, wanted)
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("open-file limit stays at %d: cannot raise it to %d: %s", soft, wanted, exc)
+    else:
+        log.info("open-file limit: %d", soft)
+    if relay is not None and soft != resource.RLIM_INFINITY:
+        needed = 2 * relay.max_sessions + FILES_BESIDE_SESSIONS
+        if soft < needed:
+            log.warning(
+                "open-file limit %d is below the %d that TRACKRELAY_MAX_SESSIONS=%d may use "
+                "(2 per session + %d): lower the setting or raise the limit (ulimit -n)",
+                soft,
+                needed,
+                relay.max_sessions,
+                FILES_BESIDE_SESSIONS,
+            )
+    return int(soft)
 
 
 async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa: C901 - start, then stop, what runs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 from pathlib import Path
 
@@ -243,6 +244,53 @@ def test_local_mode_checks_the_sender_and_logs_in_with_the_relay_account(
     assert reply.startswith("2.0.0")
     assert [m.mail_from for m in upstream.messages] == ["carol@example.com"]
     assert upstream.auth_attempts == [("PLAIN", USER)]
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_local_mode_may_require_the_from_header_to_be_the_users_too(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine, check: bool
+) -> None:
+    """TRACKRELAY_LOCAL_CHECK_FROM_HEADER: a user of the shared account cannot put
+    another user's address in From: (off by default: only MAIL FROM is checked)."""
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=PASSWORD,
+        local_check_from_header=check,
+    )
+    add_user(db_engine, "carol", "carol-password", addresses=["carol@example.com"])
+    forged = SIMPLE.replace(b"Alice <alice@example.com>", b"CEO <ceo@example.com>")
+    folded = SIMPLE.replace(
+        b"Alice <alice@example.com>", b"=?utf-8?q?Carol?=\r\n\t<Carol@Example.com>"
+    )
+
+    async def scenario() -> list[tuple[int, str]]:
+        replies = []
+        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_login("carol", "carol-password")
+            for message in (forged, folded):
+                try:
+                    _, text = await smtp.sendmail("carol@example.com", ["bob@example.net"], message)
+                    replies.append((250, text))
+                except aiosmtplib.SMTPDataError as exc:
+                    replies.append((exc.code, exc.message))
+            await smtp.noop()  # the session goes on
+        return replies
+
+    forged_reply, folded_reply = asyncio.run(scenario())
+    assert folded_reply[0] == 250
+    if check:
+        assert forged_reply == (
+            553,
+            "5.7.1 From: <ceo@example.com> is not an address user carol may send as",
+        )
+        assert len(upstream.messages) == 1
+    else:
+        assert forged_reply[0] == 250
+        assert len(upstream.messages) == 2
 
 
 def test_slow_upload_is_not_cut_by_the_idle_timeout(
@@ -723,3 +771,89 @@ def test_an_address_the_parser_chokes_on_is_a_syntax_error(
     assert bad_from.startswith("553 5.1.3 ")
     assert good.startswith("250 ")
     assert bad_to.startswith("553 5.1.3 ")
+
+
+def test_recipients_past_the_limit_leave_the_accepted_ones_their_data(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """2,000 RCPTs: the first 100 accepted, the rest 452 (RFC 5321 4.5.3.1.10), and
+    the 452s do not use up the command budget, so DATA delivers to the hundred."""
+    settings = relay_settings(make_settings, upstream, max_commands_without_mail=100)
+    recipients = [f"r{i}@example.net" for i in range(2000)]
+
+    async def scenario() -> tuple[dict[str, tuple[int, str]], str]:
+        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_plain(USER, PASSWORD)
+            refused, reply = await smtp.sendmail(USER, recipients, SIMPLE)
+            return {k: (v.code, v.message) for k, v in refused.items()}, reply
+
+    refused, reply = asyncio.run(scenario())
+    assert reply.startswith("2.0.0")
+    assert set(refused) == set(recipients[100:])
+    assert set(refused.values()) == {(452, "4.5.3 Too many recipients")}
+    assert [m.rcpt_tos for m in upstream.messages] == [recipients[:100]]
+
+
+def test_a_nul_or_invalid_utf8_in_an_address_is_a_plain_refusal(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    db_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``MAIL FROM:<a\\x00@x>`` and a RCPT that is not UTF-8 under SMTPUTF8: a 5xx
+    in words, no Python exception quoted to the client, no traceback in the log."""
+
+    async def scenario() -> list[str]:
+        async with running_relay(_trusted(make_settings, upstream), db_engine) as relay:
+            raw = await RawClient.connect(relay.ports["plain"])
+            await raw.command(b"EHLO app.test")
+            replies = [
+                await raw.command(b"MAIL FROM:<a\x00@x.example>"),
+                await raw.command(b"MAIL FROM:<app@example.com> SMTPUTF8"),
+                await raw.command(b"RCPT TO:<b\xff\xfe@example.net>"),
+                await raw.command(b"RCPT TO:<b\x00@example.net>"),
+                await raw.command(b"RSET"),
+                await raw.command(b"MAIL FROM:<\xc3\x28@example.com> SMTPUTF8"),
+            ]
+            await raw.close()
+            return replies
+
+    with caplog.at_level(logging.DEBUG):
+        bad_nul, mail, bad_utf8, bad_rcpt_nul, _, bad_mail_utf8 = asyncio.run(scenario())
+    assert mail.startswith("250 ")
+    for reply in (bad_nul, bad_utf8, bad_rcpt_nul, bad_mail_utf8):
+        assert reply[:1] == "5", reply
+        assert "Error" not in reply, reply
+        assert "(" not in reply, reply
+    assert bad_nul.startswith("553 5.1.3 ")
+    assert bad_utf8.startswith("553 5.6.7 ")
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    assert upstream.messages == []
+
+
+def test_the_final_reply_is_awaited_the_upstream_data_timeout(
+    make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """RFC 5321 4.5.3.2.6: the reply to the final dot may take 10 minutes. An upstream
+    slower than TRACKRELAY_UPSTREAM_DATA_TIMEOUT gets a 451 (its reply may yet be a
+    250: the one case a client's retry can deliver twice); one within it is waited
+    for, though slower than the command timeout and the client's idle timeout."""
+    upstream.data_delay = 1.0
+    slow = relay_settings(
+        make_settings, upstream, upstream_timeout=0.3, upstream_data_timeout=3, idle_timeout=0.3
+    )
+    hasty = relay_settings(make_settings, upstream, upstream_timeout=10, upstream_data_timeout=0.3)
+
+    async def scenario(settings: Settings) -> tuple[int, str]:
+        async with running_relay(settings, db_engine) as relay:
+            try:
+                return 250, (await send(relay)).message
+            except aiosmtplib.SMTPDataError as exc:
+                return exc.code, exc.message
+
+    code, text = asyncio.run(scenario(slow))
+    assert code == 250
+    assert len(upstream.messages) == 1
+    code, text = asyncio.run(scenario(hasty))
+    assert (code, text) == (451, "4.4.1 Upstream server unavailable, try again later")

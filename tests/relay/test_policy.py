@@ -58,6 +58,26 @@ def test_unknown_values_are_invalid(header: str) -> None:
     assert "is not understood" in request(header).invalid
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "X-Track: opens,\r\n\tclicks",
+        "X-Track: opens,\r\n clicks",
+        "X-Track:\topens\t,\tclicks",
+        "X-Track: opens\r\n\t\t, click",
+    ],
+)
+def test_folded_with_tabs_or_spaces(header: str) -> None:
+    """RFC 5322 2.2.3: unfolding removes the CRLF and keeps the WSP, tab or space."""
+    r = request(header)
+    assert not r.invalid
+    assert asked(r) == (True, True, None)
+
+
+def test_dialect_headers_folded_with_a_tab() -> None:
+    assert asked(request("X-PM-TrackLinks:\r\n\tHtmlOnly")) == (None, True, False)
+
+
 def test_configured_header_name() -> None:
     assert asked(request("X-Spy: opens", own="X-Spy")) == (True, False, False)
     assert asked(request("X-Track: opens", own="X-Spy")) == (None, None, None)

@@ -227,3 +227,39 @@ def test_a_session_may_send_any_number_of_messages(
 
     assert asyncio.run(scenario()) == [250] * 50
     assert len(upstream.messages) == 50
+
+
+def test_recipients_past_the_limit_are_free_only_up_to_the_overshoot(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    db_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A RCPT refused past TRACKRELAY_MAX_RECIPIENTS costs no command, but only the
+    first OVERSHOOT of a transaction: a client looping them is still cut off."""
+    monkeypatch.setattr("relay.smtp.OVERSHOOT", 5)
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        max_commands_without_mail=10,
+        max_recipients=1,
+        plain_port=0,
+        trusted_networks="127.0.0.1/32",
+        upstream_user=USER,
+        upstream_password=PASSWORD,
+    )
+
+    async def scenario() -> list[str]:
+        async with (
+            running_relay(settings, db_engine) as relay,
+            await RawClient.connect(relay.ports["plain"]) as raw,
+        ):
+            start = [
+                (await raw.command(line))[:3]
+                for line in (b"EHLO app.test", b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@x>")
+            ]
+            return start + await _until_cut(raw, [b"RCPT TO:<c@x>"])
+
+    codes = asyncio.run(scenario())
+    # EHLO costs 1 of 10; 5 free 452s, then 9 counted ones; the next is refused
+    assert codes == ["250", "250", "250"] + ["452"] * (5 + 9) + ["421"]

@@ -134,12 +134,13 @@ class RawClient:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.greeting = ""
 
     @classmethod
     async def connect(cls, port: int, **options: Any) -> RawClient:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, **options)
         raw = cls(reader, writer)
-        await raw.reply()  # greeting
+        raw.greeting = await raw.reply()
         return raw
 
     async def reply(self) -> str:
