@@ -74,6 +74,7 @@ class RelaySession(AdaptedSession):
         self.auth_user = ""
         self.addresses: list[str] = []  # local mode: what the user may send as
         self.refused: list[tuple[str, Reply]] = []  # RCPTs the upstream refused (address, Reply)
+        self.commands: list[str] = []  # Bcc commands of this transaction (relay/policy.py)
 
     @property
     def client_ip(self) -> str:

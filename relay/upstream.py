@@ -65,9 +65,14 @@ class Connection(Protocol):
     async def close(self) -> None: ...
 
 
-def connect(settings: Settings, *, login: tuple[bytes, bytes] | None = None) -> Connection:
-    """A connection object for the configured upstream (opened lazily)."""
-    target = settings.upstream_target
+def connect(
+    settings: Settings,
+    *,
+    login: tuple[bytes, bytes] | None = None,
+    target: Upstream | None = None,
+) -> Connection:
+    """A connection object for the configured upstream, or ``target`` (opened lazily)."""
+    target = target or settings.upstream_target
     if target.is_sink:
         assert target.path is not None
         return MaildirSink(target.path)
@@ -175,9 +180,9 @@ class SmtpUpstream:
         return self._client
 
 
-async def probe(settings: Settings) -> Capabilities | None:
-    """Connect once without logging in, to learn what the upstream advertises."""
-    target = settings.upstream_target
+async def probe(settings: Settings, target: Upstream | None = None) -> Capabilities | None:
+    """Connect once without logging in, to learn what the upstream (or ``target``) advertises."""
+    target = target or settings.upstream_target
     if target.is_sink:
         return Capabilities(smtputf8=True)
     client = SmtpClient(settings, target)

@@ -4,7 +4,8 @@ It is a real aiosmtpd server made with ``loop.create_server`` on 127.0.0.1,
 port 0, running its own event loop in a thread (so sync and async tests, and
 relays in subprocesses, can all use it). It speaks STARTTLS with a self-signed
 certificate and requires AUTH (PLAIN or LOGIN) for :data:`USER` /
-:data:`PASSWORD`, counting every attempt. Behaviour can be changed per test:
+:data:`PASSWORD`, counting every attempt (``require_auth=False``: none, as a
+gateway's return path or an MTA's last hop needs). Behaviour can be changed per test:
 refuse some recipients, answer DATA with a given reply, answer slowly, or
 drop the connection in the middle of DATA.
 
@@ -59,6 +60,7 @@ class RecordingUpstream:
     connections: int = 0
     host: str = "127.0.0.1"
     port: int = 0
+    require_auth: bool = True  # False: a return path that knows its peers (a gateway's)
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -89,7 +91,7 @@ class RecordingUpstream:
             ident="recording upstream",
             tls_context=self._context,
             require_starttls=True,
-            auth_required=True,
+            auth_required=self.require_auth,
             authenticator=self._authenticate,
             enable_SMTPUTF8=self.smtputf8,
             data_size_limit=self.size,
