@@ -12,7 +12,10 @@ four differences, no more:
   ``TRACKRELAY_GATEWAY_DOMAINS`` (550 5.7.1 otherwise, the null sender
   included): a mis-scoped connector must not make an open relay;
 * where mail goes: ``TRACKRELAY_GATEWAY_UPSTREAM`` (default the upstream),
-  without a login; plaintext only to loopback (shared/config.py);
+  without a login; plaintext only to loopback (shared/config.py); over TLS the
+  relay's certificate (``TRACKRELAY_TLS_CERT``) is presented to a server that
+  asks for a client certificate (an Exchange Online inbound connector with
+  ``-TlsSenderCertificateName`` identifies the gateway by it);
 * recipients are not limited (an organisation's mail to a large list);
 * the stamp (relay/stamp.py): a message already carrying a valid
   ``X-Trackrelay-Processed`` is passed on byte for byte, counted
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -59,6 +63,12 @@ class GatewayHandler(RelayHandler):
         self.offers_auth = False
         self.max_recipients = None
         self.capabilities = Capabilities(smtputf8=self.target.is_sink)
+        self.client_cert: tuple[Path, Path] | None = None  # the relay's, set at start
+
+    def use_certificate(self, cert: Path, key: Path) -> None:
+        """Present the relay's certificate on the return path, to a server that asks
+        (an Exchange Online inbound connector with TlsSenderCertificateName)."""
+        self.client_cert = (cert, key)
 
     def refuse_sender(self, session: RelaySession, address: str) -> str | None:
         domain = address.strip("<>").rpartition("@")[2].rstrip(".").lower()
@@ -72,7 +82,7 @@ class GatewayHandler(RelayHandler):
         return f"550 5.7.1 <{address.strip('<>')}>: sender domain not served by this gateway"
 
     def connect_upstream(self) -> upstream.Connection:
-        return upstream.connect(self.settings, target=self.target)
+        return upstream.connect(self.settings, target=self.target, client_cert=self.client_cert)
 
     async def probe_upstream(self, target: Upstream | None = None) -> None:
         await super().probe_upstream(target or self.target)

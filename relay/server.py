@@ -104,6 +104,7 @@ class RelayServer:
         settings, gateway = self.settings, self.gateway
         assert gateway is not None
         assert settings.gateway_port is not None
+        gateway.use_certificate(cert, key)
         await gateway.probe_upstream()
         names = settings.gateway_client_name_list
         context = server_context(cert, key)  # its own: only it asks for client certificates

@@ -149,6 +149,28 @@ def test_tenant_mail_is_tracked_per_policy_and_returns_stamped(
     assert record.track_clicks
 
 
+def test_the_return_path_is_shown_the_relays_certificate(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tenant: RecordingUpstream,
+    ca: Authority,
+    db_engine: Engine,
+) -> None:
+    """An inbound connector identifies the gateway by its certificate (TlsSenderCertificateName)."""
+    settings = gateway_settings(make_settings, upstream, tenant, ca)
+    tenant.ask_for_certificates(settings.tls_cert)  # the relay's own (self-signed) certificate
+    certificate = ca.issue(TENANT_NAME, dns=(TENANT_NAME,))
+
+    async def scenario() -> None:
+        async with running_relay(settings, db_engine) as relay:
+            await hand_over(relay, certificate)
+
+    asyncio.run(scenario())
+    [returned] = tenant.messages
+    assert returned.peercert is not None
+    assert ("commonName", "127.0.0.1") in [n for rdn in returned.peercert["subject"] for n in rdn]
+
+
 def test_untracked_mail_returns_byte_identical_but_for_the_stamp(
     make_settings: MakeSettings,
     upstream: RecordingUpstream,

@@ -43,6 +43,7 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     mail_options: list[str]
+    peercert: dict[str, Any] | None = None  # the client's TLS certificate, if it showed one
 
 
 @dataclass
@@ -69,6 +70,12 @@ class RecordingUpstream:
         self._protocols: list[SMTP] = []
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._context.load_cert_chain(self.cert, self.key)
+
+    def ask_for_certificates(self, ca: Path) -> None:
+        """Ask TLS clients for a certificate that ``ca`` signed (as an Exchange Online
+        inbound connector with TlsSenderCertificateName does); see Received.peercert."""
+        self._context.verify_mode = ssl.CERT_OPTIONAL
+        self._context.load_verify_locations(cafile=str(ca))
 
     @property
     def url(self) -> str:
@@ -182,6 +189,7 @@ class _Handler:
                 list(envelope.rcpt_tos),
                 envelope.original_content,
                 list(envelope.mail_options),
+                (session.ssl or {}).get("peercert"),
             )
         )
         return f"250 2.0.0 Ok: queued as {len(self.upstream.messages)}"
