@@ -380,3 +380,36 @@ def test_the_gateway_needs_its_networks_and_domains(make_settings: MakeSettings)
         load_settings(
             var_dir=make_settings().var_dir, gateway_port=2526, gateway_networks="10.0.0.0/8"
         )
+
+
+def test_require_tls_insists_on_starttls_before_mail(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tenant: RecordingUpstream,
+    ca: Authority,
+    db_engine: Engine,
+) -> None:
+    settings = gateway_settings(
+        make_settings,
+        upstream,
+        tenant,
+        ca,
+        gateway_client_names="",
+        gateway_client_ca=None,
+        gateway_require_tls=True,
+    )
+
+    async def scenario() -> tuple[str, str]:
+        async with running_relay(settings, db_engine) as relay:
+            async with aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=relay.ports["gateway"], start_tls=False, timeout=20
+            ) as plain:
+                await plain.ehlo()
+                refused = await plain.execute_command(b"MAIL", b"FROM:<alice@contoso.example>")
+            reply = await hand_over(relay, None)  # STARTTLS, no certificate: no names asked
+            return f"{refused.code} {refused.message}", reply
+
+    refused, reply = asyncio.run(scenario())
+    assert refused.startswith("530")
+    assert reply.startswith("2.0.0")
+    assert len(tenant.messages) == 1
