@@ -287,8 +287,10 @@ def test_postfix_mail_is_tracked_per_policy_and_untracked_mail_is_unchanged(
     assert len(stamps) == 1
     assert signer.verify(stamps[0], "<plain-1@contoso.example>")
     assert rest == message("plain-1", "carol@contoso.example")  # byte for byte, the stamp aside
-    listeners = [listener for listener, _ in _decisions(org)]
-    assert listeners == ["gateway", "gateway"]
+    rows = _decisions(org)
+    assert [listener for listener, _ in rows] == ["gateway", "gateway"]
+    tracked = sorted(json.loads(decision)["tracked"] for _, decision in rows)
+    assert tracked == [False, True]  # alice per her policy, carol not
     assert org.queued() == []
 
 

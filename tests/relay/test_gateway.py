@@ -171,6 +171,34 @@ def test_the_return_path_is_shown_the_relays_certificate(
     assert ("commonName", "127.0.0.1") in [n for rdn in returned.peercert["subject"] for n in rdn]
 
 
+def test_per_recipient_copies_return_as_separate_stamped_transactions(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tenant: RecordingUpstream,
+    ca: Authority,
+    db_engine: Engine,
+) -> None:
+    policies.set_policy(db_engine, "@contoso.example", mode="always", per_recipient=True)
+    settings = gateway_settings(make_settings, upstream, tenant, ca)
+    certificate = ca.issue(TENANT_NAME, dns=(TENANT_NAME,))
+    both = ("bob@fabrikam.example", "carol@fabrikam.example")
+
+    async def scenario() -> None:
+        async with running_relay(settings, db_engine) as relay:
+            await hand_over(relay, certificate, recipients=both)
+
+    asyncio.run(scenario())
+    assert sorted(m.rcpt_tos[0] for m in tenant.messages) == sorted(both)
+    assert all(len(m.rcpt_tos) == 1 for m in tenant.messages)
+    signer = stamp.Stamp([SECRET.encode()])
+    pixels = set()
+    for returned in tenant.messages:
+        value, rest = stamp_of(returned.data)
+        assert signer.verify(value, "<q3@contoso.example>")
+        pixels.add(rest.split(b"/o/", 1)[1][:40])
+    assert len(pixels) == 2  # each copy its own tokens
+
+
 def test_untracked_mail_returns_byte_identical_but_for_the_stamp(
     make_settings: MakeSettings,
     upstream: RecordingUpstream,
