@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlmodel import select
 
 from relay.server import RelayServer
-from shared import policies
+from shared import consent, policies
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Message
@@ -181,6 +181,27 @@ def test_policy_ceilings_and_suppressions_still_win(
     with session_scope(db_engine) as session:
         reasons = [json.loads(m.decision) for m in session.exec(select(Message)).all()]
     assert any("clicks not allowed" in " ".join(r["reasons"]) for r in reasons)
+
+
+def test_consent_still_wins_over_a_command(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    back: RecordingUpstream,
+    db_engine: Engine,
+) -> None:
+    consent.set_mode(db_engine, "opt-in", "example.net")
+    consent.add_consent(db_engine, "erin@example.net")
+    settings = every_listener(make_settings, upstream, back)
+
+    async def scenario() -> None:
+        async with running_relay(settings, db_engine) as relay:
+            await submit(relay, "smtps", ["bob@example.net", TRACK])
+            await submit(relay, "smtps", ["erin@example.net", TRACK])
+
+    asyncio.run(scenario())
+    no_consent, consented = upstream.messages
+    assert no_consent.data == HTML  # opt-in without consent: never tracked
+    assert b"/o/" in consented.data
 
 
 def test_an_unknown_command_is_refused_with_the_list_of_commands(
