@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 .PHONY: run test test-fast lint bench clean
 
 # The edit-test loop: no browser, no real mail clients, no soak, no PostgreSQL, no lint.
-FAST := not browser and not clients and not soak and not postgres
+FAST := not browser and not clients and not soak and not postgres and not postfix
 
 $(BIN)/trackrelay: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -49,6 +49,11 @@ _MESSAGE = {
     "track_opens": _BOOL,
     "track_clicks": _BOOL,
     "per_recipient": _BOOL,
+    "listener": {
+        **_STR,
+        "description": "the listener it came through: submission, implicit_tls, plain, gateway"
+        " ('' for mail relayed before this was recorded)",
+    },
     "opens": {
         **_INT,
         "description": "opens judged human or proxy (machine opens and scanners are not opens)",

@@ -6,7 +6,13 @@ upstream's own reply, never 250 before the upstream accepted; an unreachable
 upstream gives 451 4.4.1 (the client keeps the mail and retries).
 
 Never an open relay: MAIL needs AUTH, or a client address in the trusted
-networks (530 5.7.0 otherwise).
+networks (530 5.7.0 otherwise). The gateway listener (relay/gateway.py) is
+this handler with its own answer to who may send (the organisation's domains)
+and its own return path.
+
+Bcc commands (relay/policy.py): a RCPT at ``TRACKRELAY_COMMAND_DOMAIN`` is
+answered here (250, or 550 5.1.1 for an unknown command), forwarded to no
+upstream, kept in the session and handed to the pipeline with the message.
 
 DATA is three steps, each owned elsewhere: prepare (relay/track.py runs the
 steps of relay/pipeline.py and is the one place that fails open) -> deliver
@@ -33,13 +39,14 @@ from relay import upstream
 from relay.auth import Credentials, FailureLimiter, read_login, read_plain
 from relay.deliver import deliver
 from relay.headers import addr_specs, top_fields
-from relay.prepared import Submission
+from relay.policy import COMMANDS, command_of
+from relay.prepared import Prepared, Submission, recorded_listener
 from relay.record import Recorder
 from relay.smtp import RelaySession
 from relay.track import Tracker
 from relay.upstream import UNAVAILABLE, Capabilities, Reply, UpstreamUnavailable
 from shared import users
-from shared.config import Settings
+from shared.config import Settings, Upstream
 from shared.tokens import new_message_id
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,7 @@ AUTH_UNAVAILABLE = Reply(454, "4.7.0 Cannot check credentials now, try again lat
 NEED_AUTH = "530 5.7.0 Authentication required"
 TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 NOT_UTF8 = "553 5.6.7 Non-ASCII address needs SMTPUTF8"
+NO_AUTH_HERE = "504 5.5.4 AUTH is not offered here"
 UTF8_UNSUPPORTED = "555 5.6.7 SMTPUTF8 is not supported by the upstream server"
 CONTROL_CHARACTER = "553 5.1.3 Address or parameter contains a control character"
 NOT_VALID_UTF8 = "553 5.6.7 Address or parameter is not valid UTF-8"
@@ -61,11 +69,19 @@ GROWTH_FRACTION = 20
 class RelayHandler:
     """One instance per relay; per-connection state lives in RelaySession."""
 
-    def __init__(self, settings: Settings, engine: Engine, tracker: Tracker | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        tracker: Tracker | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.tracker = tracker or Tracker(settings, engine)
-        self.recorder = Recorder(settings, engine)
+        self.recorder = recorder or Recorder(settings, engine)
+        self.offers_auth = settings.auth_mode != "none"  # the gateway: never
+        self.max_recipients: int | None = settings.max_recipients
         self.capabilities = Capabilities(smtputf8=settings.upstream_target.is_sink)
         self.limiter = FailureLimiter(
             settings.auth_failures_per_ip,
@@ -101,7 +117,7 @@ class RelayHandler:
             if keyword == "SIZE":
                 line = f"250-SIZE {server.data_size_limit}"
             elif (keyword == "SMTPUTF8" and not self.capabilities.smtputf8) or (
-                keyword == "AUTH" and self.settings.auth_mode == "none"
+                keyword == "AUTH" and not self.offers_auth
             ):
                 continue
             lines.append(line)
@@ -122,10 +138,8 @@ class RelayHandler:
         assert isinstance(session, RelaySession)
         if credentials is None:
             return AuthResult(success=False, handled=True)  # the error was sent
-        if self.settings.auth_mode == "none":
-            return AuthResult(
-                success=False, handled=False, message="504 5.5.4 AUTH is not offered here"
-            )
+        if not self.offers_auth:
+            return AuthResult(success=False, handled=False, message=NO_AUTH_HERE)
         username = credentials[0].decode("utf-8", "replace")
         if self.limiter.blocked(session.client_ip, username):
             log.warning(
@@ -168,19 +182,16 @@ class RelayHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         assert isinstance(session, RelaySession)
-        if not (session.authenticated or self.trusted(session.client_ip)):
-            log.warning("MAIL without AUTH from %s refused (not trusted)", session.client_ip)
-            return NEED_AUTH
-        if problem := _unsendable(address, options):
-            return problem
-        if not self._may_send_as(session, address):
-            return f"553 5.7.1 <{address}>: sender address not owned by user {session.auth_user}"
+        refusal = _unsendable(address, options) or self.refuse_sender(session, address)
+        if refusal is not None:
+            return refusal
         if not address.isascii() and "SMTPUTF8" not in options:
             return NOT_UTF8
         if "SMTPUTF8" in options and not self.capabilities.smtputf8:
             return UTF8_UNSUPPORTED
         session.refused = []
         session.overshoot = 0
+        session.commands = []
         reply = await self._mail(session, _envelope_sender(address), self._options(options))
         if reply.ok:
             envelope.mail_from = address  # a hook that answers must fill the envelope
@@ -193,7 +204,10 @@ class RelayHandler:
         assert isinstance(session, RelaySession)
         if problem := _unsendable(address, options):
             return problem
-        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+        command = command_of(address, self.settings.command_domain)
+        if command is not None:
+            return self._command(session, address, command)
+        if self.max_recipients is not None and len(envelope.rcpt_tos) >= self.max_recipients:
             session.overshoot += 1  # free for the command budget (relay/smtp.py)
             return TOO_MANY_RCPTS
         if not address.isascii() and not envelope.smtp_utf8:
@@ -210,9 +224,21 @@ class RelayHandler:
             session.refused.append((address, reply))
         return reply.line
 
+    def _command(self, session: RelaySession, address: str, command: str) -> str:
+        """A Bcc command: kept for the pipeline, forwarded nowhere (relay/policy.py)."""
+        domain = self.settings.command_domain
+        if command not in COMMANDS:
+            known = ", ".join(f"{name}@{domain}" for name in COMMANDS)
+            return f"550 5.1.1 <{address}>: not a trackrelay command (the commands are {known})"
+        if address not in session.commands:
+            session.commands.append(address)
+        return f"250 2.1.5 <{address}>: trackrelay command accepted (not forwarded)"
+
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if isinstance(session, RelaySession) and session.upstream is not None:
-            await session.upstream.rset()
+        if isinstance(session, RelaySession):
+            session.commands = []
+            if session.upstream is not None:
+                await session.upstream.rset()
         return "250 OK"
 
     def handle_CLOSE(self, server: SMTP, session: Session) -> None:
@@ -236,6 +262,8 @@ class RelayHandler:
             data=envelope.original_content or b"",
             auth_user=session.auth_user,
             client_ip=session.client_ip,
+            listener=recorded_listener(session.listener),
+            commands=tuple(session.commands),
         )
         # Shielded: a client that disconnects cannot cancel a delivery half done.
         relay = self.spawn(self._relay(session, submission, list(envelope.mail_options)))
@@ -245,7 +273,7 @@ class RelayHandler:
         self, session: RelaySession, submission: Submission, options: list[str]
     ) -> str:
         """prepare (relay/track.py: the pipeline, failing open) -> deliver -> record."""
-        prepared = await self.tracker.prepare(submission)
+        prepared = await self.prepare(submission)
         if session.upstream is None:
             # The client left while the message was prepared (handle_CLOSE closed
             # the upstream): nothing was sent and the client got no 250, so it
@@ -262,10 +290,25 @@ class RelayHandler:
             # transient: the client keeps the message and retries
             log.warning("message %d not relayed: %s", submission.message_id, delivery.reply)
             return delivery.reply.line
-        await self.recorder.record(prepared, delivery)
+        if prepared.record:
+            await self.recorder.record(prepared, delivery)
         return delivery.reply.line
 
+    async def prepare(self, submission: Submission) -> Prepared:
+        """The copies to send (the gateway adds its stamp around this)."""
+        return await self.tracker.prepare(submission)
+
     # --- helpers ---
+
+    def refuse_sender(self, session: RelaySession, address: str) -> str | None:
+        """Why this session may not send as ``address`` (None: it may): AUTH or a
+        trusted network, and in local mode an address of the user's."""
+        if not (session.authenticated or self.trusted(session.client_ip)):
+            log.warning("MAIL without AUTH from %s refused (not trusted)", session.client_ip)
+            return NEED_AUTH
+        if not self._may_send_as(session, address):
+            return f"553 5.7.1 <{address}>: sender address not owned by user {session.auth_user}"
+        return None
 
     def trusted(self, ip: str) -> bool:
         try:
@@ -314,13 +357,17 @@ class RelayHandler:
             kept.append(option)
         return kept
 
+    def connect_upstream(self) -> upstream.Connection:
+        """A new session's way to the upstream (with the smarthost login, if any)."""
+        login = None
+        if self.settings.upstream_user:
+            password = self.settings.upstream_password.get_secret_value()
+            login = (self.settings.upstream_user.encode(), password.encode())
+        return upstream.connect(self.settings, login=login)
+
     async def _mail(self, session: RelaySession, sender: str, options: list[str]) -> Reply:
         if session.upstream is None:
-            login = None
-            if self.settings.upstream_user:
-                password = self.settings.upstream_password.get_secret_value()
-                login = (self.settings.upstream_user.encode(), password.encode())
-            session.upstream = upstream.connect(self.settings, login=login)
+            session.upstream = self.connect_upstream()
         try:
             reply = await session.upstream.mail(sender, options)
         except UpstreamUnavailable:
@@ -339,11 +386,12 @@ class RelayHandler:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def probe_upstream(self) -> None:
+    async def probe_upstream(self, target: Upstream | None = None) -> None:
         """Learn the upstream's SIZE / SMTPUTF8 before the first client says EHLO."""
-        capabilities = await upstream.probe(self.settings)
+        capabilities = await upstream.probe(self.settings, target)
         if capabilities is None:
-            log.warning("upstream %s not reachable at start", self.settings.upstream_target)
+            where = target or self.settings.upstream_target
+            log.warning("upstream %s not reachable at start", where)
         else:
             self.capabilities = capabilities
 

@@ -13,7 +13,7 @@ trigger headers and starts the message's record; then:
 1. ``dkim``: a DKIM signature covers a trigger header: deleting it would break
    the signature, so the message goes out untouched;
 2. ``strip_triggers``: delete the trigger headers (always, tracked or not);
-3. ``policy`` (relay/policy.py): header + sender policy -> a Decision;
+3. ``policy`` (relay/policy.py): header + Bcc commands + sender policy -> a Decision;
 4. ``recipients``: suppressed recipients, and recipients in opt-in consent
    mode without a consent, are never tracked (they get one untracked copy:
    the message minus the trigger headers);
@@ -39,7 +39,7 @@ from typing import Any
 
 from relay import rewrite
 from relay.headers import Field, Segment, delete_fields, dkim_signed_names, first, top_fields
-from relay.policy import Decision, decide, off, parse_triggers
+from relay.policy import Decision, decide, off, parse_triggers, with_commands
 from relay.prepared import (
     Copy,
     LinkRow,
@@ -115,7 +115,7 @@ def strip_triggers(job: Job) -> None:
 
 
 def policy(job: Job) -> Prepared | None:
-    request = parse_triggers(job.triggers, job.setup.own_header)
+    request = with_commands(parse_triggers(job.triggers, job.setup.own_header), job.sub.commands)
     if job.snapshot is None:
         return untracked(job, job.cleaned, off("policy store unavailable"))
     sender = job.sub.sender.strip("<>") or _from_address(job.fields)

@@ -14,6 +14,16 @@ Trigger headers (all removed before forwarding, tracked or not):
 An unknown value makes the message untracked, and the reason says which
 header and value. When two headers disagree, "off" wins.
 
+Bcc commands, for clients that cannot add a header (Outlook, phones,
+webmail): a recipient at ``TRACKRELAY_COMMAND_DOMAIN`` (``trackrelay.invalid``
+by default, a name that can never be delivered) is a command, never a
+recipient (the handler answers 250 and forwards it nowhere):
+``track@`` (opens and clicks), ``opens@``, ``clicks@``, ``notrack@``. Several
+are one list (``opens@`` + ``clicks@`` = both); ``track@`` with ``notrack@``
+contradicts itself and leaves the message untracked. With a header they are
+combined like two headers (off wins). The decision's reasons name them:
+"Bcc command track@trackrelay.invalid".
+
 Precedence (DESIGN.md section 4): a suppressed recipient, or one without
 consent in opt-in mode (shared/consent.py), is never tracked (the tracker
 applies that per recipient); policy ``never`` or a ceiling
@@ -37,7 +47,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Engine
@@ -67,6 +77,20 @@ _PM_LINKS: dict[str, _Ask] = {
 }
 
 
+#: Bcc command local part -> what it asks, in the words of the tracking header.
+COMMANDS = {"track": "all", "opens": "opens", "clicks": "clicks", "notrack": "none"}
+
+
+def command_of(address: str, domain: str) -> str | None:
+    """The local part (lower case) if ``address`` is at the command ``domain``, else None.
+
+    The caller answers an unknown local part (not in :data:`COMMANDS`) itself."""
+    local, at, host = address.rpartition("@")
+    if not at or host.rstrip(".").lower() != domain:
+        return None
+    return local.lower()
+
+
 def trigger_names(tracking_header: str) -> frozenset[str]:
     """Lower-case names of every header that asks for (or against) tracking."""
     return frozenset({tracking_header.lower(), *DIALECT_HEADERS})
@@ -81,6 +105,7 @@ class Request:
     text_links: bool | None = None
     headers: tuple[tuple[str, str], ...] = ()
     invalid: str = ""
+    commands: tuple[str, ...] = ()  # Bcc command addresses, in RCPT order
 
     @property
     def said_anything(self) -> bool:
@@ -161,6 +186,25 @@ def parse_triggers(fields: Iterable[Field], tracking_header: str) -> Request:
     return Request(opens, html, text, tuple(seen))
 
 
+def with_commands(request: Request, commands: Iterable[str]) -> Request:
+    """``request`` with the Bcc ``commands`` (addresses at the command domain) added."""
+    commands = tuple(commands)
+    if not commands:
+        return request
+    words = ",".join(COMMANDS[address.rpartition("@")[0].lower()] for address in commands)
+    asked = _own_header(words)
+    if request.invalid or asked is None:
+        invalid = request.invalid or f"Bcc commands {', '.join(commands)} contradict each other"
+        return replace(request, commands=commands, invalid=invalid)
+    return replace(
+        request,
+        opens=_combine(request.opens, asked[0]),
+        html_links=_combine(request.html_links, asked[1]),
+        text_links=_combine(request.text_links, asked[2]),
+        commands=commands,
+    )
+
+
 @dataclass(frozen=True)
 class Decision:
     """What may be tracked for a message (before suppression and content)."""
@@ -226,8 +270,9 @@ def decide(request: Request, policy: Policy) -> Decision:
     if always:
         reasons.append(f"{where}: mode always")
     if request.said_anything:
-        asked = ", ".join(f"{n}: {v}" for n, v in request.headers)
-        reasons.append(f"header {asked}")
+        if request.headers:
+            reasons.append("header " + ", ".join(f"{n}: {v}" for n, v in request.headers))
+        reasons += [f"Bcc command {address}" for address in request.commands]
         opens = request.opens if request.opens is not None else opens
         html = request.html_links if request.html_links is not None else html
         text = request.text_links if request.text_links is not None else (None if html else text)

@@ -34,6 +34,8 @@ class Submission:
     data: bytes
     auth_user: str
     client_ip: str
+    listener: str = ""  # as the record names it: recorded_listener()
+    commands: tuple[str, ...] = ()  # Bcc commands (relay/policy.py), never recipients
 
 
 @dataclass
@@ -84,6 +86,7 @@ class MessageRecord:
     parts_modified: str = ""  # JSON: one object per rewritten part
     status: str = "sent"  # delivery: 'sent' (all accepted), 'partial', 'failed'
     upstream_reply: str = ""
+    listener: str = ""  # submission, implicit_tls, plain, gateway
 
     def as_json(self) -> dict[str, Any]:
         """The record as JSON-ready data, as pydantic's JSON mode wrote it."""
@@ -99,6 +102,7 @@ class Prepared:
     message: MessageRecord
     links: list[LinkRow]
     tracked_recipients: set[str]
+    record: bool = True  # False: passed on unchanged, already recorded (a gateway stamp)
 
 
 def message_record(sub: Submission, fields: list[Field]) -> MessageRecord:
@@ -118,7 +122,17 @@ def message_record(sub: Submission, fields: list[Field]) -> MessageRecord:
         client_ip=sub.client_ip,
         size_in=len(sub.data),
         size_out=len(sub.data),
+        listener=sub.listener,
     )
+
+
+#: The listeners as the record (and the API, the dashboard, webhooks) names them.
+RECORDED_LISTENERS = {"smtp": "submission", "smtps": "implicit_tls"}
+
+
+def recorded_listener(listener: str) -> str:
+    """``smtp`` -> ``submission``, ``smtps`` -> ``implicit_tls``; others as they are."""
+    return RECORDED_LISTENERS.get(listener, listener)
 
 
 def decoded(value: str) -> str:

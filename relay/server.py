@@ -9,7 +9,13 @@ share the database engine or async clients with the receiver):
   and would refuse AUTH (538) and not advertise it, so this listener is built
   with ``auth_require_tls=False``: the socket is TLS from the first byte.
 * ``plain`` (optional): no TLS, no AUTH, for app servers in the trusted
-  networks only; anyone else gets 554 and is disconnected.
+  networks only; anyone else gets 554 and is disconnected (relay/peers.py,
+  which any listener restricted to some peers uses).
+* ``gateway`` (optional, ``TRACKRELAY_GATEWAY_PORT``): the organisation's MTA
+  (relay/gateway.py has its own handler, sharing the tracker and the
+  recorder); STARTTLS offered (required with ``_REQUIRE_TLS`` or client
+  names), its own TLS context asks for a client certificate when
+  ``TRACKRELAY_GATEWAY_CLIENT_NAMES`` is set; only its networks and names.
 
 All listeners share one :class:`relay.limits.SessionLimits` (sessions in all
 and per client address, 421 past them); a TLS handshake on ``smtps`` must end
@@ -37,8 +43,10 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from relay.gateway import GatewayHandler
 from relay.handler import RelayHandler
 from relay.limits import SessionLimits
+from relay.peers import Peers, ask_for_certificates
 from relay.smtp import RelaySMTP
 from relay.tlscert import certificate_paths, server_context
 from relay.track import Counters, Tracker
@@ -62,6 +70,10 @@ class RelayServer:
         self.engine = engine
         self.handler = RelayHandler(settings, engine, tracker)
         self.limits = SessionLimits(settings.max_sessions, settings.max_sessions_per_ip)
+        self.gateway: GatewayHandler | None = None
+        if settings.gateway_port is not None:
+            handler = self.handler
+            self.gateway = GatewayHandler(settings, engine, handler.tracker, handler.recorder)
         self.ports: dict[str, int] = {}
         self.certificate: Path | None = None
         self._servers: list[asyncio.Server] = []
@@ -88,8 +100,35 @@ class RelayServer:
         await self._listen("smtp", settings.smtp_port, tls_context=context)
         await self._listen("smtps", settings.smtps_port, ssl=context, auth_require_tls=False)
         if settings.plain_port is not None:
-            await self._listen("plain", settings.plain_port, peer_allowed=self.handler.trusted)
+            peers = Peers.of("plain", settings.networks, serves="trusted networks")
+            await self._listen("plain", settings.plain_port, peers=peers)
+        if self.gateway is not None:
+            await self._listen_gateway(cert, key)
         log.info("relay listening on %s: %s", settings.host, self.ports)
+
+    async def _listen_gateway(self, cert: Path, key: Path) -> None:
+        settings, gateway = self.settings, self.gateway
+        assert gateway is not None
+        assert settings.gateway_port is not None
+        gateway.use_certificate(cert, key)
+        await gateway.probe_upstream()
+        names = settings.gateway_client_name_list
+        context = server_context(cert, key)  # its own: only it asks for client certificates
+        if names:
+            ask_for_certificates(
+                context, settings.gateway_client_ca, "TRACKRELAY_GATEWAY_CLIENT_CA"
+            )
+        peers = Peers.of(
+            "gateway", settings.gateway_network_list, names, "the organisation's mail servers"
+        )
+        await self._listen(
+            "gateway",
+            settings.gateway_port,
+            handler=gateway,
+            peers=peers,
+            tls_context=context,
+            require_starttls=settings.gateway_require_tls or bool(names),
+        )
 
     async def _listen(
         self, listener: str, port: int, *, ssl: ssl.SSLContext | None = None, **options: Any
@@ -117,15 +156,18 @@ class RelayServer:
         self._servers.append(server)
         self.ports[listener] = server.sockets[0].getsockname()[1]
 
-    def _protocol(self, listener: str, **options: Any) -> RelaySMTP:
+    def _protocol(
+        self, listener: str, handler: RelayHandler | None = None, **options: Any
+    ) -> RelaySMTP:
+        handler = handler or self.handler
         protocol = RelaySMTP(
-            self.handler,
+            handler,
             listener=listener,
             on_open=self._remember,
             on_close=self._forget,
             hostname=self.settings.smtp_hostname,
             ident="trackrelay ESMTP",
-            data_size_limit=self.handler.size_limit(),
+            data_size_limit=handler.size_limit(),
             enable_SMTPUTF8=True,  # decode UTF-8 arguments; advertised only if upstream has it
             timeout=self.settings.idle_timeout,
             data_timeout=self.settings.data_timeout,
@@ -171,6 +213,8 @@ class RelayServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), 1)
         await self.handler.drain()
+        if self.gateway is not None:
+            await self.gateway.drain()
         await self.handler.recorder.stop()
         for server in self._servers:
             await server.wait_closed()
@@ -202,6 +246,13 @@ class RelayServer:
                 f"  plain SMTP without AUTH on port {self.ports['plain']} "
                 f"for {settings.trusted_networks or 'no network'}"
             )
+        if "gateway" in self.ports:
+            domains = ", ".join(sorted(settings.gateway_domain_list))
+            lines.append(
+                f"  gateway for the organisation's mail servers on port {self.ports['gateway']} "
+                f"for {settings.gateway_networks}, senders at {domains}; "
+                f"returns to {settings.gateway_upstream_target}"
+            )
         target = settings.upstream_target
         if target.is_sink and target.path is not None:
             lines.append(f"  sent mail lands in: {target.path / 'new'} (one file per recipient)")
@@ -215,6 +266,8 @@ def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
     wanted = {"smtp": settings.smtp_port, "smtps": settings.smtps_port}
     if settings.plain_port is not None:
         wanted["plain"] = settings.plain_port
+    if settings.gateway_port is not None:
+        wanted["gateway"] = settings.gateway_port
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sockets: dict[str, socket.socket] = {}
     for listener, port in wanted.items():

@@ -47,6 +47,7 @@ class Counters:
     prepared: int = 0
     tracked: int = 0
     failures: int = 0
+    stamped_passed: int = 0  # gateway: already stamped here, passed on unchanged
 
 
 class Tracker:
@@ -103,7 +104,9 @@ class Tracker:
         try:
             message = message_record(sub, top_fields(sub.data)[0])
         except Exception:
-            message = MessageRecord(id=sub.message_id or new_message_id(), sender=sub.sender)
+            message = MessageRecord(
+                id=sub.message_id or new_message_id(), sender=sub.sender, listener=sub.listener
+            )
         message.size_out = copy.size
         message.decision = json.dumps({"tracked": False, "reasons": ["injection failed"]})
         message.parts_modified = "[]"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from relay.datawriter import send_data
@@ -70,22 +71,35 @@ class Connection(Protocol):
     async def close(self) -> None: ...
 
 
-def connect(settings: Settings, *, login: tuple[bytes, bytes] | None = None) -> Connection:
-    """A connection object for the configured upstream (opened lazily)."""
-    target = settings.upstream_target
+def connect(
+    settings: Settings,
+    *,
+    login: tuple[bytes, bytes] | None = None,
+    target: Upstream | None = None,
+    client_cert: tuple[Path, Path] | None = None,
+) -> Connection:
+    """A connection object for the configured upstream, or ``target`` (opened lazily),
+    presenting ``client_cert`` over TLS when the server asks for one."""
+    target = target or settings.upstream_target
     if target.is_sink:
         assert target.path is not None
         return MaildirSink(target.path)
-    return SmtpUpstream(settings, target, login=login)
+    return SmtpUpstream(settings, target, login=login, client_cert=client_cert)
 
 
 class SmtpUpstream:
     """An SMTP upstream, TLS required, reopened between transactions."""
 
     def __init__(
-        self, settings: Settings, target: Upstream, *, login: tuple[bytes, bytes] | None = None
+        self,
+        settings: Settings,
+        target: Upstream,
+        *,
+        login: tuple[bytes, bytes] | None = None,
+        client_cert: tuple[Path, Path] | None = None,
     ) -> None:
         self.target = target
+        self._client_cert = client_cert
         self.capabilities = Capabilities()
         self._settings = settings
         self._login = login
@@ -100,7 +114,7 @@ class SmtpUpstream:
     async def _open(self) -> SmtpClient:
         if self._client is not None and self._client.is_connected:
             return self._client
-        client = SmtpClient(self._settings, self.target)
+        client = SmtpClient(self._settings, self.target, self._client_cert)
         self.capabilities = await client.connect()
         self._client = client
         self._in_transaction = False
@@ -183,9 +197,9 @@ class SmtpUpstream:
         return self._client
 
 
-async def probe(settings: Settings) -> Capabilities | None:
-    """Connect once without logging in, to learn what the upstream advertises."""
-    target = settings.upstream_target
+async def probe(settings: Settings, target: Upstream | None = None) -> Capabilities | None:
+    """Connect once without logging in, to learn what the upstream (or ``target``) advertises."""
+    target = target or settings.upstream_target
     if target.is_sink:
         return Capabilities(smtputf8=True)
     client = SmtpClient(settings, target)

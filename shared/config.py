@@ -17,6 +17,7 @@ the setting, which the CLI prints and exits with.
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,16 @@ class Settings(BaseSettings):
     retention_days: int = Field(395, ge=0)  # events and message details; 0 = keep forever
     purge_interval: float = Field(3600.0, gt=0)  # seconds between automatic purges
 
+    # --- gateway mode (the organisation's MTA) and the Bcc commands ---
+    gateway_port: int | None = Field(None, ge=0, le=65535)  # off unless set
+    gateway_networks: str = ""  # CIDRs the organisation's MTA connects from
+    gateway_client_names: str = ""  # TLS client certificate names accepted (empty: any)
+    gateway_client_ca: Path | None = None  # CA for those certificates (besides the system's)
+    gateway_require_tls: bool = False  # STARTTLS before MAIL
+    gateway_domains: str = ""  # MAIL FROM domains the gateway carries
+    gateway_upstream: str = ""  # the return path (default: TRACKRELAY_UPSTREAM)
+    command_domain: str = "trackrelay.invalid"  # Bcc track@/opens@/clicks@/notrack@ here
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
@@ -194,7 +205,7 @@ class Settings(BaseSettings):
         # read last, so environment variables override it.
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
-    @field_validator("trusted_networks")
+    @field_validator("trusted_networks", "gateway_networks")
     @classmethod
     def _check_networks(cls, value: str) -> str:
         for item in _split(value):
@@ -220,9 +231,18 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a header field name")
         return value
 
+    @field_validator("gateway_domains", "command_domain")
+    @classmethod
+    def _check_domains(cls, value: str) -> str:
+        for item in _split(value):
+            if not _DOMAIN.fullmatch(item):
+                raise ValueError(f"{item!r} is not a domain name")
+        return value.lower()
+
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
         upstream = self.upstream_target  # raises with the setting's name
+        self._check_gateway()
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TRACKRELAY_TLS_CERT and TRACKRELAY_TLS_KEY go together")
         if not self.dev_mode:
@@ -237,6 +257,52 @@ class Settings(BaseSettings):
         if self.auth_mode == "local" and not self.dev_mode and not self.upstream_user:
             raise ValueError("TRACKRELAY_AUTH_MODE=local needs TRACKRELAY_UPSTREAM_USER")
         return self
+
+    def _check_gateway(self) -> None:
+        _ = self.gateway_upstream_target  # raises with the setting's name
+        if not self.command_domain or "," in self.command_domain:
+            raise ValueError("TRACKRELAY_COMMAND_DOMAIN: expected one domain name")
+        if self.gateway_port is None:
+            return
+        if not self.gateway_networks:
+            raise ValueError(
+                "TRACKRELAY_GATEWAY_NETWORKS: the gateway needs the networks of the "
+                "organisation's MTA (CIDRs)"
+            )
+        if not self.gateway_domains:
+            raise ValueError(
+                "TRACKRELAY_GATEWAY_DOMAINS: the gateway needs the organisation's sender domains"
+            )
+        ca = self.gateway_client_ca
+        if ca is not None and not ca.exists():
+            raise ValueError(f"TRACKRELAY_GATEWAY_CLIENT_CA: no such file or directory: {ca}")
+        if ca is not None and not self.gateway_client_names:
+            raise ValueError(
+                "TRACKRELAY_GATEWAY_CLIENT_CA needs TRACKRELAY_GATEWAY_CLIENT_NAMES "
+                "(the certificate names to accept)"
+            )
+
+    @property
+    def gateway_upstream_target(self) -> Upstream:
+        """The gateway's return path: TRACKRELAY_GATEWAY_UPSTREAM, else the upstream."""
+        if not self.gateway_upstream:
+            return self.upstream_target
+        try:
+            return parse_upstream(self.gateway_upstream, self.var_dir)
+        except ValueError as exc:
+            raise ValueError(f"TRACKRELAY_GATEWAY_UPSTREAM: {exc}") from exc
+
+    @property
+    def gateway_network_list(self) -> list[IPNetwork]:
+        return [ipaddress.ip_network(n, strict=False) for n in _split(self.gateway_networks)]
+
+    @property
+    def gateway_client_name_list(self) -> list[str]:
+        return [n.lower() for n in _split(self.gateway_client_names)]
+
+    @property
+    def gateway_domain_list(self) -> frozenset[str]:
+        return frozenset(_split(self.gateway_domains))
 
     # --- derived values ---
 
@@ -296,6 +362,9 @@ class Settings(BaseSettings):
         keys = [self.secret_key.get_secret_value()]
         keys += _split(self.old_secret_keys.get_secret_value())
         return [k.encode() for k in keys if k]
+
+
+_DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9-]{1,63}", re.I)
 
 
 def _split(value: str) -> list[str]:

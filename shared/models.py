@@ -71,6 +71,8 @@ class Message(SQLModel, table=True):
     # delivery: 'sent' (all accepted), 'partial', 'failed'
     status: str = Field(default="sent", max_length=16)
     upstream_reply: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # the listener it came through: submission, implicit_tls, plain, gateway ('' = before 0006)
+    listener: str = Field(default="", max_length=16)
 
 
 class Recipient(SQLModel, table=True):

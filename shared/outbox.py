@@ -340,6 +340,7 @@ def message_data(message: MessageLike) -> dict[str, Any]:
         "status": m("status"),
         "track_opens": m("track_opens"),
         "track_clicks": m("track_clicks"),
+        "listener": m("listener"),
     }
 
 

@@ -34,6 +34,7 @@ import socket
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from pathlib import Path
 
 import aiosmtplib
 
@@ -124,8 +125,14 @@ class SmtpClient:
     :meth:`close`, or a lost connection, make a new one.
     """
 
-    def __init__(self, settings: Settings, target: Upstream) -> None:
+    def __init__(
+        self, settings: Settings, target: Upstream, client_cert: tuple[Path, Path] | None = None
+    ) -> None:
+        """``client_cert``: (certificate, key) presented to a server that asks for one
+        (the gateway's return path: an Exchange Online inbound connector can identify
+        the relay by it)."""
         self.target = target
+        cert, key = (str(client_cert[0]), str(client_cert[1])) if client_cert else (None, None)
         self.capabilities = Capabilities()
         self.smtp = aiosmtplib.SMTP(
             hostname=target.host,
@@ -135,6 +142,8 @@ class SmtpClient:
             use_tls=target.implicit_tls,
             start_tls=target.starttls,  # True or False, never None (see module doc)
             validate_certs=settings.upstream_verify_tls,
+            client_cert=cert,
+            client_key=key,
         )
 
     @property

@@ -78,6 +78,11 @@ def add_relay_metrics(app: Starlette, relay: Counters) -> None:
         ("prepared", "messages the relay prepared for delivery", lambda: relay.prepared),
         ("tracked", "messages sent with tracking", lambda: relay.tracked),
         ("injection_failures", "injection errors (sent untracked)", lambda: relay.failures),
+        (
+            "stamped_passed",
+            "gateway messages stamped here already, passed on unchanged",
+            lambda: relay.stamped_passed,
+        ),
     ):
         registry.counter(f"trackrelay_relay_messages_{name}_total", help, read)
 

@@ -110,6 +110,7 @@ def _message(m: Message) -> dict[str, Any]:
         "track_opens": m.track_opens,
         "track_clicks": m.track_clicks,
         "per_recipient": m.per_recipient,
+        "listener": m.listener,
     }
 
 

@@ -240,6 +240,7 @@ def test_one_message_and_the_event_cursor(
     assert reply.status_code == 200
     detail = reply.json()
     validate(detail, "MessageDetail")
+    assert detail["listener"] == "submission"
     assert [r["address"] for r in detail["recipients"]] == ["bob@client.test", "carol@other.test"]
     assert detail["recipients"][1]["first_opened_at"] is not None
     assert detail["recipients"][0]["first_opened_at"] is None

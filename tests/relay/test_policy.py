@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.headers import top_fields
-from relay.policy import Request, decide, parse_triggers
+from relay.policy import Request, command_of, decide, parse_triggers, with_commands
 from shared.models import Policy
 
 
@@ -117,3 +117,59 @@ def test_precedence() -> None:
     d = decide(request("X-Track: perhaps"), policy(mode="always"))
     assert not d.anything
     assert d.reasons[0].startswith("untracked: X-Track")
+
+
+# --- Bcc commands ---
+
+DOMAIN = "trackrelay.invalid"
+
+
+def test_command_of_knows_only_the_command_domain() -> None:
+    assert command_of("Track@TrackRelay.Invalid", DOMAIN) == "track"
+    assert command_of("track@trackrelay.invalid.", DOMAIN) == "track"
+    assert command_of("whatever@trackrelay.invalid", DOMAIN) == "whatever"  # the caller refuses
+    assert command_of("track@example.com", DOMAIN) is None
+    assert command_of("no-domain", DOMAIN) is None
+
+
+@pytest.mark.parametrize(
+    ("commands", "expected"),
+    [
+        (["track@t"], (True, True, None)),
+        (["opens@t"], (True, False, False)),
+        (["clicks@t"], (False, True, None)),
+        (["opens@t", "clicks@t"], (True, True, None)),
+        (["notrack@t"], (False, False, False)),
+    ],
+)
+def test_bcc_commands_ask_like_the_tracking_header(
+    commands: list[str], expected: tuple[bool | None, ...]
+) -> None:
+    r = with_commands(Request(), commands)
+    assert asked(r) == expected
+    assert r.commands == tuple(commands)
+
+
+def test_contradicting_commands_leave_the_message_untracked() -> None:
+    r = with_commands(Request(), ["track@t", "notrack@t"])
+    assert r.invalid == "Bcc commands track@t, notrack@t contradict each other"
+    decision = decide(r, Policy(pattern="*", mode="always"))
+    assert not decision.anything
+
+
+def test_a_command_and_a_header_combine_off_wins_and_the_reasons_name_both() -> None:
+    r = with_commands(request("X-Track: opens"), ["track@trackrelay.invalid"])
+    assert asked(r) == (True, False, False)
+    decision = decide(r, Policy(pattern="*", mode="header"))
+    assert decision.opens
+    assert not decision.clicks
+    assert decision.reasons == ("header X-Track: opens", "Bcc command track@trackrelay.invalid")
+
+
+def test_ceilings_win_over_a_command() -> None:
+    r = with_commands(Request(), ["track@t"])
+    decision = decide(r, Policy(pattern="*", mode="header", allow_clicks=False))
+    assert decision.opens
+    assert not decision.clicks
+    assert "policy *: clicks not allowed" in decision.reasons
+    assert not decide(r, Policy(pattern="*", mode="never")).anything

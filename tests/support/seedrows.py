@@ -36,6 +36,7 @@ def add_message(
         track_clicks=tracked,
         per_recipient=True,
         status="partial" if refused else "sent",
+        listener="submission",
     )
     with session_scope(engine) as session:
         session.add(message)

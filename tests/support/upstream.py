@@ -4,7 +4,8 @@ It is a real aiosmtpd server made with ``loop.create_server`` on 127.0.0.1,
 port 0, running its own event loop in a thread (so sync and async tests, and
 relays in subprocesses, can all use it). It speaks STARTTLS with a self-signed
 certificate and requires AUTH (PLAIN or LOGIN) for :data:`USER` /
-:data:`PASSWORD`, counting every attempt. Behaviour can be changed per test:
+:data:`PASSWORD`, counting every attempt (``require_auth=False``: none, as a
+gateway's return path or an MTA's last hop needs). Behaviour can be changed per test:
 refuse some recipients, answer DATA with a given reply, answer slowly, or
 drop the connection in the middle of DATA.
 
@@ -42,6 +43,7 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     mail_options: list[str]
+    peercert: dict[str, Any] | None = None  # the client's TLS certificate, if it showed one
 
 
 @dataclass
@@ -59,6 +61,7 @@ class RecordingUpstream:
     connections: int = 0
     host: str = "127.0.0.1"
     port: int = 0
+    require_auth: bool = True  # False: a return path that knows its peers (a gateway's)
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -67,6 +70,12 @@ class RecordingUpstream:
         self._protocols: list[SMTP] = []
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._context.load_cert_chain(self.cert, self.key)
+
+    def ask_for_certificates(self, ca: Path) -> None:
+        """Ask TLS clients for a certificate that ``ca`` signed (as an Exchange Online
+        inbound connector with TlsSenderCertificateName does); see Received.peercert."""
+        self._context.verify_mode = ssl.CERT_OPTIONAL
+        self._context.load_verify_locations(cafile=str(ca))
 
     @property
     def url(self) -> str:
@@ -89,7 +98,7 @@ class RecordingUpstream:
             ident="recording upstream",
             tls_context=self._context,
             require_starttls=True,
-            auth_required=True,
+            auth_required=self.require_auth,
             authenticator=self._authenticate,
             enable_SMTPUTF8=self.smtputf8,
             data_size_limit=self.size,
@@ -180,6 +189,7 @@ class _Handler:
                 list(envelope.rcpt_tos),
                 envelope.original_content,
                 list(envelope.mail_options),
+                (session.ssl or {}).get("peercert"),
             )
         )
         return f"250 2.0.0 Ok: queued as {len(self.upstream.messages)}"
