@@ -9,7 +9,12 @@ requests never carry it), and the signing key is derived from the secret key
 with its own label, so a session cookie can never be mistaken for a tracking
 token or the other way round.
 
-Sessions stay stateless (receivers scale out without a shared store). Login
+Sessions stay stateless (receivers scale out without a shared store), except
+for one number: each carries its user's ``session_version``, which the
+dashboard checks on every request against the users row it reads anyway
+(receiver/dashboard/web.py ``current_viewer``); sign-out, a new password and
+removing the user raise or drop it, so every cookie of that user ends on the
+server, not only in the browser that signed out. Login
 replaces the whole session with a fresh random ``sid`` and CSRF token, so a
 cookie planted before login never becomes an authenticated one (no fixation).
 """
@@ -105,9 +110,16 @@ def csrf_ok(session: dict[str, Any], submitted: str | None) -> bool:
     return hmac.compare_digest(expected.encode(), submitted.encode())
 
 
-def start_session(session: dict[str, Any], user_id: int) -> None:
-    """Log in: drop everything from before (no fixation), new sid and CSRF token."""
+def start_session(session: dict[str, Any], user_id: int, username: str, version: int) -> None:
+    """Log in: drop everything from before (no fixation), new sid and CSRF token.
+
+    ``version`` is the user's ``session_version``: the dashboard accepts the
+    session only while the user's row still has it (sign-out raises it).
+    ``username`` guards against an id given again to a new user after a removal.
+    """
     session.clear()
     session["sid"] = secrets.token_urlsafe(16)
     session["uid"] = user_id
+    session["user"] = username
+    session["ver"] = version
     session["csrf"] = secrets.token_urlsafe(32)

@@ -41,7 +41,7 @@ from shared.config import Settings
 from shared.identity import Viewer
 from shared.models import User
 from shared.smtpclient import SmtpClient, UpstreamUnavailable
-from shared.users import authenticate, mailbox_user, may_use_mailbox_login
+from shared.users import authenticate, end_sessions, mailbox_user, may_use_mailbox_login
 
 CANNOT_CHECK = "Your mail server cannot check the password right now. Try again in a minute."
 
@@ -135,7 +135,7 @@ async def login(request: Request) -> Response:
         throttle.failed(ip, username)
         return _login_page(request, "That username and password do not match.", username, 401)
     throttle.succeeded(username)
-    start_session(request.session, user.id)
+    start_session(request.session, user.id, user.username, user.session_version)
     response = redirect(request, "/messages")
     response.headers["location"] = _safe_next(request, str(request.query_params.get("next", "")))
     return response
@@ -180,6 +180,8 @@ async def _mailbox_login(request: Request, username: str, password: str) -> User
 
 @page()
 async def logout(request: Request, viewer: Viewer) -> Response:
+    """Sign out: this cookie is cleared, and every session of the user ends on the server."""
+    await asyncio.to_thread(end_sessions, engine_of(request), viewer.user_id)
     request.session.clear()
     response = redirect(request, "/login")
     response.headers["Clear-Site-Data"] = '"cache"'
