@@ -97,10 +97,11 @@ def throttle_of(request: Request) -> LoginThrottle:
 
 
 def _safe_next(request: Request, target: str) -> str:
-    """Only paths inside the dashboard: never an open redirect."""
+    """Only paths inside the dashboard: never an open redirect, never a header break."""
     base = base_path(request)
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith(base + "/") or "\\" in target:
+    unsafe = "\\" in target or any(ord(c) <= 32 or ord(c) == 127 for c in target)
+    if parts.scheme or parts.netloc or not target.startswith(base + "/") or unsafe:
         return base + "/messages"
     return target
 

@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
+from receiver.dashboard.filters import BadInput
 from receiver.dashboard.forms import Errors
 from receiver.sessions import CSRF_FIELD, CSRF_HEADER, csrf_ok, csrf_token
 from shared.config import Settings
@@ -328,7 +329,10 @@ def page(*, admin: bool = False) -> Callable[[Handler], Endpoint]:
                 return error_page(
                     request, 403, "Administrators only", "Ask an administrator to make this change."
                 )
-            return await handler(request, viewer)
+            try:
+                return await handler(request, viewer)
+            except BadInput as exc:
+                return error_page(request, 400, "Bad request", str(exc))
 
         return endpoint
 
