@@ -29,6 +29,8 @@ worker and the retention purge loop.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -84,6 +86,14 @@ def _ping(engine: Engine) -> None:
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus text: for loopback clients, the metrics token, or all (a setting)."""
+    if not _may_read_metrics(request):
+        return PlainTextResponse(
+            "metrics are for local clients or with TRACKRELAY_METRICS_TOKEN "
+            "(or set TRACKRELAY_METRICS_PUBLIC=true)\n",
+            status_code=403,
+            headers=_NO_STORE,
+        )
     registry: Metrics = request.app.state.metrics
     return PlainTextResponse(
         registry.render(), media_type="text/plain; version=0.0.4", headers=_NO_STORE
@@ -91,6 +101,21 @@ async def metrics(request: Request) -> Response:
 
 
 _NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _may_read_metrics(request: Request) -> bool:
+    settings: Settings = request.app.state.settings
+    if settings.metrics_public:
+        return True
+    token = settings.metrics_token.get_secret_value()
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if token and scheme.lower() == "bearer":
+        return hmac.compare_digest(given.strip().encode(), token.encode())
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def build_routes(settings: Settings) -> list[BaseRoute]:

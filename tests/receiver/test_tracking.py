@@ -28,7 +28,10 @@ MESSAGE_ID = 4_611_686_018_427_387_911
 
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
-    return make_settings(event_flush_interval=0.02)
+    return make_settings(event_flush_interval=0.02, metrics_token=METRICS_TOKEN)
+
+
+METRICS_TOKEN = "metrics-token-for-tests"
 
 
 @pytest.fixture
@@ -250,7 +253,8 @@ def test_healthz_and_metrics(client: TestClient, signer: Signer, engine: Engine)
         "journal_files": 0,
         "journal_bytes": 0,
     }
-    text = client.get("/metrics").text
+    assert client.get("/metrics").status_code == 403  # not loopback, no token
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     assert 'trackrelay_hits_total{kind="open",token="valid"} 1' in text
     assert 'trackrelay_hits_total{kind="open",token="invalid"} 1' in text
     assert 'trackrelay_events_recorded_total{kind="open",verdict="scanner"} 1' in text
