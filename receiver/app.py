@@ -48,6 +48,7 @@ from receiver import api, dashboard, public, tracking
 from receiver.events import EventWriter
 from receiver.live import LiveFeed
 from receiver.metrics import Metrics
+from receiver.sessions import SelfMark
 from shared import db, privacy
 from shared.config import Settings, load_settings
 from shared.outbox_worker import OutboxWorker
@@ -167,7 +168,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     app.state.event_writer = writer
     app.state.on_written = writer.subscribe
     app.state.public_forms = public.PublicForms(settings)
-    app.tracking = tracking.Tracking(app.state.signer, registry, writer)
+    app.state.self_mark = SelfMark(settings.secret_key.get_secret_value())
+    app.tracking = tracking.Tracking(app.state.signer, registry, writer, app.state.self_mark)
     registry.gauge(
         "trackrelay_event_queue_depth", "events not yet stored or journaled", lambda: writer.depth
     )

@@ -36,7 +36,7 @@ from receiver.dashboard.web import (
     render,
     settings_of,
 )
-from receiver.sessions import start_session
+from receiver.sessions import SelfMark, start_session
 from shared.config import Settings
 from shared.identity import Viewer
 from shared.models import User
@@ -139,7 +139,15 @@ async def login(request: Request) -> Response:
     start_session(request.session, user.id, user.username, user.session_version)
     response = redirect(request, "/messages")
     response.headers["location"] = _safe_next(request, str(request.query_params.get("next", "")))
+    _mark_self(request, response)
     return response
+
+
+def _mark_self(request: Request, response: Response, clear: bool = False) -> None:
+    """The cookie that makes this browser's own opens and clicks ``self`` (sessions.SelfMark)."""
+    mark: SelfMark = request.app.state.self_mark
+    for cookie in mark.cookies(request.url.scheme == "https", clear=clear):
+        response.headers.append("set-cookie", cookie)
 
 
 def _login_page(
@@ -186,6 +194,7 @@ async def logout(request: Request, viewer: Viewer) -> Response:
     request.session.clear()
     response = redirect(request, "/login")
     response.headers["Clear-Site-Data"] = '"cache"'
+    _mark_self(request, response, clear=True)
     return response
 
 

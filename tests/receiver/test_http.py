@@ -17,8 +17,11 @@ from starlette.testclient import TestClient
 
 from receiver.app import create_app
 from receiver.redirect import browser_url
+from receiver.sessions import SELF_COOKIE
 from shared.config import Settings
 from shared.tokens import Signer
+from shared.users import add_user
+from tests.support.dashboardkit import csrf_from
 from tests.support.receiverkit import (
     ServerThread,
     count_events,
@@ -237,3 +240,41 @@ def test_metrics_are_local_or_with_the_token(
         assert good.status_code == 200
     with TestClient(create_app(make_settings(metrics_public=True), engine), client=remote) as c:
         assert c.get("/metrics").status_code == 200
+
+
+def test_a_signed_in_dashboard_user_s_own_hits_are_self(
+    server: ServerThread, engine: Engine
+) -> None:
+    """Sign-in sets a signed cookie for /o and /c only (receiver/sessions.py SelfMark)."""
+    signer: Signer = server.signer  # type: ignore[attr-defined]
+    add_user(engine, "ada", "a long enough password", "admin")
+    browser = {"User-Agent": CHROME}
+    with (
+        httpx.Client(base_url=server.url, headers=browser) as own,
+        httpx.Client(base_url=server.url, headers=browser) as stranger,
+    ):
+        form = csrf_from(own.get("/dashboard/login").text)
+        signed_in = own.post(
+            "/dashboard/login",
+            data={"username": "ada", "password": "a long enough password", "csrf_token": form},
+        )
+        assert signed_in.status_code == 303
+        marks = [c for c in own.cookies.jar if c.name == SELF_COOKIE]
+        assert sorted(c.path for c in marks) == ["/c", "/o"]
+        assert own.get(f"/o/{signer.open_token(31, 1)}").status_code == 200
+        click = signer.click_token(31, 1, 1, "https://example.com/")
+        assert own.get(f"/c/{click}").status_code == 302
+        assert stranger.get(f"/o/{signer.open_token(31, 2)}").status_code == 200
+        forged = {"Cookie": f"{SELF_COOKIE}=1.AAAAAA.forged"}
+        assert stranger.get(f"/o/{signer.open_token(31, 3)}", headers=forged).status_code == 200
+        form = csrf_from(own.get("/dashboard/messages").text)
+        assert own.post("/dashboard/logout", data={"csrf_token": form}).status_code == 303
+        assert not [c for c in own.cookies.jar if c.name == SELF_COOKIE]
+    wait_for(lambda: count_events(engine) == 4)
+    verdicts = {(r["kind"], r["recipient_position"]): r["verdict"] for r in event_rows(engine)}
+    assert verdicts == {
+        ("open", 1): "self",
+        ("click", 1): "self",
+        ("open", 2): "human",
+        ("open", 3): "human",
+    }
