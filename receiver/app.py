@@ -60,7 +60,11 @@ HEALTH_TIMEOUT = 3.0
 
 
 async def healthz(request: Request) -> Response:
-    """200 when the database answers and events are being written, else 503."""
+    """200 when the database answers and events are being written, else 503.
+
+    Also 503 for a minute after any hit was lost (``event_writer: dropping``):
+    the journal's disk full while the database is away, or the queue full.
+    """
     state = request.app.state
     writer: EventWriter = state.event_writer
     try:
@@ -69,11 +73,12 @@ async def healthz(request: Request) -> Response:
     except Exception as exc:
         database = f"unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     files, size = writer.journal.size()
-    healthy = database == "ok" and not writer.degraded
+    dropping = writer.dropping
+    healthy = database == "ok" and not writer.degraded and not dropping
     body = {
         "status": "ok" if healthy else "degraded",
         "database": database,
-        "event_writer": writer.state,
+        "event_writer": "dropping" if dropping else writer.state,
         "queue_depth": writer.depth,
         "journal_files": files,
         "journal_bytes": size,
