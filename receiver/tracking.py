@@ -160,9 +160,7 @@ async def click(scope: Scope, receive: Receive, send: Send) -> None:
         await _not_found(hot.metrics, send)
         return
     hot.metrics.hit("click", valid=True)
-    hot.writer.submit(
-        _event(scope, hot, "click", token.message_id, token.recipient, token.link)
-    )
+    hot.writer.submit(_event(scope, hot, "click", token.message_id, token.recipient, token.link))
     headers = [(b"location", location.encode("latin-1")), *_REDIRECT_HEADERS]
     await send({"type": "http.response.start", "status": 302, "headers": headers})
     await send(_EMPTY_BODY)
