@@ -29,6 +29,8 @@ worker and the retention purge loop.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -46,6 +48,7 @@ from receiver import api, dashboard, public, tracking
 from receiver.events import EventWriter
 from receiver.live import LiveFeed
 from receiver.metrics import Metrics
+from receiver.sessions import SelfMark
 from shared import db, privacy
 from shared.config import Settings, load_settings
 from shared.outbox_worker import OutboxWorker
@@ -57,7 +60,11 @@ HEALTH_TIMEOUT = 3.0
 
 
 async def healthz(request: Request) -> Response:
-    """200 when the database answers and events are being written, else 503."""
+    """200 when the database answers and events are being written, else 503.
+
+    Also 503 for a minute after any hit was lost (``event_writer: dropping``):
+    the journal's disk full while the database is away, or the queue full.
+    """
     state = request.app.state
     writer: EventWriter = state.event_writer
     try:
@@ -66,11 +73,12 @@ async def healthz(request: Request) -> Response:
     except Exception as exc:
         database = f"unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     files, size = writer.journal.size()
-    healthy = database == "ok" and not writer.degraded
+    dropping = writer.dropping
+    healthy = database == "ok" and not writer.degraded and not dropping
     body = {
         "status": "ok" if healthy else "degraded",
         "database": database,
-        "event_writer": writer.state,
+        "event_writer": "dropping" if dropping else writer.state,
         "queue_depth": writer.depth,
         "journal_files": files,
         "journal_bytes": size,
@@ -84,6 +92,14 @@ def _ping(engine: Engine) -> None:
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus text: for loopback clients, the metrics token, or all (a setting)."""
+    if not _may_read_metrics(request):
+        return PlainTextResponse(
+            "metrics are for local clients or with TRACKRELAY_METRICS_TOKEN "
+            "(or set TRACKRELAY_METRICS_PUBLIC=true)\n",
+            status_code=403,
+            headers=_NO_STORE,
+        )
     registry: Metrics = request.app.state.metrics
     return PlainTextResponse(
         registry.render(), media_type="text/plain; version=0.0.4", headers=_NO_STORE
@@ -91,6 +107,21 @@ async def metrics(request: Request) -> Response:
 
 
 _NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _may_read_metrics(request: Request) -> bool:
+    settings: Settings = request.app.state.settings
+    if settings.metrics_public:
+        return True
+    token = settings.metrics_token.get_secret_value()
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if token and scheme.lower() == "bearer":
+        return hmac.compare_digest(given.strip().encode(), token.encode())
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def build_routes(settings: Settings) -> list[BaseRoute]:
@@ -142,7 +173,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     app.state.event_writer = writer
     app.state.on_written = writer.subscribe
     app.state.public_forms = public.PublicForms(settings)
-    app.tracking = tracking.Tracking(app.state.signer, registry, writer)
+    app.state.self_mark = SelfMark(settings.secret_key.get_secret_value())
+    app.tracking = tracking.Tracking(app.state.signer, registry, writer, app.state.self_mark)
     registry.gauge(
         "trackrelay_event_queue_depth", "events not yet stored or journaled", lambda: writer.depth
     )

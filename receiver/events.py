@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 #: Events held in memory at most (waiting, or sent and not acknowledged); beyond,
 #: hits are dropped (and counted).
 MAX_PENDING = 200_000
+#: /healthz reports ``dropping`` (and 503) this many seconds after the last hit lost.
+DROPPING_FOR = 60.0
 #: Seconds before a writer process that died is started again.
 RESTART_DELAY = 1.0
 #: Seconds ``stop()`` waits for the writer process to finish; then this process journals.
@@ -114,6 +116,7 @@ class EventWriter:
         self._stopping = False
         self._notifications: set[asyncio.Future[None]] = set()
         self._last_drop_log = 0.0
+        self._last_drop = -DROPPING_FOR  # monotonic time of the last hit lost
 
     # --- the request side ---
 
@@ -122,7 +125,7 @@ class EventWriter:
         pending = self._pending
         if len(pending) + self._unacked_events >= MAX_PENDING:
             self.metrics.dropped += 1
-            now = time.monotonic()
+            now = self._last_drop = time.monotonic()
             if now - self._last_drop_log > 10:
                 self._last_drop_log = now
                 log.error("event queue full (%d): dropping hits", MAX_PENDING)
@@ -140,6 +143,11 @@ class EventWriter:
     def degraded(self) -> bool:
         """Events are not reaching the database (journaled, or the writer is restarting)."""
         return self._writer_degraded or self._writer_down
+
+    @property
+    def dropping(self) -> bool:
+        """Hits were lost within the last DROPPING_FOR seconds (queue or journal disk full)."""
+        return time.monotonic() - self._last_drop < DROPPING_FOR
 
     @property
     def state(self) -> str:
@@ -292,6 +300,8 @@ class EventWriter:
         metrics.replayed += report["replayed"]
         metrics.duplicates += report["duplicates"]
         metrics.dropped += report["dropped"]
+        if report["dropped"]:
+            self._last_drop = time.monotonic()
         metrics.rejected += report["rejected"]
         metrics.write_errors += report["write_errors"]
         for level, problem in report["problems"]:
@@ -337,6 +347,7 @@ class EventWriter:
         self.metrics.journaled += written
         if written < len(records):
             self.metrics.dropped += len(records) - written
+            self._last_drop = time.monotonic()
             log.error(
                 "cannot write the event journal: %d hits lost (%s)", len(records) - written, error
             )

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import secrets
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +49,36 @@ _ADDRESS = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[^@\s<>(),;:\"\[\]\\]+\.[^@\s<>(
 
 
 class PublicForms:
-    """The signing of the public forms, keyed from the secret key."""
+    """The signing of the public forms, keyed from the secret key, and their brake.
+
+    Each client address may send ``TRACKRELAY_PUBLIC_FORM_LIMIT`` POSTs per
+    ``TRACKRELAY_PUBLIC_FORM_WINDOW`` seconds (both steps count), so nobody
+    fills the suppression list with arbitrary addresses. Counts live in memory,
+    per receiver process, like the sign-in brake.
+    """
 
     def __init__(self, settings: Settings) -> None:
         secret = settings.secret_key.get_secret_value()
         self.csrf = URLSafeTimedSerializer(secret, salt="trackrelay.public.csrf")
         self.confirm = URLSafeTimedSerializer(secret, salt="trackrelay.public.confirm")
         self.secure_cookie = settings.base_url.startswith("https://")
+        self.limit = settings.public_form_limit
+        self.window = settings.public_form_window
+        self._posts: dict[str, deque[float]] = {}
+
+    def wait(self, ip: str) -> float:
+        """Seconds this address must wait before another POST (0: count this one, go on)."""
+        now = time.monotonic()
+        times = self._posts.setdefault(ip, deque())
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) >= self.limit:
+            return times[0] + self.window - now
+        times.append(now)
+        if len(self._posts) > 10_000:  # forget the oldest addresses, bounded memory
+            for key in list(self._posts)[:5_000]:
+                del self._posts[key]
+        return 0.0
 
 
 def normalize_address(value: str) -> str | None:
@@ -101,6 +127,16 @@ async def home(request: Request) -> Response:
 async def _checked_form(request: Request) -> FormData | Response:
     """The POSTed form after the CSRF check, or the 400/403 page to answer."""
     forms: PublicForms = request.app.state.public_forms
+    wait = forms.wait(request.client.host if request.client else "")
+    if wait > 0:
+        minutes = max(1, math.ceil(wait / 60))
+        return _page(
+            request,
+            "public/index.html",
+            429,
+            error=f"Too many requests from your address. Try again in {minutes} minute"
+            f"{'s' if minutes > 1 else ''}.",
+        )
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
         return _page(request, "public/index.html", 400, error="Please use the form below.")

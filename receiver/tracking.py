@@ -30,6 +30,7 @@ from receiver.eventrecord import RawEvent, new_event
 from receiver.events import EventWriter
 from receiver.metrics import Metrics
 from receiver.redirect import browser_url
+from receiver.sessions import SelfMark
 from shared.tokens import InvalidToken, Signer
 
 log = logging.getLogger(__name__)
@@ -61,15 +62,19 @@ def _token(raw: str) -> str:
     return raw.split("/", 1)[0].split(".", 1)[0]
 
 
-def _event(scope: Scope, kind: str, message_id: int, recipient: int, link: int) -> RawEvent:
+def _event(
+    scope: Scope, hot: Tracking, kind: str, message_id: int, recipient: int, link: int
+) -> RawEvent:
     user_agent = b""
+    cookie = b""
     purpose: list[bytes] = []
     for name, value in scope["headers"]:  # one pass; names are lower case
         if name == b"user-agent":
             user_agent = value
+        elif name == b"cookie":
+            cookie = value
         elif name in PURPOSE_HEADERS:
             purpose.append(value)
-    session = scope.get("session")
     client = scope.get("client")
     return new_event(
         kind,
@@ -80,7 +85,7 @@ def _event(scope: Scope, kind: str, message_id: int, recipient: int, link: int) 
         user_agent.decode("latin-1"),
         scope["method"],
         b" ".join(purpose).decode("latin-1").lower() if purpose else "",
-        bool(session.get("user_id")) if session else False,
+        hot.self_mark.carried(cookie) if cookie else False,  # recipients send no cookie
     )
 
 
@@ -125,6 +130,7 @@ class Tracking:
     signer: Signer
     metrics: Metrics
     writer: EventWriter
+    self_mark: SelfMark  # a signed-in dashboard user's hits (receiver/sessions.py)
 
 
 async def pixel(scope: Scope, receive: Receive, send: Send) -> None:
@@ -135,7 +141,7 @@ async def pixel(scope: Scope, receive: Receive, send: Send) -> None:
         hot.metrics.hit("open", valid=False)
     else:
         hot.metrics.hit("open", valid=True)
-        hot.writer.submit(_event(scope, "open", token.message_id, token.recipient, 0))
+        hot.writer.submit(_event(scope, hot, "open", token.message_id, token.recipient, 0))
     await send(_PIXEL_START)
     await send(_PIXEL_BODY)
 
@@ -154,7 +160,7 @@ async def click(scope: Scope, receive: Receive, send: Send) -> None:
         await _not_found(hot.metrics, send)
         return
     hot.metrics.hit("click", valid=True)
-    hot.writer.submit(_event(scope, "click", token.message_id, token.recipient, token.link))
+    hot.writer.submit(_event(scope, hot, "click", token.message_id, token.recipient, token.link))
     headers = [(b"location", location.encode("latin-1")), *_REDIRECT_HEADERS]
     await send({"type": "http.response.start", "status": 302, "headers": headers})
     await send(_EMPTY_BODY)

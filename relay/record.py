@@ -57,6 +57,7 @@ from shared.journal import Journal
 from shared.models import Link, Message, Recipient
 from shared.outbox import enqueue_messages_sent
 from shared.spool import SQLITE_WRITE_TIMEOUT, Counters, Invalid, Spool, Store, first_line
+from shared.storable import storable
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,9 @@ class _Rows:
 
 def _row(values: Mapping[str, Any], columns: tuple[str, ...], defaults: Mapping[str, Any]) -> Row:
     # A required field absent (no default): KeyError, the record cannot be stored.
-    return {c: values[c] if c in values else defaults[c] for c in columns}
+    # Text is made storable here, where every record (new or replayed) becomes rows.
+    row = {c: values[c] if c in values else defaults[c] for c in columns}
+    return {c: storable(v) if isinstance(v, str) else v for c, v in row.items()}
 
 
 class RecordStore(Store[Record]):

@@ -176,6 +176,13 @@ class Settings(BaseSettings):
     webhook_poll_interval: float = Field(1.0, gt=0)  # how often the worker looks for due rows
     notify_from: str = ""  # From address of notification mail; empty = no notification mail
 
+    # --- hardening of the web side (webhook targets, /metrics, the public form) ---
+    webhook_allow_private: bool = False  # let webhooks reach loopback/private addresses
+    metrics_public: bool = False  # /metrics for anyone; else loopback or the token only
+    metrics_token: SecretStr = SecretStr("")  # `Authorization: Bearer ...` opens /metrics
+    public_form_limit: int = Field(10, gt=0)  # "stop tracking me" requests per IP per window
+    public_form_window: float = Field(600.0, gt=0)  # seconds those requests are counted
+
     # --- privacy ---
     retention_days: int = Field(395, ge=0)  # events and message details; 0 = keep forever
     purge_interval: float = Field(3600.0, gt=0)  # seconds between automatic purges

@@ -12,6 +12,7 @@ in. It was in trackrelay/, which made the relay import the CLI package.
 
 from __future__ import annotations
 
+import os
 import secrets
 
 from sqlalchemy import Engine
@@ -24,6 +25,33 @@ from shared.users import add_user
 
 DEV_USER = "dev"
 DEV_ADDRESSES = ("@example.com", "@example.net", "@example.org")
+
+
+def private_var_dir(settings: Settings, *, umask: bool = False) -> None:
+    """Dev mode: ``var_dir`` 700, everything in it owner-only; with ``umask``, new files 600.
+
+    The SQLite database, the dev password and secret, the journal and the
+    Maildir sink live there; with the usual umask 022 the database was 644,
+    readable by every account on the machine. ``umask`` (the long-running
+    serve/relay/receiver processes) sets this process's umask, inherited by
+    the processes it starts, to 077, so files made later are 600 too; a
+    one-shot command only fixes what exists (the directory keeps others out
+    either way). Outside dev mode the operator decides.
+    """
+    if not settings.dev_mode:
+        return
+    if umask:
+        os.umask(0o077)
+    root = settings.var_dir
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
+    for directory, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(directory, name), 0o700)
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
 
 
 def ensure_dev_user(settings: Settings, engine: Engine) -> list[str]:

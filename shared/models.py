@@ -34,6 +34,9 @@ class User(SQLModel, table=True):
     password_hash: str = Field(max_length=512)
     role: str = Field(default="sender", max_length=16)
     created_at: datetime = Field(default_factory=utcnow)
+    # Dashboard sessions carry the value they were made with; raising it (sign-out,
+    # a new password, shared.users.end_sessions) ends every session of the user.
+    session_version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class UserAddress(SQLModel, table=True):

@@ -47,7 +47,7 @@ import httpx
 from sqlalchemy import Engine, and_, insert, or_, select, update
 from sqlmodel import col
 
-from shared import mailnotify
+from shared import mailnotify, safehttp
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import DeliveryAttempt, OutboxItem, WebhookEndpoint, utcnow
@@ -115,9 +115,7 @@ class OutboxWorker:
 
     async def start(self) -> None:
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=self.settings.webhook_timeout, follow_redirects=False
-            )
+            self._client = safehttp.client(self.settings)
         self._stop.clear()
         self._task = asyncio.create_task(self._run(), name="outbox-worker")
 
@@ -188,7 +186,7 @@ class OutboxWorker:
         )
         code = reply.status_code
         ok = 200 <= code < 300
-        error = "" if ok else f"HTTP {code}: {reply.text[:200]}"
+        error = "" if ok else f"HTTP {code}: {safehttp.excerpt(reply.text)}"
         wait = retry_after(reply.headers.get("retry-after")) if code in (429, 503) else None
         return Outcome(ok, code, _ms(clock), error, retry_after=wait, gone=code == 410)
 

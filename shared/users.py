@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 
-from sqlalchemy import Engine, func
+from sqlalchemy import Engine, func, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from shared.addresses import address_key, normalize_address, normalize_sender
 from shared.db import session_scope
@@ -118,6 +118,7 @@ def update_user(
         user.role = role
         if password:
             user.password_hash = hash_password(password)
+            user.session_version += 1  # a new password signs every old session out
         session.add(user)
         existing = session.exec(select(UserAddress).where(UserAddress.user_id == user_id)).all()
         for row in existing:
@@ -126,6 +127,16 @@ def update_user(
         have = {row.address for row in existing}
         session.add_all(UserAddress(user_id=user_id, address=a) for a in patterns if a not in have)
         return user
+
+
+def end_sessions(engine: Engine, user_id: int) -> None:
+    """Sign the user out everywhere: every dashboard session made before now stops working."""
+    with session_scope(engine) as session:
+        session.connection().execute(
+            update(User)
+            .where(col(User.id) == user_id)
+            .values(session_version=col(User.session_version) + 1)
+        )
 
 
 def check_removable(engine: Engine, user_id: int, *, acting_user_id: int) -> User:

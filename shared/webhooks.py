@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
 
-import httpx
 from sqlalchemy import Engine, delete, func, select
 from sqlmodel import col
 from sqlmodel import select as model_select
 
+from shared import safehttp
 from shared.config import Settings
 from shared.db import session_scope
 from shared.errors import UserError
@@ -190,7 +190,7 @@ async def send_test(settings: Settings, engine: Engine, endpoint_id: int) -> tup
     key = f"{WEBHOOK_TEST}:{secrets.token_hex(8)}"
     data = {"endpoint": {"id": endpoint.id, "url": endpoint.url}}
     body = payload(WEBHOOK_TEST, key, data, utcnow()).encode()
-    async with httpx.AsyncClient(timeout=settings.webhook_timeout) as client:
+    async with safehttp.client(settings) as client:
         started = time.monotonic()
         reply = await client.post(
             endpoint.url, content=body, headers=headers(endpoint.secret, WEBHOOK_TEST, key, body)

@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 from shared import db
 from shared.config import Settings
+from shared.devsetup import private_var_dir
 from trackrelay.commands import CommandError
 
 log = logging.getLogger("trackrelay")
@@ -41,11 +42,13 @@ def database(settings: Settings, *, server: bool = False, journaled: str = "") -
     answers (the schema must exist by then: a database that was never
     migrated needs ``trackrelay db upgrade``).
     """
+    private_var_dir(settings, umask=server)  # dev mode: ./var 700, its files 600
     try:
         if server:
             upgrade_apart(settings.db_url)
         else:
             db.upgrade(settings.db_url)
+        private_var_dir(settings)  # the database file the migrations made
     except Exception as exc:
         error = CommandError(f"TRACKRELAY_DATABASE_URL: cannot open the database: {exc}")
         if not journaled:

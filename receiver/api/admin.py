@@ -12,7 +12,16 @@ from typing import Any
 
 from starlette.requests import Request
 
-from receiver.api.endpoint import ApiError, address_of, endpoint, engine_of, iso, json_body
+from receiver.api.endpoint import (
+    MAX_ID_32,
+    ApiError,
+    address_of,
+    endpoint,
+    engine_of,
+    id_param,
+    iso,
+    json_body,
+)
 from shared import consent, policies
 from shared.addresses import normalize_address
 from shared.errors import UserError
@@ -94,7 +103,7 @@ def _policy_values(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 @endpoint(admin=True)
 async def delete_policy(request: Request, viewer: Viewer) -> None:
     """Remove a policy."""
-    policy_id = int(request.path_params["policy_id"])
+    policy_id = id_param(request, "policy_id", "policy", MAX_ID_32)
     engine = engine_of(request)
     policy = await asyncio.to_thread(policies.policy_by_id, engine, policy_id)
     if policy is None:

@@ -115,6 +115,26 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     return number
 
 
+MAX_ID = 2**63 - 1  # message ids are 64-bit signed integers in the database
+MAX_ID_32 = 2**31 - 1  # the other tables number their rows in 32 bits
+
+
+def id_param(request: Request, name: str, what: str, high: int = MAX_ID) -> int:
+    """A database id from the path; one out of the column's range is a 404, not a 500."""
+    value = int(request.path_params[name])
+    if not 0 < value <= high:
+        raise ApiError(404, f"no {what} {value}")
+    return value
+
+
+def text_param(request: Request, name: str) -> str:
+    """A search text; control characters (NUL: PostgreSQL cannot compare it) are a 400."""
+    value = request.query_params.get(name, "")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ApiError(400, f"{name} must not contain control characters")
+    return value
+
+
 def time_param(request: Request, name: str, end_of_day: bool = False) -> datetime | None:
     """A date (the start, or with ``end_of_day`` the end, of that UTC day) or a time."""
     value = request.query_params.get(name)

@@ -20,8 +20,10 @@ from receiver.api.endpoint import (
     bool_param,
     endpoint,
     engine_of,
+    id_param,
     int_param,
     iso,
+    text_param,
     time_param,
 )
 from shared.identity import Viewer
@@ -37,10 +39,10 @@ async def list_messages(request: Request, viewer: Viewer) -> dict[str, Any]:
         tracked=bool_param(request, "tracked"),
         opened=bool_param(request, "opened"),
         clicked=bool_param(request, "clicked"),
-        sender=request.query_params.get("sender", ""),
+        sender=text_param(request, "sender"),
         since=time_param(request, "since"),
         until=time_param(request, "until", end_of_day=True),
-        text=request.query_params.get("q", ""),
+        text=text_param(request, "q"),
     )
     limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
     offset = int_param(request, "offset", 0, 0, 10**9)
@@ -61,7 +63,7 @@ async def list_messages(request: Request, viewer: Viewer) -> dict[str, Any]:
 @endpoint()
 async def get_message(request: Request, viewer: Viewer) -> dict[str, Any]:
     """One message with its recipients, links and events."""
-    message_id = int(request.path_params["message_id"])
+    message_id = id_param(request, "message_id", "message")
     d = await asyncio.to_thread(readmodel.message_detail, engine_of(request), viewer, message_id)
     if d is None:
         raise ApiError(404, f"no message {message_id}")

@@ -4,12 +4,12 @@ Wiring (receiver/app.py)::
 
     Mount("/dashboard", routes=dashboard.routes, middleware=dashboard.middleware(settings))
 
-or simply ``dashboard.mount(settings)``. The middleware (signed session
-cookie) is scoped to the mount, so pixel and click requests never touch it.
-The pages read ``app.state.engine`` and ``app.state.settings``; the live
-stream reads ``app.state.live_feed`` (a :class:`receiver.live.LiveFeed`,
-started and stopped in the lifespan and given to the event writer as its
-``on_written`` hook).
+or simply ``dashboard.mount(settings)``. The middleware (security headers,
+``headers.py``; the signed session cookie) is scoped to the mount, so pixel
+and click requests never touch it. The pages read ``app.state.engine`` and
+``app.state.settings``; the live stream reads ``app.state.live_feed`` (a
+:class:`receiver.live.LiveFeed`, started and stopped in the lifespan and
+given to the event writer as its ``on_written`` hook).
 
 One module per page family: ``auth`` (sign in/out), ``messages`` (list,
 detail, CSV, live stream), ``overview``, ``admin`` (policies, suppression,
@@ -25,6 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from receiver.dashboard import admin, auth, integrations, messages, overview, privacy
+from receiver.dashboard.headers import SecurityHeaders
 from receiver.dashboard.web import STATIC_DIR
 from receiver.sessions import SessionMiddleware
 from shared.config import Settings
@@ -69,7 +70,10 @@ routes: list[BaseRoute] = [
 
 
 def middleware(settings: Settings) -> list[Middleware]:
-    return [Middleware(SessionMiddleware, secret_key=settings.secret_key.get_secret_value())]
+    return [
+        Middleware(SecurityHeaders),
+        Middleware(SessionMiddleware, secret_key=settings.secret_key.get_secret_value()),
+    ]
 
 
 def mount(settings: Settings, path: str = "/dashboard") -> Mount:

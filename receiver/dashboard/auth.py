@@ -36,12 +36,12 @@ from receiver.dashboard.web import (
     render,
     settings_of,
 )
-from receiver.sessions import start_session
+from receiver.sessions import SelfMark, start_session
 from shared.config import Settings
 from shared.identity import Viewer
 from shared.models import User
 from shared.smtpclient import SmtpClient, UpstreamUnavailable
-from shared.users import authenticate, mailbox_user, may_use_mailbox_login
+from shared.users import authenticate, end_sessions, mailbox_user, may_use_mailbox_login
 
 CANNOT_CHECK = "Your mail server cannot check the password right now. Try again in a minute."
 
@@ -97,10 +97,11 @@ def throttle_of(request: Request) -> LoginThrottle:
 
 
 def _safe_next(request: Request, target: str) -> str:
-    """Only paths inside the dashboard: never an open redirect."""
+    """Only paths inside the dashboard: never an open redirect, never a header break."""
     base = base_path(request)
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith(base + "/") or "\\" in target:
+    unsafe = "\\" in target or any(ord(c) <= 32 or ord(c) == 127 for c in target)
+    if parts.scheme or parts.netloc or not target.startswith(base + "/") or unsafe:
         return base + "/messages"
     return target
 
@@ -135,10 +136,18 @@ async def login(request: Request) -> Response:
         throttle.failed(ip, username)
         return _login_page(request, "That username and password do not match.", username, 401)
     throttle.succeeded(username)
-    start_session(request.session, user.id)
+    start_session(request.session, user.id, user.username, user.session_version)
     response = redirect(request, "/messages")
     response.headers["location"] = _safe_next(request, str(request.query_params.get("next", "")))
+    _mark_self(request, response)
     return response
+
+
+def _mark_self(request: Request, response: Response, clear: bool = False) -> None:
+    """The cookie that makes this browser's own opens and clicks ``self`` (sessions.SelfMark)."""
+    mark: SelfMark = request.app.state.self_mark
+    for cookie in mark.cookies(request.url.scheme == "https", clear=clear):
+        response.headers.append("set-cookie", cookie)
 
 
 def _login_page(
@@ -180,9 +189,12 @@ async def _mailbox_login(request: Request, username: str, password: str) -> User
 
 @page()
 async def logout(request: Request, viewer: Viewer) -> Response:
+    """Sign out: this cookie is cleared, and every session of the user ends on the server."""
+    await asyncio.to_thread(end_sessions, engine_of(request), viewer.user_id)
     request.session.clear()
     response = redirect(request, "/login")
     response.headers["Clear-Site-Data"] = '"cache"'
+    _mark_self(request, response, clear=True)
     return response
 
 

@@ -4,7 +4,8 @@ One object carries them so the list, its pager, its CSV export and the events
 export all apply exactly the same selection: :meth:`Filters.selection`, what
 the read model (receiver/readmodel/) understands, the same as the API's query
 parameters become. Bad values are dropped with a note for the person rather
-than answered with an error page.
+than answered with an error page; only text no search can mean (a NUL, other
+control characters) is a :class:`BadInput`, which the page wrapper answers 400.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ from receiver.readmodel import Selection, day_end, day_start
 TRACKING = {"": "Any tracking", "on": "Tracking enabled", "off": "Not tracked"}
 STATES = {"": "Any", "opened": "Opened", "not_opened": "Not opened", "clicked": "Clicked"}
 MAX_QUERY = 200
+
+
+class BadInput(ValueError):
+    """A query parameter no page can take; receiver/dashboard/web.py ``page`` answers 400."""
+
+
+def text(params: QueryParams, name: str, limit: int) -> str:
+    """A text filter, trimmed and cut to ``limit``; control characters are a BadInput."""
+    value = params.get(name, "")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise BadInput(f"The {name} filter cannot contain control characters.")
+    return value.strip()[:limit]
 
 
 @dataclass(frozen=True)
@@ -58,10 +71,10 @@ class Filters:
             cls(
                 tracking=tracking if tracking in TRACKING else "",
                 state=state if state in STATES else "",
-                sender=params.get("sender", "").strip()[:320],
+                sender=text(params, "sender", 320),
                 date_from=dates["from"],
                 date_to=dates["to"],
-                q=params.get("q", "").strip()[:MAX_QUERY],
+                q=text(params, "q", MAX_QUERY),
                 page=page,
             ),
             notes,

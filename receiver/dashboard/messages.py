@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 from starlette.requests import Request
@@ -79,17 +80,26 @@ async def message_detail(request: Request, viewer: Viewer) -> Response:
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: A formula start after a separator: a spreadsheet in a locale that splits on
+#: ";" (or one told to split on ",", tab) would make a cell of what follows.
+_FORMULA_AFTER_SEPARATOR = re.compile(r"[;,\t|]\s*[=+\-@]")
 
 
 def _cell(value: object) -> str:
-    """A CSV cell that a spreadsheet will not run as a formula."""
+    """A CSV cell that a spreadsheet will not run as a formula, in any locale.
+
+    Every cell is also quoted (``csv.QUOTE_ALL`` in :func:`_csv_lines`), so a
+    reader splitting on ";" keeps ``a;=1+1`` one cell; the leading ``'`` makes
+    it text where it would otherwise start a formula.
+    """
     text = "" if value is None else str(value)
-    return "'" + text if text.startswith(_FORMULA_START) else text
+    risky = text.startswith(_FORMULA_START) or _FORMULA_AFTER_SEPARATOR.search(text)
+    return "'" + text if risky else text
 
 
 def _csv_lines(header: list[str], rows: Iterable[Sequence[object]]) -> Iterator[str]:
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, quoting=csv.QUOTE_ALL)
     writer.writerow(header)
     for row in rows:
         writer.writerow([_cell(v) for v in row])

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from receiver import readmodel
+from receiver.dashboard import filters
 from receiver.dashboard.chart import Point, rate_chart
 from receiver.dashboard.web import engine_of, page, render
 from shared.identity import Viewer
@@ -102,7 +103,7 @@ async def overview(request: Request, viewer: Viewer) -> Response:
     period = request.query_params.get("period", "day")
     if period not in PERIODS:
         period = "day"
-    sender = request.query_params.get("sender", "").strip()[:320]
+    sender = filters.text(request.query_params, "sender", 320)
     engine = engine_of(request)
     today = datetime.now(UTC).date()
     data = await asyncio.to_thread(build, engine, viewer, period, today, sender)

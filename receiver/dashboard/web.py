@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
+from receiver.dashboard.filters import BadInput
 from receiver.dashboard.forms import Errors
 from receiver.sessions import CSRF_FIELD, CSRF_HEADER, csrf_ok, csrf_token
 from shared.config import Settings
@@ -257,20 +258,25 @@ def settings_of(request: Request) -> Settings:
     return settings
 
 
-def _load_viewer(engine: Engine, user_id: int) -> Viewer | None:
+def _load_viewer(engine: Engine, user_id: int, username: str, version: int) -> Viewer | None:
+    """The user of a session, unless it was ended (another version) or the user is gone."""
     with session_scope(engine) as session:
         user = session.get(User, user_id)
     if user is None or user.id is None:
+        return None
+    if user.username != username or user.session_version != version:
         return None
     return Viewer(user.id, user.username, user.role, tuple(user_addresses(engine, user.id)))
 
 
 async def current_viewer(request: Request) -> Viewer | None:
-    """The signed-in user, read fresh each request (removed users lose access at once)."""
-    uid = request.session.get("uid")
-    if not isinstance(uid, int):
+    """The signed-in user, read fresh each request: removed users and ended sessions
+    (sign-out anywhere, a new password) lose access at once."""
+    uid, username, version = (request.session.get(k) for k in ("uid", "user", "ver"))
+    if not isinstance(uid, int) or not isinstance(username, str) or not isinstance(version, int):
+        request.state.viewer = None
         return None
-    viewer = await asyncio.to_thread(_load_viewer, engine_of(request), uid)
+    viewer = await asyncio.to_thread(_load_viewer, engine_of(request), uid, username, version)
     if viewer is None:
         request.session.clear()
     request.state.viewer = viewer
@@ -323,7 +329,10 @@ def page(*, admin: bool = False) -> Callable[[Handler], Endpoint]:
                 return error_page(
                     request, 403, "Administrators only", "Ask an administrator to make this change."
                 )
-            return await handler(request, viewer)
+            try:
+                return await handler(request, viewer)
+            except BadInput as exc:
+                return error_page(request, 400, "Bad request", str(exc))
 
         return endpoint
 

@@ -18,6 +18,13 @@
     });
   }
 
+  // Bar segments carry their share as data (the CSP allows no inline style).
+  function sizeBars(root) {
+    root.querySelectorAll(".bar-seg[data-share]").forEach((el) => {
+      el.style.width = `${Number(el.dataset.share)}%`;
+    });
+  }
+
   // Copy a value shown once; the clipboard API needs a secure context, so
   // fall back to selecting the text and the old copy command.
   function copy(button) {
@@ -134,6 +141,7 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     localizeTimes(document);
+    sizeBars(document);
     formHelpers();
     // On a narrow screen the chart scrolls: start at the latest period.
     document.querySelectorAll(".chart-scroll").forEach((el) => (el.scrollLeft = el.scrollWidth));

@@ -367,3 +367,28 @@ def test_openapi_document_matches_the_routes(client: httpx.Client) -> None:
 
 def test_errors_validate_against_the_error_schema(client: httpx.Client) -> None:
     validate(client.get("/api/v1/events").json(), "Error")
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "said"),
+    [
+        ("/api/v1/messages/9223372036854775808", 404, "no message 9223372036854775808"),
+        ("/api/v1/messages/99999999999999999999999", 404, "no message"),
+        ("/api/v1/messages?q=%00", 400, "q must not contain control characters"),
+        ("/api/v1/messages?sender=%00", 400, "sender must not contain control characters"),
+        ("/api/v1/messages?q=a%0Db", 400, "q must not contain control characters"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_a_plain_message(
+    client: httpx.Client, tokens: dict[str, str], path: str, status: int, said: str
+) -> None:
+    """Each was a 500 with a traceback (bigint out of range; NUL in a PostgreSQL query)."""
+    reply = client.get(path, headers=auth(tokens["root"]))
+    assert reply.status_code == status
+    assert said in reply.json()["error"]
+
+
+def test_a_policy_id_out_of_range_is_a_404(client: httpx.Client, tokens: dict[str, str]) -> None:
+    reply = client.delete("/api/v1/policies/2147483648", headers=auth(tokens["root"]))
+    assert reply.status_code == 404
+    assert reply.json() == {"error": "no policy 2147483648"}

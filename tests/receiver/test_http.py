@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -12,11 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import Engine
+from starlette.testclient import TestClient
 
 from receiver.app import create_app
 from receiver.redirect import browser_url
+from receiver.sessions import SELF_COOKIE
 from shared.config import Settings
 from shared.tokens import Signer
+from shared.users import add_user
+from tests.support.dashboardkit import csrf_from
 from tests.support.receiverkit import (
     ServerThread,
     count_events,
@@ -187,3 +192,89 @@ def test_several_workers_share_the_port_and_record_every_hit(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert len({r["event_key"] for r in event_rows(engine)}) == 100
+
+
+def test_dashboard_pages_carry_the_security_headers(server: ServerThread) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        for path in ("/dashboard/login", "/dashboard/static/dashboard.js"):
+            headers = client.get(path).headers
+            csp = headers["content-security-policy"]
+            assert "script-src 'self'" in csp
+            assert "style-src 'self'" in csp
+            assert "unsafe-inline" not in csp
+            assert "frame-ancestors 'none'" in csp
+            assert headers["referrer-policy"] == "no-referrer"
+            assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_no_template_has_inline_script_or_style() -> None:
+    """What the dashboard's CSP would block: script without src, on*= handlers, style=."""
+    templates = Path(__file__).resolve().parents[2] / "receiver" / "templates" / "dashboard"
+    for template in templates.rglob("*.html"):
+        text = template.read_text()
+        assert not re.search(r"<script(?![^>]*\bsrc=)", text), template.name
+        assert not re.search(
+            r"\son(?:click|change|submit|load|error|input|focus|blur|key\w*|mouse\w*)\s*=", text
+        ), template.name
+        assert not re.search(r"\sstyle\s*=", text), template.name
+        assert "<style" not in text, template.name
+
+
+def test_metrics_are_local_or_with_the_token(
+    make_settings: Callable[..., Settings], engine: Engine
+) -> None:
+    """Over real HTTP from loopback: allowed. From elsewhere: the token, or the setting."""
+    with (
+        ServerThread(create_app(make_settings(), engine)) as running,
+        httpx.Client(base_url=running.url) as client,
+    ):
+        assert client.get("/metrics").status_code == 200
+    remote = ("198.51.100.9", 40000)
+    closed = create_app(make_settings(metrics_token="s3cret-token"), engine)
+    with TestClient(closed, client=remote) as client:
+        refused = client.get("/metrics")
+        assert refused.status_code == 403
+        assert "TRACKRELAY_METRICS_TOKEN" in refused.text
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        good = client.get("/metrics", headers={"Authorization": "Bearer s3cret-token"})
+        assert good.status_code == 200
+    with TestClient(create_app(make_settings(metrics_public=True), engine), client=remote) as c:
+        assert c.get("/metrics").status_code == 200
+
+
+def test_a_signed_in_dashboard_user_s_own_hits_are_self(
+    server: ServerThread, engine: Engine
+) -> None:
+    """Sign-in sets a signed cookie for /o and /c only (receiver/sessions.py SelfMark)."""
+    signer: Signer = server.signer  # type: ignore[attr-defined]
+    add_user(engine, "ada", "a long enough password", "admin")
+    browser = {"User-Agent": CHROME}
+    with (
+        httpx.Client(base_url=server.url, headers=browser) as own,
+        httpx.Client(base_url=server.url, headers=browser) as stranger,
+    ):
+        form = csrf_from(own.get("/dashboard/login").text)
+        signed_in = own.post(
+            "/dashboard/login",
+            data={"username": "ada", "password": "a long enough password", "csrf_token": form},
+        )
+        assert signed_in.status_code == 303
+        marks = [c for c in own.cookies.jar if c.name == SELF_COOKIE]
+        assert sorted(c.path for c in marks) == ["/c", "/o"]
+        assert own.get(f"/o/{signer.open_token(31, 1)}").status_code == 200
+        click = signer.click_token(31, 1, 1, "https://example.com/")
+        assert own.get(f"/c/{click}").status_code == 302
+        assert stranger.get(f"/o/{signer.open_token(31, 2)}").status_code == 200
+        forged = {"Cookie": f"{SELF_COOKIE}=1.AAAAAA.forged"}
+        assert stranger.get(f"/o/{signer.open_token(31, 3)}", headers=forged).status_code == 200
+        form = csrf_from(own.get("/dashboard/messages").text)
+        assert own.post("/dashboard/logout", data={"csrf_token": form}).status_code == 303
+        assert not [c for c in own.cookies.jar if c.name == SELF_COOKIE]
+    wait_for(lambda: count_events(engine) == 4)
+    verdicts = {(r["kind"], r["recipient_position"]): r["verdict"] for r in event_rows(engine)}
+    assert verdicts == {
+        ("open", 1): "self",
+        ("click", 1): "self",
+        ("open", 2): "human",
+        ("open", 3): "human",
+    }

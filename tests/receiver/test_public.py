@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 from sqlalchemy import Engine, text
 from starlette.testclient import TestClient
@@ -13,6 +14,7 @@ from receiver.app import create_app
 from receiver.public import CSRF_COOKIE, normalize_address
 from shared.config import Settings
 from shared.policies import lookup_key
+from tests.support.receiverkit import ServerThread
 
 
 @pytest.fixture
@@ -123,3 +125,24 @@ def test_address_is_stored_as_the_relay_looks_it_up() -> None:
     stored = normalize_address("Jörg@Bücher.example")
     assert stored == "jörg@xn--bcher-kva.example"
     assert stored == lookup_key("jörg@bücher.example")[0]
+
+
+def test_the_form_is_rate_limited_per_address(
+    make_settings: Callable[..., Settings], engine: Engine
+) -> None:
+    """300 arbitrary addresses in 3 s went in; now the Nth+1 POST of one address is a 429."""
+    settings = make_settings(public_form_limit=3)
+    with (
+        ServerThread(create_app(settings, engine)) as server,
+        httpx.Client(base_url=server.url) as http,
+    ):
+        csrf = _hidden(http.get("/").text, "csrf")
+        codes = []
+        for i in range(5):
+            reply = http.post("/stop-tracking", data={"csrf": csrf, "address": f"x{i}@example.com"})
+            codes.append(reply.status_code)
+        assert "Too many requests from your address. Try again in 10 minutes." in reply.text
+        confirm = http.post("/stop-tracking/confirm", data={"csrf": csrf, "confirm": "x"})
+        assert confirm.status_code == 429
+    assert codes == [200, 200, 200, 429, 429]
+    assert _suppressions(engine) == []

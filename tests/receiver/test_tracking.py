@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import Engine, insert
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from receiver.app import create_app
+from receiver.sessions import SelfMark
 from receiver.tracking import PIXEL, TrackingApp
 from shared.config import Settings
 from shared.models import Message
@@ -28,7 +29,10 @@ MESSAGE_ID = 4_611_686_018_427_387_911
 
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
-    return make_settings(event_flush_interval=0.02)
+    return make_settings(event_flush_interval=0.02, metrics_token=METRICS_TOKEN)
+
+
+METRICS_TOKEN = "metrics-token-for-tests"
 
 
 @pytest.fixture
@@ -192,28 +196,23 @@ def test_a_click_seconds_after_sending_is_a_scanner(
     assert "clicked seconds after sending" in row["reasons"]
 
 
-class _LoggedIn:
-    """What the dashboard's session middleware leaves in the scope for a logged-in user."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope["session"] = {"user_id": 1}
-        await self.app(scope, receive, send)
-
-
-def test_a_logged_in_dashboard_user_is_self(
+def test_a_dashboard_user_s_mark_makes_the_hit_self(
     settings: Settings, signer: Signer, engine: Engine
 ) -> None:
+    """The mark sign-in sets (receiver/sessions.py SelfMark); tests/receiver/test_http.py
+    signs in over HTTP. An expired or foreign mark is not the user's."""
+    mark = SelfMark(settings.secret_key.get_secret_value())
+    other = SelfMark("another deployment's secret")
     app = create_app(settings, engine)
-    with TestClient(app) as client:  # the lifespan runs on the inner app
-        wrapped = TestClient(_LoggedIn(app))
-        wrapped.get(f"/o/{signer.open_token(MESSAGE_ID, 1)}", headers={"user-agent": CHROME})
-        wait_for(lambda: count_events(engine) == 1)
-        client.get("/healthz")
-    assert event_rows(engine)[0]["verdict"] == "self"
+    with TestClient(app) as client:
+        for recipient, value in ((1, mark), (2, other)):
+            cookie = value.cookies(https=False)[0].split(";")[0]
+            headers = {"user-agent": CHROME, "cookie": f"a=b; {cookie}; c=d"}
+            client.get(f"/o/{signer.open_token(MESSAGE_ID, recipient)}", headers=headers)
+        wait_for(lambda: count_events(engine) == 2)
+    verdicts = [row["verdict"] for row in event_rows(engine)]
+    assert sorted(verdicts) == ["human", "self"]
+    assert mark.carried(mark.cookies(https=True)[1].split(";")[0].encode())
 
 
 def test_on_written_listeners_get_the_committed_rows(
@@ -250,7 +249,8 @@ def test_healthz_and_metrics(client: TestClient, signer: Signer, engine: Engine)
         "journal_files": 0,
         "journal_bytes": 0,
     }
-    text = client.get("/metrics").text
+    assert client.get("/metrics").status_code == 403  # not loopback, no token
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     assert 'trackrelay_hits_total{kind="open",token="valid"} 1' in text
     assert 'trackrelay_hits_total{kind="open",token="invalid"} 1' in text
     assert 'trackrelay_events_recorded_total{kind="open",verdict="scanner"} 1' in text

@@ -10,15 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import Engine, func, insert
 from sqlmodel import Session, select
+from starlette.applications import Starlette
 
+from receiver import api
 from relay.prepared import Copy, LinkRow, MessageRecord, Prepared
 from relay.record import Delivery, Record, Recorder, RecordStore, to_record
 from relay.server import RelayServer
 from relay.upstream import Reply
-from shared import db
+from shared import apitokens, db
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Link, Message, OutboxItem, Recipient
@@ -26,8 +29,9 @@ from shared.outbox import enqueue_messages_sent
 from shared.policies import add_suppression
 from shared.spool import SQLITE_WRITE_TIMEOUT
 from shared.tokens import Signer, new_message_id
+from shared.users import add_user
 from shared.webhooks import add_endpoint
-from tests.support.receiverkit import wait_for
+from tests.support.receiverkit import ServerThread, wait_for
 from tests.support.relaykit import (
     SIMPLE,
     client,
@@ -383,3 +387,35 @@ def test_a_replay_stores_each_record_once_and_sets_aside_what_cannot_be_read(
     assert not recorder.degraded
     rejected = (journal / "rejected-relay.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in rejected] == [{"message": {}}]
+
+
+CONTROLS = (
+    b"From: =?utf-8?q?Eve=00Null?= <alice@example.com>\r\nTo: bob@example.net\r\n"
+    b"Subject: =?utf-8?q?nul=00inside?= and raw \x00 and \x1b[31m too\r\n"
+    b"Message-ID: <nul\x00@example.com>\r\n\r\nA body with a \x00 byte stays as it was.\r\n"
+)
+
+
+def test_nul_and_control_characters_in_headers_are_stored_sanitised(
+    make_settings: Callable[..., Settings], upstream: RecordingUpstream, engine: Engine
+) -> None:
+    """PostgreSQL text cannot hold NUL: the record was refused and the message never showed.
+    What is stored is sanitised (shared/storable.py); what is relayed is not touched."""
+    settings = relay_settings(make_settings, upstream)
+
+    async def run() -> None:
+        async with running_relay(settings, engine) as relay:
+            await send(relay, CONTROLS, recipients=("bob@example.net",))
+
+    asyncio.run(run())
+    assert b"raw \x00 and \x1b[31m" in upstream.messages[-1].data  # relayed byte for byte
+    add_user(engine, "root", "password123", "admin")
+    key, _ = apitokens.create_token(engine, "root", "test")
+    app = Starlette(routes=[api.mount])
+    app.state.engine = engine
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as http:
+        listed = http.get("/api/v1/messages", headers={"Authorization": f"Bearer {key}"})
+    assert listed.status_code == 200
+    (message,) = listed.json()["messages"]
+    assert message["subject"] == "nul\ufffdinside and raw \ufffd and \ufffd[31m too"
+    assert message["from"].startswith("Eve\ufffdNull")

@@ -148,6 +148,9 @@ def test_receiver_keeps_serving_when_the_journal_disk_is_full(
             metrics = wait_for(lambda: _accounted(_numbers(client.get("/metrics").text), hits))
             assert metrics["dropped"] > 0, "the disk never filled"
             assert metrics["journaled"] > 0
+            health = client.get("/healthz")
+            assert health.status_code == 503
+            assert health.json()["event_writer"] == "dropping"  # not "ok" while hits are lost
             outage.up()
             wait_for(lambda: count_events(engine) == metrics["journaled"], timeout=30)
             wait_for(lambda: client.get("/healthz").json()["journal_files"] == 0)

@@ -52,6 +52,7 @@ def fast(make_settings: Callable[..., Settings], **extra: object) -> Settings:
         "webhook_retry_max_interval": 0.05,
         "webhook_poll_interval": 0.01,
         "webhook_timeout": 5.0,
+        "webhook_allow_private": True,  # webhook_server() listens on loopback
     }
     values.update(extra)
     return make_settings(**values)
@@ -301,7 +302,9 @@ def test_send_test_posts_a_signed_ping(
 ) -> None:
     with webhook_server() as server:
         endpoint = webhooks.add_endpoint(engine, server.url)
-        code, _ = asyncio.run(webhooks.send_test(make_settings(), engine, endpoint.id or 0))
+        code, _ = asyncio.run(
+            webhooks.send_test(make_settings(webhook_allow_private=True), engine, endpoint.id or 0)
+        )
         (received,) = server.requests
     assert code == 200
     assert json.loads(received.body)["type"] == "webhook.test"

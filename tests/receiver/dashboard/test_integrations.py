@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import re
+import socket
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
+from receiver.app import create_app
 from shared import apitokens, webhook_signature, webhooks
+from shared.config import Settings
 from shared.db import session_scope
 from shared.models import DeliveryAttempt, OutboxItem, utcnow
-from tests.support.dashboardkit import D, login, token
+from tests.support.dashboardkit import D, login, seed, token
 from tests.support.webhook_server import webhook_server
 
 ADMIN_PAGES = ["/webhooks", "/webhooks/1", "/tokens"]
@@ -126,7 +130,36 @@ def test_pause_resume_remove_and_missing(client: TestClient, engine: Engine) -> 
     assert webhooks.list_endpoints(engine) == []
 
 
-def test_send_test_event_and_delivery_log(client: TestClient, engine: Engine) -> None:
+@pytest.fixture
+def loopback_client(engine: Engine, make_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    """The dashboard allowed to reach webhook_server() on loopback."""
+    seed(engine)
+    with TestClient(create_app(make_settings(webhook_allow_private=True), engine)) as client:
+        yield client
+
+
+def test_the_test_button_refuses_private_addresses_alike_open_or_closed(
+    client: TestClient, engine: Engine
+) -> None:
+    """Without TRACKRELAY_WEBHOOK_ALLOW_PRIVATE nothing tells an open port from a closed one."""
+    login(client, "ada")
+    t = token(client, f"{D}/webhooks")
+    with webhook_server() as server, socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed = unused.getsockname()[1]
+        open_ = webhooks.add_endpoint(engine, server.url)
+        shut = webhooks.add_endpoint(engine, f"http://127.0.0.1:{closed}/")
+        said = []
+        for endpoint in (open_, shut):
+            page = client.post(f"{D}/webhooks/{endpoint.id}/test", data={"csrf_token": t})
+            said.append(re.findall(r"Could not deliver the test event[^<]*", page.text))
+        assert server.requests == []
+    assert said[0] == said[1]
+    assert "non-public address" in said[0][0]
+
+
+def test_send_test_event_and_delivery_log(loopback_client: TestClient, engine: Engine) -> None:
+    client = loopback_client
     with webhook_server() as server:
         server.script = [200, 503]
         endpoint = webhooks.add_endpoint(engine, server.url, ["message.opened"])

@@ -318,6 +318,24 @@ def test_csv_cells_cannot_be_formulas(client: TestClient, engine: Engine) -> Non
     assert row["subject"] == '\'=HYPERLINK("http://x","y")'
 
 
+def test_csv_cells_cannot_be_formulas_in_semicolon_locales(
+    client: TestClient, engine: Engine
+) -> None:
+    """A spreadsheet splitting on ";" read ``Hi;=HYPERLINK(...)`` as a second, formula cell."""
+    with session_scope(engine) as s:
+        s.add(Message(id=97, sender="sam@example.com", subject='Hi;=HYPERLINK("http://x")'))
+        s.add(Message(id=96, sender="sam@example.com", subject="a, -1 and ;@SUM(1)"))
+        s.add(Message(id=95, sender="sam@example.com", subject="plain; no formula"))
+    login(client, "ada")
+    text = client.get(f"{D}/messages.csv").text
+    rows = {r["message_id"]: r for r in csv.DictReader(io.StringIO(text))}
+    assert rows["97"]["subject"] == '\'Hi;=HYPERLINK("http://x")'
+    assert rows["96"]["subject"] == "'a, -1 and ;@SUM(1)"
+    assert rows["95"]["subject"] == "plain; no formula"
+    assert '"\'Hi;=HYPERLINK(""http://x"")"' in text  # quoted: one cell whatever the separator
+    assert '"plain; no formula"' in text
+
+
 # --- the messages list ---
 
 
