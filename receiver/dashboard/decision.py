@@ -16,10 +16,8 @@ tests/receiver/dashboard/test_decision.py runs the real pipeline for every
 shape, so a reworded reason fails a test here.
 
 :data:`SENTENCES` is the panel's order, one function per fact, each giving
-zero or more sentences. A new fact is one line there, e.g. the listener a
-message came in on::
-
-    lambda f: ["Came in through the gateway."] if f.message.listener == "gateway" else [],
+zero or more sentences; a new fact is one function and one line there (as
+:func:`came_in`, the listener a message came in on).
 """
 
 from __future__ import annotations
@@ -104,11 +102,15 @@ def _policy_says(reasons: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def _asked_by(reasons: Iterable[str]) -> str:
-    """The trigger headers the message carried ("X-Track"), '' if none."""
+    """The trigger headers the message carried ("X-Track") and the Bcc commands it was
+    sent to ("Bcc track@trackrelay.invalid"), '' if none."""
+    asked: list[str] = []
     for reason in reasons:
         if reason.startswith("header "):
-            return ", ".join(dict.fromkeys(_HEADER_NAME.findall(reason[len("header ") :])))
-    return ""
+            asked += _HEADER_NAME.findall(reason[len("header ") :])
+        elif reason.startswith("Bcc command "):
+            asked.append("Bcc " + reason[len("Bcc command ") :])
+    return ", ".join(dict.fromkeys(asked))
 
 
 def _tracked(f: DecisionFacts) -> bool:
@@ -352,7 +354,20 @@ def delivery(f: DecisionFacts) -> list[str]:
     ]
 
 
+_CAME_IN = {
+    "gateway": "Came in through the gateway, from the organisation's mail server.",
+    "plain": "Came in on the plain port, from a trusted network.",
+}
+
+
+def came_in(f: DecisionFacts) -> list[str]:
+    """The listener, where it is not a person's own submission (STARTTLS or TLS)."""
+    said = _CAME_IN.get(f.message.listener)
+    return [said] if said else []
+
+
 SENTENCES: tuple[Sentence, ...] = (
+    came_in,
     why,
     ceilings,
     left_out,

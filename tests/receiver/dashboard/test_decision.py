@@ -77,8 +77,12 @@ def relay(make_settings: Callable[..., Settings]) -> Callable[..., DecisionFacts
         store: bool = True,
         replies: Mapping[str, Reply] | None = None,
         broken: bool = False,
+        listener: str = "",
+        commands: tuple[str, ...] = (),
     ) -> DecisionFacts:
-        sub = Submission(42, "ann@example.com", recipients, data, "ann", "192.0.2.1")
+        sub = Submission(
+            42, "ann@example.com", recipients, data, "ann", "192.0.2.1", listener, commands
+        )
         if broken:
             prepared = asyncio.run(Broken(settings, None).prepare(sub))  # type: ignore[arg-type]
         else:
@@ -114,6 +118,27 @@ def test_asked_for_by_the_header(relay: Callable[..., DecisionFacts]) -> None:
         "1 link tracked, pixel added in the HTML part.",
         "Delivered: 2 of 2 accepted by the server.",
     ]
+
+
+def test_asked_for_by_a_bcc_command(relay: Callable[..., DecisionFacts]) -> None:
+    facts = relay(html(b""), commands=("track@trackrelay.invalid",))
+    assert said(facts)[0] == (
+        "Opens and clicks tracked because the message asked for it (Bcc track@trackrelay.invalid)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("listener", "first"),
+    [
+        ("gateway", "Came in through the gateway, from the organisation's mail server."),
+        ("plain", "Came in on the plain port, from a trusted network."),
+        ("submission", "Opens and clicks tracked because the message asked for it (X-Track)."),
+    ],
+)
+def test_the_listener_is_said_where_it_is_not_a_submission(
+    relay: Callable[..., DecisionFacts], listener: str, first: str
+) -> None:
+    assert said(relay(html(), listener=listener))[0] == first
 
 
 def test_an_esp_header(relay: Callable[..., DecisionFacts]) -> None:
