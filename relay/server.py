@@ -9,7 +9,8 @@ share the database engine or async clients with the receiver):
   and would refuse AUTH (538) and not advertise it, so this listener is built
   with ``auth_require_tls=False``: the socket is TLS from the first byte.
 * ``plain`` (optional): no TLS, no AUTH, for app servers in the trusted
-  networks only; anyone else gets 554 and is disconnected.
+  networks only; anyone else gets 554 and is disconnected (relay/peers.py,
+  which any listener restricted to some peers uses).
 
 Scale-out: :func:`bind_listeners` binds the listening sockets once; worker
 processes forked after that (``TRACKRELAY_RELAY_WORKERS``) each pass them to
@@ -34,6 +35,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from relay.handler import RelayHandler
+from relay.peers import Peers
 from relay.smtp import RelaySMTP
 from relay.tlscert import certificate_paths, server_context
 from relay.track import Counters, Tracker
@@ -82,7 +84,8 @@ class RelayServer:
         await self._listen("smtp", settings.smtp_port, tls_context=context)
         await self._listen("smtps", settings.smtps_port, ssl=context, auth_require_tls=False)
         if settings.plain_port is not None:
-            await self._listen("plain", settings.plain_port, peer_allowed=self.handler.trusted)
+            peers = Peers.of("plain", settings.networks, serves="trusted networks")
+            await self._listen("plain", settings.plain_port, peers=peers)
         log.info("relay listening on %s: %s", settings.host, self.ports)
 
     async def _listen(

@@ -22,8 +22,11 @@ there):
   counting protocols as they are created would keep those forever.
 * Graceful shutdown: :meth:`RelaySMTP.begin_shutdown` answers 421 to idle
   sessions at once and to busy ones when their transaction ends.
-* A listener may restrict who can connect (``peer_allowed``): the plain port
-  serves trusted networks only.
+* A listener may restrict who can connect (``peers``, relay/peers.py): the
+  plain port serves trusted networks only, the gateway its MTA's networks and
+  TLS client names. The address is checked before the greeting, the client
+  certificate once TLS is up (implicit TLS: before the greeting too;
+  STARTTLS: the first command after the handshake gets the 554).
 * A client looping NOOP, RSET, VRFY, EHLO, refused MAILs... keeps a session
   (and a slot of the upstream's) forever, since every valid command resets
   the idle timeout. After ``command_limit`` commands that moved no mail it
@@ -48,6 +51,7 @@ from aiosmtpd.smtp import MISSING, Session
 
 from relay.aiosmtpd_adapter import AdaptedSession, AdaptedSMTP, Command
 from relay.datareader import DataTooBig, DataTooLong, read_data
+from relay.peers import Peers
 
 if TYPE_CHECKING:
     from relay.upstream import Connection
@@ -85,7 +89,7 @@ class RelaySMTP(AdaptedSMTP):
         handler: Any,
         *,
         listener: str,
-        peer_allowed: Callable[[str], bool] | None = None,
+        peers: Peers | None = None,
         on_open: Callable[[RelaySMTP], None] | None = None,
         on_close: Callable[[RelaySMTP], None] | None = None,
         data_timeout: float | None = None,
@@ -97,7 +101,7 @@ class RelaySMTP(AdaptedSMTP):
         self.data_timeout = data_timeout
         self.command_limit = command_limit
         self._idle_commands = 0  # commands since the last message that moved no mail
-        self._peer_allowed = peer_allowed
+        self._peers = peers
         self._on_open = on_open
         self._on_close = on_close
         self._in_data = False
@@ -118,6 +122,10 @@ class RelaySMTP(AdaptedSMTP):
         super().connection_made(transport)
         if previous is not None and previous is not self.session:
             self._session_ended(previous)  # STARTTLS starts a new session (RFC 3207 4.2)
+            refusal = self._refuse_certificate()
+            if refusal is not None:  # the client's next command (EHLO) reads it
+                self.write_now(f"{refusal}\r\n".encode())
+                transport.close()
         elif previous is None and self._on_open is not None:
             self._on_open(self)  # implicit TLS: only now, after a successful handshake
 
@@ -135,14 +143,30 @@ class RelaySMTP(AdaptedSMTP):
 
     async def serve_client(self) -> None:
         assert self.session is not None
-        ip = self.session.peer[0] if isinstance(self.session.peer, tuple) else ""
-        if self._peer_allowed is not None and not self._peer_allowed(str(ip)):
-            log.warning("%s listener: refused %s (not in the trusted networks)", self.listener, ip)
-            await self.push("554 5.7.1 This port only serves trusted networks")
-            assert self.transport is not None
-            self.transport.close()
-            return
+        if self._peers is not None:
+            refusal = self._peers.refuse_address(self._client_ip())
+            if refusal is None and self.transport is not None:
+                refusal = self._refuse_certificate()  # implicit TLS: the handshake is done
+            if refusal is not None:
+                await self.push(refusal)
+                assert self.transport is not None
+                self.transport.close()
+                return
         await super().serve_client()
+
+    def _client_ip(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+    def _refuse_certificate(self) -> str | None:
+        """The listener's refusal of this TLS client's certificate (None: accepted, or
+        no TLS yet, or no names to check)."""
+        if self._peers is None or self.transport is None:
+            return None
+        tls = self.transport.get_extra_info("ssl_object")
+        if tls is None:
+            return None
+        return self._peers.refuse_certificate(self._client_ip(), tls.getpeercert())
 
     # --- idle timeout ---
 
