@@ -11,6 +11,9 @@ share the database engine or async clients with the receiver):
 * ``plain`` (optional): no TLS, no AUTH, for app servers in the trusted
   networks only; anyone else gets 554 and is disconnected (relay/peers.py,
   which any listener restricted to some peers uses).
+* ``intake`` (optional, ``TRACKRELAY_INTAKE_PORT``): copies of incoming mail
+  for replies and bounces, never delivered (relay/intake.py, its own handler
+  and writer); STARTTLS offered; only ``TRACKRELAY_INTAKE_NETWORKS``.
 
 Scale-out: :func:`bind_listeners` binds the listening sockets once; worker
 processes forked after that (``TRACKRELAY_RELAY_WORKERS``) each pass them to
@@ -35,6 +38,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from relay.handler import RelayHandler
+from relay.intake import IntakeListener
 from relay.peers import Peers
 from relay.smtp import RelaySMTP
 from relay.tlscert import certificate_paths, server_context
@@ -65,6 +69,7 @@ class RelayServer:
         self._closed = asyncio.Event()
         self._stopping = False
         self._dev_lines: list[str] = []
+        self.intake: IntakeListener | None = None  # relay/intake.py, if its port is set
 
     @property
     def metrics(self) -> Counters:
@@ -86,6 +91,11 @@ class RelayServer:
         if settings.plain_port is not None:
             peers = Peers.of("plain", settings.networks, serves="trusted networks")
             await self._listen("plain", settings.plain_port, peers=peers)
+        if settings.intake_port is not None:
+            sock = self._sockets.get("intake")
+            self.intake = IntakeListener(settings, self.engine, context, sock)
+            await self.intake.start()
+            self.ports["intake"] = self.intake.port
         log.info("relay listening on %s: %s", settings.host, self.ports)
 
     async def _listen(
@@ -152,6 +162,8 @@ class RelayServer:
                     protocol.abort()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), 1)
+        if self.intake is not None:
+            await self.intake.stop(grace)
         await self.handler.drain()
         await self.handler.recorder.stop()
         for server in self._servers:
@@ -197,6 +209,8 @@ def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
     wanted = {"smtp": settings.smtp_port, "smtps": settings.smtps_port}
     if settings.plain_port is not None:
         wanted["plain"] = settings.plain_port
+    if settings.intake_port is not None:
+        wanted["intake"] = settings.intake_port
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sockets: dict[str, socket.socket] = {}
     for listener, port in wanted.items():
