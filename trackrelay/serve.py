@@ -75,6 +75,7 @@ async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa:
         app = web.receiver_app(settings, engine)
         if relay_server is not None:
             web.add_relay_metrics(app, relay_server.metrics)
+            web.add_intake_metrics(app, relay_server)
         http_server = web.http_server(settings, app)
     tasks: list[asyncio.Task[None]] = []
     try:
