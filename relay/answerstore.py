@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -107,6 +107,9 @@ class AnswerStore(Store[Item]):
         self.notify_email = notify_email
         self.unmatched = 0  # copies whose findings named no message we sent
         self.matched = 0  # answers stored (new events)
+        # Called (in the writer's thread) with the rows of each commit, marked notable:
+        # trackrelay/serve.py hands them to the dashboards' live feed.
+        self.on_written: Callable[[list[dict[str, Any]]], None] | None = None
 
     def write(self, items: list[Item], replay: bool) -> int:
         try:
@@ -138,6 +141,11 @@ class AnswerStore(Store[Item]):
                 enqueue_for_events(conn, new, notify_email=self.notify_email)
         self.unmatched += len({i["key"] for i in items} - matched_keys)
         self.matched += len(new)
+        if new and self.on_written is not None:
+            try:
+                self.on_written(new)
+            except Exception:  # fail soft: a lost live note never loses an answer
+                log.exception("the live feed could not take %d answer(s)", len(new))
         return len(new)
 
     @staticmethod
