@@ -136,3 +136,46 @@ def test_erase_leaves_no_trace(engine: Engine) -> None:
     again = privacy.erase(engine, "bob@client.test", forget_suppression=True)
     assert again.counts["suppressions"] == 1
     assert mentions(engine, "bob@client.test") == {}
+
+
+def test_erase_and_purge_cover_answers(engine: Engine) -> None:
+    """Replies, auto-replies, bounces and complaints (relay/answerstore.py) go with
+    their recipient on erasure and with their message on purge."""
+    from relay.answerstore import AnswerStore, item
+    from shared.answers import Finding
+
+    mail = add_message(engine, recipients=("bob@client.test", "carol@other.test"))
+    old = add_message(engine, recipients=("dan@client.test",), created_at=T0 - timedelta(days=400))
+    at = T0 + timedelta(hours=2)
+
+    def answers(m: Message, address: str, key: str) -> list[dict[str, object]]:
+        ids = (m.message_id_header,)
+        kinds = [
+            Finding("reply", "in-reply-to", ids, address),
+            Finding("auto_reply", "auto-submitted", ids, address),
+            Finding("bounce", "dsn-failed-permanent", ids, address, "hard", "5.1.1", "no user"),
+            Finding("complaint", "arf", ids, address),
+        ]
+        return [item(f"{key}-{f.kind}", at, [f]) for f in kinds]
+
+    store = AnswerStore(engine)
+    store.write(
+        answers(mail, "bob@client.test", "b") + answers(mail, "carol@other.test", "c"), False
+    )
+    store.write(answers(old, "dan@client.test", "d"), replay=False)
+    result = privacy.erase(engine, "bob@client.test")
+    assert result.counts["events"] == 4
+    with session_scope(engine) as session:
+        left = session.exec(select(Event.message_id, Event.recipient_position, Event.kind)).all()
+    assert sorted((m == mail.id, p, k) for m, p, k in left) == sorted(
+        [(True, 2, k) for k in ("reply", "auto_reply", "bounce", "complaint")]
+        + [(False, 1, k) for k in ("reply", "auto_reply", "bounce", "complaint")]
+    )
+    counts = privacy.purge(engine, 100, now=T0 + timedelta(days=1))
+    assert counts["events"] == 4  # dan's, with his message
+    with session_scope(engine) as session:
+        kinds = session.exec(select(Event.kind, Event.message_id)).all()
+    assert sorted(k for k, m in kinds if m == mail.id) == sorted(
+        ["reply", "auto_reply", "bounce", "complaint"]
+    )
+    assert not [m for _, m in kinds if m == old.id]
