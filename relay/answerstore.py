@@ -12,8 +12,8 @@ away, replayed when it is back), and only then does the listener answer 250.
 One transaction per batch (:meth:`AnswerStore.write`):
 
 1. the messages the findings name: ``messages.message_id_header`` IN the
-   Message-IDs (through ``ix_messages_message_id_prefix``, migration 0007:
-   the first 200 characters, then the whole value); a finding takes the first
+   Message-IDs (``ix_messages_message_id_header``, migration 0007); a finding
+   takes the first
    of its Message-IDs that is a message we sent (shared/answers.py orders them,
    the direct parent first); several messages with one Message-ID (a client
    that sent it twice): the newest;
@@ -46,7 +46,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, select
+from sqlalchemy import Connection, Engine, bindparam, select
 
 from shared import eventstate
 from shared.answers import Finding
@@ -64,8 +64,6 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 100
 REPLAY_SLICE = 100
 SCAN_INTERVAL = 1.0
-#: The prefix of message_id_header that migration 0007 indexes.
-PREFIX = 200
 
 #: One copy of incoming mail: {"key": str, "received_at": ISO text, "findings": [dict]}.
 Item = dict[str, Any]
@@ -74,14 +72,8 @@ MESSAGES = Message.__table__  # type: ignore[attr-defined]
 RECIPIENTS = Recipient.__table__  # type: ignore[attr-defined]
 EVENTS = Event.__table__  # type: ignore[attr-defined]
 
-_BY_ID = (
-    select(MESSAGES.c.id, MESSAGES.c.message_id_header, MESSAGES.c.created_at)
-    .where(
-        func.substr(MESSAGES.c.message_id_header, 1, PREFIX).in_(
-            bindparam("prefixes", expanding=True)
-        )
-    )
-    .where(MESSAGES.c.message_id_header.in_(bindparam("ids", expanding=True)))
+_BY_ID = select(MESSAGES.c.id, MESSAGES.c.message_id_header, MESSAGES.c.created_at).where(
+    MESSAGES.c.message_id_header.in_(bindparam("ids", expanding=True))
 )
 _RECIPIENTS = select(RECIPIENTS.c.message_id, RECIPIENTS.c.position, RECIPIENTS.c.address).where(
     RECIPIENTS.c.message_id.in_(bindparam("mids", expanding=True))
@@ -153,11 +145,8 @@ class AnswerStore(Store[Item]):
         """Message-ID -> the newest message that has it."""
         if not ids:
             return {}
-        prefixes = sorted({i[:PREFIX] for i in ids})
         found: dict[str, tuple[Any, int]] = {}
-        for mid, header, created in conn.execute(
-            _BY_ID, {"prefixes": prefixes, "ids": sorted(ids)}
-        ):
+        for mid, header, created in conn.execute(_BY_ID, {"ids": sorted(ids)}):
             if header not in found or created > found[header][0]:
                 found[header] = (created, mid)
         return {header: mid for header, (_, mid) in found.items()}

@@ -58,7 +58,10 @@ class Message(SQLModel, table=True):
     sender: str = Field(default="", index=True, max_length=320)  # MAIL FROM ('' = null sender)
     from_header: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     subject: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
-    message_id_header: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # indexed: answers find their message by it (issue 15, migration 0007)
+    message_id_header: str = Field(
+        default="", sa_column=Column(Text, nullable=False, default="", index=True)
+    )
     auth_user: str = Field(default="", max_length=320)
     client_ip: str = Field(default="", max_length=64)
     size_in: int = 0

@@ -315,3 +315,12 @@ def test_no_message_id_is_added_where_a_dkim_signature_covers_one(tracker: Track
     prepared = prepare(tracker, data, ["bob@example.org"])
     assert prepared.copies[0].data == data
     assert prepared.message.message_id_header == ""
+
+
+def test_an_absurd_message_id_is_recorded_cut_to_the_indexable_size(tracker: Tracker) -> None:
+    long_id = "<" + "x" * 3000 + "@example.com>"
+    data = message(b"").replace(b"<m1@example.com>", long_id.encode())
+    prepared = prepare(tracker, data, ["bob@example.org"])
+    recorded = prepared.message.message_id_header
+    assert len(recorded.encode()) <= 900
+    assert long_id.startswith(recorded)

@@ -7,11 +7,10 @@ Create Date: 2026-12-03 12:40:00.000000
 Issue 15: a reply, an auto-reply, a bounce or a complaint names the
 Message-ID of the message it is about, and the intake writer
 (relay/answerstore.py) finds the message by it: an index on
-``messages.message_id_header``. On an expression, the first 200 characters,
-so that a client's absurdly long Message-ID can never make a message record
-too large for a B-tree entry (PostgreSQL refuses index rows over ~2.7 kB,
-which would set the record aside); the query compares both the prefix (the
-index) and the whole value. Built ``CONCURRENTLY`` on PostgreSQL.
+``messages.message_id_header``. The relay records at most
+``MAX_MESSAGE_ID_BYTES`` (900) bytes of it (relay/prepared.py), so an index
+entry stays below PostgreSQL's B-tree limit (~2.7 kB) whatever a client
+sends. Built ``CONCURRENTLY`` on PostgreSQL.
 
 (In the answers branch it follows 0004, which it merged; the lead re-chains.)
 """
@@ -25,18 +24,21 @@ down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-INDEX = "ix_messages_message_id_prefix"
-EXPRESSION = "substr(message_id_header, 1, 200)"
-ON = f"({EXPRESSION})"
+INDEX = "ix_messages_message_id_header"
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        with op.get_context().autocommit_block():
-            op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {INDEX} ON messages {ON}")
-    else:
-        op.execute(f"CREATE INDEX IF NOT EXISTS {INDEX} ON messages {ON}")
+    postgres = op.get_bind().dialect.name == "postgresql"
+    if postgres:
+        # Rows recorded before the cap: cut to it, so the index can be built.
+        op.execute(
+            "UPDATE messages SET message_id_header = left(message_id_header, 900)"
+            " WHERE octet_length(message_id_header) > 900"
+        )
+    concurrently = {"postgresql_concurrently": True} if postgres else {}
+    with op.get_context().autocommit_block():
+        op.create_index(INDEX, "messages", ["message_id_header"], **concurrently)
 
 
 def downgrade() -> None:
-    op.execute(f"DROP INDEX IF EXISTS {INDEX}")
+    op.drop_index(INDEX, table_name="messages")
