@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes of a copy that are read: header fields and report parts come first.
 READ_BYTES = 256 * 1024
+#: Copies larger than this are parsed off the event loop.
+OFFLOAD_BYTES = 64 * 1024
 #: One INFO line per this many copies that matched nothing.
 LOG_EVERY = 100
 
@@ -85,8 +87,12 @@ class IntakeHandler:
         data: bytes = envelope.original_content or b""
         self.counts.copies += 1
         head = data[:READ_BYTES]
-        message = parse(head)
-        findings = classify(message)
+        if len(head) > OFFLOAD_BYTES:  # parsing a large copy would hold the event loop
+            message = await asyncio.to_thread(parse, head)
+            findings = await asyncio.to_thread(classify, message)
+        else:
+            message = parse(head)
+            findings = classify(message)
         if not findings:
             self.counts.unrecognised += 1
             self._log_unmatched()
