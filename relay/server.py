@@ -196,6 +196,11 @@ class RelayServer:
                 f"  plain SMTP without AUTH on port {self.ports['plain']} "
                 f"for {settings.trusted_networks or 'no network'}"
             )
+        if "intake" in self.ports:
+            lines.append(
+                f"  intake for copies of incoming mail (replies, bounces) on port "
+                f"{self.ports['intake']} for {settings.intake_networks or 'no network'}"
+            )
         target = settings.upstream_target
         if target.is_sink and target.path is not None:
             lines.append(f"  sent mail lands in: {target.path / 'new'} (one file per recipient)")
