@@ -490,68 +490,64 @@ def _in(values: str, *verdicts: str) -> str:
     return f"{values} IN ({', '.join(repr(v) for v in verdicts)})"
 
 
-def _hit_aggregates() -> list[str]:
-    """Per group of events: COUNTERS and TIMES, as in :class:`_Tally`."""
+def _hit_aggregates(e: str) -> list[str]:
+    """Per group of events (``e``: their table's prefix): COUNTERS and TIMES, as in
+    :class:`_Tally`. Over no event (a LEFT JOIN's NULLs) they give 0 and NULL."""
     out = []
-    for kind, prefix in ((OPEN, ""), (CLICK, "")):
+    for kind in (OPEN, CLICK):
         noun = "opens" if kind == OPEN else "clicks"
         for verdicts, name in (
-            (COUNTED, f"{prefix}{noun}"),
+            (COUNTED, noun),
             (AUTOMATED, f"machine_{noun}"),
             ((SELF,), f"self_{noun}"),
         ):
             out.append(
-                f"sum(CASE WHEN kind = '{kind}' AND {_in('verdict', *verdicts)}"
+                f"sum(CASE WHEN {e}kind = '{kind}' AND {_in(f'{e}verdict', *verdicts)}"
                 f" THEN 1 ELSE 0 END) AS {name}"
             )
     for kind in (OPEN, CLICK):
-        when = f"CASE WHEN kind = '{kind}' AND {_in('verdict', *COUNTED)} THEN occurred_at END"
+        counted = _in(f"{e}verdict", *COUNTED)
+        when = f"CASE WHEN {e}kind = '{kind}' AND {counted} THEN {e}occurred_at END"
         out += [f"min({when}) AS first_{kind}_at", f"max({when}) AS last_{kind}_at"]
     return out
 
 
-def _recipient_aggregates() -> list[str]:
-    out = _hit_aggregates()
+def _recipient_aggregates(e: str) -> list[str]:
+    out = _hit_aggregates(e)
     out += [
-        f"min(CASE WHEN kind = '{kind}' THEN occurred_at END) AS {column}"
+        f"min(CASE WHEN {e}kind = '{kind}' THEN {e}occurred_at END) AS {column}"
         for kind, (column, _, _) in ANSWERS.items()
     ]
     out.append(
-        "coalesce(min(CASE WHEN kind = 'bounce' AND bounce_type <> ''"
-        " THEN bounce_type END), '') AS bounce_type"
+        f"coalesce(min(CASE WHEN {e}kind = 'bounce' AND {e}bounce_type <> ''"
+        f" THEN {e}bounce_type END), '') AS bounce_type"
     )
     return out
 
 
-def _message_aggregates() -> list[str]:
-    return [*_hit_aggregates(), *_answer_aggregates()]
+def _message_aggregates(e: str) -> list[str]:
+    return [*_hit_aggregates(e), *_answer_aggregates(e)]
 
 
-def _answer_aggregates() -> list[str]:
+def _answer_aggregates(e: str = "") -> list[str]:
     """Per message: recipients who answered so (a message-level answer counting as one
     when no recipient has), and the first reply."""
     out = []
     for kind, (_, counter, _) in ANSWERS.items():
         named = (
-            f"count(DISTINCT CASE WHEN kind = '{kind}' AND recipient_position > 0"
-            " THEN recipient_position END)"
+            f"count(DISTINCT CASE WHEN {e}kind = '{kind}' AND {e}recipient_position > 0"
+            f" THEN {e}recipient_position END)"
         )
         out.append(
             f"CASE WHEN {named} > 0 THEN {named}"
-            f" ELSE max(CASE WHEN kind = '{kind}' THEN 1 ELSE 0 END) END AS {counter}"
+            f" ELSE max(CASE WHEN {e}kind = '{kind}' THEN 1 ELSE 0 END) END AS {counter}"
         )
-    out.append("min(CASE WHEN kind = 'reply' THEN occurred_at END) AS first_reply_at")
+    out.append(f"min(CASE WHEN {e}kind = 'reply' THEN {e}occurred_at END) AS first_reply_at")
     return out
 
 
 _RECIPIENT_STATE = (*COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "bounce_type")
 _MESSAGE_STATE = (*COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply_at")
-
-
-def _reset(column: str) -> str:
-    if column in COUNTERS or column in ("replies", "auto_replies", "bounces", "complaints"):
-        return f"{column} = 0"
-    return f"{column} = ''" if column == "bounce_type" else f"{column} = NULL"
 
 
 @dataclass(frozen=True)
@@ -580,24 +576,39 @@ def _ids(ids: Sequence[int]) -> _Scope:
     return _Scope("{c} IN :ids", {"ids": list(ids)}, expanding=True)
 
 
+def _set_from(table: str, columns: Sequence[str], source: str, match: str) -> str:
+    """``UPDATE table SET columns = a.columns FROM (source) AS a WHERE match``, leaving
+    alone the rows that already say so (most rows, for a backfill: no write)."""
+    sets = ", ".join(f"{c} = a.{c}" for c in columns)
+    mine = ", ".join(f"{table}.{c}" for c in columns)
+    theirs = ", ".join(f"a.{c}" for c in columns)
+    return (
+        f"UPDATE {table} SET {sets} FROM ({source}) AS a WHERE {match}"
+        f" AND ({mine}) IS DISTINCT FROM ({theirs})"
+    )
+
+
 def _count_state(conn: Connection, scope: _Scope) -> None:
-    """Recipients' and messages' state of ``scope`` counted from their events."""
-    statements = [
-        f"UPDATE recipients SET {', '.join(map(_reset, _RECIPIENT_STATE))}"
-        f" WHERE {scope.of('message_id')}",
-        f"UPDATE recipients SET {', '.join(f'{c} = a.{c}' for c in _RECIPIENT_STATE)}"
-        f" FROM (SELECT message_id, recipient_position, {', '.join(_recipient_aggregates())}"
-        f" FROM events WHERE {scope.of('message_id')} AND recipient_position > 0"
-        " GROUP BY message_id, recipient_position) AS a"
-        " WHERE recipients.message_id = a.message_id"
-        " AND recipients.position = a.recipient_position",
-        f"UPDATE messages SET {', '.join(map(_reset, _MESSAGE_STATE))} WHERE {scope.of('id')}",
-        f"UPDATE messages SET {', '.join(f'{c} = a.{c}' for c in _MESSAGE_STATE)}"
-        f" FROM (SELECT message_id, {', '.join(_message_aggregates())}"
-        f" FROM events WHERE {scope.of('message_id')} GROUP BY message_id) AS a"
-        " WHERE messages.id = a.message_id",
-    ]
-    for sql in statements:
+    """Recipients' and messages' state of ``scope`` counted from their events: one
+    statement each, the events LEFT JOINed (``ix_events_message_kind``)."""
+    recipients = _set_from(
+        "recipients",
+        _RECIPIENT_STATE,
+        f"SELECT r.message_id AS mid, r.position AS pos, {', '.join(_recipient_aggregates('e.'))}"
+        " FROM recipients AS r LEFT JOIN events AS e"
+        " ON e.message_id = r.message_id AND e.recipient_position = r.position"
+        f" WHERE {scope.of('r.message_id')} GROUP BY r.message_id, r.position",
+        "recipients.message_id = a.mid AND recipients.position = a.pos",
+    )
+    messages = _set_from(
+        "messages",
+        _MESSAGE_STATE,
+        f"SELECT m.id AS mid, {', '.join(_message_aggregates('e.'))}"
+        " FROM messages AS m LEFT JOIN events AS e ON e.message_id = m.id"
+        f" WHERE {scope.of('m.id')} GROUP BY m.id",
+        "messages.id = a.mid",
+    )
+    for sql in (recipients, messages):
         conn.execute(scope.statement(sql), scope.params)
 
 

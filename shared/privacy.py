@@ -226,7 +226,9 @@ def erase(engine: Engine, address: str, *, forget_suppression: bool = False) -> 
     with session_scope(engine) as session:
         conn = session.connection()
         # Mail notifications sent TO this address (a user being notified).
-        _erase_notifications(conn, col(OutboxItem.target).in_(forms), counts)
+        # (channel, target) leads a unique index; a webhook's target is its endpoint.
+        to_them = and_(col(OutboxItem.channel) == "email", col(OutboxItem.target).in_(forms))
+        _erase_notifications(conn, to_them, counts)
         counts["consents"] = _delete(conn, Consent, func.lower(col(Consent.address)).in_(forms))
         suppressed = func.lower(col(Suppression.address)).in_(forms)
         if forget_suppression:
