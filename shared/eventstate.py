@@ -31,22 +31,27 @@ What the columns mean (shared/verdicts.py says which verdicts count):
   ``replied``/``bounced`` messages with an answer, ``human_opens`` and
   ``machine_opens`` hits, ``opens_<verdict>`` opens by verdict.
 
-Concurrency: :func:`apply` reads the old state of its messages ``FOR UPDATE``
-(PostgreSQL; SQLite has one writer at a time and the events insert already
-holds the lock), in id order, so two writers never count one transition
-twice and never deadlock on each other; rollup rows are upserted in key order
-(shared/db.py ``upsert_adding_sql``). One window stays open: a hit written
-while its message's record is being committed (neither transaction sees the
-other's row) is not in the state until ``rebuild-state`` runs; records are
-committed before the client's reply and hits come after the mail arrives.
+Concurrency: :func:`apply` adds to counters in SQL (``opens = opens + v.opens``)
+and learns from what the update returns whether a message's first counted
+open or click came now (the new count equals what it added), so two writers
+never count one first open twice; a batch with answers locks its messages
+first (``FOR UPDATE``, in id order) and counts their answers again from their
+answer events, as :func:`rebuild` does.
+Rollup rows are upserted in key order (shared/db.py ``upsert_adding_sql``).
+Should two writers still deadlock on PostgreSQL, one batch fails and the
+spool journals and replays it (shared/spool.py). One window stays open: a hit
+written while its message's record is being committed (neither transaction
+sees the other's row) is not in the state until ``rebuild-state`` runs;
+records are committed before the client's reply, and hits come after the
+mail arrives.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -106,39 +111,52 @@ def _slot(kind: str, verdict: str) -> int | None:
     return base + 2 if verdict == SELF else None
 
 
+#: (kind, verdict) -> slot, worked out once.
+_SLOTS = {(k, v): _slot(k, v) for k in (OPEN, CLICK) for v in VERDICTS}
+
+
 def _earlier(a: Any, b: Any) -> Any:
     return b if a is None or (b is not None and b < a) else a
 
 
-def _later(a: Any, b: Any) -> Any:
-    return b if a is None or (b is not None and b > a) else a
-
-
-@dataclass
 class _Tally:
-    """What one batch adds to one recipient or one message."""
+    """What one batch adds to one recipient or one message.
 
-    counts: list[int] = field(default_factory=lambda: [0] * len(COUNTERS))
-    times: list[Any] = field(default_factory=lambda: [None] * len(TIMES))
-    answers: dict[str, Any] = field(default_factory=dict)  # kind -> first time
-    bounce_type: str = ""
-    opens: Counter[str] = field(default_factory=Counter)  # by verdict
-    anonymous: set[str] = field(default_factory=set)  # answers with no recipient row
+    ``figures`` is COUNTERS then TIMES; the rest is made only when needed
+    (a plain class with slots: the writer builds one per message per batch).
+    """
 
-    def add(self, kind: str, verdict: str, at: Any, bounce_type: str) -> None:
-        slot = _slot(kind, verdict)
-        if kind == OPEN:
-            self.opens[verdict] += 1
-        if slot is not None:
-            self.counts[slot] += 1
-            if slot in (0, 3):  # counted: first and last
-                t = 0 if slot == 0 else 2
-                self.times[t] = _earlier(self.times[t], at)
-                self.times[t + 1] = _later(self.times[t + 1], at)
-        elif kind in ANSWERS:
-            self.answers[kind] = _earlier(self.answers.get(kind), at)
-            if kind == "bounce" and bounce_type:  # 'hard' < 'soft': a hard bounce wins
-                self.bounce_type = min(filter(None, (self.bounce_type, bounce_type)))
+    __slots__ = ("answers", "bounce_type", "figures", "opens")
+
+    def __init__(self) -> None:
+        self.figures: list[Any] = [0, 0, 0, 0, 0, 0, None, None, None, None]
+        self.answers: dict[str, Any] | None = None  # kind -> first time
+        self.bounce_type = ""
+        self.opens: dict[str, int] | None = None  # by verdict (messages only)
+
+    def hit(self, slot: int | None, at: Any) -> None:
+        if slot is None:
+            return
+        f = self.figures
+        f[slot] += 1
+        if slot == 0 or slot == 3:  # counted: first and last
+            t = 6 if slot == 0 else 8
+            if f[t] is None or at < f[t]:
+                f[t] = at
+            if f[t + 1] is None or at > f[t + 1]:
+                f[t + 1] = at
+
+    def opened(self, verdict: str) -> None:
+        if self.opens is None:
+            self.opens = {}
+        self.opens[verdict] = self.opens.get(verdict, 0) + 1
+
+    def answer(self, kind: str, at: Any, bounce_type: str) -> None:
+        if self.answers is None:
+            self.answers = {}
+        self.answers[kind] = _earlier(self.answers.get(kind), at)
+        if kind == "bounce" and bounce_type:  # 'hard' < 'soft': a hard bounce wins
+            self.bounce_type = min(filter(None, (self.bounce_type, bounce_type)))
 
 
 class _Dialect:
@@ -151,7 +169,15 @@ class _Dialect:
         self.postgres = self.name == "postgresql"
         self.marker = "%s" if self.postgres else "?"
         occurred = Event.__table__.c.occurred_at.type  # type: ignore[attr-defined]
-        self._bind = occurred.bind_processor(conn.dialect)
+        self._bind = occurred.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+        self.sql: dict[tuple[str, int], str] = {}  # statements built once
+
+    @classmethod
+    def of(cls, conn: Connection) -> _Dialect:
+        found = _DIALECTS.get(conn.dialect.name)
+        if found is None:
+            found = _DIALECTS[conn.dialect.name] = cls(conn)
+        return found
 
     def day(self, column: str) -> str:
         """The UTC date of a timestamp column, as the rollup's ``day``."""
@@ -179,14 +205,22 @@ class _Dialect:
         row = f"({', '.join([self.marker] * len(columns))})"
         return f"WITH v({', '.join(columns)}) AS (VALUES {', '.join([row] * rows)})"
 
-    def params(self, rows: list[tuple[Any, ...]]) -> Iterator[tuple[int, tuple[Any, ...]]]:
-        """(row count, parameters) per statement: PostgreSQL one of arrays, SQLite chunks."""
-        if self.postgres:
-            yield len(rows), tuple(list(column) for column in zip(*rows, strict=True))
+    def params(
+        self, rows: list[tuple[Any, ...]], arrays: bool = True
+    ) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """(row count, parameters) per statement: PostgreSQL one of column arrays
+        (``arrays``), else multi-row VALUES of power-of-two sizes (a few cached
+        statements, as receiver/eventrows.py measured)."""
+        if not rows:
             return
-        for start in range(0, len(rows), SQLITE_ROWS):
-            chunk = rows[start : start + SQLITE_ROWS]
-            yield len(chunk), tuple(value for row in chunk for value in row)
+        if self.postgres and arrays:
+            yield 0, tuple(list(column) for column in zip(*rows, strict=True))
+            return
+        start = 0
+        while start < len(rows):
+            size = min(SQLITE_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
+            yield size, tuple(itertools.chain.from_iterable(rows[start : start + size]))
+            start += size
 
     def in_list(self, column: str, count: int) -> str:
         if self.postgres:
@@ -197,6 +231,9 @@ class _Dialect:
         return (ids,) if self.postgres else tuple(ids)
 
 
+_DIALECTS: dict[str, _Dialect] = {}
+
+
 def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -205,7 +242,7 @@ def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
 # --- apply: a batch of new events ---
 
 _RECIPIENT_V = ("mid", "pos", *COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "btype")
-_MESSAGE_V = ("mid", *COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply")
+_MESSAGE_V = ("mid", *COUNTERS, *TIMES)
 
 
 def _types(columns: Sequence[str]) -> list[str]:
@@ -252,64 +289,50 @@ def _recipient_update(d: _Dialect, rows: int) -> str:
 
 
 def _message_update(d: _Dialect, rows: int) -> str:
+    """Add to the messages and return what the rollup needs: their sender, day,
+    tracking and the new open and click counters (the old are new minus added)."""
     sets = _hit_sets("messages")
-    sets += [f"{m} = messages.{m} + v.{m}" for _, m, _ in ANSWERS.values()]
-    sets.append(f"first_reply_at = {_first('messages.first_reply_at', 'v.first_reply')}")
     return (
         f"{d.source(_MESSAGE_V, _types(_MESSAGE_V), rows)} UPDATE messages"
         f" SET {', '.join(sets)} FROM v WHERE messages.id = v.mid"
+        f" RETURNING messages.id, messages.sender_key, {d.day('messages.created_at')},"
+        " messages.track_opens, messages.track_clicks, messages.opens, messages.clicks"
     )
 
 
-@dataclass
-class _Old:
-    """A message's state before the batch: what tells a first hit or answer from a later one."""
-
-    sender_key: str
-    day: Any
-    track_opens: bool
-    track_clicks: bool
-    opens: int
-    clicks: int
-    answered: dict[str, int]  # message counter -> value
+_ANSWER_COUNTERS = tuple(counter for _, counter, _ in ANSWERS.values())
 
 
-def _old_messages(conn: Connection, d: _Dialect, ids: list[int]) -> dict[int, _Old]:
-    found: dict[int, _Old] = {}
-    counters = [m for _, m, _ in ANSWERS.values()]
+def _old_answer_counts(conn: Connection, d: _Dialect, ids: list[int]) -> dict[int, list[int]]:
+    """Answer counters (``_ANSWER_COUNTERS`` order) of messages about to get answers,
+    locked in id order so two writers never count one first answer twice."""
+    found: dict[int, list[int]] = {}
     for chunk in _chunks(ids):
         sql = (
-            f"SELECT id, sender_key, {d.day('created_at')}, track_opens, track_clicks,"
-            f" opens, clicks, {', '.join(counters)} FROM messages"
+            f"SELECT id, {', '.join(_ANSWER_COUNTERS)} FROM messages"
             f" WHERE {d.in_list('id', len(chunk))} ORDER BY id{d.for_update()}"
         )
         for row in conn.exec_driver_sql(sql, d.in_params(chunk)):
-            found[int(row[0])] = _Old(
-                row[1],
-                d.day_value(row[2]),
-                bool(row[3]),
-                bool(row[4]),
-                int(row[5]),
-                int(row[6]),
-                dict(zip(counters, map(int, row[7:]), strict=True)),
-            )
+            found[int(row[0])] = [int(n) for n in row[1:]]
     return found
 
 
-def _old_answers(
-    conn: Connection, d: _Dialect, ids: list[int]
-) -> dict[tuple[int, int], dict[str, Any]]:
-    """The answer times of the recipients of ``ids`` (locked, like their messages)."""
-    columns = [c for c, _, _ in ANSWERS.values()]
-    found: dict[tuple[int, int], dict[str, Any]] = {}
+def _recount_answers(conn: Connection, d: _Dialect, ids: list[int]) -> dict[int, list[int]]:
+    """Answer counters of messages that got answers, counted again from their answer
+    events (``ix_events_message_kind``) as :func:`rebuild` counts them; returns them."""
+    kinds = ", ".join(f"'{kind}'" for kind in ANSWERS)
+    columns = (*_ANSWER_COUNTERS, "first_reply_at")
+    found: dict[int, list[int]] = {}
     for chunk in _chunks(ids):
         sql = (
-            f"SELECT message_id, position, {', '.join(columns)} FROM recipients"
-            f" WHERE {d.in_list('message_id', len(chunk))}"
-            f" ORDER BY message_id, position{d.for_update()}"
+            f"UPDATE messages SET {', '.join(f'{c} = a.{c}' for c in columns)}"
+            f" FROM (SELECT message_id, {', '.join(_answer_aggregates())} FROM events"
+            f" WHERE {d.in_list('message_id', len(chunk))} AND kind IN ({kinds})"
+            " GROUP BY message_id) AS a WHERE messages.id = a.message_id"
+            f" RETURNING messages.id, {', '.join(f'messages.{c}' for c in _ANSWER_COUNTERS)}"
         )
         for row in conn.exec_driver_sql(sql, d.in_params(chunk)):
-            found[int(row[0]), int(row[1])] = dict(zip(ANSWERS, row[2:], strict=True))
+            found[int(row[0])] = [int(n) for n in row[1:]]
     return found
 
 
@@ -318,126 +341,135 @@ def _tally(
 ) -> tuple[dict[int, _Tally], dict[tuple[int, int], _Tally]]:
     messages: dict[int, _Tally] = {}
     recipients: dict[tuple[int, int], _Tally] = {}
-    for message_id, position, kind, verdict, occurred_at, bounce_type in events:
-        at = d.time(occurred_at)
+    convert = d.time if not d.postgres else None
+    slots = _SLOTS
+    for message_id, position, kind, verdict, at, bounce_type in events:
+        if convert is not None:
+            at = convert(at)
         message = messages.get(message_id)
         if message is None:
             message = messages[message_id] = _Tally()
-        message.add(kind, verdict, at, bounce_type)
+        recipient = None
         if position > 0:
-            key = (message_id, position)
-            recipient = recipients.get(key)
+            recipient = recipients.get((message_id, position))
             if recipient is None:
-                recipient = recipients[key] = _Tally()
-            recipient.add(kind, verdict, at, bounce_type)
-        elif kind in ANSWERS:
-            message.anonymous.add(kind)
+                recipient = recipients[message_id, position] = _Tally()
+        if kind in ANSWERS:
+            _answer(message, recipient, kind, at, bounce_type)
+            continue
+        slot = slots.get((kind, verdict))
+        message.hit(slot, at)
+        if recipient is not None:
+            recipient.hit(slot, at)
+        if kind == OPEN:
+            message.opened(verdict)
     return messages, recipients
 
 
-def _answered(
-    conn: Connection,
-    d: _Dialect,
-    messages: dict[int, _Tally],
-    recipients: dict[tuple[int, int], _Tally],
-    old: dict[int, _Old],
-) -> dict[int, Counter[str]]:
-    """Per message: how many more recipients answered so (message counter -> count)."""
-    asked = sorted(m for m, t in messages.items() if t.answers and m in old)
-    if not asked:
-        return {}
-    before = _old_answers(conn, d, asked)
-    more: dict[int, Counter[str]] = {m: Counter() for m in asked}
-    for (message_id, position), tally in recipients.items():
-        if message_id not in more:
-            continue
-        stored = before.get((message_id, position))
-        for kind in tally.answers:
-            if stored is None:  # no recipient row behind the position
-                messages[message_id].anonymous.add(kind)
-            elif stored[kind] is None:
-                more[message_id][ANSWERS[kind][1]] += 1
-    for message_id in asked:
-        for kind in messages[message_id].anonymous:
-            counter = ANSWERS[kind][1]
-            if old[message_id].answered[counter] + more[message_id][counter] == 0:
-                more[message_id][counter] = 1
-    return more
+def _answer(message: _Tally, recipient: _Tally | None, kind: str, at: Any, bounce: str) -> None:
+    message.answer(kind, at, bounce)
+    if recipient is not None:
+        recipient.answer(kind, at, bounce)
+
+
+_NOTHING: dict[str, Any] = {}
+
+
+_DAILY_INDEX = {name: i for i, name in enumerate(DAILY)}
+_ANSWER_DAILY = tuple(
+    (i, _DAILY_INDEX[daily]) for i, (_, _, daily) in enumerate(ANSWERS.values()) if daily
+)
 
 
 def _daily(
-    messages: dict[int, _Tally], old: dict[int, _Old], more: dict[int, Counter[str]]
+    d: _Dialect,
+    changed: Iterable[Any],
+    messages: dict[int, _Tally],
+    answers: tuple[dict[int, list[int]], dict[int, list[int]]],
 ) -> list[tuple[Any, ...]]:
-    """Rollup rows to add, in key order (so concurrent writers lock them in one order)."""
-    rows: dict[tuple[str, Any], Counter[str]] = {}
-    for message_id, tally in messages.items():
-        was = old.get(message_id)
-        if was is None:
-            continue
-        add = rows.setdefault((was.sender_key, was.day), Counter())
-        counts = tally.counts
-        add["opened"] += was.track_opens and was.opens == 0 and counts[0] > 0
-        add["clicked"] += was.track_clicks and was.clicks == 0 and counts[3] > 0
-        add["human_opens"] += counts[0]
-        add["machine_opens"] += counts[1]
-        for kind, (_, counter, daily) in ANSWERS.items():
-            if daily and kind in tally.answers:
-                add[daily] += was.answered[counter] == 0 and more[message_id][counter] > 0
-        for verdict, n in tally.opens.items():
-            add[f"opens_{verdict}"] += n
-    return [
-        (key[0], key[1], *(add[c] for c in DAILY))
-        for key, add in sorted(rows.items(), key=lambda item: (item[0][0], str(item[0][1])))
-        if any(add.values())
-    ]
+    """Rollup rows to add, in key order (so concurrent writers lock them in one order).
+
+    ``changed``: the rows the message update returned; ``answers``: the answer
+    counters of the messages that got answers, before and after.
+    """
+    rows: dict[tuple[str, str], tuple[Any, list[int]]] = {}
+    at = _DAILY_INDEX
+    before, after = answers
+    for message_id, sender_key, day, track_opens, track_clicks, opens, clicks in changed:
+        tally = messages[message_id]
+        f = tally.figures
+        key = (sender_key, str(day))
+        entry = rows.get(key)
+        if entry is None:
+            entry = rows[key] = (d.day_value(day), [0] * len(DAILY))
+        add = entry[1]
+        add[at["opened"]] += bool(track_opens and f[0] and opens == f[0])
+        add[at["clicked"]] += bool(track_clicks and f[3] and clicks == f[3])
+        add[at["human_opens"]] += f[0]
+        add[at["machine_opens"]] += f[1]
+        if message_id in after:
+            was, now = before[message_id], after[message_id]
+            for i, daily in _ANSWER_DAILY:
+                add[daily] += was[i] == 0 and now[i] > 0
+        for verdict, n in (tally.opens or _NOTHING).items():
+            add[at[f"opens_{verdict}"]] += n
+    return [(key[0], day, *add) for key, (day, add) in sorted(rows.items()) if any(add)]
+
+
+def _statement(d: _Dialect, name: str, rows: int, build: Callable[[_Dialect, int], str]) -> str:
+    sql = d.sql.get((name, rows))
+    if sql is None:
+        sql = d.sql[name, rows] = build(d, rows)
+    return sql
 
 
 def apply(conn: Connection, events: Iterable[Facts]) -> None:
     """Add the events just inserted to their recipients, messages and daily rollups.
 
-    In the caller's transaction; a few statements per batch whatever its size.
-    Events of a message not recorded yet are left out (:func:`recorded` counts
-    them when its record comes).
+    In the caller's transaction; a few statements per batch whatever its size
+    (one update each for recipients and messages, one upsert for the rollup;
+    a batch with answers also locks its messages and counts their answers
+    again). Events of a message not recorded yet change nothing
+    (:func:`recorded` counts them when its record comes).
     """
-    d = _Dialect(conn)
+    d = _Dialect.of(conn)
     messages, recipients = _tally(d, events)
     if not messages:
         return
-    old = _old_messages(conn, d, sorted(messages))
-    if not old:
-        return
-    more = _answered(conn, d, messages, recipients, old)
+    answered = sorted(m for m, t in messages.items() if t.answers)
+    before = _old_answer_counts(conn, d, answered) if answered else {}
     recipient_rows = [
-        (m, p, *t.counts, *t.times, *(t.answers.get(k) for k in ANSWERS), t.bounce_type)
+        (m, p, *t.figures, *((t.answers or _NOTHING).get(k) for k in ANSWERS), t.bounce_type)
         for (m, p), t in sorted(recipients.items())
-        if m in old
     ]
     for rows, params in d.params(recipient_rows):
-        conn.exec_driver_sql(_recipient_update(d, rows), params)
+        conn.exec_driver_sql(_statement(d, "recipients", rows, _recipient_update), params)
     message_rows = [
-        (
-            m,
-            *t.counts,
-            *t.times,
-            *(more.get(m, Counter())[counter] for _, counter, _ in ANSWERS.values()),
-            t.answers.get("reply"),
-        )
-        for m, t in sorted(messages.items())
-        if m in old
+        (m, *t.figures) for m, t in sorted(messages.items()) if t.opens or any(t.figures)
     ]
+    changed: list[Any] = []
     for rows, params in d.params(message_rows):
-        conn.exec_driver_sql(_message_update(d, rows), params)
-    daily = _daily(messages, old, more)
-    for rows, params in _value_params(d, daily):
-        conn.exec_driver_sql(_daily_upsert(d, rows), params)
+        sql = _statement(d, "messages", rows, _message_update)
+        changed += conn.exec_driver_sql(sql, params).all()
+    after = _recount_answers(conn, d, sorted(before)) if before else {}
+    if after:  # messages with answers only: their rollup rows too
+        have = {row[0] for row in changed}
+        changed += _keys_of(conn, d, [m for m in after if m not in have])
+    daily = _daily(d, changed, messages, (before, after))
+    for rows, params in d.params(daily, arrays=False):
+        conn.exec_driver_sql(_statement(d, "daily", rows, _daily_upsert), params)
 
 
-def _value_params(
-    d: _Dialect, rows: list[tuple[Any, ...]]
-) -> Iterator[tuple[int, tuple[Any, ...]]]:
-    for start in range(0, len(rows), SQLITE_ROWS):
-        chunk = rows[start : start + SQLITE_ROWS]
-        yield len(chunk), tuple(value for row in chunk for value in row)
+def _keys_of(conn: Connection, d: _Dialect, ids: list[int]) -> list[Any]:
+    """What the message update returns, for messages it did not touch."""
+    found: list[Any] = []
+    for chunk in _chunks(ids):
+        sql = (
+            f"SELECT id, sender_key, {d.day('created_at')}, track_opens, track_clicks,"
+            f" opens, clicks FROM messages WHERE {d.in_list('id', len(chunk))}"
+        )
+        found += conn.exec_driver_sql(sql, d.in_params(chunk)).all()
+    return found
 
 
 def _daily_upsert(d: _Dialect, rows: int) -> str:
@@ -458,62 +490,64 @@ def _in(values: str, *verdicts: str) -> str:
     return f"{values} IN ({', '.join(repr(v) for v in verdicts)})"
 
 
-def _hit_aggregates() -> list[str]:
-    """Per group of events: COUNTERS and TIMES, as in :class:`_Tally`."""
+def _hit_aggregates(e: str) -> list[str]:
+    """Per group of events (``e``: their table's prefix): COUNTERS and TIMES, as in
+    :class:`_Tally`. Over no event (a LEFT JOIN's NULLs) they give 0 and NULL."""
     out = []
-    for kind, prefix in ((OPEN, ""), (CLICK, "")):
+    for kind in (OPEN, CLICK):
         noun = "opens" if kind == OPEN else "clicks"
         for verdicts, name in (
-            (COUNTED, f"{prefix}{noun}"),
+            (COUNTED, noun),
             (AUTOMATED, f"machine_{noun}"),
             ((SELF,), f"self_{noun}"),
         ):
             out.append(
-                f"sum(CASE WHEN kind = '{kind}' AND {_in('verdict', *verdicts)}"
+                f"sum(CASE WHEN {e}kind = '{kind}' AND {_in(f'{e}verdict', *verdicts)}"
                 f" THEN 1 ELSE 0 END) AS {name}"
             )
     for kind in (OPEN, CLICK):
-        when = f"CASE WHEN kind = '{kind}' AND {_in('verdict', *COUNTED)} THEN occurred_at END"
+        counted = _in(f"{e}verdict", *COUNTED)
+        when = f"CASE WHEN {e}kind = '{kind}' AND {counted} THEN {e}occurred_at END"
         out += [f"min({when}) AS first_{kind}_at", f"max({when}) AS last_{kind}_at"]
     return out
 
 
-def _recipient_aggregates() -> list[str]:
-    out = _hit_aggregates()
+def _recipient_aggregates(e: str) -> list[str]:
+    out = _hit_aggregates(e)
     out += [
-        f"min(CASE WHEN kind = '{kind}' THEN occurred_at END) AS {column}"
+        f"min(CASE WHEN {e}kind = '{kind}' THEN {e}occurred_at END) AS {column}"
         for kind, (column, _, _) in ANSWERS.items()
     ]
     out.append(
-        "coalesce(min(CASE WHEN kind = 'bounce' AND bounce_type <> ''"
-        " THEN bounce_type END), '') AS bounce_type"
+        f"coalesce(min(CASE WHEN {e}kind = 'bounce' AND {e}bounce_type <> ''"
+        f" THEN {e}bounce_type END), '') AS bounce_type"
     )
     return out
 
 
-def _message_aggregates() -> list[str]:
-    out = _hit_aggregates()
+def _message_aggregates(e: str) -> list[str]:
+    return [*_hit_aggregates(e), *_answer_aggregates(e)]
+
+
+def _answer_aggregates(e: str = "") -> list[str]:
+    """Per message: recipients who answered so (a message-level answer counting as one
+    when no recipient has), and the first reply."""
+    out = []
     for kind, (_, counter, _) in ANSWERS.items():
         named = (
-            f"count(DISTINCT CASE WHEN kind = '{kind}' AND recipient_position > 0"
-            " THEN recipient_position END)"
+            f"count(DISTINCT CASE WHEN {e}kind = '{kind}' AND {e}recipient_position > 0"
+            f" THEN {e}recipient_position END)"
         )
         out.append(
             f"CASE WHEN {named} > 0 THEN {named}"
-            f" ELSE max(CASE WHEN kind = '{kind}' THEN 1 ELSE 0 END) END AS {counter}"
+            f" ELSE max(CASE WHEN {e}kind = '{kind}' THEN 1 ELSE 0 END) END AS {counter}"
         )
-    out.append("min(CASE WHEN kind = 'reply' THEN occurred_at END) AS first_reply_at")
+    out.append(f"min(CASE WHEN {e}kind = 'reply' THEN {e}occurred_at END) AS first_reply_at")
     return out
 
 
 _RECIPIENT_STATE = (*COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "bounce_type")
 _MESSAGE_STATE = (*COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply_at")
-
-
-def _reset(column: str) -> str:
-    if column in COUNTERS or column in ("replies", "auto_replies", "bounces", "complaints"):
-        return f"{column} = 0"
-    return f"{column} = ''" if column == "bounce_type" else f"{column} = NULL"
 
 
 @dataclass(frozen=True)
@@ -542,30 +576,45 @@ def _ids(ids: Sequence[int]) -> _Scope:
     return _Scope("{c} IN :ids", {"ids": list(ids)}, expanding=True)
 
 
+def _set_from(table: str, columns: Sequence[str], source: str, match: str) -> str:
+    """``UPDATE table SET columns = a.columns FROM (source) AS a WHERE match``, leaving
+    alone the rows that already say so (most rows, for a backfill: no write)."""
+    sets = ", ".join(f"{c} = a.{c}" for c in columns)
+    mine = ", ".join(f"{table}.{c}" for c in columns)
+    theirs = ", ".join(f"a.{c}" for c in columns)
+    return (
+        f"UPDATE {table} SET {sets} FROM ({source}) AS a WHERE {match}"
+        f" AND ({mine}) IS DISTINCT FROM ({theirs})"
+    )
+
+
 def _count_state(conn: Connection, scope: _Scope) -> None:
-    """Recipients' and messages' state of ``scope`` counted from their events."""
-    statements = [
-        f"UPDATE recipients SET {', '.join(map(_reset, _RECIPIENT_STATE))}"
-        f" WHERE {scope.of('message_id')}",
-        f"UPDATE recipients SET {', '.join(f'{c} = a.{c}' for c in _RECIPIENT_STATE)}"
-        f" FROM (SELECT message_id, recipient_position, {', '.join(_recipient_aggregates())}"
-        f" FROM events WHERE {scope.of('message_id')} AND recipient_position > 0"
-        " GROUP BY message_id, recipient_position) AS a"
-        " WHERE recipients.message_id = a.message_id"
-        " AND recipients.position = a.recipient_position",
-        f"UPDATE messages SET {', '.join(map(_reset, _MESSAGE_STATE))} WHERE {scope.of('id')}",
-        f"UPDATE messages SET {', '.join(f'{c} = a.{c}' for c in _MESSAGE_STATE)}"
-        f" FROM (SELECT message_id, {', '.join(_message_aggregates())}"
-        f" FROM events WHERE {scope.of('message_id')} GROUP BY message_id) AS a"
-        " WHERE messages.id = a.message_id",
-    ]
-    for sql in statements:
+    """Recipients' and messages' state of ``scope`` counted from their events: one
+    statement each, the events LEFT JOINed (``ix_events_message_kind``)."""
+    recipients = _set_from(
+        "recipients",
+        _RECIPIENT_STATE,
+        f"SELECT r.message_id AS mid, r.position AS pos, {', '.join(_recipient_aggregates('e.'))}"
+        " FROM recipients AS r LEFT JOIN events AS e"
+        " ON e.message_id = r.message_id AND e.recipient_position = r.position"
+        f" WHERE {scope.of('r.message_id')} GROUP BY r.message_id, r.position",
+        "recipients.message_id = a.mid AND recipients.position = a.pos",
+    )
+    messages = _set_from(
+        "messages",
+        _MESSAGE_STATE,
+        f"SELECT m.id AS mid, {', '.join(_message_aggregates('e.'))}"
+        " FROM messages AS m LEFT JOIN events AS e ON e.message_id = m.id"
+        f" WHERE {scope.of('m.id')} GROUP BY m.id",
+        "messages.id = a.mid",
+    )
+    for sql in (recipients, messages):
         conn.execute(scope.statement(sql), scope.params)
 
 
 def _add_daily(conn: Connection, scope: _Scope, with_events: bool = True) -> None:
     """Add the messages of ``scope`` (with their state) to the daily rollup."""
-    d = _Dialect(conn)
+    d = _Dialect.of(conn)
     day = d.day("m.created_at")
     figures = [
         "count(*)",
@@ -637,6 +686,32 @@ def recorded(conn: Connection, message_ids: Sequence[int]) -> None:
         conn.execute(scope.statement(sql), scope.params)
 
 
+#: (table, column, its key column, the table's id column for the slice)
+_KEYS = (
+    ("messages", "sender", "sender_key", "id"),
+    ("recipients", "address", "address_key", "message_id"),
+)
+
+
+def _keys(conn: Connection, scope: _Scope) -> None:
+    """``sender_key`` and ``address_key``: Python's ``lower()`` of what they key, where
+    they say something else (rows written by hand; migration 0004 did the bulk)."""
+    for table, column, key, id_column in _KEYS:
+        rows = conn.execute(
+            scope.statement(
+                f"SELECT id, {column}, {key} FROM {table}"
+                f" WHERE {scope.of(id_column)} AND {key} <> lower({column})"
+            ),
+            scope.params,
+        ).all()
+        for id_, value, stored in rows:
+            if value.lower() != stored:
+                conn.execute(
+                    text(f"UPDATE {table} SET {key} = :key WHERE id = :id"),
+                    {"key": value.lower(), "id": id_},
+                )
+
+
 def _slices(conn: Connection, size: int) -> Iterator[tuple[int, int]]:
     """(first, last) message id of each run of ``size`` messages, in id order."""
     after: int | None = None
@@ -654,51 +729,49 @@ def _slices(conn: Connection, size: int) -> Iterator[tuple[int, int]]:
         after = ids[-1]
 
 
-def _start(conn: Connection) -> None:
-    """Clear the rollup from the oldest message's day on, and count the senders."""
-    d = _Dialect(conn)
-    conn.execute(
-        text(
-            "DELETE FROM daily_stats WHERE day >= "
-            f"(SELECT {d.day('min(created_at)')} FROM messages)"
-        )
+def _clear_days(conn: Connection) -> None:
+    """Clear the rollup from the oldest stored message's day on."""
+    day = _Dialect.of(conn).day("min(created_at)")
+    conn.execute(text(f"DELETE FROM daily_stats WHERE day >= (SELECT {day} FROM messages)"))
+
+
+def _count_senders(conn: Connection) -> None:
+    sql = upsert_adding_sql(
+        "senders",
+        ("sender_key", "messages", "last_at"),
+        "SELECT sender_key, count(*), max(created_at) FROM messages WHERE true GROUP BY sender_key",
+        ("sender_key",),
+        assign=("messages", "last_at"),
     )
-    conn.execute(
-        text(
-            upsert_adding_sql(
-                "senders",
-                ("sender_key", "messages", "last_at"),
-                "SELECT sender_key, count(*), max(created_at) FROM messages"
-                " WHERE true GROUP BY sender_key",
-                ("sender_key",),
-                assign=("messages", "last_at"),
-            )
-        )
-    )
+    conn.execute(text(sql))
 
 
 def rebuild_connection(
     conn: Connection, size: int = REBUILD_SLICE, commit: Callable[[], None] | None = None
 ) -> int:
-    """:func:`rebuild` on one connection (``commit`` after each slice, if given).
+    """:func:`rebuild` on one connection (``commit`` after each step, if given).
 
     Days older than the oldest message stored keep their rollup (purged mail's
     counts, shared/privacy.py); a sender whose mail is all purged keeps its row.
     Returns the number of slices.
     """
-    _start(conn)
-    if commit is not None:
-        commit()
-    counted = 0
+
+    def step() -> None:
+        if commit is not None:
+            commit()
+
+    _clear_days(conn)
+    step()
     slices = list(_slices(conn, size))
     for lo, hi in slices:
         scope = _between(lo, hi)
+        _keys(conn, scope)
         _count_state(conn, scope)
         _add_daily(conn, scope)
-        counted += 1
-        if commit is not None:
-            commit()
-    return counted
+        step()
+    _count_senders(conn)
+    step()
+    return len(slices)
 
 
 def rebuild(engine: Engine, size: int = REBUILD_SLICE) -> int:
