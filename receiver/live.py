@@ -1,4 +1,5 @@
-"""Live notifications: a first open or a click reaches open dashboards in seconds.
+"""Live notifications: a first open, a click, a reply or a hard bounce reaches open
+dashboards in seconds.
 
 The event writer calls :meth:`LiveFeed.publish` with the rows of each
 committed batch that may notify someone. The writer process has already
@@ -187,8 +188,11 @@ class LiveFeed:
 
 
 def worth_a_toast(event: Mapping[str, Any]) -> bool:
-    """A first counted open or a counted click (the writer marked ``notable``)."""
+    """A first counted open or a counted click (the writer marked ``notable``); a reply
+    or a hard bounce (the intake's writer, relay/answerstore.py, publishes those)."""
     notable = event.get("notable")
+    if notable == "reply" or (notable == "bounce" and event.get("bounce_type") == "hard"):
+        return True
     return notable in (FIRST_OPEN, CLICK) and event.get("verdict") in COUNTED
 
 

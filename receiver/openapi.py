@@ -80,6 +80,11 @@ SCHEMAS: dict[str, Any] = {
             "reply_text": _STR,
             "first_opened_at": _TIME_OR_NULL,
             "clicks": _INT,
+            "replied_at": {**_TIME_OR_NULL, "description": "the first reply from this address"},
+            "auto_replied_at": {**_TIME_OR_NULL, "description": "the first out-of-office etc."},
+            "bounced_at": _TIME_OR_NULL,
+            "complained_at": {**_TIME_OR_NULL, "description": "the first spam report (ARF)"},
+            "bounce_type": {"enum": ["", "hard", "soft"], "description": "hard wins over soft"},
         }
     ),
     "Link": _obj({"position": _INT, "url": _STR, "clicks": _INT}),
@@ -87,15 +92,37 @@ SCHEMAS: dict[str, Any] = {
         {
             "id": _INT,
             "message_id": _ID,
-            "kind": {"enum": ["open", "click"]},
-            "recipient_position": {**_INT, "description": "0: a message-level token"},
+            "kind": {
+                "enum": ["open", "click", "reply", "auto_reply", "bounce", "complaint"],
+                "description": "answers (reply ... complaint) come from the intake listener",
+            },
+            "recipient_position": {
+                **_INT,
+                "description": "0: a message-level token, or an answer from an address that"
+                " is no recipient (a reply from someone else; the address is not stored)",
+            },
             "link_position": {**_INT, "description": "0 for opens"},
             "occurred_at": _TIME,
             "verdict": {"enum": list(VERDICTS)},
             "reasons": {"type": "array", "items": _STR},
             "ip": {**_STR, "description": "truncated to /24 or /48 unless configured"},
             "user_agent": _STR,
-        }
+            "bounce_type": {"enum": ["hard", "soft"], "description": "bounces only"},
+            "status": {**_STR, "description": "bounces only: 5.1.1, or the SMTP code"},
+            "diagnostic": {**_STR, "description": "bounces only: the remote server's words"},
+        },
+        required=[
+            "id",
+            "message_id",
+            "kind",
+            "recipient_position",
+            "link_position",
+            "occurred_at",
+            "verdict",
+            "reasons",
+            "ip",
+            "user_agent",
+        ],
     ),
     "MessageDetail": _obj(
         {

@@ -10,6 +10,14 @@ or ``None``, and the next step runs. The last step always returns.
 Before them :meth:`Job.start` reads the top-level header fields, finds the
 trigger headers and starts the message's record; then:
 
+0. ``message_id``: a message without a Message-ID gets one, as a submission
+   server may add it (RFC 6409 section 8.3), into every copy and the record:
+   replies and bounces name it (shared/answers.py), and it is how they are
+   matched to the message. ``<trackrelay.<message id, hex>@<From's domain>>``:
+   unique (the id is), and the same for a replayed job. Not added when a DKIM
+   signature lists Message-ID (an absent field a signer covers must stay
+   absent). The field is one new segment atop every copy (:func:`run`), so
+   the received bytes are neither copied nor their offsets moved;
 1. ``dkim``: a DKIM signature covers a trigger header: deleting it would break
    the signature, so the message goes out untouched;
 2. ``strip_triggers``: delete the trigger headers (always, tracked or not);
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import getaddresses, parseaddr
@@ -64,6 +73,7 @@ class Setup:
     host: str  # its host: links to it are never tracked
     own_header: str  # the configured trigger header (X-Track)
     trigger_names: frozenset[str]  # every trigger header, lower case
+    id_host: str = ""  # the right side of an added Message-ID when From has no domain
 
 
 #: The decision before the ``policy`` step made one.
@@ -86,6 +96,7 @@ class Job:
     left_out: dict[str, str] = field(default_factory=dict)  # recipient -> why untracked
     candidates: list[str] = field(default_factory=list)  # recipients who may be tracked
     plan: rewrite.Plan | None = None
+    added: bytes = b""  # a header field the relay adds atop every copy (Message-ID)
 
     @classmethod
     def start(cls, setup: Setup, sub: Submission, snapshot: Snapshot | None) -> Job:
@@ -97,6 +108,28 @@ class Job:
 
 
 Step = Callable[[Job], Prepared | None]
+
+
+def message_id(job: Job) -> None:
+    if first(job.fields, "message-id") is not None:
+        return
+    if job.covered is not None and "message-id" in job.covered:
+        log.info("message %d: no Message-ID, and DKIM covers one: none added", job.sub.message_id)
+        return
+    value = added_message_id(job.sub.message_id, _from_address(job.fields), job.setup.id_host)
+    data = job.sub.data
+    newline = data.find(b"\n")
+    eol = b"\n" if newline > 0 and data[newline - 1] != 13 else b"\r\n"  # as its first line
+    job.added = b"Message-ID: " + value.encode() + eol  # run() puts it atop every copy
+    job.record.message_id_header = value
+
+
+def added_message_id(message_id: int, from_address: str, fallback_host: str) -> str:
+    """The Message-ID the relay gives a message that has none (module docstring, step 0)."""
+    domain = from_address.rpartition("@")[2].strip().lower()
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?", domain):
+        domain = fallback_host or "trackrelay.invalid"
+    return f"<trackrelay.{message_id:016x}@{domain}>"
 
 
 def dkim(job: Job) -> Prepared | None:
@@ -189,7 +222,7 @@ def render(job: Job) -> Prepared:
     return Prepared(copies, message, links, set(tracked))
 
 
-STEPS: tuple[Step, ...] = (dkim, strip_triggers, policy, recipients, plan, render)
+STEPS: tuple[Step, ...] = (message_id, dkim, strip_triggers, policy, recipients, plan, render)
 
 
 def run(job: Job) -> Prepared:
@@ -197,6 +230,10 @@ def run(job: Job) -> Prepared:
     for step in STEPS:
         prepared = step(job)
         if prepared is not None:
+            if job.added:
+                for copy in prepared.copies:
+                    copy.segments.insert(0, job.added)
+                prepared.message.size_out += len(job.added)
             return prepared
     raise AssertionError("the last step returns the outcome")
 

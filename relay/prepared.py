@@ -117,7 +117,7 @@ def message_record(sub: Submission, fields: list[Field]) -> MessageRecord:
         sender=sub.sender.strip("<>"),
         from_header=header("from"),
         subject=header("subject"),
-        message_id_header=header("message-id"),
+        message_id_header=capped(header("message-id"), MAX_MESSAGE_ID_BYTES),
         auth_user=sub.auth_user,
         client_ip=sub.client_ip,
         size_in=len(sub.data),
@@ -133,6 +133,19 @@ RECORDED_LISTENERS = {"smtp": "submission", "smtps": "implicit_tls"}
 def recorded_listener(listener: str) -> str:
     """``smtp`` -> ``submission``, ``smtps`` -> ``implicit_tls``; others as they are."""
     return RECORDED_LISTENERS.get(listener, listener)
+
+
+#: The most of a Message-ID recorded (bytes of UTF-8): the column is indexed
+#: (migration 0007) and a PostgreSQL B-tree entry holds ~2.7 kB at most.
+MAX_MESSAGE_ID_BYTES = 900
+
+
+def capped(value: str, limit: int) -> str:
+    """``value`` cut to at most ``limit`` bytes of UTF-8 (never inside a character)."""
+    data = value.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return value
+    return data[:limit].decode("utf-8", "ignore")
 
 
 def decoded(value: str) -> str:

@@ -16,6 +16,9 @@ share the database engine or async clients with the receiver):
   recorder); STARTTLS offered (required with ``_REQUIRE_TLS`` or client
   names), its own TLS context asks for a client certificate when
   ``TRACKRELAY_GATEWAY_CLIENT_NAMES`` is set; only its networks and names.
+* ``intake`` (optional, ``TRACKRELAY_INTAKE_PORT``): copies of incoming mail
+  for replies and bounces, never delivered (relay/intake.py, its own handler
+  and writer); STARTTLS offered; only ``TRACKRELAY_INTAKE_NETWORKS``.
 
 All listeners share one :class:`relay.limits.SessionLimits` (sessions in all
 and per client address, 421 past them); a TLS handshake on ``smtps`` must end
@@ -45,6 +48,7 @@ from sqlalchemy import Engine
 
 from relay.gateway import GatewayHandler
 from relay.handler import RelayHandler
+from relay.intake import IntakeListener
 from relay.limits import SessionLimits
 from relay.peers import Peers, ask_for_certificates
 from relay.smtp import RelaySMTP
@@ -81,6 +85,7 @@ class RelayServer:
         self._closed = asyncio.Event()
         self._stopping = False
         self._dev_lines: list[str] = []
+        self.intake: IntakeListener | None = None  # relay/intake.py, if its port is set
 
     @property
     def metrics(self) -> Counters:
@@ -104,6 +109,11 @@ class RelayServer:
             await self._listen("plain", settings.plain_port, peers=peers)
         if self.gateway is not None:
             await self._listen_gateway(cert, key)
+        if settings.intake_port is not None:
+            sock = self._sockets.get("intake")
+            self.intake = IntakeListener(settings, self.engine, context, sock, self.limits)
+            await self.intake.start()
+            self.ports["intake"] = self.intake.port
         log.info("relay listening on %s: %s", settings.host, self.ports)
 
     async def _listen_gateway(self, cert: Path, key: Path) -> None:
@@ -212,6 +222,8 @@ class RelayServer:
                     protocol.abort()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), 1)
+        if self.intake is not None:
+            await self.intake.stop(grace)
         await self.handler.drain()
         if self.gateway is not None:
             await self.gateway.drain()
@@ -253,6 +265,11 @@ class RelayServer:
                 f"for {settings.gateway_networks}, senders at {domains}; "
                 f"returns to {settings.gateway_upstream_target}"
             )
+        if "intake" in self.ports:
+            lines.append(
+                f"  intake for copies of incoming mail (replies, bounces) on port "
+                f"{self.ports['intake']} for {settings.intake_networks or 'no network'}"
+            )
         target = settings.upstream_target
         if target.is_sink and target.path is not None:
             lines.append(f"  sent mail lands in: {target.path / 'new'} (one file per recipient)")
@@ -268,6 +285,8 @@ def bind_listeners(settings: Settings) -> dict[str, socket.socket]:
         wanted["plain"] = settings.plain_port
     if settings.gateway_port is not None:
         wanted["gateway"] = settings.gateway_port
+    if settings.intake_port is not None:
+        wanted["intake"] = settings.intake_port
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sockets: dict[str, socket.socket] = {}
     for listener, port in wanted.items():

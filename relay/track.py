@@ -61,6 +61,7 @@ class Tracker:
             host,
             settings.tracking_header,
             trigger_names(settings.tracking_header),
+            settings.smtp_hostname,
         )
         self._policies = PolicyCache(engine, ttl=cache_ttl)
         self.metrics = Counters()

@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     gateway_domains: str = ""  # MAIL FROM domains the gateway carries
     gateway_upstream: str = ""  # the return path (default: TRACKRELAY_UPSTREAM)
     command_domain: str = "trackrelay.invalid"  # Bcc track@/opens@/clicks@/notrack@ here
+    # --- answers: the intake listener (issue 15; relay/intake.py) ---
+    intake_port: int | None = Field(None, ge=0, le=65535)  # off unless set
+    intake_networks: str = ""  # CIDRs of the organisation's mail servers that send copies
+    intake_max_size: int = Field(26_214_400, gt=0)  # largest copy accepted (bytes)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -212,7 +216,7 @@ class Settings(BaseSettings):
         # read last, so environment variables override it.
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
-    @field_validator("trusted_networks", "gateway_networks")
+    @field_validator("trusted_networks", "gateway_networks", "intake_networks")
     @classmethod
     def _check_networks(cls, value: str) -> str:
         for item in _split(value):
@@ -328,6 +332,10 @@ class Settings(BaseSettings):
     @property
     def networks(self) -> list[IPNetwork]:
         return [ipaddress.ip_network(n, strict=False) for n in _split(self.trusted_networks)]
+
+    @property
+    def intake_network_list(self) -> list[IPNetwork]:
+        return [ipaddress.ip_network(n, strict=False) for n in _split(self.intake_networks)]
 
     @property
     def db_url(self) -> str:

@@ -1,4 +1,5 @@
-"""The sender's notification mail: "your message was opened / clicked".
+"""The sender's notification mail: "your message was opened / clicked / replied to /
+bounced" (a hard bounce).
 
 Off by default: it needs ``TRACKRELAY_NOTIFY_FROM`` and a sender policy with
 ``notify`` on. It goes straight to the configured upstream with the relay's
@@ -52,7 +53,14 @@ def compose(settings: Settings, to: str, event_type: str, body: str) -> EmailMes
     subject = message.get("subject") or "(no subject)"
     event = data.get("event") or {}
     when = event.get("occurred_at") or ""
-    if event_type == "link.clicked":
+    if event_type == "message.replied":
+        headline = f"Replied: {subject}"
+        text = f"{recipient} replied to your message “{subject}” at {when}."
+    elif event_type == "message.bounced":
+        headline = f"Bounced: {subject}"
+        why = " ".join(filter(None, (event.get("status"), event.get("diagnostic"))))
+        text = f"Your message “{subject}” to {recipient} bounced at {when}: {why or 'no reason'}."
+    elif event_type == "link.clicked":
         link = (data.get("link") or {}).get("url") or "a link"
         headline = f"Clicked: {subject}"
         text = f"{recipient} clicked {link} in your message “{subject}” at {when}."

@@ -10,6 +10,9 @@ batch, and every row comes out with ``row["notable"]`` set to one of
 * ``first_open``          the earliest human or proxy open of a recipient copy
 * ``first_machine_open``  the earliest machine open of a recipient copy (Apple MPP...)
 * ``click``               a click judged human, proxy or unknown (every one)
+* ``reply``, ``auto_reply``, ``bounce``, ``complaint``  every answer written (the
+                          intake writer, relay/answerstore.py, passes only the rows its
+                          insert added, so a re-sent copy is never news twice)
 * ``None``                nothing to announce (a later open, a scanner, the sender...)
 
 The writer reports the marked rows to the receiver, which hands them to the
@@ -41,6 +44,8 @@ from shared.verdicts import COUNTED, MACHINE_OPENS, NOTIFIED_CLICKS
 FIRST_OPEN = "first_open"
 FIRST_MACHINE_OPEN = "first_machine_open"
 CLICK = "click"
+#: Answer kinds (shared/answers.py): each one written is notable, as itself.
+ANSWERS = ("reply", "auto_reply", "bounce", "complaint")
 
 #: SQLite: candidates per query at most (6 variables each).
 SQLITE_CANDIDATES_PER_QUERY = 500
@@ -73,6 +78,9 @@ def mark(conn: Connection, rows: Iterable[Row]) -> list[Row]:
     for row in rows:
         kind, verdict = row.get("kind"), row.get("verdict")
         row["notable"] = CLICK if kind == "click" and verdict in NOTIFIED_CLICKS else None
+        if kind in ANSWERS:
+            row["notable"] = kind
+            continue
         if kind != "open" or not may_notify("open", str(verdict)):
             continue
         machine = verdict in MACHINE_OPENS

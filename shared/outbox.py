@@ -12,6 +12,10 @@ Event types (payloads are documented in the README):
 * ``message.opened``          the first human or proxy open per recipient
 * ``message.machine_opened``  the first machine open per recipient (Apple MPP...)
 * ``link.clicked``            every click judged human, proxy or unknown
+* ``message.replied``, ``message.auto_replied``, ``message.bounced``,
+  ``message.complained``      every answer the intake matched (relay/answerstore.py),
+                              keyed by its event; the sender's mail for replies and
+                              hard bounces
 
 What is "first" is decided once, in shared/notable.py, for webhooks, mail and
 the dashboards' live feed alike.
@@ -50,7 +54,25 @@ MESSAGE_OPENED = "message.opened"
 MESSAGE_MACHINE_OPENED = "message.machine_opened"
 LINK_CLICKED = "link.clicked"
 WEBHOOK_TEST = "webhook.test"
-EVENT_TYPES = (MESSAGE_SENT, MESSAGE_OPENED, MESSAGE_MACHINE_OPENED, LINK_CLICKED, DELIVERY_FAILED)
+# --- answers (issue 15) ---
+MESSAGE_REPLIED = "message.replied"
+MESSAGE_AUTO_REPLIED = "message.auto_replied"
+MESSAGE_BOUNCED = "message.bounced"
+MESSAGE_COMPLAINED = "message.complained"
+ANSWERED = {
+    "reply": MESSAGE_REPLIED,
+    "auto_reply": MESSAGE_AUTO_REPLIED,
+    "bounce": MESSAGE_BOUNCED,
+    "complaint": MESSAGE_COMPLAINED,
+}
+EVENT_TYPES = (
+    MESSAGE_SENT,
+    MESSAGE_OPENED,
+    MESSAGE_MACHINE_OPENED,
+    LINK_CLICKED,
+    DELIVERY_FAILED,
+    *ANSWERED.values(),
+)
 
 Conn = Session | Connection
 EventDict = Mapping[str, Any]
@@ -204,6 +226,7 @@ ANNOUNCED = {
     FIRST_OPEN: MESSAGE_OPENED,
     FIRST_MACHINE_OPEN: MESSAGE_MACHINE_OPENED,
     CLICK: LINK_CLICKED,
+    **ANSWERED,
 }
 
 
@@ -225,6 +248,10 @@ def _notification(context: _Context, event: EventDict) -> Notification:
         url = event.get("url") or context.links.get((mid, link_position))
         data["link"] = {"position": link_position, "url": url}
         key = f"{LINK_CLICKED}:{event['event_key']}"
+    elif event_type in ANSWERED.values():  # each answer once, by its event
+        key = f"{event_type}:{event['event_key']}"
+        if recipient is None:
+            data["recipient"] = None  # someone else answered (or the report named nobody)
     else:  # one per recipient copy: a replica that saw another "first" adds nothing
         key = f"{event_type}:{mid}:{position}"
     return Notification(event_type, key, mid, address, data, sender)
@@ -264,22 +291,38 @@ def fan_out(conn: Conn, notes: Sequence[Notification], endpoints: Endpoints | No
 
 
 def _email_notifications(conn: Connection, notes: Sequence[Notification]) -> int:
-    """The sender's mail on the first open and the first click per recipient."""
+    """The sender's mail on the first open and the first click per recipient, on a
+    reply and on a hard bounce."""
     now = _utcnow()
     rows = []
     wanted: dict[str, bool] = {}  # sender -> policy says notify (asked once per batch)
     for note in notes:
-        if note.event_type not in (MESSAGE_OPENED, LINK_CLICKED) or not note.sender:
+        what = _mailed(note)
+        if not what or not note.sender:
             continue
         if note.sender not in wanted:
             wanted[note.sender] = sender_wants_mail(conn, note.sender)
         if not wanted[note.sender]:
             continue
-        what = "open" if note.event_type == MESSAGE_OPENED else "click"
         position = (note.data.get("recipient") or {}).get("position", 0)
         key = f"notify.{what}:{note.message_id}:{position}"
+        if what in ("reply", "bounce"):
+            key = f"notify.{what}:{note.data['event']['id']}"
         rows.append(_row("email", note.sender, None, note, key, now))
     return insert_rows(conn, rows)
+
+
+def _mailed(note: Notification) -> str:
+    """What the sender's notification mail says of ``note`` ("" for none)."""
+    if note.event_type == MESSAGE_OPENED:
+        return "open"
+    if note.event_type == LINK_CLICKED:
+        return "click"
+    if note.event_type == MESSAGE_REPLIED:
+        return "reply"
+    if note.event_type == MESSAGE_BOUNCED and note.data["event"].get("bounce_type") == "hard":
+        return "bounce"
+    return ""
 
 
 def _row(
@@ -367,7 +410,7 @@ def event_data(event: EventDict) -> dict[str, Any]:
     reasons = event.get("reasons") or []
     if isinstance(reasons, str):
         reasons = [r.strip() for r in reasons.split(",") if r.strip()]
-    return {
+    data = {
         "id": event["event_key"],
         "kind": event.get("kind"),
         "occurred_at": iso(event.get("occurred_at")),
@@ -376,3 +419,8 @@ def event_data(event: EventDict) -> dict[str, Any]:
         "ip": event.get("ip", ""),
         "user_agent": event.get("user_agent", ""),
     }
+    if event.get("kind") == "bounce":
+        data["bounce_type"] = event.get("bounce_type", "")
+        data["status"] = event.get("status_code", "")
+        data["diagnostic"] = event.get("diagnostic", "")
+    return data

@@ -19,6 +19,7 @@ import resource
 import signal
 import socket
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sqlalchemy import Engine
 
@@ -115,11 +116,15 @@ async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa:
         app = web.receiver_app(settings, engine)
         if relay_server is not None:
             web.add_relay_metrics(app, relay_server.metrics)
+            web.add_intake_metrics(app, relay_server)
         http_server = web.http_server(settings, app)
     tasks: list[asyncio.Task[None]] = []
     try:
         if relay_server is not None:
             await relay_server.start()
+            if relay_server.intake is not None:  # replies and hard bounces reach dashboards
+                feed = app.state.live_feed if app is not None else None
+                _publish_answers(relay_server.intake.writer.store, feed, engine)
         if http_server is not None and http_socket is not None:
             tasks.append(asyncio.create_task(http_server.serve(sockets=[http_socket])))
             await web.started(http_server, tasks[-1])
@@ -143,6 +148,32 @@ async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa:
         if http_socket is not None:
             http_socket.close()
     return 0
+
+
+_publishing: set[asyncio.Task[None]] = set()
+
+
+def _publish_answers(store: Any, feed: Any, engine: Engine) -> None:
+    """Hand the intake writer's committed answers to the dashboards' live feed: this
+    process's (``serve``), else a publisher that only NOTIFYs (``relay`` on PostgreSQL,
+    where the receiver processes LISTEN; on SQLite nobody else would hear it)."""
+    from receiver.live import LiveFeed
+
+    if feed is None:
+        if engine.url.get_backend_name() != "postgresql":
+            return
+        feed = LiveFeed(engine)
+    loop = asyncio.get_running_loop()
+
+    def publish(rows: list[dict[str, Any]]) -> None:  # in the writer's thread
+        def start() -> None:
+            task = loop.create_task(feed.publish(rows))
+            _publishing.add(task)
+            task.add_done_callback(_publishing.discard)
+
+        loop.call_soon_threadsafe(start)
+
+    store.on_written = publish
 
 
 def _freeze_startup_objects() -> None:

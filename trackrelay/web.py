@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from sqlalchemy import Engine
@@ -85,6 +85,27 @@ def add_relay_metrics(app: Starlette, relay: Counters) -> None:
         ),
     ):
         registry.counter(f"trackrelay_relay_messages_{name}_total", help, read)
+
+
+def add_intake_metrics(app: Starlette, relay: Any) -> None:
+    """In one process, /metrics also counts the intake's copies (relay/intake.py)."""
+    registry = app.state.metrics
+
+    def read(name: str) -> Callable[[], float]:
+        def value() -> float:
+            intake = relay.intake
+            if intake is None:
+                return 0
+            return float(intake.unmatched if name == "unmatched" else getattr(intake.counts, name))
+
+        return value
+
+    for name, help in (
+        ("copies", "copies of incoming mail the intake received"),
+        ("answers", "copies with a reply, auto-reply, bounce or complaint in them"),
+        ("unmatched", "copies that said nothing about mail sent through the relay"),
+    ):
+        registry.counter(f"trackrelay_intake_{name}_total", help, read(name))
 
 
 def http_server(settings: Settings, app: Starlette) -> uvicorn.Server:

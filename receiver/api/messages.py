@@ -80,6 +80,7 @@ async def get_message(request: Request, viewer: Viewer) -> dict[str, Any]:
                 "reply_text": r.reply_text,
                 "first_opened_at": iso(r.opens.first),
                 "clicks": r.clicks.count,
+                **_answers(r.timeline),
             }
             for r in d.recipients
         ],
@@ -125,7 +126,42 @@ def _hits(row: readmodel.MessageRow) -> dict[str, Any]:
     }
 
 
+#: An answer kind -> the recipient's field with the time of the first one.
+ANSWERED_AT = {
+    "reply": "replied_at",
+    "auto_reply": "auto_replied_at",
+    "bounce": "bounced_at",
+    "complaint": "complained_at",
+}
+
+
+def _answers(timeline: list[readmodel.TimelineEntry]) -> dict[str, Any]:
+    """When the recipient first replied, auto-replied, bounced, complained (oldest
+    first on the timeline); a hard bounce wins over a soft one."""
+    out: dict[str, Any] = dict.fromkeys(ANSWERED_AT.values())
+    out["bounce_type"] = ""
+    for entry in timeline:
+        e = entry.event
+        field = ANSWERED_AT.get(e.kind)
+        if field is not None and out[field] is None:
+            out[field] = iso(e.occurred_at)
+        if e.kind == "bounce" and out["bounce_type"] != "hard":
+            out["bounce_type"] = e.bounce_type
+    return out
+
+
 def _event(e: Event) -> dict[str, Any]:
+    if e.kind == "bounce":
+        return {
+            **_event_fields(e),
+            "bounce_type": e.bounce_type,
+            "status": e.status_code,
+            "diagnostic": e.diagnostic,
+        }
+    return _event_fields(e)
+
+
+def _event_fields(e: Event) -> dict[str, Any]:
     return {
         "id": e.id,
         "message_id": str(e.message_id),

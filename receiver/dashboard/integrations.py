@@ -49,6 +49,10 @@ EVENT_LABELS = {
     "message.machine_opened": "Opened by a machine (privacy prefetch, scanners)",
     "link.clicked": "A link was clicked",
     "delivery.failed": "The mail server refused a recipient",
+    "message.replied": "A recipient replied (the intake listener)",
+    "message.auto_replied": "An automatic reply: out of office, vacation",
+    "message.bounced": "A bounce: hard (the address does not work) or soft",
+    "message.complained": "A recipient reported the message as spam",
 }
 assert set(EVENT_LABELS) == set(EVENT_TYPES)
 LOG_ROWS = 50

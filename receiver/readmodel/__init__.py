@@ -13,8 +13,8 @@ queries. The rules every read follows live here and nowhere else:
 
 Modules: ``scope`` (the WHERE clauses), ``messages`` (lists with hit counts,
 paging, senders), ``detail`` (one message's story and the facts of its
-tracking decision), ``events`` (the feed after a cursor), ``activity``
-(per-message figures for the overview's rates).
+tracking decision), ``events`` (the feed after a cursor), ``activity`` (per
+sender and day figures for the overview, from the rollup).
 Everything is synchronous SQLAlchemy taking an Engine: callers run it with
 ``asyncio.to_thread``. This is the place to make reads fast (keyset paging,
 indexes): callers only see rows and pages.
@@ -22,7 +22,7 @@ indexes): callers only see rows and pages.
 
 from __future__ import annotations
 
-from receiver.readmodel.activity import Activity, Window, activity
+from receiver.readmodel.activity import DayFigures, daily
 from receiver.readmodel.detail import (
     DecisionFacts,
     Detail,
@@ -56,7 +56,7 @@ from receiver.readmodel.scope import (
 __all__ = [
     "AUTOMATED",
     "COUNTED",
-    "Activity",
+    "DayFigures",
     "DecisionFacts",
     "Detail",
     "EventRow",
@@ -68,11 +68,10 @@ __all__ = [
     "RecipientView",
     "Selection",
     "TimelineEntry",
-    "Window",
-    "activity",
     "all_events",
     "all_messages",
     "aware",
+    "daily",
     "day_end",
     "day_start",
     "decision_facts",

@@ -85,9 +85,10 @@
     const icon = el("span", "toast-icon");
     icon.innerHTML = ICONS[note.kind] || ICONS.open; // our constant markup
     const text = el("div", "toast-text");
-    const title = el("a", "toast-title", note.kind === "click" ? "Link clicked" : "Opened");
+    const titles = { click: "Link clicked", reply: "Replied", bounce: "Bounced" };
+    const title = el("a", "toast-title", titles[note.kind] || "Opened");
     title.href = base + "/messages/" + note.message_id;
-    if (note.recipient) title.textContent += " by " + note.recipient;
+    if (note.recipient) title.textContent += (note.kind === "bounce" ? ": " : " by ") + note.recipient;
     text.append(title, el("div", "toast-sub", note.subject || "(no subject)"));
     if (note.url) text.append(el("div", "toast-sub", note.url));
     const close = el("button", "toast-close", "×");

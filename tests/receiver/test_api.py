@@ -392,3 +392,43 @@ def test_a_policy_id_out_of_range_is_a_404(client: httpx.Client, tokens: dict[st
     reply = client.delete("/api/v1/policies/2147483648", headers=auth(tokens["root"]))
     assert reply.status_code == 404
     assert reply.json() == {"error": "no policy 2147483648"}
+
+
+def test_answers_in_the_events_feed_and_per_recipient(
+    client: httpx.Client, engine: Engine, tokens: dict[str, str]
+) -> None:
+    """Replies, auto-replies, bounces and complaints as the intake writer stores them."""
+    from relay.answerstore import AnswerStore, item
+    from shared.answers import Finding
+
+    message = add_message(engine)
+    ids = (message.message_id_header,)
+    bounce = Finding("bounce", "dsn-failed-permanent", ids, "carol@other.test", "hard", "5.1.1",
+                     "550 5.1.1 no such user")  # fmt: skip
+    AnswerStore(engine).write(
+        [
+            item("c1", T0, [Finding("reply", "in-reply-to", ids, "bob@client.test")]),
+            item("c2", T0, [bounce]),
+            item("c3", T0, [Finding("auto_reply", "out-of-office-subject", ids, "x@y.test")]),
+        ],
+        replay=False,
+    )
+    feed = client.get("/api/v1/events", headers=auth(tokens["root"])).json()
+    validate(feed, "EventList")
+    assert [(e["kind"], e["recipient_position"]) for e in feed["events"]] == [
+        ("reply", 1),
+        ("bounce", 2),
+        ("auto_reply", 0),  # from someone else: no recipient, no address
+    ]
+    bounced = feed["events"][1]
+    assert (bounced["bounce_type"], bounced["status"]) == ("hard", "5.1.1")
+    assert bounced["diagnostic"] == "550 5.1.1 no such user"
+    assert "bounce_type" not in feed["events"][0]
+    detail = client.get(f"/api/v1/messages/{message.id}", headers=auth(tokens["root"])).json()
+    validate(detail, "MessageDetail")
+    bob, carol = detail["recipients"]
+    assert bob["replied_at"] is not None
+    assert bob["bounced_at"] is None
+    assert (carol["bounced_at"] is not None, carol["bounce_type"]) == (True, "hard")
+    assert carol["replied_at"] is None
+    assert (detail["opens"], detail["clicks"]) == (0, 0)  # an answer is no open or click

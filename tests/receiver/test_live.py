@@ -174,3 +174,13 @@ def test_a_stopping_worker_ends_open_streams_at_once(
     assert "Traceback" not in said, said
     assert "timeout graceful shutdown exceeded" not in said, said
     print(f"stream ended {ended * 1000:.0f} ms after SIGTERM; {len(rest)} more lines")
+
+
+def test_a_reply_and_a_hard_bounce_make_a_toast_other_answers_do_not() -> None:
+    from receiver.live import worth_a_toast
+
+    assert worth_a_toast({"notable": "reply", "verdict": "unknown"})
+    assert worth_a_toast({"notable": "bounce", "bounce_type": "hard", "verdict": "unknown"})
+    assert not worth_a_toast({"notable": "bounce", "bounce_type": "soft", "verdict": "unknown"})
+    assert not worth_a_toast({"notable": "auto_reply", "verdict": "unknown"})
+    assert not worth_a_toast({"notable": "complaint", "verdict": "unknown"})

@@ -265,3 +265,62 @@ def test_the_record_is_the_json_the_message_model_wrote(tracker: Tracker) -> Non
     record = prepare(tracker, message(), ["bob@example.org", "carol@example.net"]).message
     expected = Message(**dataclasses.asdict(record)).model_dump(mode="json")
     assert items(record.as_json()) == items(expected)
+
+
+NO_ID = (
+    b"From: Ann <ann@Example.COM>\r\nTo: bob@example.org\r\nSubject: no id\r\n{trigger}"
+    b"Content-Type: text/html; charset=us-ascii\r\n\r\n"
+    b'<html><body><a href="https://example.com/a">a</a></body></html>\r\n'
+)
+
+
+@pytest.mark.parametrize("trigger", [b"X-Track: all\r\n", b""])
+def test_a_message_without_message_id_gets_one_in_every_copy_and_the_record(
+    tracker: Tracker, trigger: bytes
+) -> None:
+    """RFC 6409 section 8.3: the relay, as a submission server, adds the Message-ID
+    replies and bounces will name; tracked or not, per-recipient copies too."""
+    data = NO_ID.replace(b"{trigger}", trigger)
+    prepared = prepare(tracker, data, ["bob@example.org", "carol@example.net"])
+    added = f"<trackrelay.{42:016x}@example.com>"
+    assert prepared.message.message_id_header == added
+    for copy in prepared.copies:
+        assert copy.data.startswith(f"Message-ID: {added}\r\nFrom: Ann".encode())
+    assert prepared.message.size_out == max(c.size for c in prepared.copies)
+    assert len(prepared.copies) == (2 if trigger else 1)
+
+
+def test_an_lf_message_gets_an_lf_line_and_a_domainless_sender_the_relay_host(
+    make_settings: Callable[..., Settings],
+) -> None:
+    tracker = Tracker(make_settings(public_url=BASE, hostname="relay.example.net"), None)  # type: ignore[arg-type]
+    sub = Submission(7, "", ["bob@example.org"], b"Subject: x\n\nbody\n", "", "")
+    prepared = tracker.prepare_sync(sub, snapshot_of([]))
+    assert prepared.copies[0].data == (
+        b"Message-ID: <trackrelay.0000000000000007@relay.example.net>\nSubject: x\n\nbody\n"
+    )
+
+
+def test_a_message_with_a_message_id_keeps_it_untouched(tracker: Tracker) -> None:
+    prepared = prepare(tracker, message(b""), ["bob@example.org"])
+    assert prepared.copies[0].data == message(b"")
+    assert prepared.message.message_id_header == "<m1@example.com>"
+
+
+def test_no_message_id_is_added_where_a_dkim_signature_covers_one(tracker: Tracker) -> None:
+    data = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1;\r\n"
+        b" h=from:to:subject:message-id; bh=x; b=y\r\n" + NO_ID.replace(b"{trigger}", b"")
+    )
+    prepared = prepare(tracker, data, ["bob@example.org"])
+    assert prepared.copies[0].data == data
+    assert prepared.message.message_id_header == ""
+
+
+def test_an_absurd_message_id_is_recorded_cut_to_the_indexable_size(tracker: Tracker) -> None:
+    long_id = "<" + "x" * 3000 + "@example.com>"
+    data = message(b"").replace(b"<m1@example.com>", long_id.encode())
+    prepared = prepare(tracker, data, ["bob@example.org"])
+    recorded = prepared.message.message_id_header
+    assert len(recorded.encode()) <= 900
+    assert long_id.startswith(recorded)

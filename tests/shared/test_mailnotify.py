@@ -180,3 +180,35 @@ def test_an_unreachable_upstream_is_retryable(make_settings: Callable[..., Setti
     with pytest.raises(mailnotify.MailError) as caught:
         asyncio.run(mailnotify.send(settings, "alice@example.com", "message.opened", _payload()))
     assert not isinstance(caught.value, mailnotify.MailRefused)
+
+
+def test_a_reply_and_a_hard_bounce_mail_the_sender_a_soft_one_does_not(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> None:
+    from relay.answerstore import AnswerStore, item
+    from shared.answers import Finding
+
+    with session_scope(engine) as session:
+        session.add(Policy(pattern="@example.com", notify=True))
+    message = add_message(engine, sender="alice@example.com")
+    ids, at = (message.message_id_header,), message.created_at
+    findings = [
+        Finding("reply", "in-reply-to", ids, "bob@client.test"),
+        Finding("auto_reply", "precedence", ids, "bob@client.test"),
+        Finding("bounce", "dsn-delayed", ids, "carol@other.test", "soft", "4.2.2"),
+        Finding("bounce", "ndr-qmail", ids, "carol@other.test", "hard", "5.1.1", "no mailbox"),
+    ]
+    copies = [item(f"c{i}", at, [f]) for i, f in enumerate(findings)]
+    AnswerStore(engine, notify_email=True).write(copies, replay=False)
+    settings = make_settings(notify_from="t@example.com")
+    with session_scope(engine) as session:
+        rows = session.exec(select(OutboxItem).where(OutboxItem.channel == "email")).scalars()
+        mails = {
+            r.event_type: mailnotify.compose(settings, r.target, r.event_type, r.payload)
+            for r in rows
+        }
+    assert sorted(mails) == ["message.bounced", "message.replied"]
+    assert mails["message.replied"]["Subject"] == "Replied: Quarterly numbers"
+    assert "bob@client.test replied" in mails["message.replied"].get_content()
+    assert mails["message.bounced"]["Subject"] == "Bounced: Quarterly numbers"
+    assert "5.1.1 no mailbox" in mails["message.bounced"].get_content()

@@ -600,3 +600,53 @@ def test_static_files_and_mount_shape() -> None:
 def test_static_served(client: TestClient) -> None:
     assert client.get(f"{D}/static/dashboard.css").status_code == 200
     assert "EventSource" in client.get(f"{D}/static/dashboard.js").text
+
+
+def test_the_timeline_labels_answers(client: TestClient, engine: Engine) -> None:
+    """Replies, automatic replies, bounces and complaints on the message page."""
+    from relay.answerstore import AnswerStore, item
+    from shared.answers import Finding
+
+    with session_scope(engine) as s:
+        message = s.get(Message, M_OPENED)
+        assert message is not None
+        message.message_id_header = "<quarterly@example.com>"
+        s.add(message)
+    ids = ("<quarterly@example.com>",)
+    AnswerStore(engine).write(
+        [
+            item("c1", NOW, [Finding("reply", "in-reply-to", ids, "bob@client.example")]),
+            item("c2", NOW, [Finding("auto_reply", "x-autoreply", ids, "bob@client.example")]),
+            item(
+                "c3",
+                NOW,
+                [
+                    Finding(
+                        "bounce",
+                        "ndr-qmail",
+                        ids,
+                        "carol@client.example",
+                        "hard",
+                        "5.1.1",
+                        "Sorry, no mailbox here by that name.",
+                    )
+                ],
+            ),
+            item("c4", NOW, [Finding("reply", "references", ids, "dora@elsewhere.example")]),
+            item("c5", NOW, [Finding("complaint", "arf", ids, "bob@client.example")]),
+        ],
+        replay=False,
+    )
+    login(client, "ada")
+    html = client.get(f"{D}/messages/{M_OPENED}").text
+    for text in (
+        "Replied",
+        "Automatic reply",
+        "Bounced (hard)",
+        "5.1.1 Sorry, no mailbox here by that name.",
+        "Replied by someone else",
+        "Marked as spam",
+        "x-autoreply",
+    ):
+        assert text in html, text
+    assert "dora@elsewhere.example" not in html  # never stored
