@@ -597,16 +597,18 @@ def _count_state(conn: Connection, scope: _Scope) -> None:
         f"SELECT r.message_id AS mid, r.position AS pos, {', '.join(_recipient_aggregates('e.'))}"
         " FROM recipients AS r LEFT JOIN events AS e"
         " ON e.message_id = r.message_id AND e.recipient_position = r.position"
+        f" AND {scope.of('e.message_id')}"  # said again: the planner then reads the index
         f" WHERE {scope.of('r.message_id')} GROUP BY r.message_id, r.position",
-        "recipients.message_id = a.mid AND recipients.position = a.pos",
+        "recipients.message_id = a.mid AND recipients.position = a.pos"
+        f" AND {scope.of('recipients.message_id')}",
     )
     messages = _set_from(
         "messages",
         _MESSAGE_STATE,
         f"SELECT m.id AS mid, {', '.join(_message_aggregates('e.'))}"
         " FROM messages AS m LEFT JOIN events AS e ON e.message_id = m.id"
-        f" WHERE {scope.of('m.id')} GROUP BY m.id",
-        "messages.id = a.mid",
+        f" AND {scope.of('e.message_id')} WHERE {scope.of('m.id')} GROUP BY m.id",
+        f"messages.id = a.mid AND {scope.of('messages.id')}",
     )
     for sql in (recipients, messages):
         conn.execute(scope.statement(sql), scope.params)
