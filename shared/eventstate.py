@@ -548,6 +548,8 @@ def _answer_aggregates(e: str = "") -> list[str]:
 
 _RECIPIENT_STATE = (*COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "bounce_type")
 _MESSAGE_STATE = (*COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply_at")
+#: The columns of ``messages`` kept here and by the record's writer, not in the record.
+MESSAGE_KEPT = ("sender_key", *_MESSAGE_STATE)
 
 
 @dataclass(frozen=True)
