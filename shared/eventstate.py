@@ -13,8 +13,8 @@ day. The writers keep them in the transaction that writes what they count:
   ``sent`` and tracking go into the day's rollup and the sender's row; a
   message recorded after its first hits (its record was journaled) has its
   state counted from those events first.
-* :func:`recount` — erasure (shared/privacy.py): what remains of some
-  messages' events, counted again.
+* :func:`recount` — erasure and the purge of old hits (shared/privacy.py):
+  what remains of some messages' events, counted again.
 * :func:`rebuild` — everything from the events, in committed slices of
   messages (``trackrelay db rebuild-state``; migration 0004's backfill).
 
@@ -44,6 +44,13 @@ written while its message's record is being committed (neither transaction
 sees the other's row) is not in the state until ``rebuild-state`` runs;
 records are committed before the client's reply, and hits come after the
 mail arrives.
+
+Cost: one update per batch for recipients and one for messages (SQL text
+built once per size; PostgreSQL: ``unnest`` of column arrays, SQLite:
+multi-row VALUES, as receiver/eventrows.py measured), so it grows with the
+messages a batch touches, not with its hits. Measured on 2 busy cores (load
+7), 500 hits spread over 440 messages: 55 ms of a 130 ms SQLite batch,
+120 ms of a 300 ms PostgreSQL one; hits on fewer messages cost less.
 """
 
 from __future__ import annotations
