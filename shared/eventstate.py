@@ -651,9 +651,9 @@ def _add_daily(conn: Connection, scope: _Scope, with_events: bool = True) -> Non
         )
     else:
         figures += ["0"] * len(VERDICTS)
-    source = (
+    source = (  # in key order: concurrent writers lock the rollup's rows in one order
         f"SELECT m.sender_key, {day}, {', '.join(figures)} FROM messages AS m{join}"
-        f" WHERE {scope.of('m.id')} GROUP BY m.sender_key, {day}"
+        f" WHERE {scope.of('m.id')} GROUP BY m.sender_key, {day} ORDER BY 1, 2"
     )
     sql = upsert_adding_sql(
         "daily_stats", ("sender_key", "day", *DAILY), source, ("sender_key", "day"), add=DAILY
@@ -689,7 +689,7 @@ def recorded(conn: Connection, message_ids: Sequence[int]) -> None:
             "senders",
             ("sender_key", "messages", "last_at"),
             "SELECT sender_key, count(*), max(created_at) FROM messages"
-            f" WHERE {scope.of('id')} GROUP BY sender_key",
+            f" WHERE {scope.of('id')} GROUP BY sender_key ORDER BY 1",
             ("sender_key",),
             add=("messages",),
             latest=("last_at",),
