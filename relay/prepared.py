@@ -67,7 +67,8 @@ class LinkRow(NamedTuple):
 
 @dataclass
 class MessageRecord:
-    """The ``messages`` row of one relayed message (fields of shared.models.Message)."""
+    """The ``messages`` row of one relayed message: the fields of shared.models.Message
+    but those its writers keep (shared/eventstate.py ``MESSAGE_KEPT``)."""
 
     id: int
     created_at: datetime = field(default_factory=utcnow)

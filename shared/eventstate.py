@@ -13,8 +13,8 @@ day. The writers keep them in the transaction that writes what they count:
   ``sent`` and tracking go into the day's rollup and the sender's row; a
   message recorded after its first hits (its record was journaled) has its
   state counted from those events first.
-* :func:`recount` — erasure (shared/privacy.py): what remains of some
-  messages' events, counted again.
+* :func:`recount` — erasure and the purge of old hits (shared/privacy.py):
+  what remains of some messages' events, counted again.
 * :func:`rebuild` — everything from the events, in committed slices of
   messages (``trackrelay db rebuild-state``; migration 0004's backfill).
 
@@ -44,6 +44,13 @@ written while its message's record is being committed (neither transaction
 sees the other's row) is not in the state until ``rebuild-state`` runs;
 records are committed before the client's reply, and hits come after the
 mail arrives.
+
+Cost: one update per batch for recipients and one for messages (SQL text
+built once per size; PostgreSQL: ``unnest`` of column arrays, SQLite:
+multi-row VALUES, as receiver/eventrows.py measured), so it grows with the
+messages a batch touches, not with its hits. Measured on 2 busy cores (load
+7), 500 hits spread over 440 messages: 55 ms of a 130 ms SQLite batch,
+120 ms of a 300 ms PostgreSQL one; hits on fewer messages cost less.
 """
 
 from __future__ import annotations
@@ -548,6 +555,8 @@ def _answer_aggregates(e: str = "") -> list[str]:
 
 _RECIPIENT_STATE = (*COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "bounce_type")
 _MESSAGE_STATE = (*COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply_at")
+#: The columns of ``messages`` kept here and by the record's writer, not in the record.
+MESSAGE_KEPT = ("sender_key", *_MESSAGE_STATE)
 
 
 @dataclass(frozen=True)
@@ -597,16 +606,18 @@ def _count_state(conn: Connection, scope: _Scope) -> None:
         f"SELECT r.message_id AS mid, r.position AS pos, {', '.join(_recipient_aggregates('e.'))}"
         " FROM recipients AS r LEFT JOIN events AS e"
         " ON e.message_id = r.message_id AND e.recipient_position = r.position"
+        f" AND {scope.of('e.message_id')}"  # said again: the planner then reads the index
         f" WHERE {scope.of('r.message_id')} GROUP BY r.message_id, r.position",
-        "recipients.message_id = a.mid AND recipients.position = a.pos",
+        "recipients.message_id = a.mid AND recipients.position = a.pos"
+        f" AND {scope.of('recipients.message_id')}",
     )
     messages = _set_from(
         "messages",
         _MESSAGE_STATE,
         f"SELECT m.id AS mid, {', '.join(_message_aggregates('e.'))}"
         " FROM messages AS m LEFT JOIN events AS e ON e.message_id = m.id"
-        f" WHERE {scope.of('m.id')} GROUP BY m.id",
-        "messages.id = a.mid",
+        f" AND {scope.of('e.message_id')} WHERE {scope.of('m.id')} GROUP BY m.id",
+        f"messages.id = a.mid AND {scope.of('messages.id')}",
     )
     for sql in (recipients, messages):
         conn.execute(scope.statement(sql), scope.params)
@@ -640,9 +651,9 @@ def _add_daily(conn: Connection, scope: _Scope, with_events: bool = True) -> Non
         )
     else:
         figures += ["0"] * len(VERDICTS)
-    source = (
+    source = (  # in key order: concurrent writers lock the rollup's rows in one order
         f"SELECT m.sender_key, {day}, {', '.join(figures)} FROM messages AS m{join}"
-        f" WHERE {scope.of('m.id')} GROUP BY m.sender_key, {day}"
+        f" WHERE {scope.of('m.id')} GROUP BY m.sender_key, {day} ORDER BY 1, 2"
     )
     sql = upsert_adding_sql(
         "daily_stats", ("sender_key", "day", *DAILY), source, ("sender_key", "day"), add=DAILY
@@ -678,7 +689,7 @@ def recorded(conn: Connection, message_ids: Sequence[int]) -> None:
             "senders",
             ("sender_key", "messages", "last_at"),
             "SELECT sender_key, count(*), max(created_at) FROM messages"
-            f" WHERE {scope.of('id')} GROUP BY sender_key",
+            f" WHERE {scope.of('id')} GROUP BY sender_key ORDER BY 1",
             ("sender_key",),
             add=("messages",),
             latest=("last_at",),
