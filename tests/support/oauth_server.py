@@ -450,3 +450,16 @@ def oauth_server() -> Iterator[OAuthServer]:
     server = OAuthServer().start()
     yield server
     server.stop()
+
+
+def provider_settings(server: OAuthServer, smtp: str = "smtp://127.0.0.1:9") -> dict[str, Any]:
+    """The ``oauth`` setting naming this server as provider ``test`` (found by discovery)."""
+    return {
+        "test": {
+            "issuer": server.url,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "scopes": ["mail.send", "offline_access"],
+            "smtp": smtp,
+        }
+    }
