@@ -28,10 +28,10 @@ TEST_SECRET = "test-secret-key-0123456789abcdef"
 # Fixtures that live beside what they set up: the recording upstream SMTP server
 # (upstream, tls_pair), db_engine and processes (relay), outage (database down).
 pytest_plugins = [
+    "tests.support.oauth_server",  # oauth_server: the mailbox provider (first: upstream uses it)
     "tests.support.upstream",
     "tests.support.relaykit",
     "tests.support.receiverkit",
-    "tests.support.oauth_server",  # oauth_server: the mailbox provider's authorization server
 ]
 
 
