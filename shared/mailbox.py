@@ -230,9 +230,9 @@ def _revoke(settings: Settings, row: MailboxConnection) -> str:
 # --- the relay's side ---
 
 
-def route(engine: Engine, settings: Settings, user_id: int, address: str) -> Route | None:
-    """The connection of this user for this sender address, if there is one."""
-    if not settings.oauth or not address or address == "<>":
+def route(engine: Engine, settings: Settings, username: str, address: str) -> Route | None:
+    """The connection of relay user USERNAME for this sender address, if there is one."""
+    if not settings.oauth or not username or not address or address == "<>":
         return None
     try:
         canonical = normalize_address(address)
@@ -240,9 +240,9 @@ def route(engine: Engine, settings: Settings, user_id: int, address: str) -> Rou
         return None
     with session_scope(engine) as session:
         row = session.exec(
-            select(MailboxConnection).where(
-                MailboxConnection.address == canonical, MailboxConnection.user_id == user_id
-            )
+            select(MailboxConnection)
+            .join(User, col(User.id) == col(MailboxConnection.user_id))
+            .where(MailboxConnection.address == canonical, User.username == username)
         ).first()
     if row is None or row.id is None:
         return None

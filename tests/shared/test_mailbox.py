@@ -61,13 +61,14 @@ def test_the_grant_is_sealed_at_rest_and_served_while_fresh(
     assert token.refresh_token not in stored.grant
     assert stored.state == "ok"
     assert stored.scopes == "mail.send offline_access"  # what the provider granted
-    route = mailbox.route(engine, settings, stored.user_id, "ann@EXAMPLE.com")
+    route = mailbox.route(engine, settings, "ann", "ann@EXAMPLE.com")
     assert route is not None
     assert route.id == row.id
     access = mailbox.access_token(engine, settings, route.id)
     assert access.token == token.access_token
     assert oauth_server.refreshes() == 0
-    assert mailbox.route(engine, settings, stored.user_id, "other@example.com") is None
+    assert mailbox.route(engine, settings, "ann", "other@example.com") is None
+    assert mailbox.route(engine, settings, "bob", ADDRESS) is None
 
 
 def test_refreshed_before_expiry_with_rotation(
