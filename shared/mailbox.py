@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Engine, or_, update
 from sqlmodel import col, select
 
-from shared import oauth
+from shared import oauth, users
 from shared.addresses import normalize_address
 from shared.config import Settings
 from shared.db import session_scope
@@ -149,6 +149,21 @@ def provider(settings: Settings, name: str) -> OAuthProvider:
 # --- storing, listing, forgetting ---
 
 
+def check_owner(engine: Engine, username: str, address: str) -> str:
+    """ADDRESS canonical, once relay user USERNAME may send as it (UserError otherwise)."""
+    canonical = normalize_address(address)
+    with session_scope(engine) as session:
+        user = session.exec(select(User).where(User.username == username)).first()
+    if user is None or user.id is None:
+        raise UserError(f"no user {username!r}", "user")
+    if not users.may_send_as(users.user_addresses(engine, user.id), canonical):
+        raise UserError(
+            f"user {username!r} may not send as {canonical}: give them the address first",
+            "address",
+        )
+    return canonical
+
+
 def store(
     engine: Engine,
     settings: Settings,
@@ -162,10 +177,10 @@ def store(
     provider(settings, provider_name)  # it must exist
     if sent not in ("clean", "leave"):
         raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
-    canonical = normalize_address(address)
+    canonical = check_owner(engine, username, address)
     with session_scope(engine) as session:
         user = session.exec(select(User).where(User.username == username)).first()
-        if user is None or user.id is None:
+        if user is None or user.id is None:  # removed since the check
             raise UserError(f"no user {username!r}", "user")
         row = session.exec(
             select(MailboxConnection).where(MailboxConnection.address == canonical)

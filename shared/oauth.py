@@ -21,6 +21,7 @@ Tokens pass through as :class:`Token` values; nothing here logs one.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +35,8 @@ from authlib.integrations.httpx_client import OAuth2Client
 from shared.oauthproviders import ENDPOINTS, OAuthProvider
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+# httpx2 logs every request at INFO: a line per device-code poll in the CLI's output.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 DEFAULT_TIMEOUT = 15.0
 
 
