@@ -46,11 +46,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Engine, or_, update
 from sqlmodel import col, select
 
-from shared import oauth, users
+from shared import oauth, outbox, users
 from shared.addresses import normalize_address
 from shared.config import Settings
 from shared.db import session_scope
 from shared.errors import UserError
+from shared.isotime import iso
 from shared.models import MailboxConnection, User, utcnow
 from shared.oauth import OAuthRefused, ProviderUnavailable, Token
 from shared.oauthproviders import OAuthProvider
@@ -298,11 +299,33 @@ def token_refused(engine: Engine, connection_id: int) -> None:
 
 
 def mark_broken(engine: Engine, connection_id: int, reason: str) -> None:
+    """ok -> broken with the reason; the one that makes the change announces it
+    (``mailbox.disconnected``, in the same transaction)."""
+    now = utcnow()
     with session_scope(engine) as session:
-        session.execute(
+        changed = session.execute(
             update(MailboxConnection)
-            .where(col(MailboxConnection.id) == connection_id)
+            .where(col(MailboxConnection.id) == connection_id, col(MailboxConnection.state) == "ok")
             .values(state="broken", reason=reason, lease_until=None, lease_owner="")
+        )
+        if getattr(changed, "rowcount", 0) != 1:
+            return  # already broken (or removed): announced then
+        row = session.exec(
+            select(MailboxConnection, User.username)
+            .join(User, col(User.id) == col(MailboxConnection.user_id))
+            .where(MailboxConnection.id == connection_id)
+        ).one()
+        connection, username = row
+        outbox.enqueue_mailbox_disconnected(
+            session,
+            {
+                "id": connection_id,
+                "address": connection.address,
+                "provider": connection.provider,
+                "user": username,
+                "reason": reason,
+                "broken_at": iso(now),
+            },
         )
     log.warning("mailbox connection %d is broken: %s", connection_id, reason)
 

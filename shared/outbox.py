@@ -12,6 +12,7 @@ Event types (payloads are documented in the README):
 * ``message.opened``          the first human or proxy open per recipient
 * ``message.machine_opened``  the first machine open per recipient (Apple MPP...)
 * ``link.clicked``            every click judged human, proxy or unknown
+* ``mailbox.disconnected``    a mailbox connection broke (its grant was revoked or expired)
 
 What is "first" is decided once, in shared/notable.py, for webhooks, mail and
 the dashboards' live feed alike.
@@ -50,7 +51,15 @@ MESSAGE_OPENED = "message.opened"
 MESSAGE_MACHINE_OPENED = "message.machine_opened"
 LINK_CLICKED = "link.clicked"
 WEBHOOK_TEST = "webhook.test"
-EVENT_TYPES = (MESSAGE_SENT, MESSAGE_OPENED, MESSAGE_MACHINE_OPENED, LINK_CLICKED, DELIVERY_FAILED)
+MAILBOX_DISCONNECTED = "mailbox.disconnected"
+EVENT_TYPES = (
+    MESSAGE_SENT,
+    MESSAGE_OPENED,
+    MESSAGE_MACHINE_OPENED,
+    LINK_CLICKED,
+    DELIVERY_FAILED,
+    MAILBOX_DISCONNECTED,
+)
 
 Conn = Session | Connection
 EventDict = Mapping[str, Any]
@@ -125,6 +134,18 @@ def _delivery_failed(about: dict[str, Any], refused: Sequence[RecipientLike]) ->
     mid = int(about["id"])
     data = {"message": dict(about), "recipients": [recipient_data(r) for r in refused]}
     return Notification(DELIVERY_FAILED, f"{DELIVERY_FAILED}:{mid}", mid, "", data)
+
+
+# --- what shared/mailbox.py calls when a connection breaks (same transaction) ---
+
+
+def enqueue_mailbox_disconnected(conn: Conn, connection: Mapping[str, Any]) -> int:
+    """Announce that a mailbox connection broke: ``connection`` has its ``id``,
+    ``address``, ``provider``, ``user``, ``reason`` and ``broken_at`` (ISO time);
+    keyed by connection and time, so each break is announced once."""
+    key = f"{MAILBOX_DISCONNECTED}:{connection['id']}:{connection['broken_at']}"
+    note = Notification(MAILBOX_DISCONNECTED, key, None, "", {"connection": dict(connection)})
+    return fan_out(conn, [note])
 
 
 # --- what the receiver calls after writing a batch of events ---

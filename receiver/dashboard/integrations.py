@@ -49,6 +49,7 @@ EVENT_LABELS = {
     "message.machine_opened": "Opened by a machine (privacy prefetch, scanners)",
     "link.clicked": "A link was clicked",
     "delivery.failed": "The mail server refused a recipient",
+    "mailbox.disconnected": "A mailbox connection broke (reconnect it)",
 }
 assert set(EVENT_LABELS) == set(EVENT_TYPES)
 LOG_ROWS = 50

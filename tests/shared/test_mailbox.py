@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -10,11 +11,11 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from shared import mailbox, oauth
+from shared import mailbox, oauth, webhooks
 from shared.config import Settings
 from shared.errors import UserError
 from shared.mailbox import MailboxBroken
-from shared.models import MailboxConnection
+from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user, remove_user
 from tests.support.oauth_server import OAuthServer, provider_settings
 
@@ -195,3 +196,30 @@ def test_store_names_what_is_wrong(
         mailbox.store(engine, settings, "ann", ADDRESS, "nope", token)
     with pytest.raises(UserError, match="no user 'ann'"):
         mailbox.store(engine, settings, "ann", ADDRESS, "test", token)
+
+
+def test_a_break_is_announced_once_as_mailbox_disconnected(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    webhooks.add_endpoint(engine, "https://hooks.example/mail", ["mailbox.disconnected"])
+    webhooks.add_endpoint(engine, "https://hooks.example/opens", ["message.opened"])
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    oauth_server.revoke_user(ADDRESS)
+    mailbox.token_refused(engine, connection_id)
+    for _ in range(2):  # the second attempt finds it broken: no second announcement
+        with pytest.raises(MailboxBroken):
+            mailbox.access_token(engine, settings, connection_id)
+    with Session(engine) as session:
+        rows = session.exec(select(OutboxItem)).all()
+    assert [(r.event_type, r.target) for r in rows] == [("mailbox.disconnected", "1")]
+    body = json.loads(rows[0].payload)
+    assert body["type"] == "mailbox.disconnected"
+    connection = body["data"]["connection"]
+    assert connection["id"] == connection_id
+    assert connection["address"] == ADDRESS
+    assert connection["provider"] == "test"
+    assert connection["user"] == "ann"
+    assert "invalid_grant" in connection["reason"]
+    assert rows[0].payload.count(oauth_server.url) == 0  # no endpoint, no token in it
+    assert not any(token in rows[0].payload for token in oauth_server.access)
