@@ -9,6 +9,10 @@ adds:
 * the endpoints of a provider (shared/oauthproviders.py): given in its table,
   or found by OpenID discovery at ``ISSUER/.well-known/openid-configuration``
   (fetched once per process and issuer);
+* the authorization code grant with PKCE (RFC 7636, S256):
+  :func:`authorization_request` gives the URL to send the person to (and the
+  state and verifier to keep in their session), :func:`exchange_code` checks
+  the redirect's ``state`` and trades its code for a token;
 * the device authorization grant (RFC 8628): :func:`start_device` and
   :func:`poll_device` (``authorization_pending`` waits ``interval``,
   ``slow_down`` adds five seconds, ``expired_token``/``access_denied`` end it);
@@ -22,6 +26,7 @@ Tokens pass through as :class:`Token` values; nothing here logs one.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -145,6 +150,7 @@ def _client(provider: OAuthProvider, timeout: float) -> OAuth2Client:
         token_endpoint_auth_method="client_secret_basic" if secret else "none",
         revocation_endpoint_auth_method="client_secret_basic" if secret else "none",
         scope=provider.scope,
+        code_challenge_method="S256",
         timeout=timeout,
     )
 
@@ -165,6 +171,59 @@ def refresh(provider: OAuthProvider, refresh_token: str, timeout: float = DEFAUL
     url = _endpoint(provider, "token_endpoint", timeout)
     values = _call(lambda c: c.refresh_token(url, refresh_token=refresh_token), provider, timeout)
     return Token.from_response(values, refresh_token)
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """Where to send the person, and what to keep until they come back (never shown)."""
+
+    url: str
+    state: str
+    verifier: str
+    redirect_uri: str
+
+
+def authorization_request(
+    provider: OAuthProvider, redirect_uri: str, timeout: float = DEFAULT_TIMEOUT
+) -> Authorization:
+    """The authorization URL with a fresh state and an S256 code challenge."""
+    url = _endpoint(provider, "authorization_endpoint", timeout)
+    verifier = secrets.token_urlsafe(64)  # 86 characters: within RFC 7636's 43..128
+    extra = {}
+    if provider.preset == "google":  # Google gives a refresh token only when asked so
+        extra = {"access_type": "offline", "prompt": "consent"}
+    with _client(provider, timeout) as client:
+        uri, state = client.create_authorization_url(
+            url, code_verifier=verifier, redirect_uri=redirect_uri, **extra
+        )
+    return Authorization(str(uri), str(state), verifier, redirect_uri)
+
+
+def exchange_code(
+    provider: OAuthProvider,
+    authorization: Authorization,
+    callback: Mapping[str, str],
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Token:
+    """The token for the redirect's query (``code`` and ``state``); OAuthRefused when
+    the state is not ours, or the person declined (``error`` in the redirect)."""
+    if not secrets.compare_digest(callback.get("state", ""), authorization.state):
+        raise OAuthRefused("invalid_state", "the sign-in did not start here, or started again")
+    if callback.get("error"):
+        raise OAuthRefused(callback["error"], callback.get("error_description", ""))
+    url = _endpoint(provider, "token_endpoint", timeout)
+    values = _call(
+        lambda c: c.fetch_token(
+            url,
+            grant_type="authorization_code",
+            code=callback.get("code", ""),
+            code_verifier=authorization.verifier,
+            redirect_uri=authorization.redirect_uri,
+        ),
+        provider,
+        timeout,
+    )
+    return Token.from_response(values)
 
 
 def start_device(provider: OAuthProvider, timeout: float = DEFAULT_TIMEOUT) -> DeviceStart:
