@@ -23,7 +23,7 @@ from shared.config import Settings
 from shared.models import MailboxConnection
 from shared.users import add_user
 from tests.support.oauth_server import OAuthServer, provider_settings
-from tests.support.relaykit import MakeSettings, relay_settings, running_relay, send
+from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay, send
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 ANN = "ann@example.com"
@@ -152,3 +152,41 @@ def test_a_revoked_grant_is_454_naming_the_mailbox_page_and_nothing_is_lost(
         row = session.exec(select(MailboxConnection)).one()
     assert row.id == connection_id
     assert row.state == "broken"
+
+
+def test_a_token_expiring_mid_session_is_refreshed_at_the_reopening(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    """One client session, two messages; between them the provider drops the idle
+    connection and the token has expired: the reopening logs in with a new token."""
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth=provider_settings(oauth_server, provider.url),
+    )
+    connect_ann(db_engine, settings, oauth_server)
+
+    async def go() -> None:
+        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_plain("ann", "password123")
+            await smtp.sendmail(ANN, ["bob@example.net"], MESSAGE)
+            oauth_server.expire_access_tokens()
+            with Session(db_engine) as session:  # the relay learns it as it would by the clock
+                row = session.exec(select(MailboxConnection)).one()
+                assert row.id is not None
+            mailbox.token_refused(db_engine, row.id)
+            await asyncio.to_thread(provider.drop_connections)
+            await smtp.sendmail(ANN, ["carol@example.net"], MESSAGE)
+
+    asyncio.run(go())
+    assert [m.rcpt_tos for m in provider.messages] == [["bob@example.net"], ["carol@example.net"]]
+    assert provider.auth_attempts == [("XOAUTH2", ANN), ("XOAUTH2", ANN)]
+    assert oauth_server.refreshes() == 1
+    assert oauth_server.introspections == 2  # two logins, each with a live token

@@ -163,6 +163,17 @@ class RecordingUpstream:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def drop_connections(self) -> None:
+        """Close every open client connection (an idle timeout on the server's side)."""
+
+        async def drop() -> None:
+            for protocol in self._protocols:
+                if protocol.transport is not None:
+                    protocol.transport.close()
+            await asyncio.sleep(0.05)
+
+        asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10)
+
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         """Wait until ``count`` messages arrived (for relays in another process)."""
         deadline = time.monotonic() + timeout
