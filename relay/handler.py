@@ -280,7 +280,10 @@ class RelayHandler:
 
     async def _mail(self, session: RelaySession, sender: str, options: list[str]) -> Reply:
         # local mode: a connected address goes out through its mailbox (relay/mailboxes.py)
-        route = await mailboxes.find(self.settings, self.engine, session.auth_user, sender)
+        try:
+            route = await mailboxes.find(self.settings, self.engine, session.auth_user, sender)
+        except UpstreamUnavailable:
+            return UNAVAILABLE  # the database cannot say which way: the client retries
         through = route.id if route is not None else None
         if session.upstream is not None and getattr(session.upstream, "mailbox", None) != through:
             await session.upstream.close()  # the last message went out another way

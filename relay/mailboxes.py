@@ -15,13 +15,17 @@ the message and nothing is lost. A refused token is refreshed at the next try.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay.upstream import Reply, SmtpUpstream, UpstreamUnavailable
 from shared import mailbox
 from shared.config import Settings
 from shared.mailbox import MailboxBroken, MailboxUnavailable, Route
+
+log = logging.getLogger(__name__)
 
 WHERE = "reconnect it on the Mailbox page of the dashboard"
 
@@ -33,10 +37,18 @@ def refusal(address: str, reason: str) -> Reply:
 
 
 async def find(settings: Settings, engine: Engine, username: str, sender: str) -> Route | None:
-    """The connection this user's MAIL FROM goes out through (local mode only)."""
+    """The connection this user's MAIL FROM goes out through (local mode only).
+
+    UpstreamUnavailable when the database cannot say: sending through the
+    shared account instead would send as the person from the wrong mailbox.
+    """
     if settings.auth_mode != "local" or settings.upstream_target.is_sink or not settings.oauth:
         return None
-    return await asyncio.to_thread(mailbox.route, engine, settings, username, sender)
+    try:
+        return await asyncio.to_thread(mailbox.route, engine, settings, username, sender)
+    except SQLAlchemyError as exc:
+        log.warning("cannot look up the mailbox connection of %r: %s", sender, exc)
+        raise UpstreamUnavailable("the mailbox connections cannot be read") from None
 
 
 def connect(settings: Settings, engine: Engine, route: Route) -> SmtpUpstream:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 from sqlmodel import Session, select
 
+from relay import mailboxes
 from relay.server import RelayServer
+from relay.upstream import UpstreamUnavailable
 from shared import mailbox, oauth
 from shared.config import Settings
 from shared.models import MailboxConnection
@@ -190,3 +192,19 @@ def test_a_token_expiring_mid_session_is_refreshed_at_the_reopening(
     assert provider.auth_attempts == [("XOAUTH2", ANN), ("XOAUTH2", ANN)]
     assert oauth_server.refreshes() == 1
     assert oauth_server.introspections == 2  # two logins, each with a live token
+
+
+def test_an_unreadable_database_is_451_not_the_shared_account(
+    make_settings: MakeSettings, upstream: RecordingUpstream, oauth_server: OAuthServer
+) -> None:
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth=provider_settings(oauth_server, upstream.url),
+    )
+    gone = create_engine("sqlite:////nonexistent-directory/relay.db")
+    with pytest.raises(UpstreamUnavailable):
+        asyncio.run(mailboxes.find(settings, gone, "ann", ANN))
+    gone.dispose()
