@@ -10,6 +10,9 @@ A connection that cannot send, because its grant was revoked or expired, or
 because the provider refused the token, answers MAIL with ``454 4.7.0`` and a
 short reason naming the dashboard's Mailbox page: a 4xx, so the client keeps
 the message and nothing is lost. A refused token is refreshed at the next try.
+
+Not in dev mode (a Maildir sink: no mail leaves the machine), not for
+sessions without AUTH (trusted networks), never in passthrough mode.
 """
 
 from __future__ import annotations
