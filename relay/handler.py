@@ -282,8 +282,8 @@ class RelayHandler:
         # local mode: a connected address goes out through its mailbox (relay/mailboxes.py)
         try:
             route = await mailboxes.find(self.settings, self.engine, session.auth_user, sender)
-        except UpstreamUnavailable:
-            return UNAVAILABLE  # the database cannot say which way: the client retries
+        except UpstreamUnavailable as exc:  # no way to say which way: the client retries
+            return exc.reply or UNAVAILABLE
         through = route.id if route is not None else None
         if session.upstream is not None and getattr(session.upstream, "mailbox", None) != through:
             await session.upstream.close()  # the last message went out another way

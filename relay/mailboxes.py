@@ -48,10 +48,15 @@ async def find(settings: Settings, engine: Engine, username: str, sender: str) -
     if settings.auth_mode != "local" or settings.upstream_target.is_sink or not settings.oauth:
         return None
     try:
-        return await asyncio.to_thread(mailbox.route, engine, settings, username, sender)
+        found = await asyncio.to_thread(mailbox.route, engine, settings, username, sender)
     except SQLAlchemyError as exc:
         log.warning("cannot look up the mailbox connection of %r: %s", sender, exc)
         raise UpstreamUnavailable("the mailbox connections cannot be read") from None
+    if found is not None and found.provider is None:
+        # never the shared account instead: that would send as the person from elsewhere
+        reason = f"its provider [oauth.{found.provider_name}] is not in the config"
+        raise UpstreamUnavailable(reason, refusal(found.address, reason))
+    return found
 
 
 def connect(settings: Settings, engine: Engine, route: Route) -> SmtpUpstream:
@@ -67,6 +72,7 @@ def connect(settings: Settings, engine: Engine, route: Route) -> SmtpUpstream:
             raise UpstreamUnavailable(str(exc), refusal(route.address, reason)) from None
         return access.address.encode(), access.token.encode()
 
+    assert route.provider is not None  # find() answered the others
     return SmtpUpstream(settings, route.provider.smtp_target, token_source=token, mailbox=route.id)
 
 

@@ -77,7 +77,8 @@ class Route:
 
     id: int
     address: str
-    provider: OAuthProvider
+    provider: OAuthProvider | None  # None: its [oauth.NAME] table is gone from the config
+    provider_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -263,9 +264,9 @@ def route(engine: Engine, settings: Settings, username: str, address: str) -> Ro
     if row is None or row.id is None:
         return None
     found = settings.oauth.get(row.provider)
-    if not isinstance(found, OAuthProvider):
-        return None
-    return Route(row.id, row.address, found)
+    return Route(
+        row.id, row.address, found if isinstance(found, OAuthProvider) else None, row.provider
+    )
 
 
 def access_token(engine: Engine, settings: Settings, connection_id: int) -> Access:

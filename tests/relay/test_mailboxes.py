@@ -208,3 +208,33 @@ def test_an_unreadable_database_is_451_not_the_shared_account(
     with pytest.raises(UpstreamUnavailable):
         asyncio.run(mailboxes.find(settings, gone, "ann", ANN))
     gone.dispose()
+
+
+def test_a_connection_whose_provider_left_the_config_is_454(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    tables = provider_settings(oauth_server, provider.url)
+    settings = relay_settings(
+        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
+    )
+    connect_ann(db_engine, settings, oauth_server)
+    tables["other"] = tables.pop("test")
+    settings = relay_settings(
+        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
+    )
+
+    async def go() -> aiosmtplib.SMTPSenderRefused:
+        async with running_relay(settings, db_engine) as relay:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await ann_sends(relay)
+            return refused.value
+
+    refused = asyncio.run(go())
+    assert refused.code == 454
+    assert "[oauth.test] is not in the config" in refused.message
+    assert upstream.messages == []
+    assert provider.messages == []
