@@ -35,7 +35,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from sqlalchemy import Engine
 
-from relay import upstream
+from relay import mailboxes, upstream
 from relay.auth import Credentials, FailureLimiter, read_login, read_plain
 from relay.deliver import deliver
 from relay.headers import addr_specs, top_fields
@@ -366,12 +366,24 @@ class RelayHandler:
         return upstream.connect(self.settings, login=login)
 
     async def _mail(self, session: RelaySession, sender: str, options: list[str]) -> Reply:
+        # local mode: a connected address goes out through its mailbox (relay/mailboxes.py)
+        try:
+            route = await mailboxes.find(self.settings, self.engine, session.auth_user, sender)
+        except UpstreamUnavailable as exc:  # no way to say which way: the client retries
+            return exc.reply or UNAVAILABLE
+        through = route.id if route is not None else None
+        if session.upstream is not None and getattr(session.upstream, "mailbox", None) != through:
+            await session.upstream.close()  # the last message went out another way
+            session.upstream = None
+        if session.upstream is None and route is not None:
+            session.upstream = mailboxes.connect(self.settings, self.engine, route)
         if session.upstream is None:
             session.upstream = self.connect_upstream()
         try:
             reply = await session.upstream.mail(sender, options)
-        except UpstreamUnavailable:
-            return UNAVAILABLE
+        except UpstreamUnavailable as exc:
+            refused = await mailboxes.failed(self.engine, route, exc) if route else None
+            return refused or UNAVAILABLE
         self.capabilities = session.upstream.capabilities
         return reply
 

@@ -10,6 +10,9 @@ encoder (relay/datawriter.py); dev mode delivers to a Maildir
   with the credentials kept in session memory) at the next MAIL.
 * A passthrough AUTH is checked with ONE attempt upstream and, on success,
   kept for those reopenings.
+* A mailbox connection (relay/mailboxes.py) logs in with XOAUTH2 and asks
+  ``token_source`` for a live access token at each (re)opening, so a token
+  that expired during a long session is refreshed, not resent.
 * ``close()`` never QUITs between DATA and its content (a client leaving
   mid-delivery closes the session while DATA runs).
 * DATA (its content and the reply to the final dot) is given
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -97,13 +100,17 @@ class SmtpUpstream:
         *,
         login: tuple[bytes, bytes] | None = None,
         client_cert: tuple[Path, Path] | None = None,
+        token_source: Callable[[], Awaitable[tuple[bytes, bytes]]] | None = None,
+        mailbox: int | None = None,
     ) -> None:
         self.target = target
         self._client_cert = client_cert
         self.capabilities = Capabilities()
+        self.mailbox = mailbox  # the mailbox connection this session sends through, if any
         self._settings = settings
         self._login = login
-        self._mechanism = "PLAIN"
+        self._token_source = token_source
+        self._mechanism = "XOAUTH2" if token_source is not None else "PLAIN"
         self._client: SmtpClient | None = None
         self._logged_in: SmtpClient | None = None
         self._in_transaction = False
@@ -122,7 +129,13 @@ class SmtpUpstream:
 
     async def _reopen_with_login(self) -> SmtpClient:
         client = await self._open()
-        if self._login is not None and self._logged_in is not client:
+        if self._token_source is not None and self._logged_in is not client:
+            user, token = await self._token_source()  # raises UpstreamUnavailable with a reply
+            reply = await self._auth(client, self._mechanism, user, token)
+            if not reply.ok:
+                log.warning("upstream %s refused the mailbox token: %s", self.target, reply)
+                raise UpstreamUnavailable(str(reply), reply)
+        elif self._login is not None and self._logged_in is not client:
             reply = await self._auth(client, self._mechanism, *self._login)
             if not reply.ok:
                 log.warning("upstream %s refused the session's login again: %s", self.target, reply)

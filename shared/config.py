@@ -200,6 +200,10 @@ class Settings(BaseSettings):
     intake_port: int | None = Field(None, ge=0, le=65535)  # off unless set
     intake_networks: str = ""  # CIDRs of the organisation's mail servers that send copies
     intake_max_size: int = Field(26_214_400, gt=0)  # largest copy accepted (bytes)
+    # --- mailbox connections (OAuth 2.0; issue 16): [oauth.NAME] tables, shared/oauthproviders.py
+    oauth: dict[str, Any] = {}  # NAME -> OAuthProvider, presets applied
+    mailbox_refresh_margin: float = Field(300.0, ge=0)  # refresh access tokens this early (s)
+    mailbox_lease: float = Field(30.0, gt=0)  # seconds one process may hold a grant's refresh
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -225,6 +229,13 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"{item!r} is not a CIDR network") from exc
         return value
+
+    @field_validator("oauth")
+    @classmethod
+    def _check_oauth(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from shared.oauthproviders import parse_providers  # it builds on parse_upstream
+
+        return dict(parse_providers(value))
 
     @field_validator("public_url")
     @classmethod
@@ -406,7 +417,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 def _one_line(exc: ValidationError) -> str:
     error = exc.errors()[0]
     message = str(error["msg"]).removeprefix("Value error, ")
-    if message.startswith("TRACKRELAY_"):
+    if message.startswith(("TRACKRELAY_", "[oauth.")):
         return message
     field = ".".join(str(part) for part in error["loc"]) or "settings"
     if error["type"] == "extra_forbidden":

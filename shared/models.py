@@ -383,3 +383,36 @@ class Sender(SQLModel, table=True):
     sender_key: str = Field(primary_key=True, max_length=320)
     messages: int = 0
     last_at: datetime | None = None
+
+
+# --- issue 16: mailbox connections (migration 0009; owner: shared/mailbox.py) ---
+
+
+class MailboxConnection(SQLModel, table=True):
+    """A relay user's address tied to an upstream mailbox account through an OAuth grant.
+
+    ``grant`` is the token set (access and refresh token, expiry) encrypted
+    with a key derived from TRACKRELAY_SECRET_KEY; nothing else here is
+    secret. ``state`` is ``ok`` or ``broken`` (``reason`` says why: a revoked
+    grant, an expired refresh token). ``lease_until``/``lease_owner``: the one
+    process refreshing the grant now; the others wait for its result.
+    ``sent``: ``clean`` (leave one pristine copy in the Sent folder) or ``leave``.
+    """
+
+    __tablename__ = "mailbox_connections"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True, ondelete="CASCADE")
+    address: str = Field(unique=True, max_length=320)
+    provider: str = Field(max_length=64)
+    grant: str = Field(sa_column=Column(Text, nullable=False))
+    scopes: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    state: str = Field(default="ok", max_length=16)
+    reason: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    sent: str = Field(default="clean", max_length=8)
+    expires_at: datetime | None = None
+    last_refresh_at: datetime | None = None
+    last_error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    lease_until: datetime | None = None
+    lease_owner: str = Field(default="", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)

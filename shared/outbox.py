@@ -16,6 +16,7 @@ Event types (payloads are documented in the README):
   ``message.complained``      every answer the intake matched (relay/answerstore.py),
                               keyed by its event; the sender's mail for replies and
                               hard bounces
+* ``mailbox.disconnected``    a mailbox connection broke (its grant was revoked or expired)
 
 What is "first" is decided once, in shared/notable.py, for webhooks, mail and
 the dashboards' live feed alike.
@@ -65,6 +66,7 @@ ANSWERED = {
     "bounce": MESSAGE_BOUNCED,
     "complaint": MESSAGE_COMPLAINED,
 }
+MAILBOX_DISCONNECTED = "mailbox.disconnected"
 EVENT_TYPES = (
     MESSAGE_SENT,
     MESSAGE_OPENED,
@@ -72,6 +74,7 @@ EVENT_TYPES = (
     LINK_CLICKED,
     DELIVERY_FAILED,
     *ANSWERED.values(),
+    MAILBOX_DISCONNECTED,
 )
 
 Conn = Session | Connection
@@ -147,6 +150,18 @@ def _delivery_failed(about: dict[str, Any], refused: Sequence[RecipientLike]) ->
     mid = int(about["id"])
     data = {"message": dict(about), "recipients": [recipient_data(r) for r in refused]}
     return Notification(DELIVERY_FAILED, f"{DELIVERY_FAILED}:{mid}", mid, "", data)
+
+
+# --- what shared/mailbox.py calls when a connection breaks (same transaction) ---
+
+
+def enqueue_mailbox_disconnected(conn: Conn, connection: Mapping[str, Any]) -> int:
+    """Announce that a mailbox connection broke: ``connection`` has its ``id``,
+    ``address``, ``provider``, ``user``, ``reason`` and ``broken_at`` (ISO time);
+    keyed by connection and time, so each break is announced once."""
+    key = f"{MAILBOX_DISCONNECTED}:{connection['id']}:{connection['broken_at']}"
+    note = Notification(MAILBOX_DISCONNECTED, key, None, "", {"connection": dict(connection)})
+    return fan_out(conn, [note])
 
 
 # --- what the receiver calls after writing a batch of events ---

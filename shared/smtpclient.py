@@ -11,7 +11,8 @@ Why it is careful, and why there is only one:
 * ``login()`` (and ``aiosmtplib.send(username=...)``, which calls it) tries
   every mechanism the server offers, multiplying failed attempts on the user's
   real account. :meth:`SmtpClient.authenticate` makes exactly ONE attempt with
-  one mechanism (PLAIN or LOGIN).
+  one mechanism: PLAIN or LOGIN with a password, or SASL XOAUTH2 or
+  OAUTHBEARER (RFC 7628) with an OAuth access token (a mailbox connection).
 * aiosmtplib raises on refusals and joins multi-line replies with ``\\n``;
   every outcome becomes a :class:`Reply` whose :attr:`Reply.line` rebuilds a
   proper multi-line SMTP reply for a client. A server that cannot be reached,
@@ -29,6 +30,7 @@ not by its code).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 from collections.abc import Awaitable, Sequence
@@ -42,6 +44,7 @@ from shared.config import Settings, Upstream
 
 log = logging.getLogger(__name__)
 
+OAUTH_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")  # the password is an OAuth access token
 CLOSE_WAIT = 5.0  # seconds a closing server may take to answer close_notify
 QUIT_WAIT = 5.0  # seconds QUIT may take before the connection is just closed
 
@@ -180,10 +183,44 @@ class SmtpClient:
         otherwise PLAIN if offered, else LOGIN: still one attempt.
         """
         offered = self.capabilities.auth
+        if mechanism in OAUTH_MECHANISMS:
+            return await self._authenticate_bearer(mechanism, username, password)
         if mechanism not in offered and offered:
             mechanism = "PLAIN" if "PLAIN" in offered else "LOGIN"
         method = self.smtp.auth_plain if mechanism == "PLAIN" else self.smtp.auth_login
         return await command(method(username, password))
+
+    async def _authenticate_bearer(self, mechanism: str, username: bytes, token: bytes) -> Reply:
+        """ONE XOAUTH2 or OAUTHBEARER attempt: the one asked for when offered (or
+        nothing is), else the other one when offered.
+
+        A refused token is answered with a 334 carrying the server's JSON error;
+        the client ends the exchange (an empty line for XOAUTH2, ``^A`` for
+        OAUTHBEARER, RFC 7628 3.2.3) and gets the final 535.
+        """
+        offered = self.capabilities.auth
+        if offered and mechanism not in offered:
+            other = next(m for m in OAUTH_MECHANISMS if m != mechanism)
+            mechanism = other if other in offered else mechanism
+        if mechanism == "XOAUTH2":
+            return await command(self.smtp.auth_xoauth2(username, token))
+        return await command(self._oauthbearer(username, token))
+
+    async def _oauthbearer(self, username: bytes, token: bytes) -> aiosmtplib.SMTPResponse:
+        user = username.replace(b"=", b"=3D").replace(b",", b"=2C")  # RFC 5801 saslname
+        host, port = self.target.host.encode(), str(self.target.port).encode()
+        message = (
+            b"n,a=" + user + b",\x01host=" + host + b"\x01port=" + port
+            + b"\x01auth=Bearer " + token + b"\x01\x01"
+        )  # fmt: skip
+        response = await self.smtp.execute_command(
+            b"AUTH", b"OAUTHBEARER", base64.b64encode(message)
+        )
+        if response.code == 334:  # the error challenge: end the exchange
+            response = await self.smtp.execute_command(base64.b64encode(b"\x01"))
+        if response.code != 235:
+            raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
+        return response
 
     async def mail(self, sender: str, options: Sequence[str]) -> Reply:
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"

@@ -27,7 +27,12 @@ PG_URL = os.environ.get("TRACKRELAY_TEST_DATABASE_URL", "")
 TEST_SECRET = "test-secret-key-0123456789abcdef"
 # Fixtures that live beside what they set up: the recording upstream SMTP server
 # (upstream, tls_pair), db_engine and processes (relay), outage (database down).
-pytest_plugins = ["tests.support.upstream", "tests.support.relaykit", "tests.support.receiverkit"]
+pytest_plugins = [
+    "tests.support.oauth_server",  # oauth_server: the mailbox provider (first: upstream uses it)
+    "tests.support.upstream",
+    "tests.support.relaykit",
+    "tests.support.receiverkit",
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

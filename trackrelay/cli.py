@@ -20,6 +20,7 @@ from trackrelay.commands import (
     CommandError,
     consent,
     db,
+    mailbox,
     policy,
     privacy,
     servers,
@@ -30,7 +31,7 @@ from trackrelay.commands import (
 )
 
 # in the order --help lists them
-GROUPS = (servers, db, user, policy, suppress, webhook, token, privacy, consent)
+GROUPS = (servers, db, user, policy, suppress, webhook, token, privacy, consent, mailbox)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

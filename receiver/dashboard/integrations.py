@@ -53,6 +53,7 @@ EVENT_LABELS = {
     "message.auto_replied": "An automatic reply: out of office, vacation",
     "message.bounced": "A bounce: hard (the address does not work) or soft",
     "message.complained": "A recipient reported the message as spam",
+    "mailbox.disconnected": "A mailbox connection broke (reconnect it)",
 }
 assert set(EVENT_LABELS) == set(EVENT_TYPES)
 LOG_ROWS = 50

@@ -23,7 +23,7 @@ def test_the_message_id_index_comes_and_goes(tmp_path: Path) -> None:
     db.upgrade(url)
     assert "ix_messages_message_id_header" in _indexes(url)
     config = db.alembic_config(url)
-    command.downgrade(config, "0004")
+    command.downgrade(config, "0006")
     assert "ix_messages_message_id_header" not in _indexes(url)
     command.upgrade(config, "head")
     assert "ix_messages_message_id_header" in _indexes(url)

@@ -16,12 +16,14 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 
+import httpx2
 import pytest
 from aiosmtpd.smtp import SMTP
 
 from shared import smtpclient
 from shared.config import Settings
 from shared.smtpclient import Reply, SmtpClient, UpstreamUnavailable
+from tests.support.oauth_server import CLIENT_ID, CLIENT_SECRET, DEVICE_GRANT, OAuthServer
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 
@@ -214,3 +216,68 @@ def test_close_returns_once_the_socket_is_closed(
         return int(closed)
 
     assert asyncio.run(scenario()) == -1
+
+
+def _live_token(oauth_server: OAuthServer, user: str = USER) -> str:
+    start = httpx2.post(
+        f"{oauth_server.url}/device", data={"scope": "mail"}, auth=(CLIENT_ID, CLIENT_SECRET)
+    ).json()
+    oauth_server.approve(start["user_code"], user)
+    answer = httpx2.post(
+        f"{oauth_server.url}/token",
+        data={"grant_type": DEVICE_GRANT, "device_code": start["device_code"]},
+        auth=(CLIENT_ID, CLIENT_SECRET),
+    )
+    return str(answer.json()["access_token"])
+
+
+@pytest.mark.parametrize("mechanism", ["XOAUTH2", "OAUTHBEARER"])
+@pytest.mark.parametrize("live", [True, False])
+def test_one_oauth_attempt_against_an_oauth_only_server(
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    oauth_server: OAuthServer,
+    mechanism: str,
+    live: bool,
+) -> None:
+    """XOAUTH2 / OAUTHBEARER with a token the provider says is live; a dead one
+    gets the server's 535 after the error challenge, and no second attempt."""
+    upstream.oauth = oauth_server
+    token = _live_token(oauth_server)
+    if not live:
+        oauth_server.revoke_user(USER)
+
+    async def go() -> tuple[Reply, Reply]:
+        client = _client(make_settings, upstream.url)
+        await client.connect()
+        try:
+            auth = await client.authenticate(mechanism, USER.encode(), token.encode())
+            return auth, await client.mail(USER, [])
+        finally:
+            await client.close()
+
+    auth, mail = asyncio.run(go())
+    assert upstream.auth_attempts == [(mechanism, USER)]
+    if live:
+        assert auth.code == 235
+        assert mail.ok
+    else:
+        assert auth.line == "535 5.7.3 Authentication unsuccessful"
+        assert mail.code == 530  # not logged in: the session is still usable
+
+
+def test_password_auth_is_refused_like_microsoft(
+    make_settings: Callable[..., Settings], upstream: RecordingUpstream, oauth_server: OAuthServer
+) -> None:
+    upstream.oauth = oauth_server
+
+    async def go() -> Reply:
+        client = _client(make_settings, upstream.url)
+        await client.connect()
+        try:
+            assert "XOAUTH2" in client.capabilities.auth
+            return await client.authenticate("PLAIN", USER.encode(), PASSWORD.encode())
+        finally:
+            await client.close()
+
+    assert asyncio.run(go()).line.startswith("535 5.7.139 Authentication unsuccessful")

@@ -9,6 +9,13 @@ gateway's return path or an MTA's last hop needs). Behaviour can be changed per 
 refuse some recipients, answer DATA with a given reply, answer slowly, or
 drop the connection in the middle of DATA.
 
+With ``oauth`` set to the in-suite OAuth server (tests/support/oauth_server.py)
+it behaves like Microsoft 365 without basic authentication: password AUTH is
+refused with ``535 5.7.139``, and only SASL XOAUTH2 or OAUTHBEARER with an
+access token the OAuth server's introspection endpoint says is active, for
+the account named in the SASL message, logs in (a refused token gets the
+334 JSON error challenge, then ``535 5.7.3``).
+
 Fixtures (registered through ``pytest_plugins`` in conftest.py):
 
 * ``tls_pair``: (cert, key) paths of a self-signed certificate, per session.
@@ -19,7 +26,10 @@ Fixtures (registered through ``pytest_plugins`` in conftest.py):
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import gc
+import json
 import ssl
 import threading
 import time
@@ -28,13 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.tlscert import write_self_signed
+from tests.support.oauth_server import CLIENT_ID, CLIENT_SECRET, OAuthServer
 
 USER = "alice@example.com"
 PASSWORD = "correct horse battery"
+BASIC_DISABLED = "535 5.7.139 Authentication unsuccessful, basic authentication is disabled."
+TOKEN_REFUSED = "535 5.7.3 Authentication unsuccessful"
 
 
 @dataclass
@@ -59,6 +73,7 @@ class RecordingUpstream:
     messages: list[Received] = field(default_factory=list)
     auth_attempts: list[tuple[str, str]] = field(default_factory=list)  # (mechanism, user)
     connections: int = 0
+    oauth: OAuthServer | None = None  # set: OAuth only, tokens checked by introspection
     host: str = "127.0.0.1"
     port: int = 0
     require_auth: bool = True  # False: a return path that knows its peers (a gateway's)
@@ -101,6 +116,7 @@ class RecordingUpstream:
             auth_required=self.require_auth,
             authenticator=self._authenticate,
             enable_SMTPUTF8=self.smtputf8,
+            auth_exclude_mechanism=[] if self.oauth else ["XOAUTH2", "OAUTHBEARER"],
             data_size_limit=self.size,
             loop=self._loop,
         )
@@ -113,8 +129,22 @@ class RecordingUpstream:
         assert isinstance(data, LoginPassword)
         user = data.login.decode()
         self.auth_attempts.append((mechanism, user))
+        if self.oauth is not None:
+            return AuthResult(success=False, handled=False, message=BASIC_DISABLED)
         ok = user == USER and data.password.decode() == PASSWORD
         return AuthResult(success=ok, handled=False)
+
+    async def token_user(self, token: str) -> str:
+        """The account an access token is live for, asked at the introspection endpoint."""
+        assert self.oauth is not None
+        async with httpx2.AsyncClient(timeout=10) as client:
+            reply = await client.post(
+                f"{self.oauth.url}/introspect",
+                data={"token": token},
+                auth=(CLIENT_ID, CLIENT_SECRET),
+            )
+        answer = reply.json()
+        return str(answer.get("username", "")) if answer.get("active") else ""
 
     def stop(self) -> None:
         if self._server is not None:
@@ -142,6 +172,17 @@ class RecordingUpstream:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def drop_connections(self) -> None:
+        """Close every open client connection (an idle timeout on the server's side)."""
+
+        async def drop() -> None:
+            for protocol in self._protocols:
+                if protocol.transport is not None:
+                    protocol.transport.close()
+            await asyncio.sleep(0.05)
+
+        asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10)
+
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         """Wait until ``count`` messages arrived (for relays in another process)."""
         deadline = time.monotonic() + timeout
@@ -166,6 +207,40 @@ class _SMTP(SMTP):
 class _Handler:
     def __init__(self, upstream: RecordingUpstream) -> None:
         self.upstream = upstream
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """``user=U^Aauth=Bearer T^A^A``; a refused token: 334 JSON, then 535."""
+        fields = await _sasl_fields(server, args)
+        if fields is None:
+            return AuthResult(success=False, handled=True)
+        pairs = dict(item.split("=", 1) for item in fields.split("\x01") if "=" in item)
+        return await self._bearer(server, "XOAUTH2", pairs.get("user", ""), pairs)
+
+    async def auth_OAUTHBEARER(self, server: SMTP, args: list[str]) -> AuthResult:
+        """RFC 7628: ``n,a=U,^Ahost=..^Aport=..^Aauth=Bearer T^A^A``."""
+        fields = await _sasl_fields(server, args)
+        if fields is None:
+            return AuthResult(success=False, handled=True)
+        gs2, _, rest = fields.partition("\x01")
+        user = next((p[2:] for p in gs2.split(",") if p.startswith("a=")), "")
+        user = user.replace("=2C", ",").replace("=3D", "=")
+        pairs = dict(item.split("=", 1) for item in rest.split("\x01") if "=" in item)
+        return await self._bearer(server, "OAUTHBEARER", user, pairs)
+
+    async def _bearer(
+        self, server: SMTP, mechanism: str, user: str, pairs: dict[str, str]
+    ) -> AuthResult:
+        upstream = self.upstream
+        upstream.auth_attempts.append((mechanism, user))
+        scheme, _, token = pairs.get("auth", "").partition(" ")
+        live_for = ""
+        if upstream.oauth is not None and scheme == "Bearer" and token:
+            live_for = await upstream.token_user(token)
+        if live_for and live_for == user:
+            return AuthResult(success=True, auth_data=user)
+        error = {"status": "401", "schemes": "bearer", "scope": "https://outlook.office.com/"}
+        await server.challenge_auth(json.dumps(error))  # the client ends the exchange
+        return AuthResult(success=False, handled=False, message=TOKEN_REFUSED)
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -193,6 +268,22 @@ class _Handler:
             )
         )
         return f"250 2.0.0 Ok: queued as {len(self.upstream.messages)}"
+
+
+async def _sasl_fields(server: SMTP, args: list[str]) -> str | None:
+    """The initial response (or the answer to an empty challenge), decoded."""
+    if len(args) > 1:
+        try:
+            raw = base64.b64decode(args[1], validate=True)
+        except binascii.Error:
+            await server.push("501 5.5.2 Can't decode base64")
+            return None
+    else:
+        answer = await server.challenge_auth("")
+        if answer is MISSING or not isinstance(answer, bytes):
+            return None
+        raw = answer
+    return raw.decode("utf-8", "replace")
 
 
 @pytest.fixture(scope="session")

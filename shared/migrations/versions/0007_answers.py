@@ -1,7 +1,7 @@
 """answers: find a message by its Message-ID header
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0006
 Create Date: 2026-12-03 12:40:00.000000
 
 Issue 15: a reply, an auto-reply, a bounce or a complaint names the
@@ -12,7 +12,6 @@ Message-ID of the message it is about, and the intake writer
 entry stays below PostgreSQL's B-tree limit (~2.7 kB) whatever a client
 sends. Built ``CONCURRENTLY`` on PostgreSQL.
 
-(In the answers branch it follows 0004, which it merged; the lead re-chains.)
 """
 
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | None = "0004"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

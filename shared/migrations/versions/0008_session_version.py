@@ -1,7 +1,7 @@
 """users.session_version: dashboard sessions revocable on the server
 
 Revision ID: 0008
-Revises: 0003
+Revises: 0007
 Create Date: 2026-12-03 12:30:00.000000
 
 A dashboard session cookie carries the user's session version from when it
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0006"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,87 @@
+"""Local auth mode: mail from a connected address goes out through its mailbox connection.
+
+A relay user who connected an address (shared/mailbox.py: an OAuth grant for
+Microsoft 365, Google or a configured provider) sends as that address through
+the provider's own submission server (``smtp`` of its ``[oauth.NAME]`` table),
+logging in with ONE XOAUTH2 attempt with a live access token, instead of the
+shared smarthost account (TRACKRELAY_UPSTREAM_USER).
+
+A connection that cannot send, because its grant was revoked or expired, or
+because the provider refused the token, answers MAIL with ``454 4.7.0`` and a
+short reason naming the dashboard's Mailbox page: a 4xx, so the client keeps
+the message and nothing is lost. A refused token is refreshed at the next try.
+
+Not in dev mode (a Maildir sink: no mail leaves the machine), not for
+sessions without AUTH (trusted networks), never in passthrough mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from relay.upstream import Reply, SmtpUpstream, UpstreamUnavailable
+from shared import mailbox
+from shared.config import Settings
+from shared.mailbox import MailboxBroken, MailboxUnavailable, Route
+
+log = logging.getLogger(__name__)
+
+WHERE = "reconnect it on the Mailbox page of the dashboard"
+
+
+def refusal(address: str, reason: str) -> Reply:
+    """``454 4.7.0``: the client keeps the message; the reason, short, and where to fix it."""
+    reason = " ".join(reason.split())[:160]
+    return Reply(454, f"4.7.0 Mailbox connection of {address} cannot send ({reason}): {WHERE}")
+
+
+async def find(settings: Settings, engine: Engine, username: str, sender: str) -> Route | None:
+    """The connection this user's MAIL FROM goes out through (local mode only).
+
+    UpstreamUnavailable when the database cannot say: sending through the
+    shared account instead would send as the person from the wrong mailbox.
+    """
+    if settings.auth_mode != "local" or settings.upstream_target.is_sink or not settings.oauth:
+        return None
+    try:
+        found = await asyncio.to_thread(mailbox.route, engine, settings, username, sender)
+    except SQLAlchemyError as exc:
+        log.warning("cannot look up the mailbox connection of %r: %s", sender, exc)
+        raise UpstreamUnavailable("the mailbox connections cannot be read") from None
+    if found is not None and found.provider is None:
+        # never the shared account instead: that would send as the person from elsewhere
+        reason = f"its provider [oauth.{found.provider_name}] is not in the config"
+        raise UpstreamUnavailable(reason, refusal(found.address, reason))
+    return found
+
+
+def connect(settings: Settings, engine: Engine, route: Route) -> SmtpUpstream:
+    """A connection to the provider's submission server that logs in with XOAUTH2."""
+
+    async def token() -> tuple[bytes, bytes]:
+        try:
+            access = await asyncio.to_thread(mailbox.access_token, engine, settings, route.id)
+        except MailboxBroken as exc:
+            raise UpstreamUnavailable(str(exc), refusal(route.address, str(exc))) from None
+        except MailboxUnavailable as exc:
+            reason = f"the provider cannot be reached now: {exc}"
+            raise UpstreamUnavailable(str(exc), refusal(route.address, reason)) from None
+        return access.address.encode(), access.token.encode()
+
+    assert route.provider is not None  # find() answered the others
+    return SmtpUpstream(settings, route.provider.smtp_target, token_source=token, mailbox=route.id)
+
+
+async def failed(engine: Engine, route: Route, error: UpstreamUnavailable) -> Reply | None:
+    """The reply for a mailbox connection that could not open (None: the usual 451)."""
+    reply = error.reply
+    if reply is None:
+        return None
+    if reply.code >= 500:  # the provider refused the token at AUTH
+        await asyncio.to_thread(mailbox.token_refused, engine, route.id)
+        return refusal(route.address, f"the provider refused its access token: {reply}")
+    return reply

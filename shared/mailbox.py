@@ -1,0 +1,449 @@
+"""Mailbox connections: a relay user's address sending through its own mailbox account.
+
+The one owner of the ``mailbox_connections`` rows (shared/models.py
+MailboxConnection). The relay asks :func:`route` whether a sender address has
+a connection and :func:`access_token` for a live token to speak XOAUTH2 with;
+the CLI stores what a device grant gave (:func:`store`), lists and forgets.
+
+* **At rest** the grant (the token set) is AES-GCM encrypted with a key
+  derived by HKDF-SHA256 from ``TRACKRELAY_SECRET_KEY``, bound to the
+  connection's address. A grant sealed with a key now listed in
+  ``TRACKRELAY_OLD_SECRET_KEYS`` still opens and is sealed again with the
+  current key when read; one sealed with a key no longer listed marks the
+  connection broken. Tokens are never logged nor put in an error message.
+* **Refresh** happens :attr:`Settings.mailbox_refresh_margin` seconds before
+  the access token expires. Only one process refreshes a grant at a time: it
+  takes a lease with ``UPDATE ... WHERE lease_until IS NULL OR lease_until <
+  now`` (one row changed = ours; the same on SQLite and PostgreSQL), reads the
+  row again under the lease (another may have just refreshed it), refreshes,
+  and stores the new token set and frees the lease in one UPDATE. The others
+  wait for the lease to end and use what it stored, so two relays never spend
+  one rotating refresh token twice (which the provider answers with
+  ``invalid_grant``).
+* **Broken**: the provider's ``invalid_grant`` (revoked, expired, already
+  used) marks the connection ``broken`` with a reason; it stays broken until
+  it is connected again.
+* **Erased with the user**: ``user_id`` has ON DELETE CASCADE.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy import Engine, or_, update
+from sqlmodel import col, select
+
+from shared import oauth, outbox, users
+from shared.addresses import normalize_address
+from shared.config import Settings
+from shared.db import session_scope
+from shared.errors import UserError
+from shared.isotime import iso
+from shared.models import MailboxConnection, User, utcnow
+from shared.oauth import OAuthRefused, ProviderUnavailable, Token
+from shared.oauthproviders import OAuthProvider
+
+log = logging.getLogger(__name__)
+
+_INFO = b"trackrelay/mailbox-grant/v1"
+_VERSION = "v1"
+WAIT_STEP = 0.05  # seconds between looks at a grant another process is refreshing
+
+
+class MailboxBroken(Exception):
+    """The connection cannot send until it is connected again; str() is the reason."""
+
+
+class MailboxUnavailable(Exception):
+    """The provider could not be asked now (the grant may be fine): try again later."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """A connection a sender address goes out through."""
+
+    id: int
+    address: str
+    provider: OAuthProvider | None  # None: its [oauth.NAME] table is gone from the config
+    provider_name: str = ""
+
+
+@dataclass(frozen=True)
+class Access:
+    """What the relay needs for one AUTH: the account name and a live access token."""
+
+    address: str
+    token: str
+    expires_at: float
+
+
+# --- sealing the grant ---
+
+
+def _key(secret: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(secret)
+
+
+def _key_id(key: bytes) -> str:
+    return hashlib.sha256(b"key-id\0" + key).hexdigest()[:8]
+
+
+def seal(settings: Settings, address: str, token: Token) -> str:
+    """The token set encrypted with the current key: ``v1.KEYID.base64(nonce+ciphertext)``."""
+    key = _key(settings.signing_keys()[0])
+    nonce = os.urandom(12)
+    data = AESGCM(key).encrypt(nonce, json.dumps(token.as_dict()).encode(), address.encode())
+    blob = base64.urlsafe_b64encode(nonce + data).decode()
+    return f"{_VERSION}.{_key_id(key)}.{blob}"
+
+
+def unseal(settings: Settings, address: str, sealed: str) -> tuple[Token, bool]:
+    """The token set and whether it was sealed with the current key.
+
+    MailboxBroken when no configured key opens it (the secret was replaced
+    without listing the old one in TRACKRELAY_OLD_SECRET_KEYS).
+    """
+    version, key_id, blob = [*sealed.split(".", 2), "", ""][:3]
+    keys = [_key(secret) for secret in settings.signing_keys()]
+    for position, key in enumerate(keys):
+        if version != _VERSION or _key_id(key) != key_id:
+            continue
+        raw = base64.urlsafe_b64decode(blob)
+        try:
+            plain = AESGCM(key).decrypt(raw[:12], raw[12:], address.encode())
+        except InvalidTag:
+            break
+        return Token.from_response(json.loads(plain)), position == 0
+    raise MailboxBroken(
+        "the grant was stored under a secret key that is no longer configured "
+        "(TRACKRELAY_SECRET_KEY, TRACKRELAY_OLD_SECRET_KEYS)"
+    )
+
+
+# --- providers ---
+
+
+def provider(settings: Settings, name: str) -> OAuthProvider:
+    """The ``[oauth.NAME]`` provider; UserError naming the setting when there is none."""
+    found = settings.oauth.get(name)
+    if not isinstance(found, OAuthProvider):
+        known = ", ".join(sorted(settings.oauth)) or "none"
+        raise UserError(
+            f"no [oauth.{name}] table in the config (TRACKRELAY_OAUTH; configured: {known})",
+            "provider",
+        )
+    return found
+
+
+# --- storing, listing, forgetting ---
+
+
+def check_owner(engine: Engine, username: str, address: str) -> str:
+    """ADDRESS canonical, once relay user USERNAME may send as it (UserError otherwise)."""
+    canonical = normalize_address(address)
+    with session_scope(engine) as session:
+        user = session.exec(select(User).where(User.username == username)).first()
+    if user is None or user.id is None:
+        raise UserError(f"no user {username!r}", "user")
+    if not users.may_send_as(users.user_addresses(engine, user.id), canonical):
+        raise UserError(
+            f"user {username!r} may not send as {canonical}: give them the address first",
+            "address",
+        )
+    return canonical
+
+
+def store(
+    engine: Engine,
+    settings: Settings,
+    username: str,
+    address: str,
+    provider_name: str,
+    token: Token,
+    sent: str = "clean",
+) -> MailboxConnection:
+    """Keep the grant for USERNAME sending as ADDRESS (replacing one for that address)."""
+    provider(settings, provider_name)  # it must exist
+    if sent not in ("clean", "leave"):
+        raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
+    canonical = check_owner(engine, username, address)
+    with session_scope(engine) as session:
+        user = session.exec(select(User).where(User.username == username)).first()
+        if user is None or user.id is None:  # removed since the check
+            raise UserError(f"no user {username!r}", "user")
+        row = session.exec(
+            select(MailboxConnection).where(MailboxConnection.address == canonical)
+        ).first() or MailboxConnection(user_id=user.id, address=canonical, provider="", grant="")
+        row.user_id = user.id
+        row.provider = provider_name
+        row.grant = seal(settings, canonical, token)
+        row.scopes = token.scope
+        row.state, row.reason, row.last_error = "ok", "", ""
+        row.sent = sent
+        row.expires_at = _when(token.expires_at)
+        row.last_refresh_at = utcnow()
+        row.lease_until, row.lease_owner = None, ""
+        session.add(row)
+        session.flush()
+        session.expunge(row)
+        return row
+
+
+def list_connections(engine: Engine) -> list[tuple[MailboxConnection, str]]:
+    """Every connection with its user's name, by address."""
+    with session_scope(engine) as session:
+        rows = session.exec(
+            select(MailboxConnection, User.username)
+            .join(User, col(User.id) == col(MailboxConnection.user_id))
+            .order_by(col(MailboxConnection.address))
+        ).all()
+        return [(row, username) for row, username in rows]
+
+
+def disconnect(engine: Engine, settings: Settings, address: str) -> str:
+    """Revoke the grant at the provider and forget the connection; what happened, said."""
+    canonical = normalize_address(address)
+    with session_scope(engine) as session:
+        row = session.exec(
+            select(MailboxConnection).where(MailboxConnection.address == canonical)
+        ).first()
+        if row is None:
+            raise UserError(f"no mailbox connection for {canonical}", "address")
+        said = _revoke(settings, row)
+        session.delete(row)
+    return said
+
+
+def _revoke(settings: Settings, row: MailboxConnection) -> str:
+    found = settings.oauth.get(row.provider)
+    if not isinstance(found, OAuthProvider):
+        return f"provider {row.provider!r} is no longer configured: forgotten, not revoked"
+    try:
+        token, _ = unseal(settings, row.address, row.grant)
+        if oauth.revoke(found, token.refresh_token, _timeout(settings)):
+            return "revoked at the provider and forgotten"
+        return "the provider has no revocation endpoint: forgotten (revoke it in the account)"
+    except MailboxBroken:
+        return "the grant cannot be read: forgotten, not revoked"
+    except (OAuthRefused, ProviderUnavailable) as exc:
+        raise UserError(
+            f"the provider did not revoke the grant ({_short(exc)}); kept, try again", "address"
+        ) from None
+
+
+# --- the relay's side ---
+
+
+def route(engine: Engine, settings: Settings, username: str, address: str) -> Route | None:
+    """The connection of relay user USERNAME for this sender address, if there is one."""
+    if not settings.oauth or not username or not address or address == "<>":
+        return None
+    try:
+        canonical = normalize_address(address)
+    except UserError:
+        return None
+    with session_scope(engine) as session:
+        row = session.exec(
+            select(MailboxConnection)
+            .join(User, col(User.id) == col(MailboxConnection.user_id))
+            .where(MailboxConnection.address == canonical, User.username == username)
+        ).first()
+    if row is None or row.id is None:
+        return None
+    found = settings.oauth.get(row.provider)
+    return Route(
+        row.id, row.address, found if isinstance(found, OAuthProvider) else None, row.provider
+    )
+
+
+def access_token(engine: Engine, settings: Settings, connection_id: int) -> Access:
+    """A live access token for the connection, refreshed first when it is about to expire.
+
+    MailboxBroken: the connection cannot send (reason in the message);
+    MailboxUnavailable: the provider could not be asked now.
+    """
+    owner = f"{socket.gethostname()}:{os.getpid()}:{id(object())}"[:64]
+    deadline = time.monotonic() + settings.mailbox_lease + settings.upstream_timeout
+    while True:
+        row = _load(engine, connection_id)
+        token = _token(engine, settings, row)
+        if _fresh(settings, row, token):
+            return Access(row.address, token.access_token, token.expires_at)
+        if _take_lease(engine, settings, connection_id, owner):
+            return _refresh_held(engine, settings, connection_id)
+        if time.monotonic() > deadline:
+            raise MailboxUnavailable("another process has been refreshing the grant too long")
+        time.sleep(WAIT_STEP)
+
+
+def token_refused(engine: Engine, connection_id: int) -> None:
+    """The provider refused the access token at AUTH: refresh it at the next use."""
+    with session_scope(engine) as session:
+        session.execute(
+            update(MailboxConnection)
+            .where(col(MailboxConnection.id) == connection_id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def mark_broken(engine: Engine, connection_id: int, reason: str) -> None:
+    """ok -> broken with the reason; the one that makes the change announces it
+    (``mailbox.disconnected``, in the same transaction)."""
+    now = utcnow()
+    with session_scope(engine) as session:
+        changed = session.execute(
+            update(MailboxConnection)
+            .where(col(MailboxConnection.id) == connection_id, col(MailboxConnection.state) == "ok")
+            .values(state="broken", reason=reason, lease_until=None, lease_owner="")
+        )
+        if getattr(changed, "rowcount", 0) != 1:
+            return  # already broken (or removed): announced then
+        row = session.exec(
+            select(MailboxConnection, User.username)
+            .join(User, col(User.id) == col(MailboxConnection.user_id))
+            .where(MailboxConnection.id == connection_id)
+        ).one()
+        connection, username = row
+        outbox.enqueue_mailbox_disconnected(
+            session,
+            {
+                "id": connection_id,
+                "address": connection.address,
+                "provider": connection.provider,
+                "user": username,
+                "reason": reason,
+                "broken_at": iso(now),
+            },
+        )
+    log.warning("mailbox connection %d is broken: %s", connection_id, reason)
+
+
+def _load(engine: Engine, connection_id: int) -> MailboxConnection:
+    with session_scope(engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        if row is None:
+            raise MailboxBroken("the mailbox connection was removed")
+        session.expunge(row)
+    if row.state != "ok":
+        raise MailboxBroken(row.reason or "the mailbox connection is broken")
+    return row
+
+
+def _token(engine: Engine, settings: Settings, row: MailboxConnection) -> Token:
+    assert row.id is not None
+    try:
+        token, current = unseal(settings, row.address, row.grant)
+    except MailboxBroken as exc:
+        mark_broken(engine, row.id, str(exc))
+        raise
+    if not current:  # sealed with a retired key: seal it again with the current one
+        _update(engine, row.id, grant=seal(settings, row.address, token))
+    return token
+
+
+def _fresh(settings: Settings, row: MailboxConnection, token: Token) -> bool:
+    """Usable for a while yet: the row's ``expires_at`` rules (token_refused moves it)."""
+    expires = row.expires_at.timestamp() if row.expires_at is not None else token.expires_at
+    return bool(token.access_token) and (
+        expires == 0 or expires - settings.mailbox_refresh_margin > time.time()
+    )
+
+
+def _take_lease(engine: Engine, settings: Settings, connection_id: int, owner: str) -> bool:
+    now = utcnow()
+    with session_scope(engine) as session:
+        result = session.execute(
+            update(MailboxConnection)
+            .where(
+                col(MailboxConnection.id) == connection_id,
+                or_(
+                    col(MailboxConnection.lease_until).is_(None),
+                    col(MailboxConnection.lease_until) < now,
+                ),
+            )
+            .values(lease_until=now + timedelta(seconds=settings.mailbox_lease), lease_owner=owner)
+        )
+        return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def _refresh_held(engine: Engine, settings: Settings, connection_id: int) -> Access:
+    """Under our lease: read again, refresh if still needed, store and free the lease."""
+    try:
+        row = _load(engine, connection_id)
+        token = _token(engine, settings, row)
+    except BaseException:
+        _update(engine, connection_id, lease_until=None, lease_owner="")
+        raise
+    if _fresh(settings, row, token):  # another process refreshed it just before our lease
+        _update(engine, connection_id, lease_until=None, lease_owner="")
+        return Access(row.address, token.access_token, token.expires_at)
+    found = settings.oauth.get(row.provider)
+    try:
+        if not isinstance(found, OAuthProvider):
+            raise OAuthRefused("invalid_grant", f"provider {row.provider!r} is not configured")
+        new = oauth.refresh(found, token.refresh_token, _timeout(settings))
+    except OAuthRefused as exc:
+        reason = _reason(exc)
+        if exc.error in ("invalid_grant", "invalid_client", "unauthorized_client"):
+            mark_broken(engine, connection_id, reason)
+            raise MailboxBroken(reason) from None
+        _update(engine, connection_id, lease_until=None, lease_owner="", last_error=reason)
+        raise MailboxUnavailable(reason) from None
+    except ProviderUnavailable as exc:
+        _update(engine, connection_id, lease_until=None, lease_owner="", last_error=_short(exc))
+        raise MailboxUnavailable(_short(exc)) from None
+    except BaseException:
+        _update(engine, connection_id, lease_until=None, lease_owner="")
+        raise
+    _update(
+        engine,
+        connection_id,
+        grant=seal(settings, row.address, new),
+        expires_at=_when(new.expires_at),
+        last_refresh_at=utcnow(),
+        last_error="",
+        lease_until=None,
+        lease_owner="",
+    )
+    return Access(row.address, new.access_token, new.expires_at)
+
+
+def _update(engine: Engine, connection_id: int, **values: Any) -> None:
+    with session_scope(engine) as session:
+        session.execute(
+            update(MailboxConnection)
+            .where(col(MailboxConnection.id) == connection_id)
+            .values(**values)
+        )
+
+
+def _reason(exc: OAuthRefused) -> str:
+    if exc.error == "invalid_grant":
+        return f"the provider no longer accepts the grant (invalid_grant: {exc.description[:120]})"
+    return _short(exc)
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).splitlines()[0][:200]
+
+
+def _when(epoch: float) -> datetime | None:
+    return datetime.fromtimestamp(epoch, UTC) if epoch else None
+
+
+def _timeout(settings: Settings) -> float:
+    """A refresh must end well inside the lease, or a second process would start one."""
+    return max(1.0, min(oauth.DEFAULT_TIMEOUT, settings.mailbox_lease / 2))

@@ -1,0 +1,240 @@
+"""Local mode: mail from a connected address goes out through its mailbox, end to end.
+
+Two real upstreams on loopback: the shared smarthost (password AUTH) and the
+provider's submission server, OAuth only like Microsoft 365 (tests/support/
+upstream.py with ``oauth``), whose tokens the in-suite OAuth server issues and
+introspects. The relay runs in the test's loop (tests/support/relaykit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from sqlalchemy import Engine, create_engine
+from sqlmodel import Session, select
+
+from relay import mailboxes
+from relay.server import RelayServer
+from relay.upstream import UpstreamUnavailable
+from shared import mailbox, oauth
+from shared.config import Settings
+from shared.models import MailboxConnection
+from shared.users import add_user
+from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay, send
+from tests.support.upstream import PASSWORD, USER, RecordingUpstream
+
+ANN = "ann@example.com"
+OTHER = "ann@example.org"  # also hers, not connected: the smarthost
+MESSAGE = b"From: ann@example.com\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+@pytest.fixture
+def provider(tls_pair: tuple[Path, Path], oauth_server: OAuthServer) -> Iterator[RecordingUpstream]:
+    server = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    yield server
+    server.stop()
+
+
+def connect_ann(engine: Engine, settings: Settings, oauth_server: OAuthServer) -> int:
+    add_user(engine, "ann", "password123", addresses=[ANN, OTHER])
+    found = mailbox.provider(settings, "test")
+    device = oauth.start_device(found)
+    oauth_server.approve(device.user_code, ANN)
+    token = oauth.poll_device(found, device, sleep=lambda _: None)
+    row = mailbox.store(engine, settings, "ann", ANN, "test", token)
+    assert row.id is not None
+    return row.id
+
+
+async def ann_sends(relay: RelayServer, sender: str = ANN) -> aiosmtplib.SMTPResponse:
+    return await send(relay, MESSAGE, sender=sender, user="ann", password="password123")
+
+
+def test_a_connected_address_goes_through_its_mailbox(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=PASSWORD,
+        oauth=provider_settings(oauth_server, provider.url),
+    )
+    connect_ann(db_engine, settings, oauth_server)
+
+    async def go() -> None:
+        async with running_relay(settings, db_engine) as relay:
+            assert (await ann_sends(relay)).code == 250
+            assert (await ann_sends(relay, OTHER)).code == 250
+
+    asyncio.run(go())
+    assert [m.mail_from for m in provider.messages] == [ANN]
+    assert provider.auth_attempts == [("XOAUTH2", ANN)]  # one AUTH, with the token
+    assert [m.mail_from for m in upstream.messages] == [OTHER]
+    assert upstream.auth_attempts == [("PLAIN", USER)]  # the smarthost account
+    assert oauth_server.introspections == 1
+
+
+def test_a_due_token_is_refreshed_before_the_login(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    oauth_server.access_ttl = 60  # inside the refresh margin: due at every login
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth=provider_settings(oauth_server, provider.url),
+    )
+    connect_ann(db_engine, settings, oauth_server)
+
+    async def go() -> None:
+        async with running_relay(settings, db_engine) as relay:
+            for _ in range(2):
+                assert (await ann_sends(relay)).code == 250
+
+    asyncio.run(go())
+    assert len(provider.messages) == 2
+    assert oauth_server.refreshes() == 2  # one per session, each rotating the refresh token
+    assert len(oauth_server.refresh) == 1
+
+
+def test_a_revoked_grant_is_454_naming_the_mailbox_page_and_nothing_is_lost(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth=provider_settings(oauth_server, provider.url),
+    )
+    connection_id = connect_ann(db_engine, settings, oauth_server)
+    oauth_server.revoke_user(ANN)  # the relay still holds an access token it thinks is live
+
+    async def attempt(relay: RelayServer) -> aiosmtplib.SMTPSenderRefused:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+            await ann_sends(relay)
+        return refused.value
+
+    async def go() -> list[aiosmtplib.SMTPSenderRefused]:
+        async with running_relay(settings, db_engine) as relay:
+            return [await attempt(relay), await attempt(relay), await attempt(relay)]
+
+    token_refused, broken, still_broken = asyncio.run(go())
+    for refusal in (token_refused, broken, still_broken):
+        assert refusal.code == 454
+        assert refusal.message.startswith("4.7.0 Mailbox connection of ann@example.com")
+        assert "Mailbox page of the dashboard" in refusal.message
+    assert "refused its access token" in token_refused.message
+    assert "no longer accepts the grant" in broken.message
+    assert provider.messages == []
+    assert upstream.messages == []  # never sent another way either
+    assert provider.auth_attempts == [("XOAUTH2", ANN)]  # one AUTH; then it is known broken
+    assert oauth_server.refreshes() == 1
+    with Session(db_engine) as session:
+        row = session.exec(select(MailboxConnection)).one()
+    assert row.id == connection_id
+    assert row.state == "broken"
+
+
+def test_a_token_expiring_mid_session_is_refreshed_at_the_reopening(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    """One client session, two messages; between them the provider drops the idle
+    connection and the token has expired: the reopening logs in with a new token."""
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth=provider_settings(oauth_server, provider.url),
+    )
+    connect_ann(db_engine, settings, oauth_server)
+
+    async def go() -> None:
+        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
+            await smtp.ehlo()
+            await smtp.auth_plain("ann", "password123")
+            await smtp.sendmail(ANN, ["bob@example.net"], MESSAGE)
+            oauth_server.expire_access_tokens()
+            with Session(db_engine) as session:  # the relay learns it as it would by the clock
+                row = session.exec(select(MailboxConnection)).one()
+                assert row.id is not None
+            mailbox.token_refused(db_engine, row.id)
+            await asyncio.to_thread(provider.drop_connections)
+            await smtp.sendmail(ANN, ["carol@example.net"], MESSAGE)
+
+    asyncio.run(go())
+    assert [m.rcpt_tos for m in provider.messages] == [["bob@example.net"], ["carol@example.net"]]
+    assert provider.auth_attempts == [("XOAUTH2", ANN), ("XOAUTH2", ANN)]
+    assert oauth_server.refreshes() == 1
+    assert oauth_server.introspections == 2  # two logins, each with a live token
+
+
+def test_an_unreadable_database_is_451_not_the_shared_account(
+    make_settings: MakeSettings, upstream: RecordingUpstream, oauth_server: OAuthServer
+) -> None:
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth=provider_settings(oauth_server, upstream.url),
+    )
+    gone = create_engine("sqlite:////nonexistent-directory/relay.db")
+    with pytest.raises(UpstreamUnavailable):
+        asyncio.run(mailboxes.find(settings, gone, "ann", ANN))
+    gone.dispose()
+
+
+def test_a_connection_whose_provider_left_the_config_is_454(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    tables = provider_settings(oauth_server, provider.url)
+    settings = relay_settings(
+        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
+    )
+    connect_ann(db_engine, settings, oauth_server)
+    tables["other"] = tables.pop("test")
+    settings = relay_settings(
+        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
+    )
+
+    async def go() -> aiosmtplib.SMTPSenderRefused:
+        async with running_relay(settings, db_engine) as relay:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await ann_sends(relay)
+            return refused.value
+
+    refused = asyncio.run(go())
+    assert refused.code == 454
+    assert "[oauth.test] is not in the config" in refused.message
+    assert upstream.messages == []
+    assert provider.messages == []

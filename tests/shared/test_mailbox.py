@@ -1,0 +1,225 @@
+"""shared/mailbox.py against the in-suite OAuth server, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from shared import mailbox, oauth, webhooks
+from shared.config import Settings
+from shared.errors import UserError
+from shared.mailbox import MailboxBroken
+from shared.models import MailboxConnection, OutboxItem
+from shared.users import add_user, remove_user
+from tests.support.oauth_server import OAuthServer, provider_settings
+
+MakeSettings = Callable[..., Settings]
+ADDRESS = "ann@example.com"
+
+
+def settings_for(make_settings: MakeSettings, server: OAuthServer, **values: Any) -> Settings:
+    return make_settings(oauth=provider_settings(server), **values)
+
+
+def consent(settings: Settings, server: OAuthServer) -> oauth.Token:
+    """The device grant, as the CLI runs it, the person approving at once."""
+    provider = mailbox.provider(settings, "test")
+    device = oauth.start_device(provider)
+    server.approve(device.user_code, ADDRESS)
+    return oauth.poll_device(provider, device, sleep=lambda _: None)
+
+
+def connected(engine: Engine, settings: Settings, server: OAuthServer) -> int:
+    add_user(engine, "ann", "password123", addresses=[ADDRESS])
+    row = mailbox.store(engine, settings, "ann", ADDRESS, "test", consent(settings, server))
+    assert row.id is not None
+    return row.id
+
+
+def row_of(engine: Engine, connection_id: int) -> MailboxConnection:
+    with Session(engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        return row
+
+
+def test_the_grant_is_sealed_at_rest_and_served_while_fresh(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    token = consent(settings, oauth_server)
+    add_user(engine, "ann", "password123", addresses=[ADDRESS])
+    row = mailbox.store(engine, settings, "ann", "Ann@Example.com", "test", token)
+    assert row.address == ADDRESS
+    stored = row_of(engine, row.id or 0)
+    assert token.access_token not in stored.grant
+    assert token.refresh_token not in stored.grant
+    assert stored.state == "ok"
+    assert stored.scopes == "mail.send offline_access"  # what the provider granted
+    route = mailbox.route(engine, settings, "ann", "ann@EXAMPLE.com")
+    assert route is not None
+    assert route.id == row.id
+    access = mailbox.access_token(engine, settings, route.id)
+    assert access.token == token.access_token
+    assert oauth_server.refreshes() == 0
+    assert mailbox.route(engine, settings, "ann", "other@example.com") is None
+    assert mailbox.route(engine, settings, "bob", ADDRESS) is None
+
+
+def test_refreshed_before_expiry_with_rotation(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    oauth_server.access_ttl = 60  # inside the 300 s margin: due at once
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    first = mailbox.access_token(engine, settings, connection_id)
+    assert oauth_server.refreshes() == 1
+    assert oauth_server.is_live(first.token)
+    oauth_server.access_ttl = 3600
+    second = mailbox.access_token(engine, settings, connection_id)
+    assert oauth_server.refreshes() == 2
+    assert second.token != first.token
+    assert mailbox.access_token(engine, settings, connection_id).token == second.token
+    assert oauth_server.refreshes() == 2  # fresh now: no third refresh
+    row = row_of(engine, connection_id)
+    assert row.last_refresh_at is not None
+    assert row.lease_until is None
+    # rotation honoured: only the newest refresh token is live at the server
+    assert len(oauth_server.refresh) == 1
+    assert len(oauth_server.used_refresh) == 2
+
+
+def test_a_revoked_grant_marks_the_connection_broken(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    oauth_server.revoke_user(ADDRESS)
+    mailbox.token_refused(engine, connection_id)  # AUTH refused the token: refresh next time
+    with pytest.raises(MailboxBroken, match="invalid_grant"):
+        mailbox.access_token(engine, settings, connection_id)
+    row = row_of(engine, connection_id)
+    assert row.state == "broken"
+    assert "no longer accepts the grant" in row.reason
+    with pytest.raises(MailboxBroken, match="no longer accepts"):
+        mailbox.access_token(engine, settings, connection_id)
+    assert oauth_server.refreshes() == 1  # broken: the provider is not asked again
+
+
+def test_two_threads_refreshing_together_send_one_refresh(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    mailbox.token_refused(engine, connection_id)
+    oauth_server.token_delay = 0.5
+    start = threading.Barrier(3)
+    got: list[str] = []
+    failed: list[BaseException] = []
+
+    def refresh() -> None:
+        start.wait()
+        try:
+            got.append(mailbox.access_token(engine, settings, connection_id).token)
+        except BaseException as exc:  # reported below, not lost in the thread
+            failed.append(exc)
+
+    threads = [threading.Thread(target=refresh) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert failed == []
+    assert oauth_server.refreshes() == 1
+    assert len(set(got)) == 1
+    assert len(got) == 3
+    assert oauth_server.is_live(got[0])
+    assert row_of(engine, connection_id).state == "ok"
+
+
+def test_the_grant_survives_a_key_rotation_and_is_sealed_again(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    old = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, old, oauth_server)
+    sealed = row_of(engine, connection_id).grant
+    rotated = settings_for(
+        make_settings,
+        oauth_server,
+        secret_key="a-new-secret-key-0123456789abcdef",
+        old_secret_keys=old.secret_key.get_secret_value(),
+    )
+    token = mailbox.access_token(engine, rotated, connection_id).token
+    resealed = row_of(engine, connection_id).grant
+    assert resealed.split(".")[1] != sealed.split(".")[1]  # another key id
+    only_new = settings_for(make_settings, oauth_server, secret_key=rotated.secret_key)
+    assert mailbox.access_token(engine, only_new, connection_id).token == token
+    with pytest.raises(MailboxBroken, match="TRACKRELAY_OLD_SECRET_KEYS"):
+        mailbox.access_token(engine, old, connection_id)  # the old key alone opens nothing
+
+
+def test_erased_with_the_user(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connected(engine, settings, oauth_server)
+    remove_user(engine, "ann")
+    with Session(engine) as session:
+        assert session.exec(select(MailboxConnection)).all() == []
+
+
+def test_disconnect_revokes_at_the_provider_and_forgets(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    token = mailbox.access_token(engine, settings, connection_id).token
+    assert mailbox.disconnect(engine, settings, ADDRESS) == "revoked at the provider and forgotten"
+    assert not oauth_server.is_live(token)
+    assert mailbox.list_connections(engine) == []
+    with pytest.raises(UserError, match="no mailbox connection"):
+        mailbox.disconnect(engine, settings, ADDRESS)
+
+
+def test_store_names_what_is_wrong(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    token = oauth.Token("a", "r", 0.0)
+    with pytest.raises(UserError, match=r"no \[oauth.nope\] table .*configured: test"):
+        mailbox.store(engine, settings, "ann", ADDRESS, "nope", token)
+    with pytest.raises(UserError, match="no user 'ann'"):
+        mailbox.store(engine, settings, "ann", ADDRESS, "test", token)
+
+
+def test_a_break_is_announced_once_as_mailbox_disconnected(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    webhooks.add_endpoint(engine, "https://hooks.example/mail", ["mailbox.disconnected"])
+    webhooks.add_endpoint(engine, "https://hooks.example/opens", ["message.opened"])
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    oauth_server.revoke_user(ADDRESS)
+    mailbox.token_refused(engine, connection_id)
+    for _ in range(2):  # the second attempt finds it broken: no second announcement
+        with pytest.raises(MailboxBroken):
+            mailbox.access_token(engine, settings, connection_id)
+    with Session(engine) as session:
+        rows = session.exec(select(OutboxItem)).all()
+    assert [(r.event_type, r.target) for r in rows] == [("mailbox.disconnected", "1")]
+    body = json.loads(rows[0].payload)
+    assert body["type"] == "mailbox.disconnected"
+    connection = body["data"]["connection"]
+    assert connection["id"] == connection_id
+    assert connection["address"] == ADDRESS
+    assert connection["provider"] == "test"
+    assert connection["user"] == "ann"
+    assert "invalid_grant" in connection["reason"]
+    assert rows[0].payload.count(oauth_server.url) == 0  # no endpoint, no token in it
+    assert not any(token in rows[0].payload for token in oauth_server.access)
