@@ -64,7 +64,18 @@ _MESSAGE = {
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": _STR}),
     "Message": _obj({**_MESSAGE, "recipients": {"type": "array", "items": _STR}}),
-    "MessageList": _list("messages", "Message", total=_INT, limit=_INT, offset=_INT),
+    "MessageList": _list(
+        "messages",
+        "Message",
+        total={**_INT, "description": "matches, exact up to 10,000 (see total_capped)"},
+        total_capped={**_BOOL, "description": "true: more than 10,000 match; total is 10,000"},
+        limit=_INT,
+        offset=_INT,
+        next_cursor={
+            "type": ["string", "null"],
+            "description": "pass as cursor= for the next (older) page; null on the last",
+        },
+    ),
     "Recipient": _obj(
         {
             "position": _INT,
@@ -206,7 +217,15 @@ PATHS: dict[str, Any] = {
                 _query(
                     "limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size (50)"
                 ),
-                _query("offset", {"type": "integer", "minimum": 0}, "rows to skip"),
+                _query("cursor", _STR, "next_cursor of the previous page (keyset paging)"),
+                {
+                    **_query(
+                        "offset",
+                        {"type": "integer", "minimum": 0},
+                        "rows to skip; deprecated (slow on deep pages): use cursor",
+                    ),
+                    "deprecated": True,
+                },
             ],
         )
     },

@@ -43,9 +43,12 @@ async def list_messages(request: Request, viewer: Viewer) -> dict[str, Any]:
         text=request.query_params.get("q", ""),
     )
     limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
-    offset = int_param(request, "offset", 0, 0, 10**9)
+    offset = int_param(request, "offset", 0, 0, 10**9)  # deprecated: use cursor
+    cursor = _cursor(request)
+    if cursor is not None and offset:
+        raise ApiError(400, "send cursor or offset, not both")
     page = await asyncio.to_thread(
-        readmodel.messages_page, engine_of(request), viewer, selection, limit, offset
+        readmodel.messages_page, engine_of(request), viewer, selection, limit, cursor, offset
     )
     return {
         "messages": [
@@ -53,9 +56,21 @@ async def list_messages(request: Request, viewer: Viewer) -> dict[str, Any]:
             for row in page.rows
         ],
         "total": page.total,
+        "total_capped": page.capped,
         "limit": limit,
         "offset": offset,
+        "next_cursor": page.older,
     }
+
+
+def _cursor(request: Request) -> readmodel.Cursor | None:
+    raw = request.query_params.get("cursor", "")
+    if not raw:
+        return None
+    try:
+        return readmodel.Cursor.decode(raw)
+    except readmodel.BadCursor:
+        raise ApiError(400, "cursor must be a next_cursor this API returned") from None
 
 
 @endpoint()

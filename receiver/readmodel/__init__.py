@@ -11,27 +11,29 @@ queries. The rules every read follows live here and nowhere else:
   and ``scanner`` opens are counted apart; ``self`` and ``unknown`` are only
   on the timeline (``scope.COUNTED``, ``scope.AUTOMATED``).
 
-Modules: ``scope`` (the WHERE clauses), ``messages`` (lists with hit counts,
-paging, senders), ``detail`` (one message's story), ``events`` (the feed after
+Modules: ``scope`` (the WHERE clauses), ``paging`` (keyset cursors on
+created_at and id, capped counts), ``messages`` (lists with hit counts, the
+streamed CSV rows, senders), ``detail`` (one message's story), ``events`` (the feed after
 a cursor), ``activity`` (per-message figures for the overview's rates).
 Everything is synchronous SQLAlchemy taking an Engine: callers run it with
 ``asyncio.to_thread``. This is the place to make reads fast (keyset paging,
-indexes): callers only see rows and pages.
+capped counts, indexes, streamed exports): callers only see rows and pages.
 """
 
 from __future__ import annotations
 
 from receiver.readmodel.activity import Activity, Window, activity
 from receiver.readmodel.detail import Detail, LinkView, RecipientView, TimelineEntry, message_detail
-from receiver.readmodel.events import EventRow, all_events, events_after
+from receiver.readmodel.events import EventRow, events_after, export_events
 from receiver.readmodel.messages import (
     Hits,
     MessageRow,
     Page,
-    all_messages,
+    export_messages,
     messages_page,
     senders,
 )
+from receiver.readmodel.paging import COUNT_CAP, BadCursor, Cursor
 from receiver.readmodel.scope import (
     AUTOMATED,
     COUNTED,
@@ -46,6 +48,9 @@ from receiver.readmodel.scope import (
 __all__ = [
     "AUTOMATED",
     "COUNTED",
+    "COUNT_CAP",
+    "BadCursor",
+    "Cursor",
     "Activity",
     "Detail",
     "EventRow",
@@ -58,12 +63,13 @@ __all__ = [
     "TimelineEntry",
     "Window",
     "activity",
-    "all_events",
-    "all_messages",
+
     "aware",
     "day_end",
     "day_start",
     "events_after",
+    "export_events",
+    "export_messages",
     "message_detail",
     "messages_page",
     "selected",
