@@ -1,0 +1,716 @@
+"""State columns follow events: the one owner of what ``recipients``, ``messages``,
+``daily_stats`` and ``senders`` say about the events behind them.
+
+Readers (receiver/readmodel/) filter and draw from these columns, never from
+the events table, so a page costs the same after a year of mail as after a
+day. The writers keep them in the transaction that writes what they count:
+
+* :func:`apply` — the batch of events just inserted (receiver/eventrows.py
+  for opens and clicks, the intake writer for answers); only rows the insert
+  actually added may be passed (``insert_ignoring`` drops repeats), so a hit
+  is counted once however often its batch is replayed.
+* :func:`recorded` — the relay's record (relay/record.py) of new messages:
+  ``sent`` and tracking go into the day's rollup and the sender's row; a
+  message recorded after its first hits (its record was journaled) has its
+  state counted from those events first.
+* :func:`recount` — erasure (shared/privacy.py): what remains of some
+  messages' events, counted again.
+* :func:`rebuild` — everything from the events, in committed slices of
+  messages (``trackrelay db rebuild-state``; migration 0004's backfill).
+
+What the columns mean (shared/verdicts.py says which verdicts count):
+
+* ``opens``/``clicks`` count COUNTED hits, ``machine_*`` AUTOMATED ones,
+  ``self_*`` the sender's own; ``first_*``/``last_*`` are times of COUNTED hits.
+* an answer (``reply``, ``auto_reply``, ``bounce``, ``complaint``) sets the
+  recipient's ``*_at`` to its first time; a message counts the recipients who
+  answered so, a message-level answer (position 0) counting as one when no
+  recipient has. A hard bounce wins over a soft one in ``bounce_type``.
+* ``daily_stats`` is per sender and UTC day of the MESSAGE: ``opened``/
+  ``clicked`` count messages tracked for opens/clicks with a counted hit,
+  ``replied``/``bounced`` messages with an answer, ``human_opens`` and
+  ``machine_opens`` hits, ``opens_<verdict>`` opens by verdict.
+
+Concurrency: :func:`apply` reads the old state of its messages ``FOR UPDATE``
+(PostgreSQL; SQLite has one writer at a time and the events insert already
+holds the lock), in id order, so two writers never count one transition
+twice and never deadlock on each other; rollup rows are upserted in key order
+(shared/db.py ``upsert_adding_sql``). One window stays open: a hit written
+while its message's record is being committed (neither transaction sees the
+other's row) is not in the state until ``rebuild-state`` runs; records are
+committed before the client's reply and hits come after the mail arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, text
+from sqlalchemy.sql.elements import TextClause
+
+from shared.db import upsert_adding_sql
+from shared.models import Event
+from shared.verdicts import AUTOMATED, COUNTED, SELF, VERDICTS
+
+log = logging.getLogger(__name__)
+
+OPEN, CLICK = "open", "click"
+#: An answer kind -> (recipient column, message counter, daily counter or "").
+ANSWERS = {
+    "reply": ("replied_at", "replies", "replied"),
+    "auto_reply": ("auto_replied_at", "auto_replies", ""),
+    "bounce": ("bounced_at", "bounces", "bounced"),
+    "complaint": ("complained_at", "complaints", ""),
+}
+#: Hit counters of recipients and messages, in this order.
+COUNTERS = ("opens", "machine_opens", "self_opens", "clicks", "machine_clicks", "self_clicks")
+#: Times of counted hits: first/last open, first/last click.
+TIMES = ("first_open_at", "last_open_at", "first_click_at", "last_click_at")
+#: The rollup's counters.
+DAILY = (
+    "sent",
+    "track_opens",
+    "opened",
+    "track_clicks",
+    "clicked",
+    "human_opens",
+    "machine_opens",
+    "replied",
+    "bounced",
+    *(f"opens_{verdict}" for verdict in VERDICTS),
+)
+#: Messages per committed slice of :func:`rebuild`.
+REBUILD_SLICE = 5000
+#: SQLite: rows per statement at most (17 columns: far below 32766 variables).
+SQLITE_ROWS = 256
+
+#: (message_id, recipient_position, kind, verdict, occurred_at, bounce_type) of one
+#: event; ``occurred_at`` an aware datetime or the database's own form of one.
+Facts = tuple[int, int, str, str, Any, str]
+
+
+def _slot(kind: str, verdict: str) -> int | None:
+    """The index in COUNTERS a hit adds to, None for none (unknown, answers)."""
+    base = {OPEN: 0, CLICK: 3}.get(kind)
+    if base is None:
+        return None
+    if verdict in COUNTED:
+        return base
+    if verdict in AUTOMATED:
+        return base + 1
+    return base + 2 if verdict == SELF else None
+
+
+def _earlier(a: Any, b: Any) -> Any:
+    return b if a is None or (b is not None and b < a) else a
+
+
+def _later(a: Any, b: Any) -> Any:
+    return b if a is None or (b is not None and b > a) else a
+
+
+@dataclass
+class _Tally:
+    """What one batch adds to one recipient or one message."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * len(COUNTERS))
+    times: list[Any] = field(default_factory=lambda: [None] * len(TIMES))
+    answers: dict[str, Any] = field(default_factory=dict)  # kind -> first time
+    bounce_type: str = ""
+    opens: Counter[str] = field(default_factory=Counter)  # by verdict
+    anonymous: set[str] = field(default_factory=set)  # answers with no recipient row
+
+    def add(self, kind: str, verdict: str, at: Any, bounce_type: str) -> None:
+        slot = _slot(kind, verdict)
+        if kind == OPEN:
+            self.opens[verdict] += 1
+        if slot is not None:
+            self.counts[slot] += 1
+            if slot in (0, 3):  # counted: first and last
+                t = 0 if slot == 0 else 2
+                self.times[t] = _earlier(self.times[t], at)
+                self.times[t + 1] = _later(self.times[t + 1], at)
+        elif kind in ANSWERS:
+            self.answers[kind] = _earlier(self.answers.get(kind), at)
+            if kind == "bounce" and bounce_type:  # 'hard' < 'soft': a hard bounce wins
+                self.bounce_type = min(filter(None, (self.bounce_type, bounce_type)))
+
+
+class _Dialect:
+    """What differs between SQLite and PostgreSQL in these statements."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.name = conn.dialect.name
+        if self.name not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database: {self.name}")
+        self.postgres = self.name == "postgresql"
+        self.marker = "%s" if self.postgres else "?"
+        occurred = Event.__table__.c.occurred_at.type  # type: ignore[attr-defined]
+        self._bind = occurred.bind_processor(conn.dialect)
+
+    def day(self, column: str) -> str:
+        """The UTC date of a timestamp column, as the rollup's ``day``."""
+        if self.postgres:
+            return f"CAST(({column} AT TIME ZONE 'UTC') AS date)"
+        return f"date({column})"
+
+    def time(self, value: Any) -> Any:
+        """A time as the database compares it (SQLite: its stored text)."""
+        if isinstance(value, datetime) and not self.postgres and self._bind is not None:
+            return self._bind(value)
+        return value
+
+    def day_value(self, value: Any) -> Any:
+        return date.fromisoformat(value) if isinstance(value, str) else value
+
+    def for_update(self) -> str:
+        return " FOR UPDATE" if self.postgres else ""
+
+    def source(self, columns: Sequence[str], types: Sequence[str], rows: int) -> str:
+        """``WITH v(columns) AS (...)`` of ``rows`` rows of driver parameters."""
+        if self.postgres:
+            arrays = ", ".join(f"%s::{t}[]" for t in types)
+            return f"WITH v({', '.join(columns)}) AS (SELECT * FROM unnest({arrays}))"
+        row = f"({', '.join([self.marker] * len(columns))})"
+        return f"WITH v({', '.join(columns)}) AS (VALUES {', '.join([row] * rows)})"
+
+    def params(self, rows: list[tuple[Any, ...]]) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """(row count, parameters) per statement: PostgreSQL one of arrays, SQLite chunks."""
+        if self.postgres:
+            yield len(rows), tuple(list(column) for column in zip(*rows, strict=True))
+            return
+        for start in range(0, len(rows), SQLITE_ROWS):
+            chunk = rows[start : start + SQLITE_ROWS]
+            yield len(chunk), tuple(value for row in chunk for value in row)
+
+    def in_list(self, column: str, count: int) -> str:
+        if self.postgres:
+            return f"{column} = ANY(%s)"
+        return f"{column} IN ({', '.join([self.marker] * count)})"
+
+    def in_params(self, ids: list[Any]) -> tuple[Any, ...]:
+        return (ids,) if self.postgres else tuple(ids)
+
+
+def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- apply: a batch of new events ---
+
+_RECIPIENT_V = ("mid", "pos", *COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "btype")
+_MESSAGE_V = ("mid", *COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply")
+
+
+def _types(columns: Sequence[str]) -> list[str]:
+    def one(c: str) -> str:
+        if c == "mid":
+            return "bigint"
+        if c == "btype":
+            return "varchar"
+        if c.endswith("_at") or c == "first_reply":
+            return "timestamptz"
+        return "integer"
+
+    return [one(c) for c in columns]
+
+
+def _first(column: str, value: str) -> str:
+    return f"CASE WHEN {column} IS NULL OR {value} < {column} THEN {value} ELSE {column} END"
+
+
+def _last(column: str, value: str) -> str:
+    return f"CASE WHEN {column} IS NULL OR {value} > {column} THEN {value} ELSE {column} END"
+
+
+def _hit_sets(table: str) -> list[str]:
+    sets = [f"{c} = {table}.{c} + v.{c}" for c in COUNTERS]
+    for i, c in enumerate(TIMES):
+        pick = _first if i % 2 == 0 else _last
+        sets.append(f"{c} = {pick(f'{table}.{c}', f'v.{c}')}")
+    return sets
+
+
+def _recipient_update(d: _Dialect, rows: int) -> str:
+    sets = _hit_sets("recipients")
+    sets += [f"{c} = {_first(f'recipients.{c}', f'v.{c}')}" for c, _, _ in ANSWERS.values()]
+    sets.append(
+        "bounce_type = CASE WHEN v.btype <> '' AND (recipients.bounce_type = ''"
+        " OR v.btype < recipients.bounce_type) THEN v.btype ELSE recipients.bounce_type END"
+    )
+    return (
+        f"{d.source(_RECIPIENT_V, _types(_RECIPIENT_V), rows)} UPDATE recipients"
+        f" SET {', '.join(sets)} FROM v"
+        " WHERE recipients.message_id = v.mid AND recipients.position = v.pos"
+    )
+
+
+def _message_update(d: _Dialect, rows: int) -> str:
+    sets = _hit_sets("messages")
+    sets += [f"{m} = messages.{m} + v.{m}" for _, m, _ in ANSWERS.values()]
+    sets.append(f"first_reply_at = {_first('messages.first_reply_at', 'v.first_reply')}")
+    return (
+        f"{d.source(_MESSAGE_V, _types(_MESSAGE_V), rows)} UPDATE messages"
+        f" SET {', '.join(sets)} FROM v WHERE messages.id = v.mid"
+    )
+
+
+@dataclass
+class _Old:
+    """A message's state before the batch: what tells a first hit or answer from a later one."""
+
+    sender_key: str
+    day: Any
+    track_opens: bool
+    track_clicks: bool
+    opens: int
+    clicks: int
+    answered: dict[str, int]  # message counter -> value
+
+
+def _old_messages(conn: Connection, d: _Dialect, ids: list[int]) -> dict[int, _Old]:
+    found: dict[int, _Old] = {}
+    counters = [m for _, m, _ in ANSWERS.values()]
+    for chunk in _chunks(ids):
+        sql = (
+            f"SELECT id, sender_key, {d.day('created_at')}, track_opens, track_clicks,"
+            f" opens, clicks, {', '.join(counters)} FROM messages"
+            f" WHERE {d.in_list('id', len(chunk))} ORDER BY id{d.for_update()}"
+        )
+        for row in conn.exec_driver_sql(sql, d.in_params(chunk)):
+            found[int(row[0])] = _Old(
+                row[1],
+                d.day_value(row[2]),
+                bool(row[3]),
+                bool(row[4]),
+                int(row[5]),
+                int(row[6]),
+                dict(zip(counters, map(int, row[7:]), strict=True)),
+            )
+    return found
+
+
+def _old_answers(
+    conn: Connection, d: _Dialect, ids: list[int]
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """The answer times of the recipients of ``ids`` (locked, like their messages)."""
+    columns = [c for c, _, _ in ANSWERS.values()]
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    for chunk in _chunks(ids):
+        sql = (
+            f"SELECT message_id, position, {', '.join(columns)} FROM recipients"
+            f" WHERE {d.in_list('message_id', len(chunk))}"
+            f" ORDER BY message_id, position{d.for_update()}"
+        )
+        for row in conn.exec_driver_sql(sql, d.in_params(chunk)):
+            found[int(row[0]), int(row[1])] = dict(zip(ANSWERS, row[2:], strict=True))
+    return found
+
+
+def _tally(
+    d: _Dialect, events: Iterable[Facts]
+) -> tuple[dict[int, _Tally], dict[tuple[int, int], _Tally]]:
+    messages: dict[int, _Tally] = {}
+    recipients: dict[tuple[int, int], _Tally] = {}
+    for message_id, position, kind, verdict, occurred_at, bounce_type in events:
+        at = d.time(occurred_at)
+        message = messages.get(message_id)
+        if message is None:
+            message = messages[message_id] = _Tally()
+        message.add(kind, verdict, at, bounce_type)
+        if position > 0:
+            key = (message_id, position)
+            recipient = recipients.get(key)
+            if recipient is None:
+                recipient = recipients[key] = _Tally()
+            recipient.add(kind, verdict, at, bounce_type)
+        elif kind in ANSWERS:
+            message.anonymous.add(kind)
+    return messages, recipients
+
+
+def _answered(
+    conn: Connection,
+    d: _Dialect,
+    messages: dict[int, _Tally],
+    recipients: dict[tuple[int, int], _Tally],
+    old: dict[int, _Old],
+) -> dict[int, Counter[str]]:
+    """Per message: how many more recipients answered so (message counter -> count)."""
+    asked = sorted(m for m, t in messages.items() if t.answers and m in old)
+    if not asked:
+        return {}
+    before = _old_answers(conn, d, asked)
+    more: dict[int, Counter[str]] = {m: Counter() for m in asked}
+    for (message_id, position), tally in recipients.items():
+        if message_id not in more:
+            continue
+        stored = before.get((message_id, position))
+        for kind in tally.answers:
+            if stored is None:  # no recipient row behind the position
+                messages[message_id].anonymous.add(kind)
+            elif stored[kind] is None:
+                more[message_id][ANSWERS[kind][1]] += 1
+    for message_id in asked:
+        for kind in messages[message_id].anonymous:
+            counter = ANSWERS[kind][1]
+            if old[message_id].answered[counter] + more[message_id][counter] == 0:
+                more[message_id][counter] = 1
+    return more
+
+
+def _daily(
+    messages: dict[int, _Tally], old: dict[int, _Old], more: dict[int, Counter[str]]
+) -> list[tuple[Any, ...]]:
+    """Rollup rows to add, in key order (so concurrent writers lock them in one order)."""
+    rows: dict[tuple[str, Any], Counter[str]] = {}
+    for message_id, tally in messages.items():
+        was = old.get(message_id)
+        if was is None:
+            continue
+        add = rows.setdefault((was.sender_key, was.day), Counter())
+        counts = tally.counts
+        add["opened"] += was.track_opens and was.opens == 0 and counts[0] > 0
+        add["clicked"] += was.track_clicks and was.clicks == 0 and counts[3] > 0
+        add["human_opens"] += counts[0]
+        add["machine_opens"] += counts[1]
+        for kind, (_, counter, daily) in ANSWERS.items():
+            if daily and kind in tally.answers:
+                add[daily] += was.answered[counter] == 0 and more[message_id][counter] > 0
+        for verdict, n in tally.opens.items():
+            add[f"opens_{verdict}"] += n
+    return [
+        (key[0], key[1], *(add[c] for c in DAILY))
+        for key, add in sorted(rows.items(), key=lambda item: (item[0][0], str(item[0][1])))
+        if any(add.values())
+    ]
+
+
+def apply(conn: Connection, events: Iterable[Facts]) -> None:
+    """Add the events just inserted to their recipients, messages and daily rollups.
+
+    In the caller's transaction; a few statements per batch whatever its size.
+    Events of a message not recorded yet are left out (:func:`recorded` counts
+    them when its record comes).
+    """
+    d = _Dialect(conn)
+    messages, recipients = _tally(d, events)
+    if not messages:
+        return
+    old = _old_messages(conn, d, sorted(messages))
+    if not old:
+        return
+    more = _answered(conn, d, messages, recipients, old)
+    recipient_rows = [
+        (m, p, *t.counts, *t.times, *(t.answers.get(k) for k in ANSWERS), t.bounce_type)
+        for (m, p), t in sorted(recipients.items())
+        if m in old
+    ]
+    for rows, params in d.params(recipient_rows):
+        conn.exec_driver_sql(_recipient_update(d, rows), params)
+    message_rows = [
+        (
+            m,
+            *t.counts,
+            *t.times,
+            *(more.get(m, Counter())[counter] for _, counter, _ in ANSWERS.values()),
+            t.answers.get("reply"),
+        )
+        for m, t in sorted(messages.items())
+        if m in old
+    ]
+    for rows, params in d.params(message_rows):
+        conn.exec_driver_sql(_message_update(d, rows), params)
+    daily = _daily(messages, old, more)
+    for rows, params in _value_params(d, daily):
+        conn.exec_driver_sql(_daily_upsert(d, rows), params)
+
+
+def _value_params(
+    d: _Dialect, rows: list[tuple[Any, ...]]
+) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    for start in range(0, len(rows), SQLITE_ROWS):
+        chunk = rows[start : start + SQLITE_ROWS]
+        yield len(chunk), tuple(value for row in chunk for value in row)
+
+
+def _daily_upsert(d: _Dialect, rows: int) -> str:
+    row = f"({', '.join([d.marker] * (len(DAILY) + 2))})"
+    return upsert_adding_sql(
+        "daily_stats",
+        ("sender_key", "day", *DAILY),
+        f"VALUES {', '.join([row] * rows)}",
+        ("sender_key", "day"),
+        add=DAILY,
+    )
+
+
+# --- counting from the events: rebuild, recount, recorded ---
+
+
+def _in(values: str, *verdicts: str) -> str:
+    return f"{values} IN ({', '.join(repr(v) for v in verdicts)})"
+
+
+def _hit_aggregates() -> list[str]:
+    """Per group of events: COUNTERS and TIMES, as in :class:`_Tally`."""
+    out = []
+    for kind, prefix in ((OPEN, ""), (CLICK, "")):
+        noun = "opens" if kind == OPEN else "clicks"
+        for verdicts, name in (
+            (COUNTED, f"{prefix}{noun}"),
+            (AUTOMATED, f"machine_{noun}"),
+            ((SELF,), f"self_{noun}"),
+        ):
+            out.append(
+                f"sum(CASE WHEN kind = '{kind}' AND {_in('verdict', *verdicts)}"
+                f" THEN 1 ELSE 0 END) AS {name}"
+            )
+    for kind in (OPEN, CLICK):
+        when = f"CASE WHEN kind = '{kind}' AND {_in('verdict', *COUNTED)} THEN occurred_at END"
+        out += [f"min({when}) AS first_{kind}_at", f"max({when}) AS last_{kind}_at"]
+    return out
+
+
+def _recipient_aggregates() -> list[str]:
+    out = _hit_aggregates()
+    out += [
+        f"min(CASE WHEN kind = '{kind}' THEN occurred_at END) AS {column}"
+        for kind, (column, _, _) in ANSWERS.items()
+    ]
+    out.append(
+        "coalesce(min(CASE WHEN kind = 'bounce' AND bounce_type <> ''"
+        " THEN bounce_type END), '') AS bounce_type"
+    )
+    return out
+
+
+def _message_aggregates() -> list[str]:
+    out = _hit_aggregates()
+    for kind, (_, counter, _) in ANSWERS.items():
+        named = (
+            f"count(DISTINCT CASE WHEN kind = '{kind}' AND recipient_position > 0"
+            " THEN recipient_position END)"
+        )
+        out.append(
+            f"CASE WHEN {named} > 0 THEN {named}"
+            f" ELSE max(CASE WHEN kind = '{kind}' THEN 1 ELSE 0 END) END AS {counter}"
+        )
+    out.append("min(CASE WHEN kind = 'reply' THEN occurred_at END) AS first_reply_at")
+    return out
+
+
+_RECIPIENT_STATE = (*COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "bounce_type")
+_MESSAGE_STATE = (*COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply_at")
+
+
+def _reset(column: str) -> str:
+    if column in COUNTERS or column in ("replies", "auto_replies", "bounces", "complaints"):
+        return f"{column} = 0"
+    return f"{column} = ''" if column == "bounce_type" else f"{column} = NULL"
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Which messages a statement covers: ``{c}`` is the message id column."""
+
+    where: str
+    params: dict[str, Any]
+    expanding: bool = False
+
+    def of(self, column: str) -> str:
+        return self.where.format(c=column)
+
+    def statement(self, sql: str) -> TextClause:
+        clause = text(sql)
+        if self.expanding:
+            clause = clause.bindparams(bindparam("ids", expanding=True))
+        return clause
+
+
+def _between(lo: int, hi: int) -> _Scope:
+    return _Scope("{c} BETWEEN :lo AND :hi", {"lo": lo, "hi": hi})
+
+
+def _ids(ids: Sequence[int]) -> _Scope:
+    return _Scope("{c} IN :ids", {"ids": list(ids)}, expanding=True)
+
+
+def _count_state(conn: Connection, scope: _Scope) -> None:
+    """Recipients' and messages' state of ``scope`` counted from their events."""
+    statements = [
+        f"UPDATE recipients SET {', '.join(map(_reset, _RECIPIENT_STATE))}"
+        f" WHERE {scope.of('message_id')}",
+        f"UPDATE recipients SET {', '.join(f'{c} = a.{c}' for c in _RECIPIENT_STATE)}"
+        f" FROM (SELECT message_id, recipient_position, {', '.join(_recipient_aggregates())}"
+        f" FROM events WHERE {scope.of('message_id')} AND recipient_position > 0"
+        " GROUP BY message_id, recipient_position) AS a"
+        " WHERE recipients.message_id = a.message_id"
+        " AND recipients.position = a.recipient_position",
+        f"UPDATE messages SET {', '.join(map(_reset, _MESSAGE_STATE))} WHERE {scope.of('id')}",
+        f"UPDATE messages SET {', '.join(f'{c} = a.{c}' for c in _MESSAGE_STATE)}"
+        f" FROM (SELECT message_id, {', '.join(_message_aggregates())}"
+        f" FROM events WHERE {scope.of('message_id')} GROUP BY message_id) AS a"
+        " WHERE messages.id = a.message_id",
+    ]
+    for sql in statements:
+        conn.execute(scope.statement(sql), scope.params)
+
+
+def _add_daily(conn: Connection, scope: _Scope, with_events: bool = True) -> None:
+    """Add the messages of ``scope`` (with their state) to the daily rollup."""
+    d = _Dialect(conn)
+    day = d.day("m.created_at")
+    figures = [
+        "count(*)",
+        "sum(CASE WHEN m.track_opens THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.track_opens AND m.opens > 0 THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.track_clicks THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.track_clicks AND m.clicks > 0 THEN 1 ELSE 0 END)",
+        "sum(m.opens)",
+        "sum(m.machine_opens)",
+        "sum(CASE WHEN m.replies > 0 THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.bounces > 0 THEN 1 ELSE 0 END)",
+    ]
+    join = ""
+    if with_events:
+        figures += [f"coalesce(sum(v.{v}), 0)" for v in VERDICTS]
+        sums = ", ".join(
+            f"sum(CASE WHEN verdict = '{v}' THEN 1 ELSE 0 END) AS {v}" for v in VERDICTS
+        )
+        join = (
+            f" LEFT JOIN (SELECT message_id, {sums} FROM events"
+            f" WHERE kind = 'open' AND {scope.of('message_id')} GROUP BY message_id) AS v"
+            " ON v.message_id = m.id"
+        )
+    else:
+        figures += ["0"] * len(VERDICTS)
+    source = (
+        f"SELECT m.sender_key, {day}, {', '.join(figures)} FROM messages AS m{join}"
+        f" WHERE {scope.of('m.id')} GROUP BY m.sender_key, {day}"
+    )
+    sql = upsert_adding_sql(
+        "daily_stats", ("sender_key", "day", *DAILY), source, ("sender_key", "day"), add=DAILY
+    )
+    conn.execute(scope.statement(sql), scope.params)
+
+
+def recount(conn: Connection, message_ids: Sequence[int]) -> None:
+    """Count the state of these messages and their recipients again from their events.
+
+    The daily rollup is left as it is (shared/privacy.py says why).
+    """
+    for chunk in _chunks(sorted(set(message_ids))):
+        _count_state(conn, _ids(chunk))
+
+
+def recorded(conn: Connection, message_ids: Sequence[int]) -> None:
+    """New messages were just inserted: add them to the rollups and the senders.
+
+    A message whose hits came first (its record was journaled) has its state
+    counted from those events.
+    """
+    for chunk in _chunks(sorted(set(message_ids))):
+        scope = _ids(chunk)
+        early = conn.execute(
+            scope.statement(f"SELECT 1 FROM events WHERE {scope.of('message_id')} LIMIT 1"),
+            scope.params,
+        ).first()
+        if early is not None:
+            _count_state(conn, scope)
+        _add_daily(conn, scope, with_events=early is not None)
+        sql = upsert_adding_sql(
+            "senders",
+            ("sender_key", "messages", "last_at"),
+            "SELECT sender_key, count(*), max(created_at) FROM messages"
+            f" WHERE {scope.of('id')} GROUP BY sender_key",
+            ("sender_key",),
+            add=("messages",),
+            latest=("last_at",),
+        )
+        conn.execute(scope.statement(sql), scope.params)
+
+
+def _slices(conn: Connection, size: int) -> Iterator[tuple[int, int]]:
+    """(first, last) message id of each run of ``size`` messages, in id order."""
+    after: int | None = None
+    while True:
+        where = "" if after is None else "WHERE id > :after "
+        ids = list(
+            conn.execute(
+                text(f"SELECT id FROM messages {where}ORDER BY id LIMIT :n"),
+                {"after": after, "n": size},
+            ).scalars()
+        )
+        if not ids:
+            return
+        yield ids[0], ids[-1]
+        after = ids[-1]
+
+
+def _start(conn: Connection) -> None:
+    """Clear the rollup from the oldest message's day on, and count the senders."""
+    d = _Dialect(conn)
+    conn.execute(
+        text(
+            "DELETE FROM daily_stats WHERE day >= "
+            f"(SELECT {d.day('min(created_at)')} FROM messages)"
+        )
+    )
+    conn.execute(
+        text(
+            upsert_adding_sql(
+                "senders",
+                ("sender_key", "messages", "last_at"),
+                "SELECT sender_key, count(*), max(created_at) FROM messages"
+                " WHERE true GROUP BY sender_key",
+                ("sender_key",),
+                assign=("messages", "last_at"),
+            )
+        )
+    )
+
+
+def rebuild_connection(
+    conn: Connection, size: int = REBUILD_SLICE, commit: Callable[[], None] | None = None
+) -> int:
+    """:func:`rebuild` on one connection (``commit`` after each slice, if given).
+
+    Days older than the oldest message stored keep their rollup (purged mail's
+    counts, shared/privacy.py); a sender whose mail is all purged keeps its row.
+    Returns the number of slices.
+    """
+    _start(conn)
+    if commit is not None:
+        commit()
+    counted = 0
+    slices = list(_slices(conn, size))
+    for lo, hi in slices:
+        scope = _between(lo, hi)
+        _count_state(conn, scope)
+        _add_daily(conn, scope)
+        counted += 1
+        if commit is not None:
+            commit()
+    return counted
+
+
+def rebuild(engine: Engine, size: int = REBUILD_SLICE) -> int:
+    """Count every state column and rollup again from the events, ``size`` messages per
+    committed transaction; returns the number of slices.
+
+    Meant for a quiet moment (after a restore, a bug fixed, the migration): a
+    hit written to a slice while that slice is being counted may be missing
+    from it or counted twice until the next rebuild. The rollup is cleared
+    first, so the overview reads low until the last slice commits.
+    """
+    with engine.connect() as conn:
+        slices = rebuild_connection(conn, size, commit=conn.commit)
+    log.info("state rebuilt in %d slice(s) of %d messages", slices, size)
+    return slices
