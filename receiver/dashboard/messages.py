@@ -177,9 +177,7 @@ async def events_csv(request: Request, viewer: Viewer) -> Response:
         [str(r[0]), r[1], r[2], r[3], iso(r[4], zulu=False), *r[5:]]
         for r in readmodel.export_events(engine_of(request), viewer, filters.selection())
     )
-    return _csv_response(
-        _csv_lines(list(readmodel.events.EXPORT_COLUMNS), rows), "events.csv"
-    )
+    return _csv_response(_csv_lines(list(readmodel.events.EXPORT_COLUMNS), rows), "events.csv")
 
 
 @page()

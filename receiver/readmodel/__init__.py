@@ -49,9 +49,9 @@ __all__ = [
     "AUTOMATED",
     "COUNTED",
     "COUNT_CAP",
+    "Activity",
     "BadCursor",
     "Cursor",
-    "Activity",
     "Detail",
     "EventRow",
     "Hits",
@@ -63,7 +63,6 @@ __all__ = [
     "TimelineEntry",
     "Window",
     "activity",
-
     "aware",
     "day_end",
     "day_start",

@@ -24,11 +24,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Select
+from sqlalchemy import Engine
 from sqlalchemy import select as sa_select
 from sqlmodel import col
 
-from receiver.readmodel.paging import ordered
+from receiver.readmodel.paging import Q, ordered
 from receiver.readmodel.scope import Selection, aware, selected
 from shared.db import session_scope
 from shared.identity import Viewer
@@ -74,7 +74,7 @@ def events_after(
     ]
 
 
-def _joined(query: Select[Any], outer: bool) -> Select[Any]:
+def _joined(query: Q, outer: bool) -> Q:
     """Events with their message (outer: also those that came before it), the
     recipient of their token and the link clicked."""
     if outer:
@@ -102,7 +102,9 @@ EXPORT_COLUMNS = (
 )  # fmt: skip
 
 
-def export_events(engine: Engine, viewer: Viewer, selection: Selection) -> Iterator[tuple[Any, ...]]:
+def export_events(
+    engine: Engine, viewer: Viewer, selection: Selection
+) -> Iterator[tuple[Any, ...]]:
     """Every event of the matching messages as a plain tuple of EXPORT_COLUMNS."""
     e = Event
     query = _joined(

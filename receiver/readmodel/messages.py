@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, case, func
+from sqlalchemy import Engine
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
 from receiver.readmodel.paging import Cursor, beyond, capped_count, ordered
-from receiver.readmodel.scope import AUTOMATED, COUNTED, Selection, aware, selected, visible
+from receiver.readmodel.scope import Selection, aware, selected, visible
 from shared.db import session_scope
 from shared.identity import Viewer
-from shared.models import Event, Message, Recipient
+from shared.models import Message, Recipient, Sender
 
 EXPORT_CHUNK = 1000
 
@@ -96,38 +96,27 @@ def messages_page(
 
 
 def with_hits(session: Session, messages: list[Message]) -> list[MessageRow]:
-    """``messages`` with their recipients and counts, in the same order."""
-    rows = {m.id: MessageRow(m) for m in messages}
+    """``messages`` with their recipients and counts, in the same order.
+
+    The counts are the message's state columns (shared/eventstate.py): no
+    event is read for a list.
+    """
+    rows = {m.id: _row(m) for m in messages}
     if not rows:
         return []
-    ids = list(rows)
-    recipients = select(Recipient).where(col(Recipient.message_id).in_(ids))
+    recipients = select(Recipient).where(col(Recipient.message_id).in_(list(rows)))
     for r in session.exec(recipients.order_by(col(Recipient.position))):
         rows[r.message_id].recipients.append(r.address)
         rows[r.message_id].refused += r.status != "accepted"
-    for message_id, kind, count, first, last, machine in session.execute(_hit_stats(ids)):
-        hits = Hits(int(count), aware(first), aware(last))
-        if kind == "open":
-            rows[message_id].opens = hits
-            rows[message_id].machine_opens = int(machine)
-        elif kind == "click":
-            rows[message_id].clicks = hits
     return list(rows.values())
 
 
-def _hit_stats(ids: Sequence[int]) -> Any:
-    is_counted = col(Event.verdict).in_(COUNTED)
-    return (
-        sa_select(
-            col(Event.message_id),
-            col(Event.kind),
-            func.count(case((is_counted, 1))),
-            func.min(case((is_counted, col(Event.occurred_at)))),
-            func.max(case((is_counted, col(Event.occurred_at)))),
-            func.count(case((col(Event.verdict).in_(AUTOMATED), 1))),
-        )
-        .where(col(Event.message_id).in_(ids))
-        .group_by(col(Event.message_id), col(Event.kind))
+def _row(m: Message) -> MessageRow:
+    return MessageRow(
+        m,
+        opens=Hits(m.opens, aware(m.first_open_at), aware(m.last_open_at)),
+        clicks=Hits(m.clicks, aware(m.first_click_at), aware(m.last_click_at)),
+        machine_opens=m.machine_opens,
     )
 
 
@@ -146,7 +135,9 @@ def export_messages(
     query = ordered(
         sa_select(
             col(m.id), col(m.created_at), col(m.sender), col(m.subject),
-            col(m.track_opens), col(m.track_clicks), col(m.status),
+            col(m.track_opens), col(m.track_clicks), col(m.opens), col(m.first_open_at),
+            col(m.last_open_at), col(m.clicks), col(m.first_click_at), col(m.last_click_at),
+            col(m.machine_opens), col(m.status),
         ).where(*selected(viewer, selection))
     )  # fmt: skip
     with engine.connect() as conn:
@@ -156,35 +147,30 @@ def export_messages(
 
 
 def _export_chunk(conn: Connection, chunk: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
-    ids = [row[0] for row in chunk]
-    addresses: dict[int, list[str]] = {i: [] for i in ids}
+    """One chunk's rows with their recipients, read in one query."""
+    addresses: dict[int, list[str]] = {row[0]: [] for row in chunk}
     recipients = (
         sa_select(col(Recipient.message_id), col(Recipient.address))
-        .where(col(Recipient.message_id).in_(ids))
+        .where(col(Recipient.message_id).in_(list(addresses)))
         .order_by(col(Recipient.message_id), col(Recipient.position))
     )
     for message_id, address in conn.execute(recipients):
         addresses[message_id].append(address)
-    hits: dict[tuple[int, str], tuple[Any, ...]] = {
-        (row[0], row[1]): tuple(row[2:]) for row in conn.execute(_hit_stats(ids))
-    }
-    for mid, created, sender, subject, opens, clicks, status in chunk:
-        o = hits.get((mid, "open"), (0, None, None, 0))
-        c = hits.get((mid, "click"), (0, None, None, 0))
+    for mid, created, sender, subject, opens, clicks, o, o1, o2, c, c1, c2, mo, st in chunk:
         yield (
             mid, aware(created), sender, subject, "; ".join(addresses[mid]), opens, clicks,
-            o[0], aware(o[1]), aware(o[2]), c[0], aware(c[1]), aware(c[2]), o[3], status,
+            o, aware(o1), aware(o2), c, aware(c1), aware(c2), mo, st,
         )  # fmt: skip
 
 
 def senders(engine: Engine, viewer: Viewer) -> list[str]:
-    """Distinct senders the viewer may filter on (for a select box), at most 500."""
+    """The senders the viewer may filter on (for a select box), at most 500.
+
+    Read from the ``senders`` table (one row per lower-cased envelope sender,
+    kept by the relay's record), never from the messages: a sender sees only
+    the keys their own addresses and domains match.
+    """
+    key = col(Sender.sender_key)
+    query = select(key).where(key != "", visible(viewer, key)).order_by(key).limit(500)
     with session_scope(engine) as session:
-        query = (
-            select(func.lower(col(Message.sender)))
-            .where(visible(viewer))
-            .distinct()
-            .order_by(func.lower(col(Message.sender)))
-            .limit(500)
-        )
-        return [s for s in session.exec(query).all() if s]
+        return list(session.exec(query).all())

@@ -23,7 +23,7 @@ import binascii
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, and_, func, or_
 from sqlalchemy import select as sa_select
@@ -34,6 +34,7 @@ from sqlmodel import col
 from shared.models import Message
 
 COUNT_CAP = 10_000
+Q = TypeVar("Q", bound=Select[*tuple[Any, ...]])  # any SELECT, its row type kept
 
 
 class BadCursor(ValueError):
@@ -86,7 +87,7 @@ def beyond(cursor: Cursor) -> ColumnElement[bool]:
     return and_(created >= at, or_(created > at, row_id > key))
 
 
-def ordered(query: Select[Any], older: bool = True) -> Select[Any]:
+def ordered(query: Q, older: bool = True) -> Q:
     """Newest first (or oldest first when walking towards newer rows)."""
     created, row_id = col(Message.created_at), col(Message.id)
     if older:

@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient, User, UserAddress
 from shared.passwords import hash_password
+from tests.support.seedrows import settle
 
 D = "/dashboard"
 PASSWORD = "correct horse battery"
@@ -127,6 +128,7 @@ def seed(engine: Engine) -> None:
             )
         )
         s.add(Recipient(message_id=M_UNTRACKED, position=1, address="frank@client.example"))
+    settle(engine)
 
 
 def _event(
@@ -166,6 +168,7 @@ def add_open(engine: Engine, message_id: int, key: str, recipient: int = 1) -> d
     )
     with session_scope(engine) as s:
         s.add(event)
+    settle(engine)
     return event.model_dump()
 
 

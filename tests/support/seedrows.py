@@ -6,8 +6,9 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select, update
 
+from shared import eventstate
 from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient
 from shared.tokens import new_message_id
@@ -54,6 +55,7 @@ def add_message(
             )
         for position, url in enumerate(links, 1):
             session.add(Link(message_id=message.id, position=position, url=url))
+    settle(engine)
     return message
 
 
@@ -85,3 +87,18 @@ def write_events(engine: Engine, events: list[dict[str, Any]]) -> None:
     with session_scope(engine) as session:
         for item in events:
             session.add(Event(**item))
+    settle(engine)
+
+
+def settle(engine: Engine) -> None:
+    """What the writers keep beside rows written here directly: every message's
+    ``sender_key``, then the state columns and rollups (shared/eventstate.py)."""
+    with engine.begin() as conn:
+        for mid, sender, key in conn.execute(
+            select(Message.id, Message.sender, Message.sender_key)
+        ):  # type: ignore[call-overload]
+            if key != sender.lower():
+                conn.execute(
+                    update(Message).where(Message.id == mid).values(sender_key=sender.lower())
+                )  # type: ignore[arg-type]
+    eventstate.rebuild(engine)

@@ -46,6 +46,7 @@ from tests.support.dashboardkit import (
     seed,
     token,
 )
+from tests.support.seedrows import settle
 
 
 def ids_on(html: str) -> set[int]:
@@ -262,6 +263,7 @@ def test_domain_sender_and_sender_without_addresses(
     seed(engine)
     with session_scope(engine) as s:  # a look-alike domain must not match @corp.example
         s.add(Message(id=99, sender="x@evilcorp.example", subject="lookalike"))
+    settle(engine)
     with TestClient(create_app(make_settings(), engine)) as client:
         login(client, "dom")
         html = client.get(f"{D}/messages").text
@@ -314,6 +316,7 @@ def test_text_from_mail_is_escaped(client: TestClient) -> None:
 def test_csv_cells_cannot_be_formulas(client: TestClient, engine: Engine) -> None:
     with session_scope(engine) as s:
         s.add(Message(id=98, sender="sam@example.com", subject='=HYPERLINK("http://x","y")'))
+    settle(engine)
     login(client, "ada")
     text = client.get(f"{D}/messages.csv").text
     row = next(r for r in csv.DictReader(io.StringIO(text)) if r["message_id"] == "98")
@@ -368,6 +371,7 @@ def test_not_opened_means_tracked_for_opens_and_no_counted_open(
     """As in the API: mail not tracked for opens is not "not opened"."""
     with session_scope(engine) as s:
         s.add(Message(id=97, sender="sam@example.com", subject="clicks only", track_clicks=True))
+    settle(engine)
     login(client, "ada")
     html = client.get(f"{D}/messages", params={"state": "not_opened"}).text
     assert ids_on(html) == {M_XSS}  # not M_UNTRACKED: never tracked
@@ -378,6 +382,7 @@ def test_search_matches_like_wildcards_literally(client: TestClient, engine: Eng
     with session_scope(engine) as s:
         for mid, subject in ((91, "50% off"), (92, "500 off"), (93, "Plan a_b"), (94, "Plan a1b")):
             s.add(Message(id=mid, sender="sam@example.com", subject=subject))
+    settle(engine)
     login(client, "ada")
 
     def found(q: str) -> set[int]:
@@ -400,6 +405,7 @@ def test_paging(client: TestClient, engine: Engine) -> None:
     with session_scope(engine) as s:
         for i in range(60):
             s.add(Message(id=1000 + i, sender="bulk@example.com", subject=f"bulk {i:02}"))
+    settle(engine)
     login(client, "ada")
     first = client.get(f"{D}/messages", params={"sender": "bulk@example.com"}).text
     assert "60 messages" in first
