@@ -108,7 +108,16 @@ SCHEMAS: dict[str, Any] = {
             **_MESSAGE,
             "recipients": {"type": "array", "items": _ref("Recipient")},
             "links": {"type": "array", "items": _ref("Link")},
-            "events": {"type": "array", "items": _ref("Event")},
+            "events": {
+                "type": "array",
+                "items": _ref("Event"),
+                "description": "a page of the message's events, latest first",
+            },
+            "event_count": {**_INT, "description": "all the message's events"},
+            "events_next": {
+                "type": ["string", "null"],
+                "description": "pass as events_before= for the next (older) page; null: no more",
+            },
         }
     ),
     "EventList": _list("events", "Event", next_after={**_INT, "description": "pass as after="}),
@@ -231,9 +240,12 @@ PATHS: dict[str, Any] = {
     },
     "/messages/{message_id}": {
         "get": _op(
-            "One message with recipients, links and events",
+            "One message with recipients, links and a page of its events",
             {**_ok("MessageDetail"), **_ERRORS, **_NOT_FOUND},
-            parameters=[_path("message_id", _ID)],
+            parameters=[
+                _path("message_id", _ID),
+                _query("events_before", _STR, "events_next of the previous page"),
+            ],
         )
     },
     "/events": {

@@ -63,13 +63,21 @@ async def messages_list(request: Request, viewer: Viewer) -> Response:
 @page()
 async def message_detail(request: Request, viewer: Viewer) -> Response:
     message_id = int(request.path_params["message_id"])
+    before = None
+    notes = []
+    if raw := request.query_params.get("before", ""):
+        try:
+            before = readmodel.Cursor.decode(raw)
+        except readmodel.BadCursor:
+            notes.append("That link is not one this dashboard made; showing the latest events.")
     detail = await asyncio.to_thread(
-        readmodel.message_detail, engine_of(request), viewer, message_id
+        readmodel.message_detail, engine_of(request), viewer, message_id, before
     )
     if detail is None:
         return not_found(request)
     context = {
         "d": detail,
+        "notes": notes,
         "decision": decision_lines(detail.row.message.decision),
         "device": device_family,
         "nav": "messages",

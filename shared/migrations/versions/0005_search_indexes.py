@@ -1,4 +1,4 @@
-"""search indexes: pg_trgm GIN indexes on lower(subject) and lower(recipients.address)
+"""read indexes: pg_trgm GIN indexes for the search, events by message and time
 
 Revision ID: 0005
 Revises: 0004
@@ -15,7 +15,12 @@ so a large table is not locked against writes while it is built. SQLite has
 no trigram index: this migration does nothing there and the search scans
 (the documented slower path, README "Scale").
 
-The indexes are expression indexes outside the models (shared/models.py):
+``ix_events_message_time`` (message_id, occurred_at, id), on both databases,
+serves a message's timeline a page at a time, latest first
+(receiver/readmodel/detail.py): without it the page of a message with 50,000
+events sorts all of them.
+
+The trigram indexes are expression indexes outside the models (shared/models.py):
 migration-owned, as ``shared/migrations/env.py`` tells autogenerate.
 """
 
@@ -34,8 +39,12 @@ INDEXES = {
 }
 
 
+TIMELINE = ("ix_events_message_time", "events", ["message_id", "occurred_at", "id"])
+
+
 def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
+        op.create_index(*TIMELINE)
         return
     op.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
     with op.get_context().autocommit_block():
@@ -44,11 +53,13 @@ def upgrade() -> None:
                 f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} "
                 f"ON {table} USING gin (lower({column}) gin_trgm_ops)"
             )
+        op.create_index(*TIMELINE, postgresql_concurrently=True, if_not_exists=True)
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
+        op.drop_index(TIMELINE[0], table_name="events")
         return
     with op.get_context().autocommit_block():
-        for name in INDEXES:
+        for name in (*INDEXES, TIMELINE[0]):
             op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")

@@ -17,7 +17,8 @@ def test_the_messages_export_streams_every_row_with_its_recipients(engine: Engin
     assert [r[0] for r in rows] == ids
     assert all(r[4] == f"r1-{r[0]}@client.example; r2-{r[0]}@client.example" for r in rows)
     assert [r[7] for r in rows[:4]] == [2, 2, 2, 0]  # counted opens, from the columns
-    assert rows[0][8] is not None and rows[0][8].tzinfo is not None
+    assert rows[0][8] is not None
+    assert rows[0][8].tzinfo is not None
     opened = list(readmodel.export_messages(engine, ADMIN, readmodel.Selection(opened=True)))
     assert [r[0] for r in opened] == ids[:3]
 
