@@ -13,8 +13,9 @@ queries. The rules every read follows live here and nowhere else:
 
 Modules: ``scope`` (the WHERE clauses), ``paging`` (keyset cursors on
 created_at and id, capped counts), ``messages`` (lists with hit counts, the
-streamed CSV rows, senders), ``detail`` (one message's story), ``events`` (the feed after
-a cursor), ``activity`` (per-message figures for the overview's rates).
+streamed CSV rows, senders), ``detail`` (one message's story), ``events`` (the
+feed after a cursor), ``activity`` (per sender and day figures for the
+overview, from the rollup).
 Everything is synchronous SQLAlchemy taking an Engine: callers run it with
 ``asyncio.to_thread``. This is the place to make reads fast (keyset paging,
 capped counts, indexes, streamed exports): callers only see rows and pages.
@@ -22,7 +23,7 @@ capped counts, indexes, streamed exports): callers only see rows and pages.
 
 from __future__ import annotations
 
-from receiver.readmodel.activity import Activity, Window, activity
+from receiver.readmodel.activity import DayFigures, daily
 from receiver.readmodel.detail import Detail, LinkView, RecipientView, TimelineEntry, message_detail
 from receiver.readmodel.events import EventRow, events_after, export_events
 from receiver.readmodel.messages import (
@@ -49,9 +50,9 @@ __all__ = [
     "AUTOMATED",
     "COUNTED",
     "COUNT_CAP",
-    "Activity",
     "BadCursor",
     "Cursor",
+    "DayFigures",
     "Detail",
     "EventRow",
     "Hits",
@@ -61,9 +62,8 @@ __all__ = [
     "RecipientView",
     "Selection",
     "TimelineEntry",
-    "Window",
-    "activity",
     "aware",
+    "daily",
     "day_end",
     "day_start",
     "events_after",

@@ -126,3 +126,9 @@ def selected(viewer: Viewer, selection: Selection) -> list[ColumnElement[bool]]:
     if text := s.text.strip().lower():
         where.append(_text(text))
     return where
+
+
+def visible_sender(viewer: Viewer, key: ColumnElement[str]) -> ColumnElement[bool]:
+    """:func:`visible` for a column holding the lower-cased sender (``sender_key`` of
+    the rollups, shared/eventstate.py): the same addresses and domains."""
+    return visible(viewer, key)

@@ -30,6 +30,7 @@ def add_message(
         id=new_message_id(),
         created_at=created_at,
         sender=sender,
+        sender_key=sender.lower(),
         from_header=f"Alice <{sender}>",
         subject=subject,
         message_id_header=f"<{secrets.token_hex(6)}@example.com>",
@@ -47,6 +48,7 @@ def add_message(
                     message_id=message.id,
                     position=position,
                     address=address,
+                    address_key=address.lower(),
                     tracked=tracked,
                     status="refused" if bad else "accepted",
                     reply_code=550 if bad else 250,
@@ -55,7 +57,8 @@ def add_message(
             )
         for position, url in enumerate(links, 1):
             session.add(Link(message_id=message.id, position=position, url=url))
-    settle(engine)
+        session.flush()
+        eventstate.recorded(session.connection(), [message.id])
     return message
 
 
@@ -83,22 +86,34 @@ def event(
 
 
 def write_events(engine: Engine, events: list[dict[str, Any]]) -> None:
-    """Insert events the way the receiver's batch writer does."""
+    """Insert events the way the receiver's batch writer does (with the state they change)."""
     with session_scope(engine) as session:
         for item in events:
             session.add(Event(**item))
-    settle(engine)
+        session.flush()
+        eventstate.apply(session.connection(), map(facts, events))
+
+
+def facts(item: dict[str, Any]) -> eventstate.Facts:
+    """What shared/eventstate.py counts of one event row."""
+    return (
+        item["message_id"],
+        item.get("recipient_position", 0),
+        item["kind"],
+        item.get("verdict", "unknown"),
+        item["occurred_at"],
+        item.get("bounce_type", ""),
+    )
 
 
 def settle(engine: Engine) -> None:
-    """What the writers keep beside rows written here directly: every message's
+    """What the writers keep beside rows a test wrote directly: every message's
     ``sender_key``, then the state columns and rollups (shared/eventstate.py)."""
     with engine.begin() as conn:
-        for mid, sender, key in conn.execute(
-            select(Message.id, Message.sender, Message.sender_key)
-        ):  # type: ignore[call-overload]
+        rows = conn.execute(select(Message.id, Message.sender, Message.sender_key))  # type: ignore[call-overload]
+        for mid, sender, key in rows.all():
             if key != sender.lower():
                 conn.execute(
-                    update(Message).where(Message.id == mid).values(sender_key=sender.lower())
-                )  # type: ignore[arg-type]
+                    update(Message).where(Message.id == mid).values(sender_key=sender.lower())  # type: ignore[arg-type]
+                )
     eventstate.rebuild(engine)
