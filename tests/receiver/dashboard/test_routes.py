@@ -46,7 +46,7 @@ from tests.support.dashboardkit import (
     seed,
     token,
 )
-from tests.support.seedrows import settle
+from tests.support.seedrows import event, settle, write_events
 
 
 def ids_on(html: str) -> set[int]:
@@ -425,6 +425,22 @@ def test_paging(client: TestClient, engine: Engine) -> None:
     bad = client.get(f"{D}/messages", params={"cursor": "o:nonsense"})
     assert bad.status_code == 200
     assert "not one this dashboard made" in bad.text
+
+
+def test_a_long_timeline_shows_more_by_a_link(client: TestClient, engine: Engine) -> None:
+    with session_scope(engine) as s:
+        message = s.get(Message, M_OPENED)
+    assert message is not None
+    write_events(engine, [event(message, at=NOW - timedelta(seconds=n)) for n in range(130)])
+    login(client, "ada")
+    page = client.get(f"{D}/messages/{M_OPENED}").text
+    assert page.count('class="tl-item') == 100
+    more = re.search(r'href="([^"]+)" rel="next">Show more', page)
+    assert more
+    rest = client.get(html.unescape(more.group(1))).text
+    assert rest.count('class="tl-item') > 0
+    assert "Latest events" in rest
+    assert "Show more" not in rest
 
 
 def test_csv_export_follows_the_filters(client: TestClient) -> None:
