@@ -34,8 +34,9 @@ What the columns mean (shared/verdicts.py says which verdicts count):
 Concurrency: :func:`apply` adds to counters in SQL (``opens = opens + v.opens``)
 and learns from what the update returns whether a message's first counted
 open or click came now (the new count equals what it added), so two writers
-never count one first open twice; a batch with answers reads and locks its
-messages' and recipients' answers first (``FOR UPDATE``, in id order).
+never count one first open twice; a batch with answers locks its messages
+first (``FOR UPDATE``, in id order) and counts their answers again from their
+answer events, as :func:`rebuild` does.
 Rollup rows are upserted in key order (shared/db.py ``upsert_adding_sql``).
 Should two writers still deadlock on PostgreSQL, one batch fails and the
 spool journals and replays it (shared/spool.py). One window stays open: a hit
@@ -125,14 +126,13 @@ class _Tally:
     (a plain class with slots: the writer builds one per message per batch).
     """
 
-    __slots__ = ("anonymous", "answers", "bounce_type", "figures", "opens")
+    __slots__ = ("answers", "bounce_type", "figures", "opens")
 
     def __init__(self) -> None:
         self.figures: list[Any] = [0, 0, 0, 0, 0, 0, None, None, None, None]
         self.answers: dict[str, Any] | None = None  # kind -> first time
         self.bounce_type = ""
         self.opens: dict[str, int] | None = None  # by verdict (messages only)
-        self.anonymous: set[str] | None = None  # answers with no recipient row
 
     def hit(self, slot: int | None, at: Any) -> None:
         if slot is None:
@@ -158,11 +158,6 @@ class _Tally:
         if kind == "bounce" and bounce_type:  # 'hard' < 'soft': a hard bounce wins
             self.bounce_type = min(filter(None, (self.bounce_type, bounce_type)))
 
-    def unmatched(self, kind: str) -> None:
-        if self.anonymous is None:
-            self.anonymous = set()
-        self.anonymous.add(kind)
-
 
 class _Dialect:
     """What differs between SQLite and PostgreSQL in these statements."""
@@ -174,7 +169,7 @@ class _Dialect:
         self.postgres = self.name == "postgresql"
         self.marker = "%s" if self.postgres else "?"
         occurred = Event.__table__.c.occurred_at.type  # type: ignore[attr-defined]
-        self._bind = occurred.bind_processor(conn.dialect)
+        self._bind = occurred.dialect_impl(conn.dialect).bind_processor(conn.dialect)
         self.sql: dict[tuple[str, int], str] = {}  # statements built once
 
     @classmethod
@@ -216,6 +211,8 @@ class _Dialect:
         """(row count, parameters) per statement: PostgreSQL one of column arrays
         (``arrays``), else multi-row VALUES of power-of-two sizes (a few cached
         statements, as receiver/eventrows.py measured)."""
+        if not rows:
+            return
         if self.postgres and arrays:
             yield 0, tuple(list(column) for column in zip(*rows, strict=True))
             return
@@ -245,7 +242,7 @@ def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
 # --- apply: a batch of new events ---
 
 _RECIPIENT_V = ("mid", "pos", *COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "btype")
-_MESSAGE_V = ("mid", *COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply")
+_MESSAGE_V = ("mid", *COUNTERS, *TIMES)
 
 
 def _types(columns: Sequence[str]) -> list[str]:
@@ -295,8 +292,6 @@ def _message_update(d: _Dialect, rows: int) -> str:
     """Add to the messages and return what the rollup needs: their sender, day,
     tracking and the new open and click counters (the old are new minus added)."""
     sets = _hit_sets("messages")
-    sets += [f"{m} = messages.{m} + v.{m}" for _, m, _ in ANSWERS.values()]
-    sets.append(f"first_reply_at = {_first('messages.first_reply_at', 'v.first_reply')}")
     return (
         f"{d.source(_MESSAGE_V, _types(_MESSAGE_V), rows)} UPDATE messages"
         f" SET {', '.join(sets)} FROM v WHERE messages.id = v.mid"
@@ -322,20 +317,22 @@ def _old_answer_counts(conn: Connection, d: _Dialect, ids: list[int]) -> dict[in
     return found
 
 
-def _old_answers(
-    conn: Connection, d: _Dialect, ids: list[int]
-) -> dict[tuple[int, int], dict[str, Any]]:
-    """The answer times of the recipients of ``ids`` (locked, like their messages)."""
-    columns = [c for c, _, _ in ANSWERS.values()]
-    found: dict[tuple[int, int], dict[str, Any]] = {}
+def _recount_answers(conn: Connection, d: _Dialect, ids: list[int]) -> dict[int, list[int]]:
+    """Answer counters of messages that got answers, counted again from their answer
+    events (``ix_events_message_kind``) as :func:`rebuild` counts them; returns them."""
+    kinds = ", ".join(f"'{kind}'" for kind in ANSWERS)
+    columns = (*_ANSWER_COUNTERS, "first_reply_at")
+    found: dict[int, list[int]] = {}
     for chunk in _chunks(ids):
         sql = (
-            f"SELECT message_id, position, {', '.join(columns)} FROM recipients"
-            f" WHERE {d.in_list('message_id', len(chunk))}"
-            f" ORDER BY message_id, position{d.for_update()}"
+            f"UPDATE messages SET {', '.join(f'{c} = a.{c}' for c in columns)}"
+            f" FROM (SELECT message_id, {', '.join(_answer_aggregates())} FROM events"
+            f" WHERE {d.in_list('message_id', len(chunk))} AND kind IN ({kinds})"
+            " GROUP BY message_id) AS a WHERE messages.id = a.message_id"
+            f" RETURNING messages.id, {', '.join(f'messages.{c}' for c in _ANSWER_COUNTERS)}"
         )
         for row in conn.exec_driver_sql(sql, d.in_params(chunk)):
-            found[int(row[0]), int(row[1])] = dict(zip(ANSWERS, row[2:], strict=True))
+            found[int(row[0])] = [int(n) for n in row[1:]]
     return found
 
 
@@ -371,45 +368,11 @@ def _tally(
 
 def _answer(message: _Tally, recipient: _Tally | None, kind: str, at: Any, bounce: str) -> None:
     message.answer(kind, at, bounce)
-    if recipient is None:
-        message.unmatched(kind)
-    else:
+    if recipient is not None:
         recipient.answer(kind, at, bounce)
 
 
 _NOTHING: dict[str, Any] = {}
-
-
-def _answered(
-    conn: Connection,
-    d: _Dialect,
-    messages: dict[int, _Tally],
-    recipients: dict[tuple[int, int], _Tally],
-) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """Answer counters of the messages that get answers: before, and how many more
-    recipients answered so (``_ANSWER_COUNTERS`` order)."""
-    asked = sorted(m for m, t in messages.items() if t.answers)
-    if not asked:
-        return {}, {}
-    old = _old_answer_counts(conn, d, asked)
-    before = _old_answers(conn, d, sorted(old))
-    more = {m: [0] * len(_ANSWER_COUNTERS) for m in old}
-    where = {kind: i for i, kind in enumerate(ANSWERS)}
-    for (message_id, position), tally in recipients.items():
-        if message_id not in more or not tally.answers:
-            continue
-        stored = before.get((message_id, position))
-        for kind in tally.answers:
-            if stored is None:  # no recipient row behind the position
-                messages[message_id].unmatched(kind)
-            elif stored[kind] is None:
-                more[message_id][where[kind]] += 1
-    for message_id, added in more.items():
-        for kind in messages[message_id].anonymous or ():
-            i = where[kind]
-            if old[message_id][i] + added[i] == 0:
-                added[i] = 1
-    return old, more
 
 
 _DAILY_INDEX = {name: i for i, name in enumerate(DAILY)}
@@ -426,11 +389,12 @@ def _daily(
 ) -> list[tuple[Any, ...]]:
     """Rollup rows to add, in key order (so concurrent writers lock them in one order).
 
-    ``changed``: the rows the message update returned.
+    ``changed``: the rows the message update returned; ``answers``: the answer
+    counters of the messages that got answers, before and after.
     """
     rows: dict[tuple[str, str], tuple[Any, list[int]]] = {}
     at = _DAILY_INDEX
-    old_answers, more = answers
+    before, after = answers
     for message_id, sender_key, day, track_opens, track_clicks, opens, clicks in changed:
         tally = messages[message_id]
         f = tally.figures
@@ -443,10 +407,10 @@ def _daily(
         add[at["clicked"]] += bool(track_clicks and f[3] and clicks == f[3])
         add[at["human_opens"]] += f[0]
         add[at["machine_opens"]] += f[1]
-        if message_id in more:
-            was, added = old_answers[message_id], more[message_id]
+        if message_id in after:
+            was, now = before[message_id], after[message_id]
             for i, daily in _ANSWER_DAILY:
-                add[daily] += was[i] == 0 and added[i] > 0
+                add[daily] += was[i] == 0 and now[i] > 0
         for verdict, n in (tally.opens or _NOTHING).items():
             add[at[f"opens_{verdict}"]] += n
     return [(key[0], day, *add) for key, (day, add) in sorted(rows.items()) if any(add)]
@@ -464,33 +428,48 @@ def apply(conn: Connection, events: Iterable[Facts]) -> None:
 
     In the caller's transaction; a few statements per batch whatever its size
     (one update each for recipients and messages, one upsert for the rollup;
-    a batch with answers first reads its messages' answers). Events of a
-    message not recorded yet change nothing (:func:`recorded` counts them when
-    its record comes).
+    a batch with answers also locks its messages and counts their answers
+    again). Events of a message not recorded yet change nothing
+    (:func:`recorded` counts them when its record comes).
     """
     d = _Dialect.of(conn)
     messages, recipients = _tally(d, events)
     if not messages:
         return
-    answers = _answered(conn, d, messages, recipients)
-    more = answers[1]
+    answered = sorted(m for m, t in messages.items() if t.answers)
+    before = _old_answer_counts(conn, d, answered) if answered else {}
     recipient_rows = [
         (m, p, *t.figures, *((t.answers or _NOTHING).get(k) for k in ANSWERS), t.bounce_type)
         for (m, p), t in sorted(recipients.items())
     ]
     for rows, params in d.params(recipient_rows):
         conn.exec_driver_sql(_statement(d, "recipients", rows, _recipient_update), params)
-    none = (0,) * len(_ANSWER_COUNTERS)
     message_rows = [
-        (m, *t.figures, *more.get(m, none), t.answers.get("reply") if t.answers else None)
-        for m, t in sorted(messages.items())
+        (m, *t.figures) for m, t in sorted(messages.items()) if t.opens or any(t.figures)
     ]
     changed: list[Any] = []
     for rows, params in d.params(message_rows):
         sql = _statement(d, "messages", rows, _message_update)
         changed += conn.exec_driver_sql(sql, params).all()
-    for rows, params in d.params(_daily(d, changed, messages, answers), arrays=False):
+    after = _recount_answers(conn, d, sorted(before)) if before else {}
+    if after:  # messages with answers only: their rollup rows too
+        have = {row[0] for row in changed}
+        changed += _keys_of(conn, d, [m for m in after if m not in have])
+    daily = _daily(d, changed, messages, (before, after))
+    for rows, params in d.params(daily, arrays=False):
         conn.exec_driver_sql(_statement(d, "daily", rows, _daily_upsert), params)
+
+
+def _keys_of(conn: Connection, d: _Dialect, ids: list[int]) -> list[Any]:
+    """What the message update returns, for messages it did not touch."""
+    found: list[Any] = []
+    for chunk in _chunks(ids):
+        sql = (
+            f"SELECT id, sender_key, {d.day('created_at')}, track_opens, track_clicks,"
+            f" opens, clicks FROM messages WHERE {d.in_list('id', len(chunk))}"
+        )
+        found += conn.exec_driver_sql(sql, d.in_params(chunk)).all()
+    return found
 
 
 def _daily_upsert(d: _Dialect, rows: int) -> str:
@@ -545,7 +524,13 @@ def _recipient_aggregates() -> list[str]:
 
 
 def _message_aggregates() -> list[str]:
-    out = _hit_aggregates()
+    return [*_hit_aggregates(), *_answer_aggregates()]
+
+
+def _answer_aggregates() -> list[str]:
+    """Per message: recipients who answered so (a message-level answer counting as one
+    when no recipient has), and the first reply."""
+    out = []
     for kind, (_, counter, _) in ANSWERS.items():
         named = (
             f"count(DISTINCT CASE WHEN kind = '{kind}' AND recipient_position > 0"

@@ -21,14 +21,15 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, delete, exists, func, or_, select, tuple_, update
 from sqlmodel import col
 
+from shared import eventstate
 from shared.addresses import normalize_address, spellings
 from shared.config import Settings
 from shared.db import session_scope
@@ -51,35 +52,28 @@ _CHUNK = 500
 
 
 def purge(engine: Engine, retention_days: int, now: datetime | None = None) -> dict[str, int]:
-    """Delete what is older than ``retention_days``; return counts per table."""
+    """Delete what is older than ``retention_days``; return counts per table.
+
+    Nothing due costs one query of indexed probes (:func:`_due`). Otherwise
+    every step deletes ``PURGE_BATCH`` rows (messages with their recipients,
+    links and events) per committed transaction, oldest first, through the
+    indexes on times, message ids and outbox ids, so the writers wait at most
+    one batch for a lock. The daily rollups and the senders menu keep their
+    counts: they name no recipient (shared/eventstate.py).
+    """
     if retention_days <= 0:
         return {}
     cutoff = (now or utcnow()) - timedelta(days=retention_days)
-    counts: dict[str, int] = {}
-    with session_scope(engine) as session:
-        conn = session.connection()
-        old = select(col(Message.id)).where(col(Message.created_at) < cutoff)
-        counts["events"] = _delete(
-            conn,
-            Event,
-            or_(col(Event.occurred_at) < cutoff, col(Event.message_id).in_(old)),
-        )
-        counts["recipients"] = _delete(conn, Recipient, col(Recipient.message_id).in_(old))
-        counts["links"] = _delete(conn, Link, col(Link.message_id).in_(old))
-        counts["messages"] = _delete(conn, Message, col(Message.created_at) < cutoff)
-        finished = and_(
-            col(OutboxItem.created_at) < cutoff,
-            col(OutboxItem.status).in_(("delivered", "failed")),
-        )
-        counts["delivery_attempts"] = _delete(
-            conn,
-            DeliveryAttempt,
-            or_(
-                col(DeliveryAttempt.started_at) < cutoff,
-                col(DeliveryAttempt.outbox_id).in_(select(col(OutboxItem.id)).where(finished)),
-            ),
-        )
-        counts["outbox"] = _delete(conn, OutboxItem, finished)
+    counts: dict[str, int] = dict.fromkeys(
+        ("events", "recipients", "links", "messages", "delivery_attempts", "outbox"), 0
+    )
+    due = _due(engine, cutoff)
+    if due["messages"]:
+        _purge_messages(engine, cutoff, counts)
+    if due["events"]:
+        _purge_events(engine, cutoff, counts)
+    if due["outbox"] or due["delivery_attempts"]:
+        _purge_outbox(engine, cutoff, counts)
     if any(counts.values()):
         log.info(
             "purged data older than %d days: %s",
@@ -91,6 +85,88 @@ def purge(engine: Engine, retention_days: int, now: datetime | None = None) -> d
 
 def _delete(conn: Connection, model: Any, where: Any) -> int:
     return int(conn.execute(delete(model).where(where)).rowcount or 0)
+
+
+#: Rows (messages, events, outbox rows) deleted per committed transaction.
+PURGE_BATCH = 500
+
+
+def _finished(cutoff: datetime) -> Any:
+    return and_(
+        col(OutboxItem.created_at) < cutoff,
+        col(OutboxItem.status).in_(("delivered", "failed")),
+    )
+
+
+def _due(engine: Engine, cutoff: datetime) -> dict[str, bool]:
+    """What has rows to purge: one query, each part a probe of one index."""
+    probes = {
+        "messages": select(col(Message.id)).where(col(Message.created_at) < cutoff),
+        "events": select(col(Event.id)).where(col(Event.occurred_at) < cutoff),
+        "outbox": select(col(OutboxItem.id)).where(col(OutboxItem.created_at) < cutoff),
+        "delivery_attempts": select(col(DeliveryAttempt.id)).where(
+            col(DeliveryAttempt.started_at) < cutoff
+        ),
+    }
+    query = select(*(exists(probe.limit(1)).label(name) for name, probe in probes.items()))
+    with engine.connect() as conn:
+        row = conn.execute(query).one()
+    return {name: bool(row._mapping[name]) for name in probes}
+
+
+def _batches(engine: Engine, ids: Any, step: Callable[[Connection, list[Any]], None]) -> None:
+    """Run ``step`` on ``PURGE_BATCH`` ids at a time, one committed transaction each,
+    until ``ids`` (a SELECT of ids, oldest first) finds none."""
+    while True:
+        with engine.begin() as conn:
+            batch = list(conn.execute(ids.limit(PURGE_BATCH)).scalars())
+            if not batch:
+                return
+            step(conn, batch)
+
+
+def _purge_messages(engine: Engine, cutoff: datetime, counts: dict[str, int]) -> None:
+    def step(conn: Connection, ids: list[int]) -> None:
+        counts["events"] += _delete(conn, Event, col(Event.message_id).in_(ids))
+        counts["recipients"] += _delete(conn, Recipient, col(Recipient.message_id).in_(ids))
+        counts["links"] += _delete(conn, Link, col(Link.message_id).in_(ids))
+        counts["messages"] += _delete(conn, Message, col(Message.id).in_(ids))
+
+    old = select(col(Message.id)).where(col(Message.created_at) < cutoff)
+    _batches(engine, old.order_by(col(Message.created_at)), step)
+
+
+def _purge_events(engine: Engine, cutoff: datetime, counts: dict[str, int]) -> None:
+    """Old hits of messages kept (or never recorded); their messages are counted again."""
+
+    def step(conn: Connection, ids: list[int]) -> None:
+        deleted = conn.execute(
+            delete(Event).where(col(Event.id).in_(ids)).returning(col(Event.message_id))
+        )
+        touched = set(deleted.scalars())
+        counts["events"] += len(ids)
+        eventstate.recount(conn, sorted(touched))
+
+    old = select(col(Event.id)).where(col(Event.occurred_at) < cutoff)
+    _batches(engine, old.order_by(col(Event.occurred_at)), step)
+
+
+def _purge_outbox(engine: Engine, cutoff: datetime, counts: dict[str, int]) -> None:
+    def attempts(conn: Connection, ids: list[int]) -> None:
+        counts["delivery_attempts"] += _delete(
+            conn, DeliveryAttempt, col(DeliveryAttempt.id).in_(ids)
+        )
+
+    def rows(conn: Connection, ids: list[int]) -> None:
+        counts["delivery_attempts"] += _delete(
+            conn, DeliveryAttempt, col(DeliveryAttempt.outbox_id).in_(ids)
+        )
+        counts["outbox"] += _delete(conn, OutboxItem, col(OutboxItem.id).in_(ids))
+
+    old = select(col(DeliveryAttempt.id)).where(col(DeliveryAttempt.started_at) < cutoff)
+    _batches(engine, old.order_by(col(DeliveryAttempt.started_at)), attempts)
+    finished = select(col(OutboxItem.id)).where(_finished(cutoff))
+    _batches(engine, finished.order_by(col(OutboxItem.created_at)), rows)
 
 
 async def purge_loop(settings: Settings, engine: Engine, stop_event: asyncio.Event) -> None:
@@ -125,39 +201,32 @@ class Erasure:
 
 
 def erase(engine: Engine, address: str, *, forget_suppression: bool = False) -> Erasure:
-    """Remove every record about recipient ``address``."""
+    """Remove every record about recipient ``address``.
+
+    Their recipient rows are found by ``address_key`` (indexed, lower-cased)
+    and handled ``ERASE_BATCH`` at a time, one committed transaction each: the
+    events of their positions (and the message-level ones of messages they
+    alone received), the rows, the texts of those messages that quote them,
+    the notifications about those messages that mention them; the state of
+    those messages is counted again from the events left (shared/eventstate.py
+    ``recount``). An erasure cut short is finished by running it again. The
+    daily rollups keep their counts: a count per sender and day names no
+    recipient, so it is not personal data about them.
+    """
     addr = normalize_address(address)
     # Recipient rows and message texts keep what the mail said: an IDN domain
     # may be there in its Unicode form as well as in the canonical one.
     forms = spellings(addr)
     result = Erasure(addr)
     counts = result.counts
+    for name in ("events", "recipients", "messages scrubbed", "delivery_attempts", "outbox"):
+        counts[name] = 0
+    while _erase_batch(engine, forms, counts):
+        pass
     with session_scope(engine) as session:
         conn = session.connection()
-        mine = conn.execute(
-            select(col(Recipient.message_id), col(Recipient.position)).where(
-                func.lower(col(Recipient.address)).in_(forms)
-            )
-        ).all()
-        pairs = [(int(m), int(p)) for m, p in mine]
-        sole = _sole_recipient_messages(conn, {m for m, _ in pairs})
-        counts["events"] = sum(
-            _delete(conn, Event, or_(*chunk)) for chunk in _chunks(_event_filters(pairs, sole))
-        )
-        counts["recipients"] = _delete(
-            conn, Recipient, func.lower(col(Recipient.address)).in_(forms)
-        )
-        counts["messages scrubbed"] = _scrub_messages(conn, forms)
-        mentions = or_(
-            func.lower(col(OutboxItem.recipient)).in_(forms),
-            *(func.lower(col(OutboxItem.payload)).contains(f, autoescape=True) for f in forms),
-            func.lower(col(OutboxItem.target)).in_(forms),
-        )
-        outbox_ids = select(col(OutboxItem.id)).where(mentions)
-        counts["delivery_attempts"] = _delete(
-            conn, DeliveryAttempt, col(DeliveryAttempt.outbox_id).in_(outbox_ids)
-        )
-        counts["outbox"] = _delete(conn, OutboxItem, mentions)
+        # Mail notifications sent TO this address (a user being notified).
+        _erase_notifications(conn, col(OutboxItem.target).in_(forms), counts)
         counts["consents"] = _delete(conn, Consent, func.lower(col(Consent.address)).in_(forms))
         suppressed = func.lower(col(Suppression.address)).in_(forms)
         if forget_suppression:
@@ -167,6 +236,53 @@ def erase(engine: Engine, address: str, *, forget_suppression: bool = False) -> 
             result.suppression_kept = bool(found.scalar_one())
     log.info("erased %s: %s", addr, counts)
     return result
+
+
+#: Recipient rows erased per committed transaction.
+ERASE_BATCH = 500
+
+
+def _erase_batch(engine: Engine, forms: list[str], counts: dict[str, int]) -> bool:
+    """Erase up to ``ERASE_BATCH`` recipient rows of ``forms``; False when none were left."""
+    with engine.begin() as conn:
+        mine = conn.execute(
+            select(col(Recipient.id), col(Recipient.message_id), col(Recipient.position))
+            .where(col(Recipient.address_key).in_(forms))
+            .limit(ERASE_BATCH)
+        ).all()
+        if not mine:
+            return False
+        messages = sorted({int(m) for _, m, _ in mine})
+        sole = _sole_recipient_messages(conn, set(messages))
+        pairs = [(int(m), int(p)) for _, m, p in mine] + [(m, 0) for m in sorted(sole)]
+        counts["events"] += _delete(
+            conn,
+            Event,
+            and_(
+                col(Event.message_id).in_(messages),
+                tuple_(col(Event.message_id), col(Event.recipient_position)).in_(pairs),
+            ),
+        )
+        ids = [row[0] for row in mine]
+        counts["recipients"] += _delete(conn, Recipient, col(Recipient.id).in_(ids))
+        eventstate.recount(conn, messages)
+        counts["messages scrubbed"] += _scrub_messages(conn, messages, forms)
+        mentions = or_(
+            func.lower(col(OutboxItem.recipient)).in_(forms),
+            *(func.lower(col(OutboxItem.payload)).contains(f, autoescape=True) for f in forms),
+        )
+        about = and_(col(OutboxItem.message_id).in_(messages), mentions)
+        _erase_notifications(conn, about, counts)
+    return True
+
+
+def _erase_notifications(conn: Connection, which: Any, counts: dict[str, int]) -> None:
+    ids = list(conn.execute(select(col(OutboxItem.id)).where(which)).scalars())
+    for chunk in _chunks(ids):
+        counts["delivery_attempts"] += _delete(
+            conn, DeliveryAttempt, col(DeliveryAttempt.outbox_id).in_(chunk)
+        )
+        counts["outbox"] += _delete(conn, OutboxItem, col(OutboxItem.id).in_(chunk))
 
 
 def _sole_recipient_messages(conn: Connection, message_ids: set[int]) -> set[int]:
@@ -183,16 +299,6 @@ def _sole_recipient_messages(conn: Connection, message_ids: set[int]) -> set[int
     return sole
 
 
-def _event_filters(pairs: list[tuple[int, int]], sole: set[int]) -> list[Any]:
-    filters = [
-        and_(col(Event.message_id) == m, col(Event.recipient_position) == p) for m, p in pairs
-    ]
-    filters += [
-        and_(col(Event.message_id) == m, col(Event.recipient_position) == 0) for m in sorted(sole)
-    ]
-    return filters
-
-
 def _chunks(items: Iterable[Any]) -> list[list[Any]]:
     items = list(items)
     return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
@@ -203,13 +309,14 @@ def _chunks(items: Iterable[Any]) -> list[list[Any]]:
 _TEXT_COLUMNS = ("from_header", "subject", "decision", "upstream_reply")
 
 
-def _scrub_messages(conn: Connection, forms: list[str]) -> int:
-    """Replace the address where a message's text quotes it (e.g. a 550 reply)."""
+def _scrub_messages(conn: Connection, message_ids: list[int], forms: list[str]) -> int:
+    """Replace the address where the text of a message to them quotes it (e.g. a 550 reply)."""
     table = Message.__table__  # type: ignore[attr-defined]
     columns = [table.c[name] for name in _TEXT_COLUMNS]
     hits = conn.execute(
         select(table.c.id, *columns).where(
-            or_(*(func.lower(c).contains(f, autoescape=True) for c in columns for f in forms))
+            table.c.id.in_(message_ids),
+            or_(*(func.lower(c).contains(f, autoescape=True) for c in columns for f in forms)),
         )
     ).all()
     pattern = re.compile("|".join(map(re.escape, forms)), re.IGNORECASE)

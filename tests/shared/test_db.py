@@ -1,18 +1,20 @@
 """shared/db.py: migrations at start say what they did and nothing else; the one
-``ON CONFLICT DO NOTHING`` (a Core statement and its SQL text) on both databases."""
+``ON CONFLICT DO NOTHING`` (a Core statement and its SQL text) and the rollups'
+``DO UPDATE`` on both databases."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from shared import db
-from shared.models import Event
+from shared.models import Event, Sender
 from tests.support.paths import ROOT
 
 
@@ -32,6 +34,7 @@ def test_upgrade_logs_only_the_migrations_it_ran(
 
 
 EVENTS = Event.__table__  # type: ignore[attr-defined]
+SENDERS = Sender.__table__  # type: ignore[attr-defined]
 
 
 def _event(key: str) -> dict[str, object]:
@@ -63,6 +66,7 @@ def test_insert_ignoring_sql_is_the_same_statement_as_text(engine: Engine) -> No
     )
     every = {"recipient_position": 0, "link_position": 0, "ip": "", "method": "GET"}
     every |= {"occurred_at": "2026-01-01 00:00:00+00:00", "verdict": "human"}
+    every |= {"bounce_type": "", "status_code": "", "diagnostic": ""}
     values = tuple({**every, **_event(key)}[c] for key in ("a", "b") for c in columns)
     with engine.begin() as conn:
         assert sorted(conn.exec_driver_sql(sql, values).scalars()) == ["a", "b"]
@@ -84,3 +88,26 @@ def test_a_fresh_process_logs_no_alembic_plugin_lines(tmp_path: Path) -> None:
     )
     assert "Running upgrade  -> 0001" in done.stderr
     assert "setup plugin" not in done.stderr
+
+
+def test_upsert_adding_sql_adds_counters_and_keeps_the_later_time(engine: Engine) -> None:
+    marker = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+    sql = db.upsert_adding_sql(
+        "senders",
+        ("sender_key", "messages", "last_at"),
+        f"VALUES ({marker}, {marker}, {marker})",
+        ("sender_key",),
+        add=("messages",),
+        latest=("last_at",),
+    )
+    early = datetime(2026, 1, 1, tzinfo=UTC)
+    late = datetime(2026, 2, 1, tzinfo=UTC)
+    as_stored = SENDERS.c.last_at.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
+    for count, when in ((2, late), (3, early)):
+        with engine.begin() as conn:
+            at = as_stored(when) if as_stored else when
+            conn.exec_driver_sql(sql, ("ann@example.com", count, at))
+    with engine.connect() as conn:
+        row = conn.execute(select(SENDERS.c.messages, SENDERS.c.last_at)).one()
+    assert row.messages == 5
+    assert row.last_at == late

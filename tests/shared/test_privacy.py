@@ -6,7 +6,9 @@ import asyncio
 from collections.abc import Callable
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import Engine, select, text
+from sqlalchemy import event as sa_event
 from sqlmodel import SQLModel, col
 
 from shared import consent, privacy, webhooks
@@ -136,3 +138,60 @@ def test_erase_leaves_no_trace(engine: Engine) -> None:
     again = privacy.erase(engine, "bob@client.test", forget_suppression=True)
     assert again.counts["suppressions"] == 1
     assert mentions(engine, "bob@client.test") == {}
+
+
+def _statements(engine: Engine) -> list[str]:
+    """Every statement ``engine`` runs from now on."""
+    seen: list[str] = []
+    sa_event.listen(engine, "before_cursor_execute", lambda *args: seen.append(args[2]))
+    return seen
+
+
+def test_purge_with_nothing_due_is_one_query(engine: Engine) -> None:
+    add_message(engine, created_at=T0 + timedelta(days=300))
+    seen = _statements(engine)
+    assert sum(privacy.purge(engine, 100, now=T0 + timedelta(days=310)).values()) == 0
+    assert len(seen) == 1
+
+
+def test_purge_deletes_in_committed_batches(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(privacy, "PURGE_BATCH", 2)
+    old = [add_message(engine, created_at=T0 + timedelta(hours=i)) for i in range(5)]
+    kept = add_message(engine, created_at=T0 + timedelta(days=300))
+    write_events(engine, [event(m) for m in old])
+    stale = event(kept, at=T0)  # a hit older than the cutoff on a message kept
+    write_events(engine, [stale, event(kept, recipient=2)])
+    commits = []
+    sa_event.listen(engine, "commit", lambda conn: commits.append(1))
+    counts = privacy.purge(engine, 100, now=T0 + timedelta(days=310))
+    assert (counts["messages"], counts["recipients"], counts["events"]) == (5, 10, 6)
+    assert len(commits) >= 3 + 1  # five messages, two a batch; then the stale hit
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM messages")).scalar_one() == 1
+        opens = conn.execute(text("SELECT opens FROM messages")).scalar_one()
+    assert opens == 1  # the kept message's state lost the purged hit
+    # The rollup keeps the purged days' counts: they name no recipient.
+    with engine.connect() as conn:
+        sent = conn.execute(text("SELECT sum(sent) FROM daily_stats")).scalar_one()
+    assert sent == 6
+
+
+def test_erase_finds_every_spelling_in_batches_and_counts_the_state_again(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(privacy, "ERASE_BATCH", 1)
+    mails = [
+        add_message(engine, recipients=("Dana@Client.test", "erin@client.test")),
+        add_message(engine, recipients=("dana@client.test",)),
+        add_message(engine, recipients=("DANA@CLIENT.TEST", "frank@client.test")),
+    ]
+    write_events(engine, [event(m, recipient=1) for m in mails])
+    write_events(engine, [event(mails[0], recipient=2), event(mails[1], recipient=0)])
+    result = privacy.erase(engine, "dana@client.test")
+    assert (result.counts["recipients"], result.counts["events"]) == (3, 4)
+    assert mentions(engine, "dana@client.test") == {}
+    with engine.connect() as conn:
+        opens = dict(conn.execute(text("SELECT id, opens FROM messages")).all())
+    assert opens == {mails[0].id: 1, mails[1].id: 0, mails[2].id: 0}
