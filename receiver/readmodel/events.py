@@ -119,7 +119,7 @@ def export_events(
         query = query.order_by(col(Event.id))
     else:
         query = ordered(query).order_by(col(Event.id))
+    options = {"stream_results": True, "yield_per": EXPORT_CHUNK}
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=EXPORT_CHUNK).execute(query)
-        for row in result:
+        for row in conn.execute(query, execution_options=options):
             yield (*row[:4], aware(row[4]), *(v or "" for v in row[5:7]), *row[7:])
