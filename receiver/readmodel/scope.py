@@ -24,7 +24,7 @@ The text search is one ``IN (... UNION ...)`` over the two columns it reads,
 is a bitmap scan of its pg_trgm GIN index (migration 0005) for a text of
 three characters or more (shorter texts have no trigram and scan). SQLite has
 no trigram index: there the same query scans messages and recipients, the
-documented slower path (README, "Scale").
+documented slower path (README, "The dashboard").
 """
 
 from __future__ import annotations

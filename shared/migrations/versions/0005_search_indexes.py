@@ -13,7 +13,7 @@ between the wildcards). PostgreSQL only: the extension is created if missing
 create it) and each index is built ``CONCURRENTLY`` in an autocommit block,
 so a large table is not locked against writes while it is built. SQLite has
 no trigram index: this migration does nothing there and the search scans
-(the documented slower path, README "Scale").
+(the documented slower path, README "The dashboard").
 
 ``ix_events_message_time`` (message_id, occurred_at, id), on both databases,
 serves a message's timeline a page at a time, latest first
