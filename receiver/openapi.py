@@ -69,7 +69,18 @@ _MESSAGE = {
 SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": _STR}),
     "Message": _obj({**_MESSAGE, "recipients": {"type": "array", "items": _STR}}),
-    "MessageList": _list("messages", "Message", total=_INT, limit=_INT, offset=_INT),
+    "MessageList": _list(
+        "messages",
+        "Message",
+        total={**_INT, "description": "matches, exact up to 10,000 (see total_capped)"},
+        total_capped={**_BOOL, "description": "true: more than 10,000 match; total is 10,000"},
+        limit=_INT,
+        offset=_INT,
+        next_cursor={
+            "type": ["string", "null"],
+            "description": "pass as cursor= for the next (older) page; null on the last",
+        },
+    ),
     "Recipient": _obj(
         {
             "position": _INT,
@@ -129,7 +140,16 @@ SCHEMAS: dict[str, Any] = {
             **_MESSAGE,
             "recipients": {"type": "array", "items": _ref("Recipient")},
             "links": {"type": "array", "items": _ref("Link")},
-            "events": {"type": "array", "items": _ref("Event")},
+            "events": {
+                "type": "array",
+                "items": _ref("Event"),
+                "description": "a page of the message's events, latest first",
+            },
+            "event_count": {**_INT, "description": "all the message's events"},
+            "events_next": {
+                "type": ["string", "null"],
+                "description": "pass as events_before= for the next (older) page; null: no more",
+            },
         }
     ),
     "EventList": _list("events", "Event", next_after={**_INT, "description": "pass as after="}),
@@ -238,15 +258,26 @@ PATHS: dict[str, Any] = {
                 _query(
                     "limit", {"type": "integer", "minimum": 1, "maximum": 200}, "page size (50)"
                 ),
-                _query("offset", {"type": "integer", "minimum": 0}, "rows to skip"),
+                _query("cursor", _STR, "next_cursor of the previous page (keyset paging)"),
+                {
+                    **_query(
+                        "offset",
+                        {"type": "integer", "minimum": 0},
+                        "rows to skip; deprecated (slow on deep pages): use cursor",
+                    ),
+                    "deprecated": True,
+                },
             ],
         )
     },
     "/messages/{message_id}": {
         "get": _op(
-            "One message with recipients, links and events",
+            "One message with recipients, links and a page of its events",
             {**_ok("MessageDetail"), **_ERRORS, **_NOT_FOUND},
-            parameters=[_path("message_id", _ID)],
+            parameters=[
+                _path("message_id", _ID),
+                _query("events_before", _STR, "events_next of the previous page"),
+            ],
         )
     },
     "/events": {

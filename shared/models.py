@@ -183,6 +183,11 @@ class Event(SQLModel, table=True):
     diagnostic: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
 
 
+# A message's timeline, latest first, a page at a time (receiver/readmodel/detail.py; 0005).
+_events = Event.__table__  # type: ignore[attr-defined]
+Index("ix_events_message_time", _events.c.message_id, _events.c.occurred_at, _events.c.id)
+
+
 class Policy(SQLModel, table=True):
     """Per-sender tracking policy; ``pattern`` is ``a@b.c``, ``@b.c`` or ``*``.
 

@@ -45,9 +45,12 @@ async def list_messages(request: Request, viewer: Viewer) -> dict[str, Any]:
         text=text_param(request, "q"),
     )
     limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
-    offset = int_param(request, "offset", 0, 0, 10**9)
+    offset = int_param(request, "offset", 0, 0, 10**9)  # deprecated: use cursor
+    cursor = _cursor(request, "cursor")
+    if cursor is not None and offset:
+        raise ApiError(400, "send cursor or offset, not both")
     page = await asyncio.to_thread(
-        readmodel.messages_page, engine_of(request), viewer, selection, limit, offset
+        readmodel.messages_page, engine_of(request), viewer, selection, limit, cursor, offset
     )
     return {
         "messages": [
@@ -55,16 +58,31 @@ async def list_messages(request: Request, viewer: Viewer) -> dict[str, Any]:
             for row in page.rows
         ],
         "total": page.total,
+        "total_capped": page.capped,
         "limit": limit,
         "offset": offset,
+        "next_cursor": page.older,
     }
+
+
+def _cursor(request: Request, name: str = "cursor") -> readmodel.Cursor | None:
+    raw = request.query_params.get(name, "")
+    if not raw:
+        return None
+    try:
+        return readmodel.Cursor.decode(raw)
+    except readmodel.BadCursor:
+        raise ApiError(400, f"{name} must be a cursor this API returned") from None
 
 
 @endpoint()
 async def get_message(request: Request, viewer: Viewer) -> dict[str, Any]:
-    """One message with its recipients, links and events."""
+    """One message with its recipients, links and a page of its events, latest first."""
     message_id = id_param(request, "message_id", "message")
-    d = await asyncio.to_thread(readmodel.message_detail, engine_of(request), viewer, message_id)
+    before = _cursor(request, "events_before")
+    d = await asyncio.to_thread(
+        readmodel.message_detail, engine_of(request), viewer, message_id, before
+    )
     if d is None:
         raise ApiError(404, f"no message {message_id}")
     return {
@@ -88,6 +106,8 @@ async def get_message(request: Request, viewer: Viewer) -> dict[str, Any]:
             {"position": link.position, "url": link.url, "clicks": link.clicks} for link in d.links
         ],
         "events": [_event(e) for e in d.events],
+        "event_count": d.event_count,
+        "events_next": d.older,
     }
 
 

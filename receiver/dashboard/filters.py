@@ -45,7 +45,7 @@ class Filters:
     date_from: date | None = None
     date_to: date | None = None
     q: str = ""
-    page: int = 1
+    cursor: str = ""  # where the page starts (receiver/readmodel/paging.py); "" the newest
 
     @classmethod
     def parse(cls, params: QueryParams) -> tuple[Filters, list[str]]:
@@ -63,10 +63,6 @@ class Filters:
                     notes.append(f"{label} date “{raw}” is not a date like 2025-03-31; ignored.")
         if dates["from"] and dates["to"] and dates["from"] > dates["to"]:
             notes.append("The From date is after the To date; nothing can match.")
-        try:
-            page = max(1, min(int(params.get("page", "1")), 100_000))
-        except ValueError:
-            page = 1
         return (
             cls(
                 tracking=tracking if tracking in TRACKING else "",
@@ -75,7 +71,7 @@ class Filters:
                 date_from=dates["from"],
                 date_to=dates["to"],
                 q=text(params, "q", MAX_QUERY),
-                page=page,
+                cursor=text(params, "cursor", 200),
             ),
             notes,
         )
@@ -84,7 +80,7 @@ class Filters:
         return dataclasses.replace(self, **changes)
 
     def params(self, **changes: Any) -> dict[str, str]:
-        """Non-empty filters as query parameters (page 1 left out)."""
+        """Non-empty filters as query parameters (the first page has no cursor)."""
         f = self.replace(**changes)
         values = {
             "tracking": f.tracking,
@@ -93,7 +89,7 @@ class Filters:
             "from": f.date_from.isoformat() if f.date_from else "",
             "to": f.date_to.isoformat() if f.date_to else "",
             "q": f.q,
-            "page": str(f.page) if f.page > 1 else "",
+            "cursor": f.cursor,
         }
         return {k: v for k, v in values.items() if v}
 
@@ -102,7 +98,7 @@ class Filters:
         return f"?{encoded}" if encoded else ""
 
     def selection(self) -> Selection:
-        """What the read model selects for these filters (``page`` is paging, not here)."""
+        """What the read model selects for these filters (``cursor`` is paging, not here)."""
         return Selection(
             tracked={"on": True, "off": False}.get(self.tracking),
             opened={"opened": True, "not_opened": False}.get(self.state),
@@ -115,4 +111,4 @@ class Filters:
 
     @property
     def active(self) -> bool:
-        return bool(self.params(page=1))
+        return bool(self.params(cursor=""))

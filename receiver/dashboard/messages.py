@@ -7,12 +7,13 @@ These pages only present: what they show comes from the read model
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
-import math
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -33,30 +34,29 @@ KEEPALIVE = 15.0
 @page()
 async def messages_list(request: Request, viewer: Viewer) -> Response:
     filters, notes = Filters.parse(request.query_params)
+    cursor = None
+    if filters.cursor:
+        try:
+            cursor = readmodel.Cursor.decode(filters.cursor)
+        except readmodel.BadCursor:
+            notes.append("That page link is not one this dashboard made; showing the newest.")
     engine = engine_of(request)
     found = await asyncio.to_thread(
-        readmodel.messages_page,
-        engine,
-        viewer,
-        filters.selection(),
-        PER_PAGE,
-        (filters.page - 1) * PER_PAGE,
+        readmodel.messages_page, engine, viewer, filters.selection(), PER_PAGE, cursor
     )
     senders = await asyncio.to_thread(readmodel.senders, engine, viewer)
-    pages = max(1, math.ceil(found.total / PER_PAGE))
     return render(
         request,
         "dashboard/messages.html",
         {
             "rows": found.rows,
             "total": found.total,
+            "found": found,
             "filters": filters,
             "notes": notes,
             "senders": senders,
             "tracking_choices": TRACKING,
             "state_choices": STATES,
-            "page": filters.page,
-            "pages": pages,
             "nav": "messages",
         },
     )
@@ -65,14 +65,22 @@ async def messages_list(request: Request, viewer: Viewer) -> Response:
 @page()
 async def message_detail(request: Request, viewer: Viewer) -> Response:
     message_id = int(request.path_params["message_id"])
+    before = None
+    notes = []
+    if raw := request.query_params.get("before", ""):
+        try:
+            before = readmodel.Cursor.decode(raw)
+        except readmodel.BadCursor:
+            notes.append("That link is not one this dashboard made; showing the latest events.")
     detail = await asyncio.to_thread(
-        readmodel.message_detail, engine_of(request), viewer, message_id
+        readmodel.message_detail, engine_of(request), viewer, message_id, before
     )
     if detail is None:
         return not_found(request)
     context = {
         "d": detail,
         "panel": decision.panel(detail.decision),
+        "notes": notes,
         "device": device_family,
         "nav": "messages",
     }
@@ -97,7 +105,7 @@ def _cell(value: object) -> str:
     return "'" + text if risky else text
 
 
-def _csv_lines(header: list[str], rows: Iterable[Sequence[object]]) -> Iterator[str]:
+def _csv_lines(header: list[str], rows: Iterable[Sequence[object]]) -> Generator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer, quoting=csv.QUOTE_ALL)
     writer.writerow(header)
@@ -110,17 +118,21 @@ def _csv_lines(header: list[str], rows: Iterable[Sequence[object]]) -> Iterator[
     yield buffer.getvalue()
 
 
-async def _in_thread(lines: Iterator[str]) -> AsyncIterator[str]:
+async def _in_thread(lines: Generator[str]) -> AsyncIterator[str]:
     """Drive a blocking generator (database reads) without blocking the loop."""
     done = object()
-    while True:
-        chunk = await asyncio.to_thread(next, lines, done)
-        if chunk is done:
-            return
-        yield str(chunk)
+    try:
+        while True:
+            chunk = await asyncio.to_thread(next, lines, done)
+            if chunk is done:
+                return
+            yield str(chunk)
+    finally:  # a client gone mid-way: close the query (its connection) now
+        with contextlib.suppress(ValueError):  # unless a read is still running
+            lines.close()
 
 
-def _csv_response(lines: Iterator[str], name: str) -> Response:
+def _csv_response(lines: Generator[str], name: str) -> Response:
     return StreamingResponse(
         _in_thread(lines),
         media_type="text/csv; charset=utf-8",
@@ -134,59 +146,32 @@ def _csv_response(lines: Iterator[str], name: str) -> Response:
 @page()
 async def messages_csv(request: Request, viewer: Viewer) -> Response:
     filters, _ = Filters.parse(request.query_params)
-    rows = (
-        [
-            str(r.message.id),
-            iso(r.message.created_at, zulu=False),
-            r.message.sender,
-            r.message.subject,
-            "; ".join(r.recipients),
-            "yes" if r.message.track_opens else "no",
-            "yes" if r.message.track_clicks else "no",
-            r.opens.count,
-            iso(r.opens.first, zulu=False),
-            iso(r.opens.last, zulu=False),
-            r.clicks.count,
-            iso(r.clicks.first, zulu=False),
-            iso(r.clicks.last, zulu=False),
-            r.machine_opens,
-            r.message.status,
-        ]
-        for r in readmodel.all_messages(engine_of(request), viewer, filters.selection())
+    rows = readmodel.export_messages(engine_of(request), viewer, filters.selection())
+    return _csv_response(
+        _csv_lines(list(readmodel.messages.EXPORT_COLUMNS), map(_message_cells, rows)),
+        "messages.csv",
     )
-    header = [
-        "message_id", "sent_at", "sender", "subject", "recipients", "track_opens",
-        "track_clicks", "opens", "first_open", "last_open", "clicks", "first_click",
-        "last_click", "machine_opens", "status",
+
+
+def _message_cells(row: tuple[Any, ...]) -> list[object]:
+    mid, sent, sender, subject, recipients, opens, clicks, *hits, status = row
+    o_count, o_first, o_last, c_count, c_first, c_last, machine = hits
+    return [
+        str(mid), iso(sent, zulu=False), sender, subject, recipients,
+        "yes" if opens else "no", "yes" if clicks else "no",
+        o_count, iso(o_first, zulu=False), iso(o_last, zulu=False),
+        c_count, iso(c_first, zulu=False), iso(c_last, zulu=False), machine, status,
     ]  # fmt: skip
-    return _csv_response(_csv_lines(header, rows), "messages.csv")
 
 
 @page()
 async def events_csv(request: Request, viewer: Viewer) -> Response:
     filters, _ = Filters.parse(request.query_params)
     rows = (
-        [
-            str(row.event.message_id),
-            row.subject,
-            row.sender,
-            row.event.kind,
-            iso(row.event.occurred_at, zulu=False),
-            row.address,
-            row.url,
-            row.event.verdict,
-            row.event.reasons,
-            row.event.ip,
-            row.event.user_agent,
-            row.event.method,
-        ]
-        for row in readmodel.all_events(engine_of(request), viewer, filters.selection())
+        [str(r[0]), r[1], r[2], r[3], iso(r[4], zulu=False), *r[5:]]
+        for r in readmodel.export_events(engine_of(request), viewer, filters.selection())
     )
-    header = [
-        "message_id", "subject", "sender", "kind", "occurred_at", "recipient", "url",
-        "verdict", "reasons", "ip", "user_agent", "method",
-    ]  # fmt: skip
-    return _csv_response(_csv_lines(header, rows), "events.csv")
+    return _csv_response(_csv_lines(list(readmodel.events.EXPORT_COLUMNS), rows), "events.csv")
 
 
 @page()

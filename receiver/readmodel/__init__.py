@@ -11,13 +11,14 @@ queries. The rules every read follows live here and nowhere else:
   and ``scanner`` opens are counted apart; ``self`` and ``unknown`` are only
   on the timeline (``scope.COUNTED``, ``scope.AUTOMATED``).
 
-Modules: ``scope`` (the WHERE clauses), ``messages`` (lists with hit counts,
-paging, senders), ``detail`` (one message's story and the facts of its
-tracking decision), ``events`` (the feed after a cursor), ``activity`` (per
-sender and day figures for the overview, from the rollup).
+Modules: ``scope`` (the WHERE clauses), ``paging`` (keyset cursors on
+created_at and id, capped counts), ``messages`` (lists with hit counts, the
+streamed CSV rows, senders), ``detail`` (one message's story and the facts of
+its tracking decision), ``events`` (the feed after a cursor), ``activity``
+(per sender and day figures for the overview, from the rollup).
 Everything is synchronous SQLAlchemy taking an Engine: callers run it with
 ``asyncio.to_thread``. This is the place to make reads fast (keyset paging,
-indexes): callers only see rows and pages.
+capped counts, indexes, streamed exports): callers only see rows and pages.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ from receiver.readmodel.detail import (
     decision_facts,
     message_detail,
 )
-from receiver.readmodel.events import EventRow, all_events, events_after
+from receiver.readmodel.events import EventRow, events_after, export_events
 from receiver.readmodel.messages import (
     Hits,
     MessageRow,
     Page,
-    all_messages,
+    export_messages,
     messages_page,
     senders,
 )
+from receiver.readmodel.paging import COUNT_CAP, BadCursor, Cursor
 from receiver.readmodel.scope import (
     AUTOMATED,
     COUNTED,
@@ -56,6 +58,9 @@ from receiver.readmodel.scope import (
 __all__ = [
     "AUTOMATED",
     "COUNTED",
+    "COUNT_CAP",
+    "BadCursor",
+    "Cursor",
     "DayFigures",
     "DecisionFacts",
     "Detail",
@@ -68,14 +73,14 @@ __all__ = [
     "RecipientView",
     "Selection",
     "TimelineEntry",
-    "all_events",
-    "all_messages",
     "aware",
     "daily",
     "day_end",
     "day_start",
     "decision_facts",
     "events_after",
+    "export_events",
+    "export_messages",
     "message_detail",
     "messages_page",
     "selected",

@@ -1,4 +1,4 @@
-"""One message's story: its recipients, links and every event, already counted.
+"""One message's story: its recipients, links and its events, already counted.
 
 The counting rule applies as in the lists: a recipient's or a link's opens and
 clicks are the human and proxy ones; everything else is on the timeline only
@@ -6,6 +6,14 @@ clicks are the human and proxy ones; everything else is on the timeline only
 own, or unknown: the timeline's labels). Events from a message-level token
 (recipient position 0, or a position no recipient has) belong to the whole
 message.
+
+What it costs does not grow with the message's events: the figures (per
+recipient, per link, by verdict) are one grouped query on the message's events
+(``GROUP BY`` position, link, kind, verdict: a few dozen rows however many
+thousand hits), and the timeline is one page of ``TIMELINE_PAGE`` events,
+latest first, keyset-paged on (occurred_at, id) over ``ix_events_message_time``
+(migration 0005). ``Detail.older`` is the cursor of the next, older page
+("Show more" on the dashboard, ``events_before`` in the API).
 
 :class:`DecisionFacts` is what the message page explains about how the
 message was tracked and delivered: the decision record the relay stored
@@ -20,12 +28,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func
+from sqlalchemy import Engine, and_, func, or_
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from receiver.readmodel.messages import Hits, MessageRow, with_hits
+from receiver.readmodel.paging import Cursor
 from receiver.readmodel.scope import COUNTED, aware, visible
 from shared.db import session_scope
 from shared.identity import Viewer
@@ -50,7 +61,7 @@ class RecipientView:
     reply_code: int
     reply_text: str
     tracked: bool
-    timeline: list[TimelineEntry] = field(default_factory=list)  # oldest first
+    timeline: list[TimelineEntry] = field(default_factory=list)  # this page's, latest first
     opens: Hits = field(default_factory=Hits)
     clicks: Hits = field(default_factory=Hits)
 
@@ -96,13 +107,22 @@ class Detail:
     recipients: list[RecipientView]
     whole_message: RecipientView  # events from message-level tokens (position 0)
     links: list[LinkView]
-    events: list[Event]  # all of them, in id (arrival) order
+    events: list[Event]  # this page of the timeline, latest first
     verdicts: dict[str, int]  # opens by verdict
     decision: DecisionFacts
+    event_count: int = 0  # all the message's events
+    older: str | None = None  # cursor of the next (older) page of events, None on the last
+    paged: bool = False  # this is not the latest page
 
 
-def message_detail(engine: Engine, viewer: Viewer, message_id: int) -> Detail | None:
-    """The message if ``viewer`` may see it, else None (the same as no such message)."""
+TIMELINE_PAGE = 100
+
+
+def message_detail(
+    engine: Engine, viewer: Viewer, message_id: int, before: Cursor | None = None
+) -> Detail | None:
+    """The message if ``viewer`` may see it, else None (the same as no such message);
+    its timeline is the page of events older than ``before`` (or the latest)."""
     if not 0 <= message_id < 2**63:  # no such id: a BIGINT could not even hold it
         return None
     with session_scope(engine) as session:
@@ -120,12 +140,8 @@ def message_detail(engine: Engine, viewer: Viewer, message_id: int) -> Detail | 
         links = session.exec(
             select(Link).where(col(Link.message_id) == message_id).order_by(col(Link.position))
         ).all()
-        events = list(
-            session.exec(
-                select(Event).where(col(Event.message_id) == message_id).order_by(col(Event.id))
-            ).all()
-        )
-        link_views = _link_clicks(session, message_id, links)
+        groups = session.execute(_figures(message_id)).all()
+        events = _timeline(session, message_id, before)
         facts = _decision_facts(session, message)
     views = {
         r.position: RecipientView(
@@ -134,18 +150,15 @@ def message_detail(engine: Engine, viewer: Viewer, message_id: int) -> Detail | 
         for r in recipients
     }
     whole = RecipientView(0, "", "accepted", 250, "", message.track_opens or message.track_clicks)
-    verdicts: dict[str, int] = {}
+    link_views = {link.position: LinkView(link.position, link.url) for link in links}
+    verdicts = _count(groups, views, whole, link_views)
+    more = len(events) > TIMELINE_PAGE
+    events = events[:TIMELINE_PAGE]
     for event in events:
         event.occurred_at = aware(event.occurred_at) or event.occurred_at
-    for event in sorted(events, key=lambda e: (e.occurred_at, e.id or 0)):
         link = link_views.get(event.link_position) if event.kind == "click" else None
         target = views.get(event.recipient_position, whole)
         target.timeline.append(TimelineEntry(event, link.url if link else ""))
-        is_counted = event.verdict in COUNTED
-        if event.kind == "open":
-            verdicts[event.verdict] = verdicts.get(event.verdict, 0) + 1
-        if is_counted:
-            _count(target.opens if event.kind == "open" else target.clicks, event)
     return Detail(
         row=row,
         recipients=list(views.values()),
@@ -154,37 +167,74 @@ def message_detail(engine: Engine, viewer: Viewer, message_id: int) -> Detail | 
         events=events,
         verdicts=verdicts,
         decision=facts,
+        event_count=sum(int(g[4]) for g in groups),
+        older=Cursor(events[-1].occurred_at, events[-1].id or 0).encode() if more else None,
+        paged=before is not None,
     )
 
 
-def _count(hits: Hits, event: Event) -> None:
-    """Add a counted event; events arrive oldest first."""
-    hits.count += 1
-    hits.first = hits.first or event.occurred_at
-    hits.last = event.occurred_at
+def _figures(message_id: int) -> Any:
+    """The message's events grouped by what the figures tell apart."""
+    e = Event
+    keys = (col(e.recipient_position), col(e.link_position), col(e.kind), col(e.verdict))
+    return (
+        sa_select(*keys, func.count(), func.min(col(e.occurred_at)), func.max(col(e.occurred_at)))
+        .where(col(e.message_id) == message_id)
+        .group_by(*keys)
+    )
 
 
-def _link_clicks(session: Session, message_id: int, links: Sequence[Link]) -> dict[int, LinkView]:
-    """The message's links with their clicks by whom, as the timeline labels them."""
-    views = {link.position: LinkView(link.position, link.url) for link in links}
-    rows = session.exec(
-        select(col(Event.link_position), col(Event.verdict), func.count())
-        .where(col(Event.message_id) == message_id, col(Event.kind) == "click")
-        .group_by(col(Event.link_position), col(Event.verdict))
-    ).all()
-    for position, verdict, count in rows:
-        view = views.get(position)
-        if view is None:
-            continue
-        if verdict in COUNTED:
-            view.clicks += count
-        elif verdict in AUTOMATED:
-            view.automatic += count
-        elif verdict == SELF:
-            view.sender += count
-        elif verdict == UNKNOWN:
-            view.unknown += count
-    return views
+def _timeline(session: Session, message_id: int, before: Cursor | None) -> list[Event]:
+    """Up to TIMELINE_PAGE + 1 events older than ``before``, latest first."""
+    at, key = col(Event.occurred_at), col(Event.id)
+    query = select(Event).where(col(Event.message_id) == message_id)
+    if before is not None:
+        query = query.where(
+            and_(at <= before.created_at, or_(at < before.created_at, key < before.id))
+        )
+    query = query.order_by(at.desc(), key.desc()).limit(TIMELINE_PAGE + 1)
+    return list(session.exec(query).all())
+
+
+def _count(
+    groups: Any,
+    views: dict[int, RecipientView],
+    whole: RecipientView,
+    links: dict[int, LinkView],
+) -> dict[str, int]:
+    """Add each group to its recipient (or the whole message) and link; opens by verdict."""
+    verdicts: dict[str, int] = {}
+    for position, link_position, kind, verdict, n, first, last in groups:
+        count = int(n)
+        target = views.get(position, whole)
+        is_counted = verdict in COUNTED
+        if kind == "open":
+            verdicts[verdict] = verdicts.get(verdict, 0) + count
+        if is_counted and kind in ("open", "click"):
+            _add(target.opens if kind == "open" else target.clicks, count, first, last)
+        link = links.get(link_position) if kind == "click" else None
+        if link is not None:
+            _split(link, verdict, count)
+    return verdicts
+
+
+def _split(link: LinkView, verdict: str, count: int) -> None:
+    """A link's clicks by whom, as the timeline labels them."""
+    if verdict in COUNTED:
+        link.clicks += count
+    elif verdict in AUTOMATED:
+        link.automatic += count
+    elif verdict == SELF:
+        link.sender += count
+    elif verdict == UNKNOWN:
+        link.unknown += count
+
+
+def _add(hits: Hits, count: int, first: datetime | None, last: datetime | None) -> None:
+    hits.count += count
+    first, last = aware(first), aware(last)
+    hits.first = min(hits.first, first) if hits.first and first else hits.first or first
+    hits.last = max(hits.last, last) if hits.last and last else hits.last or last
 
 
 def _decision_facts(session: Session, message: Message) -> DecisionFacts:

@@ -1,8 +1,15 @@
 """Lists of messages with their hit counts: a page, every row (CSV), the senders.
 
 Ordered newest first (created_at, then id: ids are random, so the pair is a
-total order). Paging is limit/offset with a count of all matches today; this
-is the one place to make it keyset-paged when the tables grow.
+total order) and keyset-paged on that pair (receiver/readmodel/paging.py): a
+page costs what it shows, however deep it is and however much mail there is.
+The count beside it stops at ``COUNT_CAP``. ``offset`` is still read for the
+API's deprecated ``offset`` parameter, and costs what OFFSET costs.
+
+The CSV export streams: one query on a server-side cursor (``stream_results``;
+psycopg's named cursor on PostgreSQL, SQLite's own lazy cursor) of plain
+tuples, the messages joined to their recipients, so memory stays flat and no
+page is counted or skipped.
 """
 
 from __future__ import annotations
@@ -10,17 +17,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import groupby
+from operator import itemgetter
+from typing import Any
 
-from sqlalchemy import Engine, case, func
+from sqlalchemy import Engine
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from receiver.readmodel.scope import AUTOMATED, COUNTED, Selection, aware, selected, visible
+from receiver.readmodel.paging import Cursor, beyond, capped_count, ordered
+from receiver.readmodel.scope import Selection, aware, selected, visible
 from shared.db import session_scope
 from shared.identity import Viewer
-from shared.models import Event, Message, Recipient
+from shared.models import Message, Recipient, Sender
 
-EXPORT_CHUNK = 500
+EXPORT_CHUNK = 1000
 
 
 @dataclass
@@ -45,79 +56,119 @@ class MessageRow:
 @dataclass
 class Page:
     rows: list[MessageRow]
-    total: int  # matches in all, not only on this page
+    total: int  # matches in all, exactly up to COUNT_CAP
+    capped: bool = False  # more than COUNT_CAP match: ``total`` is COUNT_CAP
+    older: str | None = None  # cursor of the next page of older rows, None on the last
+    newer: str | None = None  # cursor of the page of newer rows, None on the first
 
 
 def messages_page(
-    engine: Engine, viewer: Viewer, selection: Selection, limit: int, offset: int = 0
+    engine: Engine,
+    viewer: Viewer,
+    selection: Selection,
+    limit: int,
+    cursor: Cursor | None = None,
+    offset: int = 0,
 ) -> Page:
-    """Up to ``limit`` matching messages after skipping ``offset``, and the total."""
+    """Up to ``limit`` matching messages next to ``cursor`` (or after skipping
+    ``offset``), the capped count and the cursors of the pages either side."""
     where = selected(viewer, selection)
+    older = cursor is None or cursor.older
+    query = select(Message).where(*where)
+    if cursor is not None:
+        query = query.where(beyond(cursor))
+    query = ordered(query, older).offset(offset or None).limit(limit + 1)
     with session_scope(engine) as session:
-        total = int(session.exec(select(func.count()).select_from(Message).where(*where)).one())
-        query = (
-            select(Message)
-            .where(*where)
-            .order_by(col(Message.created_at).desc(), col(Message.id).desc())
-            .offset(offset)
-            .limit(limit)
-        )
-        rows = with_hits(session, list(session.exec(query).all()))
-    return Page(rows, total)
-
-
-def all_messages(engine: Engine, viewer: Viewer, selection: Selection) -> Iterator[MessageRow]:
-    """Every matching message (for CSV), read in chunks."""
-    offset = 0
-    while True:
-        chunk = messages_page(engine, viewer, selection, EXPORT_CHUNK, offset).rows
-        yield from chunk
-        if len(chunk) < EXPORT_CHUNK:
-            return
-        offset += EXPORT_CHUNK
+        found = list(session.exec(query).all())
+        more = len(found) > limit
+        if not older and not more:  # reached the newest rows: that is the first page
+            return messages_page(engine, viewer, selection, limit)
+        messages = found[:limit] if older else found[:limit][::-1]
+        total, capped = capped_count(session, where)
+        rows = with_hits(session, messages)
+    at_start = cursor is None and not offset
+    return Page(
+        rows,
+        total,
+        capped,
+        older=Cursor.of(messages[-1], True).encode() if messages and (more or not older) else None,
+        newer=Cursor.of(messages[0], False).encode() if messages and not at_start else None,
+    )
 
 
 def with_hits(session: Session, messages: list[Message]) -> list[MessageRow]:
-    """``messages`` with their recipients and counts, in the same order."""
-    rows = {m.id: MessageRow(m) for m in messages}
+    """``messages`` with their recipients and counts, in the same order.
+
+    The counts are the message's state columns (shared/eventstate.py): no
+    event is read for a list.
+    """
+    rows = {m.id: _row(m) for m in messages}
     if not rows:
         return []
-    ids = list(rows)
-    recipients = select(Recipient).where(col(Recipient.message_id).in_(ids))
+    recipients = select(Recipient).where(col(Recipient.message_id).in_(list(rows)))
     for r in session.exec(recipients.order_by(col(Recipient.position))):
         rows[r.message_id].recipients.append(r.address)
         rows[r.message_id].refused += r.status != "accepted"
-    is_counted = col(Event.verdict).in_(COUNTED)
-    stats = (
-        sa_select(
-            col(Event.message_id),
-            col(Event.kind),
-            func.count(case((is_counted, 1))),
-            func.min(case((is_counted, col(Event.occurred_at)))),
-            func.max(case((is_counted, col(Event.occurred_at)))),
-            func.count(case((col(Event.verdict).in_(AUTOMATED), 1))),
-        )
-        .where(col(Event.message_id).in_(ids))
-        .group_by(col(Event.message_id), col(Event.kind))
-    )
-    for message_id, kind, count, first, last, machine in session.execute(stats):
-        hits = Hits(int(count), aware(first), aware(last))
-        if kind == "open":
-            rows[message_id].opens = hits
-            rows[message_id].machine_opens = int(machine)
-        elif kind == "click":
-            rows[message_id].clicks = hits
     return list(rows.values())
 
 
-def senders(engine: Engine, viewer: Viewer) -> list[str]:
-    """Distinct senders the viewer may filter on (for a select box), at most 500."""
-    with session_scope(engine) as session:
-        query = (
-            select(func.lower(col(Message.sender)))
-            .where(visible(viewer))
-            .distinct()
-            .order_by(func.lower(col(Message.sender)))
-            .limit(500)
+def _row(m: Message) -> MessageRow:
+    return MessageRow(
+        m,
+        opens=Hits(m.opens, aware(m.first_open_at), aware(m.last_open_at)),
+        clicks=Hits(m.clicks, aware(m.first_click_at), aware(m.last_click_at)),
+        machine_opens=m.machine_opens,
+    )
+
+
+EXPORT_COLUMNS = (
+    "message_id", "sent_at", "sender", "subject", "recipients", "track_opens",
+    "track_clicks", "opens", "first_open", "last_open", "clicks", "first_click",
+    "last_click", "machine_opens", "status",
+)  # fmt: skip
+
+
+def export_messages(
+    engine: Engine, viewer: Viewer, selection: Selection
+) -> Iterator[tuple[Any, ...]]:
+    """Every matching message as a plain tuple of EXPORT_COLUMNS, newest first.
+
+    One streamed query, each message's row once per recipient (outer join, in
+    position order), folded here: no IN list of ids, no second query.
+    """
+    m = Message
+    query = ordered(
+        sa_select(
+            col(m.id), col(m.created_at), col(m.sender), col(m.subject),
+            col(m.track_opens), col(m.track_clicks), col(m.opens), col(m.first_open_at),
+            col(m.last_open_at), col(m.clicks), col(m.first_click_at), col(m.last_click_at),
+            col(m.machine_opens), col(m.status), col(Recipient.address),
         )
-        return [s for s in session.exec(query).all() if s]
+        .select_from(m)
+        .join(Recipient, col(Recipient.message_id) == col(m.id), isouter=True)
+        .where(*selected(viewer, selection))
+    ).order_by(col(Recipient.position))  # fmt: skip
+    options = {"stream_results": True, "yield_per": EXPORT_CHUNK}
+    with engine.connect() as conn:
+        rows = conn.execute(query, execution_options=options)
+        for _, group in groupby(rows, key=itemgetter(0)):
+            lines = list(group)  # one per recipient: a few
+            addresses = [r[14] for r in lines if r[14] is not None]
+            mid, created, sender, subject, opens, clicks, o, o1, o2, c, c1, c2, mo, st, _ = lines[0]
+            yield (
+                mid, aware(created), sender, subject, "; ".join(addresses), opens, clicks,
+                o, aware(o1), aware(o2), c, aware(c1), aware(c2), mo, st,
+            )  # fmt: skip
+
+
+def senders(engine: Engine, viewer: Viewer) -> list[str]:
+    """The senders the viewer may filter on (for a select box), at most 500.
+
+    Read from the ``senders`` table (one row per lower-cased envelope sender,
+    kept by the relay's record), never from the messages: a sender sees only
+    the keys their own addresses and domains match.
+    """
+    key = col(Sender.sender_key)
+    query = select(key).where(key != "", visible(viewer, key)).order_by(key).limit(500)
+    with session_scope(engine) as session:
+        return list(session.exec(query).all())

@@ -8,7 +8,7 @@ from alembic import context
 from sqlmodel import SQLModel
 
 from shared import models  # noqa: F401  (registers the tables)
-from shared.db import make_engine
+from shared.db import include_object, make_engine
 
 log = logging.getLogger("alembic.env")
 target_metadata = SQLModel.metadata
@@ -24,6 +24,7 @@ def run_migrations() -> None:
                 connection=connection,
                 target_metadata=target_metadata,
                 render_as_batch=connection.dialect.name == "sqlite",
+                include_object=include_object,
             )
             with context.begin_transaction():
                 context.run_migrations()

@@ -432,3 +432,46 @@ def test_answers_in_the_events_feed_and_per_recipient(
     assert (carol["bounced_at"] is not None, carol["bounce_type"]) == (True, "hard")
     assert carol["replied_at"] is None
     assert (detail["opens"], detail["clicks"]) == (0, 0)  # an answer is no open or click
+
+
+def test_messages_page_by_cursor_and_a_message_pages_its_events(
+    client: httpx.Client, engine: Engine, tokens: dict[str, str]
+) -> None:
+    sent = [
+        add_message(engine, subject=f"n{i}", created_at=T0 + timedelta(minutes=i)) for i in range(5)
+    ]
+    write_events(
+        engine, [event(sent[0], at=T0 + timedelta(hours=1, seconds=s)) for s in range(130)]
+    )
+    seen: list[str] = []
+    params = {"limit": "2"}
+    while True:
+        body = client.get("/api/v1/messages", params=params, headers=auth(tokens["root"])).json()
+        validate(body, "MessageList")
+        seen += [m["id"] for m in body["messages"]]
+        if body["next_cursor"] is None:
+            break
+        params = {"limit": "2", "cursor": body["next_cursor"]}
+    assert seen == [str(m.id) for m in reversed(sent)]
+    assert body["total"] == 5
+    assert body["total_capped"] is False
+    both = client.get(
+        "/api/v1/messages",
+        params={"cursor": body["next_cursor"] or "o:x", "offset": "1"},
+        headers=auth(tokens["root"]),
+    )
+    assert both.status_code == 400
+    url = f"/api/v1/messages/{sent[0].id}"
+    first = client.get(url, headers=auth(tokens["root"])).json()
+    validate(first, "MessageDetail")
+    assert (len(first["events"]), first["event_count"]) == (100, 130)
+    assert first["recipients"][0]["first_opened_at"] is not None
+    rest = client.get(
+        url, params={"events_before": first["events_next"]}, headers=auth(tokens["root"])
+    ).json()
+    assert len(rest["events"]) == 30
+    assert rest["events_next"] is None
+    assert not {e["id"] for e in rest["events"]} & {e["id"] for e in first["events"]}
+    bad = client.get(url, params={"events_before": "nonsense"}, headers=auth(tokens["root"]))
+    assert bad.status_code == 400
+    assert "events_before" in bad.json()["error"]

@@ -25,7 +25,8 @@ NEW_TABLES = {
 def test_models_match_the_migrations(database_url: str) -> None:
     engine = db.make_engine(database_url)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+        context = MigrationContext.configure(conn, opts={"include_object": db.include_object})
+        diff = compare_metadata(context, SQLModel.metadata)
     engine.dispose()
     assert diff == []
 

@@ -10,7 +10,7 @@ from shared import db
 
 def test_listener_is_added_empty_for_old_rows_and_removed_again(database_url: str) -> None:
     config = db.alembic_config(database_url)
-    command.downgrade(config, "0004")
+    command.downgrade(config, "0005")
     engine = db.make_engine(database_url)
     try:
         assert "listener" not in {c["name"] for c in inspect(engine).get_columns("messages")}

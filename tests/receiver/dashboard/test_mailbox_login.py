@@ -19,6 +19,7 @@ from shared.db import session_scope
 from shared.models import Message, User
 from shared.users import MAILBOX_LOGIN, add_user, user_addresses
 from tests.support.dashboardkit import D, csrf_from, seed
+from tests.support.seedrows import settle
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 
@@ -53,6 +54,7 @@ def test_a_mailbox_signs_in_and_sees_its_own_mail(
     assert "password of your mail account" in passthrough.get(f"{D}/login").text
     with session_scope(engine) as session:
         session.add(Message(id=77, sender=USER, subject="From the mailbox", status="sent"))
+    settle(engine)
     assert _sign_in(passthrough, USER, PASSWORD)[0] == 303
     assert upstream.auth_attempts == [("PLAIN", USER)]
     with session_scope(engine) as session:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
+import re
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -44,6 +46,7 @@ from tests.support.dashboardkit import (
     seed,
     token,
 )
+from tests.support.seedrows import event, settle, write_events
 
 
 def ids_on(html: str) -> set[int]:
@@ -260,6 +263,7 @@ def test_domain_sender_and_sender_without_addresses(
     seed(engine)
     with session_scope(engine) as s:  # a look-alike domain must not match @corp.example
         s.add(Message(id=99, sender="x@evilcorp.example", subject="lookalike"))
+    settle(engine)
     with TestClient(create_app(make_settings(), engine)) as client:
         login(client, "dom")
         html = client.get(f"{D}/messages").text
@@ -312,6 +316,7 @@ def test_text_from_mail_is_escaped(client: TestClient) -> None:
 def test_csv_cells_cannot_be_formulas(client: TestClient, engine: Engine) -> None:
     with session_scope(engine) as s:
         s.add(Message(id=98, sender="sam@example.com", subject='=HYPERLINK("http://x","y")'))
+    settle(engine)
     login(client, "ada")
     text = client.get(f"{D}/messages.csv").text
     row = next(r for r in csv.DictReader(io.StringIO(text)) if r["message_id"] == "98")
@@ -384,6 +389,7 @@ def test_not_opened_means_tracked_for_opens_and_no_counted_open(
     """As in the API: mail not tracked for opens is not "not opened"."""
     with session_scope(engine) as s:
         s.add(Message(id=97, sender="sam@example.com", subject="clicks only", track_clicks=True))
+    settle(engine)
     login(client, "ada")
     html = client.get(f"{D}/messages", params={"state": "not_opened"}).text
     assert ids_on(html) == {M_XSS}  # not M_UNTRACKED: never tracked
@@ -394,6 +400,7 @@ def test_search_matches_like_wildcards_literally(client: TestClient, engine: Eng
     with session_scope(engine) as s:
         for mid, subject in ((91, "50% off"), (92, "500 off"), (93, "Plan a_b"), (94, "Plan a1b")):
             s.add(Message(id=mid, sender="sam@example.com", subject=subject))
+    settle(engine)
     login(client, "ada")
 
     def found(q: str) -> set[int]:
@@ -412,16 +419,46 @@ def test_bad_filter_values_are_explained(client: TestClient) -> None:
 
 
 def test_paging(client: TestClient, engine: Engine) -> None:
+    """Keyset pages: "Older" and "Newer" links carry a cursor and keep the filters."""
     with session_scope(engine) as s:
         for i in range(60):
             s.add(Message(id=1000 + i, sender="bulk@example.com", subject=f"bulk {i:02}"))
+    settle(engine)
     login(client, "ada")
     first = client.get(f"{D}/messages", params={"sender": "bulk@example.com"}).text
-    assert "Page 1 of 2" in first
+    assert "60 messages" in first
     assert first.count("data-message-id=") == 50
-    second = client.get(f"{D}/messages", params={"sender": "bulk@example.com", "page": "2"}).text
+    assert "Newer" not in first
+    older = re.search(r'href="([^"]*sender=bulk%40example.com&amp;cursor=[^"]+)" rel="next"', first)
+    assert older, "the pager keeps the filters"
+    second = client.get(html.unescape(older.group(1))).text
     assert second.count("data-message-id=") == 10
-    assert "sender=bulk%40example.com&amp;page=2" in first  # the pager keeps the filters
+    assert "Older" not in second
+    newer = re.search(r'href="([^"]+)" rel="prev"', second)
+    assert newer
+    back = client.get(html.unescape(newer.group(1))).text
+    assert re.findall(r'data-message-id="(\d+)"', back) == re.findall(
+        r'data-message-id="(\d+)"', first
+    )
+    bad = client.get(f"{D}/messages", params={"cursor": "o:nonsense"})
+    assert bad.status_code == 200
+    assert "not one this dashboard made" in bad.text
+
+
+def test_a_long_timeline_shows_more_by_a_link(client: TestClient, engine: Engine) -> None:
+    with session_scope(engine) as s:
+        message = s.get(Message, M_OPENED)
+    assert message is not None
+    write_events(engine, [event(message, at=NOW - timedelta(seconds=n)) for n in range(130)])
+    login(client, "ada")
+    page = client.get(f"{D}/messages/{M_OPENED}").text
+    assert page.count('class="tl-item') == 100
+    more = re.search(r'href="([^"]+)" rel="next">Show more', page)
+    assert more
+    rest = client.get(html.unescape(more.group(1))).text
+    assert rest.count('class="tl-item') > 0
+    assert "Latest events" in rest
+    assert "Show more" not in rest
 
 
 def test_csv_export_follows_the_filters(client: TestClient) -> None:
