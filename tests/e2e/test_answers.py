@@ -62,6 +62,7 @@ def serve(tmp_path: Path, database_url: str, upstream: RecordingUpstream) -> Ite
         TRACKRELAY_INTAKE_PORT=str(process.intake_port),  # type: ignore[attr-defined]
         TRACKRELAY_INTAKE_NETWORKS="127.0.0.1/32",
         TRACKRELAY_WEBHOOK_POLL_INTERVAL="0.1",
+        TRACKRELAY_WEBHOOK_ALLOW_PRIVATE="true",  # the webhook server is on loopback
     )
     yield process
     if process.process is not None and process.process.poll() is None:
