@@ -145,7 +145,9 @@ def seed(engine: Engine, n: int, heaviest: int = 11_000, now: datetime | None = 
                 "(SELECT message_id FROM recipients WHERE status = 'refused')"
             )
         )
-        heaviest_id = int(conn.execute(text(f"SELECT id FROM bench_m WHERE i = {heavy_i}")).one()[0])
+        heaviest_id = int(
+            conn.execute(text(f"SELECT id FROM bench_m WHERE i = {heavy_i}")).one()[0]
+        )
         for statement in dropped:
             conn.execute(text(statement))
         conn.execute(text("DROP TABLE bench_m"))
@@ -225,10 +227,7 @@ def _plan(
         most = max(heaviest, MAX_EVENTS)
         conn.execute(text("CREATE TEMPORARY TABLE bench_numbers (j INTEGER PRIMARY KEY)"))
         conn.execute(
-            text(
-                "INSERT INTO bench_numbers (j) SELECT i FROM "
-                + SQLITE.series.format(n=most)
-            )
+            text("INSERT INTO bench_numbers (j) SELECT i FROM " + SQLITE.series.format(n=most))
         )
 
 
@@ -322,4 +321,3 @@ def _analyze(engine: Engine) -> None:
     else:
         with engine.begin() as conn:
             conn.execute(text("ANALYZE"))
-
