@@ -202,15 +202,17 @@ def timed(client: httpx.Client, path: str, repeat: int) -> dict[str, Any]:
 
 
 _PAGE_OF = re.compile(r"Page\s+\d+\s+of\s+([\d,]+)")
-_HREF = re.compile(r'href="([^"]*/messages\?[^"]*)"')
+PER_PAGE = 50
 
 
-def deep_pages(client: httpx.Client, page: int) -> tuple[str, str]:
-    """Paths of list page ``page`` and of the last page, as the dashboard links them.
+def deep_pages(client: httpx.Client, engine: Engine, sender: str, page: int) -> tuple[str, str]:
+    """Paths of list page ``page`` and of the last page, in the pager's own terms.
 
-    The numbered pager (``?page=N``, "Page 1 of N") is read from page 1. A pager
-    without numbers (keyset cursors) must offer a jump: a link with
-    ``rel="last"``, and ``page=`` or ``skip``-style links are followed as given.
+    A numbered pager ("Page 1 of N", ``?page=N``): those numbers. A keyset
+    pager (``?cursor=``, receiver/readmodel/paging.py): the cursor its "Older"
+    link would carry after ``page - 1`` clicks, i.e. the last row of the page
+    before, found here in the database (following the link 49 times would
+    time 49 pages, not one), and likewise for the last page.
     """
     html = client.get(f"{D}/messages").text
     if 'class="pager"' not in html:  # one page holds it all
@@ -219,13 +221,32 @@ def deep_pages(client: httpx.Client, page: int) -> tuple[str, str]:
     if found is not None and "page=" in html:
         last = int(found[1].replace(",", ""))
         return f"{D}/messages?page={min(page, last)}", f"{D}/messages?page={last}"
-    links = {
-        rel: href.replace("&amp;", "&")
-        for href, rel in re.findall(r'href="([^"]+)"[^>]*rel="(\w+)"', html)
-    }
-    if "last" not in links:
-        raise RuntimeError("the messages pager offers neither page numbers nor a last page")
-    return links.get("page50", f"{D}/messages?page={page}"), links["last"]
+    if "cursor=" not in html:
+        raise RuntimeError("the messages pager has neither page numbers nor cursors")
+    table = Message.__table__  # type: ignore[attr-defined]
+    visible = select(func.count()).select_from(table)
+    if sender:
+        visible = visible.where(table.c.sender == sender)
+    with engine.connect() as conn:
+        total = int(conn.execute(visible).scalar_one())
+    last = max(1, -(-total // PER_PAGE))
+    return _cursor_page(engine, sender, min(page, last)), _cursor_page(engine, sender, last)
+
+
+def _cursor_page(engine: Engine, sender: str, page: int) -> str:
+    if page == 1:
+        return f"{D}/messages"
+    from receiver.readmodel.paging import Cursor  # type: ignore[import-not-found]
+
+    table = Message.__table__  # type: ignore[attr-defined]
+    query = select(table.c.created_at, table.c.id)
+    if sender:
+        query = query.where(table.c.sender == sender)
+    query = query.order_by(table.c.created_at.desc(), table.c.id.desc())
+    with engine.connect() as conn:
+        created, row_id = conn.execute(query.offset((page - 1) * PER_PAGE - 1).limit(1)).one()
+    cursor = Cursor(created, int(row_id), True).encode()
+    return f"{D}/messages?{httpx.QueryParams(cursor=cursor)}"
 
 
 def dashboard_calls(seeded: scaleseed.Seeded, admin: bool) -> list[tuple[str, str]]:
@@ -260,7 +281,7 @@ def pages(
         closing(dashboard_client(base, username)) as web,
         closing(api_client(base, engine, username)) as api,
     ):
-        deep, last = deep_pages(web, 50)
+        deep, last = deep_pages(web, engine, "" if admin else scaleseed.HEAVY_SENDER, 50)
         calls = [
             (web, "messages page 1", f"{D}/messages"),
             (web, "messages page 50", deep),
@@ -351,8 +372,11 @@ class Probe:
         self.client.close()
 
     def result(self) -> dict[str, Any]:
-        return {"probe_hits": self.hits, "probe_failures": self.failures,
-                "probe_slowest_ms": self.slowest_ms}  # fmt: skip
+        return {
+            "probe_hits": self.hits,
+            "probe_failures": self.failures,
+            "probe_slowest_ms": self.slowest_ms,
+        }
 
 
 def retention(engine: Engine, base: str, seeded: scaleseed.Seeded, repeat: int) -> dict[str, Any]:
@@ -415,14 +439,16 @@ def measure(messages: int, options: Options) -> dict[str, Any]:
         }
         try:
             with receiver(url) as (server, base):
-                result["admin"] = pages(base, engine, seeded, scaleseed.ADMIN, options.repeat,
-                                        options.echo)  # fmt: skip
-                result["sender"] = pages(base, engine, seeded, scaleseed.SENDER, options.repeat,
-                                         options.echo)  # fmt: skip
+                result["admin"] = pages(
+                    base, engine, seeded, scaleseed.ADMIN, options.repeat, options.echo
+                )
+                result["sender"] = pages(
+                    base, engine, seeded, scaleseed.SENDER, options.repeat, options.echo
+                )
                 result["csv"] = {
                     f"{who} {kind}": csv_export(
                         base, server, user, f"{D}/{kind}.csv", options.csv_budget
-                    )  # fmt: skip
+                    )
                     for who, user in (("admin", scaleseed.ADMIN), ("sender", scaleseed.SENDER))
                     for kind in ("messages", "events")
                 }
@@ -484,8 +510,9 @@ def render(stored: dict[str, Any]) -> str:
     out = ["# Scale (issue 13)", ""]
     runs = stored.get("runs", {})
     for backend in sorted({r["backend"] for r in runs.values()}):
-        sizes = sorted((r for r in runs.values() if r["backend"] == backend),
-                       key=lambda r: r["messages"])  # fmt: skip
+        sizes = sorted(
+            (r for r in runs.values() if r["backend"] == backend), key=lambda r: r["messages"]
+        )
         out += _render_backend(backend, sizes)
     return "\n".join(out) + "\n"
 
@@ -501,7 +528,7 @@ def _render_backend(backend: str, sizes: list[dict[str, Any]]) -> list[str]:
             f"{r['messages']:,} in {r['seed_s']:.0f} s (+{r['state_rebuild_s']:.0f} s "
             f"state; {r['counts']['events']:,} events)"
             for r in sizes
-        )  # fmt: skip
+        )
         + f". Medians of {sizes[-1].get('repeat', 5)} after a warm-up; targets judged at the "
         "largest size.",
         "",
@@ -536,7 +563,8 @@ def _render_exports(sizes: list[dict[str, Any]]) -> list[str]:
             ok = c["rows_per_s"] > CSV_ROWS_S and flat and not c["stopped_after_budget"]
             stopped = f" (stopped after {c['seconds']:.0f} s)" if c["stopped_after_budget"] else ""
             out.append(
-                f"| {label} | {r['messages']:,} | {c['rows']:,}{stopped} | {c['rows_per_s']:,.0f} | "
+                f"| {label} | {r['messages']:,} | {c['rows']:,}{stopped} | "
+                f"{c['rows_per_s']:,.0f} | "
                 f"{c['rss_before_mb']:.0f} / {c['rss_peak_mb']:.0f} / {c['rss_after_mb']:.0f} | "
                 f"{_met(ok)} |"
             )
@@ -553,10 +581,11 @@ def _render_retention(sizes: list[dict[str, Any]]) -> list[str]:
         t = r.get("retention")
         if not t:
             continue
+        idle = t["purge_idle_ms"]
         slowest = max(t["purge_probe"]["probe_slowest_ms"], t["erase_probe"]["probe_slowest_ms"])
         purged = t["purge_counts"]
         out.append(
-            f"| {r['messages']:,} | {t['purge_idle_ms']:.1f} ms {_met(t['purge_idle_ms'] < PURGE_IDLE_MS)} | "
+            f"| {r['messages']:,} | {idle:.1f} ms {_met(idle < PURGE_IDLE_MS)} | "
             f"{t['purge_s']:.1f} s ({purged.get('messages', 0):,} messages, "
             f"{purged.get('events', 0):,} events) | "
             f"{t['erase_s']:.1f} s ({t['erase_counts'].get('recipients', 0):,} rows) "
@@ -588,8 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         return _write_md(json.loads(path.read_text()), args.output)
     if not args.sqlite and not args.database:
         parser.error("give --database postgresql+psycopg://... or --sqlite")
-    options = Options("sqlite" if args.sqlite else args.database, args.repeat, args.heaviest,
-                      args.csv_budget)  # fmt: skip
+    options = Options(
+        "sqlite" if args.sqlite else args.database, args.repeat, args.heaviest, args.csv_budget
+    )
     for n in args.messages:
         started = time.monotonic()
         stored = store(measure(n, options), path)

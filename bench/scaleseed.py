@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 from shared.db import session_scope
 from shared.models import User, UserAddress
@@ -135,8 +135,9 @@ def seed(engine: Engine, n: int, heaviest: int = 11_000, now: datetime | None = 
             conn.execute(text("SELECT setseed(0.13)"))
         dropped = _drop_indexes(conn)
         _plan(conn, d, n, start, end, heavy_i, heaviest)
-        _messages(conn, d, n)
-        _recipients(conn, d, n)
+        keys = _key_columns(conn)
+        _messages(conn, d, "sender_key" in keys)
+        _recipients(conn, d, n, "address_key" in keys)
         _links(conn, d)
         _events(conn, d, end, heaviest)
         conn.execute(
@@ -231,7 +232,17 @@ def _plan(
         )
 
 
-def _messages(conn: Connection, d: _Dialect, n: int) -> None:
+def _key_columns(conn: Connection) -> set[str]:
+    """The lower-cased key columns the schema has (migration 0004 and later):
+    filled here, as the relay fills them (every seeded address is lower-case)."""
+    found = set()
+    for table, column in (("messages", "sender_key"), ("recipients", "address_key")):
+        if column in {c["name"] for c in inspect(conn).get_columns(table)}:
+            found.add(column)
+    return found
+
+
+def _messages(conn: Connection, d: _Dialect, sender_key: bool) -> None:
     sender = (
         f"CASE WHEN sender_no = 0 THEN '{HEAVY_SENDER}' "
         "ELSE 'sender' || sender_no || '@company' || (sender_no % 60) || '.example' END"
@@ -245,17 +256,18 @@ def _messages(conn: Connection, d: _Dialect, n: int) -> None:
         text(
             "INSERT INTO messages (id, created_at, sender, from_header, subject, "
             "message_id_header, auth_user, client_ip, size_in, size_out, track_opens, "
-            "track_clicks, per_recipient, decision, parts_modified, status, upstream_reply) "
+            "track_clicks, per_recipient, decision, parts_modified, status, upstream_reply"
+            f"{', sender_key' if sender_key else ''}) "
             f"SELECT id, {d.ts('t')}, s, 'Shop news <' || s || '>', {subject}, "
             "'<' || i || '.scale@mail.bigshop.example>', '', '192.0.2.10', 48000, 49000, "
             f"{tracked}, {tracked}, {tracked}, '', "
-            "CASE WHEN tracked THEN 'text/html' ELSE '' END, 'sent', '250 2.0.0 Ok: queued' "
-            f"FROM (SELECT m.*, {sender} AS s FROM bench_m m) AS x"
+            "CASE WHEN tracked THEN 'text/html' ELSE '' END, 'sent', '250 2.0.0 Ok: queued'"
+            f"{', s' if sender_key else ''} FROM (SELECT m.*, {sender} AS s FROM bench_m m) AS x"
         )
     )
 
 
-def _recipients(conn: Connection, d: _Dialect, n: int) -> None:
+def _recipients(conn: Connection, d: _Dialect, n: int, address_key: bool) -> None:
     numbers = d.numbers.replace("m.ne", "m.nr")
     join = d.join_numbers.replace("m.ne", "m.nr")
     pool = n // 2 + 100
@@ -263,13 +275,14 @@ def _recipients(conn: Connection, d: _Dialect, n: int) -> None:
     conn.execute(
         text(
             "INSERT INTO recipients (message_id, position, address, tracked, status, "
-            "reply_code, reply_text) "
+            f"reply_code, reply_text{', address_key' if address_key else ''}) "
             f"WITH y AS {d.materialized} (SELECT m.id, s.j, m.tracked, {d.rand} AS u, "
             f"CAST(floor(power({d.rand}, 2) * {pool}) AS INTEGER) AS k "
             f"FROM bench_m m CROSS JOIN {numbers} WHERE {join}) "
             "SELECT id, j, a, tracked, CASE WHEN refused THEN 'refused' ELSE 'accepted' END, "
             "CASE WHEN refused THEN 550 ELSE 250 END, "
-            "CASE WHEN refused THEN '5.1.1 <' || a || '>: mailbox unavailable' ELSE 'OK' END "
+            "CASE WHEN refused THEN '5.1.1 <' || a || '>: mailbox unavailable' ELSE 'OK' END"
+            f"{', a' if address_key else ''} "
             f"FROM (SELECT id, j, tracked, {address} AS a, u < 0.02 AS refused FROM y) AS x"
         )
     )
