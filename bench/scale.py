@@ -55,6 +55,7 @@ from shared.models import Message
 from shared.tokens import Signer
 
 RESULTS = ROOT / "bench" / "results"
+DEFAULT_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/trackrelay_scale_bench"
 D, API = "/dashboard", "/api/v1"
 PAGE_MS, GROWTH, CSV_ROWS_S, FLAT_MB = 200.0, 2.0, 20_000, 64
 PURGE_IDLE_MS, ERASE_S, PROBE_MS = 100.0, 5.0, 1000.0

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from bench import scale, scaleseed
+from bench import run, scale, scaleseed
 from shared import db
 from shared.models import Event, Message
 from tests.conftest import PG_URL
@@ -136,3 +136,13 @@ def test_one_measurement_pass_runs_and_renders(where: str, tmp_path: Path) -> No
         name = make_url(where).database
         assert scalar(admin, f"SELECT count(*) FROM pg_database WHERE datname = '{name}'") == 0
         admin.dispose()
+
+
+def test_the_suite_runs_scale_only_when_named_and_never_quick(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run.main(["--list"]) == 0
+    assert "scale (optional: only when named)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "scale"])
+    assert "cannot run with --quick" in capsys.readouterr().err
