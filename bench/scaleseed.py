@@ -20,6 +20,8 @@ The distribution (``n`` messages):
   (10 per message overall), about 30 % clicks; verdicts human 60 %, proxy 15 %,
   machine 15 %, scanner 5 %, unknown 5 %; each within days of its message;
 - one heaviest message (the heavy sender's, mid-year) with ``heaviest`` events;
+- subjects: about 1.1 % "Invoice ..." (5 % of the heavy sender's), the rest
+  "Newsletter ...": what the search measurements look for;
 - users: ``ada`` (admin) and ``sam`` (sender, :data:`HEAVY_SENDER`).
 
 Every row respects the schema: unique event keys, (message, position) unique
@@ -248,7 +250,7 @@ def _messages(conn: Connection, d: _Dialect, sender_key: bool) -> None:
         "ELSE 'sender' || sender_no || '@company' || (sender_no % 60) || '.example' END"
     )
     subject = (
-        "CASE WHEN i % 100 = 37 THEN 'Invoice ' || i || ' for your order' "
+        "CASE WHEN i % 100 = 37 OR i % 1000 = 100 THEN 'Invoice ' || i || ' for your order' "
         "ELSE 'Newsletter ' || (i % 997) || ': offers and news of the week' END"
     )
     tracked = "CASE WHEN tracked THEN TRUE ELSE FALSE END"

@@ -41,6 +41,10 @@ def test_seed_keeps_the_distribution_and_every_reference(engine: Engine) -> None
     heavy = f"SELECT count(*) FROM messages WHERE sender = '{scaleseed.HEAVY_SENDER}'"
     assert scalar(engine, heavy) == N * 2 // 100
     assert 100 < scalar(engine, "SELECT count(DISTINCT sender) FROM messages") <= N
+    # what the searches find: some invoices, some of them the heavy sender's
+    invoices = "SELECT count(*) FROM messages WHERE subject LIKE 'Invoice %'"
+    assert scalar(engine, invoices) == 3  # messages 37, 100 and 137
+    assert scalar(engine, f"{invoices} AND sender = '{scaleseed.HEAVY_SENDER}'") == 1
     assert (
         scalar(
             engine,
