@@ -1,5 +1,6 @@
-"""The writer's batch SQL: classify a batch of events and insert it, with its outbox
-rows, in one transaction (receiver/eventstore.py runs it in the writer process).
+"""The writer's batch SQL: classify a batch of events and insert it, with the state
+it changes (shared/eventstate.py) and its outbox rows, in one transaction
+(receiver/eventstore.py runs it in the writer process).
 
 Per hit this is the receiver's hot path, so a batch is made cheap: a verdict
 (receiver/classify.py) is worked out once per distinct (user agent, IP, ...)
@@ -29,6 +30,7 @@ from sqlalchemy import Connection, Engine, Table
 
 from receiver.classify import Hit, classify
 from receiver.eventrecord import KeyedEvent, Row, truncate_ip
+from shared import eventstate
 from shared.db import insert_ignoring_sql
 from shared.models import Event, Message
 from shared.notable import may_notify
@@ -59,6 +61,11 @@ COLUMNS = (
     "reasons",
 )
 _KIND, _VERDICT = COLUMNS.index("kind"), COLUMNS.index("verdict")
+_MESSAGE, _RECIPIENT, _OCCURRED = (
+    COLUMNS.index("message_id"),
+    COLUMNS.index("recipient_position"),
+    COLUMNS.index("occurred_at"),
+)
 
 PG_TYPES = {
     "event_key": "varchar",
@@ -190,6 +197,8 @@ class BatchStore:
                 raise _Collision  # rolls the transaction back
             written = self._summary(events, rows)
             written.duplicates = duplicates
+            # The recipients', messages' and daily figures commit with their events.
+            eventstate.apply(conn, map(_facts, rows))
             # Webhook and mail notifications commit with their events.
             enqueue_for_events(conn, written.notable, notify_email=self.notify_email)
         return written
@@ -351,6 +360,11 @@ class BatchStore:
                     when = when.replace(tzinfo=UTC)
                 found[id_] = _MessageFacts(when.timestamp(), client_ip or "")
         return found
+
+
+def _facts(row: tuple[Any, ...]) -> eventstate.Facts:
+    """What shared/eventstate.py counts of one inserted row (a hit has no bounce type)."""
+    return (row[_MESSAGE], row[_RECIPIENT], row[_KIND], row[_VERDICT], row[_OCCURRED], "")
 
 
 def _insert_events(source: str, returning: bool) -> str:

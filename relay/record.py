@@ -6,8 +6,10 @@ the record and waits for it; ONE writer task takes everything queued (up to
 ``MAX_BATCH``) and :class:`RecordStore` stores it in ONE transaction with
 SQLAlchemy Core, in a worker thread: one ``SELECT id FROM messages WHERE id IN
 (...)`` (a record already stored is skipped: replays), one executemany each
-for messages, recipients and links, one endpoint query and one insert for the
-outbox rows (shared/outbox.py ``enqueue_messages_sent``). Then every waiter of
+for messages, recipients and links, the rollups (shared/eventstate.py
+``recorded``: one upsert each for the day's figures and the senders), one
+endpoint query and one insert for the outbox rows (shared/outbox.py
+``enqueue_messages_sent``). Then every waiter of
 the batch is woken and its client gets its reply. Per message this replaces an
 ORM unit of work (object states, flush ordering), a ``Session.get`` and an
 endpoint query; rows are plain dicts built from the record (the JSON the
@@ -49,6 +51,7 @@ from sqlmodel import SQLModel
 
 from relay.prepared import Prepared
 from relay.upstream import Reply
+from shared import eventstate
 from shared.config import Settings
 from shared.db import impatient_engine
 from shared.groupcommit import GroupCommit
@@ -156,8 +159,12 @@ class _Rows:
         values = dict(record["message"])
         values["created_at"] = moment(values.get("created_at"))
         self.message = _row(values, *self._message)
+        # What readers and erasure look rows up by (shared/eventstate.py, shared/privacy.py).
+        self.message["sender_key"] = self.message["sender"].lower()
         self.id: int = self.message["id"]
         self.recipients = [_row(r, *self._recipient) for r in record["recipients"]]
+        for recipient in self.recipients:
+            recipient["address_key"] = recipient["address"].lower()
         self.links = [_row(link, *self._link) for link in record["links"]]
 
 
@@ -201,6 +208,8 @@ class RecordStore(Store[Record]):
             links = [link for rows in new for link in rows.links]
             if links:
                 conn.execute(INSERT_LINKS, links)
+            # The day's rollup and the senders menu commit with the messages.
+            eventstate.recorded(conn, [rows.id for rows in new])
             # message.sent / delivery.failed webhooks commit with the messages.
             enqueue_messages_sent(conn, [(rows.message, rows.recipients) for rows in new])
         return len(new)

@@ -122,6 +122,39 @@ def insert_ignoring_sql(
     return f"{sql} RETURNING {returning}" if returning else sql
 
 
+def upsert_adding_sql(
+    table: str,
+    columns: Sequence[str],
+    source: str,
+    keys: Sequence[str],
+    add: Sequence[str] = (),
+    latest: Sequence[str] = (),
+    assign: Sequence[str] = (),
+) -> str:
+    """``INSERT INTO table (columns) source ON CONFLICT (keys) DO UPDATE``: counters
+    in ``add`` are summed, times in ``latest`` keep the later, ``assign`` take the new
+    value; the same on both databases.
+
+    The one owner of the rollup upsert (shared/eventstate.py's daily stats, the
+    relay's senders): several writers add to one row at once, and the database
+    serialises them on the row instead of one overwriting the other. ``source``
+    is ``VALUES (...), ...`` or a ``SELECT`` with a WHERE clause (SQLite reads
+    ``ON CONFLICT`` after a bare join as the join's ``ON``). Only constants go
+    in: no value is ever formatted into the text.
+    """
+    sets = [f"{c} = {table}.{c} + excluded.{c}" for c in add]
+    sets += [
+        f"{c} = CASE WHEN {table}.{c} IS NULL OR excluded.{c} > {table}.{c}"
+        f" THEN excluded.{c} ELSE {table}.{c} END"
+        for c in latest
+    ]
+    sets += [f"{c} = excluded.{c}" for c in assign]
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) {source}"
+        f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(sets)}"
+    )
+
+
 def alembic_config(url: str) -> Config:
     from alembic.config import Config  # imported on demand: Alembic and Mako cost ~10 MB RSS
 

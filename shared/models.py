@@ -9,9 +9,9 @@ database is down), and retention may purge a message whose tokens still work.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
-from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Date, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -51,6 +51,7 @@ class Message(SQLModel, table=True):
     """One message relayed (one client DATA), tracked or not."""
 
     __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_sender_key_created", "sender_key", "created_at", "id"),)
 
     id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     created_at: datetime = Field(default_factory=utcnow, index=True)
@@ -71,6 +72,23 @@ class Message(SQLModel, table=True):
     # delivery: 'sent' (all accepted), 'partial', 'failed'
     status: str = Field(default="sent", max_length=16)
     upstream_reply: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # --- issue 13: state kept by the writers (shared/eventstate.py; migration 0004) ---
+    sender_key: str = Field(default="", max_length=320)  # lower-cased sender (Python's lower())
+    opens: int = 0  # counted opens (shared/verdicts.py COUNTED)
+    machine_opens: int = 0  # AUTOMATED opens
+    self_opens: int = 0
+    clicks: int = 0  # counted clicks
+    machine_clicks: int = 0
+    self_clicks: int = 0
+    first_open_at: datetime | None = None  # of counted opens and clicks
+    last_open_at: datetime | None = None
+    first_click_at: datetime | None = None
+    last_click_at: datetime | None = None
+    replies: int = 0  # recipients who replied (a message-level answer counts as one)
+    auto_replies: int = 0
+    bounces: int = 0
+    complaints: int = 0
+    first_reply_at: datetime | None = None
 
 
 class Recipient(SQLModel, table=True):
@@ -91,6 +109,24 @@ class Recipient(SQLModel, table=True):
     status: str = Field(default="accepted", max_length=16)  # accepted | refused
     reply_code: int = 250
     reply_text: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # --- issue 13: state kept by the writers (shared/eventstate.py; migration 0004) ---
+    # lower-cased address (Python's lower()): erasure finds a recipient by it
+    address_key: str = Field(default="", index=True, max_length=320)
+    opens: int = 0  # counted opens (shared/verdicts.py COUNTED)
+    machine_opens: int = 0  # AUTOMATED opens
+    self_opens: int = 0
+    clicks: int = 0  # counted clicks
+    machine_clicks: int = 0
+    self_clicks: int = 0
+    first_open_at: datetime | None = None  # of counted opens and clicks
+    last_open_at: datetime | None = None
+    first_click_at: datetime | None = None
+    last_click_at: datetime | None = None
+    replied_at: datetime | None = None  # the first of each answer
+    auto_replied_at: datetime | None = None
+    bounced_at: datetime | None = None
+    complained_at: datetime | None = None
+    bounce_type: str = Field(default="", max_length=8)  # hard | soft ('hard' wins)
 
 
 class Link(SQLModel, table=True):
@@ -117,18 +153,26 @@ class Event(SQLModel, table=True):
     __tablename__ = "events"
     __table_args__ = (Index("ix_events_message_kind", "message_id", "kind"),)
 
-    id: int | None = Field(default=None, primary_key=True)
+    # 64-bit on PostgreSQL; SQLite keeps INTEGER PRIMARY KEY (the rowid, 64-bit already)
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    )
     event_key: str = Field(unique=True, max_length=64)
     message_id: int = Field(sa_column=Column(BigInteger, nullable=False))
     recipient_position: int = 0
     link_position: int = 0
-    kind: str = Field(max_length=8)  # open | click
+    kind: str = Field(max_length=16)  # open | click | reply | auto_reply | bounce | complaint
     occurred_at: datetime = Field(default_factory=utcnow, index=True)
     ip: str = Field(default="", max_length=64)
     user_agent: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     method: str = Field(default="GET", max_length=8)
     verdict: str = Field(default="unknown", max_length=16)
     reasons: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    # answers (issue 15): a bounce's type and what the report said
+    bounce_type: str = Field(default="", max_length=8)  # hard | soft
+    status_code: str = Field(default="", max_length=16)
+    diagnostic: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
 
 
 class Policy(SQLModel, table=True):
@@ -286,3 +330,48 @@ class ConsentMode(SQLModel, table=True):
     domain: str = Field(primary_key=True, max_length=255)
     mode: str = Field(default="opt-out", max_length=8)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+# --- issue 13: rollups kept by the writers (shared/eventstate.py; migration 0004) ---
+
+
+class DailyStats(SQLModel, table=True):
+    """Per sender and UTC day of the MESSAGE's ``created_at``: what the overview draws.
+
+    ``sent``/``track_*`` are added by the relay's record, the rest by
+    shared/eventstate.py with the events. ``opened``/``clicked``/``replied``/
+    ``bounced`` count messages (tracked for opens / clicks for the first two)
+    with at least one counted hit or answer; ``human_opens``/``machine_opens``
+    count hits (COUNTED / AUTOMATED opens), ``opens_<verdict>`` opens by
+    verdict. Counts with no recipient in them: purge and erase keep them.
+    """
+
+    __tablename__ = "daily_stats"
+
+    sender_key: str = Field(primary_key=True, max_length=320)
+    day: date = Field(sa_column=Column(Date, primary_key=True))
+    sent: int = 0
+    track_opens: int = 0
+    opened: int = 0
+    track_clicks: int = 0
+    clicked: int = 0
+    human_opens: int = 0
+    machine_opens: int = 0
+    replied: int = 0
+    bounced: int = 0
+    opens_human: int = 0
+    opens_proxy: int = 0
+    opens_machine: int = 0
+    opens_scanner: int = 0
+    opens_self: int = 0
+    opens_unknown: int = 0
+
+
+class Sender(SQLModel, table=True):
+    """Every envelope sender (lower-cased) ever recorded: the sender menu reads this."""
+
+    __tablename__ = "senders"
+
+    sender_key: str = Field(primary_key=True, max_length=320)
+    messages: int = 0
+    last_at: datetime | None = None

@@ -4,8 +4,9 @@ Rates are per message: the share of messages tracked for opens that had at
 least one counted open (human or proxy), the same for clicks. Machine opens
 (Apple Mail Privacy Protection, scanners) are counted next to human ones, so
 a reader sees how much of the raw pixel traffic was not a person. The figures
-per message come from the read model (``readmodel.activity``); this page
-only buckets them by day or week and by sender.
+per sender and day come from the read model (``readmodel.daily``, the
+rollup: at most one row per sender per day of the window); this page only
+buckets them by day or week and by sender.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ class Tally:
     human_opens: int = 0
     machine_opens: int = 0
 
+    def add(self, day: readmodel.DayFigures) -> None:
+        self.sent += day.sent
+        self.track_opens += day.track_opens
+        self.opened += day.opened
+        self.track_clicks += day.track_clicks
+        self.clicked += day.clicked
+        self.human_opens += day.human_opens
+        self.machine_opens += day.machine_opens
+
     @property
     def open_rate(self) -> float | None:
         return self.opened / self.track_opens if self.track_opens else None
@@ -64,23 +74,20 @@ def build(engine: Engine, viewer: Viewer, period: str, today: date, sender: str 
     last = _bucket(today, period)
     step = timedelta(days=7 if period == "week" else 1)
     starts = [last - step * i for i in reversed(range(count))]
-    window = readmodel.activity(engine, viewer, readmodel.day_start(starts[0]), sender)
+    days = readmodel.daily(engine, viewer, starts[0], sender)
     buckets = {start: Tally() for start in starts}
     per_sender: dict[str, Tally] = {}
     total = Tally()
-    for a in window.messages:
-        tallies = [total, per_sender.setdefault(a.sender.lower() or "(null sender)", Tally())]
-        bucket = buckets.get(_bucket(a.created_at.date(), period))
+    verdicts: dict[str, int] = {}
+    for d in days:
+        tallies = [total, per_sender.setdefault(d.sender or "(null sender)", Tally())]
+        bucket = buckets.get(_bucket(d.day, period))
         if bucket is not None:
             tallies.append(bucket)
         for t in tallies:
-            t.sent += 1
-            t.track_opens += a.track_opens
-            t.opened += a.track_opens and a.opened
-            t.track_clicks += a.track_clicks
-            t.clicked += a.track_clicks and a.clicked
-            t.human_opens += a.human_opens
-            t.machine_opens += a.machine_opens
+            t.add(d)
+        for verdict, n in d.verdicts.items():
+            verdicts[verdict] = verdicts.get(verdict, 0) + n
     points = [
         Point(
             label=start.strftime("%-d %b"),
@@ -94,7 +101,7 @@ def build(engine: Engine, viewer: Viewer, period: str, today: date, sender: str 
         for start, t in buckets.items()
     ]
     ranked = sorted(per_sender.items(), key=lambda item: (-item[1].sent, item[0]))
-    return Overview(period, rate_chart(points, caption), total, ranked[:50], window.verdicts)
+    return Overview(period, rate_chart(points, caption), total, ranked[:50], verdicts)
 
 
 @page()

@@ -13,7 +13,7 @@ queries. The rules every read follows live here and nowhere else:
 
 Modules: ``scope`` (the WHERE clauses), ``messages`` (lists with hit counts,
 paging, senders), ``detail`` (one message's story), ``events`` (the feed after
-a cursor), ``activity`` (per-message figures for the overview's rates).
+a cursor), ``activity`` (per sender and day figures for the overview, from the rollup).
 Everything is synchronous SQLAlchemy taking an Engine: callers run it with
 ``asyncio.to_thread``. This is the place to make reads fast (keyset paging,
 indexes): callers only see rows and pages.
@@ -21,7 +21,7 @@ indexes): callers only see rows and pages.
 
 from __future__ import annotations
 
-from receiver.readmodel.activity import Activity, Window, activity
+from receiver.readmodel.activity import DayFigures, daily
 from receiver.readmodel.detail import Detail, LinkView, RecipientView, TimelineEntry, message_detail
 from receiver.readmodel.events import EventRow, all_events, events_after
 from receiver.readmodel.messages import (
@@ -46,7 +46,7 @@ from receiver.readmodel.scope import (
 __all__ = [
     "AUTOMATED",
     "COUNTED",
-    "Activity",
+    "DayFigures",
     "Detail",
     "EventRow",
     "Hits",
@@ -56,11 +56,10 @@ __all__ = [
     "RecipientView",
     "Selection",
     "TimelineEntry",
-    "Window",
-    "activity",
     "all_events",
     "all_messages",
     "aware",
+    "daily",
     "day_end",
     "day_start",
     "events_after",

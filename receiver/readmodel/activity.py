@@ -1,81 +1,82 @@
-"""Per-message activity over a time window: what the overview's rates are made of.
+"""Per sender and day figures over a time window: what the overview draws.
 
-One row per message (not per event), so a rate is "share of messages tracked
-for opens that had a counted open", whatever the number of opens. The
-counting rule is the read model's: human and proxy opens count, machine and
-scanner opens are counted apart.
+They come from the ``daily_stats`` rollup that the writers keep with their
+rows (shared/eventstate.py says what each figure counts), so a year's chart
+reads 365 rows per sender however much mail was sent. Rates are per message:
+``opened`` is the number of messages tracked for opens with a counted open
+(human or proxy); machine and scanner opens are counted apart. A day is the
+UTC day the message was sent on, and its hits count there whenever they came.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date
 
-from sqlalchemy import Engine, func
-from sqlalchemy import select as sa_select
-from sqlmodel import col, select
+from sqlalchemy import Engine, select
+from sqlmodel import col
 
-from receiver.readmodel.scope import AUTOMATED, COUNTED, Selection, aware, selected
+from receiver.readmodel.scope import visible_sender
 from shared.db import session_scope
 from shared.identity import Viewer
-from shared.models import Event, Message
+from shared.models import DailyStats
+from shared.verdicts import VERDICTS
+
+#: The figures of a day, as the rollup's columns.
+FIGURES = (
+    "sent",
+    "track_opens",
+    "opened",
+    "track_clicks",
+    "clicked",
+    "human_opens",
+    "machine_opens",
+    "replied",
+    "bounced",
+)
 
 
 @dataclass
-class Activity:
-    message_id: int
-    created_at: datetime
-    sender: str
-    track_opens: bool
-    track_clicks: bool
-    opened: bool = False  # had a counted open
-    clicked: bool = False  # had a counted click
+class DayFigures:
+    """One sender's mail of one UTC day."""
+
+    sender: str  # lower-cased envelope sender ('' = null sender)
+    day: date
+    sent: int = 0
+    track_opens: int = 0
+    opened: int = 0  # tracked for opens, had a counted open
+    track_clicks: int = 0
+    clicked: int = 0  # tracked for clicks, had a counted click
     human_opens: int = 0  # counted opens (human and proxy)
     machine_opens: int = 0  # machine and scanner opens
-
-
-@dataclass
-class Window:
-    messages: list[Activity]
+    replied: int = 0
+    bounced: int = 0
     verdicts: dict[str, int] = field(default_factory=dict)  # opens by verdict
 
 
-def activity(engine: Engine, viewer: Viewer, since: datetime, sender: str = "") -> Window:
-    """Messages ``viewer`` may see, created since ``since`` (from ``sender`` if given)."""
-    where = selected(viewer, Selection(sender=sender, since=since))
+def daily(engine: Engine, viewer: Viewer, since: date, sender: str = "") -> list[DayFigures]:
+    """Days since ``since`` (inclusive) of the senders ``viewer`` may see (or of ``sender``)."""
+    table = DailyStats.__table__  # type: ignore[attr-defined]
+    key = table.c.sender_key
+    where = [visible_sender(viewer, key), col(DailyStats.day) >= since]
+    if wanted := sender.strip().lower():
+        where.append(key == wanted)
+    verdicts = [table.c[f"opens_{v}"] for v in VERDICTS]
+    query = select(key, col(DailyStats.day), *(table.c[f] for f in FIGURES), *verdicts).where(
+        *where
+    )
     with session_scope(engine) as session:
-        messages = session.execute(
-            sa_select(
-                col(Message.id),
-                col(Message.created_at),
-                col(Message.sender),
-                col(Message.track_opens),
-                col(Message.track_clicks),
-            ).where(*where)
-        ).all()
-        in_window = select(Message.id).where(*where)
-        hits = session.execute(
-            sa_select(col(Event.message_id), col(Event.kind), col(Event.verdict), func.count())
-            .where(col(Event.message_id).in_(in_window.scalar_subquery()))
-            .group_by(col(Event.message_id), col(Event.kind), col(Event.verdict))
-        ).all()
-    rows = {
-        mid: Activity(mid, aware(created) or created, address or "", bool(opens), bool(clicks))
-        for mid, created, address, opens, clicks in messages
-    }
-    window = Window(list(rows.values()))
-    for message_id, kind, verdict, n in hits:
-        row = rows.get(message_id)
-        if kind == "open":
-            window.verdicts[verdict] = window.verdicts.get(verdict, 0) + int(n)
-        if row is None:
-            continue
-        if verdict in COUNTED:
-            if kind == "open":
-                row.opened = True
-                row.human_opens += int(n)
-            else:
-                row.clicked = True
-        elif kind == "open" and verdict in AUTOMATED:
-            row.machine_opens += int(n)
-    return window
+        rows = session.execute(query).all()
+    out = []
+    for row in rows:
+        figures = dict(zip(FIGURES, row[2 : 2 + len(FIGURES)], strict=True))
+        opens = dict(zip(VERDICTS, row[2 + len(FIGURES) :], strict=True))
+        out.append(
+            DayFigures(
+                row[0],
+                row[1],
+                **{f: int(n) for f, n in figures.items()},
+                verdicts={v: int(n) for v, n in opens.items() if n},
+            )
+        )
+    return out

@@ -103,3 +103,16 @@ def selected(viewer: Viewer, selection: Selection) -> list[ColumnElement[bool]]:
             or_(func.lower(col(Message.subject)).contains(text, autoescape=True), in_recipients)
         )
     return where
+
+
+def visible_sender(viewer: Viewer, key: ColumnElement[str]) -> ColumnElement[bool]:
+    """:func:`visible` for a column holding the lower-cased sender (``sender_key`` of
+    the rollups, shared/eventstate.py): the same addresses and domains."""
+    if viewer.is_admin:
+        return true()
+    clauses = [
+        key.endswith(p, autoescape=True) if p.startswith("@") else key == p
+        for stored in viewer.addresses
+        for p in spellings(stored)
+    ]
+    return or_(*clauses) if clauses else false()

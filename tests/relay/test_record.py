@@ -162,8 +162,11 @@ def orm_write(engine: Engine, record: Record) -> None:
     """How relay/record.py wrote a record before the group-commit writer (the ORM
     unit of work): the oracle the writer's rows are compared with."""
     message = Message.model_validate(record["message"])
+    message.sender_key = message.sender.lower()  # the keys readers and erasure use
     with session_scope(engine) as session:
         recipients = [Recipient.model_validate(r) for r in record["recipients"]]
+        for recipient in recipients:
+            recipient.address_key = recipient.address.lower()
         session.add(message)
         session.add_all(recipients)
         session.flush()
@@ -224,6 +227,18 @@ def test_rows_are_those_the_orm_wrote(
 
     asyncio.run(scenario())
     written = stored_rows(engine)
+    with engine.connect() as conn:
+        rollups = {
+            "daily_stats": [
+                tuple(r)
+                for r in conn.exec_driver_sql(
+                    "SELECT sent, track_opens, track_clicks FROM daily_stats"
+                )
+            ],
+            "senders": [
+                tuple(r) for r in conn.exec_driver_sql("SELECT sender_key, messages FROM senders")
+            ],
+        }
     [record] = store.seen
     clear(engine)
     orm_write(engine, record)
@@ -231,6 +246,9 @@ def test_rows_are_those_the_orm_wrote(
     assert [len(written[t]) for t in STORED] == [1, 2, 1, 2]  # message.sent, delivery.failed
     for table in STORED:
         assert written[table] == expected[table], table
+    # ... and the message is in its day's rollup and the senders menu.
+    assert rollups["daily_stats"] == [(1, 1, 1)]
+    assert rollups["senders"] == [(written["messages"][0]["sender_key"], 1)]
 
 
 def test_concurrent_sessions_share_commits_and_each_message_gets_its_own_rows(

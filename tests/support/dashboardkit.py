@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from shared import eventstate
 from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient, User, UserAddress
 from shared.passwords import hash_password
@@ -127,6 +128,7 @@ def seed(engine: Engine) -> None:
             )
         )
         s.add(Recipient(message_id=M_UNTRACKED, position=1, address="frank@client.example"))
+    eventstate.rebuild(engine)  # the state the relay and the receiver keep with their rows
 
 
 def _event(
@@ -166,6 +168,10 @@ def add_open(engine: Engine, message_id: int, key: str, recipient: int = 1) -> d
     )
     with session_scope(engine) as s:
         s.add(event)
+        s.flush()
+        eventstate.apply(
+            s.connection(), [(message_id, recipient, "open", "human", event.occurred_at, "")]
+        )
     return event.model_dump()
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from shared import eventstate
 from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient
 from shared.tokens import new_message_id
@@ -29,6 +30,7 @@ def add_message(
         id=new_message_id(),
         created_at=created_at,
         sender=sender,
+        sender_key=sender.lower(),
         from_header=f"Alice <{sender}>",
         subject=subject,
         message_id_header=f"<{secrets.token_hex(6)}@example.com>",
@@ -46,6 +48,7 @@ def add_message(
                     message_id=message.id,
                     position=position,
                     address=address,
+                    address_key=address.lower(),
                     tracked=tracked,
                     status="refused" if bad else "accepted",
                     reply_code=550 if bad else 250,
@@ -54,6 +57,8 @@ def add_message(
             )
         for position, url in enumerate(links, 1):
             session.add(Link(message_id=message.id, position=position, url=url))
+        session.flush()
+        eventstate.recorded(session.connection(), [message.id])
     return message
 
 
@@ -81,7 +86,21 @@ def event(
 
 
 def write_events(engine: Engine, events: list[dict[str, Any]]) -> None:
-    """Insert events the way the receiver's batch writer does."""
+    """Insert events the way the receiver's batch writer does (with the state they change)."""
     with session_scope(engine) as session:
         for item in events:
             session.add(Event(**item))
+        session.flush()
+        eventstate.apply(session.connection(), map(facts, events))
+
+
+def facts(item: dict[str, Any]) -> eventstate.Facts:
+    """What shared/eventstate.py counts of one event row."""
+    return (
+        item["message_id"],
+        item.get("recipient_position", 0),
+        item["kind"],
+        item.get("verdict", "unknown"),
+        item["occurred_at"],
+        item.get("bounce_type", ""),
+    )

@@ -1,0 +1,793 @@
+"""State columns follow events: the one owner of what ``recipients``, ``messages``,
+``daily_stats`` and ``senders`` say about the events behind them.
+
+Readers (receiver/readmodel/) filter and draw from these columns, never from
+the events table, so a page costs the same after a year of mail as after a
+day. The writers keep them in the transaction that writes what they count:
+
+* :func:`apply` — the batch of events just inserted (receiver/eventrows.py
+  for opens and clicks, the intake writer for answers); only rows the insert
+  actually added may be passed (``insert_ignoring`` drops repeats), so a hit
+  is counted once however often its batch is replayed.
+* :func:`recorded` — the relay's record (relay/record.py) of new messages:
+  ``sent`` and tracking go into the day's rollup and the sender's row; a
+  message recorded after its first hits (its record was journaled) has its
+  state counted from those events first.
+* :func:`recount` — erasure (shared/privacy.py): what remains of some
+  messages' events, counted again.
+* :func:`rebuild` — everything from the events, in committed slices of
+  messages (``trackrelay db rebuild-state``; migration 0004's backfill).
+
+What the columns mean (shared/verdicts.py says which verdicts count):
+
+* ``opens``/``clicks`` count COUNTED hits, ``machine_*`` AUTOMATED ones,
+  ``self_*`` the sender's own; ``first_*``/``last_*`` are times of COUNTED hits.
+* an answer (``reply``, ``auto_reply``, ``bounce``, ``complaint``) sets the
+  recipient's ``*_at`` to its first time; a message counts the recipients who
+  answered so, a message-level answer (position 0) counting as one when no
+  recipient has. A hard bounce wins over a soft one in ``bounce_type``.
+* ``daily_stats`` is per sender and UTC day of the MESSAGE: ``opened``/
+  ``clicked`` count messages tracked for opens/clicks with a counted hit,
+  ``replied``/``bounced`` messages with an answer, ``human_opens`` and
+  ``machine_opens`` hits, ``opens_<verdict>`` opens by verdict.
+
+Concurrency: :func:`apply` adds to counters in SQL (``opens = opens + v.opens``)
+and learns from what the update returns whether a message's first counted
+open or click came now (the new count equals what it added), so two writers
+never count one first open twice; a batch with answers reads and locks its
+messages' and recipients' answers first (``FOR UPDATE``, in id order).
+Rollup rows are upserted in key order (shared/db.py ``upsert_adding_sql``).
+Should two writers still deadlock on PostgreSQL, one batch fails and the
+spool journals and replays it (shared/spool.py). One window stays open: a hit
+written while its message's record is being committed (neither transaction
+sees the other's row) is not in the state until ``rebuild-state`` runs;
+records are committed before the client's reply, and hits come after the
+mail arrives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, text
+from sqlalchemy.sql.elements import TextClause
+
+from shared.db import upsert_adding_sql
+from shared.models import Event
+from shared.verdicts import AUTOMATED, COUNTED, SELF, VERDICTS
+
+log = logging.getLogger(__name__)
+
+OPEN, CLICK = "open", "click"
+#: An answer kind -> (recipient column, message counter, daily counter or "").
+ANSWERS = {
+    "reply": ("replied_at", "replies", "replied"),
+    "auto_reply": ("auto_replied_at", "auto_replies", ""),
+    "bounce": ("bounced_at", "bounces", "bounced"),
+    "complaint": ("complained_at", "complaints", ""),
+}
+#: Hit counters of recipients and messages, in this order.
+COUNTERS = ("opens", "machine_opens", "self_opens", "clicks", "machine_clicks", "self_clicks")
+#: Times of counted hits: first/last open, first/last click.
+TIMES = ("first_open_at", "last_open_at", "first_click_at", "last_click_at")
+#: The rollup's counters.
+DAILY = (
+    "sent",
+    "track_opens",
+    "opened",
+    "track_clicks",
+    "clicked",
+    "human_opens",
+    "machine_opens",
+    "replied",
+    "bounced",
+    *(f"opens_{verdict}" for verdict in VERDICTS),
+)
+#: Messages per committed slice of :func:`rebuild`.
+REBUILD_SLICE = 5000
+#: SQLite: rows per statement at most (17 columns: far below 32766 variables).
+SQLITE_ROWS = 256
+
+#: (message_id, recipient_position, kind, verdict, occurred_at, bounce_type) of one
+#: event; ``occurred_at`` an aware datetime or the database's own form of one.
+Facts = tuple[int, int, str, str, Any, str]
+
+
+def _slot(kind: str, verdict: str) -> int | None:
+    """The index in COUNTERS a hit adds to, None for none (unknown, answers)."""
+    base = {OPEN: 0, CLICK: 3}.get(kind)
+    if base is None:
+        return None
+    if verdict in COUNTED:
+        return base
+    if verdict in AUTOMATED:
+        return base + 1
+    return base + 2 if verdict == SELF else None
+
+
+#: (kind, verdict) -> slot, worked out once.
+_SLOTS = {(k, v): _slot(k, v) for k in (OPEN, CLICK) for v in VERDICTS}
+
+
+def _earlier(a: Any, b: Any) -> Any:
+    return b if a is None or (b is not None and b < a) else a
+
+
+class _Tally:
+    """What one batch adds to one recipient or one message.
+
+    ``figures`` is COUNTERS then TIMES; the rest is made only when needed
+    (a plain class with slots: the writer builds one per message per batch).
+    """
+
+    __slots__ = ("anonymous", "answers", "bounce_type", "figures", "opens")
+
+    def __init__(self) -> None:
+        self.figures: list[Any] = [0, 0, 0, 0, 0, 0, None, None, None, None]
+        self.answers: dict[str, Any] | None = None  # kind -> first time
+        self.bounce_type = ""
+        self.opens: dict[str, int] | None = None  # by verdict (messages only)
+        self.anonymous: set[str] | None = None  # answers with no recipient row
+
+    def hit(self, slot: int | None, at: Any) -> None:
+        if slot is None:
+            return
+        f = self.figures
+        f[slot] += 1
+        if slot == 0 or slot == 3:  # counted: first and last
+            t = 6 if slot == 0 else 8
+            if f[t] is None or at < f[t]:
+                f[t] = at
+            if f[t + 1] is None or at > f[t + 1]:
+                f[t + 1] = at
+
+    def opened(self, verdict: str) -> None:
+        if self.opens is None:
+            self.opens = {}
+        self.opens[verdict] = self.opens.get(verdict, 0) + 1
+
+    def answer(self, kind: str, at: Any, bounce_type: str) -> None:
+        if self.answers is None:
+            self.answers = {}
+        self.answers[kind] = _earlier(self.answers.get(kind), at)
+        if kind == "bounce" and bounce_type:  # 'hard' < 'soft': a hard bounce wins
+            self.bounce_type = min(filter(None, (self.bounce_type, bounce_type)))
+
+    def unmatched(self, kind: str) -> None:
+        if self.anonymous is None:
+            self.anonymous = set()
+        self.anonymous.add(kind)
+
+
+class _Dialect:
+    """What differs between SQLite and PostgreSQL in these statements."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.name = conn.dialect.name
+        if self.name not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database: {self.name}")
+        self.postgres = self.name == "postgresql"
+        self.marker = "%s" if self.postgres else "?"
+        occurred = Event.__table__.c.occurred_at.type  # type: ignore[attr-defined]
+        self._bind = occurred.bind_processor(conn.dialect)
+        self.sql: dict[tuple[str, int], str] = {}  # statements built once
+
+    @classmethod
+    def of(cls, conn: Connection) -> _Dialect:
+        found = _DIALECTS.get(conn.dialect.name)
+        if found is None:
+            found = _DIALECTS[conn.dialect.name] = cls(conn)
+        return found
+
+    def day(self, column: str) -> str:
+        """The UTC date of a timestamp column, as the rollup's ``day``."""
+        if self.postgres:
+            return f"CAST(({column} AT TIME ZONE 'UTC') AS date)"
+        return f"date({column})"
+
+    def time(self, value: Any) -> Any:
+        """A time as the database compares it (SQLite: its stored text)."""
+        if isinstance(value, datetime) and not self.postgres and self._bind is not None:
+            return self._bind(value)
+        return value
+
+    def day_value(self, value: Any) -> Any:
+        return date.fromisoformat(value) if isinstance(value, str) else value
+
+    def for_update(self) -> str:
+        return " FOR UPDATE" if self.postgres else ""
+
+    def source(self, columns: Sequence[str], types: Sequence[str], rows: int) -> str:
+        """``WITH v(columns) AS (...)`` of ``rows`` rows of driver parameters."""
+        if self.postgres:
+            arrays = ", ".join(f"%s::{t}[]" for t in types)
+            return f"WITH v({', '.join(columns)}) AS (SELECT * FROM unnest({arrays}))"
+        row = f"({', '.join([self.marker] * len(columns))})"
+        return f"WITH v({', '.join(columns)}) AS (VALUES {', '.join([row] * rows)})"
+
+    def params(
+        self, rows: list[tuple[Any, ...]], arrays: bool = True
+    ) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """(row count, parameters) per statement: PostgreSQL one of column arrays
+        (``arrays``), else multi-row VALUES of power-of-two sizes (a few cached
+        statements, as receiver/eventrows.py measured)."""
+        if self.postgres and arrays:
+            yield 0, tuple(list(column) for column in zip(*rows, strict=True))
+            return
+        start = 0
+        while start < len(rows):
+            size = min(SQLITE_ROWS, 1 << ((len(rows) - start).bit_length() - 1))
+            yield size, tuple(itertools.chain.from_iterable(rows[start : start + size]))
+            start += size
+
+    def in_list(self, column: str, count: int) -> str:
+        if self.postgres:
+            return f"{column} = ANY(%s)"
+        return f"{column} IN ({', '.join([self.marker] * count)})"
+
+    def in_params(self, ids: list[Any]) -> tuple[Any, ...]:
+        return (ids,) if self.postgres else tuple(ids)
+
+
+_DIALECTS: dict[str, _Dialect] = {}
+
+
+def _chunks(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --- apply: a batch of new events ---
+
+_RECIPIENT_V = ("mid", "pos", *COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "btype")
+_MESSAGE_V = ("mid", *COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply")
+
+
+def _types(columns: Sequence[str]) -> list[str]:
+    def one(c: str) -> str:
+        if c == "mid":
+            return "bigint"
+        if c == "btype":
+            return "varchar"
+        if c.endswith("_at") or c == "first_reply":
+            return "timestamptz"
+        return "integer"
+
+    return [one(c) for c in columns]
+
+
+def _first(column: str, value: str) -> str:
+    return f"CASE WHEN {column} IS NULL OR {value} < {column} THEN {value} ELSE {column} END"
+
+
+def _last(column: str, value: str) -> str:
+    return f"CASE WHEN {column} IS NULL OR {value} > {column} THEN {value} ELSE {column} END"
+
+
+def _hit_sets(table: str) -> list[str]:
+    sets = [f"{c} = {table}.{c} + v.{c}" for c in COUNTERS]
+    for i, c in enumerate(TIMES):
+        pick = _first if i % 2 == 0 else _last
+        sets.append(f"{c} = {pick(f'{table}.{c}', f'v.{c}')}")
+    return sets
+
+
+def _recipient_update(d: _Dialect, rows: int) -> str:
+    sets = _hit_sets("recipients")
+    sets += [f"{c} = {_first(f'recipients.{c}', f'v.{c}')}" for c, _, _ in ANSWERS.values()]
+    sets.append(
+        "bounce_type = CASE WHEN v.btype <> '' AND (recipients.bounce_type = ''"
+        " OR v.btype < recipients.bounce_type) THEN v.btype ELSE recipients.bounce_type END"
+    )
+    return (
+        f"{d.source(_RECIPIENT_V, _types(_RECIPIENT_V), rows)} UPDATE recipients"
+        f" SET {', '.join(sets)} FROM v"
+        " WHERE recipients.message_id = v.mid AND recipients.position = v.pos"
+    )
+
+
+def _message_update(d: _Dialect, rows: int) -> str:
+    """Add to the messages and return what the rollup needs: their sender, day,
+    tracking and the new open and click counters (the old are new minus added)."""
+    sets = _hit_sets("messages")
+    sets += [f"{m} = messages.{m} + v.{m}" for _, m, _ in ANSWERS.values()]
+    sets.append(f"first_reply_at = {_first('messages.first_reply_at', 'v.first_reply')}")
+    return (
+        f"{d.source(_MESSAGE_V, _types(_MESSAGE_V), rows)} UPDATE messages"
+        f" SET {', '.join(sets)} FROM v WHERE messages.id = v.mid"
+        f" RETURNING messages.id, messages.sender_key, {d.day('messages.created_at')},"
+        " messages.track_opens, messages.track_clicks, messages.opens, messages.clicks"
+    )
+
+
+_ANSWER_COUNTERS = tuple(counter for _, counter, _ in ANSWERS.values())
+
+
+def _old_answer_counts(conn: Connection, d: _Dialect, ids: list[int]) -> dict[int, list[int]]:
+    """Answer counters (``_ANSWER_COUNTERS`` order) of messages about to get answers,
+    locked in id order so two writers never count one first answer twice."""
+    found: dict[int, list[int]] = {}
+    for chunk in _chunks(ids):
+        sql = (
+            f"SELECT id, {', '.join(_ANSWER_COUNTERS)} FROM messages"
+            f" WHERE {d.in_list('id', len(chunk))} ORDER BY id{d.for_update()}"
+        )
+        for row in conn.exec_driver_sql(sql, d.in_params(chunk)):
+            found[int(row[0])] = [int(n) for n in row[1:]]
+    return found
+
+
+def _old_answers(
+    conn: Connection, d: _Dialect, ids: list[int]
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """The answer times of the recipients of ``ids`` (locked, like their messages)."""
+    columns = [c for c, _, _ in ANSWERS.values()]
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    for chunk in _chunks(ids):
+        sql = (
+            f"SELECT message_id, position, {', '.join(columns)} FROM recipients"
+            f" WHERE {d.in_list('message_id', len(chunk))}"
+            f" ORDER BY message_id, position{d.for_update()}"
+        )
+        for row in conn.exec_driver_sql(sql, d.in_params(chunk)):
+            found[int(row[0]), int(row[1])] = dict(zip(ANSWERS, row[2:], strict=True))
+    return found
+
+
+def _tally(
+    d: _Dialect, events: Iterable[Facts]
+) -> tuple[dict[int, _Tally], dict[tuple[int, int], _Tally]]:
+    messages: dict[int, _Tally] = {}
+    recipients: dict[tuple[int, int], _Tally] = {}
+    convert = d.time if not d.postgres else None
+    slots = _SLOTS
+    for message_id, position, kind, verdict, at, bounce_type in events:
+        if convert is not None:
+            at = convert(at)
+        message = messages.get(message_id)
+        if message is None:
+            message = messages[message_id] = _Tally()
+        recipient = None
+        if position > 0:
+            recipient = recipients.get((message_id, position))
+            if recipient is None:
+                recipient = recipients[message_id, position] = _Tally()
+        if kind in ANSWERS:
+            _answer(message, recipient, kind, at, bounce_type)
+            continue
+        slot = slots.get((kind, verdict))
+        message.hit(slot, at)
+        if recipient is not None:
+            recipient.hit(slot, at)
+        if kind == OPEN:
+            message.opened(verdict)
+    return messages, recipients
+
+
+def _answer(message: _Tally, recipient: _Tally | None, kind: str, at: Any, bounce: str) -> None:
+    message.answer(kind, at, bounce)
+    if recipient is None:
+        message.unmatched(kind)
+    else:
+        recipient.answer(kind, at, bounce)
+
+
+_NOTHING: dict[str, Any] = {}
+
+
+def _answered(
+    conn: Connection,
+    d: _Dialect,
+    messages: dict[int, _Tally],
+    recipients: dict[tuple[int, int], _Tally],
+) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Answer counters of the messages that get answers: before, and how many more
+    recipients answered so (``_ANSWER_COUNTERS`` order)."""
+    asked = sorted(m for m, t in messages.items() if t.answers)
+    if not asked:
+        return {}, {}
+    old = _old_answer_counts(conn, d, asked)
+    before = _old_answers(conn, d, sorted(old))
+    more = {m: [0] * len(_ANSWER_COUNTERS) for m in old}
+    where = {kind: i for i, kind in enumerate(ANSWERS)}
+    for (message_id, position), tally in recipients.items():
+        if message_id not in more or not tally.answers:
+            continue
+        stored = before.get((message_id, position))
+        for kind in tally.answers:
+            if stored is None:  # no recipient row behind the position
+                messages[message_id].unmatched(kind)
+            elif stored[kind] is None:
+                more[message_id][where[kind]] += 1
+    for message_id, added in more.items():
+        for kind in messages[message_id].anonymous or ():
+            i = where[kind]
+            if old[message_id][i] + added[i] == 0:
+                added[i] = 1
+    return old, more
+
+
+_DAILY_INDEX = {name: i for i, name in enumerate(DAILY)}
+_ANSWER_DAILY = tuple(
+    (i, _DAILY_INDEX[daily]) for i, (_, _, daily) in enumerate(ANSWERS.values()) if daily
+)
+
+
+def _daily(
+    d: _Dialect,
+    changed: Iterable[Any],
+    messages: dict[int, _Tally],
+    answers: tuple[dict[int, list[int]], dict[int, list[int]]],
+) -> list[tuple[Any, ...]]:
+    """Rollup rows to add, in key order (so concurrent writers lock them in one order).
+
+    ``changed``: the rows the message update returned.
+    """
+    rows: dict[tuple[str, str], tuple[Any, list[int]]] = {}
+    at = _DAILY_INDEX
+    old_answers, more = answers
+    for message_id, sender_key, day, track_opens, track_clicks, opens, clicks in changed:
+        tally = messages[message_id]
+        f = tally.figures
+        key = (sender_key, str(day))
+        entry = rows.get(key)
+        if entry is None:
+            entry = rows[key] = (d.day_value(day), [0] * len(DAILY))
+        add = entry[1]
+        add[at["opened"]] += bool(track_opens and f[0] and opens == f[0])
+        add[at["clicked"]] += bool(track_clicks and f[3] and clicks == f[3])
+        add[at["human_opens"]] += f[0]
+        add[at["machine_opens"]] += f[1]
+        if message_id in more:
+            was, added = old_answers[message_id], more[message_id]
+            for i, daily in _ANSWER_DAILY:
+                add[daily] += was[i] == 0 and added[i] > 0
+        for verdict, n in (tally.opens or _NOTHING).items():
+            add[at[f"opens_{verdict}"]] += n
+    return [(key[0], day, *add) for key, (day, add) in sorted(rows.items()) if any(add)]
+
+
+def _statement(d: _Dialect, name: str, rows: int, build: Callable[[_Dialect, int], str]) -> str:
+    sql = d.sql.get((name, rows))
+    if sql is None:
+        sql = d.sql[name, rows] = build(d, rows)
+    return sql
+
+
+def apply(conn: Connection, events: Iterable[Facts]) -> None:
+    """Add the events just inserted to their recipients, messages and daily rollups.
+
+    In the caller's transaction; a few statements per batch whatever its size
+    (one update each for recipients and messages, one upsert for the rollup;
+    a batch with answers first reads its messages' answers). Events of a
+    message not recorded yet change nothing (:func:`recorded` counts them when
+    its record comes).
+    """
+    d = _Dialect.of(conn)
+    messages, recipients = _tally(d, events)
+    if not messages:
+        return
+    answers = _answered(conn, d, messages, recipients)
+    more = answers[1]
+    recipient_rows = [
+        (m, p, *t.figures, *((t.answers or _NOTHING).get(k) for k in ANSWERS), t.bounce_type)
+        for (m, p), t in sorted(recipients.items())
+    ]
+    for rows, params in d.params(recipient_rows):
+        conn.exec_driver_sql(_statement(d, "recipients", rows, _recipient_update), params)
+    none = (0,) * len(_ANSWER_COUNTERS)
+    message_rows = [
+        (m, *t.figures, *more.get(m, none), t.answers.get("reply") if t.answers else None)
+        for m, t in sorted(messages.items())
+    ]
+    changed: list[Any] = []
+    for rows, params in d.params(message_rows):
+        sql = _statement(d, "messages", rows, _message_update)
+        changed += conn.exec_driver_sql(sql, params).all()
+    for rows, params in d.params(_daily(d, changed, messages, answers), arrays=False):
+        conn.exec_driver_sql(_statement(d, "daily", rows, _daily_upsert), params)
+
+
+def _daily_upsert(d: _Dialect, rows: int) -> str:
+    row = f"({', '.join([d.marker] * (len(DAILY) + 2))})"
+    return upsert_adding_sql(
+        "daily_stats",
+        ("sender_key", "day", *DAILY),
+        f"VALUES {', '.join([row] * rows)}",
+        ("sender_key", "day"),
+        add=DAILY,
+    )
+
+
+# --- counting from the events: rebuild, recount, recorded ---
+
+
+def _in(values: str, *verdicts: str) -> str:
+    return f"{values} IN ({', '.join(repr(v) for v in verdicts)})"
+
+
+def _hit_aggregates() -> list[str]:
+    """Per group of events: COUNTERS and TIMES, as in :class:`_Tally`."""
+    out = []
+    for kind, prefix in ((OPEN, ""), (CLICK, "")):
+        noun = "opens" if kind == OPEN else "clicks"
+        for verdicts, name in (
+            (COUNTED, f"{prefix}{noun}"),
+            (AUTOMATED, f"machine_{noun}"),
+            ((SELF,), f"self_{noun}"),
+        ):
+            out.append(
+                f"sum(CASE WHEN kind = '{kind}' AND {_in('verdict', *verdicts)}"
+                f" THEN 1 ELSE 0 END) AS {name}"
+            )
+    for kind in (OPEN, CLICK):
+        when = f"CASE WHEN kind = '{kind}' AND {_in('verdict', *COUNTED)} THEN occurred_at END"
+        out += [f"min({when}) AS first_{kind}_at", f"max({when}) AS last_{kind}_at"]
+    return out
+
+
+def _recipient_aggregates() -> list[str]:
+    out = _hit_aggregates()
+    out += [
+        f"min(CASE WHEN kind = '{kind}' THEN occurred_at END) AS {column}"
+        for kind, (column, _, _) in ANSWERS.items()
+    ]
+    out.append(
+        "coalesce(min(CASE WHEN kind = 'bounce' AND bounce_type <> ''"
+        " THEN bounce_type END), '') AS bounce_type"
+    )
+    return out
+
+
+def _message_aggregates() -> list[str]:
+    out = _hit_aggregates()
+    for kind, (_, counter, _) in ANSWERS.items():
+        named = (
+            f"count(DISTINCT CASE WHEN kind = '{kind}' AND recipient_position > 0"
+            " THEN recipient_position END)"
+        )
+        out.append(
+            f"CASE WHEN {named} > 0 THEN {named}"
+            f" ELSE max(CASE WHEN kind = '{kind}' THEN 1 ELSE 0 END) END AS {counter}"
+        )
+    out.append("min(CASE WHEN kind = 'reply' THEN occurred_at END) AS first_reply_at")
+    return out
+
+
+_RECIPIENT_STATE = (*COUNTERS, *TIMES, *(c for c, _, _ in ANSWERS.values()), "bounce_type")
+_MESSAGE_STATE = (*COUNTERS, *TIMES, *(m for _, m, _ in ANSWERS.values()), "first_reply_at")
+
+
+def _reset(column: str) -> str:
+    if column in COUNTERS or column in ("replies", "auto_replies", "bounces", "complaints"):
+        return f"{column} = 0"
+    return f"{column} = ''" if column == "bounce_type" else f"{column} = NULL"
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Which messages a statement covers: ``{c}`` is the message id column."""
+
+    where: str
+    params: dict[str, Any]
+    expanding: bool = False
+
+    def of(self, column: str) -> str:
+        return self.where.format(c=column)
+
+    def statement(self, sql: str) -> TextClause:
+        clause = text(sql)
+        if self.expanding:
+            clause = clause.bindparams(bindparam("ids", expanding=True))
+        return clause
+
+
+def _between(lo: int, hi: int) -> _Scope:
+    return _Scope("{c} BETWEEN :lo AND :hi", {"lo": lo, "hi": hi})
+
+
+def _ids(ids: Sequence[int]) -> _Scope:
+    return _Scope("{c} IN :ids", {"ids": list(ids)}, expanding=True)
+
+
+def _count_state(conn: Connection, scope: _Scope) -> None:
+    """Recipients' and messages' state of ``scope`` counted from their events."""
+    statements = [
+        f"UPDATE recipients SET {', '.join(map(_reset, _RECIPIENT_STATE))}"
+        f" WHERE {scope.of('message_id')}",
+        f"UPDATE recipients SET {', '.join(f'{c} = a.{c}' for c in _RECIPIENT_STATE)}"
+        f" FROM (SELECT message_id, recipient_position, {', '.join(_recipient_aggregates())}"
+        f" FROM events WHERE {scope.of('message_id')} AND recipient_position > 0"
+        " GROUP BY message_id, recipient_position) AS a"
+        " WHERE recipients.message_id = a.message_id"
+        " AND recipients.position = a.recipient_position",
+        f"UPDATE messages SET {', '.join(map(_reset, _MESSAGE_STATE))} WHERE {scope.of('id')}",
+        f"UPDATE messages SET {', '.join(f'{c} = a.{c}' for c in _MESSAGE_STATE)}"
+        f" FROM (SELECT message_id, {', '.join(_message_aggregates())}"
+        f" FROM events WHERE {scope.of('message_id')} GROUP BY message_id) AS a"
+        " WHERE messages.id = a.message_id",
+    ]
+    for sql in statements:
+        conn.execute(scope.statement(sql), scope.params)
+
+
+def _add_daily(conn: Connection, scope: _Scope, with_events: bool = True) -> None:
+    """Add the messages of ``scope`` (with their state) to the daily rollup."""
+    d = _Dialect.of(conn)
+    day = d.day("m.created_at")
+    figures = [
+        "count(*)",
+        "sum(CASE WHEN m.track_opens THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.track_opens AND m.opens > 0 THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.track_clicks THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.track_clicks AND m.clicks > 0 THEN 1 ELSE 0 END)",
+        "sum(m.opens)",
+        "sum(m.machine_opens)",
+        "sum(CASE WHEN m.replies > 0 THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.bounces > 0 THEN 1 ELSE 0 END)",
+    ]
+    join = ""
+    if with_events:
+        figures += [f"coalesce(sum(v.{v}), 0)" for v in VERDICTS]
+        sums = ", ".join(
+            f"sum(CASE WHEN verdict = '{v}' THEN 1 ELSE 0 END) AS {v}" for v in VERDICTS
+        )
+        join = (
+            f" LEFT JOIN (SELECT message_id, {sums} FROM events"
+            f" WHERE kind = 'open' AND {scope.of('message_id')} GROUP BY message_id) AS v"
+            " ON v.message_id = m.id"
+        )
+    else:
+        figures += ["0"] * len(VERDICTS)
+    source = (
+        f"SELECT m.sender_key, {day}, {', '.join(figures)} FROM messages AS m{join}"
+        f" WHERE {scope.of('m.id')} GROUP BY m.sender_key, {day}"
+    )
+    sql = upsert_adding_sql(
+        "daily_stats", ("sender_key", "day", *DAILY), source, ("sender_key", "day"), add=DAILY
+    )
+    conn.execute(scope.statement(sql), scope.params)
+
+
+def recount(conn: Connection, message_ids: Sequence[int]) -> None:
+    """Count the state of these messages and their recipients again from their events.
+
+    The daily rollup is left as it is (shared/privacy.py says why).
+    """
+    for chunk in _chunks(sorted(set(message_ids))):
+        _count_state(conn, _ids(chunk))
+
+
+def recorded(conn: Connection, message_ids: Sequence[int]) -> None:
+    """New messages were just inserted: add them to the rollups and the senders.
+
+    A message whose hits came first (its record was journaled) has its state
+    counted from those events.
+    """
+    for chunk in _chunks(sorted(set(message_ids))):
+        scope = _ids(chunk)
+        early = conn.execute(
+            scope.statement(f"SELECT 1 FROM events WHERE {scope.of('message_id')} LIMIT 1"),
+            scope.params,
+        ).first()
+        if early is not None:
+            _count_state(conn, scope)
+        _add_daily(conn, scope, with_events=early is not None)
+        sql = upsert_adding_sql(
+            "senders",
+            ("sender_key", "messages", "last_at"),
+            "SELECT sender_key, count(*), max(created_at) FROM messages"
+            f" WHERE {scope.of('id')} GROUP BY sender_key",
+            ("sender_key",),
+            add=("messages",),
+            latest=("last_at",),
+        )
+        conn.execute(scope.statement(sql), scope.params)
+
+
+#: (table, column, its key column, the table's id column for the slice)
+_KEYS = (
+    ("messages", "sender", "sender_key", "id"),
+    ("recipients", "address", "address_key", "message_id"),
+)
+
+
+def _keys(conn: Connection, scope: _Scope) -> None:
+    """``sender_key`` and ``address_key``: Python's ``lower()`` of what they key, where
+    they say something else (rows written by hand; migration 0004 did the bulk)."""
+    for table, column, key, id_column in _KEYS:
+        rows = conn.execute(
+            scope.statement(
+                f"SELECT id, {column}, {key} FROM {table}"
+                f" WHERE {scope.of(id_column)} AND {key} <> lower({column})"
+            ),
+            scope.params,
+        ).all()
+        for id_, value, stored in rows:
+            if value.lower() != stored:
+                conn.execute(
+                    text(f"UPDATE {table} SET {key} = :key WHERE id = :id"),
+                    {"key": value.lower(), "id": id_},
+                )
+
+
+def _slices(conn: Connection, size: int) -> Iterator[tuple[int, int]]:
+    """(first, last) message id of each run of ``size`` messages, in id order."""
+    after: int | None = None
+    while True:
+        where = "" if after is None else "WHERE id > :after "
+        ids = list(
+            conn.execute(
+                text(f"SELECT id FROM messages {where}ORDER BY id LIMIT :n"),
+                {"after": after, "n": size},
+            ).scalars()
+        )
+        if not ids:
+            return
+        yield ids[0], ids[-1]
+        after = ids[-1]
+
+
+def _clear_days(conn: Connection) -> None:
+    """Clear the rollup from the oldest stored message's day on."""
+    day = _Dialect.of(conn).day("min(created_at)")
+    conn.execute(text(f"DELETE FROM daily_stats WHERE day >= (SELECT {day} FROM messages)"))
+
+
+def _count_senders(conn: Connection) -> None:
+    sql = upsert_adding_sql(
+        "senders",
+        ("sender_key", "messages", "last_at"),
+        "SELECT sender_key, count(*), max(created_at) FROM messages WHERE true GROUP BY sender_key",
+        ("sender_key",),
+        assign=("messages", "last_at"),
+    )
+    conn.execute(text(sql))
+
+
+def rebuild_connection(
+    conn: Connection, size: int = REBUILD_SLICE, commit: Callable[[], None] | None = None
+) -> int:
+    """:func:`rebuild` on one connection (``commit`` after each step, if given).
+
+    Days older than the oldest message stored keep their rollup (purged mail's
+    counts, shared/privacy.py); a sender whose mail is all purged keeps its row.
+    Returns the number of slices.
+    """
+
+    def step() -> None:
+        if commit is not None:
+            commit()
+
+    _clear_days(conn)
+    step()
+    slices = list(_slices(conn, size))
+    for lo, hi in slices:
+        scope = _between(lo, hi)
+        _keys(conn, scope)
+        _count_state(conn, scope)
+        _add_daily(conn, scope)
+        step()
+    _count_senders(conn)
+    step()
+    return len(slices)
+
+
+def rebuild(engine: Engine, size: int = REBUILD_SLICE) -> int:
+    """Count every state column and rollup again from the events, ``size`` messages per
+    committed transaction; returns the number of slices.
+
+    Meant for a quiet moment (after a restore, a bug fixed, the migration): a
+    hit written to a slice while that slice is being counted may be missing
+    from it or counted twice until the next rebuild. The rollup is cleared
+    first, so the overview reads low until the last slice commits.
+    """
+    with engine.connect() as conn:
+        slices = rebuild_connection(conn, size, commit=conn.commit)
+    log.info("state rebuilt in %d slice(s) of %d messages", slices, size)
+    return slices
