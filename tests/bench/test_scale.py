@@ -150,3 +150,19 @@ def test_the_suite_runs_scale_only_when_named_and_never_quick(
     with pytest.raises(SystemExit):
         run.main(["--quick", "scale"])
     assert "cannot run with --quick" in capsys.readouterr().err
+
+
+def test_the_derived_state_is_counted_after_seeding(engine: Engine) -> None:
+    """Migration 0004's columns: the keys filled by the seeder, the rest by rebuild."""
+    scaleseed.seed(engine, N, heaviest=HEAVIEST)
+    assert scale.rebuild_state(engine) > 0
+
+    assert scalar(engine, "SELECT count(*) FROM messages WHERE sender_key <> lower(sender)") == 0
+    assert scalar(engine, "SELECT count(*) FROM recipients WHERE address_key <> address") == 0
+    senders = scalar(engine, "SELECT count(DISTINCT sender) FROM messages")
+    assert scalar(engine, "SELECT count(*) FROM senders") == senders
+    counted = "verdict IN ('human', 'proxy')"
+    opens = f"SELECT count(*) FROM events WHERE kind = 'open' AND {counted}"
+    assert scalar(engine, "SELECT sum(opens) FROM messages") == scalar(engine, opens)
+    sent = scalar(engine, "SELECT sum(sent) FROM daily_stats")
+    assert sent == N
