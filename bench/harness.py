@@ -82,6 +82,16 @@ class Server:
                         peak = max(peak, int(line.split()[1]) * 1024)
         return peak
 
+    def rss(self) -> int:
+        """Resident memory now: VmRSS summed over the server and its workers."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        return total
+
     def reset_peak_rss(self) -> None:
         """Reset VmHWM to the current RSS (Linux 4.0+: write 5 to clear_refs)."""
         with contextlib.suppress(OSError):

@@ -7,6 +7,8 @@
 
 Items (each also runs alone, see bench/README.md): inject, data_reader,
 throughput, latency, memory, scaleout, receiver, receiver2 (two workers).
+Optional, only when named (never in --quick: it takes an hour): scale, issue
+13's year of mail on PostgreSQL at 100k and 1M messages (bench/scale.py).
 The machine, the load average before and after, the commit and the command
 line are stored with the results, because on a shared machine the numbers
 mean little without them.
@@ -53,6 +55,18 @@ def _receiver(workers: int) -> Callable[[int, bool], Rows]:
     return run
 
 
+def _scale(repeat: int, quick: bool) -> Rows:
+    from bench import scale
+
+    url = os.environ.get("TRACKRELAY_BENCH_DATABASE_URL", scale.DEFAULT_DATABASE)
+    options = scale.Options(url, repeat=max(repeat, 5))
+    path = scale.RESULTS / "scale.json"
+    for messages in (100_000, 1_000_000):
+        scale.store(scale.measure(messages, options), path)
+    (scale.RESULTS / "scale.md").write_text(scale.render(json.loads(path.read_text())))
+    return [{"item": "scale", "results": str(path), "markdown": str(scale.RESULTS / "scale.md")}]
+
+
 ITEMS: dict[str, Callable[[int, bool], Rows]] = {
     "inject": _inject,
     "data_reader": _data_reader,
@@ -62,7 +76,9 @@ ITEMS: dict[str, Callable[[int, bool], Rows]] = {
     "scaleout": relay.scaleout,
     "receiver": _receiver(1),
     "receiver2": _receiver(2),
+    "scale": _scale,
 }
+OPTIONAL = {"scale"}  # long: run only when named
 NEEDS = {
     "throughput": [SMTP_SINK, SMTP_SOURCE],
     "latency": [SMTP_SINK],
@@ -114,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.list:
-        print("\n".join(ITEMS))
+        print(
+            "\n".join(
+                f"{item} (optional: only when named)" if item in OPTIONAL else item
+                for item in ITEMS
+            )
+        )
         return 0
     if args.render:
         markdown = render(json.loads(args.render.read_text()))
@@ -124,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [item for item in args.items if item not in ITEMS]
     if unknown:
         parser.error(f"unknown item(s) {unknown}; choose from {list(ITEMS)}")
-    items = args.items or list(ITEMS)
+    if args.quick and OPTIONAL & set(args.items):
+        parser.error(f"{sorted(OPTIONAL & set(args.items))} cannot run with --quick")
+    items = args.items or [item for item in ITEMS if item not in OPTIONAL]
     repeat = args.repeat or (1 if args.quick else 3)
     results: dict[str, Any] = {
         "machine": machine(),
@@ -317,6 +340,8 @@ def render(results: dict[str, Any]) -> str:
                 for r in receivers
             ],
         )
+    if "scale" in items:
+        out += [f"## Scale (issue 13): see {items['scale'][0]['markdown']}", ""]
     for item, why in results["skipped"].items():
         out.append(f"- {item}: skipped ({why})")
     return "\n".join(out) + "\n"
