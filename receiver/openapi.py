@@ -64,6 +64,18 @@ _MESSAGE = {
     },
     "first_opened_at": _TIME_OR_NULL,
     "first_clicked_at": _TIME_OR_NULL,
+    "replies": {
+        **_INT,
+        "description": "recipients who replied (an automatic reply is never a reply)",
+    },
+    "first_replied_at": _TIME_OR_NULL,
+    "auto_replies": {
+        **_INT,
+        "description": "recipients who answered automatically",
+    },
+    "bounces": {**_INT, "description": "recipients whose mail bounced, hard or soft"},
+    "bounce_type": {"enum": ["", "hard", "soft"], "description": "hard if any bounce was"},
+    "complaints": {**_INT, "description": "recipients who reported it as spam (ARF)"},
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -251,6 +263,17 @@ PATHS: dict[str, Any] = {
                 _query("tracked", _FLAG, "tracking was on for opens or clicks"),
                 _query("opened", _FLAG, "has a counted open; false: tracked for opens, none yet"),
                 _query("clicked", _FLAG, "has a counted click; false: tracked for clicks, none"),
+                _query(
+                    "replied",
+                    _FLAG,
+                    "a recipient replied; false: no reply (auto-replies never count as replies)",
+                ),
+                _query("bounced", _FLAG, "a recipient bounced (hard or soft); false: none did"),
+                _query(
+                    "follow_up_days",
+                    {"type": "integer", "minimum": 1, "maximum": 90},
+                    "the follow-up list: opened, no reply, sent more than this many days ago",
+                ),
                 _query("sender", _STR, "envelope sender, exact"),
                 _query("since", _STR, "date (YYYY-MM-DD) or ISO 8601 time, inclusive"),
                 _query("until", _STR, "date (whole day) or ISO 8601 time, inclusive"),

@@ -28,11 +28,13 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import Engine
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
+from receiver.dashboard.headers import SecurityHeaders
 from shared import addresses, policies
 from shared.config import Settings
 from shared.errors import UserError
@@ -208,13 +210,24 @@ async def confirm_stop_tracking(request: Request) -> Response:
     return _page(request, "public/done.html", address=address)
 
 
+#: The dashboard's security headers (receiver/dashboard/headers.py, their owner):
+#: the pages' style is receiver/static/public.css, so the same CSP holds.
+_HEADERS = [Middleware(SecurityHeaders)]
+
 routes = [
-    Route("/", home, methods=["GET"], name="public_home"),
-    Route("/stop-tracking", stop_tracking, methods=["POST"], name="stop_tracking"),
+    Route("/", home, methods=["GET"], name="public_home", middleware=_HEADERS),
+    Route(
+        "/stop-tracking",
+        stop_tracking,
+        methods=["POST"],
+        name="stop_tracking",
+        middleware=_HEADERS,
+    ),
     Route(
         "/stop-tracking/confirm",
         confirm_stop_tracking,
         methods=["POST"],
         name="confirm_stop_tracking",
+        middleware=_HEADERS,
     ),
 ]

@@ -30,6 +30,7 @@ from shared.identity import Viewer
 from shared.models import Event, Message
 
 MAX_LIMIT = 200
+MAX_FOLLOW_UP = 90  # days, as the dashboard's follow-up list
 
 
 @endpoint()
@@ -43,6 +44,9 @@ async def list_messages(request: Request, viewer: Viewer) -> dict[str, Any]:
         since=time_param(request, "since"),
         until=time_param(request, "until", end_of_day=True),
         text=text_param(request, "q"),
+        replied=bool_param(request, "replied"),
+        bounced=bool_param(request, "bounced"),
+        follow_up_days=int_param(request, "follow_up_days", 0, 1, MAX_FOLLOW_UP) or None,
     )
     limit = int_param(request, "limit", 50, 1, MAX_LIMIT)
     offset = int_param(request, "offset", 0, 0, 10**9)  # deprecated: use cursor
@@ -143,6 +147,12 @@ def _hits(row: readmodel.MessageRow) -> dict[str, Any]:
         "clicks": row.clicks.count,
         "first_opened_at": iso(row.opens.first),
         "first_clicked_at": iso(row.clicks.first),
+        "replies": row.answers.replies,
+        "first_replied_at": iso(row.answers.first_reply),
+        "auto_replies": row.answers.auto_replies,
+        "bounces": row.answers.bounces,
+        "bounce_type": row.answers.bounce_type,
+        "complaints": row.answers.complaints,
     }
 
 

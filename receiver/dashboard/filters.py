@@ -21,8 +21,36 @@ from starlette.datastructures import QueryParams
 from receiver.readmodel import Selection, day_end, day_start
 
 TRACKING = {"": "Any tracking", "on": "Tracking enabled", "off": "Not tracked"}
-STATES = {"": "Any", "opened": "Opened", "not_opened": "Not opened", "clicked": "Clicked"}
+STATES = {
+    "": "Any",
+    "opened": "Opened",
+    "not_opened": "Not opened",
+    "clicked": "Clicked",
+    "replied": "Replied",
+    "not_replied": "Not replied",
+    "bounced": "Bounced",
+    "follow_up": "Follow up",
+}
 MAX_QUERY = 200
+FOLLOW_UP_DAYS = 3  # "opened but not replied after N days": N unless the form says
+MAX_FOLLOW_UP_DAYS = 90
+
+
+def _days(raw: str, notes: list[str]) -> int:
+    """The follow-up list's N, 1 to 90; anything else is the default, with a note."""
+    if not raw.strip():
+        return FOLLOW_UP_DAYS
+    try:
+        days = int(raw)
+    except ValueError:
+        days = 0
+    if not 1 <= days <= MAX_FOLLOW_UP_DAYS:
+        notes.append(
+            f"Days “{raw.strip()}” is not a whole number from 1 to {MAX_FOLLOW_UP_DAYS};"
+            f" showing {FOLLOW_UP_DAYS}."
+        )
+        return FOLLOW_UP_DAYS
+    return days
 
 
 class BadInput(ValueError):
@@ -45,6 +73,7 @@ class Filters:
     date_from: date | None = None
     date_to: date | None = None
     q: str = ""
+    days: int = FOLLOW_UP_DAYS  # of the follow-up list (state "follow_up")
     cursor: str = ""  # where the page starts (receiver/readmodel/paging.py); "" the newest
 
     @classmethod
@@ -71,6 +100,9 @@ class Filters:
                 date_from=dates["from"],
                 date_to=dates["to"],
                 q=text(params, "q", MAX_QUERY),
+                days=_days(params.get("days", ""), notes)
+                if state == "follow_up"
+                else FOLLOW_UP_DAYS,
                 cursor=text(params, "cursor", 200),
             ),
             notes,
@@ -89,6 +121,7 @@ class Filters:
             "from": f.date_from.isoformat() if f.date_from else "",
             "to": f.date_to.isoformat() if f.date_to else "",
             "q": f.q,
+            "days": str(f.days) if f.state == "follow_up" else "",
             "cursor": f.cursor,
         }
         return {k: v for k, v in values.items() if v}
@@ -103,6 +136,9 @@ class Filters:
             tracked={"on": True, "off": False}.get(self.tracking),
             opened={"opened": True, "not_opened": False}.get(self.state),
             clicked=True if self.state == "clicked" else None,
+            replied={"replied": True, "not_replied": False}.get(self.state),
+            bounced=True if self.state == "bounced" else None,
+            follow_up_days=self.days if self.state == "follow_up" else None,
             sender=self.sender,
             since=day_start(self.date_from) if self.date_from else None,
             until=day_end(self.date_to) if self.date_to else None,

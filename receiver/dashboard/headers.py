@@ -1,4 +1,5 @@
-"""Security headers on every dashboard response (pages, CSV, static files).
+"""Security headers on every dashboard response (pages, CSV, static files) and on
+the public pages (receiver/public.py).
 
 The Content-Security-Policy allows scripts and styles only from the dashboard
 itself (``receiver/static/``): no inline script, no inline style attribute, no

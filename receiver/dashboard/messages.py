@@ -154,13 +154,15 @@ async def messages_csv(request: Request, viewer: Viewer) -> Response:
 
 
 def _message_cells(row: tuple[Any, ...]) -> list[object]:
-    mid, sent, sender, subject, recipients, opens, clicks, *hits, status = row
+    mid, sent, sender, subject, recipients, opens, clicks, *hits, status = row[:15]
     o_count, o_first, o_last, c_count, c_first, c_last, machine = hits
+    replies, first_reply, auto, bounces, bounce_type, complaints = row[15:]
     return [
         str(mid), iso(sent, zulu=False), sender, subject, recipients,
         "yes" if opens else "no", "yes" if clicks else "no",
         o_count, iso(o_first, zulu=False), iso(o_last, zulu=False),
         c_count, iso(c_first, zulu=False), iso(c_last, zulu=False), machine, status,
+        replies, iso(first_reply, zulu=False), auto, bounces, bounce_type, complaints,
     ]  # fmt: skip
 
 

@@ -36,6 +36,7 @@ from receiver.readmodel.detail import (
 )
 from receiver.readmodel.events import EventRow, events_after, export_events
 from receiver.readmodel.messages import (
+    Answers,
     Hits,
     MessageRow,
     Page,
@@ -59,6 +60,7 @@ __all__ = [
     "AUTOMATED",
     "COUNTED",
     "COUNT_CAP",
+    "Answers",
     "BadCursor",
     "Cursor",
     "DayFigures",

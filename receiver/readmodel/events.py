@@ -98,20 +98,22 @@ def _joined(query: Q, outer: bool) -> Q:
 
 EXPORT_COLUMNS = (
     "message_id", "subject", "sender", "kind", "occurred_at", "recipient", "url",
-    "verdict", "reasons", "ip", "user_agent", "method",
+    "verdict", "reasons", "ip", "user_agent", "method", "bounce_type", "status", "diagnostic",
 )  # fmt: skip
 
 
 def export_events(
     engine: Engine, viewer: Viewer, selection: Selection
 ) -> Iterator[tuple[Any, ...]]:
-    """Every event of the matching messages as a plain tuple of EXPORT_COLUMNS."""
+    """Every event of the matching messages as a plain tuple of EXPORT_COLUMNS (a
+    bounce's type, status code and diagnostic text; "" for other kinds)."""
     e = Event
     query = _joined(
         sa_select(
             col(e.message_id), col(Message.subject), col(Message.sender), col(e.kind),
             col(e.occurred_at), col(Recipient.address), col(Link.url), col(e.verdict),
-            col(e.reasons), col(e.ip), col(e.user_agent), col(e.method),
+            col(e.reasons), col(e.ip), col(e.user_agent), col(e.method), col(e.bounce_type),
+            col(e.status_code), col(e.diagnostic),
         ),
         outer=viewer.is_admin,
     ).where(*selected(viewer, selection))  # fmt: skip

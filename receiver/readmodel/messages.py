@@ -44,6 +44,20 @@ class Hits:
 
 
 @dataclass
+class Answers:
+    """What came back from the recipients (shared/eventstate.py keeps the counts):
+    ``replies`` and ``bounces`` count recipients (a message-level answer as one),
+    an automatic reply is never a reply."""
+
+    replies: int = 0
+    first_reply: datetime | None = None
+    auto_replies: int = 0
+    bounces: int = 0
+    bounce_type: str = ""  # hard if any recipient's was, else soft; "" without a bounce
+    complaints: int = 0
+
+
+@dataclass
 class MessageRow:
     message: Message
     recipients: list[str] = field(default_factory=list)
@@ -51,6 +65,7 @@ class MessageRow:
     opens: Hits = field(default_factory=Hits)
     clicks: Hits = field(default_factory=Hits)
     machine_opens: int = 0  # machine and scanner opens, never in ``opens``
+    answers: Answers = field(default_factory=Answers)
 
 
 @dataclass
@@ -109,6 +124,9 @@ def with_hits(session: Session, messages: list[Message]) -> list[MessageRow]:
     for r in session.exec(recipients.order_by(col(Recipient.position))):
         rows[r.message_id].recipients.append(r.address)
         rows[r.message_id].refused += r.status != "accepted"
+        answers = rows[r.message_id].answers
+        if r.bounce_type and answers.bounce_type != "hard":
+            answers.bounce_type = r.bounce_type
     return list(rows.values())
 
 
@@ -118,13 +136,22 @@ def _row(m: Message) -> MessageRow:
         opens=Hits(m.opens, aware(m.first_open_at), aware(m.last_open_at)),
         clicks=Hits(m.clicks, aware(m.first_click_at), aware(m.last_click_at)),
         machine_opens=m.machine_opens,
+        answers=Answers(
+            m.replies,
+            aware(m.first_reply_at),
+            m.auto_replies,
+            m.bounces,
+            "soft" if m.bounces else "",  # a recipient's "hard" (with_hits) wins
+            m.complaints,
+        ),
     )
 
 
 EXPORT_COLUMNS = (
     "message_id", "sent_at", "sender", "subject", "recipients", "track_opens",
     "track_clicks", "opens", "first_open", "last_open", "clicks", "first_click",
-    "last_click", "machine_opens", "status",
+    "last_click", "machine_opens", "status", "replied", "first_reply", "auto_replied",
+    "bounced", "bounce_type", "complained",
 )  # fmt: skip
 
 
@@ -142,7 +169,9 @@ def export_messages(
             col(m.id), col(m.created_at), col(m.sender), col(m.subject),
             col(m.track_opens), col(m.track_clicks), col(m.opens), col(m.first_open_at),
             col(m.last_open_at), col(m.clicks), col(m.first_click_at), col(m.last_click_at),
-            col(m.machine_opens), col(m.status), col(Recipient.address),
+            col(m.machine_opens), col(m.status), col(m.replies), col(m.first_reply_at),
+            col(m.auto_replies), col(m.bounces), col(m.complaints), col(Recipient.bounce_type),
+            col(Recipient.address),
         )
         .select_from(m)
         .join(Recipient, col(Recipient.message_id) == col(m.id), isouter=True)
@@ -152,13 +181,21 @@ def export_messages(
     with engine.connect() as conn:
         rows = conn.execute(query, execution_options=options)
         for _, group in groupby(rows, key=itemgetter(0)):
-            lines = list(group)  # one per recipient: a few
-            addresses = [r[14] for r in lines if r[14] is not None]
-            mid, created, sender, subject, opens, clicks, o, o1, o2, c, c1, c2, mo, st, _ = lines[0]
-            yield (
-                mid, aware(created), sender, subject, "; ".join(addresses), opens, clicks,
-                o, aware(o1), aware(o2), c, aware(c1), aware(c2), mo, st,
-            )  # fmt: skip
+            yield _folded(list(group))  # one line per recipient: a few
+
+
+_TIMES = frozenset({1, 7, 8, 10, 11, 15})  # the EXPORT_COLUMNS that are times
+
+
+def _folded(lines: list[Any]) -> tuple[Any, ...]:
+    """One message's export row from its lines (one per recipient): the addresses
+    joined, a hard bounce of any recipient making the message's bounce "hard"."""
+    first: tuple[Any, ...] = tuple(lines[0])
+    addresses = "; ".join(r[-1] for r in lines if r[-1] is not None)
+    bounces = first[17]
+    bounce_type = "hard" if any(r[19] == "hard" for r in lines) else "soft" if bounces else ""
+    cells = [aware(v) if i in _TIMES else v for i, v in enumerate(first[:19])]
+    return (*cells[:4], addresses, *cells[4:18], bounce_type, cells[18])
 
 
 def senders(engine: Engine, viewer: Viewer) -> list[str]:

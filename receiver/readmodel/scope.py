@@ -12,9 +12,17 @@ The decisions the dashboard and the API used to make differently, made once:
 - A text search matches literally: ``50%`` finds "50%" and ``a_b`` finds
   "a_b", not "a1b" (LIKE wildcards in the text are escaped).
 - Dates are whole UTC days, both ends inclusive.
+- "Replied" is a reply from a recipient (``messages.replies``); an
+  out-of-office or other automatic answer (``auto_replies``) never counts, so
+  a message answered only automatically is "not replied". "Bounced" is any
+  bounce, hard or soft, of any recipient (``bounces``).
+- "Follow up after N days" is the list a sales person works through: opened
+  (a counted open), no reply, sent more than N whole days ago (``created_at``
+  before now minus N days). A bounce of one recipient does not take the
+  message off that list: the others may still be worth a follow-up.
 
 Every clause reads columns of ``messages`` (and, for a search, ``recipients``),
-never the events table: opened / clicked are the state columns the writers
+never the events table: opened / clicked / replied / bounced are the state columns the writers
 keep with the events (shared/eventstate.py), a sender is ``sender_key`` (the
 lower-cased envelope sender, indexed with created_at and id), so a filter
 costs the same after a year of mail as after a day.
@@ -30,7 +38,7 @@ documented slower path (README, "The dashboard").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import false, func, or_, true, union
@@ -66,6 +74,9 @@ class Selection:
     since: datetime | None = None  # created at or after (inclusive)
     until: datetime | None = None  # created at or before (inclusive)
     text: str = ""  # in the subject or a recipient address, any case, literally
+    replied: bool | None = None  # True: a recipient replied (never an auto-reply); False: none
+    bounced: bool | None = None  # True: a recipient bounced (hard or soft); False: none did
+    follow_up_days: int | None = None  # opened, not replied, sent over N days ago
 
 
 def visible(viewer: Viewer, key: Any = None) -> ColumnElement[bool]:
@@ -94,6 +105,23 @@ def _hit(kind: str, wanted: bool) -> list[ColumnElement[bool]]:
     return [count > 0] if wanted else [tracking.is_(True), count == 0]
 
 
+def _answers(s: Selection) -> list[ColumnElement[bool]]:
+    """Replied, bounced and the follow-up list ("opened, no reply, sent before now
+    minus N days"), on the message's answer counts."""
+    where = []
+    for count, wanted in ((col(Message.replies), s.replied), (col(Message.bounces), s.bounced)):
+        if wanted is not None:
+            where.append(count > 0 if wanted else count == 0)
+    if s.follow_up_days is not None:
+        cutoff = datetime.now(UTC) - timedelta(days=s.follow_up_days)
+        where += [
+            col(Message.opens) > 0,
+            col(Message.replies) == 0,
+            col(Message.created_at) < cutoff,
+        ]
+    return where
+
+
 def _text(text: str) -> ColumnElement[bool]:
     """The subject or a recipient address contains ``text`` (lower-case), literally."""
     pattern = "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
@@ -117,6 +145,7 @@ def selected(viewer: Viewer, selection: Selection) -> list[ColumnElement[bool]]:
         where += _hit("open", s.opened)
     if s.clicked is not None:
         where += _hit("click", s.clicked)
+    where += _answers(s)
     if sender := s.sender.strip().lower():
         where.append(col(Message.sender_key) == sender)
     if s.since is not None:

@@ -4,8 +4,10 @@ behind it), then three copies of incoming mail sent to its intake listener —
 a real-format bounce from the corpus for the first recipient (its original
 Message-ID and recipient rewritten to the message the relay sent), an Outlook
 out-of-office from the second, a Thunderbird reply from the third — and what
-the events API, the message resource and the webhooks say, on SQLite and
-PostgreSQL. (The database away during intake: tests/relay/test_intake.py.)
+the events API, the message resource, the webhooks and the dashboard (signed in
+over HTTP: the list's reply arrow and bounced badge, its filters, the message
+page's timeline) say, with the API's filters agreeing, on SQLite and PostgreSQL.
+(The database away during intake: tests/relay/test_intake.py.)
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ def test_a_bounce_an_out_of_office_and_a_reply_from_the_intake_listener(
         assert by_address[THREE[2]]["replied_at"] is not None
         metrics = api.get("/metrics").text
         assert "trackrelay_intake_copies_total 3" in metrics
+        _the_api_filters_find_it(api, message_id)
+    _the_dashboard_shows_it(serve.public_url, message_id)
 
     wanted = {"message.bounced", "message.auto_replied", "message.replied"}
     assert wait_for(lambda: wanted <= _hook_types(hooks), 20), _hook_types(hooks)
@@ -158,6 +162,48 @@ def test_a_bounce_an_out_of_office_and_a_reply_from_the_intake_listener(
     assert len(upstream.messages) == sent_upstream  # the intake delivered nothing
     assert serve.stop() == 0
     engine.dispose()
+
+
+def _the_api_filters_find_it(api: httpx.Client, message_id: int) -> None:
+    def found(**params: str) -> bool:
+        reply = api.get("/api/v1/messages", params=params)
+        assert reply.status_code == 200, reply.text
+        return str(message_id) in {m["id"] for m in reply.json()["messages"]}
+
+    assert found(replied="true")
+    assert found(bounced="true")
+    assert not found(replied="false")
+    assert not found(bounced="false")
+    [listed] = api.get("/api/v1/messages", params={"replied": "true"}).json()["messages"]
+    assert (listed["replies"], listed["auto_replies"], listed["bounces"]) == (1, 1, 1)
+    assert listed["bounce_type"] == "hard"
+
+
+def _the_dashboard_shows_it(url: str, message_id: int) -> None:
+    with httpx.Client(base_url=url, timeout=10) as tab:
+        login = tab.get("/dashboard/login").text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', login)
+        assert csrf
+        data = {"username": "root", "password": "root-password-123", "csrf_token": csrf[1]}
+        assert tab.post("/dashboard/login", data=data).status_code == 303
+
+        def row(**params: str) -> str | None:
+            html = tab.get("/dashboard/messages", params=params).text
+            start = html.find(f'data-message-id="{message_id}"')
+            return None if start < 0 else html[start : html.index("</tr>", start)]
+
+        listed = row()
+        assert listed is not None
+        assert "hit-reply is-hit" in listed  # the arrow is dark: cid replied
+        assert 'aria-label="Replied"' in listed  # one reply: ben's out-of-office is none
+        assert "Bounced · hard" in listed
+        assert 'title="1 of 3 recipients bounced (hard)"' in listed
+        assert row(state="replied") is not None
+        assert row(state="bounced") is not None
+        assert row(state="not_replied") is None
+        page = tab.get(f"/dashboard/messages/{message_id}").text
+        for said in ("Replied", "Automatic reply", "Bounced (hard)", "5.3.0"):
+            assert said in page, said
 
 
 async def _replies(intake: int, copies: list[tuple[str, bytes]]) -> list[str]:

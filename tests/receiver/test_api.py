@@ -434,6 +434,60 @@ def test_answers_in_the_events_feed_and_per_recipient(
     assert (detail["opens"], detail["clicks"]) == (0, 0)  # an answer is no open or click
 
 
+def test_replied_bounced_and_follow_up_filter_the_messages(
+    client: httpx.Client, engine: Engine, tokens: dict[str, str]
+) -> None:
+    """The dashboard's Replied, Not replied, Bounced and follow-up filters, as parameters."""
+    from relay.answerstore import AnswerStore, item
+    from shared.answers import Finding
+
+    replied = add_message(engine, subject="replied", created_at=T0)
+    auto = add_message(engine, subject="out of office", created_at=T0)
+    bounced = add_message(engine, subject="bounced", created_at=T0)
+    write_events(engine, [event(auto), event(replied)])  # T0 is long ago: past any N days
+    AnswerStore(engine).write(
+        [
+            item("r", T0, [Finding("reply", "in-reply-to", (replied.message_id_header,),
+                                   "bob@client.test")]),
+            item("o", T0, [Finding("auto_reply", "x-autoreply", (auto.message_id_header,),
+                                   "bob@client.test")]),
+            item("b", T0, [Finding("bounce", "dsn-failed-transient", (bounced.message_id_header,),
+                                   "carol@other.test", "soft", "4.2.2", "mailbox full")]),
+        ],
+        replay=False,
+    )  # fmt: skip
+
+    def ids(**params: str) -> set[str]:
+        reply = client.get("/api/v1/messages", params=params, headers=auth(tokens["root"]))
+        assert reply.status_code == 200, reply.text
+        validate(reply.json(), "MessageList")
+        return {m["id"] for m in reply.json()["messages"]}
+
+    assert ids(replied="true") == {str(replied.id)}
+    assert ids(replied="false") == {str(auto.id), str(bounced.id)}  # an auto-reply is no reply
+    assert ids(bounced="true") == {str(bounced.id)}
+    assert ids(bounced="false") == {str(replied.id), str(auto.id)}
+    assert ids(follow_up_days="3") == {str(auto.id)}  # opened, no reply, over 3 days old
+    body = client.get("/api/v1/messages?bounced=true", headers=auth(tokens["root"])).json()
+    [message] = body["messages"]
+    assert (message["bounces"], message["bounce_type"], message["replies"]) == (1, "soft", 0)
+    [answered] = client.get("/api/v1/messages?replied=true", headers=auth(tokens["root"])).json()[
+        "messages"
+    ]
+    assert answered["replies"] == 1
+    assert answered["first_replied_at"] is not None
+    for path, said in (
+        ("replied=maybe", "replied must be true or false"),
+        ("bounced=2", "bounced must be true or false"),
+        ("follow_up_days=0", "follow_up_days must be between 1 and 90"),
+        ("follow_up_days=91", "follow_up_days must be between 1 and 90"),
+        ("follow_up_days=soon", "follow_up_days must be an integer"),
+    ):
+        reply = client.get(f"/api/v1/messages?{path}", headers=auth(tokens["root"]))
+        assert reply.status_code == 400, path
+        assert reply.json() == {"error": said}
+
+
 def test_messages_page_by_cursor_and_a_message_pages_its_events(
     client: httpx.Client, engine: Engine, tokens: dict[str, str]
 ) -> None:

@@ -146,3 +146,22 @@ def test_the_form_is_rate_limited_per_address(
         assert confirm.status_code == 429
     assert codes == [200, 200, 200, 429, 429]
     assert _suppressions(engine) == []
+
+
+def test_public_pages_carry_the_dashboards_security_headers(client: TestClient) -> None:
+    """No inline style: the CSP that holds the dashboard holds here too (hardening, 17.9)."""
+    from receiver.dashboard.headers import HEADERS
+
+    home = client.get("/")
+    posted = client.post("/stop-tracking", data={"email": "x@example.org"})  # no CSRF: 4xx
+    assert posted.status_code >= 400
+    for response in (home, posted):
+        for name, value in HEADERS.items():
+            assert response.headers[name] == value, name
+    assert "<style" not in home.text
+    assert " style=" not in home.text
+    sheet = re.search(r'<link rel="stylesheet" href="([^"]+)"', home.text)
+    assert sheet
+    css = client.get(sheet[1])
+    assert css.status_code == 200
+    assert "footer" in css.text

@@ -238,3 +238,47 @@ def login(client: TestClient, username: str, password: str = PASSWORD) -> None:
 def token(client: TestClient, path: str = f"{D}/messages") -> str:
     """The CSRF token of the signed-in session, read from a page."""
     return csrf_from(client.get(path).text)
+
+
+QUARTERLY_ID = "<quarterly@example.com>"
+
+
+def add_answers(engine: Engine) -> None:
+    """M_OPENED answered as the intake listener's store writes it: bob replies (and
+    sends an out-of-office), carol's copy bounces hard, bob reports it as spam."""
+    from relay.answerstore import AnswerStore, item  # the relay's writer, as in production
+    from shared.answers import Finding
+
+    with session_scope(engine) as s:
+        message = s.get(Message, M_OPENED)
+        assert message is not None
+        message.message_id_header = QUARTERLY_ID
+        s.add(message)
+    ids = (QUARTERLY_ID,)
+    bounce = Finding(
+        "bounce", "ndr-qmail", ids, "carol@client.example", "hard", "5.1.1",
+        "Sorry, no mailbox here by that name.",
+    )  # fmt: skip
+    AnswerStore(engine).write(
+        [
+            item("a1", NOW, [Finding("reply", "in-reply-to", ids, "bob@client.example")]),
+            item("a2", NOW, [Finding("auto_reply", "x-autoreply", ids, "bob@client.example")]),
+            item("a3", NOW, [bounce]),
+            item("a4", NOW, [Finding("complaint", "arf", ids, "bob@client.example")]),
+        ],
+        replay=False,
+    )
+
+
+def auto_reply_only(engine: Engine, message_id: int, header: str, address: str) -> None:
+    """An out-of-office and nothing else for ``message_id``."""
+    from relay.answerstore import AnswerStore, item
+    from shared.answers import Finding
+
+    with session_scope(engine) as s:
+        message = s.get(Message, message_id)
+        assert message is not None
+        message.message_id_header = header
+        s.add(message)
+    finding = Finding("auto_reply", "x-autoreply", (header,), address)
+    AnswerStore(engine).write([item("ooo-" + header, NOW, [finding])], replay=False)

@@ -26,7 +26,14 @@ from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Event, Message
 from shared.tokens import Signer
-from tests.support.dashboardkit import M_OPENED, M_XSS, PASSWORD, ServerThread, seed
+from tests.support.dashboardkit import (
+    M_OPENED,
+    M_XSS,
+    PASSWORD,
+    ServerThread,
+    add_answers,
+    seed,
+)
 from tests.support.relaykit import relay_settings, running_relay, send
 from tests.support.seedrows import event, write_events
 from tests.support.upstream import RecordingUpstream
@@ -93,6 +100,7 @@ def test_dashboard_in_a_browser(
     db.upgrade(url)
     engine = db.make_engine(url)
     seed(engine)
+    add_answers(engine)  # Quarterly numbers: bob replies, carol's copy bounces hard
     settings = make_settings(database_url=url)
     two_of_us = relay_two_of_us(relay_settings(make_settings, upstream, database_url=url), engine)
     bob_copy = next(m for m in upstream.messages if m.rcpt_tos == ["bob@client.example"]).data
@@ -154,6 +162,27 @@ def test_dashboard_in_a_browser(
         page.locator(f'tr[data-message-id="{M_OPENED}"] .hit-open').hover()
         expect(page.locator(f'tr[data-message-id="{M_OPENED}"] .hit-open .tip')).to_be_visible()
         shot(page, "messages-tooltip")
+
+        # the answers: a dark reply arrow saying when, a bounced badge saying how many
+        answered = page.locator(f'tr[data-message-id="{M_OPENED}"]')
+        reply = answered.locator(".hit-reply")
+        expect(reply).to_have_class(re.compile(r"\bis-hit\b"))
+        reply.hover()
+        expect(reply.locator(".tip")).to_be_visible()
+        expect(reply.locator(".tip")).to_contain_text("Replied")
+        expect(reply.locator(".tip")).to_contain_text("First")
+        bounced = answered.locator('[data-badge="bounced"]')
+        expect(bounced).to_be_visible()
+        expect(bounced).to_have_text("Bounced · hard")
+        expect(bounced).to_have_attribute("title", "1 of 2 recipients bounced (hard)")
+        expect(page.locator(f'tr[data-message-id="{M_XSS}"] .hit-reply')).to_have_class(
+            re.compile(r"\bis-none\b")
+        )
+        shot(page, "messages-answers")
+        page.click("nav.segmented >> text=Bounced")
+        expect(page).to_have_url(re.compile(r"state=bounced"))
+        expect(page.locator("tbody tr")).to_have_count(1)
+        page.click("nav.segmented >> text=Any")
 
         # open a message
         page.click("text=Quarterly numbers")

@@ -6,7 +6,7 @@ from sqlalchemy import Engine
 
 from receiver import readmodel
 from tests.receiver.readmodel.conftest import ADMIN, BULK, add_hits, add_many
-from tests.support.seedrows import settle
+from tests.support.seedrows import add_message, event, settle, write_events
 
 
 def test_the_messages_export_streams_every_row_with_its_recipients(engine: Engine) -> None:
@@ -33,3 +33,34 @@ def test_a_senders_events_export_reaches_only_their_messages(engine: Engine) -> 
     assert len(mine) == 60
     assert {r[2] for r in mine} == {"bulk@bulk.example"}
     assert {r[5] for r in mine} == {f"r1-{r[0]}@client.example" for r in mine}
+
+
+def test_the_exports_carry_replies_bounces_and_what_a_bounce_said(engine: Engine) -> None:
+    message = add_message(engine, recipients=("ann@c.example", "ben@c.example", "cid@c.example"))
+    bounce = {
+        **event(message, "bounce", recipient=1, verdict="unknown"),
+        "bounce_type": "hard",
+        "status_code": "5.1.1",
+        "diagnostic": "550 5.1.1 user unknown",
+    }
+    write_events(
+        engine,
+        [
+            bounce,
+            event(message, "auto_reply", recipient=2, verdict="unknown"),
+            event(message, "reply", recipient=3, verdict="unknown"),
+        ],
+    )
+    [row] = readmodel.export_messages(engine, ADMIN, readmodel.Selection())
+    columns = dict(zip(readmodel.messages.EXPORT_COLUMNS, row, strict=True))
+    assert (columns["replied"], columns["auto_replied"], columns["bounced"]) == (1, 1, 1)
+    assert (columns["bounce_type"], columns["complained"]) == ("hard", 0)
+    assert columns["first_reply"] is not None
+    events = [
+        dict(zip(readmodel.events.EXPORT_COLUMNS, r, strict=True))
+        for r in readmodel.export_events(engine, ADMIN, readmodel.Selection())
+    ]
+    [bounced] = [e for e in events if e["kind"] == "bounce"]
+    assert (bounced["bounce_type"], bounced["status"]) == ("hard", "5.1.1")
+    assert bounced["diagnostic"] == "550 5.1.1 user unknown"
+    assert {e["bounce_type"] for e in events if e["kind"] != "bounce"} == {""}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql
@@ -10,6 +13,7 @@ from receiver import readmodel
 from shared.db import make_engine
 from shared.models import Message
 from tests.receiver.readmodel.conftest import ADMIN, BULK, add_many
+from tests.support.seedrows import add_message, event, write_events
 
 
 def test_search_finds_subjects_and_recipients_in_one_query(engine: Engine) -> None:
@@ -43,3 +47,61 @@ def test_postgresql_plans_the_search_on_the_trigram_indexes(pg_database: str) ->
     engine.dispose()
     assert "ix_messages_subject_trgm" in plan, plan
     assert "ix_recipients_address_trgm" in plan, plan
+
+
+def _answered(engine: Engine) -> dict[str, int]:
+    """Five messages: replied, auto-replied only, bounced (one of two, hard), opened
+    ten days ago and not answered, opened an hour ago and not answered."""
+    old = datetime.now(UTC) - timedelta(days=10)
+    recent = datetime.now(UTC) - timedelta(hours=1)
+    m = {
+        name: add_message(engine, subject=name, created_at=at)
+        for name, at in (
+            ("replied", old), ("auto", old), ("bounced", old), ("old_open", old),
+            ("new_open", recent),
+        )
+    }  # fmt: skip
+    bounce = {**event(m["bounced"], "bounce", verdict="unknown"), "bounce_type": "hard"}
+    write_events(
+        engine,
+        [
+            event(m["replied"], "open"),
+            event(m["replied"], "reply", recipient=2, verdict="unknown"),
+            event(m["auto"], "open"),
+            event(m["auto"], "auto_reply", verdict="unknown"),
+            bounce,
+            event(m["old_open"], "open"),
+            event(m["new_open"], "open", at=recent + timedelta(minutes=5)),
+        ],
+    )
+    return {name: message.id for name, message in m.items()}
+
+
+def _ids(engine: Engine, **selection: Any) -> set[int]:
+    """The ids of the subjects _answered() wrote (the plan test above leaves rows)."""
+    page = readmodel.messages_page(engine, ADMIN, readmodel.Selection(**selection), 200)
+    return {r.message.id for r in page.rows if not r.message.subject.startswith("Report")}
+
+
+def test_replied_bounced_and_the_follow_up_list_read_the_state_columns(engine: Engine) -> None:
+    ids = _answered(engine)
+    assert _ids(engine, replied=True) == {ids["replied"]}
+    # An out-of-office is no reply: that message is still "not replied".
+    assert _ids(engine, replied=False) == set(ids.values()) - {ids["replied"]}
+    assert _ids(engine, bounced=True) == {ids["bounced"]}
+    assert ids["bounced"] not in _ids(engine, bounced=False)
+    # Opened, no reply, sent more than three days ago: the one the sales person calls.
+    assert _ids(engine, follow_up_days=3) == {ids["auto"], ids["old_open"]}
+    assert _ids(engine, follow_up_days=90) == set()
+    page = readmodel.messages_page(engine, ADMIN, readmodel.Selection(bounced=True), 50)
+    [row] = page.rows
+    assert (row.answers.bounces, row.answers.bounce_type, row.answers.replies) == (1, "hard", 0)
+    [replied] = readmodel.messages_page(engine, ADMIN, readmodel.Selection(replied=True), 5).rows
+    assert (replied.answers.replies, replied.answers.auto_replies) == (1, 0)
+    assert replied.answers.first_reply is not None
+
+
+def test_the_answer_filters_never_read_the_events_table(engine: Engine) -> None:
+    selection = readmodel.Selection(replied=False, bounced=True, follow_up_days=3)
+    query = select(Message.id).where(*readmodel.selected(ADMIN, selection))  # type: ignore[call-overload]
+    assert "events" not in str(query.compile()).lower()
