@@ -31,10 +31,10 @@ def test_search_finds_subjects_and_recipients_in_one_query(engine: Engine) -> No
     assert literal.rows == []
 
 
-@pytest.mark.postgres
-def test_postgresql_plans_the_search_on_the_trigram_indexes(pg_database: str) -> None:
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # emptied afterwards
+def test_postgresql_plans_the_search_on_the_trigram_indexes(database_url: str) -> None:
     """A plan check, not a time (SQLite has no trigram index: the documented scan)."""
-    engine = make_engine(pg_database)
+    engine = make_engine(database_url)
     add_many(engine, 30)
     query = select(Message.id).where(*readmodel.selected(ADMIN, readmodel.Selection(text="0001")))  # type: ignore[call-overload]
     compiled = query.compile(dialect=postgresql.dialect())  # type: ignore[no-untyped-call]
