@@ -33,7 +33,9 @@ CALLBACK = f"{PUBLIC}/dashboard/mailbox/callback"
 SAM = "sam@example.com"
 
 
-def _settings(make_settings: Callable[..., Settings], server: OAuthServer, **values: Any) -> Settings:
+def _settings(
+    make_settings: Callable[..., Settings], server: OAuthServer, **values: Any
+) -> Settings:
     oauth = {
         **provider_settings(server),
         "microsoft": {"client_id": "ms-app", "tenant": "contoso.example"},
@@ -112,7 +114,12 @@ def test_the_page_offers_each_configured_provider(
     csp = page.headers["content-security-policy"]
     [form_action] = [d.split()[1:] for d in csp.split("; ") if d.startswith("form-action ")]
     assert sorted(form_action) == sorted(
-        ["'self'", "https://accounts.google.com", "https://login.microsoftonline.com", oauth_server.url]
+        [
+            "'self'",
+            "https://accounts.google.com",
+            "https://login.microsoftonline.com",
+            oauth_server.url,
+        ]
     )
     # and on other pages the nav links it
     assert f'href="{D}/mailbox">Mailbox<' in app_client.get(f"{D}/messages").text
@@ -291,7 +298,9 @@ def test_the_sent_folder_mode(
     connect(app_client, oauth_server)
     [row] = rows(engine)
     token = csrf_from(app_client.get(f"{D}/mailbox").text)
-    answer = app_client.post(f"{D}/mailbox/{row.id}/sent", data={"csrf_token": token, "sent": "leave"})
+    answer = app_client.post(
+        f"{D}/mailbox/{row.id}/sent", data={"csrf_token": token, "sent": "leave"}
+    )
     assert "the Sent folder is left as the provider fills it" in answer.text
     assert 'value="leave" selected' in answer.text
     answer = app_client.post(f"{D}/mailbox/{row.id}/sent", data={"csrf_token": token, "sent": "x"})
@@ -353,7 +362,7 @@ def test_without_providers_the_page_says_what_to_configure(
         login(client, "sam")
         page = client.get(f"{D}/mailbox")
         assert "No providers configured" in page.text
-        assert "name=\"provider\"" not in page.text
+        assert 'name="provider"' not in page.text
         refused = client.post(
             f"{D}/mailbox",
             data={"csrf_token": csrf_from(page.text), "address": SAM, "provider": "test"},
