@@ -3,38 +3,79 @@
 Chromium is Debian's (/usr/bin/chromium) driven by Playwright with
 ``executable_path``, as in test_browser.py. The receiver listens on a socket
 bound first, so its TRACKRELAY_PUBLIC_URL (where the provider sends the
-browser back) is its real address. Screenshots go to
-``test-artifacts/screenshots/``.
+browser back) is its real address. The relay (local mode, tests/support/
+relaykit.py) then sends through the connection to the provider's submission
+server (the recording upstream, XOAUTH2 only, tokens checked by introspection)
+and, once the grant is revoked, is the one that finds out and marks the
+connection broken. Screenshots go to ``test-artifacts/screenshots/``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 from sqlmodel import Session, select
 
 from receiver.app import create_app
-from shared import db, mailbox
+from shared import db
 from shared.config import Settings
-from shared.mailbox import MailboxBroken
 from shared.models import MailboxConnection
 from tests.receiver.dashboard.test_browser import ARGS, CHROMIUM, SHOTS
 from tests.support.dashboardkit import PASSWORD, ServerThread, seed
 from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.relaykit import relay_settings, running_relay, send
+from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
+from tests.support.upstream import USER, RecordingUpstream
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs the Debian chromium package"),
 ]
 SAM = "sam@example.com"
+MESSAGE = b"From: sam@example.com\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+@pytest.fixture
+def provider(tls_pair: tuple[Path, Path], oauth_server: OAuthServer) -> Iterator[RecordingUpstream]:
+    """The provider's submission server: XOAUTH2 with a live token only."""
+    server = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    yield server
+    server.stop()
+
+
+def sam_sends(settings: Settings, engine: object, times: int) -> list[int]:
+    """Sam's mail program sends through the relay ``times`` times (one relay run); the
+    reply codes."""
+
+    async def go() -> list[int]:
+        codes = []
+        async with running_relay(settings, engine) as relay:  # type: ignore[arg-type]
+            for _ in range(times):
+                try:
+                    reply = await send(relay, MESSAGE, sender=SAM, user="sam", password=PASSWORD)
+                    codes.append(reply.code)
+                except aiosmtplib.SMTPSenderRefused as refused:
+                    codes.append(refused.code)
+        return codes
+
+    # in a thread of its own: Playwright's sync API keeps an event loop in this one
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(go())).result(60)
 
 
 def test_connect_a_mailbox_in_the_browser_and_see_it_break(
-    tmp_path: Path, make_settings: Callable[..., Settings], oauth_server: OAuthServer
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    oauth_server: OAuthServer,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
@@ -45,8 +86,16 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     public = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    settings = make_settings(
-        database_url=url, public_url=public, oauth=provider_settings(oauth_server)
+    providers = provider_settings(oauth_server, provider.url)
+    settings = make_settings(database_url=url, public_url=public, oauth=providers)
+    relaying = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=UPSTREAM_PASSWORD,
+        database_url=url,
+        oauth=providers,
     )
     SHOTS.mkdir(parents=True, exist_ok=True)
 
@@ -77,14 +126,16 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
         expect(row.locator("[data-state]")).to_have_text("ok")
         page.screenshot(path=str(SHOTS / "mailbox-connected-desktop.png"), full_page=True)
 
-        # the person revokes the app at the provider; the relay's next refresh finds out
-        with Session(engine) as session:
-            connection = session.exec(select(MailboxConnection)).one()
-        assert connection.id is not None
+        # sam's mail goes out through the mailbox: one XOAUTH2 login with the granted token
+        assert sam_sends(relaying, engine, 1) == [250]
+        assert provider.auth_attempts == [("XOAUTH2", SAM)]
+        assert upstream.messages == []
+        # sam revokes the app at the provider; the relay's next sends find out (454 each:
+        # the token refused at AUTH, then the refresh refused: broken)
         oauth_server.revoke_user(SAM)
-        mailbox.token_refused(engine, connection.id)
-        with pytest.raises(MailboxBroken):
-            mailbox.access_token(engine, settings, connection.id)
+        assert sam_sends(relaying, engine, 2) == [454, 454]
+        with Session(engine) as session:
+            assert session.exec(select(MailboxConnection.state)).one() == "broken"
 
         page.goto(public + "/dashboard/messages")
         banner = page.locator("[data-broken-mailbox]")
