@@ -216,6 +216,17 @@ def test_a_token_error_is_said_on_the_page(
     assert rows(engine) == []
 
 
+def test_a_provider_gone_quiet_is_said_on_the_page(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    back = consent(start(app_client).headers["location"], oauth_server)
+    oauth_server.stop()  # the token endpoint no longer answers
+    page = land(app_client, back)
+    assert "test could not be reached to finish the sign-in. Try again." in page
+    assert rows(engine) == []
+
+
 def test_only_an_address_the_person_sends_as(
     app_client: TestClient, engine: Engine, oauth_server: OAuthServer
 ) -> None:
