@@ -213,6 +213,45 @@ def list_connections(engine: Engine) -> list[tuple[MailboxConnection, str]]:
         return [(row, username) for row, username in rows]
 
 
+def connections_of(engine: Engine, user_id: int) -> list[MailboxConnection]:
+    """The connections of one relay user, by address (the dashboard's Mailbox page)."""
+    with session_scope(engine) as session:
+        rows = session.exec(
+            select(MailboxConnection)
+            .where(MailboxConnection.user_id == user_id)
+            .order_by(col(MailboxConnection.address))
+        ).all()
+        session.expunge_all()
+        return list(rows)
+
+
+def get_connection(engine: Engine, connection_id: int) -> MailboxConnection | None:
+    with session_scope(engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        if row is not None:
+            session.expunge(row)
+        return row
+
+
+def broken_of(engine: Engine, user_id: int) -> list[str]:
+    """The addresses of the user's broken connections: one query on the user_id index
+    (the dashboard's banner, on every page)."""
+    with session_scope(engine) as session:
+        rows = session.exec(
+            select(MailboxConnection.address).where(
+                MailboxConnection.user_id == user_id, MailboxConnection.state == "broken"
+            )
+        ).all()
+        return sorted(rows)
+
+
+def set_sent(engine: Engine, connection_id: int, sent: str) -> None:
+    """The Sent-folder mode of a connection: ``clean`` or ``leave``."""
+    if sent not in ("clean", "leave"):
+        raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
+    _update(engine, connection_id, sent=sent)
+
+
 def disconnect(engine: Engine, settings: Settings, address: str) -> str:
     """Revoke the grant at the provider and forget the connection; what happened, said."""
     canonical = normalize_address(address)
@@ -299,9 +338,12 @@ def token_refused(engine: Engine, connection_id: int) -> None:
         )
 
 
-def mark_broken(engine: Engine, connection_id: int, reason: str) -> None:
+def mark_broken(
+    engine: Engine, connection_id: int, reason: str, *, notify_email: bool = False
+) -> None:
     """ok -> broken with the reason; the one that makes the change announces it
-    (``mailbox.disconnected``, in the same transaction)."""
+    (``mailbox.disconnected``, in the same transaction; with ``notify_email``
+    also the notification mail to the connection's address)."""
     now = utcnow()
     with session_scope(engine) as session:
         changed = session.execute(
@@ -327,6 +369,7 @@ def mark_broken(engine: Engine, connection_id: int, reason: str) -> None:
                 "reason": reason,
                 "broken_at": iso(now),
             },
+            notify_email=notify_email,
         )
     log.warning("mailbox connection %d is broken: %s", connection_id, reason)
 
@@ -347,7 +390,7 @@ def _token(engine: Engine, settings: Settings, row: MailboxConnection) -> Token:
     try:
         token, current = unseal(settings, row.address, row.grant)
     except MailboxBroken as exc:
-        mark_broken(engine, row.id, str(exc))
+        mark_broken(engine, row.id, str(exc), notify_email=bool(settings.notify_from))
         raise
     if not current:  # sealed with a retired key: seal it again with the current one
         _update(engine, row.id, grant=seal(settings, row.address, token))
@@ -398,7 +441,7 @@ def _refresh_held(engine: Engine, settings: Settings, connection_id: int) -> Acc
     except OAuthRefused as exc:
         reason = _reason(exc)
         if exc.error in ("invalid_grant", "invalid_client", "unauthorized_client"):
-            mark_broken(engine, connection_id, reason)
+            mark_broken(engine, connection_id, reason, notify_email=bool(settings.notify_from))
             raise MailboxBroken(reason) from None
         _update(engine, connection_id, lease_until=None, lease_owner="", last_error=reason)
         raise MailboxUnavailable(reason) from None

@@ -1,11 +1,12 @@
 """The sender's notification mail: "your message was opened / clicked / replied to /
-bounced" (a hard bounce).
+bounced" (a hard bounce), and "your mailbox connection stopped working".
 
 Off by default: it needs ``TRACKRELAY_NOTIFY_FROM`` and a sender policy with
-``notify`` on. It goes straight to the configured upstream with the relay's
-own account (``TRACKRELAY_UPSTREAM_USER``/``_PASSWORD``), never through the
-relay, so it is never tracked itself; in dev mode it lands in the Maildir sink
-like every other message. It is queued and retried through the same outbox as
+``notify`` on (a broken mailbox connection needs only the setting). It goes
+straight to the configured upstream with the relay's own account
+(``TRACKRELAY_UPSTREAM_USER``/``_PASSWORD``), never through the relay, so it
+is never tracked itself; in dev mode it lands in the Maildir sink like every
+other message. It is queued and retried through the same outbox as
 the webhooks (channel ``email``), so a notification survives restarts.
 
 It is sent with shared.smtpclient, the one SMTP client: TLS always, and ONE
@@ -48,6 +49,8 @@ class MailRefused(MailError):
 def compose(settings: Settings, to: str, event_type: str, body: str) -> EmailMessage:
     """The notification for one outbox payload (a JSON string)."""
     data: dict[str, Any] = json.loads(body)["data"]
+    if event_type == "mailbox.disconnected":
+        return _mailbox_broken(settings, to, data["connection"], json.loads(body)["id"])
     message = data.get("message") or {}
     recipient = (data.get("recipient") or {}).get("address") or "a recipient"
     subject = message.get("subject") or "(no subject)"
@@ -67,14 +70,7 @@ def compose(settings: Settings, to: str, event_type: str, body: str) -> EmailMes
     else:
         headline = f"Opened: {subject}"
         text = f"{recipient} opened your message “{subject}” at {when}."
-    mail = EmailMessage()
-    mail["From"] = settings.notify_from
-    mail["To"] = to
-    mail["Subject"] = headline
-    mail["Date"] = formatdate(localtime=False)
-    mail["Message-ID"] = make_msgid(domain=settings.notify_from.rpartition("@")[2] or None)
-    mail["Auto-Submitted"] = "auto-generated"
-    mail["X-Trackrelay-Idempotency-Key"] = json.loads(body)["id"]
+    mail = _headers(settings, to, headline, json.loads(body)["id"])
     mail.set_content(
         f"{text}\n\n"
         "Opens are counted when the recipient's mail program loads images; "
@@ -82,6 +78,36 @@ def compose(settings: Settings, to: str, event_type: str, body: str) -> EmailMes
         "recipient's behalf.\n"
         f"\n-- \ntrackrelay, {settings.base_url}/dashboard/\n"
     )
+    return mail
+
+
+def _mailbox_broken(
+    settings: Settings, to: str, connection: dict[str, Any], key: str
+) -> EmailMessage:
+    """A mailbox connection broke: its mail waits in the client until it is reconnected."""
+    address = connection.get("address") or to
+    mail = _headers(settings, to, f"Reconnect your mailbox: {address}", key)
+    mail.set_content(
+        f"Your mailbox connection for {address} stopped working: "
+        f"{connection.get('reason') or 'the provider no longer accepts it'}.\n\n"
+        "Mail you send from that address through the relay is refused for now "
+        "(your mail program keeps it and can send it again). Reconnect it on the "
+        "Mailbox page:\n\n"
+        f"    {settings.base_url}/dashboard/mailbox\n"
+        f"\n-- \ntrackrelay, {settings.base_url}/dashboard/\n"
+    )
+    return mail
+
+
+def _headers(settings: Settings, to: str, subject: str, key: str) -> EmailMessage:
+    mail = EmailMessage()
+    mail["From"] = settings.notify_from
+    mail["To"] = to
+    mail["Subject"] = subject
+    mail["Date"] = formatdate(localtime=False)
+    mail["Message-ID"] = make_msgid(domain=settings.notify_from.rpartition("@")[2] or None)
+    mail["Auto-Submitted"] = "auto-generated"
+    mail["X-Trackrelay-Idempotency-Key"] = key
     return mail
 
 

@@ -155,13 +155,20 @@ def _delivery_failed(about: dict[str, Any], refused: Sequence[RecipientLike]) ->
 # --- what shared/mailbox.py calls when a connection breaks (same transaction) ---
 
 
-def enqueue_mailbox_disconnected(conn: Conn, connection: Mapping[str, Any]) -> int:
+def enqueue_mailbox_disconnected(
+    conn: Conn, connection: Mapping[str, Any], *, notify_email: bool = False
+) -> int:
     """Announce that a mailbox connection broke: ``connection`` has its ``id``,
     ``address``, ``provider``, ``user``, ``reason`` and ``broken_at`` (ISO time);
-    keyed by connection and time, so each break is announced once."""
+    keyed by connection and time, so each break is announced once. ``notify_email``
+    (pass ``bool(settings.notify_from)``) also mails the connection's address."""
     key = f"{MAILBOX_DISCONNECTED}:{connection['id']}:{connection['broken_at']}"
     note = Notification(MAILBOX_DISCONNECTED, key, None, "", {"connection": dict(connection)})
-    return fan_out(conn, [note])
+    rows = fan_out(conn, [note])
+    if notify_email:
+        mail = _row("email", str(connection["address"]), None, note, f"notify.{key}", _utcnow())
+        rows += insert_rows(conn, [mail])
+    return rows
 
 
 # --- what the receiver calls after writing a batch of events ---

@@ -14,7 +14,8 @@ given to the event writer as its ``on_written`` hook).
 One module per page family: ``auth`` (sign in/out), ``messages`` (list,
 detail, CSV, live stream), ``overview``, ``admin`` (policies, suppression,
 users), ``integrations`` (webhooks, API tokens), ``privacy`` (consent,
-erasure); ``web`` holds what they share, ``forms`` how forms are read.
+erasure), ``mailbox`` (mailbox connections, the OAuth sign-in's callback);
+``web`` holds what they share, ``forms`` how forms are read.
 What they read about messages comes from receiver/readmodel/, as the API's.
 """
 
@@ -24,7 +25,7 @@ from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from receiver.dashboard import admin, auth, integrations, messages, overview, privacy
+from receiver.dashboard import admin, auth, integrations, mailbox, messages, overview, privacy
 from receiver.dashboard.headers import SecurityHeaders
 from receiver.dashboard.web import STATIC_DIR
 from receiver.sessions import SessionMiddleware
@@ -42,6 +43,10 @@ routes: list[BaseRoute] = [
     Route("/messages/{message_id:int}", messages.message_detail),
     Route("/live", messages.live),
     Route("/overview", overview.overview),
+    Route("/mailbox", mailbox.mailbox_page, methods=GET_POST),
+    Route("/mailbox/callback", mailbox.mailbox_callback),
+    Route("/mailbox/{connection_id:int}/disconnect", mailbox.mailbox_disconnect, methods=["POST"]),
+    Route("/mailbox/{connection_id:int}/sent", mailbox.mailbox_sent, methods=["POST"]),
     Route("/policies", admin.policies_list),
     Route("/policies/new", admin.policy_new, methods=GET_POST),
     Route("/policies/{policy_id:int}", admin.policy_edit, methods=GET_POST),

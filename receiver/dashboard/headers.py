@@ -19,6 +19,16 @@ CSP = (
     "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
 )
+
+
+def csp_with_form_targets(origins: list[str]) -> str:
+    """The CSP of a page whose form is answered with a redirect to another origin
+    (the Mailbox page's Connect goes on to the provider: browsers apply
+    ``form-action`` to the redirect too)."""
+    targets = " ".join(["'self'", *sorted(set(origins))])
+    return CSP.replace("form-action 'self'", f"form-action {targets}")
+
+
 HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",

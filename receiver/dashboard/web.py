@@ -34,6 +34,7 @@ from starlette.templating import Jinja2Templates
 from receiver.dashboard.filters import BadInput
 from receiver.dashboard.forms import Errors
 from receiver.sessions import CSRF_FIELD, CSRF_HEADER, csrf_ok, csrf_token
+from shared import mailbox
 from shared.config import Settings
 from shared.db import session_scope
 from shared.errors import UserError
@@ -99,6 +100,7 @@ def _common(request: Request) -> dict[str, Any]:
     return {
         "base": base_path(request),
         "viewer": getattr(request.state, "viewer", None),
+        "broken_mailboxes": getattr(request.state, "broken_mailboxes", []),
         "csrf_field": CSRF_FIELD,
         "csrf_token": csrf_token(session),
         "once_token": secrets.token_urlsafe(12),
@@ -279,6 +281,9 @@ async def current_viewer(request: Request) -> Viewer | None:
     viewer = await asyncio.to_thread(_load_viewer, engine_of(request), uid, username, version)
     if viewer is None:
         request.session.clear()
+    else:  # the banner of every page: one query on mailbox_connections' user_id index
+        broken = await asyncio.to_thread(mailbox.broken_of, engine_of(request), viewer.user_id)
+        request.state.broken_mailboxes = broken
     request.state.viewer = viewer
     return viewer
 

@@ -223,3 +223,25 @@ def test_a_break_is_announced_once_as_mailbox_disconnected(
     assert "invalid_grant" in connection["reason"]
     assert rows[0].payload.count(oauth_server.url) == 0  # no endpoint, no token in it
     assert not any(token in rows[0].payload for token in oauth_server.access)
+
+
+def test_what_the_dashboard_reads_and_sets(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    add_user(engine, "bea", "password123", addresses=["bea@example.com"])
+    ann = row_of(engine, connection_id).user_id
+    assert [r.id for r in mailbox.connections_of(engine, ann)] == [connection_id]
+    assert mailbox.connections_of(engine, ann + 1) == []
+    assert mailbox.broken_of(engine, ann) == []
+    mailbox.set_sent(engine, connection_id, "leave")
+    with pytest.raises(UserError, match="clean or leave"):
+        mailbox.set_sent(engine, connection_id, "keep")
+    assert row_of(engine, connection_id).sent == "leave"
+    mailbox.mark_broken(engine, connection_id, "revoked")
+    assert mailbox.broken_of(engine, ann) == [ADDRESS]
+    found = mailbox.get_connection(engine, connection_id)
+    assert found is not None
+    assert (found.state, found.reason) == ("broken", "revoked")
+    assert mailbox.get_connection(engine, connection_id + 1) is None

@@ -212,3 +212,37 @@ def test_a_reply_and_a_hard_bounce_mail_the_sender_a_soft_one_does_not(
     assert "bob@client.test replied" in mails["message.replied"].get_content()
     assert mails["message.bounced"]["Subject"] == "Bounced: Quarterly numbers"
     assert "5.1.1 no mailbox" in mails["message.bounced"].get_content()
+
+
+def test_a_broken_mailbox_connection_mails_its_address(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> None:
+    """Queued with the break (shared/mailbox.py mark_broken), once, and said plainly."""
+    from shared.outbox import enqueue_mailbox_disconnected
+
+    settings = make_settings(notify_from="relay@example.com", public_url="https://t.example")
+    connection = {
+        "id": 4,
+        "address": "ann@example.com",
+        "provider": "microsoft",
+        "user": "ann",
+        "reason": "the provider no longer accepts the grant (invalid_grant: revoked)",
+        "broken_at": "2026-01-02T03:04:05Z",
+    }
+    with session_scope(engine) as session:
+        assert enqueue_mailbox_disconnected(session, connection, notify_email=True) == 1
+        assert enqueue_mailbox_disconnected(session, connection, notify_email=True) == 0
+        assert enqueue_mailbox_disconnected(session, {**connection, "id": 5}) == 0  # no mail
+    with session_scope(engine) as session:
+        [row] = session.execute(select(OutboxItem)).scalars().all()
+    assert (row.channel, row.target, row.event_type) == (
+        "email",
+        "ann@example.com",
+        "mailbox.disconnected",
+    )
+    mail = mailnotify.compose(settings, row.target, row.event_type, row.payload)
+    assert mail["Subject"] == "Reconnect your mailbox: ann@example.com"
+    body = mail.get_content()
+    assert "Your mailbox connection for ann@example.com stopped working: the provider" in body
+    assert "https://t.example/dashboard/mailbox" in body
+    assert mail["X-Trackrelay-Idempotency-Key"] == row.idempotency_key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
@@ -188,7 +189,9 @@ def csrf_from(html: str) -> str:
 class ServerThread:
     """The app under uvicorn on 127.0.0.1, port 0, in a thread with its own loop."""
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, sock: socket.socket | None = None) -> None:
+        """``sock``: a socket bound beforehand, when the app must know its URL first."""
+        self.sock = sock
         config = uvicorn.Config(
             app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
             timeout_graceful_shutdown=2,
@@ -199,7 +202,7 @@ class ServerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve())
+        self.loop.run_until_complete(self.server.serve([self.sock] if self.sock else None))
 
     def __enter__(self) -> ServerThread:
         self.thread.start()

@@ -26,6 +26,7 @@ from shared.models import (
     ApiToken,
     Consent,
     ConsentMode,
+    MailboxConnection,
     Message,
     Policy,
     Suppression,
@@ -182,6 +183,7 @@ def post_routes() -> list[str]:
         .replace("{user_id:int}", "2")
         .replace("{endpoint_id:int}", "1")
         .replace("{token_id:int}", "1")
+        .replace("{connection_id:int}", "1")
         for p in paths
     ]
 
@@ -193,6 +195,7 @@ def test_every_post_needs_the_csrf_token(client: TestClient, engine: Engine) -> 
         s.add(Suppression(address="x@y.example"))
         s.add(Consent(address="c@y.example"))
         s.add(WebhookEndpoint(url="https://hooks.example/x", secret="whsec_x"))
+        s.add(MailboxConnection(user_id=1, address="ada@example.com", provider="x", grant="x"))
     apitokens.create_token(engine, "ada", "script")
     paths = post_routes()
     assert len(paths) >= 9
@@ -212,6 +215,7 @@ def test_every_post_needs_the_csrf_token(client: TestClient, engine: Engine) -> 
         assert s.get(Suppression, 1) is not None
         assert s.get(User, 2) is not None
         assert s.get(Consent, 1) is not None
+        assert s.get(MailboxConnection, 1) is not None
         endpoint = s.get(WebhookEndpoint, 1)
         assert endpoint is not None
         assert endpoint.active

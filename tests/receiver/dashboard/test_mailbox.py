@@ -1,0 +1,382 @@
+"""The Mailbox page: connect through the in-suite OAuth server's consent page, on
+SQLite and PostgreSQL.
+
+The browser's part is played with real HTTP: the dashboard's redirect is
+followed to the test server's consent page (tests/support/oauth_server.py),
+its form posted, and the server's redirect brought back to the receiver's
+callback, as a browser would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+from starlette.testclient import TestClient
+
+from receiver.app import create_app
+from receiver.dashboard import mailbox as mailbox_page
+from shared import mailbox
+from shared.config import Settings
+from shared.mailbox import MailboxBroken
+from shared.models import MailboxConnection, OutboxItem
+from tests.support.dashboardkit import D, csrf_from, login, seed
+from tests.support.oauth_server import OAuthServer, provider_settings
+
+PUBLIC = "https://t.example.test"
+CALLBACK = f"{PUBLIC}/dashboard/mailbox/callback"
+SAM = "sam@example.com"
+
+
+def _settings(
+    make_settings: Callable[..., Settings], server: OAuthServer, **values: Any
+) -> Settings:
+    oauth = {
+        **provider_settings(server),
+        "microsoft": {"client_id": "ms-app", "tenant": "contoso.example"},
+        "google": {"client_id": "g-app", "client_secret": "g-secret"},
+    }
+    return make_settings(oauth=oauth, public_url=PUBLIC, **values)
+
+
+@pytest.fixture
+def app_client(
+    engine: Engine, make_settings: Callable[..., Settings], oauth_server: OAuthServer
+) -> Iterator[TestClient]:
+    seed(engine)
+    with TestClient(create_app(_settings(make_settings, oauth_server), engine)) as client:
+        yield client
+
+
+def start(client: TestClient, address: str = SAM, provider: str = "test") -> httpx.Response:
+    """Press Connect: the POST that sends the browser to the provider."""
+    token = csrf_from(client.get(f"{D}/mailbox").text)
+    return client.post(
+        f"{D}/mailbox",
+        data={"csrf_token": token, "address": address, "provider": provider},
+        follow_redirects=False,
+    )
+
+
+def consent(location: str, server: OAuthServer, decision: str = "allow") -> str:
+    """The person at the provider's consent page: Allow (or Deny); where it sends them."""
+    page = httpx.get(location)
+    assert page.status_code == 200
+    assert "Allow access to your mailbox?" in page.text
+    form = {**dict(parse_qsl(urlsplit(location).query)), "decision": decision, "username": SAM}
+    answer = httpx.post(f"{server.url}/authorize", data=form, follow_redirects=False)
+    assert answer.status_code == 302
+    back = answer.headers["location"]
+    assert back.startswith(CALLBACK + "?")
+    return back
+
+
+def land(client: TestClient, back: str) -> str:
+    """The provider's redirect arrives at the receiver; the page it leads to."""
+    parts = urlsplit(back)
+    answer = client.get(f"{parts.path}?{parts.query}", follow_redirects=False)
+    assert answer.status_code == 303
+    assert answer.headers["location"] == f"{D}/mailbox"
+    page = client.get(f"{D}/mailbox")
+    assert page.status_code == 200
+    return page.text
+
+
+def connect(client: TestClient, server: OAuthServer) -> str:
+    started = start(client)
+    assert started.status_code == 303, started.text
+    return land(client, consent(started.headers["location"], server))
+
+
+def rows(engine: Engine) -> list[MailboxConnection]:
+    with Session(engine) as session:
+        return list(session.exec(select(MailboxConnection)).all())
+
+
+def test_the_page_offers_each_configured_provider(
+    app_client: TestClient, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    page = app_client.get(f"{D}/mailbox")
+    assert page.status_code == 200
+    buttons = ("Connect Microsoft 365", "Connect Google", "Connect test")
+    positions = [page.text.index(b) for b in buttons]
+    assert positions == sorted(positions)
+    assert f'href="{D}/mailbox" aria-current="page">Mailbox<' in page.text
+    assert "No mailbox connected" in page.text
+    assert CALLBACK in page.text  # what the operator registers, said on the page
+    # Connect's redirect goes to the providers: the page's CSP lets the form go there
+    csp = page.headers["content-security-policy"]
+    [form_action] = [d.split()[1:] for d in csp.split("; ") if d.startswith("form-action ")]
+    assert sorted(form_action) == sorted(
+        [
+            "'self'",
+            "https://accounts.google.com",
+            "https://login.microsoftonline.com",
+            oauth_server.url,
+        ]
+    )
+    # and on other pages the nav links it
+    assert f'href="{D}/mailbox">Mailbox<' in app_client.get(f"{D}/messages").text
+
+
+def test_connect_is_the_code_flow_with_pkce_and_lands_ok(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    started = start(app_client)
+    assert started.status_code == 303
+    query = dict(parse_qsl(urlsplit(started.headers["location"]).query))
+    assert started.headers["location"].startswith(f"{oauth_server.url}/authorize?")
+    assert query["code_challenge_method"] == "S256"
+    assert len(query["code_challenge"]) == 43
+    assert query["redirect_uri"] == CALLBACK
+    assert query["state"]
+    page = land(app_client, consent(started.headers["location"], oauth_server))
+    assert f"Connected {SAM} to test" in page
+    assert 'data-state="ok"' in page
+    assert oauth_server.token_requests == ["authorization_code"]
+    [row] = rows(engine)
+    assert (row.address, row.provider, row.state, row.sent) == (SAM, "test", "ok", "clean")
+    assert row.last_refresh_at is not None
+    # the grant works: the relay's token is the one the server issued, live
+    route = mailbox.route(engine, app_client.app.state.settings, "sam", SAM)  # type: ignore[attr-defined]
+    assert route is not None
+    access = mailbox.access_token(engine, app_client.app.state.settings, route.id)  # type: ignore[attr-defined]
+    assert oauth_server.is_live(access.token)
+
+
+def test_the_presets_send_the_person_to_microsoft_and_google(app_client: TestClient) -> None:
+    login(app_client, "sam")
+    microsoft = start(app_client, provider="microsoft").headers["location"]
+    assert microsoft.startswith(
+        "https://login.microsoftonline.com/contoso.example/oauth2/v2.0/authorize?"
+    )
+    assert "code_challenge_method=S256" in microsoft
+    google = start(app_client, provider="google").headers["location"]
+    assert google.startswith("https://accounts.google.com/o/oauth2/v2/auth?")
+    assert "access_type=offline" in google
+
+
+def test_declined_consent_is_said_on_the_page(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    back = consent(start(app_client).headers["location"], oauth_server, decision="deny")
+    page = land(app_client, back)
+    assert "Not connected: access was declined at test." in page
+    assert rows(engine) == []
+
+
+def test_a_foreign_state_is_refused_and_the_state_is_single_use(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    back = consent(start(app_client).headers["location"], oauth_server)
+    query = dict(parse_qsl(urlsplit(back).query))
+    forged = f"{CALLBACK}?code={query['code']}&state=not-the-one"
+    assert "does not belong to the sign-in started here" in land(app_client, forged)
+    # the sign-in under way was used up by that attempt: the real answer is refused too
+    assert "did not start on this page" in land(app_client, back)
+    assert rows(engine) == []
+    assert oauth_server.token_requests == []  # no code was ever traded
+
+
+def test_a_callback_without_a_sign_in_under_way(app_client: TestClient) -> None:
+    login(app_client, "sam")
+    assert "did not start on this page" in land(app_client, f"{CALLBACK}?code=x&state=y")
+
+
+def test_a_stale_sign_in_is_refused(
+    app_client: TestClient,
+    engine: Engine,
+    oauth_server: OAuthServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    login(app_client, "sam")
+    monkeypatch.setattr(mailbox_page, "PENDING_TTL", -1.0)
+    back = consent(start(app_client).headers["location"], oauth_server)
+    assert "took too long" in land(app_client, back)
+    assert rows(engine) == []
+
+
+def test_a_token_error_is_said_on_the_page(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    back = consent(start(app_client).headers["location"], oauth_server)
+    state = dict(parse_qsl(urlsplit(back).query))["state"]
+    page = land(app_client, f"{CALLBACK}?code=not-a-code&state={state}")
+    assert "Not connected: test refused (invalid_grant: unknown, used or expired code)." in page
+    assert rows(engine) == []
+
+
+def test_a_provider_gone_quiet_is_said_on_the_page(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    back = consent(start(app_client).headers["location"], oauth_server)
+    oauth_server.stop()  # the token endpoint no longer answers
+    page = land(app_client, back)
+    assert "test could not be reached to finish the sign-in. Try again." in page
+    assert rows(engine) == []
+
+
+def test_only_an_address_the_person_sends_as(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    refused = start(app_client, address="boss@example.com")
+    assert refused.status_code == 400
+    assert "may not send as boss@example.com" in refused.text
+    assert start(app_client, provider="nope").status_code == 400
+    app_client.post(f"{D}/logout", data={"csrf_token": csrf_from(refused.text)})
+    login(app_client, "dom")  # sends as @corp.example: types the address
+    started = start(app_client, address="Dom@Corp.Example")
+    assert started.status_code == 303
+    land(app_client, consent(started.headers["location"], oauth_server))
+    assert [r.address for r in rows(engine)] == ["dom@corp.example"]
+
+
+def test_every_post_needs_the_csrf_token(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    connect(app_client, oauth_server)
+    [row] = rows(engine)
+    for path, data in (
+        (f"{D}/mailbox", {"address": SAM, "provider": "test"}),
+        (f"{D}/mailbox/{row.id}/disconnect", {}),
+        (f"{D}/mailbox/{row.id}/sent", {"sent": "leave"}),
+    ):
+        assert app_client.post(path, data=data, follow_redirects=False).status_code == 403
+    assert [(r.state, r.sent) for r in rows(engine)] == [("ok", "clean")]
+
+
+def test_disconnect_revokes_at_the_provider(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    connect(app_client, oauth_server)
+    settings = app_client.app.state.settings  # type: ignore[attr-defined]
+    [row] = rows(engine)
+    token = mailbox.access_token(engine, settings, row.id or 0).token
+    page = app_client.get(f"{D}/mailbox")
+    answer = app_client.post(
+        f"{D}/mailbox/{row.id}/disconnect",
+        data={"csrf_token": csrf_from(page.text)},
+        follow_redirects=True,
+    )
+    assert f"{SAM}: revoked at the provider and forgotten." in answer.text
+    assert rows(engine) == []
+    assert not oauth_server.is_live(token)
+
+
+def test_a_connection_is_its_owners_and_the_admins(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    connect(app_client, oauth_server)
+    [row] = rows(engine)
+    app_client.cookies.clear()
+    login(app_client, "dom")
+    page = app_client.get(f"{D}/mailbox")
+    assert SAM not in page.text
+    token = csrf_from(page.text)
+    for path in (f"{D}/mailbox/{row.id}/disconnect", f"{D}/mailbox/{row.id}/sent"):
+        assert app_client.post(path, data={"csrf_token": token, "sent": "leave"}).status_code == 404
+    app_client.cookies.clear()
+    login(app_client, "ada")
+    page = app_client.get(f"{D}/mailbox")
+    assert "Everyone&#39;s connections" in page.text or "Everyone's connections" in page.text
+    assert f'data-connection="{SAM}"' in page.text
+    answer = app_client.post(
+        f"{D}/mailbox/{row.id}/disconnect", data={"csrf_token": csrf_from(page.text)}
+    )
+    assert "revoked at the provider and forgotten" in answer.text
+    assert rows(engine) == []
+
+
+def test_the_sent_folder_mode(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    connect(app_client, oauth_server)
+    [row] = rows(engine)
+    token = csrf_from(app_client.get(f"{D}/mailbox").text)
+    answer = app_client.post(
+        f"{D}/mailbox/{row.id}/sent", data={"csrf_token": token, "sent": "leave"}
+    )
+    assert "the Sent folder is left as the provider fills it" in answer.text
+    assert 'value="leave" selected' in answer.text
+    answer = app_client.post(f"{D}/mailbox/{row.id}/sent", data={"csrf_token": token, "sent": "x"})
+    assert "Choose clean or leave for the Sent folder." in answer.text
+    assert [r.sent for r in rows(engine)] == ["leave"]
+
+
+def test_a_broken_connection_is_a_banner_on_every_page(
+    engine: Engine, make_settings: Callable[..., Settings], oauth_server: OAuthServer
+) -> None:
+    seed(engine)
+    settings = _settings(make_settings, oauth_server, notify_from="relay@example.com")
+    with TestClient(create_app(settings, engine)) as client:
+        login(client, "sam")
+        connect(client, oauth_server)
+        assert "stopped working" not in client.get(f"{D}/messages").text
+        [row] = rows(engine)
+        # the person revokes the app at the provider; the relay's next refresh finds out
+        oauth_server.revoke_user(SAM)
+        mailbox.token_refused(engine, row.id or 0)
+        with pytest.raises(MailboxBroken):
+            mailbox.access_token(engine, settings, row.id or 0)
+        for path in ("/messages", "/overview", "/mailbox"):
+            text = client.get(f"{D}{path}").text
+            assert (
+                f"Your mailbox connection for {SAM} stopped working: reconnect it on the "
+                f'<a href="{D}/mailbox">Mailbox page</a>.'
+            ) in text
+        page = client.get(f"{D}/mailbox").text
+        assert 'data-state="broken"' in page
+        assert "invalid_grant" in page
+        client.cookies.clear()
+        login(client, "dom")
+        assert "stopped working" not in client.get(f"{D}/messages").text
+    # the notification mail to the address, queued once with the break
+    with Session(engine) as session:
+        mails = session.exec(select(OutboxItem).where(OutboxItem.channel == "email")).all()
+    assert [(m.target, m.event_type) for m in mails] == [(SAM, "mailbox.disconnected")]
+
+
+def test_reconnecting_mends_a_broken_connection(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    connect(app_client, oauth_server)
+    [row] = rows(engine)
+    mailbox.mark_broken(engine, row.id or 0, "the provider no longer accepts the grant")
+    assert "stopped working" in app_client.get(f"{D}/mailbox").text
+    page = connect(app_client, oauth_server)
+    assert "stopped working" not in page
+    assert [(r.id, r.state) for r in rows(engine)] == [(row.id, "ok")]
+
+
+def test_without_providers_the_page_says_what_to_configure(
+    engine: Engine, make_settings: Callable[..., Settings]
+) -> None:
+    seed(engine)
+    with TestClient(create_app(make_settings(), engine)) as client:
+        login(client, "sam")
+        page = client.get(f"{D}/mailbox")
+        assert "No providers configured" in page.text
+        assert 'name="provider"' not in page.text
+        refused = client.post(
+            f"{D}/mailbox",
+            data={"csrf_token": csrf_from(page.text), "address": SAM, "provider": "test"},
+        )
+        assert refused.status_code == 400
+        assert "That provider is not configured here." in refused.text

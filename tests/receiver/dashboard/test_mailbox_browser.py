@@ -1,0 +1,151 @@
+"""Connecting a mailbox in headless Chromium, through the in-suite OAuth server's consent page.
+
+Chromium is Debian's (/usr/bin/chromium) driven by Playwright with
+``executable_path``, as in test_browser.py. The receiver listens on a socket
+bound first, so its TRACKRELAY_PUBLIC_URL (where the provider sends the
+browser back) is its real address. The relay (local mode, tests/support/
+relaykit.py) then sends through the connection to the provider's submission
+server (the recording upstream, XOAUTH2 only, tokens checked by introspection)
+and, once the grant is revoked, is the one that finds out and marks the
+connection broken. Screenshots go to ``test-artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from sqlmodel import Session, select
+
+from receiver.app import create_app
+from shared import db
+from shared.config import Settings
+from shared.models import MailboxConnection
+from tests.receiver.dashboard.test_browser import ARGS, CHROMIUM, SHOTS
+from tests.support.dashboardkit import PASSWORD, ServerThread, seed
+from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.relaykit import relay_settings, running_relay, send
+from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
+from tests.support.upstream import USER, RecordingUpstream
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs the Debian chromium package"),
+]
+SAM = "sam@example.com"
+MESSAGE = b"From: sam@example.com\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\nHello.\r\n"
+
+
+@pytest.fixture
+def provider(tls_pair: tuple[Path, Path], oauth_server: OAuthServer) -> Iterator[RecordingUpstream]:
+    """The provider's submission server: XOAUTH2 with a live token only."""
+    server = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    yield server
+    server.stop()
+
+
+def sam_sends(settings: Settings, engine: object, times: int) -> list[int]:
+    """Sam's mail program sends through the relay ``times`` times (one relay run); the
+    reply codes."""
+
+    async def go() -> list[int]:
+        codes = []
+        async with running_relay(settings, engine) as relay:  # type: ignore[arg-type]
+            for _ in range(times):
+                try:
+                    reply = await send(relay, MESSAGE, sender=SAM, user="sam", password=PASSWORD)
+                    codes.append(reply.code)
+                except aiosmtplib.SMTPSenderRefused as refused:
+                    codes.append(refused.code)
+        return codes
+
+    # in a thread of its own: Playwright's sync API keeps an event loop in this one
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(go())).result(60)
+
+
+def test_connect_a_mailbox_in_the_browser_and_see_it_break(
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    oauth_server: OAuthServer,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url = f"sqlite:///{tmp_path / 'mailbox.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    seed(engine)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    public = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    providers = provider_settings(oauth_server, provider.url)
+    settings = make_settings(database_url=url, public_url=public, oauth=providers)
+    relaying = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=UPSTREAM_PASSWORD,
+        database_url=url,
+        oauth=providers,
+    )
+    SHOTS.mkdir(parents=True, exist_ok=True)
+
+    with ServerThread(create_app(settings, engine), sock) as server, sync_playwright() as pw:
+        assert server.url == public
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(public + "/dashboard/")
+        page.fill("input[name=username]", "sam")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        expect(page.locator("h1")).to_have_text("Messages")
+
+        page.click("nav.nav >> text=Mailbox")
+        expect(page.locator("h1")).to_have_text("Mailbox")
+        expect(page.locator("input[name=address]")).to_have_value(SAM)
+        page.screenshot(path=str(SHOTS / "mailbox-empty-desktop.png"), full_page=True)
+
+        page.click("button:has-text('Connect test')")  # off to the provider
+        expect(page.locator("h1")).to_have_text("Allow access to your mailbox?")
+        assert page.url.startswith(f"{oauth_server.url}/authorize?")
+        page.fill("input[name=username]", SAM)
+        page.click("button[value=allow]")
+
+        expect(page).to_have_url(public + "/dashboard/mailbox")  # back, the code exchanged
+        expect(page.locator(".flash")).to_contain_text(f"Connected {SAM} to test")
+        row = page.locator(f'tr[data-connection="{SAM}"]')
+        expect(row.locator("[data-state]")).to_have_text("ok")
+        page.screenshot(path=str(SHOTS / "mailbox-connected-desktop.png"), full_page=True)
+
+        # sam's mail goes out through the mailbox: one XOAUTH2 login with the granted token
+        assert sam_sends(relaying, engine, 1) == [250]
+        assert provider.auth_attempts == [("XOAUTH2", SAM)]
+        assert upstream.messages == []
+        # sam revokes the app at the provider; the relay's next sends find out (454 each:
+        # the token refused at AUTH, then the refresh refused: broken)
+        oauth_server.revoke_user(SAM)
+        assert sam_sends(relaying, engine, 2) == [454, 454]
+        with Session(engine) as session:
+            assert session.exec(select(MailboxConnection.state)).one() == "broken"
+
+        page.goto(public + "/dashboard/messages")
+        banner = page.locator("[data-broken-mailbox]")
+        expect(banner).to_have_text(
+            f"Your mailbox connection for {SAM} stopped working: reconnect it on the Mailbox page."
+        )
+        page.screenshot(path=str(SHOTS / "mailbox-broken-banner-desktop.png"), full_page=True)
+        banner.locator("a").click()
+        expect(page).to_have_url(re.compile(r"/dashboard/mailbox$"))
+        expect(row.locator("[data-state]")).to_have_text("broken")
+        expect(row).to_contain_text("invalid_grant")
+        page.screenshot(path=str(SHOTS / "mailbox-broken-desktop.png"), full_page=True)
+        browser.close()
