@@ -83,8 +83,8 @@ ANSWERS = {
 COUNTERS = ("opens", "machine_opens", "self_opens", "clicks", "machine_clicks", "self_clicks")
 #: Times of counted hits: first/last open, first/last click.
 TIMES = ("first_open_at", "last_open_at", "first_click_at", "last_click_at")
-#: The rollup's counters.
-DAILY = (
+#: The rollup's figures of a day (what the overview draws: readmodel/activity.py) ...
+FIGURES = (
     "sent",
     "track_opens",
     "opened",
@@ -94,8 +94,9 @@ DAILY = (
     "machine_opens",
     "replied",
     "bounced",
-    *(f"opens_{verdict}" for verdict in VERDICTS),
 )
+#: ... and all its counters: those and the opens by verdict.
+DAILY = (*FIGURES, *(f"opens_{verdict}" for verdict in VERDICTS))
 #: Messages per committed slice of :func:`rebuild`.
 REBUILD_SLICE = 5000
 #: SQLite: rows per statement at most (17 columns: far below 32766 variables).

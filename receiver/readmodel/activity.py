@@ -18,22 +18,10 @@ from sqlmodel import col
 
 from receiver.readmodel.scope import visible_sender
 from shared.db import session_scope
+from shared.eventstate import FIGURES  # the rollup's columns, named by its owner
 from shared.identity import Viewer
 from shared.models import DailyStats
 from shared.verdicts import VERDICTS
-
-#: The figures of a day, as the rollup's columns.
-FIGURES = (
-    "sent",
-    "track_opens",
-    "opened",
-    "track_clicks",
-    "clicked",
-    "human_opens",
-    "machine_opens",
-    "replied",
-    "bounced",
-)
 
 
 @dataclass
