@@ -30,6 +30,7 @@ TEST_SECRET = "test-secret-key-0123456789abcdef"
 pytest_plugins = [
     "tests.support.oauth_server",  # oauth_server: the mailbox provider (first: upstream uses it)
     "tests.support.upstream",
+    "tests.support.dovecot",  # dovecot: a real IMAP mailbox checking the OAuth server's tokens
     "tests.support.relaykit",
     "tests.support.receiverkit",
 ]
