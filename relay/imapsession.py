@@ -17,7 +17,6 @@ The client is IMAPClient (blocking): callers run it in a thread.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -90,7 +89,7 @@ def _connect(settings: Settings, where: Target) -> IMAPClient:
             ssl_context=_context(settings, where) if where.tls else None,
             timeout=settings.imap_timeout,
         )
-    except (*WIRE_ERRORS, socket.gaierror) as exc:
+    except WIRE_ERRORS as exc:
         raise ImapUnavailable(f"cannot connect to {where}: {exc}") from None
 
 
