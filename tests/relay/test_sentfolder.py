@@ -1,0 +1,196 @@
+"""A clean Sent folder after a tracked message left through a mailbox connection.
+
+Real servers on loopback: the provider's submission server (the recording
+upstream, OAuth only, tests/support/upstream.py) files what it accepts into
+the sender's Sent folder in a real Dovecot (tests/support/dovecot.py) the way
+Microsoft 365 does (every copy) or Gmail does (the first per Message-ID); the
+relay logs in to Dovecot with XOAUTH2 and the connection's grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from relay import sentfolder
+from shared.config import Settings
+from shared.tokens import Signer
+from tests.support.dovecot import ANN, SENT, Dovecot
+from tests.support.imapkit import PASSWORD, connect_ann, imap_provider
+from tests.support.oauth_server import OAuthServer
+from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay
+from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
+from tests.support.upstream import USER, RecordingUpstream
+
+RECIPIENTS = ("bob@example.net", "carol@example.net", "dave@example.net")
+MESSAGE = (
+    b"From: Ann <ann@example.com>\r\n"
+    b"To: bob@example.net, carol@example.net, dave@example.net\r\n"
+    b"Subject: the plan\r\n"
+    b"Date: Tue, 01 Dec 2026 09:30:00 +0000\r\n"
+    b"Message-ID: <plan-1@example.com>\r\n"
+    b"X-Track: opens, clicks\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n"
+    b"\r\n"
+    b'<html><body><p>Read <a href="https://example.org/plan">the plan</a>.</p></body></html>\r\n'
+)
+
+
+def settings_for(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+) -> Settings:
+    return relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=UPSTREAM_PASSWORD,
+        public_url="https://t.example.com",
+        oauth=imap_provider(oauth_server, dovecot, provider.url),
+        imap_sent_window=1.0,
+        imap_sent_interval=0.1,
+    )
+
+
+def provider_for(
+    tls_pair: tuple[Path, Path], oauth_server: OAuthServer, dovecot: Dovecot, files: str
+) -> RecordingUpstream:
+    return RecordingUpstream(
+        *tls_pair, oauth=oauth_server, files_into=dovecot, files_sent=files
+    ).start()
+
+
+async def ann_sends(settings: Settings, engine: Engine, message: bytes = MESSAGE) -> str:
+    async with running_relay(settings, engine) as relay, client(relay) as smtp:
+        await smtp.ehlo()
+        await smtp.auth_plain("ann", PASSWORD)
+        await smtp.mail(ANN)
+        for rcpt in RECIPIENTS:
+            await smtp.rcpt(rcpt)
+        reply = await smtp.data(message)
+        return reply.message  # stop() waits for the Sent folder's cleaning
+
+
+def tracked(settings: Settings, data: bytes) -> bool:
+    signer = Signer(settings.signing_keys())
+    return any(
+        sentfolder.kind(signer, mid, data) == sentfolder.TRACKED for mid in _ids(signer, data)
+    )
+
+
+def _ids(signer: Signer, data: bytes) -> set[int]:
+    found = set()
+    for letter, token in sentfolder._TOKEN.findall(data.decode("utf-8", "replace")):
+        if letter == "o":
+            found.add(signer.verify_open(token).message_id)
+    return found
+
+
+def assert_one_pristine_copy(settings: Settings, dovecot: Dovecot) -> None:
+    sent = dovecot.messages(SENT)
+    assert len(sent) == 1
+    data, flags = sent[0]
+    assert data == MESSAGE  # as the client sent it: all recipients, original link, no pixel
+    assert b"\\Seen" in flags
+    assert not tracked(settings, data)
+    with dovecot.client() as imap:
+        imap.select_folder(SENT, readonly=True)
+        (uid,) = imap.search("ALL")
+        internal = imap.fetch([uid], ["INTERNALDATE"])[uid][b"INTERNALDATE"]
+    date = parsedate_to_datetime("Tue, 01 Dec 2026 09:30:00 +0000")
+    assert internal == date.astimezone().replace(tzinfo=None)  # its own Date (local, naive)
+
+
+@pytest.mark.parametrize("files", ["every", "first"], ids=["microsoft365", "gmail"])
+def test_one_pristine_copy_is_left(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+    files: str,
+) -> None:
+    provider = provider_for(tls_pair, oauth_server, dovecot, files)
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    assert len(provider.messages) == 3  # one tracked copy per recipient
+    assert all(tracked(settings, m.data) for m in provider.messages)
+    assert_one_pristine_copy(settings, dovecot)
+
+
+def test_the_clients_own_copy_is_kept_and_none_added(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    # Thunderbird saves its own copy over IMAP (before the relay looks, here)
+    dovecot.append(SENT, MESSAGE, flags=(b"\\Seen",))
+    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    assert len(dovecot.messages(SENT)) == 1
+
+
+def test_nothing_else_is_touched(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    """Other mail in Sent, even with the same Message-ID or flagged deleted, stays."""
+    other = MESSAGE.replace(b"<plan-1@example.com>", b"<other@example.com>")
+    forged = b'<img src="https://t.example.com/o/AAAAAAAAAAAAAAAAAAAAAAAAAAAA.gif">'
+    lookalike = MESSAGE.replace(b"the plan</a>", b"the plan</a> " + forged)
+    dovecot.append(SENT, other, flags=(b"\\Seen", b"\\Deleted"))
+    dovecot.append(SENT, lookalike, flags=(b"\\Seen",))
+    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    left = [data for data, _ in dovecot.messages(SENT)]
+    # the lookalike has no token of ours: it counts as the client's copy, none added
+    assert left == [other, lookalike]
+
+
+def test_sent_leave_keeps_what_the_provider_filed(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server, sent="leave")
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    assert len(dovecot.messages(SENT)) == 3
