@@ -19,6 +19,9 @@ share the database engine or async clients with the receiver):
 * ``intake`` (optional, ``TRACKRELAY_INTAKE_PORT``): copies of incoming mail
   for replies and bounces, never delivered (relay/intake.py, its own handler
   and writer); STARTTLS offered; only ``TRACKRELAY_INTAKE_NETWORKS``.
+* no listener, the INBOX of each mailbox connection whose provider has
+  ``imap`` (relay/inboxwatch.py, ``TRACKRELAY_IMAP_WATCH``): replies and
+  bounces read over IMAP, stored through the intake's writer (or its own).
 
 All listeners share one :class:`relay.limits.SessionLimits` (sessions in all
 and per client address, 421 past them); a TLS handshake on ``smtps`` must end
@@ -48,6 +51,7 @@ from sqlalchemy import Engine
 
 from relay.gateway import GatewayHandler
 from relay.handler import RelayHandler
+from relay.inboxwatch import InboxWatcher
 from relay.intake import IntakeListener
 from relay.limits import SessionLimits
 from relay.peers import Peers, ask_for_certificates
@@ -86,6 +90,7 @@ class RelayServer:
         self._stopping = False
         self._dev_lines: list[str] = []
         self.intake: IntakeListener | None = None  # relay/intake.py, if its port is set
+        self.inbox: InboxWatcher | None = None  # relay/inboxwatch.py, if a provider has imap
 
     @property
     def metrics(self) -> Counters:
@@ -114,6 +119,10 @@ class RelayServer:
             self.intake = IntakeListener(settings, self.engine, context, sock, self.limits)
             await self.intake.start()
             self.ports["intake"] = self.intake.port
+        if settings.imap_watch and any(p.imap for p in settings.oauth.values()):
+            writer = self.intake.writer if self.intake is not None else None  # one writer
+            self.inbox = InboxWatcher(settings, self.engine, writer)
+            await self.inbox.start()
         log.info("relay listening on %s: %s", settings.host, self.ports)
 
     async def _listen_gateway(self, cert: Path, key: Path) -> None:
@@ -222,6 +231,9 @@ class RelayServer:
                     protocol.abort()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), 1)
+        if self.inbox is not None:  # before the intake: it may share its writer
+            await self.inbox.stop()
+            self.inbox = None
         if self.intake is not None:
             await self.intake.stop(grace)
         await self.handler.drain()

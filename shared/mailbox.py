@@ -462,6 +462,7 @@ class Imap:
     sent: str  # clean | leave
     uidvalidity: int
     last_uid: int
+    created_at: datetime
 
 
 def imap_connections(engine: Engine, settings: Settings) -> list[Imap]:
@@ -491,4 +492,7 @@ def _imap(settings: Settings, row: MailboxConnection) -> Imap | None:
     found = settings.oauth.get(row.provider)
     if row.id is None or not isinstance(found, OAuthProvider) or not found.imap:
         return None
-    return Imap(row.id, row.address, found, row.sent, row.inbox_uidvalidity, row.inbox_last_uid)
+    return Imap(
+        row.id, row.address, found, row.sent,
+        row.inbox_uidvalidity, row.inbox_last_uid, row.created_at,
+    )  # fmt: skip

@@ -1,0 +1,138 @@
+"""Replies and bounces from a connected mailbox's INBOX, over IMAP, in a real Dovecot.
+
+The relay sends a tracked message to three recipients through the provider
+(the recording upstream, OAuth only); a reply from one and a bounce for
+another are then placed in ann's INBOX in Dovecot. The relay's INBOX watcher
+(relay/inboxwatch.py, logged in with XOAUTH2 and ann's grant) finds them,
+the classifier names them, and they are stored as events on the message; the
+messages in the INBOX stay unseen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from shared.config import Settings
+from shared.models import Event, MailboxConnection, Message, Recipient
+from tests.relay.test_sentfolder import MESSAGE, RECIPIENTS, ann_sends, settings_for
+from tests.support.dovecot import Dovecot
+from tests.support.imapkit import connect_ann
+from tests.support.oauth_server import OAuthServer
+from tests.support.relaykit import MakeSettings, running_relay
+from tests.support.upstream import RecordingUpstream
+
+REPLY = (
+    b"From: Bob <bob@example.net>\r\n"
+    b"To: Ann <ann@example.com>\r\n"
+    b"Subject: Re: the plan\r\n"
+    b"Message-ID: <reply-1@example.net>\r\n"
+    b"In-Reply-To: <plan-1@example.com>\r\n"
+    b"References: <plan-1@example.com>\r\n"
+    b"\r\n"
+    b"Sounds good.\r\n"
+)
+BOUNCE = (
+    b"From: Mail Delivery System <MAILER-DAEMON@mx.example.com>\r\n"
+    b"To: ann@example.com\r\n"
+    b"Subject: Undelivered Mail Returned to Sender\r\n"
+    b"Message-ID: <bounce-1@mx.example.com>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n'
+    b"\r\n"
+    b"--b\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"\r\n"
+    b"Your message could not be delivered.\r\n"
+    b"--b\r\n"
+    b"Content-Type: message/delivery-status\r\n"
+    b"\r\n"
+    b"Reporting-MTA: dns; mx.example.com\r\n"
+    b"\r\n"
+    b"Original-Recipient: rfc822;carol@example.net\r\n"
+    b"Final-Recipient: rfc822;carol@example.net\r\n"
+    b"Action: failed\r\n"
+    b"Status: 5.1.1\r\n"
+    b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
+    b"\r\n"
+    b"--b\r\n"
+    b"Content-Type: text/rfc822-headers\r\n"
+    b"\r\n"
+    b"Message-ID: <plan-1@example.com>\r\n"
+    b"Subject: the plan\r\n"
+    b"--b--\r\n"
+)
+
+
+def answers(engine: Engine) -> list[tuple[str, str]]:
+    """(kind, recipient address) of every answer event of the message."""
+    with Session(engine) as session:
+        message = session.exec(select(Message)).one()
+        rows = session.exec(
+            select(Event.kind, Recipient.address)
+            .join(
+                Recipient,
+                (Recipient.message_id == Event.message_id)
+                & (Recipient.position == Event.recipient_position),
+            )
+            .where(Event.message_id == message.id, Event.kind.in_(("reply", "bounce")))  # type: ignore[attr-defined]
+        ).all()
+    return sorted((kind, address) for kind, address in rows)
+
+
+async def wait_for(engine: Engine, count: int, timeout: float = 20.0) -> list[tuple[str, str]]:
+    deadline = time.monotonic() + timeout
+    found = await asyncio.to_thread(answers, engine)
+    while len(found) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        found = await asyncio.to_thread(answers, engine)
+    return found
+
+
+async def watched(engine: Engine, timeout: float = 20.0) -> None:
+    """The watcher has looked at the INBOX (it stored its UIDVALIDITY)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with Session(engine) as session:
+            row = session.exec(select(MailboxConnection)).one()
+        if row.inbox_uidvalidity:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the INBOX watcher never looked")
+
+
+def test_a_reply_and_a_bounce_become_events_and_stay_unseen(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    try:
+        settings: Settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+
+        async def scenario() -> list[tuple[str, str]]:
+            async with running_relay(settings, db_engine):
+                await watched(db_engine)
+                await asyncio.to_thread(dovecot.append, "INBOX", REPLY)
+                await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
+                return await wait_for(db_engine, 2)
+
+        found = asyncio.run(scenario())
+    finally:
+        provider.stop()
+    assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]
+    inbox = dovecot.messages("INBOX")
+    assert [data for data, _ in inbox] == [REPLY, BOUNCE]
+    assert all(b"\\Seen" not in flags for _, flags in inbox)  # nothing marked read
+    with Session(db_engine) as session:
+        row = session.exec(select(MailboxConnection)).one()
+    assert row.inbox_last_uid == 2  # where it left off
