@@ -49,6 +49,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from relay.answerstore import AnswerWriter
 from relay.gateway import GatewayHandler
 from relay.handler import RelayHandler
 from relay.inboxwatch import InboxWatcher
@@ -124,6 +125,13 @@ class RelayServer:
             self.inbox = InboxWatcher(settings, self.engine, writer)
             await self.inbox.start()
         log.info("relay listening on %s: %s", settings.host, self.ports)
+
+    @property
+    def answer_writer(self) -> AnswerWriter | None:
+        """The one writer of answers: the intake's, else the INBOX watcher's own."""
+        if self.intake is not None:
+            return self.intake.writer
+        return self.inbox.writer if self.inbox is not None else None
 
     async def _listen_gateway(self, cert: Path, key: Path) -> None:
         settings, gateway = self.settings, self.gateway

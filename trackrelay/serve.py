@@ -122,9 +122,10 @@ async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa:
     try:
         if relay_server is not None:
             await relay_server.start()
-            if relay_server.intake is not None:  # replies and hard bounces reach dashboards
+            answers = relay_server.answer_writer  # the intake's and the INBOX watcher's
+            if answers is not None:  # replies and hard bounces reach dashboards
                 feed = app.state.live_feed if app is not None else None
-                _publish_answers(relay_server.intake.writer.store, feed, engine)
+                _publish_answers(answers.store, feed, engine)
         if http_server is not None and http_socket is not None:
             tasks.append(asyncio.create_task(http_server.serve(sockets=[http_socket])))
             await web.started(http_server, tasks[-1])
