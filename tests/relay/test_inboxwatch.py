@@ -111,20 +111,20 @@ def test_a_reply_and_a_bounce_become_events_and_stay_unseen(
     tls_pair: tuple[Path, Path],
     oauth_server: OAuthServer,
     dovecot: Dovecot,
-    db_engine: Engine,
+    engine: Engine,
 ) -> None:
     provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
     try:
         settings: Settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        connect_ann(db_engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+        connect_ann(engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, engine, MESSAGE)).startswith("2.0.0")
 
         async def scenario() -> list[tuple[str, str]]:
-            async with running_relay(settings, db_engine):
-                await watched(db_engine)
+            async with running_relay(settings, engine):
+                await watched(engine)
                 await asyncio.to_thread(dovecot.append, "INBOX", REPLY)
                 await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
-                return await wait_for(db_engine, 2)
+                return await wait_for(engine, 2)
 
         found = asyncio.run(scenario())
     finally:
@@ -133,6 +133,6 @@ def test_a_reply_and_a_bounce_become_events_and_stay_unseen(
     inbox = dovecot.messages("INBOX")
     assert [data for data, _ in inbox] == [REPLY, BOUNCE]
     assert all(b"\\Seen" not in flags for _, flags in inbox)  # nothing marked read
-    with Session(db_engine) as session:
+    with Session(engine) as session:
         row = session.exec(select(MailboxConnection)).one()
     assert row.inbox_last_uid == 2  # where it left off

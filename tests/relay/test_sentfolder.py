@@ -117,14 +117,14 @@ def test_one_pristine_copy_is_left(
     tls_pair: tuple[Path, Path],
     oauth_server: OAuthServer,
     dovecot: Dovecot,
-    db_engine: Engine,
+    engine: Engine,
     files: str,
 ) -> None:
     provider = provider_for(tls_pair, oauth_server, dovecot, files)
     try:
         settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        connect_ann(db_engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+        connect_ann(engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, engine)).startswith("2.0.0")
     finally:
         provider.stop()
     assert len(provider.messages) == 3  # one tracked copy per recipient
