@@ -136,3 +136,35 @@ def test_a_reply_and_a_bounce_become_events_and_stay_unseen(
     with Session(engine) as session:
         row = session.exec(select(MailboxConnection)).one()
     assert row.inbox_last_uid == 2  # where it left off
+
+
+def test_the_watcher_reconnects_and_goes_on_from_the_stored_uid(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+
+        async def scenario() -> list[tuple[str, str]]:
+            async with running_relay(settings, db_engine):
+                await watched(db_engine)
+                await asyncio.to_thread(dovecot.append, "INBOX", REPLY)
+                assert await wait_for(db_engine, 1) == [("reply", RECIPIENTS[0])]
+                await asyncio.to_thread(dovecot.stop)  # the server goes away under IDLE
+                await asyncio.to_thread(dovecot.start)
+                await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
+                return await wait_for(db_engine, 2)
+
+        found = asyncio.run(scenario())
+    finally:
+        provider.stop()
+    assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]  # the reply once
+    with Session(db_engine) as session:
+        assert session.exec(select(MailboxConnection)).one().inbox_last_uid == 2

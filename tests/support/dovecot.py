@@ -136,7 +136,7 @@ class Dovecot:
         if not Path(DOVECOT).exists():
             pytest.skip("dovecot is not installed (apt-get install dovecot-imapd)")
         uid, gid, internal, login = _accounts()
-        self.port = _free_port()
+        self.port = self.port or _free_port()  # started again: the same port and mail
         for name in ("run", "state", "mail"):
             (self.root / name).mkdir(parents=True, exist_ok=True)
         os.chown(self.root / "mail", uid, gid)
