@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import threading
 from collections.abc import Coroutine
 from typing import Any
 
@@ -90,6 +91,8 @@ class RelayHandler:
         )
         self._networks = settings.networks
         self._tasks: set[asyncio.Task[Any]] = set()
+        # set by relay/server.py stop(): a Sent folder's cleaning ends its looking now
+        self.sent_stop = threading.Event()
 
     # --- what we advertise ---
 
@@ -301,7 +304,8 @@ class RelayHandler:
         through = getattr(session.upstream, "mailbox", None)
         job = sentfolder.job(through, sub.data, prepared)
         if job is not None:
-            self.spawn(asyncio.to_thread(sentfolder.clean, self.settings, self.engine, job))
+            clean = sentfolder.clean
+            self.spawn(asyncio.to_thread(clean, self.settings, self.engine, job, self.sent_stop))
 
     async def prepare(self, submission: Submission) -> Prepared:
         """The copies to send (the gateway adds its stamp around this)."""

@@ -32,8 +32,8 @@ import email
 import email.policy
 import logging
 import re
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
@@ -152,13 +152,9 @@ def _remove(client: IMAPClient, uids: list[int]) -> None:
 
 
 def sweep(
-    client: IMAPClient,
-    folder: str,
-    settings: Settings,
-    job: Job,
-    sleep: Callable[[float], None] = time.sleep,
+    client: IMAPClient, folder: str, settings: Settings, job: Job, stop: threading.Event
 ) -> Outcome:
-    """Steps 2 and 3 in FOLDER (selected)."""
+    """Steps 2 and 3 in FOLDER (selected); STOP set: look no more (the relay stops)."""
     signer = Signer(settings.signing_keys())
     outcome = Outcome()
     deadline = time.monotonic() + settings.imap_sent_window
@@ -170,7 +166,8 @@ def sweep(
             outcome.removed += len(tracked)
         if outcome.removed >= job.copies or time.monotonic() >= deadline:
             break
-        sleep(settings.imap_sent_interval)
+        if stop.wait(settings.imap_sent_interval):
+            break
     if outcome.removed:
         found = copies(client, signer, job)
         outcome.client_copy = PRISTINE in found.values()
@@ -185,7 +182,9 @@ def sweep(
     return outcome
 
 
-def clean(settings: Settings, engine: Engine, job: Job) -> Outcome | None:
+def clean(
+    settings: Settings, engine: Engine, job: Job, stop: threading.Event | None = None
+) -> Outcome | None:
     """The whole of it for one message; None when it could not be done (logged)."""
     connection = mailbox.imap_connection(engine, settings, job.connection_id)
     if connection is None or connection.sent != "clean" or not job.message_id_header:
@@ -203,7 +202,7 @@ def clean(settings: Settings, engine: Engine, job: Job) -> Outcome | None:
     try:
         folder = sent_folder(client)
         client.select_folder(folder)
-        outcome = sweep(client, folder, settings, job)
+        outcome = sweep(client, folder, settings, job, stop or threading.Event())
     except imapsession.WIRE_ERRORS as exc:
         log.warning("Sent folder of %s not cleaned: %s", connection.address, exc)
         return None

@@ -73,8 +73,10 @@ class RelayServer:
         *,
         tracker: Tracker | None = None,
         sockets: dict[str, socket.socket] | None = None,
+        watch_inbox: bool = True,  # False: another worker of this relay watches them
     ) -> None:
         self.settings = settings
+        self.watch_inbox = watch_inbox
         self._sockets = sockets or {}
         self.engine = engine
         self.handler = RelayHandler(settings, engine, tracker)
@@ -120,7 +122,11 @@ class RelayServer:
             self.intake = IntakeListener(settings, self.engine, context, sock, self.limits)
             await self.intake.start()
             self.ports["intake"] = self.intake.port
-        if settings.imap_watch and any(p.imap for p in settings.oauth.values()):
+        if (
+            self.watch_inbox
+            and settings.imap_watch
+            and any(p.imap for p in settings.oauth.values())
+        ):
             writer = self.intake.writer if self.intake is not None else None  # one writer
             self.inbox = InboxWatcher(settings, self.engine, writer)
             await self.inbox.start()
@@ -244,6 +250,7 @@ class RelayServer:
             self.inbox = None
         if self.intake is not None:
             await self.intake.stop(grace)
+        self.handler.sent_stop.set()
         await self.handler.drain()
         if self.gateway is not None:
             await self.gateway.drain()

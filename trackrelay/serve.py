@@ -40,6 +40,7 @@ class Parts:
     receiver: bool
     # a relay worker's listeners, bound once by its parent (serve_relay_workers)
     relay_sockets: dict[str, socket.socket] | None = None
+    inbox: bool = True  # watch the mailboxes' INBOXes (relay/inboxwatch.py): one worker does
 
 
 BOTH = Parts(relay=True, receiver=True)
@@ -108,7 +109,9 @@ async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa:
     if parts.relay:
         from relay.server import RelayServer
 
-        relay_server = RelayServer(settings, engine, sockets=parts.relay_sockets)
+        relay_server = RelayServer(
+            settings, engine, sockets=parts.relay_sockets, watch_inbox=parts.inbox
+        )
     app = http_server = None
     if parts.receiver:
         from trackrelay import web  # uvicorn and Starlette: only a process that serves HTTP
@@ -222,12 +225,13 @@ def serve_relay_workers(settings: Settings, engine: Engine) -> int:
     sockets = bind_listeners(settings)
     engine.dispose()  # each worker opens its own connections
     children: list[int] = []
-    for _ in range(settings.relay_workers):
+    for number in range(settings.relay_workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' traffic
             code = 1
             try:
-                code = serve(settings, engine, replace(RELAY, relay_sockets=sockets))
+                parts = replace(RELAY, relay_sockets=sockets, inbox=number == 0)
+                code = serve(settings, engine, parts)
             finally:
                 os._exit(code)
         children.append(pid)
