@@ -168,3 +168,36 @@ def test_the_watcher_reconnects_and_goes_on_from_the_stored_uid(
     assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]  # the reply once
     with Session(db_engine) as session:
         assert session.exec(select(MailboxConnection)).one().inbox_last_uid == 2
+
+
+def test_a_server_without_idle_is_polled(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    dovecot.stop()
+    dovecot.capabilities = "IMAP4rev1 SASL-IR LITERAL+ ID ENABLE UIDPLUS SPECIAL-USE"
+    dovecot.start()
+    with dovecot.client() as imap:
+        assert b"IDLE" not in imap.capabilities()
+    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        settings = settings.model_copy(update={"imap_poll_interval": 0.2})
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+
+        async def scenario() -> list[tuple[str, str]]:
+            async with running_relay(settings, db_engine):
+                await watched(db_engine)
+                await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
+                return await wait_for(db_engine, 1)
+
+        found = asyncio.run(scenario())
+    finally:
+        provider.stop()
+    assert found == [("bounce", RECIPIENTS[1])]
+    assert all(b"\\Seen" not in flags for _, flags in dovecot.messages("INBOX"))

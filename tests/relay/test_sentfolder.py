@@ -194,3 +194,34 @@ def test_sent_leave_keeps_what_the_provider_filed(
     finally:
         provider.stop()
     assert len(dovecot.messages(SENT)) == 3
+
+
+def test_only_a_verified_token_for_this_message_makes_a_copy_tracked(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings()
+    signer = Signer(settings.signing_keys())
+    ours = f"https://t.example.com/o/{signer.open_token(42, 1)}.gif".encode()
+    click = f"https://t.example.com/c/{signer.click_token(42, 2, 1, 'https://x.org/')}".encode()
+    other = f"https://t.example.com/o/{signer.open_token(43, 1)}.gif".encode()
+    forged = b"https://t.example.com/o/" + b"A" * 40 + b".gif"
+    body = MESSAGE.replace(b"the plan</a>", b"the plan</a> <img src='%s'>")
+    assert sentfolder.kind(signer, 42, body % ours) == sentfolder.TRACKED
+    assert sentfolder.kind(signer, 42, body % click) == sentfolder.TRACKED
+    assert sentfolder.kind(signer, 42, body % other) == sentfolder.FOREIGN
+    assert sentfolder.kind(signer, 42, body % forged) == sentfolder.PRISTINE
+    assert sentfolder.kind(signer, 42, MESSAGE) == sentfolder.PRISTINE
+    other_key = Signer([b"another secret key of 32 bytes!!"])
+    assert sentfolder.kind(other_key, 42, body % ours) == sentfolder.PRISTINE
+
+
+def test_a_token_in_quoted_printable_is_found(make_settings: MakeSettings) -> None:
+    signer = Signer(make_settings().signing_keys())
+    url = f"https://t.example.com/o/{signer.open_token(42, 1)}.gif".encode()
+    html = b"<p>Hi</p><img src=3D'" + url[:30] + b"=\r\n" + url[30:] + b"'>\r\n"
+    data = (
+        b"Message-ID: <plan-1@example.com>\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/html; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + html
+    )
+    assert sentfolder.kind(signer, 42, data) == sentfolder.TRACKED

@@ -125,6 +125,7 @@ class Dovecot:
     root: Path
     oauth: OAuthServer
     port: int = 0
+    capabilities: str = ""  # set: the post-login IMAP capabilities (e.g. without IDLE)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -147,12 +148,13 @@ class Dovecot:
             "".join(f"{user}:{{PLAIN}}{PASSWORD}\n" for user in (USER, ANN))
         )
         config = self.root / "dovecot.conf"
-        config.write_text(
-            _CONFIG.format(
-                root=self.root, port=self.port, uid=uid, gid=gid,
-                internal=internal, login=login, sent=SENT,
-            )
+        text = _CONFIG.format(
+            root=self.root, port=self.port, uid=uid, gid=gid,
+            internal=internal, login=login, sent=SENT,
         )  # fmt: skip
+        if self.capabilities:
+            text += f"imap_capability = {self.capabilities}\n"
+        config.write_text(text)
         self._process = subprocess.Popen(
             [DOVECOT, "-c", str(config), "-F"],
             stdout=subprocess.DEVNULL,
