@@ -17,11 +17,12 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
+from receiver.readmodel.events import events_after
 from shared.config import Settings
-from shared.models import Event, MailboxConnection, Message, Recipient
-from tests.relay.test_sentfolder import MESSAGE, RECIPIENTS, ann_sends, settings_for
-from tests.support.dovecot import Dovecot
-from tests.support.imapkit import connect_ann
+from shared.identity import Viewer
+from shared.models import MailboxConnection, Message, User
+from tests.support.dovecot import ANN, Dovecot
+from tests.support.imapkit import MESSAGE, RECIPIENTS, ann_sends, connect_ann, settings_for
 from tests.support.oauth_server import OAuthServer
 from tests.support.relaykit import MakeSettings, running_relay
 from tests.support.upstream import RecordingUpstream
@@ -69,19 +70,19 @@ BOUNCE = (
 
 
 def answers(engine: Engine) -> list[tuple[str, str]]:
-    """(kind, recipient address) of every answer event of the message."""
+    """(kind, recipient address) of the answers ann sees on her message (the read model
+    the dashboard and /api/v1/events present)."""
     with Session(engine) as session:
+        ann = session.exec(select(User).where(User.username == "ann")).one()
         message = session.exec(select(Message)).one()
-        rows = session.exec(
-            select(Event.kind, Recipient.address)
-            .join(
-                Recipient,
-                (Recipient.message_id == Event.message_id)
-                & (Recipient.position == Event.recipient_position),
-            )
-            .where(Event.message_id == message.id, Event.kind.in_(("reply", "bounce")))  # type: ignore[attr-defined]
-        ).all()
-    return sorted((kind, address) for kind, address in rows)
+    assert ann.id is not None
+    viewer = Viewer(ann.id, "ann", ann.role, (ANN,))
+    rows = events_after(engine, viewer, 0, 100)
+    return sorted(
+        (r.event.kind, r.address)
+        for r in rows
+        if r.event.kind in ("reply", "bounce") and r.event.message_id == message.id
+    )
 
 
 async def wait_for(engine: Engine, count: int, timeout: float = 20.0) -> list[tuple[str, str]]:

@@ -19,65 +19,11 @@ from sqlalchemy import Engine
 from relay import sentfolder
 from shared.config import Settings
 from shared.tokens import Signer
-from tests.support.dovecot import ANN, SENT, Dovecot
-from tests.support.imapkit import PASSWORD, connect_ann, imap_provider
+from tests.support.dovecot import SENT, Dovecot
+from tests.support.imapkit import MESSAGE, ann_sends, connect_ann, provider_for, settings_for
 from tests.support.oauth_server import OAuthServer
-from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay
-from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
-from tests.support.upstream import USER, RecordingUpstream
-
-RECIPIENTS = ("bob@example.net", "carol@example.net", "dave@example.net")
-MESSAGE = (
-    b"From: Ann <ann@example.com>\r\n"
-    b"To: bob@example.net, carol@example.net, dave@example.net\r\n"
-    b"Subject: the plan\r\n"
-    b"Date: Tue, 01 Dec 2026 09:30:00 +0000\r\n"
-    b"Message-ID: <plan-1@example.com>\r\n"
-    b"X-Track: opens, clicks\r\n"
-    b"MIME-Version: 1.0\r\n"
-    b"Content-Type: text/html; charset=utf-8\r\n"
-    b"\r\n"
-    b'<html><body><p>Read <a href="https://example.org/plan">the plan</a>.</p></body></html>\r\n'
-)
-
-
-def settings_for(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    provider: RecordingUpstream,
-    oauth_server: OAuthServer,
-    dovecot: Dovecot,
-) -> Settings:
-    return relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        upstream_password=UPSTREAM_PASSWORD,
-        public_url="https://t.example.com",
-        oauth=imap_provider(oauth_server, dovecot, provider.url),
-        imap_sent_window=1.0,
-        imap_sent_interval=0.1,
-    )
-
-
-def provider_for(
-    tls_pair: tuple[Path, Path], oauth_server: OAuthServer, dovecot: Dovecot, files: str
-) -> RecordingUpstream:
-    return RecordingUpstream(
-        *tls_pair, oauth=oauth_server, files_into=dovecot, files_sent=files
-    ).start()
-
-
-async def ann_sends(settings: Settings, engine: Engine, message: bytes = MESSAGE) -> str:
-    async with running_relay(settings, engine) as relay, client(relay) as smtp:
-        await smtp.ehlo()
-        await smtp.auth_plain("ann", PASSWORD)
-        await smtp.mail(ANN)
-        for rcpt in RECIPIENTS:
-            await smtp.rcpt(rcpt)
-        reply = await smtp.data(message)
-        return reply.message  # stop() waits for the Sent folder's cleaning
+from tests.support.relaykit import MakeSettings
+from tests.support.upstream import RecordingUpstream
 
 
 def tracked(settings: Settings, data: bytes) -> bool:

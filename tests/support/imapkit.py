@@ -1,8 +1,10 @@
 """A connected mailbox for IMAP tests: ann's grant from the in-suite OAuth server,
-with the provider's ``imap`` pointing at the suite's Dovecot (tests/support/dovecot.py)."""
+with the provider's ``imap`` pointing at the suite's Dovecot (tests/support/dovecot.py),
+and ann sending a tracked message to three recipients through the relay."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -12,6 +14,9 @@ from shared.config import Settings
 from shared.users import add_user
 from tests.support.dovecot import ANN, Dovecot
 from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay
+from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
+from tests.support.upstream import USER, RecordingUpstream
 
 PASSWORD = "password123"  # ann's relay password
 
@@ -37,3 +42,57 @@ def connect_ann(
     row = mailbox.store(engine, settings, "ann", ANN, "test", token, sent=sent)
     assert row.id is not None
     return row.id
+
+
+RECIPIENTS = ("bob@example.net", "carol@example.net", "dave@example.net")
+MESSAGE = (
+    b"From: Ann <ann@example.com>\r\n"
+    b"To: bob@example.net, carol@example.net, dave@example.net\r\n"
+    b"Subject: the plan\r\n"
+    b"Date: Tue, 01 Dec 2026 09:30:00 +0000\r\n"
+    b"Message-ID: <plan-1@example.com>\r\n"
+    b"X-Track: opens, clicks\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n"
+    b"\r\n"
+    b'<html><body><p>Read <a href="https://example.org/plan">the plan</a>.</p></body></html>\r\n'
+)
+
+
+def settings_for(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+) -> Settings:
+    return relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=UPSTREAM_PASSWORD,
+        public_url="https://t.example.com",
+        oauth=imap_provider(oauth_server, dovecot, provider.url),
+        imap_sent_window=1.0,
+        imap_sent_interval=0.1,
+    )
+
+
+def provider_for(
+    tls_pair: tuple[Path, Path], oauth_server: OAuthServer, dovecot: Dovecot, files: str
+) -> RecordingUpstream:
+    return RecordingUpstream(
+        *tls_pair, oauth=oauth_server, files_into=dovecot, files_sent=files
+    ).start()
+
+
+async def ann_sends(settings: Settings, engine: Engine, message: bytes = MESSAGE) -> str:
+    async with running_relay(settings, engine) as relay, client(relay) as smtp:
+        await smtp.ehlo()
+        await smtp.auth_plain("ann", PASSWORD)
+        await smtp.mail(ANN)
+        for rcpt in RECIPIENTS:
+            await smtp.rcpt(rcpt)
+        reply = await smtp.data(message)
+        return reply.message  # stop() waits for the Sent folder's cleaning
