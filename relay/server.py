@@ -297,6 +297,11 @@ class RelayServer:
                 f"  intake for copies of incoming mail (replies, bounces) on port "
                 f"{self.ports['intake']} for {settings.intake_networks or 'no network'}"
             )
+        if self.inbox is not None:
+            lines.append(
+                f"  replies and bounces read over IMAP from {len(self.inbox.watches)} connected "
+                "mailbox(es) (more as they are connected)"
+            )
         target = settings.upstream_target
         if target.is_sink and target.path is not None:
             lines.append(f"  sent mail lands in: {target.path / 'new'} (one file per recipient)")

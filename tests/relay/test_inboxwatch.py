@@ -192,8 +192,9 @@ def test_a_server_without_idle_is_polled(
         assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
 
         async def scenario() -> list[tuple[str, str]]:
-            async with running_relay(settings, db_engine):
+            async with running_relay(settings, db_engine) as relay:
                 await watched(db_engine)
+                assert any("over IMAP from 1 connected" in line for line in relay.describe())
                 await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
                 return await wait_for(db_engine, 1)
 
