@@ -66,3 +66,24 @@ def test_an_unreachable_server_is_unavailable(
         imapsession.open_session(
             settings, db_engine, connection, mailbox.provider(settings, "test")
         )
+
+
+def test_a_grant_without_the_imap_scope_is_refused_not_broken(
+    make_settings: MakeSettings, oauth_server: OAuthServer, dovecot: Dovecot, db_engine: Engine
+) -> None:
+    dovecot.stop()
+    dovecot.scope = "https://outlook.office.com/IMAP.AccessAsUser.All"  # the grant has not
+    dovecot.start()
+    settings = make_settings(oauth=imap_provider(oauth_server, dovecot))
+    connection = connect_ann(db_engine, settings, oauth_server)
+    with pytest.raises(imapsession.ImapRefused, match="IMAP scope"):
+        imapsession.open_session(
+            settings, db_engine, connection, mailbox.provider(settings, "test")
+        )
+    assert oauth_server.refreshes() == 1  # refused once, refreshed, refused again
+    found = mailbox.imap_connection(db_engine, settings, connection)
+    assert found is not None  # still ok: it may send
+    dovecot.stop()
+    dovecot.scope = "mail.send"  # one the grant has: the same check lets it in
+    dovecot.start()
+    imapsession.close(imapsession.open_session(settings, db_engine, connection, found.provider))

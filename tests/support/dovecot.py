@@ -126,6 +126,7 @@ class Dovecot:
     oauth: OAuthServer
     port: int = 0
     capabilities: str = ""  # set: the post-login IMAP capabilities (e.g. without IDLE)
+    scope: str = ""  # set: a token must have this scope (the oauth2 passdb's ``scope``)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -143,7 +144,8 @@ class Dovecot:
         os.chown(self.root / "mail", uid, gid)
         host = self.oauth.url.removeprefix("http://")
         introspect = f"http://{CLIENT_ID}:{CLIENT_SECRET}@{host}/introspect"
-        (self.root / "oauth2.conf.ext").write_text(_OAUTH2.format(url=introspect))
+        oauth2 = _OAUTH2.format(url=introspect) + (f"scope = {self.scope}\n" if self.scope else "")
+        (self.root / "oauth2.conf.ext").write_text(oauth2)
         (self.root / "passwd").write_text(
             "".join(f"{user}:{{PLAIN}}{PASSWORD}\n" for user in (USER, ANN))
         )
