@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import threading
 from collections.abc import Coroutine
 from typing import Any
 
@@ -91,8 +90,7 @@ class RelayHandler:
         )
         self._networks = settings.networks
         self._tasks: set[asyncio.Task[Any]] = set()
-        # set by relay/server.py stop(): a Sent folder's cleaning ends its looking now
-        self.sent_stop = threading.Event()
+        self.sent = sentfolder.Cleaner(settings, engine)  # relay/server.py stop()s it
 
     # --- what we advertise ---
 
@@ -304,8 +302,7 @@ class RelayHandler:
         through = getattr(session.upstream, "mailbox", None)
         job = sentfolder.job(through, sub.data, prepared)
         if job is not None:
-            clean = sentfolder.clean
-            self.spawn(asyncio.to_thread(clean, self.settings, self.engine, job, self.sent_stop))
+            self.spawn(self.sent.clean(job))
 
     async def prepare(self, submission: Submission) -> Prepared:
         """The copies to send (the gateway adds its stamp around this)."""

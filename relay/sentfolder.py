@@ -28,12 +28,14 @@ the client, who had its 250 before this began.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import logging
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
@@ -52,6 +54,7 @@ from shared.tokens import InvalidToken, Signer
 log = logging.getLogger(__name__)
 
 FALLBACK_SENT = "Sent"
+THREADS = 4  # cleanings at once; more wait their turn
 _TOKEN = re.compile(r"/([oc])/([A-Za-z0-9_-]{20,})")
 TRACKED, PRISTINE, FOREIGN = "tracked", "pristine", "foreign"
 
@@ -217,3 +220,31 @@ def clean(
         if outcome.client_copy else "nothing added",
     )  # fmt: skip
     return outcome
+
+
+class Cleaner:
+    """The relay's Sent folder cleanings, on their own few threads: a cleaning looks for
+    up to TRACKRELAY_IMAP_SENT_WINDOW seconds, and must never hold the threads the
+    relay's sessions use (asyncio's default executor)."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.stopping = threading.Event()  # set: cleanings look no more (the relay stops)
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def clean(self, job: Job) -> Outcome | None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="trackrelay-sent")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, clean, self.settings, self.engine, job, self.stopping
+        )
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

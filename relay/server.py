@@ -250,8 +250,9 @@ class RelayServer:
             self.inbox = None
         if self.intake is not None:
             await self.intake.stop(grace)
-        self.handler.sent_stop.set()
+        self.handler.sent.stop()  # cleanings of Sent folders end their looking now
         await self.handler.drain()
+        self.handler.sent.close()
         if self.gateway is not None:
             await self.gateway.drain()
         await self.handler.recorder.stop()
