@@ -9,16 +9,17 @@ message through a mailbox connection whose ``sent`` is ``clean``
 
 1. logs in with the connection's grant (relay/imapsession.py) and selects
    the Sent folder (the ``\\Sent`` special-use folder, else ``Sent``);
-2. looks, every :attr:`Settings.imap_sent_interval` seconds for at most
-   :attr:`Settings.imap_sent_window` (or until as many tracked copies as were
-   delivered are gone), for messages with the message's Message-ID
+2. looks, every :attr:`Settings.imap_sent_interval` seconds for
+   :attr:`Settings.imap_sent_window` (less when every tracked copy delivered
+   is gone and the client's own copy is there), for messages with the message's Message-ID
    (``SEARCH HEADER``, then the exact header compared) and reads them with
    ``BODY.PEEK[]``: a copy is **tracked** when it holds an open or click token
    of the relay (shared/tokens.py, verified with the secret keys) for THIS
    message; those, and nothing else, are flagged ``\\Deleted`` and expunged by
    UID (``UID EXPUNGE``, so nobody else's deleted mail goes with them);
-3. when it removed tracked copies and no copy without tokens is there (the
-   client's own: Thunderbird saves one over IMAP), appends the original as
+3. when it removed tracked copies and, at the window's end, no copy without
+   tokens is there (the client's own: Thunderbird saves one over IMAP after
+   the relay's 250), appends the original as
    the client sent it (all recipients, no pixel, the original links), with
    its own Date as internal date and ``\\Seen``.
 
@@ -157,7 +158,12 @@ def _remove(client: IMAPClient, uids: list[int]) -> None:
 def sweep(
     client: IMAPClient, folder: str, settings: Settings, job: Job, stop: threading.Event
 ) -> Outcome:
-    """Steps 2 and 3 in FOLDER (selected); STOP set: look no more (the relay stops)."""
+    """Steps 2 and 3 in FOLDER (selected); STOP set: look no more (the relay stops).
+
+    The looking goes on until the window ends, unless every tracked copy is gone
+    and the client's own copy is there: a client saves its copy after the
+    relay's 250 (Thunderbird), often after the provider filed its copies, and
+    adding the original before it arrived would leave two."""
     signer = Signer(settings.signing_keys())
     outcome = Outcome()
     deadline = time.monotonic() + settings.imap_sent_window
@@ -167,21 +173,15 @@ def sweep(
         if tracked:
             _remove(client, tracked)
             outcome.removed += len(tracked)
-        if outcome.removed >= job.copies or time.monotonic() >= deadline:
-            break
-        if stop.wait(settings.imap_sent_interval):
-            break
-    if outcome.removed:
-        found = copies(client, signer, job)
         outcome.client_copy = PRISTINE in found.values()
-        if not outcome.client_copy:
-            client.append(
-                folder,
-                job.original,
-                flags=[b"\\Seen"],
-                msg_time=_date(job.original),
-            )
-            outcome.added = True
+        done = outcome.removed >= job.copies and outcome.client_copy
+        if done or time.monotonic() >= deadline or stop.wait(settings.imap_sent_interval):
+            break
+    if outcome.removed and not outcome.client_copy:  # a last look: it may just have come
+        outcome.client_copy = PRISTINE in copies(client, signer, job).values()
+    if outcome.removed and not outcome.client_copy:
+        client.append(folder, job.original, flags=[b"\\Seen"], msg_time=_date(job.original))
+        outcome.added = True
     return outcome
 
 

@@ -98,6 +98,30 @@ def test_the_clients_own_copy_is_kept_and_none_added(
     assert len(dovecot.messages(SENT)) == 1
 
 
+def test_a_client_copy_saved_after_the_reply_is_the_one_kept(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    """Thunderbird saves its copy once it has the relay's 250, after the provider filed."""
+    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+
+        async def thunderbird(reply: str) -> None:
+            assert reply.startswith("2.0.0")
+            await asyncio.to_thread(dovecot.append, SENT, MESSAGE, (b"\\Seen",))
+
+        asyncio.run(ann_sends(settings, db_engine, after=thunderbird))
+    finally:
+        provider.stop()
+    assert len(dovecot.messages(SENT)) == 1
+
+
 def test_nothing_else_is_touched(
     make_settings: MakeSettings,
     upstream: RecordingUpstream,

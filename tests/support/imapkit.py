@@ -4,6 +4,7 @@ and ann sending a tracked message to three recipients through the relay."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,13 @@ def provider_for(
     ).start()
 
 
-async def ann_sends(settings: Settings, engine: Engine, message: bytes = MESSAGE) -> str:
+async def ann_sends(
+    settings: Settings,
+    engine: Engine,
+    message: bytes = MESSAGE,
+    after: Callable[[str], Awaitable[None]] | None = None,
+) -> str:
+    """The DATA reply; AFTER (given it) runs before the relay stops."""
     async with running_relay(settings, engine) as relay, client(relay) as smtp:
         await smtp.ehlo()
         await smtp.auth_plain("ann", PASSWORD)
@@ -95,4 +102,6 @@ async def ann_sends(settings: Settings, engine: Engine, message: bytes = MESSAGE
         for rcpt in RECIPIENTS:
             await smtp.rcpt(rcpt)
         reply = await smtp.data(message)
+        if after is not None:
+            await after(reply.message)
         return reply.message  # stop() waits for the Sent folder's cleaning
