@@ -18,8 +18,9 @@ in the dashboard is watched without a restart). Each thread:
    intake's when the intake listens), and stores the UID once the writer has
    committed or journaled it;
 4. waits with IDLE where the server has it (renewed every
-   :attr:`Settings.imap_idle_timeout` seconds), else polls every
-   :attr:`Settings.imap_poll_interval` seconds; a lost connection or a server
+   :attr:`Settings.imap_idle_timeout` seconds), and looks again every
+   :attr:`Settings.imap_poll_interval` seconds in any case (IDLE does not
+   announce a message that came just before it began); a lost connection or a server
    error reconnects after a back-off doubling from 1 s to
    :attr:`Settings.imap_backoff_max`. A broken connection ends its thread.
 """
@@ -156,7 +157,10 @@ class _Watch:
             return
         client.idle()
         try:
-            client.idle_check(timeout=settings.imap_idle_timeout)
+            # A message that arrived between the last SEARCH and IDLE was announced
+            # (EXISTS) during an earlier command and is not announced again: a look
+            # every poll interval in any case.
+            client.idle_check(timeout=min(settings.imap_idle_timeout, settings.imap_poll_interval))
         finally:
             if not self.stopping.is_set():
                 client.idle_done()

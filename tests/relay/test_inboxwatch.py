@@ -22,51 +22,18 @@ from shared.config import Settings
 from shared.identity import Viewer
 from shared.models import MailboxConnection, Message, User
 from tests.support.dovecot import ANN, Dovecot
-from tests.support.imapkit import MESSAGE, RECIPIENTS, ann_sends, connect_ann, settings_for
+from tests.support.imapkit import (
+    BOUNCE,
+    MESSAGE,
+    RECIPIENTS,
+    REPLY,
+    ann_sends,
+    connect_ann,
+    settings_for,
+)
 from tests.support.oauth_server import OAuthServer
 from tests.support.relaykit import MakeSettings, running_relay
 from tests.support.upstream import RecordingUpstream
-
-REPLY = (
-    b"From: Bob <bob@example.net>\r\n"
-    b"To: Ann <ann@example.com>\r\n"
-    b"Subject: Re: the plan\r\n"
-    b"Message-ID: <reply-1@example.net>\r\n"
-    b"In-Reply-To: <plan-1@example.com>\r\n"
-    b"References: <plan-1@example.com>\r\n"
-    b"\r\n"
-    b"Sounds good.\r\n"
-)
-BOUNCE = (
-    b"From: Mail Delivery System <MAILER-DAEMON@mx.example.com>\r\n"
-    b"To: ann@example.com\r\n"
-    b"Subject: Undelivered Mail Returned to Sender\r\n"
-    b"Message-ID: <bounce-1@mx.example.com>\r\n"
-    b"MIME-Version: 1.0\r\n"
-    b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n'
-    b"\r\n"
-    b"--b\r\n"
-    b"Content-Type: text/plain\r\n"
-    b"\r\n"
-    b"Your message could not be delivered.\r\n"
-    b"--b\r\n"
-    b"Content-Type: message/delivery-status\r\n"
-    b"\r\n"
-    b"Reporting-MTA: dns; mx.example.com\r\n"
-    b"\r\n"
-    b"Original-Recipient: rfc822;carol@example.net\r\n"
-    b"Final-Recipient: rfc822;carol@example.net\r\n"
-    b"Action: failed\r\n"
-    b"Status: 5.1.1\r\n"
-    b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
-    b"\r\n"
-    b"--b\r\n"
-    b"Content-Type: text/rfc822-headers\r\n"
-    b"\r\n"
-    b"Message-ID: <plan-1@example.com>\r\n"
-    b"Subject: the plan\r\n"
-    b"--b--\r\n"
-)
 
 
 def answers(engine: Engine) -> list[tuple[str, str]]:

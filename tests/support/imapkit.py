@@ -1,6 +1,7 @@
 """A connected mailbox for IMAP tests: ann's grant from the in-suite OAuth server,
 with the provider's ``imap`` pointing at the suite's Dovecot (tests/support/dovecot.py),
-and ann sending a tracked message to three recipients through the relay."""
+and ann sending a tracked message to three recipients through the relay; a reply
+and a bounce to it."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def settings_for(
         oauth=imap_provider(oauth_server, dovecot, provider.url),
         imap_sent_window=1.0,
         imap_sent_interval=0.1,
+        imap_poll_interval=0.5,
     )
 
 
@@ -105,3 +107,45 @@ async def ann_sends(
         if after is not None:
             await after(reply.message)
         return reply.message  # stop() waits for the Sent folder's cleaning
+
+
+REPLY = (
+    b"From: Bob <bob@example.net>\r\n"
+    b"To: Ann <ann@example.com>\r\n"
+    b"Subject: Re: the plan\r\n"
+    b"Message-ID: <reply-1@example.net>\r\n"
+    b"In-Reply-To: <plan-1@example.com>\r\n"
+    b"References: <plan-1@example.com>\r\n"
+    b"\r\n"
+    b"Sounds good.\r\n"
+)
+BOUNCE = (
+    b"From: Mail Delivery System <MAILER-DAEMON@mx.example.com>\r\n"
+    b"To: ann@example.com\r\n"
+    b"Subject: Undelivered Mail Returned to Sender\r\n"
+    b"Message-ID: <bounce-1@mx.example.com>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n'
+    b"\r\n"
+    b"--b\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"\r\n"
+    b"Your message could not be delivered.\r\n"
+    b"--b\r\n"
+    b"Content-Type: message/delivery-status\r\n"
+    b"\r\n"
+    b"Reporting-MTA: dns; mx.example.com\r\n"
+    b"\r\n"
+    b"Original-Recipient: rfc822;carol@example.net\r\n"
+    b"Final-Recipient: rfc822;carol@example.net\r\n"
+    b"Action: failed\r\n"
+    b"Status: 5.1.1\r\n"
+    b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
+    b"\r\n"
+    b"--b\r\n"
+    b"Content-Type: text/rfc822-headers\r\n"
+    b"\r\n"
+    b"Message-ID: <plan-1@example.com>\r\n"
+    b"Subject: the plan\r\n"
+    b"--b--\r\n"
+)
