@@ -35,7 +35,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from sqlalchemy import Engine
 
-from relay import mailboxes, upstream
+from relay import mailboxes, sentfolder, upstream
 from relay.auth import Credentials, FailureLimiter, read_login, read_plain
 from relay.deliver import deliver
 from relay.headers import addr_specs, top_fields
@@ -90,6 +90,7 @@ class RelayHandler:
         )
         self._networks = settings.networks
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.sent = sentfolder.Cleaner(settings, engine)  # relay/server.py stop()s it
 
     # --- what we advertise ---
 
@@ -292,7 +293,16 @@ class RelayHandler:
             return delivery.reply.line
         if prepared.record:
             await self.recorder.record(prepared, delivery)
+            if delivery.status != "failed":
+                self._clean_sent(session, submission, prepared)
         return delivery.reply.line
+
+    def _clean_sent(self, session: RelaySession, sub: Submission, prepared: Prepared) -> None:
+        """Sent through a mailbox: its Sent folder keeps the original (relay/sentfolder.py)."""
+        through = getattr(session.upstream, "mailbox", None)
+        job = sentfolder.job(through, sub.data, prepared)
+        if job is not None:
+            self.spawn(self.sent.clean(job))
 
     async def prepare(self, submission: Submission) -> Prepared:
         """The copies to send (the gateway adds its stamp around this)."""

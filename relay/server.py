@@ -19,6 +19,9 @@ share the database engine or async clients with the receiver):
 * ``intake`` (optional, ``TRACKRELAY_INTAKE_PORT``): copies of incoming mail
   for replies and bounces, never delivered (relay/intake.py, its own handler
   and writer); STARTTLS offered; only ``TRACKRELAY_INTAKE_NETWORKS``.
+* no listener, the INBOX of each mailbox connection whose provider has
+  ``imap`` (relay/inboxwatch.py, ``TRACKRELAY_IMAP_WATCH``): replies and
+  bounces read over IMAP, stored through the intake's writer (or its own).
 
 All listeners share one :class:`relay.limits.SessionLimits` (sessions in all
 and per client address, 421 past them); a TLS handshake on ``smtps`` must end
@@ -46,8 +49,10 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from relay.answerstore import AnswerWriter
 from relay.gateway import GatewayHandler
 from relay.handler import RelayHandler
+from relay.inboxwatch import InboxWatcher
 from relay.intake import IntakeListener
 from relay.limits import SessionLimits
 from relay.peers import Peers, ask_for_certificates
@@ -68,8 +73,10 @@ class RelayServer:
         *,
         tracker: Tracker | None = None,
         sockets: dict[str, socket.socket] | None = None,
+        watch_inbox: bool = True,  # False: another worker of this relay watches them
     ) -> None:
         self.settings = settings
+        self.watch_inbox = watch_inbox
         self._sockets = sockets or {}
         self.engine = engine
         self.handler = RelayHandler(settings, engine, tracker)
@@ -86,6 +93,7 @@ class RelayServer:
         self._stopping = False
         self._dev_lines: list[str] = []
         self.intake: IntakeListener | None = None  # relay/intake.py, if its port is set
+        self.inbox: InboxWatcher | None = None  # relay/inboxwatch.py, if a provider has imap
 
     @property
     def metrics(self) -> Counters:
@@ -114,7 +122,22 @@ class RelayServer:
             self.intake = IntakeListener(settings, self.engine, context, sock, self.limits)
             await self.intake.start()
             self.ports["intake"] = self.intake.port
+        if (
+            self.watch_inbox
+            and settings.imap_watch
+            and any(p.imap for p in settings.oauth.values())
+        ):
+            writer = self.intake.writer if self.intake is not None else None  # one writer
+            self.inbox = InboxWatcher(settings, self.engine, writer)
+            await self.inbox.start()
         log.info("relay listening on %s: %s", settings.host, self.ports)
+
+    @property
+    def answer_writer(self) -> AnswerWriter | None:
+        """The one writer of answers: the intake's, else the INBOX watcher's own."""
+        if self.intake is not None:
+            return self.intake.writer
+        return self.inbox.writer if self.inbox is not None else None
 
     async def _listen_gateway(self, cert: Path, key: Path) -> None:
         settings, gateway = self.settings, self.gateway
@@ -222,9 +245,14 @@ class RelayServer:
                     protocol.abort()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), 1)
+        if self.inbox is not None:  # before the intake: it may share its writer
+            await self.inbox.stop()
+            self.inbox = None
         if self.intake is not None:
             await self.intake.stop(grace)
+        self.handler.sent.stop()  # cleanings of Sent folders end their looking now
         await self.handler.drain()
+        self.handler.sent.close()
         if self.gateway is not None:
             await self.gateway.drain()
         await self.handler.recorder.stop()
@@ -269,6 +297,11 @@ class RelayServer:
             lines.append(
                 f"  intake for copies of incoming mail (replies, bounces) on port "
                 f"{self.ports['intake']} for {settings.intake_networks or 'no network'}"
+            )
+        if self.inbox is not None:
+            lines.append(
+                f"  replies and bounces read over IMAP from {len(self.inbox.watches)} connected "
+                "mailbox(es) (more as they are connected)"
             )
         target = settings.upstream_target
         if target.is_sink and target.path is not None:

@@ -204,6 +204,14 @@ class Settings(BaseSettings):
     oauth: dict[str, Any] = {}  # NAME -> OAuthProvider, presets applied
     mailbox_refresh_margin: float = Field(300.0, ge=0)  # refresh access tokens this early (s)
     mailbox_lease: float = Field(30.0, gt=0)  # seconds one process may hold a grant's refresh
+    # --- mailboxes over IMAP (issue 16; relay/imapsession.py, sentfolder.py, inboxwatch.py)
+    imap_watch: bool = True  # serve/relay watch each ok connection's INBOX for answers
+    imap_timeout: float = Field(30.0, gt=0)  # seconds for connecting and each IMAP command
+    imap_poll_interval: float = Field(60.0, gt=0)  # seconds between looks without IDLE
+    imap_idle_timeout: float = Field(600.0, gt=0)  # seconds one IDLE waits before renewing
+    imap_backoff_max: float = Field(300.0, gt=0)  # longest wait before reconnecting (s)
+    imap_sent_window: float = Field(30.0, ge=0)  # seconds to look for the provider's copies
+    imap_sent_interval: float = Field(2.0, gt=0)  # seconds between looks into Sent
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

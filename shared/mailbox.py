@@ -490,3 +490,52 @@ def _when(epoch: float) -> datetime | None:
 def _timeout(settings: Settings) -> float:
     """A refresh must end well inside the lease, or a second process would start one."""
     return max(1.0, min(oauth.DEFAULT_TIMEOUT, settings.mailbox_lease / 2))
+
+
+# --- the IMAP side (relay/imapsession.py, relay/sentfolder.py, relay/inboxwatch.py) ---
+
+
+@dataclass(frozen=True)
+class Imap:
+    """A connection whose provider has an IMAP server, and where its INBOX was left."""
+
+    id: int
+    address: str
+    provider: OAuthProvider
+    sent: str  # clean | leave
+    uidvalidity: int
+    last_uid: int
+    created_at: datetime
+
+
+def imap_connections(engine: Engine, settings: Settings) -> list[Imap]:
+    """Every ``ok`` connection whose provider is configured with ``imap``, by id."""
+    with session_scope(engine) as session:
+        rows = session.exec(
+            select(MailboxConnection)
+            .where(MailboxConnection.state == "ok")
+            .order_by(col(MailboxConnection.id))
+        ).all()
+        return [found for row in rows if (found := _imap(settings, row)) is not None]
+
+
+def imap_connection(engine: Engine, settings: Settings, connection_id: int) -> Imap | None:
+    """The connection, if it is ``ok`` and its provider has ``imap``."""
+    with session_scope(engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        return _imap(settings, row) if row is not None and row.state == "ok" else None
+
+
+def inbox_seen(engine: Engine, connection_id: int, uidvalidity: int, last_uid: int) -> None:
+    """The INBOX watcher read everything up to LAST_UID (of that UIDVALIDITY)."""
+    _update(engine, connection_id, inbox_uidvalidity=uidvalidity, inbox_last_uid=last_uid)
+
+
+def _imap(settings: Settings, row: MailboxConnection) -> Imap | None:
+    found = settings.oauth.get(row.provider)
+    if row.id is None or not isinstance(found, OAuthProvider) or not found.imap:
+        return None
+    return Imap(
+        row.id, row.address, found, row.sent,
+        row.inbox_uidvalidity, row.inbox_last_uid, row.created_at,
+    )  # fmt: skip

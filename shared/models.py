@@ -420,4 +420,11 @@ class MailboxConnection(SQLModel, table=True):
     last_error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     lease_until: datetime | None = None
     lease_owner: str = Field(default="", max_length=64)
+    # where the INBOX watcher (relay/inboxwatch.py) left off; migration 0010
+    inbox_uidvalidity: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
+    )
+    inbox_last_uid: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
+    )
     created_at: datetime = Field(default_factory=utcnow)

@@ -29,6 +29,7 @@ TEST_SECRET = "test-secret-key-0123456789abcdef"
 # (upstream, tls_pair), db_engine and processes (relay), outage (database down).
 pytest_plugins = [
     "tests.support.oauth_server",  # oauth_server: the mailbox provider (first: upstream uses it)
+    "tests.support.dovecot",  # dovecot: a real IMAP mailbox (before upstream: it files there)
     "tests.support.upstream",
     "tests.support.relaykit",
     "tests.support.receiverkit",

@@ -40,6 +40,7 @@ class Parts:
     receiver: bool
     # a relay worker's listeners, bound once by its parent (serve_relay_workers)
     relay_sockets: dict[str, socket.socket] | None = None
+    inbox: bool = True  # watch the mailboxes' INBOXes (relay/inboxwatch.py): one worker does
 
 
 BOTH = Parts(relay=True, receiver=True)
@@ -108,7 +109,9 @@ async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa:
     if parts.relay:
         from relay.server import RelayServer
 
-        relay_server = RelayServer(settings, engine, sockets=parts.relay_sockets)
+        relay_server = RelayServer(
+            settings, engine, sockets=parts.relay_sockets, watch_inbox=parts.inbox
+        )
     app = http_server = None
     if parts.receiver:
         from trackrelay import web  # uvicorn and Starlette: only a process that serves HTTP
@@ -122,9 +125,10 @@ async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa:
     try:
         if relay_server is not None:
             await relay_server.start()
-            if relay_server.intake is not None:  # replies and hard bounces reach dashboards
+            answers = relay_server.answer_writer  # the intake's and the INBOX watcher's
+            if answers is not None:  # replies and hard bounces reach dashboards
                 feed = app.state.live_feed if app is not None else None
-                _publish_answers(relay_server.intake.writer.store, feed, engine)
+                _publish_answers(answers.store, feed, engine)
         if http_server is not None and http_socket is not None:
             tasks.append(asyncio.create_task(http_server.serve(sockets=[http_socket])))
             await web.started(http_server, tasks[-1])
@@ -221,12 +225,13 @@ def serve_relay_workers(settings: Settings, engine: Engine) -> int:
     sockets = bind_listeners(settings)
     engine.dispose()  # each worker opens its own connections
     children: list[int] = []
-    for _ in range(settings.relay_workers):
+    for number in range(settings.relay_workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' traffic
             code = 1
             try:
-                code = serve(settings, engine, replace(RELAY, relay_sockets=sockets))
+                parts = replace(RELAY, relay_sockets=sockets, inbox=number == 0)
+                code = serve(settings, engine, parts)
             finally:
                 os._exit(code)
         children.append(pid)

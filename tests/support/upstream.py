@@ -16,6 +16,12 @@ access token the OAuth server's introspection endpoint says is active, for
 the account named in the SASL message, logs in (a refused token gets the
 334 JSON error challenge, then ``535 5.7.3``).
 
+With ``files_into`` set to the suite's Dovecot (tests/support/dovecot.py) it
+files what it accepted into the sender's Sent folder (IMAP APPEND, seen),
+the way the provider does: ``files_sent = "every"`` each copy (Microsoft 365,
+so per-recipient copies put N tracked copies in Sent Items), ``"first"`` the
+first copy of each Message-ID only (Gmail).
+
 Fixtures (registered through ``pytest_plugins`` in conftest.py):
 
 * ``tls_pair``: (cert, key) paths of a self-signed certificate, per session.
@@ -30,6 +36,7 @@ import base64
 import binascii
 import gc
 import json
+import re
 import ssl
 import threading
 import time
@@ -43,6 +50,7 @@ import pytest
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.tlscert import write_self_signed
+from tests.support.dovecot import SENT, Dovecot
 from tests.support.oauth_server import CLIENT_ID, CLIENT_SECRET, OAuthServer
 
 USER = "alice@example.com"
@@ -77,6 +85,8 @@ class RecordingUpstream:
     host: str = "127.0.0.1"
     port: int = 0
     require_auth: bool = True  # False: a return path that knows its peers (a gateway's)
+    files_into: Dovecot | None = None  # set: accepted mail is filed in the sender's Sent
+    files_sent: str = "every"  # "every" copy (Microsoft 365), "first" per Message-ID (Gmail)
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -85,6 +95,19 @@ class RecordingUpstream:
         self._protocols: list[SMTP] = []
         self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._context.load_cert_chain(self.cert, self.key)
+        self._filed: set[str] = set()  # Message-IDs filed ("first")
+
+    def file_sent(self, user: str, data: bytes) -> None:
+        """Into USER's Sent folder, as the provider would (blocking: IMAP)."""
+        if self.files_into is None:
+            return
+        found = re.search(rb"(?im)^message-id:[ \t]*(<[^>\r\n]*>)", data.split(b"\r\n\r\n")[0])
+        message_id = found.group(1).decode() if found else ""
+        if self.files_sent == "first":
+            if message_id and message_id in self._filed:
+                return
+            self._filed.add(message_id)
+        self.files_into.append(SENT, data, flags=(b"\\Seen",), user=user)
 
     def ask_for_certificates(self, ca: Path) -> None:
         """Ask TLS clients for a certificate that ``ca`` signed (as an Exchange Online
@@ -258,6 +281,8 @@ class _Handler:
             return self.upstream.data_reply
         assert envelope.mail_from is not None
         assert envelope.original_content is not None
+        user = str(session.auth_data or envelope.mail_from)
+        await asyncio.to_thread(self.upstream.file_sent, user, envelope.original_content)
         self.upstream.messages.append(
             Received(
                 envelope.mail_from,

@@ -1,0 +1,133 @@
+"""Speaking IMAP with a mailbox connection's grant: the one owner.
+
+The Sent folder's cleaner (relay/sentfolder.py) and the INBOX watcher
+(relay/inboxwatch.py) get their session here: the provider's ``imap`` URL
+(shared/oauthproviders.py; ``imaps://`` with a verified certificate, or
+plaintext ``imap://`` to a loopback address only), and ``AUTHENTICATE
+XOAUTH2`` with the connection's live access token from shared/mailbox.py. A
+token the server refuses is marked refused (shared/mailbox.py
+``token_refused``), refreshed and tried once more; a fresh token refused too
+means the grant lacks the IMAP scope (``IMAP.AccessAsUser.All`` at Microsoft,
+``https://mail.google.com/`` at Google): :class:`ImapRefused`, the
+connection itself stays ``ok`` (it may still send).
+
+The client is IMAPClient (blocking): callers run it in a thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from imapclient import IMAPClient
+from imapclient.exceptions import LoginError
+from sqlalchemy import Engine
+
+from shared import mailbox
+from shared.config import Settings
+from shared.oauthproviders import OAuthProvider
+
+#: What can go wrong on the wire (refused connection, timeout, TLS, a server's BAD/NO).
+WIRE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ssl.SSLError,
+    IMAPClient.Error,
+    IMAPClient.AbortError,
+)
+
+
+class ImapUnavailable(Exception):
+    """The IMAP server could not be reached or failed: try again later."""
+
+
+class ImapRefused(Exception):
+    """The IMAP server refused a fresh access token (the grant lacks the IMAP scope)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'imaps' if self.tls else 'imap'}://{self.host}:{self.port}"
+
+
+def target(provider: OAuthProvider) -> Target | None:
+    """Where the provider's IMAP server is; None when its table names none."""
+    if not provider.imap:
+        return None
+    parts = urlsplit(provider.imap)
+    tls = parts.scheme == "imaps"
+    return Target(parts.hostname or "", parts.port or (993 if tls else 143), tls)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _context(settings: Settings, where: Target) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if _loopback(where.host) and not settings.upstream_verify_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _connect(settings: Settings, where: Target) -> IMAPClient:
+    try:
+        return IMAPClient(
+            where.host,
+            port=where.port,
+            ssl=where.tls,
+            ssl_context=_context(settings, where) if where.tls else None,
+            timeout=settings.imap_timeout,
+        )
+    except WIRE_ERRORS as exc:
+        raise ImapUnavailable(f"cannot connect to {where}: {exc}") from None
+
+
+def close(client: IMAPClient) -> None:
+    """Log out, or at least close the socket (never raises)."""
+    try:
+        client.logout()
+    except Exception:
+        try:
+            client.shutdown()
+        except Exception:
+            return
+
+
+def open_session(
+    settings: Settings, engine: Engine, connection_id: int, provider: OAuthProvider
+) -> IMAPClient:
+    """A session logged in with the connection's grant.
+
+    MailboxBroken / MailboxUnavailable from shared/mailbox.py (the grant);
+    ImapUnavailable (the server); ImapRefused (a fresh token refused too).
+    """
+    where = target(provider)
+    if where is None:
+        raise ImapUnavailable("the provider's table names no imap server")
+    for attempt in (1, 2):
+        access = mailbox.access_token(engine, settings, connection_id)
+        client = _connect(settings, where)
+        try:
+            client.oauth2_login(access.address, access.token)
+        except LoginError:
+            close(client)
+            if attempt == 2:
+                break
+            mailbox.token_refused(engine, connection_id)  # refreshed at the next access_token
+            continue
+        except WIRE_ERRORS as exc:
+            close(client)
+            raise ImapUnavailable(f"{where} failed at login: {exc}") from None
+        return client
+    raise ImapRefused(f"{where} refused a fresh access token: does the grant have the IMAP scope?")

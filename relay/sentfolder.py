@@ -1,0 +1,250 @@
+"""A clean Sent folder: one pristine copy of a tracked message, never the tracked ones.
+
+Providers keep a copy of what is submitted over SMTP: Microsoft 365 each one
+(per-recipient tracked copies put N copies in Sent Items), Gmail the first of
+each Message-ID (recipient 1's pixel, which the sender's own look in Gmail's
+web interface would load: a false open). After the relay delivered a tracked
+message through a mailbox connection whose ``sent`` is ``clean``
+(relay/handler.py spawns :func:`clean` once the record is stored), this:
+
+1. logs in with the connection's grant (relay/imapsession.py) and selects
+   the Sent folder (the ``\\Sent`` special-use folder, else ``Sent``);
+2. looks, every :attr:`Settings.imap_sent_interval` seconds for
+   :attr:`Settings.imap_sent_window` (less when every tracked copy delivered
+   is gone and the client's own copy is there), for messages with the message's Message-ID
+   (``SEARCH HEADER``, then the exact header compared) and reads them with
+   ``BODY.PEEK[]``: a copy is **tracked** when it holds an open or click token
+   of the relay (shared/tokens.py, verified with the secret keys) for THIS
+   message; those, and nothing else, are flagged ``\\Deleted`` and expunged by
+   UID (``UID EXPUNGE``, so nobody else's deleted mail goes with them);
+3. when it removed tracked copies and, at the window's end, no copy without
+   tokens is there (the client's own: Thunderbird saves one over IMAP after
+   the relay's 250), appends the original as
+   the client sent it (all recipients, no pixel, the original links), with
+   its own Date as internal date and ``\\Seen``.
+
+Blocking (IMAPClient): run in a thread. Failures are logged, never raised to
+the client, who had its 250 before this began.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import logging
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import Message
+from email.utils import parsedate_to_datetime
+
+from imapclient import IMAPClient
+from imapclient.imapclient import SENT
+from sqlalchemy import Engine
+
+from relay import imapsession
+from relay.prepared import Prepared
+from shared import mailbox
+from shared.config import Settings
+from shared.tokens import InvalidToken, Signer
+
+log = logging.getLogger(__name__)
+
+FALLBACK_SENT = "Sent"
+THREADS = 4  # cleanings at once; more wait their turn
+_TOKEN = re.compile(r"/([oc])/([A-Za-z0-9_-]{20,})")
+TRACKED, PRISTINE, FOREIGN = "tracked", "pristine", "foreign"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One tracked message delivered through a connection."""
+
+    connection_id: int
+    message_id: int  # the record's id: what its tokens carry
+    message_id_header: str  # "<...>"
+    original: bytes  # as the client sent it
+    copies: int  # tracked copies delivered (the most a provider can have saved)
+
+
+def job(connection_id: object, original: bytes, prepared: Prepared) -> Job | None:
+    """The job for a message just relayed, if it went through a connection and was tracked."""
+    record = prepared.message
+    if not isinstance(connection_id, int) or not (record.track_opens or record.track_clicks):
+        return None
+    tracked = sum(1 for c in prepared.copies if prepared.tracked_recipients & set(c.recipients))
+    if not tracked or not record.message_id_header:
+        return None
+    if not _header_id(original):  # the relay added the Message-ID (relay/pipeline.py)
+        original = b"Message-ID: " + record.message_id_header.encode() + b"\r\n" + original
+    return Job(connection_id, record.id, record.message_id_header, original, tracked)
+
+
+@dataclass
+class Outcome:
+    removed: int = 0
+    added: bool = False
+    client_copy: bool = False
+
+
+def kind(signer: Signer, message_id: int, data: bytes) -> str:
+    """tracked: holds a token of ours for this message; foreign: tokens for another
+    message only; pristine: no token of ours at all."""
+    seen_other = False
+    for text in _texts(email.message_from_bytes(data, policy=email.policy.compat32)):
+        for letter, token in _TOKEN.findall(text):
+            try:
+                found = (signer.verify_open if letter == "o" else signer.verify_click)(token)
+            except InvalidToken:
+                continue
+            if found.message_id == message_id:
+                return TRACKED
+            seen_other = True
+    return FOREIGN if seen_other else PRISTINE
+
+
+def _texts(msg: Message) -> list[str]:
+    out = []
+    for part in msg.walk():
+        if part.get_content_maintype() != "text":
+            continue
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes):
+            out.append(payload.decode(part.get_content_charset() or "utf-8", "replace"))
+    return out
+
+
+def _header_id(data: bytes) -> str:
+    msg = email.message_from_bytes(data.split(b"\r\n\r\n", 1)[0], policy=email.policy.compat32)
+    return " ".join(str(msg.get("Message-ID", "")).split())
+
+
+def _date(data: bytes) -> datetime | None:
+    msg = email.message_from_bytes(data.split(b"\r\n\r\n", 1)[0], policy=email.policy.compat32)
+    try:
+        return parsedate_to_datetime(str(msg.get("Date", "")))
+    except (TypeError, ValueError):
+        return None
+
+
+def sent_folder(client: IMAPClient) -> str:
+    found = client.find_special_folder(SENT)
+    return str(found) if found else FALLBACK_SENT
+
+
+def copies(client: IMAPClient, signer: Signer, job: Job) -> dict[int, str]:
+    """UID -> kind of every message in the selected folder with the job's Message-ID."""
+    uids = client.search(["HEADER", "Message-ID", job.message_id_header])
+    if not uids:
+        return {}
+    fetched = client.fetch(uids, ["BODY.PEEK[]"])
+    out = {}
+    for uid, data in fetched.items():
+        body = data.get(b"BODY[]", b"")
+        if _header_id(body) == job.message_id_header:
+            out[uid] = kind(signer, job.message_id, body)
+    return out
+
+
+def _remove(client: IMAPClient, uids: list[int]) -> None:
+    client.add_flags(uids, [b"\\Deleted"], silent=True)
+    client.uid_expunge(uids)
+
+
+def sweep(
+    client: IMAPClient, folder: str, settings: Settings, job: Job, stop: threading.Event
+) -> Outcome:
+    """Steps 2 and 3 in FOLDER (selected); STOP set: look no more (the relay stops).
+
+    The looking goes on until the window ends, unless every tracked copy is gone
+    and the client's own copy is there: a client saves its copy after the
+    relay's 250 (Thunderbird), often after the provider filed its copies, and
+    adding the original before it arrived would leave two."""
+    signer = Signer(settings.signing_keys())
+    outcome = Outcome()
+    deadline = time.monotonic() + settings.imap_sent_window
+    while True:
+        found = copies(client, signer, job)
+        tracked = sorted(uid for uid, k in found.items() if k == TRACKED)
+        if tracked:
+            _remove(client, tracked)
+            outcome.removed += len(tracked)
+        outcome.client_copy = PRISTINE in found.values()
+        done = outcome.removed >= job.copies and outcome.client_copy
+        if done or time.monotonic() >= deadline or stop.wait(settings.imap_sent_interval):
+            break
+    if outcome.removed and not outcome.client_copy:  # a last look: it may just have come
+        outcome.client_copy = PRISTINE in copies(client, signer, job).values()
+    if outcome.removed and not outcome.client_copy:
+        client.append(folder, job.original, flags=[b"\\Seen"], msg_time=_date(job.original))
+        outcome.added = True
+    return outcome
+
+
+def clean(
+    settings: Settings, engine: Engine, job: Job, stop: threading.Event | None = None
+) -> Outcome | None:
+    """The whole of it for one message; None when it could not be done (logged)."""
+    connection = mailbox.imap_connection(engine, settings, job.connection_id)
+    if connection is None or connection.sent != "clean" or not job.message_id_header:
+        return None
+    try:
+        client = imapsession.open_session(settings, engine, connection.id, connection.provider)
+    except (
+        mailbox.MailboxBroken,
+        mailbox.MailboxUnavailable,
+        imapsession.ImapUnavailable,
+        imapsession.ImapRefused,
+    ) as exc:
+        log.warning("Sent folder of %s not cleaned: %s", connection.address, exc)
+        return None
+    try:
+        folder = sent_folder(client)
+        client.select_folder(folder)
+        outcome = sweep(client, folder, settings, job, stop or threading.Event())
+    except imapsession.WIRE_ERRORS as exc:
+        log.warning("Sent folder of %s not cleaned: %s", connection.address, exc)
+        return None
+    finally:
+        imapsession.close(client)
+    log.info(
+        "Sent folder of %s: message %d, %d tracked copies removed, %s",
+        connection.address,
+        job.message_id,
+        outcome.removed,
+        "the original added" if outcome.added else "the client's copy kept"
+        if outcome.client_copy else "nothing added",
+    )  # fmt: skip
+    return outcome
+
+
+class Cleaner:
+    """The relay's Sent folder cleanings, on their own few threads: a cleaning looks for
+    up to TRACKRELAY_IMAP_SENT_WINDOW seconds, and must never hold the threads the
+    relay's sessions use (asyncio's default executor)."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.stopping = threading.Event()  # set: cleanings look no more (the relay stops)
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def clean(self, job: Job) -> Outcome | None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="trackrelay-sent")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, clean, self.settings, self.engine, job, self.stopping
+        )
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

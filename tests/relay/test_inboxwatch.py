@@ -1,0 +1,172 @@
+"""Replies and bounces from a connected mailbox's INBOX, over IMAP, in a real Dovecot.
+
+The relay sends a tracked message to three recipients through the provider
+(the recording upstream, OAuth only); a reply from one and a bounce for
+another are then placed in ann's INBOX in Dovecot. The relay's INBOX watcher
+(relay/inboxwatch.py, logged in with XOAUTH2 and ann's grant) finds them,
+the classifier names them, and they are stored as events on the message; the
+messages in the INBOX stay unseen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from receiver.readmodel.events import events_after
+from shared.config import Settings
+from shared.identity import Viewer
+from shared.models import MailboxConnection, Message, User
+from tests.support.dovecot import ANN, Dovecot
+from tests.support.imapkit import (
+    BOUNCE,
+    MESSAGE,
+    RECIPIENTS,
+    REPLY,
+    ann_sends,
+    connect_ann,
+    settings_for,
+)
+from tests.support.oauth_server import OAuthServer
+from tests.support.relaykit import MakeSettings, running_relay
+from tests.support.upstream import RecordingUpstream
+
+
+def answers(engine: Engine) -> list[tuple[str, str]]:
+    """(kind, recipient address) of the answers ann sees on her message (the read model
+    the dashboard and /api/v1/events present)."""
+    with Session(engine) as session:
+        ann = session.exec(select(User).where(User.username == "ann")).one()
+        message = session.exec(select(Message)).one()
+    assert ann.id is not None
+    viewer = Viewer(ann.id, "ann", ann.role, (ANN,))
+    rows = events_after(engine, viewer, 0, 100)
+    return sorted(
+        (r.event.kind, r.address)
+        for r in rows
+        if r.event.kind in ("reply", "bounce") and r.event.message_id == message.id
+    )
+
+
+async def wait_for(engine: Engine, count: int, timeout: float = 20.0) -> list[tuple[str, str]]:
+    deadline = time.monotonic() + timeout
+    found = await asyncio.to_thread(answers, engine)
+    while len(found) < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        found = await asyncio.to_thread(answers, engine)
+    return found
+
+
+async def watched(engine: Engine, timeout: float = 20.0) -> None:
+    """The watcher has looked at the INBOX (it stored its UIDVALIDITY)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with Session(engine) as session:
+            row = session.exec(select(MailboxConnection)).one()
+        if row.inbox_uidvalidity:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the INBOX watcher never looked")
+
+
+def test_a_reply_and_a_bounce_become_events_and_stay_unseen(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    engine: Engine,
+) -> None:
+    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    try:
+        settings: Settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, engine, MESSAGE)).startswith("2.0.0")
+
+        async def scenario() -> list[tuple[str, str]]:
+            async with running_relay(settings, engine):
+                await watched(engine)
+                await asyncio.to_thread(dovecot.append, "INBOX", REPLY)
+                await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
+                return await wait_for(engine, 2)
+
+        found = asyncio.run(scenario())
+    finally:
+        provider.stop()
+    assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]
+    inbox = dovecot.messages("INBOX")
+    assert [data for data, _ in inbox] == [REPLY, BOUNCE]
+    assert all(b"\\Seen" not in flags for _, flags in inbox)  # nothing marked read
+    with Session(engine) as session:
+        row = session.exec(select(MailboxConnection)).one()
+    assert row.inbox_last_uid == 2  # where it left off
+
+
+def test_the_watcher_reconnects_and_goes_on_from_the_stored_uid(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+
+        async def scenario() -> list[tuple[str, str]]:
+            async with running_relay(settings, db_engine):
+                await watched(db_engine)
+                await asyncio.to_thread(dovecot.append, "INBOX", REPLY)
+                assert await wait_for(db_engine, 1) == [("reply", RECIPIENTS[0])]
+                await asyncio.to_thread(dovecot.stop)  # the server goes away under IDLE
+                await asyncio.to_thread(dovecot.start)
+                await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
+                return await wait_for(db_engine, 2)
+
+        found = asyncio.run(scenario())
+    finally:
+        provider.stop()
+    assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]  # the reply once
+    with Session(db_engine) as session:
+        assert session.exec(select(MailboxConnection)).one().inbox_last_uid == 2
+
+
+def test_a_server_without_idle_is_polled(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    dovecot.stop()
+    dovecot.capabilities = "IMAP4rev1 SASL-IR LITERAL+ ID ENABLE UIDPLUS SPECIAL-USE"
+    dovecot.start()
+    with dovecot.client() as imap:
+        assert b"IDLE" not in imap.capabilities()
+    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        settings = settings.model_copy(update={"imap_poll_interval": 0.2})
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+
+        async def scenario() -> list[tuple[str, str]]:
+            async with running_relay(settings, db_engine) as relay:
+                await watched(db_engine)
+                assert any("over IMAP from 1 connected" in line for line in relay.describe())
+                await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
+                return await wait_for(db_engine, 1)
+
+        found = asyncio.run(scenario())
+    finally:
+        provider.stop()
+    assert found == [("bounce", RECIPIENTS[1])]
+    assert all(b"\\Seen" not in flags for _, flags in dovecot.messages("INBOX"))

@@ -1,0 +1,197 @@
+"""A clean Sent folder after a tracked message left through a mailbox connection.
+
+Real servers on loopback: the provider's submission server (the recording
+upstream, OAuth only, tests/support/upstream.py) files what it accepts into
+the sender's Sent folder in a real Dovecot (tests/support/dovecot.py) the way
+Microsoft 365 does (every copy) or Gmail does (the first per Message-ID); the
+relay logs in to Dovecot with XOAUTH2 and the connection's grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from relay import sentfolder
+from shared.config import Settings
+from shared.tokens import Signer
+from tests.support.dovecot import SENT, Dovecot
+from tests.support.imapkit import MESSAGE, ann_sends, connect_ann, provider_for, settings_for
+from tests.support.oauth_server import OAuthServer
+from tests.support.relaykit import MakeSettings
+from tests.support.upstream import RecordingUpstream
+
+
+def tracked(settings: Settings, data: bytes) -> bool:
+    signer = Signer(settings.signing_keys())
+    return any(
+        sentfolder.kind(signer, mid, data) == sentfolder.TRACKED for mid in _ids(signer, data)
+    )
+
+
+def _ids(signer: Signer, data: bytes) -> set[int]:
+    found = set()
+    for letter, token in sentfolder._TOKEN.findall(data.decode("utf-8", "replace")):
+        if letter == "o":
+            found.add(signer.verify_open(token).message_id)
+    return found
+
+
+def assert_one_pristine_copy(settings: Settings, dovecot: Dovecot) -> None:
+    sent = dovecot.messages(SENT)
+    assert len(sent) == 1
+    data, flags = sent[0]
+    assert data == MESSAGE  # as the client sent it: all recipients, original link, no pixel
+    assert b"\\Seen" in flags
+    assert not tracked(settings, data)
+    with dovecot.client() as imap:
+        imap.select_folder(SENT, readonly=True)
+        (uid,) = imap.search("ALL")
+        internal = imap.fetch([uid], ["INTERNALDATE"])[uid][b"INTERNALDATE"]
+    date = parsedate_to_datetime("Tue, 01 Dec 2026 09:30:00 +0000")
+    assert internal == date.astimezone().replace(tzinfo=None)  # its own Date (local, naive)
+
+
+@pytest.mark.parametrize("files", ["every", "first"], ids=["microsoft365", "gmail"])
+def test_one_pristine_copy_is_left(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    engine: Engine,
+    files: str,
+) -> None:
+    provider = provider_for(tls_pair, oauth_server, dovecot, files)
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    assert len(provider.messages) == 3  # one tracked copy per recipient
+    assert all(tracked(settings, m.data) for m in provider.messages)
+    assert_one_pristine_copy(settings, dovecot)
+
+
+def test_the_clients_own_copy_is_kept_and_none_added(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    # Thunderbird saves its own copy over IMAP (before the relay looks, here)
+    dovecot.append(SENT, MESSAGE, flags=(b"\\Seen",))
+    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    assert len(dovecot.messages(SENT)) == 1
+
+
+def test_a_client_copy_saved_after_the_reply_is_the_one_kept(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    """Thunderbird saves its copy once it has the relay's 250, after the provider filed."""
+    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+
+        async def thunderbird(reply: str) -> None:
+            assert reply.startswith("2.0.0")
+            await asyncio.to_thread(dovecot.append, SENT, MESSAGE, (b"\\Seen",))
+
+        asyncio.run(ann_sends(settings, db_engine, after=thunderbird))
+    finally:
+        provider.stop()
+    assert len(dovecot.messages(SENT)) == 1
+
+
+def test_nothing_else_is_touched(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    """Other mail in Sent, even with the same Message-ID or flagged deleted, stays."""
+    other = MESSAGE.replace(b"<plan-1@example.com>", b"<other@example.com>")
+    forged = b'<img src="https://t.example.com/o/AAAAAAAAAAAAAAAAAAAAAAAAAAAA.gif">'
+    lookalike = MESSAGE.replace(b"the plan</a>", b"the plan</a> " + forged)
+    dovecot.append(SENT, other, flags=(b"\\Seen", b"\\Deleted"))
+    dovecot.append(SENT, lookalike, flags=(b"\\Seen",))
+    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    left = [data for data, _ in dovecot.messages(SENT)]
+    # the lookalike has no token of ours: it counts as the client's copy, none added
+    assert left == [other, lookalike]
+
+
+def test_sent_leave_keeps_what_the_provider_filed(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        connect_ann(db_engine, settings, oauth_server, sent="leave")
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    assert len(dovecot.messages(SENT)) == 3
+
+
+def test_only_a_verified_token_for_this_message_makes_a_copy_tracked(
+    make_settings: MakeSettings,
+) -> None:
+    settings = make_settings()
+    signer = Signer(settings.signing_keys())
+    ours = f"https://t.example.com/o/{signer.open_token(42, 1)}.gif".encode()
+    click = f"https://t.example.com/c/{signer.click_token(42, 2, 1, 'https://x.org/')}".encode()
+    other = f"https://t.example.com/o/{signer.open_token(43, 1)}.gif".encode()
+    forged = b"https://t.example.com/o/" + b"A" * 40 + b".gif"
+    body = MESSAGE.replace(b"the plan</a>", b"the plan</a> <img src='%s'>")
+    assert sentfolder.kind(signer, 42, body % ours) == sentfolder.TRACKED
+    assert sentfolder.kind(signer, 42, body % click) == sentfolder.TRACKED
+    assert sentfolder.kind(signer, 42, body % other) == sentfolder.FOREIGN
+    assert sentfolder.kind(signer, 42, body % forged) == sentfolder.PRISTINE
+    assert sentfolder.kind(signer, 42, MESSAGE) == sentfolder.PRISTINE
+    other_key = Signer([b"another secret key of 32 bytes!!"])
+    assert sentfolder.kind(other_key, 42, body % ours) == sentfolder.PRISTINE
+
+
+def test_a_token_in_quoted_printable_is_found(make_settings: MakeSettings) -> None:
+    signer = Signer(make_settings().signing_keys())
+    url = f"https://t.example.com/o/{signer.open_token(42, 1)}.gif".encode()
+    html = b"<p>Hi</p><img src=3D'" + url[:30] + b"=\r\n" + url[30:] + b"'>\r\n"
+    data = (
+        b"Message-ID: <plan-1@example.com>\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/html; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + html
+    )
+    assert sentfolder.kind(signer, 42, data) == sentfolder.TRACKED

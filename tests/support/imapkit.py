@@ -1,0 +1,151 @@
+"""A connected mailbox for IMAP tests: ann's grant from the in-suite OAuth server,
+with the provider's ``imap`` pointing at the suite's Dovecot (tests/support/dovecot.py),
+and ann sending a tracked message to three recipients through the relay; a reply
+and a bounce to it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from shared import mailbox, oauth
+from shared.config import Settings
+from shared.users import add_user
+from tests.support.dovecot import ANN, Dovecot
+from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay
+from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
+from tests.support.upstream import USER, RecordingUpstream
+
+PASSWORD = "password123"  # ann's relay password
+
+
+def imap_provider(
+    oauth_server: OAuthServer, dovecot: Dovecot, smtp: str = "smtp://127.0.0.1:9"
+) -> dict[str, Any]:
+    """The ``oauth`` setting: provider ``test`` with its imap at the suite's Dovecot."""
+    providers = provider_settings(oauth_server, smtp)
+    providers["test"]["imap"] = dovecot.url
+    return providers
+
+
+def connect_ann(
+    engine: Engine, settings: Settings, oauth_server: OAuthServer, sent: str = "clean"
+) -> int:
+    """Relay user ann, sending as ann@example.com through provider ``test``; the row's id."""
+    add_user(engine, "ann", PASSWORD, addresses=[ANN])
+    found = mailbox.provider(settings, "test")
+    device = oauth.start_device(found)
+    oauth_server.approve(device.user_code, ANN)
+    token = oauth.poll_device(found, device, sleep=lambda _: None)
+    row = mailbox.store(engine, settings, "ann", ANN, "test", token, sent=sent)
+    assert row.id is not None
+    return row.id
+
+
+RECIPIENTS = ("bob@example.net", "carol@example.net", "dave@example.net")
+MESSAGE = (
+    b"From: Ann <ann@example.com>\r\n"
+    b"To: bob@example.net, carol@example.net, dave@example.net\r\n"
+    b"Subject: the plan\r\n"
+    b"Date: Tue, 01 Dec 2026 09:30:00 +0000\r\n"
+    b"Message-ID: <plan-1@example.com>\r\n"
+    b"X-Track: opens, clicks\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n"
+    b"\r\n"
+    b'<html><body><p>Read <a href="https://example.org/plan">the plan</a>.</p></body></html>\r\n'
+)
+
+
+def settings_for(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+) -> Settings:
+    return relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=UPSTREAM_PASSWORD,
+        public_url="https://t.example.com",
+        oauth=imap_provider(oauth_server, dovecot, provider.url),
+        imap_sent_window=1.0,
+        imap_sent_interval=0.1,
+        imap_poll_interval=0.5,
+    )
+
+
+def provider_for(
+    tls_pair: tuple[Path, Path], oauth_server: OAuthServer, dovecot: Dovecot, files: str
+) -> RecordingUpstream:
+    return RecordingUpstream(
+        *tls_pair, oauth=oauth_server, files_into=dovecot, files_sent=files
+    ).start()
+
+
+async def ann_sends(
+    settings: Settings,
+    engine: Engine,
+    message: bytes = MESSAGE,
+    after: Callable[[str], Awaitable[None]] | None = None,
+) -> str:
+    """The DATA reply; AFTER (given it) runs before the relay stops."""
+    async with running_relay(settings, engine) as relay, client(relay) as smtp:
+        await smtp.ehlo()
+        await smtp.auth_plain("ann", PASSWORD)
+        await smtp.mail(ANN)
+        for rcpt in RECIPIENTS:
+            await smtp.rcpt(rcpt)
+        reply = await smtp.data(message)
+        if after is not None:
+            await after(reply.message)
+        return reply.message  # stop() waits for the Sent folder's cleaning
+
+
+REPLY = (
+    b"From: Bob <bob@example.net>\r\n"
+    b"To: Ann <ann@example.com>\r\n"
+    b"Subject: Re: the plan\r\n"
+    b"Message-ID: <reply-1@example.net>\r\n"
+    b"In-Reply-To: <plan-1@example.com>\r\n"
+    b"References: <plan-1@example.com>\r\n"
+    b"\r\n"
+    b"Sounds good.\r\n"
+)
+BOUNCE = (
+    b"From: Mail Delivery System <MAILER-DAEMON@mx.example.com>\r\n"
+    b"To: ann@example.com\r\n"
+    b"Subject: Undelivered Mail Returned to Sender\r\n"
+    b"Message-ID: <bounce-1@mx.example.com>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\r\n'
+    b"\r\n"
+    b"--b\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"\r\n"
+    b"Your message could not be delivered.\r\n"
+    b"--b\r\n"
+    b"Content-Type: message/delivery-status\r\n"
+    b"\r\n"
+    b"Reporting-MTA: dns; mx.example.com\r\n"
+    b"\r\n"
+    b"Original-Recipient: rfc822;carol@example.net\r\n"
+    b"Final-Recipient: rfc822;carol@example.net\r\n"
+    b"Action: failed\r\n"
+    b"Status: 5.1.1\r\n"
+    b"Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
+    b"\r\n"
+    b"--b\r\n"
+    b"Content-Type: text/rfc822-headers\r\n"
+    b"\r\n"
+    b"Message-ID: <plan-1@example.com>\r\n"
+    b"Subject: the plan\r\n"
+    b"--b--\r\n"
+)
