@@ -91,6 +91,10 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 #: A formula start after a separator: a spreadsheet in a locale that splits on
 #: ";" (or one told to split on ",", tab) would make a cell of what follows.
 _FORMULA_AFTER_SEPARATOR = re.compile(r"[;,\t|]\s*[=+\-@]")
+#: Either, in one search.
+_FORMULA = re.compile(
+    "^[" + re.escape("".join(_FORMULA_START)) + "]|" + _FORMULA_AFTER_SEPARATOR.pattern
+)
 
 
 def _cell(value: object) -> str:
@@ -100,9 +104,12 @@ def _cell(value: object) -> str:
     reader splitting on ";" keeps ``a;=1+1`` one cell; the leading ``'`` makes
     it text where it would otherwise start a formula.
     """
-    text = "" if value is None else str(value)
-    risky = text.startswith(_FORMULA_START) or _FORMULA_AFTER_SEPARATOR.search(text)
-    return "'" + text if risky else text
+    if value is None:
+        return ""
+    if type(value) is int:  # counts and ids: nothing to check (a third of the cells)
+        return str(value)
+    text = str(value)
+    return "'" + text if _FORMULA.search(text) else text
 
 
 def _csv_lines(header: list[str], rows: Iterable[Sequence[object]]) -> Generator[str]:

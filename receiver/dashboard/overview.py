@@ -5,8 +5,8 @@ least one counted open (human or proxy), the same for clicks. Machine opens
 (Apple Mail Privacy Protection, scanners) are counted next to human ones, so
 a reader sees how much of the raw pixel traffic was not a person. The figures
 per sender and day come from the read model (``readmodel.daily``, the
-rollup: at most one row per sender per day of the window); this page only
-buckets them by day or week and by sender.
+rollup summed in SQL: one row per day of the window, one per sender); this
+page only buckets the days by week.
 """
 
 from __future__ import annotations
@@ -75,20 +75,19 @@ def build(engine: Engine, viewer: Viewer, period: str, today: date, sender: str 
     last = _bucket(today, period)
     step = timedelta(days=7 if period == "week" else 1)
     starts = [last - step * i for i in reversed(range(count))]
-    days = readmodel.daily(engine, viewer, starts[0], sender)
     buckets = {start: Tally() for start in starts}
-    per_sender: dict[str, Tally] = {}
     total = Tally()
     verdicts: dict[str, int] = {}
-    for d in days:
-        tallies = [total, per_sender.setdefault(d.sender or "(null sender)", Tally())]
+    for d in readmodel.daily(engine, viewer, starts[0], sender, by="day"):
+        total.add(d)
         bucket = buckets.get(_bucket(d.day, period))
         if bucket is not None:
-            tallies.append(bucket)
-        for t in tallies:
-            t.add(d)
+            bucket.add(d)
         for verdict, n in d.verdicts.items():
             verdicts[verdict] = verdicts.get(verdict, 0) + n
+    per_sender: dict[str, Tally] = {}
+    for d in readmodel.daily(engine, viewer, starts[0], sender, by="sender"):
+        per_sender.setdefault(d.sender or "(null sender)", Tally()).add(d)
     points = [
         Point(
             label=start.strftime("%-d %b"),

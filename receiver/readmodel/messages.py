@@ -21,7 +21,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import DateTime, Engine, type_coerce
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -161,17 +161,23 @@ def export_messages(
     """Every matching message as a plain tuple of EXPORT_COLUMNS, newest first.
 
     One streamed query, each message's row once per recipient (outer join, in
-    position order), folded here: no IN list of ids, no second query.
+    position order), folded here: no IN list of ids, no second query. Times come
+    as the driver gives them (aware on PostgreSQL, parsed from text on SQLite):
+    the model type's conversion of every cell was a third of the export's time.
     """
     m = Message
+
+    def plain(time: Any) -> Any:  # the driver's datetime, not one converted per cell
+        return type_coerce(col(time), DateTime(timezone=True))
+
     query = ordered(
         sa_select(
-            col(m.id), col(m.created_at), col(m.sender), col(m.subject),
-            col(m.track_opens), col(m.track_clicks), col(m.opens), col(m.first_open_at),
-            col(m.last_open_at), col(m.clicks), col(m.first_click_at), col(m.last_click_at),
-            col(m.machine_opens), col(m.status), col(m.replies), col(m.first_reply_at),
-            col(m.auto_replies), col(m.bounces), col(m.complaints), col(Recipient.bounce_type),
-            col(Recipient.address),
+            col(m.id), plain(m.created_at), col(m.sender), col(m.subject),
+            col(m.track_opens), col(m.track_clicks), col(m.opens), plain(m.first_open_at),
+            plain(m.last_open_at), col(m.clicks), plain(m.first_click_at),
+            plain(m.last_click_at), col(m.machine_opens), col(m.status), col(m.replies),
+            plain(m.first_reply_at), col(m.auto_replies), col(m.bounces), col(m.complaints),
+            col(Recipient.bounce_type), col(Recipient.address),
         )
         .select_from(m)
         .join(Recipient, col(Recipient.message_id) == col(m.id), isouter=True)

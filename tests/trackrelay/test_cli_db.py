@@ -11,7 +11,13 @@ from tests.support.seedrows import add_message, event, write_events
 from trackrelay.cli import main
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [([], "every table at once"), (["--slice", "2"], "2 slice(s) of at most 2 messages")],
+)
 def test_rebuild_state_counts_everything_again(
+    args: list[str],
+    said: str,
     database_url: str,
     engine: Engine,
     tmp_path: Path,
@@ -27,8 +33,8 @@ def test_rebuild_state_counts_everything_again(
         conn.execute(text("UPDATE recipients SET first_open_at = NULL"))
         conn.execute(text("DELETE FROM daily_stats"))
         conn.execute(text("DELETE FROM senders"))
-    assert main(["db", "rebuild-state", "--slice", "2"]) == 0
-    assert "2 slice(s) of at most 2 messages" in capsys.readouterr().out
+    assert main(["db", "rebuild-state", *args]) == 0
+    assert said in capsys.readouterr().out
     with engine.connect() as conn:
         assert conn.execute(text("SELECT sum(opens) FROM messages")).scalar_one() == 3
         assert conn.execute(text("SELECT count(first_open_at) FROM recipients")).scalar_one() == 3

@@ -23,8 +23,9 @@ def register(commands: Commands) -> None:
     rebuild.add_argument(
         "--slice",
         type=int,
-        default=eventstate.REBUILD_SLICE,
-        help="messages counted per committed transaction (default %(default)s)",
+        default=None,
+        help="count this many messages per committed transaction, for a database being"
+        " written to (default: every table in one statement, in one transaction)",
     )
 
 
@@ -36,9 +37,12 @@ def db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def db_rebuild_state(settings: Settings, args: argparse.Namespace) -> int:
-    if args.slice < 1:
+    if args.slice is not None and args.slice < 1:
         raise CommandError("--slice: give a number of messages, 1 or more")
     with database(settings) as engine:
         slices = eventstate.rebuild(engine, args.slice)
-    print(f"state rebuilt from the events: {slices} slice(s) of at most {args.slice} messages")
+    if args.slice is None:
+        print("state rebuilt from the events, every table at once")
+    else:
+        print(f"state rebuilt from the events: {slices} slice(s) of at most {args.slice} messages")
     return 0
