@@ -607,7 +607,10 @@ _MESSAGE_EMPTY = {c: ("NULL" if c.endswith("_at") else "0") for c in _MESSAGE_ST
 
 def _clear_unhit(table: str, empty: dict[str, str], unhit: str, scope: str) -> str:
     """``UPDATE table`` to ``empty`` where no event is behind the row (``unhit``) and
-    it says something else (after a purge or an erasure; a fresh backfill: none)."""
+    it says something else (after a purge or an erasure; a fresh backfill: none).
+
+    ``unhit`` names the scope's events again: without it PostgreSQL hashed every
+    event for an erasure's 500 messages (27 s of a 32 s erasure at 1M)."""
     sets = ", ".join(f"{c} = {v}" for c, v in empty.items())
     mine = ", ".join(empty)
     values = ", ".join(empty.values())
@@ -641,7 +644,7 @@ def _count_state(conn: Connection, scope: _Scope) -> None:
         "recipients",
         _RECIPIENT_EMPTY,
         "SELECT 1 FROM events AS e WHERE e.message_id = recipients.message_id"
-        " AND e.recipient_position = recipients.position",
+        f" AND e.recipient_position = recipients.position AND {scope.of('e.message_id')}",
         scope.of("recipients.message_id"),
     )
     messages = _set_from(
@@ -654,7 +657,8 @@ def _count_state(conn: Connection, scope: _Scope) -> None:
     messages_unhit = _clear_unhit(
         "messages",
         _MESSAGE_EMPTY,
-        "SELECT 1 FROM events AS e WHERE e.message_id = messages.id",
+        "SELECT 1 FROM events AS e WHERE e.message_id = messages.id"
+        f" AND {scope.of('e.message_id')}",
         scope.of("messages.id"),
     )
     for sql in (recipients, recipients_unhit, messages, messages_unhit):
