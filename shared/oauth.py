@@ -8,7 +8,9 @@ adds:
 
 * the endpoints of a provider (shared/oauthproviders.py): given in its table,
   or found by OpenID discovery at ``ISSUER/.well-known/openid-configuration``
-  (fetched once per process and issuer);
+  (fetched once per process and issuer; a discovery that failed is not tried
+  again for :data:`DISCOVERY_RETRY` seconds, so a provider that is away costs
+  one timeout, not one per page that names it);
 * the authorization code grant with PKCE (RFC 7636, S256):
   :func:`authorization_request` gives the URL to send the person to (and the
   state and verifier to keep in their session), :func:`exchange_code` checks
@@ -43,6 +45,7 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # httpx2 logs every request at INFO: a line per device-code poll in the CLI's output.
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 DEFAULT_TIMEOUT = 15.0
+DISCOVERY_RETRY = 30.0  # seconds before a failed discovery is tried again
 
 
 class OAuthRefused(Exception):
@@ -105,6 +108,7 @@ class DeviceStart:
 
 
 _discovered: dict[str, dict[str, str]] = {}
+_discovery_failed: dict[str, tuple[float, str]] = {}  # issuer -> (when, why)
 _discovery_lock = threading.Lock()
 
 
@@ -115,10 +119,19 @@ def endpoints(provider: OAuthProvider, timeout: float = DEFAULT_TIMEOUT) -> dict
         return given
     with _discovery_lock:
         document = _discovered.get(provider.issuer)
+        failed = _discovery_failed.get(provider.issuer)
     if document is None:
-        document = _discover(provider.issuer, timeout)
+        if failed is not None and time.monotonic() - failed[0] < DISCOVERY_RETRY:
+            raise ProviderUnavailable(f"{failed[1]} (tried again after {DISCOVERY_RETRY:.0f} s)")
+        try:
+            document = _discover(provider.issuer, timeout)
+        except ProviderUnavailable as exc:
+            with _discovery_lock:
+                _discovery_failed[provider.issuer] = (time.monotonic(), str(exc))
+            raise
         with _discovery_lock:
             _discovered[provider.issuer] = document
+            _discovery_failed.pop(provider.issuer, None)
     return {name: given[name] or document.get(name, "") for name in ENDPOINTS}
 
 

@@ -93,3 +93,21 @@ def test_google_asks_for_offline_access(make_settings: Callable[..., Settings]) 
     assert request.url.startswith("https://accounts.google.com/o/oauth2/v2/auth?")
     assert query["access_type"] == ["offline"]
     assert query["scope"] == ["https://mail.google.com/"]
+
+
+def test_a_failed_discovery_is_not_asked_again_at_once(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = OAuthServer(discovery_down=True).start()
+    try:
+        provider = provider_of(make_settings, server)
+        for _ in range(2):  # a page naming the provider twice waits for one failure
+            with pytest.raises(ProviderUnavailable, match="OpenID discovery"):
+                oauth.endpoints(provider, timeout=5)
+        assert server.discoveries == 1
+        monkeypatch.setattr(oauth, "DISCOVERY_RETRY", 0.0)
+        server.discovery_down = False
+        assert oauth.endpoints(provider)["token_endpoint"] == f"{server.url}/token"
+        assert server.discoveries == 2
+    finally:
+        server.stop()

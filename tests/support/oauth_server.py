@@ -108,6 +108,8 @@ class OAuthServer:
     token_delay: float = 0.0
     token_requests: list[str] = field(default_factory=list)
     introspections: int = 0
+    discoveries: int = 0
+    discovery_down: bool = False  # True: the discovery document answers 503
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -178,6 +180,9 @@ class OAuthServer:
         )
 
     async def discovery(self, request: Request) -> Response:
+        self.discoveries += 1
+        if self.discovery_down:
+            return JSONResponse({"error": "temporarily_unavailable"}, status_code=503)
         return JSONResponse(
             {
                 "issuer": self.url,
