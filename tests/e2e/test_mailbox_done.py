@@ -151,6 +151,11 @@ def test_connect_send_one_clean_copy_then_the_answers_on_the_message_page(
             assert wait_for(one_clean_copy, 20), (dovecot.messages(SENT), process.stderr)
             [(_, flags)] = dovecot.messages(SENT)
             assert b"\\Seen" in flags
+            # the provider had filed 3 tracked copies (Microsoft 365) or 1 (Gmail), each
+            # taking a UID, then the original took the next
+            with dovecot.client() as imap:
+                uidnext = imap.folder_status(SENT, [b"UIDNEXT"])[b"UIDNEXT"]
+            assert uidnext == {"every": 3, "first": 1}[files] + 2
 
             # bob replies, carol's copy bounces: filed in ann's INBOX
             dovecot.append("INBOX", REPLY)
