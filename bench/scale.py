@@ -255,22 +255,33 @@ def dashboard_calls(seeded: scaleseed.Seeded, admin: bool) -> list[tuple[str, st
 
 
 def api_calls(seeded: scaleseed.Seeded, admin: bool) -> list[tuple[str, str]]:
-    calls = [("API messages?opened=true", f"{API}/messages?opened=true")]
+    middle = seeded.counts["events"] // 2
+    calls = [
+        ("API messages?opened=true", f"{API}/messages?opened=true"),
+        ("API events (first 100)", f"{API}/events?limit=100"),
+        # ids are 1..N in a seeded database: a cursor half way through everyone's events
+        ("API events (100 after the middle)", f"{API}/events?limit=100&after={middle}"),
+    ]
     if admin:
         calls.append(("heaviest message API", f"{API}/messages/{seeded.heaviest_id}"))
     return calls
 
 
 def pages(
-    base: str, engine: Engine, seeded: scaleseed.Seeded, username: str, repeat: int, echo: bool
+    base: str,
+    engine: Engine,
+    seeded: scaleseed.Seeded,
+    username: str,
+    options: Options,
 ) -> dict[str, dict[str, Any]]:
+    """Every page and call of ``username`` (those ``options.calls`` name, if any)."""
     admin = username == scaleseed.ADMIN
     out: dict[str, dict[str, Any]] = {}
     with (
         closing(dashboard_client(base, username)) as web,
         closing(api_client(base, engine, username)) as api,
     ):
-        deep, last = deep_pages(web, engine, "" if admin else scaleseed.HEAVY_SENDER, 50)
+        deep, last = deep_pages(web, engine, scaleseed.ADDRESSES[username], 50)
         calls = [
             (web, "messages page 1", f"{D}/messages"),
             (web, "messages page 50", deep),
@@ -279,8 +290,10 @@ def pages(
             *((api, label, path) for label, path in api_calls(seeded, admin)),
         ]
         for client, label, path in calls:
-            out[label] = timed(client, path, repeat)
-            if echo:
+            if options.calls and not any(c in label for c in options.calls):
+                continue
+            out[label] = timed(client, path, options.repeat)
+            if options.echo:
                 r = out[label]
                 print(
                     f"   {username:4s} {label:26s} {r['ms']:9.1f} ms  {r['statuses']}", flush=True
@@ -408,6 +421,16 @@ class Options:
     heaviest: int = 11_000
     csv_budget: float = 300.0
     echo: bool = True
+    only: tuple[str, ...] = ()  # of PARTS; none: all of them
+    calls: tuple[str, ...] = ()  # pages and calls whose label contains one of these; none: all
+
+    def runs(self, part: str) -> bool:
+        return not self.only or part in self.only
+
+
+#: What one size measures: each viewer's pages and calls, the CSV exports, purge and erase.
+VIEWERS = {"admin": scaleseed.ADMIN, "sender": scaleseed.SENDER, "sparse": scaleseed.SPARSE}
+PARTS = (*VIEWERS, "csv", "retention")
 
 
 def measure(messages: int, options: Options) -> dict[str, Any]:
@@ -430,22 +453,21 @@ def measure(messages: int, options: Options) -> dict[str, Any]:
         }
         try:
             with receiver(url) as (server, base):
-                result["admin"] = pages(
-                    base, engine, seeded, scaleseed.ADMIN, options.repeat, options.echo
-                )
-                result["sender"] = pages(
-                    base, engine, seeded, scaleseed.SENDER, options.repeat, options.echo
-                )
-                result["csv"] = {
-                    f"{who} {kind}": csv_export(
-                        base, server, user, f"{D}/{kind}.csv", options.csv_budget
-                    )
-                    for who, user in (("admin", scaleseed.ADMIN), ("sender", scaleseed.SENDER))
-                    for kind in ("messages", "events")
-                }
-                say(f"   csv: {_csv_line(result['csv'])}", flush=True)
-                result["retention"] = retention(engine, base, seeded, options.repeat)
-                say(f"   retention: {_retention_line(result['retention'])}", flush=True)
+                for viewer, user in VIEWERS.items():
+                    if options.runs(viewer):
+                        result[viewer] = pages(base, engine, seeded, user, options)
+                if options.runs("csv"):
+                    result["csv"] = {
+                        f"{who} {kind}": csv_export(
+                            base, server, user, f"{D}/{kind}.csv", options.csv_budget
+                        )
+                        for who, user in VIEWERS.items()
+                        for kind in ("messages", "events")
+                    }
+                    say(f"   csv: {_csv_line(result['csv'])}", flush=True)
+                if options.runs("retention"):
+                    result["retention"] = retention(engine, base, seeded, options.repeat)
+                    say(f"   retention: {_retention_line(result['retention'])}", flush=True)
         finally:
             engine.dispose()
     return result
@@ -464,10 +486,12 @@ def _retention_line(r: dict[str, Any]) -> str:
 
 
 def store(result: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Add one size's result to the file (replacing an older one of the same size)."""
+    """Add one size's result to the file: what it measured replaces what an older run
+    of the same size said (a run of some parts, ``--only``, keeps the others)."""
     stored: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     key = f"{result['backend']} {result['messages']}"
-    stored.setdefault("runs", {})[key] = {**result, "machine": _machine()}
+    runs = stored.setdefault("runs", {})
+    runs[key] = {**runs.get(key, {}), **result, "machine": _machine()}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stored, indent=2, default=str))
     return stored
@@ -526,7 +550,7 @@ def _render_backend(backend: str, sizes: list[dict[str, Any]]) -> list[str]:
         "| viewer | page / call | " + " | ".join(head) + " | growth | < 200 ms | growth < 2x |",
         "|---|---|" + "---|" * (len(sizes) + 3),
     ]
-    for viewer in ("admin", "sender"):
+    for viewer in VIEWERS:
         for label in sizes[-1].get(viewer, {}):
             values = [r.get(viewer, {}).get(label, {}) for r in sizes]
             ms = [v.get("ms") for v in values]
@@ -600,6 +624,12 @@ def main(argv: list[str] | None = None) -> int:
         "--heaviest", type=int, default=11_000, help="events of the heaviest message"
     )
     parser.add_argument("--csv-budget", type=float, default=300.0, help="seconds per CSV at most")
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, default=[], help="measure only these parts"
+    )
+    parser.add_argument(
+        "--calls", nargs="+", default=[], help="only the pages and calls whose label has one"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only rewrite scale.md")
     args = parser.parse_args(argv)
@@ -609,7 +639,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sqlite and not args.database:
         parser.error("give --database postgresql+psycopg://... or --sqlite")
     options = Options(
-        "sqlite" if args.sqlite else args.database, args.repeat, args.heaviest, args.csv_budget
+        "sqlite" if args.sqlite else args.database,
+        args.repeat,
+        args.heaviest,
+        args.csv_budget,
+        only=tuple(args.only),
+        calls=tuple(args.calls),
     )
     for n in args.messages:
         started = time.monotonic()

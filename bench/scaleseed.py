@@ -9,8 +9,10 @@ The distribution (``n`` messages):
 
 - timestamps spread evenly over the 365 days before now;
 - ``SENDERS`` senders: every 50th message is the heavy sender's
-  (:data:`HEAVY_SENDER`, exactly 2 %); the others are Zipf-like
-  (``power(u, 2)``: a few heavy ones, a long tail);
+  (:data:`HEAVY_SENDER`, exactly 2 %), every 5,000th (from the 25th) the
+  sparse sender's (:data:`SPARSE_SENDER`, 0.02 %: whose own events are few
+  among everyone's); the others are Zipf-like (``power(u, 2)``: a few heavy
+  ones, a long tail);
 - 95 % tracked (opens and clicks, per recipient); 1-5 recipients (3 on
   average), drawn Zipf-like from ``n / 2`` addresses, so a few recipients get
   much mail; 2 % of recipients refused (550, the reply quoting the address);
@@ -22,7 +24,8 @@ The distribution (``n`` messages):
 - one heaviest message (the heavy sender's, mid-year) with ``heaviest`` events;
 - subjects: about 1.1 % "Invoice ..." (5 % of the heavy sender's), the rest
   "Newsletter ...": what the search measurements look for;
-- users: ``ada`` (admin) and ``sam`` (sender, :data:`HEAVY_SENDER`).
+- users: ``ada`` (admin), ``sam`` (sender, :data:`HEAVY_SENDER`) and ``sol``
+  (sender, :data:`SPARSE_SENDER`).
 
 Every row respects the schema: unique event keys, (message, position) unique
 for recipients and links, every event's message, recipient position and link
@@ -43,8 +46,11 @@ from shared.models import User, UserAddress
 from shared.passwords import hash_password
 
 HEAVY_SENDER = "news@bigshop.example"
+SPARSE_SENDER = "quiet@tinyshop.example"
 SENDERS = 300
-ADMIN, SENDER = "ada", "sam"
+ADMIN, SENDER, SPARSE = "ada", "sam", "sol"
+#: Each user and the address they send from ("" for the admin).
+ADDRESSES = {ADMIN: "", SENDER: HEAVY_SENDER, SPARSE: SPARSE_SENDER}
 PASSWORD = "scale bench password"
 SPAN_DAYS = 365
 MAX_EVENTS = 400  # one message's events in the ordinary distribution (the heaviest aside)
@@ -179,11 +185,12 @@ def _users(engine: Engine) -> None:
     password = hash_password(PASSWORD)
     with session_scope(engine) as s:
         s.add(User(username=ADMIN, password_hash=password, role="admin"))
-        sender = User(username=SENDER, password_hash=password, role="sender")
-        s.add(sender)
-        s.flush()
-        assert sender.id is not None
-        s.add(UserAddress(user_id=sender.id, address=HEAVY_SENDER))
+        for name in (SENDER, SPARSE):
+            sender = User(username=name, password_hash=password, role="sender")
+            s.add(sender)
+            s.flush()
+            assert sender.id is not None
+            s.add(UserAddress(user_id=sender.id, address=ADDRESSES[name]))
 
 
 def _count_state(conn: Connection) -> float:
@@ -233,7 +240,7 @@ def _plan(
             f"FROM {d.series.format(n=n)}) SELECT i, "
             f"{BASE_ID} + ((i * 2654435761) % 2147483647) * 2097152 + i AS id, "
             f"{start} + (i * {span}) / {n} - 1 AS t, "
-            "CASE WHEN i % 50 = 0 THEN 0 "
+            "CASE WHEN i % 50 = 0 THEN 0 WHEN i % 5000 = 25 THEN -1 "
             f"ELSE 1 + CAST(floor(power({r}, 2) * {SENDERS - 1}) AS INTEGER) END AS sender_no, "
             "i % 20 <> 7 AS tracked, "
             f"1 + CAST(floor({r} * 5) AS INTEGER) AS nr, "
@@ -262,6 +269,7 @@ def _key_columns(conn: Connection) -> set[str]:
 def _messages(conn: Connection, d: _Dialect, sender_key: bool) -> None:
     sender = (
         f"CASE WHEN sender_no = 0 THEN '{HEAVY_SENDER}' "
+        f"WHEN sender_no = -1 THEN '{SPARSE_SENDER}' "
         "ELSE 'sender' || sender_no || '@company' || (sender_no % 60) || '.example' END"
     )
     subject = (

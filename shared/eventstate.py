@@ -15,6 +15,8 @@ day. The writers keep them in the transaction that writes what they count:
   state counted from those events first.
 * :func:`recount` — erasure and the purge of old hits (shared/privacy.py):
   what remains of some messages' events, counted again.
+* :func:`removing` — the purge of old messages: their senders' rows lose them,
+  in the batch that deletes them.
 * :func:`rebuild` — everything from the events, set-based: one aggregate per
   table (``trackrelay db rebuild-state``, optionally in committed slices of
   messages; migration 0004's backfill; the benchmark's seeder).
@@ -739,6 +741,39 @@ def recorded(conn: Connection, message_ids: Sequence[int]) -> None:
         conn.execute(scope.statement(sql), scope.params)
 
 
+def removing(conn: Connection, message_ids: Sequence[int]) -> None:
+    """These messages are about to be deleted in this transaction (the retention
+    purge, shared/privacy.py): their senders' rows count them no longer.
+
+    The rows are locked in key order first (PostgreSQL), the order the record's
+    upsert takes them in, so a purge batch and a record never deadlock on two
+    senders. ``last_at`` stays: the purge takes the oldest mail first, and a
+    sender whose mail is all gone keeps its row with 0 messages, as
+    :func:`rebuild` leaves it. The daily rollup keeps its counts (they name no
+    recipient). Erasure deletes no message and needs none of this.
+    """
+    d = _Dialect.of(conn)
+    for chunk in _chunks(sorted(set(message_ids))):
+        scope = _ids(chunk)
+        gone = (
+            "SELECT sender_key, count(*) AS n FROM messages"
+            f" WHERE {scope.of('id')} GROUP BY sender_key"
+        )
+        if d.postgres:
+            lock = (
+                f"SELECT 1 FROM senders WHERE sender_key IN (SELECT sender_key FROM ({gone}) AS g)"
+                " ORDER BY sender_key FOR UPDATE"
+            )
+            conn.execute(scope.statement(lock), scope.params)
+        conn.execute(
+            scope.statement(
+                f"UPDATE senders SET messages = senders.messages - g.n FROM ({gone}) AS g"
+                " WHERE senders.sender_key = g.sender_key"
+            ),
+            scope.params,
+        )
+
+
 #: (table, column, its key column, the table's id column for the slice)
 _KEYS = (
     ("messages", "sender", "sender_key", "id"),
@@ -797,6 +832,13 @@ def _count_senders(conn: Connection) -> None:
         assign=("messages", "last_at"),
     )
     conn.execute(text(sql))
+    # A sender whose mail is all purged keeps its row (the menu), with no message.
+    conn.execute(
+        text(
+            "UPDATE senders SET messages = 0 WHERE messages <> 0 AND NOT EXISTS"
+            " (SELECT 1 FROM messages WHERE messages.sender_key = senders.sender_key)"
+        )
+    )
 
 
 _EVERYTHING = _Scope("1 = 1", {})
@@ -808,7 +850,8 @@ def rebuild_connection(
     """:func:`rebuild` on one connection (``commit`` after each step, if given).
 
     Days older than the oldest message stored keep their rollup (purged mail's
-    counts, shared/privacy.py); a sender whose mail is all purged keeps its row.
+    counts, shared/privacy.py); a sender whose mail is all purged keeps its row,
+    with 0 messages.
     Returns the number of slices (1 for the whole tables at once).
     """
 

@@ -58,8 +58,9 @@ def purge(engine: Engine, retention_days: int, now: datetime | None = None) -> d
     every step deletes ``PURGE_BATCH`` rows (messages with their recipients,
     links and events) per committed transaction, oldest first, through the
     indexes on times, message ids and outbox ids, so the writers wait at most
-    one batch for a lock. The daily rollups and the senders menu keep their
-    counts: they name no recipient (shared/eventstate.py).
+    one batch for a lock. The senders' rows lose the purged messages in the
+    batch that deletes them (shared/eventstate.py ``removing``); the daily
+    rollups keep their counts: they name no recipient.
     """
     if retention_days <= 0:
         return {}
@@ -127,6 +128,7 @@ def _batches(engine: Engine, ids: Any, step: Callable[[Connection, list[Any]], N
 
 def _purge_messages(engine: Engine, cutoff: datetime, counts: dict[str, int]) -> None:
     def step(conn: Connection, ids: list[int]) -> None:
+        eventstate.removing(conn, ids)
         counts["events"] += _delete(conn, Event, col(Event.message_id).in_(ids))
         counts["recipients"] += _delete(conn, Recipient, col(Recipient.message_id).in_(ids))
         counts["links"] += _delete(conn, Link, col(Link.message_id).in_(ids))

@@ -10,6 +10,19 @@ message is an outer join: an administrator's feed carries the event at once.
 A sender's scope needs the message's sender, so an event that comes before
 its message is not in a sender's feed (as before).
 
+A sender's page is found in two steps: first the ids of its events, from the
+messages in scope to their events (``id > after``, id order, the limit), which
+both indexes answer without reading a row (``ix_messages_sender_key_created``
+then ``ix_events_message_time``, index-only on PostgreSQL); then those events
+with their context. In one step the planner walked every event in id order
+and looked up each one's message, because reaching the sender's events
+through their messages meant reading each event's row: for a sender with few
+events among everyone's that read the whole table (PostgreSQL, 100k messages:
+250 ms for a page of a sender with 0.02 % of the mail; BENCHMARKS.md "Scale").
+With the ids alone the planner reaches a sparse sender's events through their
+messages (cost: their own events after the cursor) and still walks the ids
+for a sender with much of the mail (a page is found in the first few thousand).
+
 The CSV export (:func:`export_events`) is one query on a server-side cursor
 (``stream_results``) of plain tuples. An administrator's walks the events in
 id order; a sender's starts from their messages (``sender_key``'s index) and
@@ -51,21 +64,28 @@ def events_after(
 ) -> list[EventRow]:
     """Up to ``limit`` events with an id above ``after`` on messages ``viewer`` may
     see (narrowed by ``selection``), in id order."""
-    query = (
-        _joined(
-            sa_select(
-                Event,
-                col(Message.subject),
-                col(Message.sender),
-                col(Recipient.address),
-                col(Link.url),
-            ),
-            outer=viewer.is_admin,
-        )
-        .where(*selected(viewer, selection or Selection()), col(Event.id) > after)
-        .order_by(col(Event.id))
-        .limit(limit)
+    where = [*selected(viewer, selection or Selection()), col(Event.id) > after]
+    query = _joined(
+        sa_select(
+            Event,
+            col(Message.subject),
+            col(Message.sender),
+            col(Recipient.address),
+            col(Link.url),
+        ),
+        outer=viewer.is_admin,
     )
+    if viewer.is_admin:
+        query = query.where(*where)
+    else:  # the page's ids first, from the messages in scope (the module says why)
+        page = (
+            sa_select(col(Event.id))
+            .select_from(Message)
+            .join(Event, col(Event.message_id) == col(Message.id))
+        )
+        page = page.where(*where).order_by(col(Event.id)).limit(limit)
+        query = query.where(col(Event.id).in_(page.scalar_subquery()))
+    query = query.order_by(col(Event.id)).limit(limit)
     with session_scope(engine) as session:
         rows = session.execute(query).all()
     return [

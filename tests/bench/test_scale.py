@@ -40,6 +40,8 @@ def test_seed_keeps_the_distribution_and_every_reference(engine: Engine) -> None
     # the heavy sender owns exactly 2 % of the mail; a sender user sees it
     heavy = f"SELECT count(*) FROM messages WHERE sender = '{scaleseed.HEAVY_SENDER}'"
     assert scalar(engine, heavy) == N * 2 // 100
+    sparse = f"SELECT count(*) FROM messages WHERE sender = '{scaleseed.SPARSE_SENDER}'"
+    assert scalar(engine, sparse) == 1
     assert 100 < scalar(engine, "SELECT count(DISTINCT sender) FROM messages") <= N
     # what the searches find: some invoices, some of them the heavy sender's
     invoices = "SELECT count(*) FROM messages WHERE subject LIKE 'Invoice %'"
@@ -112,16 +114,18 @@ def test_one_measurement_pass_runs_and_renders(where: str, tmp_path: Path) -> No
     options = scale.Options(where, repeat=1, heaviest=HEAVIEST, csv_budget=60, echo=False)
     result = scale.measure(N, options)
 
-    for viewer in ("admin", "sender"):
+    for viewer in scale.VIEWERS:
         calls = result[viewer]
         assert "messages page 50" in calls
         assert "overview by week" in calls
+        assert "API events (100 after the middle)" in calls
         assert all(call["statuses"] == [200] for call in calls.values()), calls
     assert "heaviest message API" in result["admin"]
     csv = result["csv"]
     assert csv["admin messages"]["rows"] == N
     assert csv["admin events"]["rows"] == result["counts"]["events"]
     assert csv["sender messages"]["rows"] == N * 2 // 100
+    assert csv["sparse messages"]["rows"] == 1  # the 25th of every 5,000
     assert all(c["status"] == 200 and c["rss_after_mb"] > 0 for c in csv.values())
     r = result["retention"]
     assert not any(r["purge_idle_counts"].values())
@@ -140,6 +144,21 @@ def test_one_measurement_pass_runs_and_renders(where: str, tmp_path: Path) -> No
         name = make_url(where).database
         assert scalar(admin, f"SELECT count(*) FROM pg_database WHERE datname = '{name}'") == 0
         admin.dispose()
+
+
+def test_a_run_of_some_parts_keeps_what_the_others_measured(tmp_path: Path) -> None:
+    options = scale.Options(
+        "sqlite", repeat=1, heaviest=HEAVIEST, echo=False, only=("sparse",), calls=("API events",)
+    )
+    result = scale.measure(N, options)
+    assert set(result["sparse"]) == {"API events (first 100)", "API events (100 after the middle)"}
+    assert not {"admin", "sender", "csv", "retention"} & result.keys()
+    path = tmp_path / "scale.json"
+    scale.store({**result, "csv": {"earlier": {"rows": 1}}, "sparse": {}}, path)
+    stored = scale.store(result, path)
+    kept = stored["runs"][f"sqlite {N}"]
+    assert kept["csv"] == {"earlier": {"rows": 1}}
+    assert kept["sparse"] == result["sparse"]
 
 
 def test_the_suite_runs_scale_only_when_named_and_never_quick(

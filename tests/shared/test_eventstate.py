@@ -22,28 +22,9 @@ from shared import eventstate
 from shared.db import insert_ignoring
 from shared.models import Event
 from shared.verdicts import AUTOMATED, COUNTED, VERDICTS
-from tests.support.seedrows import T0, add_message, event, write_events
+from tests.support.seedrows import T0, add_message, event, state, write_events
 
 EVENTS = Event.__table__  # type: ignore[attr-defined]
-STATE = {
-    "messages": "SELECT id, sender_key, opens, machine_opens, self_opens, clicks, machine_clicks,"
-    " self_clicks, first_open_at, last_open_at, first_click_at, last_click_at, replies,"
-    " auto_replies, bounces, complaints, first_reply_at FROM messages ORDER BY id",
-    "recipients": "SELECT message_id, position, address_key, opens, machine_opens, self_opens,"
-    " clicks, machine_clicks, self_clicks, first_open_at, last_open_at, first_click_at,"
-    " last_click_at, replied_at, auto_replied_at, bounced_at, complained_at, bounce_type"
-    " FROM recipients ORDER BY message_id, position",
-    "daily_stats": "SELECT * FROM daily_stats ORDER BY sender_key, day",
-    "senders": "SELECT * FROM senders ORDER BY sender_key",
-}
-
-
-def state(engine: Engine) -> dict[str, list[dict[str, Any]]]:
-    with engine.connect() as conn:
-        return {
-            table: [dict(row._mapping) for row in conn.execute(text(sql))]
-            for table, sql in STATE.items()
-        }
 
 
 def one(engine: Engine, sql: str, **params: Any) -> dict[str, Any]:

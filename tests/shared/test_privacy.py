@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy import event as sa_event
 from sqlmodel import SQLModel, col
 
-from shared import consent, privacy, webhooks
+from shared import consent, eventstate, privacy, webhooks
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Event, Message, Recipient, Suppression
@@ -219,6 +219,49 @@ def test_purge_deletes_in_committed_batches(
     with engine.connect() as conn:
         sent = conn.execute(text("SELECT sum(sent) FROM daily_stats")).scalar_one()
     assert sent == 6
+
+
+def _senders(engine: Engine) -> dict[str, tuple[int, object]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT sender_key, messages, last_at FROM senders")).all()
+    return {key: (n, last) for key, n, last in rows}
+
+
+def test_purge_keeps_the_senders_rows_as_a_rebuild_counts_them(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(privacy, "PURGE_BATCH", 2)
+    for i in range(3):  # all of Old's mail goes; some of Ann's (two batches hold Ann's)
+        add_message(engine, sender="Old@Example.com", created_at=T0 + timedelta(hours=i))
+        add_message(engine, sender="ann@example.com", created_at=T0 + timedelta(hours=i))
+    newest = add_message(engine, sender="Ann@Example.com", created_at=T0 + timedelta(days=300))
+    add_message(engine, sender="bo@example.com", created_at=T0 + timedelta(days=301))
+    assert _senders(engine)["ann@example.com"][0] == 4
+
+    privacy.purge(engine, 100, now=T0 + timedelta(days=310))
+    purged = _senders(engine)
+    assert {k: n for k, (n, _) in purged.items()} == {
+        "old@example.com": 0,  # kept in the menu, with no message
+        "ann@example.com": 1,
+        "bo@example.com": 1,
+    }
+    erased = privacy.erase(engine, "bob@client.test")  # erasure deletes no message
+    assert erased.counts["recipients"] == 2
+    assert _senders(engine) == purged
+    eventstate.rebuild(engine)
+    assert _senders(engine) == purged
+    with session_scope(engine) as session:
+        assert session.get(Message, newest.id) is not None
+
+
+def test_a_rebuild_repairs_the_senders_of_mail_purged_before(engine: Engine) -> None:
+    add_message(engine, sender="old@example.com", created_at=T0)
+    add_message(engine, sender="old@example.com", created_at=T0 + timedelta(days=1))
+    with engine.begin() as conn:  # as a purge did before it kept the senders' rows
+        conn.execute(text("DELETE FROM messages WHERE sender_key = 'old@example.com'"))
+    assert _senders(engine)["old@example.com"][0] == 2
+    eventstate.rebuild(engine)
+    assert _senders(engine)["old@example.com"][0] == 0
 
 
 def test_erase_finds_every_spelling_in_batches_and_counts_the_state_again(

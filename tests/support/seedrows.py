@@ -6,7 +6,7 @@ import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select, text, update
 
 from shared import eventstate
 from shared.db import session_scope
@@ -118,3 +118,26 @@ def settle(engine: Engine) -> None:
                     update(Message).where(Message.id == mid).values(sender_key=sender.lower())  # type: ignore[arg-type]
                 )
     eventstate.rebuild(engine)
+
+
+#: Every state column and rollup shared/eventstate.py keeps, in a stable order.
+STATE = {
+    "messages": "SELECT id, sender_key, opens, machine_opens, self_opens, clicks, machine_clicks,"
+    " self_clicks, first_open_at, last_open_at, first_click_at, last_click_at, replies,"
+    " auto_replies, bounces, complaints, first_reply_at FROM messages ORDER BY id",
+    "recipients": "SELECT message_id, position, address_key, opens, machine_opens, self_opens,"
+    " clicks, machine_clicks, self_clicks, first_open_at, last_open_at, first_click_at,"
+    " last_click_at, replied_at, auto_replied_at, bounced_at, complained_at, bounce_type"
+    " FROM recipients ORDER BY message_id, position",
+    "daily_stats": "SELECT * FROM daily_stats ORDER BY sender_key, day",
+    "senders": "SELECT * FROM senders ORDER BY sender_key",
+}
+
+
+def state(engine: Engine) -> dict[str, list[dict[str, Any]]]:
+    """What :data:`STATE` reads, row by row: to compare with a rebuild's."""
+    with engine.connect() as conn:
+        return {
+            table: [dict(row._mapping) for row in conn.execute(text(sql))]
+            for table, sql in STATE.items()
+        }

@@ -18,8 +18,14 @@ figures the readers filter and draw are columns kept by the writers
   lower-cased address) with ``ix_recipients_address_key`` for erasure.
 * ``daily_stats`` (per sender per day of the message) and ``senders``.
 
-Existing rows are backfilled here by shared/eventstate.py's ``rebuild`` (the
-one owner of what the columns mean), in this migration's transaction.
+Existing rows are backfilled here, in this migration's transaction, by the
+SQL of shared/eventstate.py's whole-table ``rebuild`` as it was when this
+migration was written (frozen below, not imported: a later change to
+eventstate, or a column a later migration adds, must not change what this
+step did). On a fresh table every state column holds its default, so the
+backfill is one aggregate over the events per table, an INSERT for each
+rollup, and no "no event left" clearing. tests/shared/test_migration_0004.py
+checks that it still equals ``trackrelay db rebuild-state`` at head.
 
 Locks on a large PostgreSQL database: the new columns have constant defaults
 (no rewrite since PostgreSQL 11) and widening a varchar rewrites nothing, but
@@ -136,6 +142,124 @@ def _lower(table: str, column: str, key: str, postgres: bool) -> None:
         )
 
 
+# --- the backfill: eventstate.rebuild's SQL of 2026-12-03, frozen ---
+
+_HUMAN, _PROXY, _MACHINE, _SCANNER, _SELF = "human", "proxy", "machine", "scanner", "self"
+_VERDICTS = (_HUMAN, _PROXY, _MACHINE, _SCANNER, _SELF, "unknown")
+_COUNTED = (_HUMAN, _PROXY)
+_AUTOMATED = (_MACHINE, _SCANNER)
+#: answer kind -> (recipient column, message counter)
+_ANSWERS = {
+    "reply": ("replied_at", "replies"),
+    "auto_reply": ("auto_replied_at", "auto_replies"),
+    "bounce": ("bounced_at", "bounces"),
+    "complaint": ("complained_at", "complaints"),
+}
+
+
+def _in(verdicts: Sequence[str]) -> str:
+    return f"verdict IN ({', '.join(repr(v) for v in verdicts)})"
+
+
+def _hits() -> list[str]:
+    """COUNTERS, then the first/last times of counted opens and clicks."""
+    out = []
+    for kind, noun in (("open", "opens"), ("click", "clicks")):
+        for verdicts, name in (
+            (_COUNTED, noun),
+            (_AUTOMATED, f"machine_{noun}"),
+            ((_SELF,), f"self_{noun}"),
+        ):
+            when = f"kind = '{kind}' AND {_in(verdicts)}"
+            out.append(f"sum(CASE WHEN {when} THEN 1 ELSE 0 END) AS {name}")
+    for kind in ("open", "click"):
+        when = f"CASE WHEN kind = '{kind}' AND {_in(_COUNTED)} THEN occurred_at END"
+        out += [f"min({when}) AS first_{kind}_at", f"max({when}) AS last_{kind}_at"]
+    return out
+
+
+def _recipient_figures() -> list[str]:
+    out = _hits()
+    out += [
+        f"min(CASE WHEN kind = '{kind}' THEN occurred_at END) AS {column}"
+        for kind, (column, _) in _ANSWERS.items()
+    ]
+    out.append(
+        "coalesce(min(CASE WHEN kind = 'bounce' AND bounce_type <> '' THEN bounce_type END),"
+        " '') AS bounce_type"
+    )
+    return out
+
+
+def _message_figures() -> list[str]:
+    """Hits; recipients who answered so (a message-level answer counting as one when no
+    recipient has); the first reply."""
+    out = _hits()
+    for kind, (_, counter) in _ANSWERS.items():
+        named = (
+            f"count(DISTINCT CASE WHEN kind = '{kind}' AND recipient_position > 0"
+            " THEN recipient_position END)"
+        )
+        out.append(
+            f"CASE WHEN {named} > 0 THEN {named}"
+            f" ELSE max(CASE WHEN kind = '{kind}' THEN 1 ELSE 0 END) END AS {counter}"
+        )
+    out.append("min(CASE WHEN kind = 'reply' THEN occurred_at END) AS first_reply_at")
+    return out
+
+
+def _names(figures: list[str]) -> list[str]:
+    return [f.rsplit(" AS ", 1)[1] for f in figures]
+
+
+def _set(table: str, figures: list[str], group: str, match: str) -> str:
+    names = _names(figures)
+    return (
+        f"UPDATE {table} SET {', '.join(f'{c} = a.{c}' for c in names)}"  # noqa: S608
+        f" FROM (SELECT {group}, {', '.join(figures)} FROM events GROUP BY {group}) AS a"
+        f" WHERE {match}"
+    )
+
+
+def _backfill(postgres: bool) -> None:
+    """The state of the mail already stored, counted from its events."""
+    day = "CAST((m.created_at AT TIME ZONE 'UTC') AS date)" if postgres else "date(m.created_at)"
+    verdicts = ", ".join(
+        f"sum(CASE WHEN verdict = '{v}' THEN 1 ELSE 0 END) AS {v}" for v in _VERDICTS
+    )
+    daily = [
+        "count(*)",
+        "sum(CASE WHEN m.track_opens THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.track_opens AND m.opens > 0 THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.track_clicks THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.track_clicks AND m.clicks > 0 THEN 1 ELSE 0 END)",
+        "sum(m.opens)",
+        "sum(m.machine_opens)",
+        "sum(CASE WHEN m.replies > 0 THEN 1 ELSE 0 END)",
+        "sum(CASE WHEN m.bounces > 0 THEN 1 ELSE 0 END)",
+        *(f"coalesce(sum(v.{v}), 0)" for v in _VERDICTS),
+    ]
+    statements = [
+        _set(
+            "recipients",
+            _recipient_figures(),
+            "message_id, recipient_position",
+            "recipients.message_id = a.message_id AND recipients.position = a.recipient_position",
+        ),
+        _set("messages", _message_figures(), "message_id", "messages.id = a.message_id"),
+        f"INSERT INTO daily_stats (sender_key, day, {', '.join(_DAILY)})"  # noqa: S608
+        f" SELECT m.sender_key, {day}, {', '.join(daily)} FROM messages AS m"
+        f" LEFT JOIN (SELECT message_id, {verdicts} FROM events WHERE kind = 'open'"
+        " GROUP BY message_id) AS v ON v.message_id = m.id"
+        f" GROUP BY m.sender_key, {day}",
+        "INSERT INTO senders (sender_key, messages, last_at)"
+        " SELECT sender_key, count(*), max(created_at) FROM messages GROUP BY sender_key",
+    ]
+    conn = op.get_bind()
+    for sql in statements:
+        conn.execute(sa.text(sql))
+
+
 def _indexes_up(postgres: bool) -> None:
     concurrently = {"postgresql_concurrently": True} if postgres else {}
     with op.get_context().autocommit_block():
@@ -149,15 +273,13 @@ def _indexes_up(postgres: bool) -> None:
 
 
 def upgrade() -> None:
-    from shared import eventstate  # the owner of what the state columns mean
-
     postgres = op.get_bind().dialect.name == "postgresql"
     _events_up(postgres)
     _columns_up()
     _tables_up()
     _lower("messages", "sender", "sender_key", postgres)
     _lower("recipients", "address", "address_key", postgres)
-    eventstate.rebuild_connection(op.get_bind())
+    _backfill(postgres)
     _indexes_up(postgres)
 
 
