@@ -17,10 +17,11 @@ in the dashboard is watched without a restart). Each thread:
    relay's one answer writer (relay/answerstore.py ``AnswerWriter``, the
    intake's when the intake listens), and stores the UID once the writer has
    committed or journaled it;
-4. waits with IDLE where the server has it (renewed every
-   :attr:`Settings.imap_idle_timeout` seconds), and looks again every
-   :attr:`Settings.imap_poll_interval` seconds in any case (IDLE does not
-   announce a message that came just before it began); a lost connection or a server
+4. reads again at once when the server announced a message (EXISTS) after
+   that SEARCH (IDLE would not announce it again: :func:`_announced`), else
+   waits with IDLE where the server has it (renewed, and a look taken, every
+   :attr:`Settings.imap_idle_timeout` seconds), or looks again every
+   :attr:`Settings.imap_poll_interval` seconds; a lost connection or a server
    error reconnects after a back-off doubling from 1 s to
    :attr:`Settings.imap_backoff_max`. A broken connection ends its thread.
 """
@@ -121,7 +122,8 @@ class _Watch:
             idle = b"IDLE" in client.capabilities()
             while not self.stopping.is_set():
                 last = self.read(client, validity, last)
-                self.wait(client, idle)
+                if not _announced(client):  # else: arrived after the SEARCH, read it now
+                    self.wait(client, idle)
         finally:
             self.client = None
             imapsession.close(client)
@@ -141,6 +143,7 @@ class _Watch:
 
     def read(self, client: IMAPClient, validity: int, last: int) -> int:
         """Everything after LAST; the new last UID (stored once the writer has it)."""
+        _announced(client)  # what came before this SEARCH, the SEARCH finds
         uids = client.search(["UID", f"{last + 1}:*"])
         for chunk in _slices(sorted(uid for uid in uids if uid > last)):
             for uid, data in sorted(client.fetch(chunk, [PEEK]).items()):
@@ -157,13 +160,28 @@ class _Watch:
             return
         client.idle()
         try:
-            # A message that arrived between the last SEARCH and IDLE was announced
-            # (EXISTS) during an earlier command and is not announced again: a look
-            # every poll interval in any case.
-            client.idle_check(timeout=min(settings.imap_idle_timeout, settings.imap_poll_interval))
+            client.idle_check(timeout=settings.imap_idle_timeout)
         finally:
             if not self.stopping.is_set():
                 client.idle_done()
+
+
+def _announced(client: IMAPClient) -> bool:
+    """Whether the server announced a message (``* n EXISTS``) since the last call.
+
+    A server tells a client of a new message once, in the untagged responses of
+    whatever command comes next (RFC 3501 7.3.1 and 5.2): one that arrived after
+    the SEARCH is announced during the FETCH or NOOP after it, and IDLE, which
+    reports only what the client was not yet told, never repeats it (RFC 2177).
+    IMAPClient keeps no record of those responses itself, but the imaplib
+    connection under it does: every untagged response a command does not consume
+    (FETCH consumes ``FETCH``, SEARCH ``SEARCH``) stays in ``untagged_responses``
+    by name until taken, and ``IMAP4.response(name)`` (imaplib's public method)
+    takes them. ``EXISTS`` is taken before each SEARCH and once more before IDLE,
+    so none is lost and none piles up in a session of days.
+    """
+    data: list[object] = client._imap.response("EXISTS")[1]  # [None] when none came
+    return data != [None]
 
 
 def _slices(uids: list[int]) -> Iterator[list[int]]:
