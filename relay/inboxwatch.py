@@ -173,12 +173,15 @@ def _announced(client: IMAPClient) -> bool:
     whatever command comes next (RFC 3501 7.3.1 and 5.2): one that arrived after
     the SEARCH is announced during the FETCH or NOOP after it, and IDLE, which
     reports only what the client was not yet told, never repeats it (RFC 2177).
-    IMAPClient keeps no record of those responses itself, but the imaplib
-    connection under it does: every untagged response a command does not consume
-    (FETCH consumes ``FETCH``, SEARCH ``SEARCH``) stays in ``untagged_responses``
-    by name until taken, and ``IMAP4.response(name)`` (imaplib's public method)
-    takes them. ``EXISTS`` is taken before each SEARCH and once more before IDLE,
-    so none is lost and none piles up in a session of days.
+    IMAPClient offers no record of those responses (NOOP and IDLE return only
+    their own), but the imaplib connection it wraps (``client._imap``) keeps
+    one: every untagged response a command does not consume (FETCH consumes
+    ``FETCH``, SEARCH ``SEARCH``) stays in ``untagged_responses`` by name until
+    taken, and ``IMAP4.response(name)`` (imaplib's public method) takes them.
+    ``EXISTS`` is taken before each SEARCH and once more before IDLE, so none is
+    lost and none piles up in a session of days. (A NOOP before IDLE would not
+    do: it reports only what came after the FETCH, and the gap is what came
+    during it. UIDNEXT is sent with SELECT only.)
     """
     data: list[object] = client._imap.response("EXISTS")[1]  # [None] when none came
     return data != [None]
