@@ -181,7 +181,8 @@ def _announced(client: IMAPClient) -> bool:
     ``EXISTS`` is taken before each SEARCH and once more before IDLE, so none is
     lost and none piles up in a session of days. (A NOOP before IDLE would not
     do: it reports only what came after the FETCH, and the gap is what came
-    during it. UIDNEXT is sent with SELECT only.)
+    during it. UIDNEXT comes with SELECT, and STATUS should not be asked of the
+    selected mailbox, RFC 3501 6.3.10.)
     """
     data: list[object] = client._imap.response("EXISTS")[1]  # [None] when none came
     return data != [None]
