@@ -155,7 +155,9 @@ def trash_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"oauth": {"test": test}})
 
 
-@pytest.mark.parametrize("move", [True, False], ids=["move", "copy-expunge"])
+@pytest.mark.parametrize(
+    ("move", "files"), [(True, "first"), (False, "every")], ids=["move", "copy-expunge"]
+)
 def test_gmail_tracked_copies_are_deleted_through_trash(
     make_settings: MakeSettings,
     upstream: RecordingUpstream,
@@ -164,10 +166,12 @@ def test_gmail_tracked_copies_are_deleted_through_trash(
     dovecot: Dovecot,
     db_engine: Engine,
     move: bool,
+    files: str,
 ) -> None:
     """Gmail: expunged in Sent, a copy stays in All Mail; moved to Trash and expunged
     there, it is gone. Only the copies moved there go: not the other mail in Trash
-    (flagged deleted, or with the same Message-ID)."""
+    (flagged deleted, or with the same Message-ID). The one copy Gmail files, with
+    MOVE; three, with COPY and EXPUNGE where the server has no MOVE."""
     dovecot.stop()
     dovecot.trash = "Bin"  # found by its special-use flag, not its name
     if not move:
@@ -178,7 +182,7 @@ def test_gmail_tracked_copies_are_deleted_through_trash(
     other = MESSAGE.replace(b"<plan-1@example.com>", b"<other@example.com>")
     dovecot.append("Bin", other, flags=(b"\\Seen", b"\\Deleted"))
     dovecot.append("Bin", MESSAGE, flags=(b"\\Seen",))  # an earlier copy, thrown away
-    provider = provider_for(tls_pair, oauth_server, dovecot, "first")
+    provider = provider_for(tls_pair, oauth_server, dovecot, files)
     try:
         settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
         settings = trash_settings(settings)
@@ -187,10 +191,11 @@ def test_gmail_tracked_copies_are_deleted_through_trash(
     finally:
         provider.stop()
     assert_one_pristine_copy(settings, dovecot)
-    # the tracked copy went through Trash (Dovecot's mail_log), the pristine one is added
+    # the tracked copies went through Trash (Dovecot's mail_log), the pristine one is added
+    filed = 1 if files == "first" else 3
     plan = r"expunge: box={}, uid=\d+, msgid=<plan-1@example.com>"
-    assert len(re.findall(plan.format("Sent"), dovecot.log())) == 1
-    assert len(re.findall(plan.format("Bin"), dovecot.log())) == 1
+    assert len(re.findall(plan.format("Sent"), dovecot.log())) == filed
+    assert len(re.findall(plan.format("Bin"), dovecot.log())) == filed
     trash = [(data, set(flags)) for data, flags in dovecot.messages("Bin")]
     assert trash == [(other, {b"\\Seen", b"\\Deleted"}), (MESSAGE, {b"\\Seen"})]
 
