@@ -70,7 +70,9 @@ class _Watch:
         self.connection = connection
         self.stopping = threading.Event()
         self.client: IMAPClient | None = None
-        self.size: int | None = None  # messages in INBOX, as the server last said (EXISTS)
+        # Messages in INBOX as the last EXISTS kept said (IDLE's own are not kept:
+        # a count too low costs one more look at most); None: unknown.
+        self.size: int | None = None
         self.thread = threading.Thread(
             target=self.run, name=f"trackrelay-imap-{connection.id}", daemon=True
         )
