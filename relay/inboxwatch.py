@@ -17,10 +17,11 @@ in the dashboard is watched without a restart). Each thread:
    relay's one answer writer (relay/answerstore.py ``AnswerWriter``, the
    intake's when the intake listens), and stores the UID once the writer has
    committed or journaled it;
-4. waits with IDLE where the server has it (renewed every
-   :attr:`Settings.imap_idle_timeout` seconds), and looks again every
-   :attr:`Settings.imap_poll_interval` seconds in any case (IDLE does not
-   announce a message that came just before it began); a lost connection or a server
+4. reads again at once when the server announced a message (EXISTS) after
+   that SEARCH (IDLE would not announce it again: :meth:`_Watch.announced`), else
+   waits with IDLE where the server has it (renewed, and a look taken, every
+   :attr:`Settings.imap_idle_timeout` seconds), or looks again every
+   :attr:`Settings.imap_poll_interval` seconds; a lost connection or a server
    error reconnects after a back-off doubling from 1 s to
    :attr:`Settings.imap_backoff_max`. A broken connection ends its thread.
 """
@@ -69,6 +70,9 @@ class _Watch:
         self.connection = connection
         self.stopping = threading.Event()
         self.client: IMAPClient | None = None
+        # Messages in INBOX as the last EXISTS kept said (IDLE's own are not kept:
+        # a count too low costs one more look at most); None: unknown.
+        self.size: int | None = None
         self.thread = threading.Thread(
             target=self.run, name=f"trackrelay-imap-{connection.id}", daemon=True
         )
@@ -115,13 +119,15 @@ class _Watch:
         client = imapsession.open_session(settings, engine, found.id, found.provider)
         self.client = client
         try:
+            self.size = None
             state = client.select_folder("INBOX", readonly=True)
             validity = int(state.get(b"UIDVALIDITY", 0))
             last = self.start(client, state, found, validity)
             idle = b"IDLE" in client.capabilities()
             while not self.stopping.is_set():
                 last = self.read(client, validity, last)
-                self.wait(client, idle)
+                if not self.announced(client):  # else: arrived after the SEARCH, read it now
+                    self.wait(client, idle)
         finally:
             self.client = None
             imapsession.close(client)
@@ -141,6 +147,7 @@ class _Watch:
 
     def read(self, client: IMAPClient, validity: int, last: int) -> int:
         """Everything after LAST; the new last UID (stored once the writer has it)."""
+        self.announced(client)  # what came before this SEARCH, the SEARCH finds
         uids = client.search(["UID", f"{last + 1}:*"])
         for chunk in _slices(sorted(uid for uid in uids if uid > last)):
             for uid, data in sorted(client.fetch(chunk, [PEEK]).items()):
@@ -148,6 +155,34 @@ class _Watch:
                 last = uid
             mailbox.inbox_seen(self.owner.engine, self.connection.id, validity, last)
         return last
+
+    def announced(self, client: IMAPClient) -> bool:
+        """Whether the server announced a message since the last call: an EXISTS with
+        another count than the last one, or any after an EXPUNGE (one gone, one come).
+
+        A server tells a client of a new message once, in the untagged responses of
+        whatever command comes next (RFC 3501 7.3.1 and 5.2): one that arrived after
+        the SEARCH is announced during the FETCH or NOOP after it, and IDLE, which
+        reports only what the client was not yet told, never repeats it (RFC 2177).
+        IMAPClient offers no record of those responses (NOOP and IDLE return only
+        their own), but the imaplib connection it wraps (``client._imap``) keeps
+        one: every untagged response a command does not consume (FETCH consumes
+        ``FETCH``, SEARCH ``SEARCH``) stays in ``untagged_responses`` by name until
+        taken, and ``IMAP4.response(name)`` (imaplib's public method) takes them.
+        ``EXISTS`` and ``EXPUNGE`` are taken before each SEARCH and once more before
+        IDLE, so none is lost and none piles up in a session of days; the count
+        compared, a server that repeats an unchanged EXISTS (RFC 9051 allows it)
+        costs no more looks. (A NOOP before IDLE would not do: it reports only what
+        came after the FETCH, and the gap is what came during it. UIDNEXT comes with
+        SELECT, and STATUS should not be asked of the selected mailbox, RFC 3501
+        6.3.10.)
+        """
+        told: list[bytes | None] = client._imap.response("EXISTS")[1]  # [None]: none
+        expunged = client._imap.response("EXPUNGE")[1] != [None]
+        counts = [int(count) for count in told if count is not None]
+        news = bool(counts) and (expunged or counts[-1] != self.size)
+        self.size = None if expunged else counts[-1] if counts else self.size
+        return news
 
     def wait(self, client: IMAPClient, idle: bool) -> None:
         settings = self.owner.settings
@@ -157,10 +192,7 @@ class _Watch:
             return
         client.idle()
         try:
-            # A message that arrived between the last SEARCH and IDLE was announced
-            # (EXISTS) during an earlier command and is not announced again: a look
-            # every poll interval in any case.
-            client.idle_check(timeout=min(settings.imap_idle_timeout, settings.imap_poll_interval))
+            client.idle_check(timeout=settings.imap_idle_timeout)
         finally:
             if not self.stopping.is_set():
                 client.idle_done()

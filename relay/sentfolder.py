@@ -15,8 +15,11 @@ message through a mailbox connection whose ``sent`` is ``clean``
    (``SEARCH HEADER``, then the exact header compared) and reads them with
    ``BODY.PEEK[]``: a copy is **tracked** when it holds an open or click token
    of the relay (shared/tokens.py, verified with the secret keys) for THIS
-   message; those, and nothing else, are flagged ``\\Deleted`` and expunged by
-   UID (``UID EXPUNGE``, so nobody else's deleted mail goes with them);
+   message; those, and nothing else, are removed: by the provider's
+   ``sent_delete`` (shared/oauthproviders.py) flagged ``\\Deleted`` and
+   expunged by UID (``expunge``; ``UID EXPUNGE``, so nobody else's deleted mail
+   goes with them), or first moved to the ``\\Trash`` folder (``trash``,
+   :func:`_to_trash`: Gmail);
 3. when it removed tracked copies and, at the window's end, no copy without
    tokens is there (the client's own: Thunderbird saves one over IMAP after
    the relay's 250), appends the original as
@@ -43,7 +46,7 @@ from email.message import Message
 from email.utils import parsedate_to_datetime
 
 from imapclient import IMAPClient
-from imapclient.imapclient import SENT
+from imapclient.imapclient import DELETED, SENT, TRASH
 from sqlalchemy import Engine
 
 from relay import imapsession
@@ -136,9 +139,22 @@ def sent_folder(client: IMAPClient) -> str:
     return str(found) if found else FALLBACK_SENT
 
 
-def copies(client: IMAPClient, signer: Signer, job: Job) -> dict[int, str]:
-    """UID -> kind of every message in the selected folder with the job's Message-ID."""
-    uids = client.search(["HEADER", "Message-ID", job.message_id_header])
+def trash_folder(client: IMAPClient) -> str | None:
+    """The ``\\Trash`` special-use folder (RFC 6154), None if the server names none.
+
+    By its flag only, never guessed from a name (what IMAPClient's
+    ``find_special_folder`` would do): what is put there is deleted for good."""
+    for flags, _, name in client.list_folders():
+        if TRASH in flags:
+            return str(name)
+    return None
+
+
+def copies(client: IMAPClient, signer: Signer, job: Job, first: int = 1) -> dict[int, str]:
+    """UID -> kind of every message in the selected folder with the job's Message-ID
+    (and a UID from FIRST on)."""
+    found = client.search(["UID", f"{first}:*", "HEADER", "Message-ID", job.message_id_header])
+    uids = [uid for uid in found if uid >= first]  # N:* matches the last UID even below N
     if not uids:
         return {}
     fetched = client.fetch(uids, ["BODY.PEEK[]"])
@@ -150,15 +166,49 @@ def copies(client: IMAPClient, signer: Signer, job: Job) -> dict[int, str]:
     return out
 
 
-def _remove(client: IMAPClient, uids: list[int]) -> None:
-    client.add_flags(uids, [b"\\Deleted"], silent=True)
+def _expunge(client: IMAPClient, uids: list[int]) -> None:
+    client.add_flags(uids, [DELETED], silent=True)
     client.uid_expunge(uids)
 
 
+def _to_trash(
+    client: IMAPClient, uids: list[int], folder: str, trash: str, signer: Signer, job: Job
+) -> None:
+    """Gmail's way to delete: a message expunged in "[Gmail]/Sent Mail" only loses
+    that label and stays in All Mail (with recipient 1's pixel); one expunged in
+    "[Gmail]/Trash" is gone. So the tracked UIDS go to TRASH (``MOVE``, RFC 6851,
+    where announced; else ``COPY`` + ``\\Deleted`` + ``UID EXPUNGE``) and are
+    expunged there: only those moved, the ones with a UID from Trash's UIDNEXT
+    before the move, the job's Message-ID and a token of this message; whatever
+    else is in Trash stays. FOLDER is selected again after."""
+    first = int(client.folder_status(trash, ["UIDNEXT"])[b"UIDNEXT"])
+    if client.has_capability("MOVE"):
+        client.move(uids, trash)
+    else:
+        client.copy(uids, trash)
+        _expunge(client, uids)
+    client.select_folder(trash)
+    moved = sorted(uid for uid, k in copies(client, signer, job, first).items() if k == TRACKED)
+    if moved:
+        _expunge(client, moved)
+    client.select_folder(folder)
+    if len(moved) < len(uids):
+        log.warning(
+            "%d tracked copies of message %d moved to %s and not found there to delete",
+            len(uids) - len(moved), job.message_id, trash,
+        )  # fmt: skip
+
+
 def sweep(
-    client: IMAPClient, folder: str, settings: Settings, job: Job, stop: threading.Event
+    client: IMAPClient,
+    folder: str,
+    settings: Settings,
+    job: Job,
+    stop: threading.Event,
+    trash: str | None = None,
 ) -> Outcome:
-    """Steps 2 and 3 in FOLDER (selected); STOP set: look no more (the relay stops).
+    """Steps 2 and 3 in FOLDER (selected); STOP set: look no more (the relay stops);
+    TRASH given: tracked copies go through that folder (``sent_delete = "trash"``).
 
     The looking goes on until the window ends, unless every tracked copy is gone
     and the client's own copy is there: a client saves its copy after the
@@ -171,7 +221,10 @@ def sweep(
         found = copies(client, signer, job)
         tracked = sorted(uid for uid, k in found.items() if k == TRACKED)
         if tracked:
-            _remove(client, tracked)
+            if trash is None:
+                _expunge(client, tracked)
+            else:
+                _to_trash(client, tracked, folder, trash, signer, job)
             outcome.removed += len(tracked)
         outcome.client_copy = PRISTINE in found.values()
         done = outcome.removed >= job.copies and outcome.client_copy
@@ -203,9 +256,17 @@ def clean(
         log.warning("Sent folder of %s not cleaned: %s", connection.address, exc)
         return None
     try:
+        trash = trash_folder(client) if connection.provider.sent_delete == "trash" else None
+        if connection.provider.sent_delete == "trash" and trash is None:
+            log.warning(
+                "Sent folder of %s not cleaned: [oauth.%s] sent_delete = \"trash\", but the "
+                "server names no \\Trash folder (special-use); nothing removed",
+                connection.address, connection.provider.name,
+            )  # fmt: skip
+            return None
         folder = sent_folder(client)
         client.select_folder(folder)
-        outcome = sweep(client, folder, settings, job, stop or threading.Event())
+        outcome = sweep(client, folder, settings, job, stop or threading.Event(), trash)
     except imapsession.WIRE_ERRORS as exc:
         log.warning("Sent folder of %s not cleaned: %s", connection.address, exc)
         return None

@@ -6,7 +6,11 @@ endpoints, or the endpoints themselves), which client the relay is there
 (``client_id``, ``client_secret`` optional for public clients), which
 ``scopes`` it asks for, and the mailbox servers the grant opens: ``smtp`` (the
 submission server, an upstream URL as ``TRACKRELAY_UPSTREAM`` takes) and
-``imap``.
+``imap``. ``sent_delete`` says how the Sent folder's cleaner (relay/sentfolder.py)
+removes a tracked copy there: ``expunge`` (the default: flagged ``\\Deleted`` and
+expunged, gone at Microsoft 365 and most servers) or ``trash`` (moved to the
+``\\Trash`` special-use folder and expunged there: at Gmail, expunging in
+"[Gmail]/Sent Mail" only takes the label off and the copy stays in All Mail).
 
 The presets ``microsoft`` (with a configurable ``tenant``) and ``google`` fill
 everything but the client credentials: a table named after one, or with
@@ -53,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scopes": ["https://mail.google.com/"],
         "smtp": "smtp+starttls://smtp.gmail.com:587",
         "imap": "imaps://imap.gmail.com:993",
+        "sent_delete": "trash",
     },
 }
 ENDPOINTS = (
@@ -83,6 +88,7 @@ class OAuthProvider(BaseModel):
     scopes: list[str] = []
     smtp: str
     imap: str = ""
+    sent_delete: Literal["expunge", "trash"] = "expunge"
 
     @model_validator(mode="before")
     @classmethod

@@ -11,13 +11,17 @@ messages in the INBOX stay unseen.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
+import pytest
+from imapclient import IMAPClient
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from receiver.readmodel.events import events_after
+from relay import inboxwatch
 from shared.config import Settings
 from shared.identity import Viewer
 from shared.models import MailboxConnection, Message, User
@@ -170,3 +174,59 @@ def test_a_server_without_idle_is_polled(
         provider.stop()
     assert found == [("bounce", RECIPIENTS[1])]
     assert all(b"\\Seen" not in flags for _, flags in dovecot.messages("INBOX"))
+
+
+@pytest.mark.parametrize("expunge", [False, True], ids=["one-more", "one-gone-one-come"])
+def test_a_message_announced_before_idle_is_read_at_once(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    expunge: bool,
+) -> None:
+    """A reply that arrives after the SEARCH and is announced (EXISTS) before IDLE begins
+    (here by a NOOP, as by a FETCH) is not announced again under IDLE: it is read at
+    once, not after the poll interval or an IDLE renewal (an hour each, here). Also
+    when the bounce read before was expunged meanwhile (EXPUNGE, then the same EXISTS
+    count as before)."""
+    read = inboxwatch._Watch.read
+    arrived = threading.Event()
+
+    def read_then_a_reply(self: inboxwatch._Watch, client: IMAPClient, *args: int) -> int:
+        last = read(self, client, *args)
+        if last and not arrived.is_set():  # the bounce read: the reply comes
+            arrived.set()
+            with dovecot.client() as imap:
+                imap.select_folder("INBOX")
+                if expunge:
+                    imap.delete_messages([last])
+                    imap.uid_expunge([last])
+                imap.append("INBOX", REPLY)
+            client.noop()  # the server announces it now, before the watcher's IDLE
+        return last
+
+    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        settings = settings.model_copy(
+            update={"imap_poll_interval": 3600.0, "imap_idle_timeout": 3600.0}
+        )
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+        dovecot.append("INBOX", BOUNCE)
+        monkeypatch.setattr(inboxwatch._Watch, "read", read_then_a_reply)
+
+        async def scenario() -> list[tuple[str, str]]:
+            async with running_relay(settings, db_engine):
+                return await wait_for(db_engine, 2)
+
+        found = asyncio.run(scenario())
+    finally:
+        provider.stop()
+    assert arrived.is_set()
+    assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]
+    left = [data for data, _ in dovecot.messages("INBOX")]
+    assert left == ([REPLY] if expunge else [BOUNCE, REPLY])

@@ -10,6 +10,7 @@ relay logs in to Dovecot with XOAUTH2 and the connection's grant.
 from __future__ import annotations
 
 import asyncio
+import re
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
@@ -146,6 +147,83 @@ def test_nothing_else_is_touched(
     left = [data for data, _ in dovecot.messages(SENT)]
     # the lookalike has no token of ours: it counts as the client's copy, none added
     assert left == [other, lookalike]
+
+
+def trash_settings(settings: Settings) -> Settings:
+    """Provider ``test`` with ``sent_delete = "trash"``, as the google preset has it."""
+    test = settings.oauth["test"].model_copy(update={"sent_delete": "trash"})
+    return settings.model_copy(update={"oauth": {"test": test}})
+
+
+@pytest.mark.parametrize(
+    ("move", "files"), [(True, "first"), (False, "every")], ids=["move", "copy-expunge"]
+)
+def test_gmail_tracked_copies_are_deleted_through_trash(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+    move: bool,
+    files: str,
+) -> None:
+    """Gmail: expunged in Sent, a copy stays in All Mail; moved to Trash and expunged
+    there, it is gone. Only the copies moved there go: not the other mail in Trash
+    (flagged deleted, or with the same Message-ID). The one copy Gmail files, with
+    MOVE; three, with COPY and EXPUNGE where the server has no MOVE."""
+    dovecot.stop()
+    dovecot.trash = "Bin"  # found by its special-use flag, not its name
+    if not move:
+        dovecot.capabilities = "IMAP4rev1 SASL-IR LITERAL+ ID ENABLE IDLE UIDPLUS SPECIAL-USE"
+    dovecot.start()
+    with dovecot.client() as imap:
+        assert (b"MOVE" in imap.capabilities()) is move
+    other = MESSAGE.replace(b"<plan-1@example.com>", b"<other@example.com>")
+    dovecot.append("Bin", other, flags=(b"\\Seen", b"\\Deleted"))
+    dovecot.append("Bin", MESSAGE, flags=(b"\\Seen",))  # an earlier copy, thrown away
+    provider = provider_for(tls_pair, oauth_server, dovecot, files)
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        settings = trash_settings(settings)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    assert_one_pristine_copy(settings, dovecot)
+    # the tracked copies went through Trash (Dovecot's mail_log), the pristine one is added
+    filed = 1 if files == "first" else 3
+    plan = r"expunge: box={}, uid=\d+, msgid=<plan-1@example.com>"
+    assert len(re.findall(plan.format("Sent"), dovecot.log())) == filed
+    assert len(re.findall(plan.format("Bin"), dovecot.log())) == filed
+    trash = [(data, set(flags)) for data, flags in dovecot.messages("Bin")]
+    assert trash == [(other, {b"\\Seen", b"\\Deleted"}), (MESSAGE, {b"\\Seen"})]
+
+
+def test_trash_without_a_trash_folder_removes_nothing(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server naming no \\Trash folder: the tracked copy stays where it is (a plain
+    expunge would hide it from Sent and leave it in All Mail), and the log says why."""
+    provider = provider_for(tls_pair, oauth_server, dovecot, "first")
+    try:
+        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
+        settings = trash_settings(settings)
+        connect_ann(db_engine, settings, oauth_server)
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    sent = dovecot.messages(SENT)
+    assert len(sent) == 1
+    assert tracked(settings, sent[0][0])  # the provider's copy, untouched
+    assert b"\\Deleted" not in sent[0][1]
+    assert 'sent_delete = "trash", but the server names no \\Trash folder' in caplog.text
 
 
 def test_sent_leave_keeps_what_the_provider_filed(

@@ -33,6 +33,7 @@ def test_microsoft_preset_fills_all_but_the_client_and_takes_a_tenant(tmp_path: 
     ]
     assert str(ms.smtp_target) == "smtp+starttls://smtp.office365.com:587"
     assert ms.imap == "imaps://outlook.office365.com:993"
+    assert ms.sent_delete == "expunge"
     assert ms.client_secret.get_secret_value() == ""
 
 
@@ -47,6 +48,7 @@ def test_google_preset_and_a_second_microsoft_tenant_by_preset(tmp_path: Path) -
     assert google.scopes == ["https://mail.google.com/"]
     assert str(google.smtp_target) == "smtp+starttls://smtp.gmail.com:587"
     assert google.imap == "imaps://imap.gmail.com:993"
+    assert google.sent_delete == "trash"  # expunging in Sent only takes the label off
     assert google.client_secret.get_secret_value() == "s"
     assert providers["work"].token_endpoint.startswith("https://login.microsoftonline.com/common/")
 
@@ -87,6 +89,7 @@ def test_a_generic_provider_by_issuer_or_endpoints(tmp_path: Path) -> None:
         ),
         ('[oauth.google]\nclient_id = "c"\nclientid = "d"\n', "[oauth.google] clientid: is not"),
         ('[oauth.x]\npreset = "yahoo"\nclient_id = "c"\n', "[oauth.x] preset:"),
+        ('[oauth.google]\nclient_id = "c"\nsent_delete = "bin"\n', "[oauth.google] sent_delete:"),
     ],
 )
 def test_a_bad_provider_table_is_one_line_naming_the_key(

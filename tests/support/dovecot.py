@@ -2,12 +2,16 @@
 
 Started by the suite from a temporary configuration: IMAP on a free loopback
 port without TLS (``ssl = no``, loopback only), Maildir under the temporary
-directory, passwd-file users (:data:`USER` and :data:`ANN`, with :data:`PASSWORD`, for
-the tests' own look into a mailbox) and an ``oauth2`` passdb for XOAUTH2 and
-OAUTHBEARER that asks the in-suite OAuth server's introspection endpoint
+directory (a ``\\Sent`` special-use folder :data:`SENT`; a ``\\Trash`` one only
+when :attr:`Dovecot.trash` names it), passwd-file users (:data:`USER` and
+:data:`ANN`, with :data:`PASSWORD`, for the tests' own look into a mailbox) and
+an ``oauth2`` passdb for XOAUTH2 and OAUTHBEARER that asks the in-suite OAuth
+server's introspection endpoint
 (tests/support/oauth_server.py, ``introspection_mode = post`` with the client
 credentials in the URL) whether a token is live and for whom: XOAUTH2 to IMAP
 is checked by a real server, with the same tokens the recording upstream takes.
+Its log (:meth:`Dovecot.log`) has a line per message copied or expunged
+(``mail_log``: folder, UID, Message-ID): where a message went, and was removed.
 
 Dovecot runs in the foreground (``dovecot -c FILE -F``) with its base and
 state directories in the temporary directory. As root (CI) the mail processes
@@ -54,6 +58,11 @@ auth_mechanisms = plain xoauth2 oauthbearer
 log_path = {root}/dovecot.log
 first_valid_uid = {uid}
 mail_location = maildir:{root}/mail/%u/Maildir
+mail_plugins = $mail_plugins notify mail_log
+plugin {{
+  mail_log_events = copy expunge
+  mail_log_fields = uid box msgid
+}}
 default_internal_user = {internal}
 default_login_user = {login}
 service imap-login {{
@@ -89,7 +98,14 @@ namespace inbox {{
     special_use = \\Sent
     auto = create
   }}
-}}
+{trash}}}
+"""
+
+_TRASH = """\
+  mailbox "{name}" {{
+    special_use = \\Trash
+    auto = create
+  }}
 """
 
 _OAUTH2 = """\
@@ -127,6 +143,7 @@ class Dovecot:
     port: int = 0
     capabilities: str = ""  # set: the post-login IMAP capabilities (e.g. without IDLE)
     scope: str = ""  # set: a token must have this scope (the oauth2 passdb's ``scope``)
+    trash: str = ""  # set: a mailbox of this name is the \Trash special-use folder
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -153,6 +170,7 @@ class Dovecot:
         text = _CONFIG.format(
             root=self.root, port=self.port, uid=uid, gid=gid,
             internal=internal, login=login, sent=SENT,
+            trash=_TRASH.format(name=self.trash) if self.trash else "",
         )  # fmt: skip
         if self.capabilities:
             text += f"imap_capability = {self.capabilities}\n"
