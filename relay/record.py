@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic_core import PydanticUndefined
-from sqlalchemy import Engine, bindparam, insert, select
+from sqlalchemy import Connection, Engine, bindparam, insert, select
 from sqlmodel import SQLModel
 
 from relay.prepared import Prepared
@@ -195,26 +195,31 @@ class RecordStore(Store[Record]):
     def _insert(self, batch: list[_Rows]) -> int:
         """One transaction; returns how many records were new."""
         with self.engine.begin() as conn:
-            ids = [rows.id for rows in batch]
-            seen = set(conn.execute(STORED, {"ids": ids}).scalars())
-            new = []
-            for rows in batch:
-                if rows.id not in seen:  # also a record twice in one batch
-                    seen.add(rows.id)
-                    new.append(rows)
-            if not new:
-                return 0
-            conn.execute(INSERT_MESSAGES, [rows.message for rows in new])
-            recipients = [r for rows in new for r in rows.recipients]
-            if recipients:
-                conn.execute(INSERT_RECIPIENTS, recipients)
-            links = [link for rows in new for link in rows.links]
-            if links:
-                conn.execute(INSERT_LINKS, links)
-            # The day's rollup and the senders menu commit with the messages.
-            eventstate.recorded(conn, [rows.id for rows in new])
-            # message.sent / delivery.failed webhooks commit with the messages.
-            enqueue_messages_sent(conn, [(rows.message, rows.recipients) for rows in new])
+            return self._statements(conn, batch)
+
+    def _statements(self, conn: Connection, batch: list[_Rows]) -> int:
+        """What the transaction does (committed by :meth:`_insert`)."""
+        ids = [rows.id for rows in batch]
+        seen = set(conn.execute(STORED, {"ids": ids}).scalars())
+        new = []
+        for rows in batch:
+            if rows.id not in seen:  # also a record twice in one batch
+                seen.add(rows.id)
+                new.append(rows)
+        if not new:
+            return 0
+        conn.execute(INSERT_MESSAGES, [rows.message for rows in new])
+        recipients = [r for rows in new for r in rows.recipients]
+        if recipients:
+            conn.execute(INSERT_RECIPIENTS, recipients)
+        links = [link for rows in new for link in rows.links]
+        if links:
+            conn.execute(INSERT_LINKS, links)
+        # The day's rollup and the senders menu commit with the messages; so does the
+        # state of a message whose hits came first (eventstate.recorded says how).
+        eventstate.recorded(conn, [rows.id for rows in new])
+        # message.sent / delivery.failed webhooks commit with the messages.
+        enqueue_messages_sent(conn, [(rows.message, rows.recipients) for rows in new])
         return len(new)
 
     def to_record(self, item: Record) -> Record:
