@@ -4,8 +4,8 @@ as an event, in the transaction that keeps the state columns and the outbox.
 The intake listener (relay/intake.py) classifies a copy of incoming mail
 (shared/answers.py) and hands :class:`AnswerWriter` one item per copy: the
 findings, when it arrived and what identifies it. Like the relay's message
-records (relay/record.py) the item goes through shared/groupcommit.py and
-shared/spool.py: ``await put(item)`` returns once it is committed or
+records (relay/record.py) the item goes through shared/groupcommit.py
+(``SpooledWriter``) and shared/spool.py: ``await put(item)`` returns once it is committed or
 journaled (``<var_dir>/journal/intake-<pid>-....jsonl`` while the database is
 away, replayed when it is back), and only then does the listener answer 250.
 
@@ -52,12 +52,11 @@ from shared import eventstate
 from shared.answers import Finding
 from shared.config import Settings
 from shared.db import impatient_engine, insert_ignoring
-from shared.groupcommit import GroupCommit
+from shared.groupcommit import SpooledWriter
 from shared.isotime import iso, moment
-from shared.journal import Journal
 from shared.models import Event, Message, Recipient
 from shared.outbox import enqueue_for_events
-from shared.spool import SQLITE_WRITE_TIMEOUT, Counters, Invalid, Spool, Store, first_line
+from shared.spool import SQLITE_WRITE_TIMEOUT, Invalid, Store, first_line
 
 log = logging.getLogger(__name__)
 
@@ -247,30 +246,17 @@ def _key(answer: Any) -> str:
     return "?"
 
 
-class AnswerWriter:
-    """Stores answers in batches; journals them while the database is down."""
+class AnswerWriter(SpooledWriter[Item, AnswerStore]):
+    """Stores answers in batches; journals them while the database is down
+    (shared/groupcommit.py ``SpooledWriter``, as the relay's message records)."""
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
-        self.store = AnswerStore(engine, notify_email=bool(settings.notify_from))
-        self.spool = Spool(
-            self.store,
-            Journal(settings.var_dir / "journal", prefix="intake"),
+        super().__init__(
+            AnswerStore(engine, notify_email=bool(settings.notify_from)),
+            settings.var_dir / "journal",
+            "intake",
+            max_batch=MAX_BATCH,
             replay_slice=REPLAY_SLICE,
             scan_interval=SCAN_INTERVAL,
+            name="trackrelay-intake-writer",
         )
-        self.writer = GroupCommit(self.spool, MAX_BATCH, name="trackrelay-intake-writer")
-
-    @property
-    def counts(self) -> Counters:
-        return self.spool.counts
-
-    async def start(self) -> None:
-        await self.writer.start()
-
-    async def stop(self) -> None:
-        await self.writer.stop()
-        self.store.close()
-
-    async def put(self, answer: Item) -> None:
-        """Return once ``answer`` is committed or journaled; never raises for the database."""
-        await self.writer.put(answer)

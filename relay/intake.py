@@ -28,19 +28,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import socket
-import ssl
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine
 
 from relay.answerstore import AnswerWriter, item
-from relay.limits import SessionLimits
 from relay.peers import Peers
-from relay.smtp import RelaySMTP
 from shared.answers import classify, parse
-from shared.config import Settings, SettingsError
+from shared.config import Settings
 from shared.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -67,9 +63,14 @@ class IntakeCounters:
 class IntakeHandler:
     """aiosmtpd hooks of the intake (every hook returns its reply string)."""
 
-    def __init__(self, writer: AnswerWriter) -> None:
+    def __init__(self, writer: AnswerWriter, max_size: int) -> None:
         self.writer = writer
+        self.max_size = max_size  # TRACKRELAY_INTAKE_MAX_SIZE: more is refused with 552
         self.counts = IntakeCounters()
+
+    def size_limit(self) -> int:
+        """SIZE, and what DATA accepts (only the first :data:`READ_BYTES` are read)."""
+        return self.max_size
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -122,27 +123,18 @@ def copy_key(message: Any, head: bytes) -> str:
     return "sha256:" + hashlib.sha256(block).hexdigest()
 
 
-class IntakeListener:
-    """The intake's server: its own writer and handler, one listening socket."""
+class Intake:
+    """The intake's parts: its writer, its handler and who may connect.
 
-    def __init__(
-        self,
-        settings: Settings,
-        engine: Engine,
-        tls_context: ssl.SSLContext,
-        sock: socket.socket | None = None,
-        limits: SessionLimits | None = None,
-    ) -> None:
-        self.settings = settings
-        self.limits = limits  # the relay's, shared by every listener (relay/limits.py)
+    relay/server.py listens for it (``RelayServer._listen``, the one way every
+    listener is opened, limited and stopped), starts its writer before the port
+    opens and stops it once the port's last session ended.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
         self.writer = AnswerWriter(settings, engine)
-        self.handler = IntakeHandler(self.writer)
+        self.handler = IntakeHandler(self.writer, settings.intake_max_size)
         self.peers = Peers.of("intake", settings.intake_network_list, serves="the intake networks")
-        self.tls_context = tls_context
-        self.port = 0
-        self._sock = sock
-        self._server: asyncio.Server | None = None
-        self._connections: set[RelaySMTP] = set()
 
     @property
     def counts(self) -> IntakeCounters:
@@ -152,60 +144,3 @@ class IntakeListener:
     def unmatched(self) -> int:
         """Copies that left nothing: nothing recognised, or no message of ours named."""
         return self.handler.counts.unrecognised + self.writer.store.unmatched
-
-    async def start(self) -> None:
-        assert self.settings.intake_port is not None
-        await self.writer.start()  # replays what a previous run journaled
-        loop = asyncio.get_running_loop()
-        try:
-            if self._sock is not None:
-                server = await loop.create_server(self._protocol, sock=self._sock)
-            else:
-                server = await loop.create_server(
-                    self._protocol, self.settings.host, self.settings.intake_port
-                )
-        except OSError as exc:
-            await self.writer.stop()
-            where = f"{self.settings.host}:{self.settings.intake_port}"
-            message = f"TRACKRELAY_INTAKE_PORT: cannot listen on {where}: {exc}"
-            raise SettingsError(message) from None
-        self._server = server
-        self.port = server.sockets[0].getsockname()[1]
-
-    def _protocol(self) -> RelaySMTP:
-        settings = self.settings
-        return RelaySMTP(
-            self.handler,
-            listener="intake",
-            peers=self.peers,
-            on_open=self._connections.add,
-            on_close=self._connections.discard,
-            hostname=settings.smtp_hostname,
-            ident="trackrelay intake",
-            tls_context=self.tls_context,
-            data_size_limit=settings.intake_max_size,
-            enable_SMTPUTF8=True,
-            timeout=settings.idle_timeout,
-            data_timeout=settings.data_timeout,
-            command_limit=settings.max_commands_without_mail,
-            limits=self.limits,
-            greeting_timeout=min(settings.greeting_timeout, settings.idle_timeout),
-            loop=asyncio.get_running_loop(),
-        )
-
-    async def stop(self, grace: float = 10) -> None:
-        """Stop accepting, let copies in flight finish, then write what is queued."""
-        if self._server is not None:
-            self._server.close()
-        for protocol in list(self._connections):
-            protocol.begin_shutdown()
-        for _ in range(int(grace * 10)):
-            if not self._connections:
-                break
-            await asyncio.sleep(0.1)
-        for protocol in list(self._connections):
-            protocol.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-        await self.writer.stop()

@@ -1,7 +1,8 @@
 """Write what was relayed: the Message, one Recipient row each, the Links and the
 ``message.sent`` outbox rows, committed before the client gets its reply.
 
-Group commit (shared/groupcommit.py): :meth:`Recorder.record` queues
+Group commit (shared/groupcommit.py, its ``SpooledWriter`` wires the journal,
+the spool and the writer task as for the answers): :meth:`Recorder.record` queues
 the record and waits for it; ONE writer task takes everything queued (up to
 ``MAX_BATCH``) and :class:`RecordStore` stores it in ONE transaction with
 SQLAlchemy Core, in a worker thread: one ``SELECT id FROM messages WHERE id IN
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic_core import PydanticUndefined
-from sqlalchemy import Engine, bindparam, insert, select
+from sqlalchemy import Connection, Engine, bindparam, insert, select
 from sqlmodel import SQLModel
 
 from relay.prepared import Prepared
@@ -54,12 +55,11 @@ from relay.upstream import Reply
 from shared import eventstate
 from shared.config import Settings
 from shared.db import impatient_engine
-from shared.groupcommit import GroupCommit
+from shared.groupcommit import SpooledWriter
 from shared.isotime import moment
-from shared.journal import Journal
 from shared.models import Link, Message, Recipient
 from shared.outbox import enqueue_messages_sent
-from shared.spool import SQLITE_WRITE_TIMEOUT, Counters, Invalid, Spool, Store, first_line
+from shared.spool import SQLITE_WRITE_TIMEOUT, Invalid, Store, first_line
 from shared.storable import storable
 
 log = logging.getLogger(__name__)
@@ -195,26 +195,31 @@ class RecordStore(Store[Record]):
     def _insert(self, batch: list[_Rows]) -> int:
         """One transaction; returns how many records were new."""
         with self.engine.begin() as conn:
-            ids = [rows.id for rows in batch]
-            seen = set(conn.execute(STORED, {"ids": ids}).scalars())
-            new = []
-            for rows in batch:
-                if rows.id not in seen:  # also a record twice in one batch
-                    seen.add(rows.id)
-                    new.append(rows)
-            if not new:
-                return 0
-            conn.execute(INSERT_MESSAGES, [rows.message for rows in new])
-            recipients = [r for rows in new for r in rows.recipients]
-            if recipients:
-                conn.execute(INSERT_RECIPIENTS, recipients)
-            links = [link for rows in new for link in rows.links]
-            if links:
-                conn.execute(INSERT_LINKS, links)
-            # The day's rollup and the senders menu commit with the messages.
-            eventstate.recorded(conn, [rows.id for rows in new])
-            # message.sent / delivery.failed webhooks commit with the messages.
-            enqueue_messages_sent(conn, [(rows.message, rows.recipients) for rows in new])
+            return self._statements(conn, batch)
+
+    def _statements(self, conn: Connection, batch: list[_Rows]) -> int:
+        """What the transaction does (committed by :meth:`_insert`)."""
+        ids = [rows.id for rows in batch]
+        seen = set(conn.execute(STORED, {"ids": ids}).scalars())
+        new = []
+        for rows in batch:
+            if rows.id not in seen:  # also a record twice in one batch
+                seen.add(rows.id)
+                new.append(rows)
+        if not new:
+            return 0
+        conn.execute(INSERT_MESSAGES, [rows.message for rows in new])
+        recipients = [r for rows in new for r in rows.recipients]
+        if recipients:
+            conn.execute(INSERT_RECIPIENTS, recipients)
+        links = [link for rows in new for link in rows.links]
+        if links:
+            conn.execute(INSERT_LINKS, links)
+        # The day's rollup and the senders menu commit with the messages; so does the
+        # state of a message whose hits came first (eventstate.recorded says how).
+        eventstate.recorded(conn, [rows.id for rows in new])
+        # message.sent / delivery.failed webhooks commit with the messages.
+        enqueue_messages_sent(conn, [(rows.message, rows.recipients) for rows in new])
         return len(new)
 
     def to_record(self, item: Record) -> Record:
@@ -268,45 +273,21 @@ def _message_id(record: Any) -> Any:
     return "?"
 
 
-class Recorder:
-    """Stores relayed messages in batches; journals them while the database is down."""
+class Recorder(SpooledWriter[Record, RecordStore]):
+    """Stores relayed messages in batches; journals them while the database is down
+    (shared/groupcommit.py ``SpooledWriter``: start, stop, replay, the journal)."""
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
-        self.engine = engine
-        self._store = RecordStore(engine)
-        self.spool = Spool(
-            self._store,
-            Journal(settings.var_dir / "journal", prefix="relay"),
+        super().__init__(
+            RecordStore(engine),
+            settings.var_dir / "journal",
+            "relay",
+            max_batch=MAX_BATCH,
             replay_slice=REPLAY_SLICE,
             scan_interval=SCAN_INTERVAL,
+            name="trackrelay-relay-recorder",
         )
-        self.writer = GroupCommit(self.spool, MAX_BATCH, name="trackrelay-relay-recorder")
-
-    @property
-    def store(self) -> RecordStore:
-        return self._store
-
-    @store.setter
-    def store(self, store: RecordStore) -> None:  # a test wraps the real store
-        self._store = self.spool.store = store
-
-    @property
-    def degraded(self) -> bool:
-        return self.spool.degraded
-
-    @property
-    def counts(self) -> Counters:
-        """Batches and records written, replayed, journaled, lost (shared/spool.py)."""
-        return self.spool.counts
-
-    async def start(self) -> None:
-        """Start the writer (it first replays what a previous run left)."""
-        await self.writer.start()
-
-    async def stop(self) -> None:
-        """Write (or journal) every queued record, then stop."""
-        await self.writer.stop()
-        self.store.close()
+        self.engine = engine
 
     async def record(self, prepared: Prepared, delivery: Delivery) -> None:
         """Log one INFO line and store the rows (or journal them); never raises.
@@ -329,4 +310,4 @@ class Recorder:
         except Exception:
             log.exception("cannot build the record of message %d (mail was delivered)", message.id)
             return
-        await self.writer.put(record)
+        await self.put(record)

@@ -17,15 +17,19 @@ share the database engine or async clients with the receiver):
   names), its own TLS context asks for a client certificate when
   ``TRACKRELAY_GATEWAY_CLIENT_NAMES`` is set; only its networks and names.
 * ``intake`` (optional, ``TRACKRELAY_INTAKE_PORT``): copies of incoming mail
-  for replies and bounces, never delivered (relay/intake.py, its own handler
-  and writer); STARTTLS offered; only ``TRACKRELAY_INTAKE_NETWORKS``.
+  for replies and bounces, never delivered (relay/intake.py, its own handler,
+  size limit and writer; the writer stops after the port's last session);
+  STARTTLS offered; only ``TRACKRELAY_INTAKE_NETWORKS``.
 * no listener, the INBOX of each mailbox connection whose provider has
   ``imap`` (relay/inboxwatch.py, ``TRACKRELAY_IMAP_WATCH``): replies and
   bounces read over IMAP, stored through the intake's writer (or its own).
 
-All listeners share one :class:`relay.limits.SessionLimits` (sessions in all
-and per client address, 421 past them); a TLS handshake on ``smtps`` must end
-within the greeting timeout.
+Every listener is opened by :meth:`RelayServer._listen` and its sessions are
+made by :meth:`RelayServer._protocol` (what differs is passed: handler, peers,
+TLS, ident), so all share one :class:`relay.limits.SessionLimits` (sessions
+in all and per client address, 421 past them), the timeouts and a graceful
+:meth:`RelayServer.stop`; a TLS handshake on ``smtps`` must end within the
+greeting timeout.
 
 Scale-out: :func:`bind_listeners` binds the listening sockets once; worker
 processes forked after that (``TRACKRELAY_RELAY_WORKERS``) each pass them to
@@ -53,7 +57,7 @@ from relay.answerstore import AnswerWriter
 from relay.gateway import GatewayHandler
 from relay.handler import RelayHandler
 from relay.inboxwatch import InboxWatcher
-from relay.intake import IntakeListener
+from relay.intake import Intake, IntakeHandler
 from relay.limits import SessionLimits
 from relay.peers import Peers, ask_for_certificates
 from relay.smtp import RelaySMTP
@@ -92,7 +96,7 @@ class RelayServer:
         self._closed = asyncio.Event()
         self._stopping = False
         self._dev_lines: list[str] = []
-        self.intake: IntakeListener | None = None  # relay/intake.py, if its port is set
+        self.intake: Intake | None = None  # relay/intake.py, if its port is set
         self.inbox: InboxWatcher | None = None  # relay/inboxwatch.py, if a provider has imap
 
     @property
@@ -118,10 +122,7 @@ class RelayServer:
         if self.gateway is not None:
             await self._listen_gateway(cert, key)
         if settings.intake_port is not None:
-            sock = self._sockets.get("intake")
-            self.intake = IntakeListener(settings, self.engine, context, sock, self.limits)
-            await self.intake.start()
-            self.ports["intake"] = self.intake.port
+            await self._listen_intake(context)
         if (
             self.watch_inbox
             and settings.imap_watch
@@ -163,9 +164,32 @@ class RelayServer:
             require_starttls=settings.gateway_require_tls or bool(names),
         )
 
+    async def _listen_intake(self, context: ssl.SSLContext) -> None:
+        """The intake: its own handler (never delivers), peers and size; its writer runs
+        before the port opens (it first replays what a previous run journaled)."""
+        settings = self.settings
+        assert settings.intake_port is not None
+        intake = self.intake = Intake(settings, self.engine)
+        await intake.writer.start()
+        try:
+            await self._listen(
+                "intake",
+                settings.intake_port,
+                handler=intake.handler,
+                ident="trackrelay intake",
+                peers=intake.peers,
+                tls_context=context,
+            )
+        except SettingsError:
+            await intake.writer.stop()
+            self.intake = None
+            raise
+
     async def _listen(
         self, listener: str, port: int, *, ssl: ssl.SSLContext | None = None, **options: Any
     ) -> None:
+        """Open one listener (or take its socket bound by a parent of several workers);
+        ``options`` go to :meth:`_protocol`."""
         loop = asyncio.get_running_loop()
         factory = lambda: self._protocol(listener, **options)  # noqa: E731
         # A TLS handshake never begun holds a socket too: no longer than a greeting.
@@ -190,8 +214,14 @@ class RelayServer:
         self.ports[listener] = server.sockets[0].getsockname()[1]
 
     def _protocol(
-        self, listener: str, handler: RelayHandler | None = None, **options: Any
+        self,
+        listener: str,
+        handler: RelayHandler | IntakeHandler | None = None,
+        ident: str = "trackrelay ESMTP",
+        **options: Any,
     ) -> RelaySMTP:
+        """One session of ``listener``: its handler (the relay's unless given) and SIZE,
+        under the relay's limits and timeouts, counted until it ends (:meth:`stop`)."""
         handler = handler or self.handler
         protocol = RelaySMTP(
             handler,
@@ -199,7 +229,7 @@ class RelayServer:
             on_open=self._remember,
             on_close=self._forget,
             hostname=self.settings.smtp_hostname,
-            ident="trackrelay ESMTP",
+            ident=ident,
             data_size_limit=handler.size_limit(),
             enable_SMTPUTF8=True,  # decode UTF-8 arguments; advertised only if upstream has it
             timeout=self.settings.idle_timeout,
@@ -248,8 +278,8 @@ class RelayServer:
         if self.inbox is not None:  # before the intake: it may share its writer
             await self.inbox.stop()
             self.inbox = None
-        if self.intake is not None:
-            await self.intake.stop(grace)
+        if self.intake is not None:  # its sessions ended above: what they queued is written
+            await self.intake.writer.stop()
         self.handler.sent.stop()  # cleanings of Sent folders end their looking now
         await self.handler.drain()
         self.handler.sent.close()

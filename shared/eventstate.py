@@ -11,8 +11,9 @@ day. The writers keep them in the transaction that writes what they count:
   is counted once however often its batch is replayed.
 * :func:`recorded` — the relay's record (relay/record.py) of new messages:
   ``sent`` and tracking go into the day's rollup and the sender's row; a
-  message recorded after its first hits (its record was journaled) has its
-  state counted from those events first.
+  message recorded after its first hits (its record was journaled, or they
+  were written while it committed) has its state counted from those events
+  first.
 * :func:`recount` — erasure and the purge of old hits (shared/privacy.py):
   what remains of some messages' events, counted again.
 * :func:`removing` — the purge of old messages: their senders' rows lose them,
@@ -42,11 +43,9 @@ first (``FOR UPDATE``, in id order) and counts their answers again from their
 answer events, as :func:`rebuild` does.
 Rollup rows are upserted in key order (shared/db.py ``upsert_adding_sql``).
 Should two writers still deadlock on PostgreSQL, one batch fails and the
-spool journals and replays it (shared/spool.py). One window stays open: a hit
-written while its message's record is being committed (neither transaction
-sees the other's row) is not in the state until ``rebuild-state`` runs;
-records are committed before the client's reply, and hits come after the
-mail arrives.
+spool journals and replays it (shared/spool.py). A hit written while its
+message's record is being committed (neither transaction sees the other's
+row) is counted by the record's transaction: :func:`recorded` says how.
 
 Cost: one update per batch for recipients and one for messages (SQL text
 built once per size; PostgreSQL: ``unnest`` of column arrays, SQLite:
@@ -714,21 +713,38 @@ def recount(conn: Connection, message_ids: Sequence[int]) -> None:
         _count_state(conn, _ids(chunk))
 
 
+#: Of some messages, those with an event: one probe of ``ix_events_message_kind`` per
+#: message (PostgreSQL: an index-only scan, LIMIT 1 each), nothing read when none has.
+_EARLY = (
+    "SELECT m.id FROM messages AS m WHERE {m} AND EXISTS"
+    " (SELECT 1 FROM events AS e WHERE e.message_id = m.id)"
+)
+
+
 def recorded(conn: Connection, message_ids: Sequence[int]) -> None:
     """New messages were just inserted: add them to the rollups and the senders.
 
-    A message whose hits came first (its record was journaled) has its state
-    counted from those events.
+    A message whose hits came first has its state (and its day's figures)
+    counted from those events: its record was journaled, or a hit was written
+    while the record's transaction ran, whose :func:`apply` could not see the
+    message. For the second, PostgreSQL takes ``SHARE`` on ``events`` first
+    (the weakest mode that conflicts with an insert; records share it): the
+    probe then waits for the hit writers already inserting, and sees what they
+    committed, while later ones wait for this commit, and their :func:`apply`
+    sees the message. What it costs: a record waits for the event batches in
+    flight, and event batches for the records committing. SQLite needs nothing:
+    its writers take turns.
     """
+    if _Dialect.of(conn).postgres and message_ids:
+        conn.exec_driver_sql("LOCK TABLE events IN SHARE MODE")
     for chunk in _chunks(sorted(set(message_ids))):
         scope = _ids(chunk)
-        early = conn.execute(
-            scope.statement(f"SELECT 1 FROM events WHERE {scope.of('message_id')} LIMIT 1"),
-            scope.params,
-        ).first()
-        if early is not None:
-            _count_state(conn, scope)
-        _add_daily(conn, scope, with_events=early is not None)
+        early = list(
+            conn.execute(scope.statement(_EARLY.format(m=scope.of("m.id"))), scope.params).scalars()
+        )
+        if early:
+            _count_state(conn, _ids(early))
+        _add_daily(conn, scope, with_events=bool(early))
         sql = upsert_adding_sql(
             "senders",
             ("sender_key", "messages", "last_at"),

@@ -1,11 +1,15 @@
 """Group commit on asyncio: ``await put(item)`` returns once the item is committed
 or journaled, and ONE writer task writes everything queued as one batch.
 
-The relay's message records use it (relay/record.py): the client's reply must
-not run ahead of its record, and ten clients should share one commit. What a
-batch write does, and what happens when the database is down, is the
-synchronous core's business (shared/spool.py ``Spool``); this is only its
-asyncio face, for any writer that lives on an event loop.
+The relay's message records (relay/record.py) and its answers
+(relay/answerstore.py) use it: the client's reply must not run ahead of its
+record, and ten clients should share one commit. What a batch write does, and
+what happens when the database is down, is the synchronous core's business
+(shared/spool.py ``Spool``); this is only its asyncio face, for any writer
+that lives on an event loop. :class:`SpooledWriter` is that whole writer put
+together once (a store, its journal, the spool and the group commit), so
+start, stop, replay and "database away -> journal, stored once after" are
+wired in one place; a writer only brings its :class:`~shared.spool.Store`.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Generic
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
-from shared.spool import Item, Spool
+from shared.journal import Journal
+from shared.spool import Counters, Item, Spool, Store
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +109,65 @@ class GroupCommit(Generic[Item]):
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
+
+
+S = TypeVar("S", bound=Store[Any])
+
+
+class SpooledWriter(Generic[Item, S]):
+    """A :class:`~shared.spool.Store` behind its journal
+    (``<directory>/<prefix>-<pid>-....jsonl``), a :class:`Spool` and a
+    :class:`GroupCommit`: ``await put(item)`` returns once it is committed or
+    journaled; :meth:`start` first replays what a previous run left;
+    :meth:`stop` writes (or journals) what is queued, then closes the store."""
+
+    def __init__(
+        self,
+        store: S,
+        directory: Path,
+        prefix: str,
+        *,
+        max_batch: int,
+        replay_slice: int,
+        scan_interval: float,
+        name: str,
+    ) -> None:
+        self._store = store
+        self.spool: Spool[Item] = Spool(
+            store,
+            Journal(directory, prefix=prefix),
+            replay_slice=replay_slice,
+            scan_interval=scan_interval,
+        )
+        self.writer: GroupCommit[Item] = GroupCommit(self.spool, max_batch, name=name)
+
+    @property
+    def store(self) -> S:
+        return self._store
+
+    @store.setter
+    def store(self, store: S) -> None:  # a test wraps the real store
+        self._store = self.spool.store = store
+
+    @property
+    def degraded(self) -> bool:
+        """The database is away: live batches go to the journal until a probe works."""
+        return self.spool.degraded
+
+    @property
+    def counts(self) -> Counters:
+        """Batches and items written, replayed, journaled, lost (shared/spool.py)."""
+        return self.spool.counts
+
+    async def start(self) -> None:
+        """Start the writer (it first replays what a previous run left)."""
+        await self.writer.start()
+
+    async def stop(self) -> None:
+        """Write (or journal) every queued item, then close the journal and the store."""
+        await self.writer.stop()
+        self.store.close()
+
+    async def put(self, item: Item) -> None:
+        """Return once ``item`` is committed or journaled; never raises for the database."""
+        await self.writer.put(item)

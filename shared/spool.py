@@ -143,6 +143,9 @@ class Store(ABC, Generic[Item]):
     def replayed_all(self, stored: int) -> None:
         """A replay round emptied the journal, storing ``stored`` items."""
 
+    def close(self) -> None:
+        """Release what the store holds (its own engine); called once its writer stopped."""
+
 
 class Spool(Generic[Item]):
     """The synchronous core (module docstring): live batches, probes, replays, set-asides."""

@@ -18,7 +18,7 @@ from shared.config import Settings
 from shared.models import Event, Message
 from tests.support.paths import DATA
 from tests.support.receiverkit import Outage, wait_for
-from tests.support.relaykit import relay_settings, running_relay, send
+from tests.support.relaykit import RawClient, relay_settings, running_relay, send
 from tests.support.upstream import RecordingUpstream
 
 ANSWERS = DATA / "answers"
@@ -198,3 +198,35 @@ def test_the_database_away_during_intake_journals_and_stores_once_after(
         relay_engine.dispose()
     assert answer.startswith("2.0.0 OK")
     assert _events(engine) == [(1, "reply", "")]
+
+
+def test_the_intake_is_one_of_the_relays_listeners_its_limits_ident_and_size(
+    make_settings: Callable[..., Settings], upstream: RecordingUpstream, db_engine: Engine
+) -> None:
+    """Opened like every listener (relay/server.py ``_listen``): the relay's session
+    limits count its sessions with the others; its own ident, SIZE and 552 past it."""
+    settings = _settings(make_settings, upstream, max_sessions=2, intake_max_size=1000)
+
+    async def scenario() -> dict[str, object]:
+        async with running_relay(settings, db_engine) as relay:
+            port = relay.ports["intake"]
+            async with await RawClient.connect(relay.ports["smtp"]) as held:
+                async with await RawClient.connect(port) as copy:
+                    ehlo = await copy.command(b"EHLO mta.test")
+                    over = await RawClient.connect(port)  # the third session of the relay
+                    await over.close()
+                    big = await copy.command(b"MAIL FROM:<> SIZE=2000")
+                return {
+                    "held": held.greeting[:3],
+                    "greeting": copy.greeting,
+                    "ehlo": ehlo,
+                    "over": over.greeting,
+                    "big": big[:3],
+                }
+
+    got = asyncio.run(scenario())
+    assert got["held"] == "220"
+    assert "trackrelay intake" in str(got["greeting"])
+    assert "250-SIZE 1000" in str(got["ehlo"])
+    assert got["over"] == "421 4.7.0 Too many connections, try again later\r\n"
+    assert got["big"] == "552"

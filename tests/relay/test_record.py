@@ -6,22 +6,26 @@ import asyncio
 import json
 import logging
 import re
+import secrets
+import threading
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, func, insert
+from sqlalchemy import Connection, Engine, func, insert, text
 from sqlmodel import Session, select
 from starlette.applications import Starlette
 
 from receiver import api
 from relay.prepared import Copy, LinkRow, MessageRecord, Prepared
-from relay.record import Delivery, Record, Recorder, RecordStore, to_record
+from relay.record import Delivery, Record, Recorder, RecordStore, _Rows, to_record
 from relay.server import RelayServer
 from relay.upstream import Reply
-from shared import apitokens, db
+from shared import apitokens, db, eventstate
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Link, Message, OutboxItem, Recipient
@@ -41,6 +45,7 @@ from tests.support.relaykit import (
     send,
     sqlite_engine,
 )
+from tests.support.seedrows import write_events
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 
@@ -439,3 +444,97 @@ def test_nul_and_control_characters_in_headers_are_stored_sanitised(
     (message,) = listed.json()["messages"]
     assert message["subject"] == "nul\ufffdinside and raw \ufffd and \ufffd[31m too"
     assert message["from"].startswith("Eve\ufffdNull")
+
+
+class HitWhileCommitting(RecordStore):
+    """The real store, and a hit of each message written by another connection (as
+    the receiver's writer writes it) after the record's statements, before its
+    commit: the hit's ``eventstate.apply`` cannot see the message's row yet."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.failures: list[BaseException] = []
+        self.writers: list[threading.Thread] = []
+
+    def _statements(self, conn: Connection, batch: list[_Rows]) -> int:
+        stored = super()._statements(conn, batch)
+        hits = [_hit(rows.id, rows.message["created_at"]) for rows in batch]
+        writer = threading.Thread(target=self._write, args=(hits,))
+        writer.start()
+        self.writers.append(writer)
+        until = time.monotonic() + 2  # SQLite: the hit waits for the file's write lock
+        while writer.is_alive() and time.monotonic() < until and not _waits(self.shared):
+            writer.join(0.02)
+        return stored
+
+    def _write(self, hits: list[dict[str, Any]]) -> None:
+        try:
+            write_events(self.shared, hits)
+        except BaseException as exc:
+            self.failures.append(exc)
+
+
+def _hit(message_id: int, created: Any) -> dict[str, Any]:
+    return {
+        "event_key": secrets.token_hex(16),
+        "message_id": message_id,
+        "recipient_position": 1,
+        "link_position": 0,
+        "kind": "open",
+        "occurred_at": created + timedelta(seconds=5),
+        "ip": "198.51.100.0",
+        "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/130.0",
+        "method": "GET",
+        "verdict": "human",
+        "reasons": "ua:browser",
+    }
+
+
+def _waits(engine: Engine) -> bool:
+    """PostgreSQL: a session waits for a lock on the events table."""
+    if engine.dialect.name != "postgresql":
+        return False
+    with engine.connect() as conn:
+        sql = "SELECT 1 FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass"
+        return conn.execute(text(sql)).first() is not None
+
+
+_FIGURES = (
+    "SELECT m.opens, m.first_open_at, r.opens, d.opened, d.human_opens FROM messages AS m"
+    " JOIN recipients AS r ON r.message_id = m.id AND r.position = 1"
+    " JOIN daily_stats AS d ON d.sender_key = m.sender_key WHERE m.id = :id"
+)
+
+
+def test_a_hit_written_while_its_record_commits_is_in_the_state(
+    make_settings: Callable[..., Settings], engine: Engine
+) -> None:
+    """The hit's transaction cannot see the message; the record's must count it
+    (no ``trackrelay db rebuild-state`` needed): as a rebuild counts it."""
+    recorder = Recorder(make_settings(), engine)
+    recorder.store.close()
+    store = recorder.store = HitWhileCommitting(engine)
+    prepared, delivery = _prepared([])
+    prepared.message.track_opens = True
+
+    async def scenario() -> None:
+        await recorder.start()
+        try:
+            await recorder.record(prepared, delivery)
+        finally:
+            await recorder.stop()
+
+    asyncio.run(scenario())
+    for writer in store.writers:
+        writer.join()
+    assert store.failures == []
+    assert recorder.counts.written == 1
+    mid = prepared.message.id
+    with engine.connect() as conn:
+        figures = tuple(conn.execute(text(_FIGURES), {"id": mid}).one())
+    assert figures[0] == 1
+    assert figures[1] is not None
+    assert figures[2:] == (1, 1, 1)
+    eventstate.rebuild(engine)
+    with engine.connect() as conn:
+        assert tuple(conn.execute(text(_FIGURES), {"id": mid}).one()) == figures

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, text
 from receiver.eventrecord import event_keys, new_event
 from receiver.eventrows import BatchStore
 from shared import eventstate
-from shared.db import insert_ignoring
+from shared.db import insert_ignoring, make_engine
 from shared.models import Event
 from shared.verdicts import AUTOMATED, COUNTED, VERDICTS
 from tests.support.seedrows import T0, add_message, event, state, write_events
@@ -300,3 +300,27 @@ def test_rebuild_equals_incremental_and_the_old_overview_on_a_random_mix(
     assert rollup == {k: +v for k, v in _oracle(engine).items()}
     senders = {row["sender_key"]: row["messages"] for row in incremental["senders"]}
     assert senders == dict(Counter(m["sender_key"] for m in incremental["messages"]))
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # emptied afterwards
+def test_postgresql_probes_a_records_messages_for_hits_on_the_events_index(
+    database_url: str,
+) -> None:
+    """``recorded``'s probe: one index probe per message, never a scan of the events
+    (a plan check, not a time)."""
+    engine = make_engine(database_url)
+    try:
+        messages = [add_message(engine) for _ in range(3)]
+        write_events(engine, [event(m, "open") for m in messages for _ in range(5)])
+        scope = eventstate._ids([m.id for m in messages])
+        sql = "EXPLAIN " + eventstate._EARLY.format(m=scope.of("m.id"))
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE messages; ANALYZE events")
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            plan = "\n".join(r[0] for r in conn.execute(scope.statement(sql), scope.params))
+    finally:
+        engine.dispose()
+    on_events = [line.strip(" ->") for line in plan.splitlines() if " on events " in line]
+    assert on_events, plan
+    assert all(line.startswith("Index Only Scan using ix_events_message") for line in on_events)
+    assert "Index Cond: (message_id = m.id)" in plan, plan
