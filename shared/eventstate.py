@@ -444,6 +444,7 @@ def apply(conn: Connection, events: Iterable[Facts]) -> None:
     messages, recipients = _tally(d, events)
     if not messages:
         return
+    _stripes(conn, messages, exclusive=False)  # after a record committing, before one to come
     answered = sorted(m for m, t in messages.items() if t.answers)
     before = _old_answer_counts(conn, d, answered) if answered else {}
     recipient_rows = [
@@ -713,6 +714,29 @@ def recount(conn: Connection, message_ids: Sequence[int]) -> None:
         _count_state(conn, _ids(chunk))
 
 
+#: PostgreSQL advisory locks that order a record and the hits of its messages:
+#: (class, message id mod STRIPES), per transaction. Advisory, not a lock on
+#: ``events``: VACUUM, ANALYZE and ``CREATE INDEX CONCURRENTLY`` on the table
+#: never wait for them, nor they for those. Few, so a batch of 500 messages
+#: holds at most 64 of the server's lock slots.
+STATE_LOCK_CLASS = 0x7472  # "tr"
+STRIPES = 64
+
+
+def _stripes(conn: Connection, message_ids: Iterable[int], exclusive: bool) -> None:
+    """Take these messages' stripes for this transaction, in ascending order (as
+    every taker does, so two transactions never wait on each other in a circle);
+    ``exclusive`` for a record, shared for a batch of hits. SQLite: nothing."""
+    stripes = sorted({int(m) % STRIPES for m in message_ids})
+    if not stripes or not _Dialect.of(conn).postgres:
+        return
+    take = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    conn.exec_driver_sql(  # unnest keeps the array's order
+        f"SELECT count({take}({STATE_LOCK_CLASS}, s)::text) FROM unnest(%s::int[]) AS s",
+        (stripes,),
+    )
+
+
 #: Of some messages, those with an event: one probe of ``ix_events_message_kind`` per
 #: message (PostgreSQL: an index-only scan, LIMIT 1 each), nothing read when none has.
 _EARLY = (
@@ -727,16 +751,15 @@ def recorded(conn: Connection, message_ids: Sequence[int]) -> None:
     A message whose hits came first has its state (and its day's figures)
     counted from those events: its record was journaled, or a hit was written
     while the record's transaction ran, whose :func:`apply` could not see the
-    message. For the second, PostgreSQL takes ``SHARE`` on ``events`` first
-    (the weakest mode that conflicts with an insert; records share it): the
-    probe then waits for the hit writers already inserting, and sees what they
-    committed, while later ones wait for this commit, and their :func:`apply`
-    sees the message. What it costs: a record waits for the event batches in
-    flight, and event batches for the records committing. SQLite needs nothing:
-    its writers take turns.
+    message. For the second, PostgreSQL takes its messages' stripes
+    (:func:`_stripes`) exclusively first: the probe then waits for the hit
+    batches of those messages in flight, and sees what they committed, while
+    later ones wait for this commit, and their :func:`apply` sees the message.
+    What it costs: a record waits for the hit batches in flight that share a
+    stripe with it, and they for the records committing. SQLite needs
+    nothing: its writers take turns.
     """
-    if _Dialect.of(conn).postgres and message_ids:
-        conn.exec_driver_sql("LOCK TABLE events IN SHARE MODE")
+    _stripes(conn, message_ids, exclusive=True)
     for chunk in _chunks(sorted(set(message_ids))):
         scope = _ids(chunk)
         early = list(

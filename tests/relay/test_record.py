@@ -491,11 +491,15 @@ def _hit(message_id: int, created: Any) -> dict[str, Any]:
 
 
 def _waits(engine: Engine) -> bool:
-    """PostgreSQL: a session waits for a lock on the events table."""
+    """PostgreSQL: a session of this database waits for one of the state's stripes."""
     if engine.dialect.name != "postgresql":
         return False
     with engine.connect() as conn:
-        sql = "SELECT 1 FROM pg_locks WHERE NOT granted AND relation = 'events'::regclass"
+        sql = (
+            "SELECT 1 FROM pg_locks WHERE NOT granted AND locktype = 'advisory'"
+            f" AND classid = {eventstate.STATE_LOCK_CLASS}"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
         return conn.execute(text(sql)).first() is not None
 
 
@@ -538,3 +542,46 @@ def test_a_hit_written_while_its_record_commits_is_in_the_state(
     eventstate.rebuild(engine)
     with engine.connect() as conn:
         assert tuple(conn.execute(text(_FIGURES), {"id": mid}).one()) == figures
+
+
+@pytest.mark.postgres
+def test_a_record_goes_on_while_events_is_vacuumed_or_indexed(
+    make_settings: Callable[..., Settings], pg_database: str
+) -> None:
+    """VACUUM, ANALYZE and ``CREATE INDEX CONCURRENTLY`` hold SHARE UPDATE EXCLUSIVE
+    on ``events`` (for minutes on a year of hits); the record's ordering against
+    hits is advisory, so a record does not wait for them."""
+    engine = db.make_engine(pg_database)
+    recorder = Recorder(make_settings(), engine)
+    prepared, delivery = _prepared([])
+    prepared.message.track_opens = True
+    failures: list[BaseException] = []
+
+    def record() -> None:
+        async def scenario() -> None:
+            await recorder.start()
+            try:
+                await recorder.record(prepared, delivery)
+            finally:
+                await recorder.stop()
+
+        try:
+            asyncio.run(scenario())
+        except BaseException as exc:
+            failures.append(exc)
+
+    holder = engine.connect()
+    try:
+        holder.execute(text("LOCK TABLE events IN SHARE UPDATE EXCLUSIVE MODE"))
+        thread = threading.Thread(target=record)
+        thread.start()
+        thread.join(60)
+        went_on = not thread.is_alive()
+    finally:
+        holder.rollback()
+        holder.close()
+    thread.join()
+    engine.dispose()
+    assert went_on, "the record waited for the lock VACUUM takes"
+    assert failures == []
+    assert recorder.counts.written == 1
