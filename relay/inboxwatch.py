@@ -151,7 +151,7 @@ class _Watch:
         uids = client.search(["UID", f"{last + 1}:*"])
         for chunk in _slices(sorted(uid for uid in uids if uid > last)):
             for uid, data in sorted(client.fetch(chunk, [PEEK]).items()):
-                self.owner.take(bytes(data.get(PEEKED, b"")))
+                self.owner.take(bytes(data.get(PEEKED, b"")), self.connection.address)
                 last = uid
             mailbox.inbox_seen(self.owner.engine, self.connection.id, validity, last)
         return last
@@ -256,7 +256,7 @@ class InboxWatcher:
         if self.own_writer:
             await self.writer.stop()
 
-    def take(self, data: bytes) -> None:
+    def take(self, data: bytes, address: str) -> None:
         """In a watch's thread: classify one message and wait until it is stored."""
         message = parse(data)
         findings = classify(message)
@@ -265,3 +265,5 @@ class InboxWatcher:
         self.answers += 1
         answer: dict[str, Any] = item(copy_key(message, data), utcnow(), findings)
         asyncio.run_coroutine_threadsafe(self.writer.put(answer), self._loop).result()
+        kinds = [f.kind + (f" ({f.bounce_type})" if f.bounce_type else "") for f in findings]
+        log.info("INBOX of %s: %s taken", address, ", ".join(kinds))

@@ -273,10 +273,11 @@ def clean(
     finally:
         imapsession.close(client)
     log.info(
-        "Sent folder of %s: message %d, %d tracked copies removed, %s",
+        "Sent folder of %s: message %d, %d tracked %s removed, %s",
         connection.address,
         job.message_id,
         outcome.removed,
+        "copy" if outcome.removed == 1 else "copies",
         "the original added" if outcome.added else "the client's copy kept"
         if outcome.client_copy else "nothing added",
     )  # fmt: skip
