@@ -13,6 +13,17 @@ everything but the client credentials: a table named after one, or with
 ``preset = "microsoft"``, needs only ``client_id`` (and ``client_secret`` for a
 confidential client). Anything given in the table wins over the preset.
 
+``app_passwords`` (default false) lets a person connect with an app password
+instead of an OAuth grant (``trackrelay mailbox connect --app-password``, the
+dashboard's "Connect with an app password"): the relay then logs in to
+``smtp`` and ``imap`` with AUTH PLAIN/LOGIN and IMAP LOGIN. The preset
+``google`` sets it (Google accounts with 2-step verification, where the
+administrator allows app passwords); ``microsoft`` does not (Microsoft 365 app
+passwords are basic authentication, which Microsoft is ending). A table with
+``app_passwords = true`` and no ``issuer``, endpoints nor ``client_id`` is a
+password-only provider (Fastmail, a company's own IMAP/SMTP): it needs only
+``smtp`` (and ``imap`` for the Sent folder and the INBOX watcher).
+
 Errors are one line naming the table and the key, e.g.
 ``[oauth.work] smtp: plaintext smtp:// is only allowed to a loopback address``.
 """
@@ -44,6 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
         "smtp": "smtp+starttls://smtp.office365.com:587",
         "imap": "imaps://outlook.office365.com:993",
+        "app_passwords": False,  # basic authentication, which Microsoft is ending
     },
     "google": {
         "authorization_endpoint": "https://accounts.google.com/o/oauth2/v2/auth",
@@ -53,6 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scopes": ["https://mail.google.com/"],
         "smtp": "smtp+starttls://smtp.gmail.com:587",
         "imap": "imaps://imap.gmail.com:993",
+        "app_passwords": True,  # with 2-step verification, where the admin allows them
     },
 }
 ENDPOINTS = (
@@ -78,11 +91,12 @@ class OAuthProvider(BaseModel):
     device_authorization_endpoint: str = ""
     revocation_endpoint: str = ""
     introspection_endpoint: str = ""
-    client_id: str
+    client_id: str = ""  # required unless the table is password-only (see password_only)
     client_secret: SecretStr = SecretStr("")
     scopes: list[str] = []
     smtp: str
     imap: str = ""
+    app_passwords: bool = False  # people may connect with an app password too
 
     @model_validator(mode="before")
     @classmethod
@@ -144,9 +158,23 @@ class OAuthProvider(BaseModel):
 
     @model_validator(mode="after")
     def _check_endpoints(self) -> OAuthProvider:
+        if self.password_only:
+            return self
+        if not self.client_id:
+            raise ValueError("client_id: is required")
         if not self.issuer and not self.token_endpoint:
             raise ValueError("set issuer (found by OpenID discovery) or token_endpoint")
         return self
+
+    @property
+    def password_only(self) -> bool:
+        """App passwords only: no issuer, endpoints nor client (no OAuth sign-in here)."""
+        return (
+            self.app_passwords
+            and not self.issuer
+            and not self.client_id
+            and not any(getattr(self, key) for key in ENDPOINTS)
+        )
 
     @property
     def smtp_target(self) -> Upstream:

@@ -3,7 +3,9 @@
 Started by the suite from a temporary configuration: IMAP on a free loopback
 port without TLS (``ssl = no``, loopback only), Maildir under the temporary
 directory, passwd-file users (:data:`USER` and :data:`ANN`, with :data:`PASSWORD`, for
-the tests' own look into a mailbox) and an ``oauth2`` passdb for XOAUTH2 and
+the tests' own look into a mailbox), a second passwd-file passdb with
+:data:`APP_PASSWORD` for :data:`USER` (an app-password connection's IMAP
+LOGIN, the same password the recording upstream takes) and an ``oauth2`` passdb for XOAUTH2 and
 OAUTHBEARER that asks the in-suite OAuth server's introspection endpoint
 (tests/support/oauth_server.py, ``introspection_mode = post`` with the client
 credentials in the URL) whether a token is live and for whom: XOAUTH2 to IMAP
@@ -40,6 +42,7 @@ DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 USER = "alice@example.com"  # the recording upstream's account, too
 ANN = "ann@example.com"  # the connected address of tests/relay/test_mailboxes.py
 PASSWORD = "dovecot test password"
+APP_PASSWORD = "correct horse battery"  # tests/support/upstream.py PASSWORD (it imports us)
 SENT = "Sent"
 
 _CONFIG = """\
@@ -72,6 +75,10 @@ service anvil {{
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/passwd
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/app-passwords
 }}
 passdb {{
   driver = oauth2
@@ -149,6 +156,7 @@ class Dovecot:
         (self.root / "passwd").write_text(
             "".join(f"{user}:{{PLAIN}}{PASSWORD}\n" for user in (USER, ANN))
         )
+        (self.root / "app-passwords").write_text(f"{USER}:{{PLAIN}}{APP_PASSWORD}\n")
         config = self.root / "dovecot.conf"
         text = _CONFIG.format(
             root=self.root, port=self.port, uid=uid, gid=gid,

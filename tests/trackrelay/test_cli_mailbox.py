@@ -82,7 +82,7 @@ def test_connect_list_disconnect(
     assert out.strip() == f"connected {ANN} for user ann through test"
     assert "authorization_pending" not in err
     code, out, _ = run(env, config, "mailbox", "list")
-    assert (code, out) == (0, f"{ANN}\ttest\tann\tok\n")
+    assert (code, out) == (0, f"{ANN}\ttest\toauth\tann\tok\n")
     access_tokens = list(oauth_server.access)
     code, out, _ = run(env, config, "mailbox", "disconnect", ANN)
     assert (code, out) == (0, f"{ANN}: revoked at the provider and forgotten\n")
@@ -120,7 +120,7 @@ def test_a_broken_connection_is_listed_with_why(
         )
     assert (
         run(env, config, "mailbox", "list")[1]
-        == f"{ANN}\ttest\tann\tbroken: revoked at the provider\n"
+        == f"{ANN}\ttest\toauth\tann\tbroken: revoked at the provider\n"
     )
 
 
