@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from shared.config import Upstream, _is_loopback, parse_upstream
 
@@ -96,7 +103,7 @@ class OAuthProvider(BaseModel):
     scopes: list[str] = []
     smtp: str
     imap: str = ""
-    app_passwords: bool = False  # people may connect with an app password too
+    app_passwords: StrictBool = False  # people may connect with an app password too
 
     @model_validator(mode="before")
     @classmethod
