@@ -272,7 +272,6 @@ def connect_password(
         session.add(row)
         session.flush()
         session.expunge(row)
-    log.info("mailbox %s connected with an app password (login %s)", canonical, login)
     return row
 
 
