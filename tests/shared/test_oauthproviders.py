@@ -127,7 +127,7 @@ def test_a_preset_gives_way_to_the_tables_app_passwords(tmp_path: Path) -> None:
     [
         # no app_passwords: an OAuth table, the client is required as before
         ('[oauth.fast]\nsmtp = "smtps://m.example"\n', "[oauth.fast] client_id: is required"),
-        ('[oauth.fast]\napp_passwords = true\n', "[oauth.fast] smtp: is required"),
+        ("[oauth.fast]\napp_passwords = true\n", "[oauth.fast] smtp: is required"),
         (
             '[oauth.fast]\napp_passwords = "yes"\nsmtp = "smtps://m.example"\n',
             "[oauth.fast] app_passwords: Input should be a valid boolean",
