@@ -198,30 +198,13 @@ def store(
 ) -> MailboxConnection:
     """Keep the grant for USERNAME sending as ADDRESS (replacing one for that address)."""
     provider(settings, provider_name)  # it must exist
-    if sent not in ("clean", "leave"):
-        raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
+    _check_sent(sent)
     canonical = check_owner(engine, username, address)
-    with session_scope(engine) as session:
-        user = session.exec(select(User).where(User.username == username)).first()
-        if user is None or user.id is None:  # removed since the check
-            raise UserError(f"no user {username!r}", "user")
-        row = session.exec(
-            select(MailboxConnection).where(MailboxConnection.address == canonical)
-        ).first() or MailboxConnection(user_id=user.id, address=canonical, provider="", grant="")
-        row.user_id = user.id
-        row.provider = provider_name
-        row.method, row.login = "oauth", canonical
-        row.grant = seal(settings, canonical, token.as_dict())
-        row.scopes = token.scope
-        row.state, row.reason, row.last_error = "ok", "", ""
-        row.sent = sent
-        row.expires_at = _when(token.expires_at)
-        row.last_refresh_at = utcnow()
-        row.lease_until, row.lease_owner = None, ""
-        session.add(row)
-        session.flush()
-        session.expunge(row)
-        return row
+    return _keep(
+        engine, username, canonical, provider_name, sent,
+        method="oauth", login=canonical, grant=seal(settings, canonical, token.as_dict()),
+        scopes=token.scope, expires_at=_when(token.expires_at),
+    )  # fmt: skip
 
 
 def connect_password(
@@ -243,8 +226,7 @@ def connect_password(
             f"[oauth.{provider_name}] app_passwords is not true: connect with OAuth instead",
             "provider",
         )
-    if sent not in ("clean", "leave"):
-        raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
+    _check_sent(sent)
     if not password or any(c in password for c in "\r\n\0"):
         raise UserError("the app password is empty (or not one line)", "password")
     canonical = check_owner(engine, username, address)
@@ -252,6 +234,33 @@ def connect_password(
     if len(login) > 320 or any(c.isspace() for c in login):
         raise UserError("the login is one word of at most 320 characters", "login")
     asyncio.run(try_password(settings, found, login, password))
+    return _keep(
+        engine, username, canonical, provider_name, sent,
+        method="password", login=login, grant=seal(settings, canonical, {"password": password}),
+        scopes="", expires_at=None,
+    )  # fmt: skip
+
+
+def _check_sent(sent: str) -> None:
+    if sent not in ("clean", "leave"):
+        raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
+
+
+def _keep(
+    engine: Engine,
+    username: str,
+    canonical: str,
+    provider_name: str,
+    sent: str,
+    *,
+    method: str,
+    login: str,
+    grant: str,
+    scopes: str,
+    expires_at: datetime | None,
+) -> MailboxConnection:
+    """The connection row for CANONICAL, made or replaced, ``ok``: one owner for both
+    methods (a grant replaces an app password and the other way round)."""
     with session_scope(engine) as session:
         user = session.exec(select(User).where(User.username == username)).first()
         if user is None or user.id is None:  # removed since the check
@@ -261,18 +270,16 @@ def connect_password(
         ).first() or MailboxConnection(user_id=user.id, address=canonical, provider="", grant="")
         row.user_id = user.id
         row.provider = provider_name
-        row.method, row.login = "password", login
-        row.grant = seal(settings, canonical, {"password": password})
-        row.scopes = ""
+        row.method, row.login, row.grant, row.scopes = method, login, grant, scopes
+        row.expires_at = expires_at
         row.state, row.reason, row.last_error = "ok", "", ""
         row.sent = sent
-        row.expires_at = None
         row.last_refresh_at = utcnow()
         row.lease_until, row.lease_owner = None, ""
         session.add(row)
         session.flush()
         session.expunge(row)
-    return row
+        return row
 
 
 async def try_password(settings: Settings, found: OAuthProvider, login: str, password: str) -> None:
@@ -341,8 +348,7 @@ def broken_of(engine: Engine, user_id: int) -> list[str]:
 
 def set_sent(engine: Engine, connection_id: int, sent: str) -> None:
     """The Sent-folder mode of a connection: ``clean`` or ``leave``."""
-    if sent not in ("clean", "leave"):
-        raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
+    _check_sent(sent)
     _update(engine, connection_id, sent=sent)
 
 
