@@ -55,6 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "device_authorization_endpoint": _MICROSOFT + "/devicecode",
         # Microsoft identity platform has no RFC 7009 revocation endpoint.
         "revocation_endpoint": "",
+        "app_passwords": False,  # basic authentication, which Microsoft is ending
         "scopes": [
             "https://outlook.office.com/SMTP.Send",
             "https://outlook.office.com/IMAP.AccessAsUser.All",
@@ -62,17 +63,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         ],
         "smtp": "smtp+starttls://smtp.office365.com:587",
         "imap": "imaps://outlook.office365.com:993",
-        "app_passwords": False,  # basic authentication, which Microsoft is ending
     },
     "google": {
         "authorization_endpoint": "https://accounts.google.com/o/oauth2/v2/auth",
         "token_endpoint": "https://oauth2.googleapis.com/token",
         "device_authorization_endpoint": "https://oauth2.googleapis.com/device/code",
         "revocation_endpoint": "https://oauth2.googleapis.com/revoke",
+        "app_passwords": True,  # with 2-step verification, where the admin allows them
         "scopes": ["https://mail.google.com/"],
         "smtp": "smtp+starttls://smtp.gmail.com:587",
         "imap": "imaps://imap.gmail.com:993",
-        "app_passwords": True,  # with 2-step verification, where the admin allows them
     },
 }
 ENDPOINTS = (
@@ -99,11 +99,11 @@ class OAuthProvider(BaseModel):
     revocation_endpoint: str = ""
     introspection_endpoint: str = ""
     client_id: str = ""  # required unless the table is password-only (see password_only)
+    app_passwords: StrictBool = False  # people may connect with an app password too
     client_secret: SecretStr = SecretStr("")
     scopes: list[str] = []
     smtp: str
     imap: str = ""
-    app_passwords: StrictBool = False  # people may connect with an app password too
 
     @model_validator(mode="before")
     @classmethod

@@ -3,9 +3,7 @@
 Started by the suite from a temporary configuration: IMAP on a free loopback
 port without TLS (``ssl = no``, loopback only), Maildir under the temporary
 directory, passwd-file users (:data:`USER` and :data:`ANN`, with :data:`PASSWORD`, for
-the tests' own look into a mailbox), a second passwd-file passdb with
-:data:`APP_PASSWORD` for :data:`USER` (an app-password connection's IMAP
-LOGIN, the same password the recording upstream takes) and an ``oauth2`` passdb for XOAUTH2 and
+the tests' own look into a mailbox) and an ``oauth2`` passdb for XOAUTH2 and
 OAUTHBEARER that asks the in-suite OAuth server's introspection endpoint
 (tests/support/oauth_server.py, ``introspection_mode = post`` with the client
 credentials in the URL) whether a token is live and for whom: XOAUTH2 to IMAP
@@ -16,6 +14,10 @@ state directories in the temporary directory. As root (CI) the mail processes
 run as the ``dovecot`` system user; otherwise as the current user. A test is
 skipped, with the reason, when the binary is missing or the server does not
 start.
+
+A second passwd-file passdb gives :data:`USER` the password
+:data:`APP_PASSWORD` too: an app-password connection's IMAP LOGIN, with the
+password the recording upstream takes for AUTH (one password, both servers).
 
 Fixtures: ``dovecot`` (started, with ``oauth_server``).
 """
