@@ -298,7 +298,8 @@ async def try_password(settings: Settings, found: OAuthProvider, login: str, pas
         await client.close()
     if not reply.ok:
         raise UserError(
-            f"{target} refused the app password for {login} ({reply}): nothing was stored",
+            f"the provider refused the app password for {login} ({reply}, at {target}): "
+            "nothing was stored",
             "password",
         )
 

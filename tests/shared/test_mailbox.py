@@ -309,7 +309,8 @@ def test_a_wrong_app_password_is_a_clear_error_and_nothing_is_stored(
     with pytest.raises(UserError) as refused:
         mailbox.connect_password(engine, settings, "ann", ADDRESS, "fast", "wrong", login=USER)
     message = str(refused.value)
-    assert message.startswith(f"{upstream.url} refused the app password for {USER} (535 ")
+    assert message.startswith(f"the provider refused the app password for {USER} (535 ")
+    assert f"at {upstream.url}" in message
     assert message.endswith("nothing was stored")
     assert "wrong" not in message
     assert refused.value.field == "password"

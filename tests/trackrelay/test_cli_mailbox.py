@@ -212,7 +212,8 @@ def test_a_wrong_app_password_is_exit_2_one_line_and_nothing_stored(
     env, config, _ = password_setup
     code, out, err = connect_password(env, config, "not it", "--provider", "fast", "--login", USER)
     assert (code, out) == (2, "")
-    assert err.startswith(f"trackrelay: {upstream.url} refused the app password for {USER} (535")
+    assert err.startswith(f"trackrelay: the provider refused the app password for {USER} (535")
+    assert f"at {upstream.url}" in err
     assert err.endswith("nothing was stored\n")
     assert err.count("\n") == 1
     assert "not it" not in err
