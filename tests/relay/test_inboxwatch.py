@@ -18,9 +18,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from receiver.readmodel.events import events_after
-from shared import mailbox
 from shared.config import Settings
 from shared.identity import Viewer
+from shared.mailbox import connect_password
 from shared.models import MailboxConnection, Message, User
 from shared.users import add_user
 from tests.support.dovecot import ANN, APP_PASSWORD, USER, Dovecot
@@ -110,6 +110,44 @@ def test_a_reply_and_a_bounce_become_events_and_stay_unseen(
     assert row.inbox_last_uid == 2  # where it left off
 
 
+def test_an_app_password_connections_inbox_is_watched_over_login(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    """Provider fast takes app passwords only: ann sends as ann@ through the login alice
+    (AUTH PLAIN), and alice's INBOX is watched with IMAP LOGIN."""
+    provider = RecordingUpstream(*tls_pair).start()  # PLAIN for USER/PASSWORD
+    try:
+        settings = relay_settings(
+            make_settings,
+            upstream,
+            auth_mode="local",
+            upstream_user=USER,
+            upstream_password=UPSTREAM_PASSWORD,
+            public_url="https://t.example.com",
+            oauth={"fast": {"app_passwords": True, "smtp": provider.url, "imap": dovecot.url}},
+            imap_poll_interval=0.5,
+        )
+        add_user(db_engine, "ann", RELAY_PASSWORD, addresses=[ANN])
+        connect_password(db_engine, settings, "ann", ANN, "fast", APP_PASSWORD, login=USER)
+        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+
+        async def scenario() -> list[tuple[str, str]]:
+            async with running_relay(settings, db_engine):
+                await watched(db_engine)
+                await asyncio.to_thread(dovecot.append, "INBOX", REPLY, user=USER)
+                return await wait_for(db_engine, 1)
+
+        found = asyncio.run(scenario())
+    finally:
+        provider.stop()
+    assert found == [("reply", RECIPIENTS[0])]
+    assert f"user=<{USER}>, method=PLAIN" in dovecot.log()
+
+
 def test_the_watcher_reconnects_and_goes_on_from_the_stored_uid(
     make_settings: MakeSettings,
     upstream: RecordingUpstream,
@@ -174,41 +212,3 @@ def test_a_server_without_idle_is_polled(
         provider.stop()
     assert found == [("bounce", RECIPIENTS[1])]
     assert all(b"\\Seen" not in flags for _, flags in dovecot.messages("INBOX"))
-
-
-def test_an_app_password_connections_inbox_is_watched_over_login(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    dovecot: Dovecot,
-    db_engine: Engine,
-) -> None:
-    """Provider fast takes app passwords only: ann sends as ann@ through the login alice
-    (AUTH PLAIN), and alice's INBOX is watched with IMAP LOGIN."""
-    provider = RecordingUpstream(*tls_pair).start()  # PLAIN for USER/PASSWORD
-    try:
-        settings = relay_settings(
-            make_settings,
-            upstream,
-            auth_mode="local",
-            upstream_user=USER,
-            upstream_password=UPSTREAM_PASSWORD,
-            public_url="https://t.example.com",
-            oauth={"fast": {"app_passwords": True, "smtp": provider.url, "imap": dovecot.url}},
-            imap_poll_interval=0.5,
-        )
-        add_user(db_engine, "ann", RELAY_PASSWORD, addresses=[ANN])
-        mailbox.connect_password(db_engine, settings, "ann", ANN, "fast", APP_PASSWORD, login=USER)
-        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
-
-        async def scenario() -> list[tuple[str, str]]:
-            async with running_relay(settings, db_engine):
-                await watched(db_engine)
-                await asyncio.to_thread(dovecot.append, "INBOX", REPLY, user=USER)
-                return await wait_for(db_engine, 1)
-
-        found = asyncio.run(scenario())
-    finally:
-        provider.stop()
-    assert found == [("reply", RECIPIENTS[0])]
-    assert f"user=<{USER}>, method=PLAIN" in dovecot.log()
