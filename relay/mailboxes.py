@@ -59,9 +59,14 @@ async def find(settings: Settings, engine: Engine, username: str, sender: str) -
     except SQLAlchemyError as exc:
         log.warning("cannot look up the mailbox connection of %r: %s", sender, exc)
         raise UpstreamUnavailable("the mailbox connections cannot be read") from None
-    if found is not None and found.provider is None:
+    if found is None:
+        return None
+    if found.provider is None:
         # never the shared account instead: that would send as the person from elsewhere
         reason = f"its provider [oauth.{found.provider_name}] is not in the config"
+        raise UpstreamUnavailable(reason, refusal(found.address, reason))
+    if found.method == "password" and not found.provider.app_passwords:
+        reason = f"its provider [oauth.{found.provider_name}] no longer takes app passwords"
         raise UpstreamUnavailable(reason, refusal(found.address, reason))
     return found
 

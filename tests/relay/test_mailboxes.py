@@ -335,3 +335,35 @@ def test_a_refused_app_password_is_broken_454_and_announced(
     assert [item.event_type for item in items] == ["mailbox.disconnected"]
     assert "revoked app password" not in items[0].payload
     assert mailbox.broken_of(db_engine, row.user_id) == [ANN]  # the dashboard's banner
+
+
+def test_an_app_password_whose_provider_stopped_taking_them_is_454(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    password_provider: RecordingUpstream,
+    db_engine: Engine,
+) -> None:
+    connect_ann_with_a_password(
+        db_engine, password_settings(make_settings, upstream, password_provider)
+    )
+    password_provider.auth_attempts.clear()
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth={"fast": {"app_passwords": False, "issuer": "https://id.example", "client_id": "c",
+                        "smtp": password_provider.url}},
+    )  # fmt: skip
+
+    async def go() -> aiosmtplib.SMTPSenderRefused:
+        async with running_relay(settings, db_engine) as relay:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await ann_sends(relay)
+            return refused.value
+
+    refused = asyncio.run(go())
+    assert refused.code == 454
+    assert "[oauth.fast] no longer takes app passwords" in refused.message
+    assert password_provider.auth_attempts == []
+    assert upstream.messages == []
