@@ -392,7 +392,9 @@ class RelayHandler:
         try:
             reply = await session.upstream.mail(sender, options)
         except UpstreamUnavailable as exc:
-            refused = await mailboxes.failed(self.engine, route, exc) if route else None
+            refused = None
+            if route is not None:
+                refused = await mailboxes.failed(self.settings, self.engine, route, exc)
             return refused or UNAVAILABLE
         self.capabilities = session.upstream.capabilities
         return reply

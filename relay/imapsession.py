@@ -11,6 +11,10 @@ means the grant lacks the IMAP scope (``IMAP.AccessAsUser.All`` at Microsoft,
 ``https://mail.google.com/`` at Google): :class:`ImapRefused`, the
 connection itself stays ``ok`` (it may still send).
 
+An app-password connection (shared/mailbox.py ``method = password``) logs in
+with IMAP ``LOGIN`` of its login and password instead, once; a refused
+password is :class:`ImapRefused` too (sending finds out and marks it broken).
+
 The client is IMAPClient (blocking): callers run it in a thread.
 """
 
@@ -43,7 +47,8 @@ class ImapUnavailable(Exception):
 
 
 class ImapRefused(Exception):
-    """The IMAP server refused a fresh access token (the grant lacks the IMAP scope)."""
+    """The IMAP server refused a fresh access token (the grant lacks the IMAP scope),
+    or the app password."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +112,11 @@ def close(client: IMAPClient) -> None:
 def open_session(
     settings: Settings, engine: Engine, connection_id: int, provider: OAuthProvider
 ) -> IMAPClient:
-    """A session logged in with the connection's grant.
+    """A session logged in with the connection's grant (or its app password).
 
     MailboxBroken / MailboxUnavailable from shared/mailbox.py (the grant);
-    ImapUnavailable (the server); ImapRefused (a fresh token refused too).
+    ImapUnavailable (the server); ImapRefused (a fresh token refused too, or
+    the app password).
     """
     where = target(provider)
     if where is None:
@@ -119,9 +125,14 @@ def open_session(
         access = mailbox.access_token(engine, settings, connection_id)
         client = _connect(settings, where)
         try:
-            client.oauth2_login(access.address, access.token)
+            if access.mechanism == "PLAIN":  # an app password: IMAP LOGIN, one attempt
+                client.login(access.address, access.token)
+            else:
+                client.oauth2_login(access.address, access.token)
         except LoginError:
             close(client)
+            if access.mechanism == "PLAIN":
+                raise ImapRefused(f"{where} refused the app password of {access.address}") from None
             if attempt == 2:
                 break
             mailbox.token_refused(engine, connection_id)  # refreshed at the next access_token

@@ -6,10 +6,17 @@ the provider's own submission server (``smtp`` of its ``[oauth.NAME]`` table),
 logging in with ONE XOAUTH2 attempt with a live access token, instead of the
 shared smarthost account (TRACKRELAY_UPSTREAM_USER).
 
+An app-password connection (``method = password``) logs in with ONE AUTH
+(PLAIN, or LOGIN when only that is offered) of its login and password
+instead. There is nothing to refresh: the provider refusing the password
+(535) marks the connection broken at once (shared/mailbox.py
+``mark_broken``: the banner, the ``mailbox.disconnected`` webhook).
+
 A connection that cannot send, because its grant was revoked or expired, or
-because the provider refused the token, answers MAIL with ``454 4.7.0`` and a
-short reason naming the dashboard's Mailbox page: a 4xx, so the client keeps
-the message and nothing is lost. A refused token is refreshed at the next try.
+because the provider refused the token or the app password, answers MAIL with
+``454 4.7.0`` and a short reason naming the dashboard's Mailbox page: a 4xx,
+so the client keeps the message and nothing is lost. A refused token is
+refreshed at the next try.
 
 Not in dev mode (a Maildir sink: no mail leaves the machine), not for
 sessions without AUTH (trusted networks), never in passthrough mode.
@@ -52,15 +59,21 @@ async def find(settings: Settings, engine: Engine, username: str, sender: str) -
     except SQLAlchemyError as exc:
         log.warning("cannot look up the mailbox connection of %r: %s", sender, exc)
         raise UpstreamUnavailable("the mailbox connections cannot be read") from None
-    if found is not None and found.provider is None:
+    if found is None:
+        return None
+    if found.provider is None:
         # never the shared account instead: that would send as the person from elsewhere
         reason = f"its provider [oauth.{found.provider_name}] is not in the config"
+        raise UpstreamUnavailable(reason, refusal(found.address, reason))
+    if found.method == "password" and not found.provider.app_passwords:
+        reason = f"its provider [oauth.{found.provider_name}] no longer takes app passwords"
         raise UpstreamUnavailable(reason, refusal(found.address, reason))
     return found
 
 
 def connect(settings: Settings, engine: Engine, route: Route) -> SmtpUpstream:
-    """A connection to the provider's submission server that logs in with XOAUTH2."""
+    """A connection to the provider's submission server that logs in with XOAUTH2
+    (or PLAIN with the app password)."""
 
     async def token() -> tuple[bytes, bytes]:
         try:
@@ -73,14 +86,28 @@ def connect(settings: Settings, engine: Engine, route: Route) -> SmtpUpstream:
         return access.address.encode(), access.token.encode()
 
     assert route.provider is not None  # find() answered the others
-    return SmtpUpstream(settings, route.provider.smtp_target, token_source=token, mailbox=route.id)
+    mechanism = "PLAIN" if route.method == "password" else "XOAUTH2"
+    return SmtpUpstream(
+        settings,
+        route.provider.smtp_target,
+        token_source=token,
+        mechanism=mechanism,
+        mailbox=route.id,
+    )
 
 
-async def failed(engine: Engine, route: Route, error: UpstreamUnavailable) -> Reply | None:
+async def failed(
+    settings: Settings, engine: Engine, route: Route, error: UpstreamUnavailable
+) -> Reply | None:
     """The reply for a mailbox connection that could not open (None: the usual 451)."""
     reply = error.reply
     if reply is None:
         return None
+    if reply.code >= 500 and route.method == "password":  # nothing to refresh: broken
+        reason = f"the provider refused the app password: {reply}"
+        notify = bool(settings.notify_from)
+        await asyncio.to_thread(mailbox.mark_broken, engine, route.id, reason, notify_email=notify)
+        return refusal(route.address, reason)
     if reply.code >= 500:  # the provider refused the token at AUTH
         await asyncio.to_thread(mailbox.token_refused, engine, route.id)
         return refusal(route.address, f"the provider refused its access token: {reply}")

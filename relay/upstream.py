@@ -101,8 +101,11 @@ class SmtpUpstream:
         login: tuple[bytes, bytes] | None = None,
         client_cert: tuple[Path, Path] | None = None,
         token_source: Callable[[], Awaitable[tuple[bytes, bytes]]] | None = None,
+        mechanism: str = "XOAUTH2",
         mailbox: int | None = None,
     ) -> None:
+        """``token_source``: the (user, secret) of each (re)opening's one AUTH with
+        ``mechanism``: XOAUTH2 with an access token, PLAIN with an app password."""
         self.target = target
         self._client_cert = client_cert
         self.capabilities = Capabilities()
@@ -110,7 +113,7 @@ class SmtpUpstream:
         self._settings = settings
         self._login = login
         self._token_source = token_source
-        self._mechanism = "XOAUTH2" if token_source is not None else "PLAIN"
+        self._mechanism = mechanism if token_source is not None else "PLAIN"
         self._client: SmtpClient | None = None
         self._logged_in: SmtpClient | None = None
         self._in_transaction = False
@@ -133,7 +136,7 @@ class SmtpUpstream:
             user, token = await self._token_source()  # raises UpstreamUnavailable with a reply
             reply = await self._auth(client, self._mechanism, user, token)
             if not reply.ok:
-                log.warning("upstream %s refused the mailbox token: %s", self.target, reply)
+                log.warning("upstream %s refused the mailbox login: %s", self.target, reply)
                 raise UpstreamUnavailable(str(reply), reply)
         elif self._login is not None and self._logged_in is not client:
             reply = await self._auth(client, self._mechanism, *self._login)

@@ -5,6 +5,15 @@ MailboxConnection). The relay asks :func:`route` whether a sender address has
 a connection and :func:`access_token` for a live token to speak XOAUTH2 with;
 the CLI stores what a device grant gave (:func:`store`), lists and forgets.
 
+* **App passwords** (``method = password``; a provider whose ``[oauth.NAME]``
+  table has ``app_passwords = true``): :func:`connect_password` makes ONE
+  trial AUTH (PLAIN or LOGIN) at the provider's ``smtp`` through
+  shared/smtpclient.py, so a wrong password is an error at connect time, then
+  keeps the password sealed like a grant (the same :func:`seal`, key and
+  rotation). :func:`access_token` then answers the login and the password
+  (mechanism PLAIN) instead of a token; there is nothing to refresh, and a
+  provider refusing it marks the connection broken (relay/mailboxes.py).
+
 * **At rest** the grant (the token set) is AES-GCM encrypted with a key
   derived by HKDF-SHA256 from ``TRACKRELAY_SECRET_KEY``, bound to the
   connection's address. A grant sealed with a key now listed in
@@ -24,10 +33,13 @@ the CLI stores what a device grant gave (:func:`store`), lists and forgets.
   used) marks the connection ``broken`` with a reason; it stays broken until
   it is connected again.
 * **Erased with the user**: ``user_id`` has ON DELETE CASCADE.
+
+Neither tokens nor passwords are ever logged nor put in an error message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -55,6 +67,7 @@ from shared.isotime import iso
 from shared.models import MailboxConnection, User, utcnow
 from shared.oauth import OAuthRefused, ProviderUnavailable, Token
 from shared.oauthproviders import OAuthProvider
+from shared.smtpclient import SmtpClient, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +92,24 @@ class Route:
     address: str
     provider: OAuthProvider | None  # None: its [oauth.NAME] table is gone from the config
     provider_name: str = ""
+    method: str = "oauth"  # oauth | password
 
 
 @dataclass(frozen=True)
 class Access:
-    """What the relay needs for one AUTH: the account name and a live access token."""
+    """What the relay needs for one AUTH: the account name and a live access token
+    (``XOAUTH2``), or the login and the app password (``PLAIN``; expires_at 0)."""
 
     address: str
     token: str
     expires_at: float
+    mechanism: str = "XOAUTH2"
+
+    def __repr__(self) -> str:  # never the secret, should one reach a log line
+        return f"Access({self.address!r}, {self.mechanism}, expires_at={self.expires_at})"
 
 
-# --- sealing the grant ---
+# --- sealing the grant (or the app password) ---
 
 
 def _key(secret: bytes) -> bytes:
@@ -101,17 +120,18 @@ def _key_id(key: bytes) -> str:
     return hashlib.sha256(b"key-id\0" + key).hexdigest()[:8]
 
 
-def seal(settings: Settings, address: str, token: Token) -> str:
-    """The token set encrypted with the current key: ``v1.KEYID.base64(nonce+ciphertext)``."""
+def seal(settings: Settings, address: str, secret: dict[str, Any]) -> str:
+    """The connection's secret (a token set's ``as_dict()``, or ``{"password": ...}``)
+    encrypted with the current key, bound to ADDRESS: ``v1.KEYID.base64(nonce+ciphertext)``."""
     key = _key(settings.signing_keys()[0])
     nonce = os.urandom(12)
-    data = AESGCM(key).encrypt(nonce, json.dumps(token.as_dict()).encode(), address.encode())
+    data = AESGCM(key).encrypt(nonce, json.dumps(secret).encode(), address.encode())
     blob = base64.urlsafe_b64encode(nonce + data).decode()
     return f"{_VERSION}.{_key_id(key)}.{blob}"
 
 
-def unseal(settings: Settings, address: str, sealed: str) -> tuple[Token, bool]:
-    """The token set and whether it was sealed with the current key.
+def unseal(settings: Settings, address: str, sealed: str) -> tuple[dict[str, Any], bool]:
+    """The secret :func:`seal` was given and whether it was sealed with the current key.
 
     MailboxBroken when no configured key opens it (the secret was replaced
     without listing the old one in TRACKRELAY_OLD_SECRET_KEYS).
@@ -126,9 +146,10 @@ def unseal(settings: Settings, address: str, sealed: str) -> tuple[Token, bool]:
             plain = AESGCM(key).decrypt(raw[:12], raw[12:], address.encode())
         except InvalidTag:
             break
-        return Token.from_response(json.loads(plain)), position == 0
+        secret = json.loads(plain)
+        return (secret if isinstance(secret, dict) else {}), position == 0
     raise MailboxBroken(
-        "the grant was stored under a secret key that is no longer configured "
+        "the grant (or app password) was stored under a secret key that is no longer configured "
         "(TRACKRELAY_SECRET_KEY, TRACKRELAY_OLD_SECRET_KEYS)"
     )
 
@@ -177,9 +198,69 @@ def store(
 ) -> MailboxConnection:
     """Keep the grant for USERNAME sending as ADDRESS (replacing one for that address)."""
     provider(settings, provider_name)  # it must exist
+    _check_sent(sent)
+    canonical = check_owner(engine, username, address)
+    return _keep(
+        engine, username, canonical, provider_name, sent,
+        method="oauth", login=canonical, grant=seal(settings, canonical, token.as_dict()),
+        scopes=token.scope, expires_at=_when(token.expires_at),
+    )  # fmt: skip
+
+
+def connect_password(
+    engine: Engine,
+    settings: Settings,
+    username: str,
+    address: str,
+    provider_name: str,
+    password: str,
+    login: str = "",
+    sent: str = "clean",
+) -> MailboxConnection:
+    """Check the app password with ONE trial login at the provider's smtp, then keep it
+    sealed for USERNAME sending as ADDRESS (``login``: the user name at the provider,
+    the address when not given). UserError naming the input when anything is wrong."""
+    found = provider(settings, provider_name)
+    if not found.app_passwords:
+        raise UserError(
+            f"[oauth.{provider_name}] app_passwords is not true: connect with OAuth instead",
+            "provider",
+        )
+    _check_sent(sent)
+    if not password or any(c in password for c in "\r\n\0"):
+        raise UserError("the app password is empty (or not one line)", "password")
+    canonical = check_owner(engine, username, address)
+    login = login.strip() or canonical
+    if len(login) > 320 or any(c.isspace() for c in login):
+        raise UserError("the login is one word of at most 320 characters", "login")
+    asyncio.run(try_password(settings, found, login, password))
+    return _keep(
+        engine, username, canonical, provider_name, sent,
+        method="password", login=login, grant=seal(settings, canonical, {"password": password}),
+        scopes="", expires_at=None,
+    )  # fmt: skip
+
+
+def _check_sent(sent: str) -> None:
     if sent not in ("clean", "leave"):
         raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
-    canonical = check_owner(engine, username, address)
+
+
+def _keep(
+    engine: Engine,
+    username: str,
+    canonical: str,
+    provider_name: str,
+    sent: str,
+    *,
+    method: str,
+    login: str,
+    grant: str,
+    scopes: str,
+    expires_at: datetime | None,
+) -> MailboxConnection:
+    """The connection row for CANONICAL, made or replaced, ``ok``: one owner for both
+    methods (a grant replaces an app password and the other way round)."""
     with session_scope(engine) as session:
         user = session.exec(select(User).where(User.username == username)).first()
         if user is None or user.id is None:  # removed since the check
@@ -189,17 +270,38 @@ def store(
         ).first() or MailboxConnection(user_id=user.id, address=canonical, provider="", grant="")
         row.user_id = user.id
         row.provider = provider_name
-        row.grant = seal(settings, canonical, token)
-        row.scopes = token.scope
+        row.method, row.login, row.grant, row.scopes = method, login, grant, scopes
+        row.expires_at = expires_at
         row.state, row.reason, row.last_error = "ok", "", ""
         row.sent = sent
-        row.expires_at = _when(token.expires_at)
         row.last_refresh_at = utcnow()
         row.lease_until, row.lease_owner = None, ""
         session.add(row)
         session.flush()
         session.expunge(row)
         return row
+
+
+async def try_password(settings: Settings, found: OAuthProvider, login: str, password: str) -> None:
+    """ONE AUTH (PLAIN, or LOGIN when only that is offered) at the provider's smtp;
+    UserError saying what went wrong (never the password)."""
+    target = found.smtp_target
+    client = SmtpClient(settings, target)
+    try:
+        try:
+            await client.connect()
+            reply = await client.authenticate("PLAIN", login.encode(), password.encode())
+        except UpstreamUnavailable as exc:
+            why = str(exc.reply) if exc.reply is not None else _short(exc)
+            raise UserError(f"cannot reach {target} to check the app password: {why}") from None
+    finally:
+        await client.close()
+    if not reply.ok:
+        raise UserError(
+            f"the provider refused the app password for {login} ({reply}, at {target}): "
+            "nothing was stored",
+            "password",
+        )
 
 
 def list_connections(engine: Engine) -> list[tuple[MailboxConnection, str]]:
@@ -247,8 +349,7 @@ def broken_of(engine: Engine, user_id: int) -> list[str]:
 
 def set_sent(engine: Engine, connection_id: int, sent: str) -> None:
     """The Sent-folder mode of a connection: ``clean`` or ``leave``."""
-    if sent not in ("clean", "leave"):
-        raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
+    _check_sent(sent)
     _update(engine, connection_id, sent=sent)
 
 
@@ -267,11 +368,14 @@ def disconnect(engine: Engine, settings: Settings, address: str) -> str:
 
 
 def _revoke(settings: Settings, row: MailboxConnection) -> str:
+    if row.method == "password":
+        return "an app password: forgotten (revoke the app password in the account)"
     found = settings.oauth.get(row.provider)
     if not isinstance(found, OAuthProvider):
         return f"provider {row.provider!r} is no longer configured: forgotten, not revoked"
     try:
-        token, _ = unseal(settings, row.address, row.grant)
+        secret, _ = unseal(settings, row.address, row.grant)
+        token = Token.from_response(secret)
         if oauth.revoke(found, token.refresh_token, _timeout(settings)):
             return "revoked at the provider and forgotten"
         return "the provider has no revocation endpoint: forgotten (revoke it in the account)"
@@ -304,12 +408,17 @@ def route(engine: Engine, settings: Settings, username: str, address: str) -> Ro
         return None
     found = settings.oauth.get(row.provider)
     return Route(
-        row.id, row.address, found if isinstance(found, OAuthProvider) else None, row.provider
+        row.id,
+        row.address,
+        found if isinstance(found, OAuthProvider) else None,
+        row.provider,
+        row.method,
     )
 
 
 def access_token(engine: Engine, settings: Settings, connection_id: int) -> Access:
-    """A live access token for the connection, refreshed first when it is about to expire.
+    """A live access token for the connection, refreshed first when it is about to expire;
+    for an app-password connection its login and password (mechanism PLAIN).
 
     MailboxBroken: the connection cannot send (reason in the message);
     MailboxUnavailable: the provider could not be asked now.
@@ -318,6 +427,9 @@ def access_token(engine: Engine, settings: Settings, connection_id: int) -> Acce
     deadline = time.monotonic() + settings.mailbox_lease + settings.upstream_timeout
     while True:
         row = _load(engine, connection_id)
+        if row.method == "password":
+            password = str(_secret(engine, settings, row).get("password") or "")
+            return Access(row.login or row.address, password, 0.0, "PLAIN")
         token = _token(engine, settings, row)
         if _fresh(settings, row, token):
             return Access(row.address, token.access_token, token.expires_at)
@@ -386,15 +498,20 @@ def _load(engine: Engine, connection_id: int) -> MailboxConnection:
 
 
 def _token(engine: Engine, settings: Settings, row: MailboxConnection) -> Token:
+    return Token.from_response(_secret(engine, settings, row))
+
+
+def _secret(engine: Engine, settings: Settings, row: MailboxConnection) -> dict[str, Any]:
+    """The row's unsealed secret; sealed again when a retired key opened it."""
     assert row.id is not None
     try:
-        token, current = unseal(settings, row.address, row.grant)
+        secret, current = unseal(settings, row.address, row.grant)
     except MailboxBroken as exc:
         mark_broken(engine, row.id, str(exc), notify_email=bool(settings.notify_from))
         raise
     if not current:  # sealed with a retired key: seal it again with the current one
-        _update(engine, row.id, grant=seal(settings, row.address, token))
-    return token
+        _update(engine, row.id, grant=seal(settings, row.address, secret))
+    return secret
 
 
 def _fresh(settings: Settings, row: MailboxConnection, token: Token) -> bool:
@@ -454,7 +571,7 @@ def _refresh_held(engine: Engine, settings: Settings, connection_id: int) -> Acc
     _update(
         engine,
         connection_id,
-        grant=seal(settings, row.address, new),
+        grant=seal(settings, row.address, new.as_dict()),
         expires_at=_when(new.expires_at),
         last_refresh_at=utcnow(),
         last_error="",

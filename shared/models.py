@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
-from sqlalchemy import BigInteger, Column, Date, Index, Integer, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Date, Index, Integer, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -402,6 +402,8 @@ class MailboxConnection(SQLModel, table=True):
     grant, an expired refresh token). ``lease_until``/``lease_owner``: the one
     process refreshing the grant now; the others wait for its result.
     ``sent``: ``clean`` (leave one pristine copy in the Sent folder) or ``leave``.
+    ``method``: ``oauth`` (``grant`` is the token set) or ``password`` (``grant``
+    is the sealed app password; ``login`` is the user name at the provider).
     """
 
     __tablename__ = "mailbox_connections"
@@ -427,4 +429,9 @@ class MailboxConnection(SQLModel, table=True):
     inbox_last_uid: int = Field(
         default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
     )
+    # an app-password connection (shared/mailbox.py store_password); migration 0011
+    method: str = Field(
+        default="oauth", sa_column=Column(String(8), nullable=False, server_default="oauth")
+    )
+    login: str = Field(default="", sa_column=Column(String(320), nullable=False, server_default=""))
     created_at: datetime = Field(default_factory=utcnow)

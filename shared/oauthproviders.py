@@ -17,6 +17,17 @@ everything but the client credentials: a table named after one, or with
 ``preset = "microsoft"``, needs only ``client_id`` (and ``client_secret`` for a
 confidential client). Anything given in the table wins over the preset.
 
+``app_passwords`` (default false) lets a person connect with an app password
+instead of an OAuth grant (``trackrelay mailbox connect --app-password``, the
+dashboard's "Connect with an app password"): the relay then logs in to
+``smtp`` and ``imap`` with AUTH PLAIN/LOGIN and IMAP LOGIN. The preset
+``google`` sets it (Google accounts with 2-step verification, where the
+administrator allows app passwords); ``microsoft`` does not (Microsoft 365 app
+passwords are basic authentication, which Microsoft is ending). A table with
+``app_passwords = true`` and no ``issuer``, endpoints nor ``client_id`` is a
+password-only provider (Fastmail, a company's own IMAP/SMTP): it needs only
+``smtp`` (and ``imap`` for the Sent folder and the INBOX watcher).
+
 Errors are one line naming the table and the key, e.g.
 ``[oauth.work] smtp: plaintext smtp:// is only allowed to a loopback address``.
 """
@@ -27,7 +38,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SecretStr,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from shared.config import Upstream, _is_loopback, parse_upstream
 
@@ -41,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "device_authorization_endpoint": _MICROSOFT + "/devicecode",
         # Microsoft identity platform has no RFC 7009 revocation endpoint.
         "revocation_endpoint": "",
+        "app_passwords": False,  # basic authentication, which Microsoft is ending
         "scopes": [
             "https://outlook.office.com/SMTP.Send",
             "https://outlook.office.com/IMAP.AccessAsUser.All",
@@ -54,6 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "token_endpoint": "https://oauth2.googleapis.com/token",
         "device_authorization_endpoint": "https://oauth2.googleapis.com/device/code",
         "revocation_endpoint": "https://oauth2.googleapis.com/revoke",
+        "app_passwords": True,  # with 2-step verification, where the admin allows them
         "scopes": ["https://mail.google.com/"],
         "smtp": "smtp+starttls://smtp.gmail.com:587",
         "imap": "imaps://imap.gmail.com:993",
@@ -83,7 +103,8 @@ class OAuthProvider(BaseModel):
     device_authorization_endpoint: str = ""
     revocation_endpoint: str = ""
     introspection_endpoint: str = ""
-    client_id: str
+    client_id: str = ""  # required unless the table is password-only (see password_only)
+    app_passwords: StrictBool = False  # people may connect with an app password too
     client_secret: SecretStr = SecretStr("")
     scopes: list[str] = []
     smtp: str
@@ -150,9 +171,23 @@ class OAuthProvider(BaseModel):
 
     @model_validator(mode="after")
     def _check_endpoints(self) -> OAuthProvider:
+        if self.password_only:
+            return self
+        if not self.client_id:
+            raise ValueError("client_id: is required")
         if not self.issuer and not self.token_endpoint:
             raise ValueError("set issuer (found by OpenID discovery) or token_endpoint")
         return self
+
+    @property
+    def password_only(self) -> bool:
+        """App passwords only: no issuer, endpoints nor client (no OAuth sign-in here)."""
+        return (
+            self.app_passwords
+            and not self.issuer
+            and not self.client_id
+            and not any(getattr(self, key) for key in ENDPOINTS)
+        )
 
     @property
     def smtp_target(self) -> Upstream:

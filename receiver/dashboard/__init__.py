@@ -45,6 +45,7 @@ routes: list[BaseRoute] = [
     Route("/overview", overview.overview),
     Route("/mailbox", mailbox.mailbox_page, methods=GET_POST),
     Route("/mailbox/callback", mailbox.mailbox_callback),
+    Route("/mailbox/password", mailbox.mailbox_password, methods=["POST"]),
     Route("/mailbox/{connection_id:int}/disconnect", mailbox.mailbox_disconnect, methods=["POST"]),
     Route("/mailbox/{connection_id:int}/sent", mailbox.mailbox_sent, methods=["POST"]),
     Route("/policies", admin.policies_list),

@@ -16,6 +16,12 @@ The session cookie is signed, not encrypted: the verifier in it is the
 person's own browser's (RFC 7636 protects the code on its way back, and the
 code is worthless without the client secret and the verifier).
 
+"Connect with an app password" (providers whose table has ``app_passwords =
+true``; :data:`PASSWORD_PATH`) posts the address, the login at the provider
+and the password, CSRF-checked like the rest; shared/mailbox.py
+``connect_password`` tries it once at the provider's smtp and keeps it sealed.
+A refusal is shown in the form; the password is never sent back in a page.
+
 Administrators see every connection and may disconnect any.
 """
 
@@ -61,6 +67,8 @@ CALLBACK = "/mailbox/callback"
 PENDING = "mailbox_pending"
 #: Seconds a sign-in at the provider may take.
 PENDING_TTL = 600.0
+#: Where "Connect with an app password" posts (under the dashboard's mount).
+PASSWORD_PATH = "/mailbox/password"  # noqa: S105 (a path)
 LABELS = {"microsoft": "Microsoft 365", "google": "Google"}
 
 
@@ -69,16 +77,30 @@ def redirect_uri(settings: Settings) -> str:
     return f"{settings.base_url}/dashboard{CALLBACK}"
 
 
-def providers(settings: Settings) -> list[tuple[str, str]]:
-    """(name, button label) of each configured provider: Microsoft 365, Google, the rest."""
+def _configured(settings: Settings) -> list[OAuthProvider]:
+    """Every configured provider: Microsoft 365, Google, the rest by name."""
     found = [p for p in settings.oauth.values() if isinstance(p, OAuthProvider)]
     order = {"microsoft": 0, "google": 1}
     found.sort(key=lambda p: (order.get(p.preset or "", 2), p.name))
-    return [(p.name, LABELS.get(p.preset or "", p.name)) for p in found]
+    return found
+
+
+def providers(settings: Settings) -> list[tuple[str, str]]:
+    """(name, button label) of each provider with an OAuth sign-in."""
+    return [(p.name, _name(p)) for p in _configured(settings) if not p.password_only]
+
+
+def password_providers(settings: Settings) -> list[tuple[str, str]]:
+    """(name, label) of each provider taking app passwords (``app_passwords``)."""
+    return [(p.name, _name(p)) for p in _configured(settings) if p.app_passwords]
+
+
+def _name(found: OAuthProvider) -> str:
+    return LABELS.get(found.preset or "", found.name)
 
 
 def _label(settings: Settings, name: str) -> str:
-    return dict(providers(settings)).get(name, name)
+    return {p.name: _name(p) for p in _configured(settings)}.get(name, name)
 
 
 def _authorization_origins(settings: Settings) -> list[str]:
@@ -87,6 +109,8 @@ def _authorization_origins(settings: Settings) -> list[str]:
     out, and its Connect says so)."""
     origins = []
     for found in settings.oauth.values():
+        if isinstance(found, OAuthProvider) and found.password_only:
+            continue  # no sign-in page to go to
         try:
             url = oauth.endpoints(found, timeout=5.0)["authorization_endpoint"]
         except ProviderUnavailable:
@@ -118,33 +142,82 @@ def _read_connect(settings: Settings, posted: dict[str, str]) -> tuple[ConnectFo
     return form, errors
 
 
+@dataclass
+class PasswordForm:
+    address: str
+    provider: str
+    login: str
+    password: str = ""  # never rendered
+
+
+def _read_password(settings: Settings, posted: dict[str, str]) -> tuple[PasswordForm, Errors]:
+    form = PasswordForm(
+        text(posted, "address"),
+        text(posted, "provider"),
+        text(posted, "login"),
+        posted.get("password", ""),
+    )
+    errors = Errors()
+    if form.provider not in dict(password_providers(settings)):
+        errors["provider"] = "That provider takes no app passwords here."
+    if not form.address:
+        errors["address"] = "Say which of your addresses to connect."
+    if not form.password:
+        errors["password"] = "Paste the app password the provider gave you."  # noqa: S105
+    return form, errors
+
+
+async def _show(
+    request: Request,
+    viewer: Viewer,
+    form: ConnectForm,
+    errors: Errors,
+    password_form: PasswordForm,
+    password_errors: Errors,
+) -> Response:
+    """The Mailbox page, with either form's messages (400 when there are any)."""
+    engine, settings = engine_of(request), settings_of(request)
+    own = await asyncio.to_thread(mailbox.connections_of, engine, viewer.user_id)
+    everyone = await asyncio.to_thread(mailbox.list_connections, engine) if viewer.is_admin else []
+    context: dict[str, Any] = {
+        "connections": own,
+        "everyone": everyone,
+        "providers": providers(settings),
+        "password_providers": password_providers(settings),
+        "labels": {p.name: _name(p) for p in _configured(settings)},
+        "sendable": _sendable(viewer),
+        "form": form,
+        "password_form": password_form,
+        "password_errors": password_errors,
+        "password_path": PASSWORD_PATH,
+        "redirect_uri": redirect_uri(settings),
+        "nav": "mailbox",
+    }
+    response = render_form(request, "dashboard/mailbox.html", context, errors)
+    if password_errors:
+        response.status_code = 400
+    origins = await asyncio.to_thread(_authorization_origins, settings)
+    response.headers["Content-Security-Policy"] = csp_with_form_targets(origins)
+    return response
+
+
+def _initial(settings: Settings, viewer: Viewer) -> tuple[ConnectForm, PasswordForm]:
+    sendable = _sendable(viewer)
+    address = sendable[0] if sendable else ""
+    first = password_providers(settings)
+    return ConnectForm(address, ""), PasswordForm(address, first[0][0] if first else "", "")
+
+
 @page()
 async def mailbox_page(request: Request, viewer: Viewer) -> Response:
     """The person's connections, the Connect buttons; everyone's for administrators.
 
     A POST is "Connect": checked, then the browser goes to the provider."""
     engine, settings = engine_of(request), settings_of(request)
-    sendable = _sendable(viewer)
+    initial, password_initial = _initial(settings, viewer)
 
     async def show(form: ConnectForm, errors: Errors) -> Response:
-        own = await asyncio.to_thread(mailbox.connections_of, engine, viewer.user_id)
-        everyone = (
-            await asyncio.to_thread(mailbox.list_connections, engine) if viewer.is_admin else []
-        )
-        context: dict[str, Any] = {
-            "connections": own,
-            "everyone": everyone,
-            "providers": providers(settings),
-            "labels": dict(providers(settings)),
-            "sendable": sendable,
-            "form": form,
-            "redirect_uri": redirect_uri(settings),
-            "nav": "mailbox",
-        }
-        response = render_form(request, "dashboard/mailbox.html", context, errors)
-        origins = await asyncio.to_thread(_authorization_origins, settings)
-        response.headers["Content-Security-Policy"] = csp_with_form_targets(origins)
-        return response
+        return await _show(request, viewer, form, errors, password_initial, Errors())
 
     def save(form: ConnectForm) -> oauth.Authorization:
         address = mailbox.check_owner(engine, viewer.username, form.address)
@@ -167,7 +240,6 @@ async def mailbox_page(request: Request, viewer: Viewer) -> Response:
         }
         return RedirectResponse(started.url, status_code=303)
 
-    initial = ConnectForm(sendable[0] if sendable else "", "")
     return await form_page(
         request,
         initial,
@@ -175,6 +247,39 @@ async def mailbox_page(request: Request, viewer: Viewer) -> Response:
         read=lambda posted: _read_connect(settings, posted),
         save=save,
         done=done,
+    )
+
+
+@page()
+async def mailbox_password(request: Request, viewer: Viewer) -> Response:
+    """ "Connect with an app password": tried once at the provider, then kept sealed."""
+    engine, settings = engine_of(request), settings_of(request)
+    initial, password_initial = _initial(settings, viewer)
+
+    async def show(form: PasswordForm, errors: Errors) -> Response:
+        form.password = ""  # never echoed back
+        return await _show(request, viewer, initial, Errors(), form, errors)
+
+    def save(form: PasswordForm) -> MailboxConnection:
+        return mailbox.connect_password(
+            engine, settings, viewer.username, form.address, form.provider,
+            form.password, login=form.login,
+        )  # fmt: skip
+
+    def said(form: PasswordForm, row: MailboxConnection) -> str:
+        label = _label(settings, form.provider)
+        return (
+            f"Connected {row.address} to {label} with an app password: "
+            "its mail now goes out through that mailbox."
+        )
+
+    return await form_page(
+        request,
+        password_initial,
+        show=show,
+        read=lambda posted: _read_password(settings, posted),
+        save=save,
+        done=then_redirect(request, "/mailbox", said),
     )
 
 

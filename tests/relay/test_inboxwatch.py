@@ -24,8 +24,10 @@ from receiver.readmodel.events import events_after
 from relay import inboxwatch
 from shared.config import Settings
 from shared.identity import Viewer
+from shared.mailbox import connect_password
 from shared.models import MailboxConnection, Message, User
-from tests.support.dovecot import ANN, Dovecot
+from shared.users import add_user
+from tests.support.dovecot import ANN, APP_PASSWORD, USER, Dovecot
 from tests.support.imapkit import (
     BOUNCE,
     MESSAGE,
@@ -35,8 +37,10 @@ from tests.support.imapkit import (
     connect_ann,
     settings_for,
 )
+from tests.support.imapkit import PASSWORD as RELAY_PASSWORD
 from tests.support.oauth_server import OAuthServer
-from tests.support.relaykit import MakeSettings, running_relay
+from tests.support.relaykit import MakeSettings, relay_settings, running_relay
+from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
 from tests.support.upstream import RecordingUpstream
 
 
@@ -108,6 +112,44 @@ def test_a_reply_and_a_bounce_become_events_and_stay_unseen(
     with Session(engine) as session:
         row = session.exec(select(MailboxConnection)).one()
     assert row.inbox_last_uid == 2  # where it left off
+
+
+def test_an_app_password_connections_inbox_is_watched_over_login(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    """Provider fast takes app passwords only: ann sends as ann@ through the login alice
+    (AUTH PLAIN), and alice's INBOX is watched with IMAP LOGIN."""
+    provider = RecordingUpstream(*tls_pair).start()  # PLAIN for USER/PASSWORD
+    try:
+        settings = relay_settings(
+            make_settings,
+            upstream,
+            auth_mode="local",
+            upstream_user=USER,
+            upstream_password=UPSTREAM_PASSWORD,
+            public_url="https://t.example.com",
+            oauth={"fast": {"app_passwords": True, "smtp": provider.url, "imap": dovecot.url}},
+            imap_poll_interval=0.5,
+        )
+        add_user(db_engine, "ann", RELAY_PASSWORD, addresses=[ANN])
+        connect_password(db_engine, settings, "ann", ANN, "fast", APP_PASSWORD, login=USER)
+        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+
+        async def scenario() -> list[tuple[str, str]]:
+            async with running_relay(settings, db_engine):
+                await watched(db_engine)
+                await asyncio.to_thread(dovecot.append, "INBOX", REPLY, user=USER)
+                return await wait_for(db_engine, 1)
+
+        found = asyncio.run(scenario())
+    finally:
+        provider.stop()
+    assert found == [("reply", RECIPIENTS[0])]
+    assert f"user=<{USER}>, method=PLAIN" in dovecot.log()
 
 
 def test_the_watcher_reconnects_and_goes_on_from_the_stored_uid(

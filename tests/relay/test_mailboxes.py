@@ -20,9 +20,9 @@ from sqlmodel import Session, select
 from relay import mailboxes
 from relay.server import RelayServer
 from relay.upstream import UpstreamUnavailable
-from shared import mailbox, oauth
+from shared import mailbox, oauth, webhooks
 from shared.config import Settings
-from shared.models import MailboxConnection
+from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user
 from tests.support.oauth_server import OAuthServer, provider_settings
 from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay, send
@@ -238,3 +238,132 @@ def test_a_connection_whose_provider_left_the_config_is_454(
     assert "[oauth.test] is not in the config" in refused.message
     assert upstream.messages == []
     assert provider.messages == []
+
+
+# --- app passwords: a second recording upstream without oauth is the provider ---
+
+
+@pytest.fixture
+def password_provider(tls_pair: tuple[Path, Path]) -> Iterator[RecordingUpstream]:
+    server = RecordingUpstream(*tls_pair).start()  # PLAIN/LOGIN for USER/PASSWORD
+    yield server
+    server.stop()
+
+
+def password_settings(
+    make_settings: MakeSettings, upstream: RecordingUpstream, provider: RecordingUpstream
+) -> Settings:
+    return relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=PASSWORD,
+        oauth={"fast": {"app_passwords": True, "smtp": provider.url}},
+    )
+
+
+def connect_ann_with_a_password(engine: Engine, settings: Settings) -> int:
+    add_user(engine, "ann", "password123", addresses=[ANN, OTHER])
+    row = mailbox.connect_password(engine, settings, "ann", ANN, "fast", PASSWORD, login=USER)
+    assert row.id is not None
+    return row.id
+
+
+def test_an_app_password_connection_sends_through_its_mailbox(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    password_provider: RecordingUpstream,
+    db_engine: Engine,
+) -> None:
+    settings = password_settings(make_settings, upstream, password_provider)
+    connect_ann_with_a_password(db_engine, settings)
+    password_provider.auth_attempts.clear()  # the trial login at connect time
+
+    async def go() -> None:
+        async with running_relay(settings, db_engine) as relay:
+            assert (await ann_sends(relay)).code == 250
+            assert (await ann_sends(relay, OTHER)).code == 250
+
+    asyncio.run(go())
+    assert [m.mail_from for m in password_provider.messages] == [ANN]
+    assert password_provider.auth_attempts == [("PLAIN", USER)]  # one AUTH, the login
+    assert [m.mail_from for m in upstream.messages] == [OTHER]
+
+
+def test_a_refused_app_password_is_broken_454_and_announced(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    password_provider: RecordingUpstream,
+    db_engine: Engine,
+) -> None:
+    webhooks.add_endpoint(db_engine, "https://hooks.example/mail", ["mailbox.disconnected"])
+    settings = password_settings(make_settings, upstream, password_provider)
+    connection_id = connect_ann_with_a_password(db_engine, settings)
+    with Session(db_engine) as session:  # revoked in the account since: the provider says 535
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        row.grant = mailbox.seal(settings, ANN, {"password": "revoked app password"})
+        session.add(row)
+        session.commit()
+    password_provider.auth_attempts.clear()
+
+    async def attempt(relay: RelayServer) -> aiosmtplib.SMTPSenderRefused:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+            await ann_sends(relay)
+        return refused.value
+
+    async def go() -> list[aiosmtplib.SMTPSenderRefused]:
+        async with running_relay(settings, db_engine) as relay:
+            return [await attempt(relay), await attempt(relay)]
+
+    refused, still = asyncio.run(go())
+    for refusal in (refused, still):
+        assert refusal.code == 454
+        assert refusal.message.startswith("4.7.0 Mailbox connection of ann@example.com")
+        assert "refused the app password" in refusal.message
+        assert "Mailbox page of the dashboard" in refusal.message
+    assert password_provider.auth_attempts == [("PLAIN", USER)]  # one; then known broken
+    assert password_provider.messages == []
+    assert upstream.messages == []  # never the shared account instead
+    with Session(db_engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        assert row.state == "broken"
+        assert row.reason.startswith("the provider refused the app password: 535")
+        items = session.exec(select(OutboxItem)).all()
+    assert [item.event_type for item in items] == ["mailbox.disconnected"]
+    assert "revoked app password" not in items[0].payload
+    assert mailbox.broken_of(db_engine, row.user_id) == [ANN]  # the dashboard's banner
+
+
+def test_an_app_password_whose_provider_stopped_taking_them_is_454(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    password_provider: RecordingUpstream,
+    db_engine: Engine,
+) -> None:
+    connect_ann_with_a_password(
+        db_engine, password_settings(make_settings, upstream, password_provider)
+    )
+    password_provider.auth_attempts.clear()
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth={"fast": {"app_passwords": False, "issuer": "https://id.example", "client_id": "c",
+                        "smtp": password_provider.url}},
+    )  # fmt: skip
+
+    async def go() -> aiosmtplib.SMTPSenderRefused:
+        async with running_relay(settings, db_engine) as relay:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await ann_sends(relay)
+            return refused.value
+
+    refused = asyncio.run(go())
+    assert refused.code == 454
+    assert "[oauth.fast] no longer takes app passwords" in refused.message
+    assert password_provider.auth_attempts == []
+    assert upstream.messages == []

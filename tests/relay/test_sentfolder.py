@@ -18,12 +18,16 @@ import pytest
 from sqlalchemy import Engine
 
 from relay import sentfolder
+from shared import mailbox
 from shared.config import Settings
 from shared.tokens import Signer
-from tests.support.dovecot import SENT, Dovecot
+from shared.users import add_user
+from tests.support.dovecot import ANN, APP_PASSWORD, SENT, USER, Dovecot
 from tests.support.imapkit import MESSAGE, ann_sends, connect_ann, provider_for, settings_for
+from tests.support.imapkit import PASSWORD as RELAY_PASSWORD
 from tests.support.oauth_server import OAuthServer
-from tests.support.relaykit import MakeSettings
+from tests.support.relaykit import MakeSettings, relay_settings
+from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
 from tests.support.upstream import RecordingUpstream
 
 
@@ -273,3 +277,37 @@ def test_a_token_in_quoted_printable_is_found(make_settings: MakeSettings) -> No
         b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + html
     )
     assert sentfolder.kind(signer, 42, data) == sentfolder.TRACKED
+
+
+def test_an_app_password_connection_gets_its_sent_folder_cleaned(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    """Provider fast takes app passwords only: AUTH PLAIN to send (the recording upstream
+    files the copies in alice's Sent, like Microsoft 365), IMAP LOGIN to clean."""
+    provider = RecordingUpstream(*tls_pair, files_into=dovecot, files_sent="every").start()
+    try:
+        settings = relay_settings(
+            make_settings,
+            upstream,
+            auth_mode="local",
+            upstream_user=USER,
+            upstream_password=UPSTREAM_PASSWORD,
+            public_url="https://t.example.com",
+            oauth={"fast": {"app_passwords": True, "smtp": provider.url, "imap": dovecot.url}},
+            imap_sent_window=1.0,
+            imap_sent_interval=0.1,
+            imap_poll_interval=0.5,
+        )
+        add_user(db_engine, "ann", RELAY_PASSWORD, addresses=[ANN])
+        mailbox.connect_password(db_engine, settings, "ann", ANN, "fast", APP_PASSWORD, login=USER)
+        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
+    finally:
+        provider.stop()
+    assert len(provider.messages) == 3  # one tracked copy per recipient
+    sent = dovecot.messages(SENT, user=USER)
+    assert [data for data, _ in sent] == [MESSAGE]  # one pristine copy, as the client sent it
+    assert f"user=<{USER}>, method=PLAIN" in dovecot.log()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +21,7 @@ from shared.mailbox import MailboxBroken
 from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user, remove_user
 from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 MakeSettings = Callable[..., Settings]
 ADDRESS = "ann@example.com"
@@ -245,3 +249,161 @@ def test_what_the_dashboard_reads_and_sets(
     assert found is not None
     assert (found.state, found.reason) == ("broken", "revoked")
     assert mailbox.get_connection(engine, connection_id + 1) is None
+
+
+# --- app passwords: the recording upstream (PLAIN/LOGIN for USER/PASSWORD) as the provider ---
+
+
+def password_settings(make_settings: MakeSettings, smtp: str, **values: Any) -> Settings:
+    """Provider ``fast``: app passwords only, its smtp the recording upstream."""
+    tables = {"fast": {"app_passwords": True, "smtp": smtp}}
+    return make_settings(oauth=tables, upstream_verify_tls=False, **values)
+
+
+def password_connected(engine: Engine, settings: Settings) -> int:
+    add_user(engine, "ann", "password123", addresses=[ADDRESS])
+    row = mailbox.connect_password(engine, settings, "ann", ADDRESS, "fast", PASSWORD, login=USER)
+    assert row.id is not None
+    return row.id
+
+
+def test_an_app_password_is_tried_once_then_sealed_at_rest(
+    engine: Engine,
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = password_settings(make_settings, upstream.url)
+    connection_id = password_connected(engine, settings)
+    assert upstream.auth_attempts == [("PLAIN", USER)]  # the one trial login
+    stored = row_of(engine, connection_id)
+    assert (stored.method, stored.login, stored.state) == ("password", USER, "ok")
+    assert PASSWORD not in stored.grant
+    assert PASSWORD.encode() not in base64.urlsafe_b64decode(stored.grant.split(".")[2])
+    access = mailbox.access_token(engine, settings, connection_id)
+    assert (access.address, access.token, access.mechanism) == (USER, PASSWORD, "PLAIN")
+    assert PASSWORD not in repr(access)
+    route = mailbox.route(engine, settings, "ann", ADDRESS)
+    assert route is not None
+    assert route.method == "password"
+    assert PASSWORD not in caplog.text
+
+
+def test_the_login_is_the_address_unless_given(
+    engine: Engine, make_settings: MakeSettings, upstream: RecordingUpstream
+) -> None:
+    settings = password_settings(make_settings, upstream.url)
+    add_user(engine, "ann", "password123", addresses=[ADDRESS])
+    with pytest.raises(UserError) as refused:  # the upstream's account is alice@, not ann@
+        mailbox.connect_password(engine, settings, "ann", ADDRESS, "fast", PASSWORD)
+    assert refused.value.field == "password"
+    assert upstream.auth_attempts == [("PLAIN", ADDRESS)]
+
+
+def test_a_wrong_app_password_is_a_clear_error_and_nothing_is_stored(
+    engine: Engine, make_settings: MakeSettings, upstream: RecordingUpstream
+) -> None:
+    settings = password_settings(make_settings, upstream.url)
+    add_user(engine, "ann", "password123", addresses=[ADDRESS])
+    with pytest.raises(UserError) as refused:
+        mailbox.connect_password(engine, settings, "ann", ADDRESS, "fast", "wrong", login=USER)
+    message = str(refused.value)
+    assert message.startswith(f"the provider refused the app password for {USER} (535 ")
+    assert f"at {upstream.url}" in message
+    assert message.endswith("nothing was stored")
+    assert "wrong" not in message
+    assert refused.value.field == "password"
+    assert upstream.auth_attempts == [("PLAIN", USER)]  # one attempt, never a second mechanism
+    assert mailbox.list_connections(engine) == []
+
+
+def test_an_unreachable_provider_is_a_clear_error_and_nothing_is_stored(
+    engine: Engine, make_settings: MakeSettings
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = password_settings(make_settings, f"smtps://127.0.0.1:{port}")
+    add_user(engine, "ann", "password123", addresses=[ADDRESS])
+    with pytest.raises(UserError, match=rf"cannot reach smtps://127.0.0.1:{port} to check"):
+        mailbox.connect_password(engine, settings, "ann", ADDRESS, "fast", PASSWORD, login=USER)
+    assert mailbox.list_connections(engine) == []
+
+
+def test_connect_password_names_what_is_wrong_before_asking_the_provider(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    tables = {
+        **provider_settings(oauth_server),
+        "fast": {"app_passwords": True, "smtp": "smtp://127.0.0.1:9"},
+    }
+    settings = make_settings(oauth=tables)
+    add_user(engine, "ann", "password123", addresses=[ADDRESS])
+    cases = [
+        ("test", ADDRESS, PASSWORD, "", r"\[oauth.test\] app_passwords is not true", "provider"),
+        ("nope", ADDRESS, PASSWORD, "", r"no \[oauth.nope\] table", "provider"),
+        ("fast", ADDRESS, "", "", "the app password is empty", "password"),
+        ("fast", ADDRESS, "two\nlines", "", "not one line", "password"),
+        ("fast", "boss@example.com", PASSWORD, "", "may not send as boss@example.com", "address"),
+        ("fast", ADDRESS, PASSWORD, "a b", "the login is one word", "login"),
+    ]
+    for name, address, password, login, error, field in cases:
+        with pytest.raises(UserError, match=error) as refused:
+            mailbox.connect_password(engine, settings, "ann", address, name, password, login=login)
+        assert refused.value.field == field
+    assert mailbox.list_connections(engine) == []
+
+
+def test_an_app_password_survives_a_key_rotation_and_is_sealed_again(
+    engine: Engine, make_settings: MakeSettings, upstream: RecordingUpstream
+) -> None:
+    old = password_settings(make_settings, upstream.url)
+    connection_id = password_connected(engine, old)
+    sealed = row_of(engine, connection_id).grant
+    rotated = password_settings(
+        make_settings,
+        upstream.url,
+        secret_key="a-new-secret-key-0123456789abcdef",
+        old_secret_keys=old.secret_key.get_secret_value(),
+    )
+    assert mailbox.access_token(engine, rotated, connection_id).token == PASSWORD
+    resealed = row_of(engine, connection_id).grant
+    assert resealed.split(".")[1] != sealed.split(".")[1]  # another key id
+    only_new = password_settings(make_settings, upstream.url, secret_key=rotated.secret_key)
+    assert mailbox.access_token(engine, only_new, connection_id).token == PASSWORD
+    with pytest.raises(MailboxBroken, match="TRACKRELAY_OLD_SECRET_KEYS"):
+        mailbox.access_token(engine, old, connection_id)
+    assert row_of(engine, connection_id).state == "broken"
+
+
+def test_an_app_password_is_erased_with_the_user_and_forgotten_at_disconnect(
+    engine: Engine, make_settings: MakeSettings, upstream: RecordingUpstream
+) -> None:
+    settings = password_settings(make_settings, upstream.url)
+    password_connected(engine, settings)
+    said = mailbox.disconnect(engine, settings, ADDRESS)
+    assert said == "an app password: forgotten (revoke the app password in the account)"
+    assert mailbox.list_connections(engine) == []
+    mailbox.connect_password(engine, settings, "ann", ADDRESS, "fast", PASSWORD, login=USER)
+    remove_user(engine, "ann")
+    with Session(engine) as session:
+        assert session.exec(select(MailboxConnection)).all() == []
+
+
+def test_an_oauth_grant_replaces_an_app_password(
+    engine: Engine,
+    make_settings: MakeSettings,
+    oauth_server: OAuthServer,
+    upstream: RecordingUpstream,
+) -> None:
+    tables = {
+        **provider_settings(oauth_server),
+        "fast": {"app_passwords": True, "smtp": upstream.url},
+    }
+    settings = make_settings(oauth=tables, upstream_verify_tls=False)
+    connection_id = password_connected(engine, settings)
+    row = mailbox.store(engine, settings, "ann", ADDRESS, "test", consent(settings, oauth_server))
+    assert row.id == connection_id
+    assert (row.method, row.login, row.provider) == ("oauth", ADDRESS, "test")
+    assert mailbox.access_token(engine, settings, connection_id).mechanism == "XOAUTH2"

@@ -99,3 +99,67 @@ def test_a_bad_provider_table_is_one_line_naming_the_key(
         settings_from(tmp_path, toml)
     assert str(caught.value).startswith(error), str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_app_passwords_google_yes_microsoft_no_and_a_password_only_provider(
+    tmp_path: Path,
+) -> None:
+    providers = settings_from(
+        tmp_path,
+        '[oauth.google]\nclient_id = "g"\n'
+        '[oauth.microsoft]\nclient_id = "m"\n'
+        '[oauth.fast]\napp_passwords = true\nsmtp = "smtps://smtp.fastmail.com:465"\n'
+        'imap = "imaps://imap.fastmail.com:993"\n',
+    )
+    assert providers["google"].app_passwords is True
+    assert providers["google"].password_only is False  # OAuth too
+    assert providers["microsoft"].app_passwords is False
+    fast = providers["fast"]
+    assert (fast.app_passwords, fast.password_only) == (True, True)
+    assert fast.client_id == ""
+    assert str(fast.smtp_target) == "smtps://smtp.fastmail.com:465"
+
+
+def test_a_preset_gives_way_to_the_tables_app_passwords(tmp_path: Path) -> None:
+    providers = settings_from(tmp_path, '[oauth.google]\nclient_id = "g"\napp_passwords = false\n')
+    assert providers["google"].app_passwords is False
+
+
+@pytest.mark.parametrize(
+    ("toml", "error"),
+    [
+        # no app_passwords: an OAuth table, the client is required as before
+        ('[oauth.fast]\nsmtp = "smtps://m.example"\n', "[oauth.fast] client_id: is required"),
+        ("[oauth.fast]\napp_passwords = true\n", "[oauth.fast] smtp: is required"),
+        (
+            '[oauth.fast]\napp_passwords = "yes"\nsmtp = "smtps://m.example"\n',
+            "[oauth.fast] app_passwords: Input should be a valid boolean",
+        ),
+        (
+            '[oauth.fast]\napp_passwords = true\nsmtp = "smtp://mail.example:25"\n',
+            "[oauth.fast] smtp: plaintext smtp:// is only allowed to a loopback address",
+        ),
+        (
+            '[oauth.fast]\napp_passwords = true\nsmtp = "smtps://m.example"\n'
+            'imap = "imap://mail.example:143"\n',
+            "[oauth.fast] imap: plaintext imap://",
+        ),
+        # a client without where to use it is still an OAuth table missing its endpoints
+        (
+            '[oauth.fast]\napp_passwords = true\nclient_id = "c"\nsmtp = "smtps://m.example"\n',
+            "[oauth.fast] set issuer",
+        ),
+        (
+            '[oauth.fast]\napp_passwords = true\nissuer = "https://id.example"\n'
+            'smtp = "smtps://m.example"\n',
+            "[oauth.fast] client_id: is required",
+        ),
+    ],
+)
+def test_a_bad_app_password_table_is_one_line_naming_the_key(
+    tmp_path: Path, toml: str, error: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        settings_from(tmp_path, toml)
+    assert str(caught.value).startswith(error), str(caught.value)
+    assert "\n" not in str(caught.value)

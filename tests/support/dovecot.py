@@ -19,6 +19,10 @@ run as the ``dovecot`` system user; otherwise as the current user. A test is
 skipped, with the reason, when the binary is missing or the server does not
 start.
 
+A second passwd-file passdb gives :data:`USER` the password
+:data:`APP_PASSWORD` too: an app-password connection's IMAP LOGIN, with the
+password the recording upstream takes for AUTH (one password, both servers).
+
 Fixtures: ``dovecot`` (started, with ``oauth_server``).
 """
 
@@ -44,6 +48,7 @@ DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 USER = "alice@example.com"  # the recording upstream's account, too
 ANN = "ann@example.com"  # the connected address of tests/relay/test_mailboxes.py
 PASSWORD = "dovecot test password"
+APP_PASSWORD = "correct horse battery"  # tests/support/upstream.py PASSWORD (it imports us)
 SENT = "Sent"
 
 _CONFIG = """\
@@ -81,6 +86,10 @@ service anvil {{
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/passwd
+}}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/app-passwords
 }}
 passdb {{
   driver = oauth2
@@ -166,6 +175,7 @@ class Dovecot:
         (self.root / "passwd").write_text(
             "".join(f"{user}:{{PLAIN}}{PASSWORD}\n" for user in (USER, ANN))
         )
+        (self.root / "app-passwords").write_text(f"{USER}:{{PLAIN}}{APP_PASSWORD}\n")
         config = self.root / "dovecot.conf"
         text = _CONFIG.format(
             root=self.root, port=self.port, uid=uid, gid=gid,

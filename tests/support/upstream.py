@@ -155,7 +155,7 @@ class RecordingUpstream:
         if self.oauth is not None:
             return AuthResult(success=False, handled=False, message=BASIC_DISABLED)
         ok = user == USER and data.password.decode() == PASSWORD
-        return AuthResult(success=ok, handled=False)
+        return AuthResult(success=ok, handled=False, auth_data=user)  # whose Sent it files in
 
     async def token_user(self, token: str) -> str:
         """The account an access token is live for, asked at the introspection endpoint."""

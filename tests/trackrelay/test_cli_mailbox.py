@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pty
+import select
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from shared import db
 from shared.users import add_user
 from tests.conftest import TEST_SECRET
 from tests.support.oauth_server import OAuthServer, provider_table
+from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 ANN = "ann@example.com"
 
@@ -82,7 +85,7 @@ def test_connect_list_disconnect(
     assert out.strip() == f"connected {ANN} for user ann through test"
     assert "authorization_pending" not in err
     code, out, _ = run(env, config, "mailbox", "list")
-    assert (code, out) == (0, f"{ANN}\ttest\tann\tok\n")
+    assert (code, out) == (0, f"{ANN}\ttest\toauth\tann\tok\n")
     access_tokens = list(oauth_server.access)
     code, out, _ = run(env, config, "mailbox", "disconnect", ANN)
     assert (code, out) == (0, f"{ANN}: revoked at the provider and forgotten\n")
@@ -120,7 +123,7 @@ def test_a_broken_connection_is_listed_with_why(
         )
     assert (
         run(env, config, "mailbox", "list")[1]
-        == f"{ANN}\ttest\tann\tbroken: revoked at the provider\n"
+        == f"{ANN}\ttest\toauth\tann\tbroken: revoked at the provider\n"
     )
 
 
@@ -153,3 +156,146 @@ def test_connect_refuses_an_address_the_user_does_not_own(
     )
     assert code == 1
     assert "may not send as boss@example.com" in err
+
+
+# --- app passwords: the recording upstream (PLAIN/LOGIN for USER/PASSWORD) as the provider ---
+
+
+@pytest.fixture
+def password_setup(
+    setup: tuple[dict[str, str], Path, Engine], upstream: RecordingUpstream
+) -> tuple[dict[str, str], Path, Engine]:
+    env, config, engine = setup
+    with config.open("a") as toml:
+        toml.write(f'[oauth.fast]\napp_passwords = true\nsmtp = "{upstream.url}"\n')
+    env["TRACKRELAY_UPSTREAM_VERIFY_TLS"] = "false"  # the upstream's self-signed certificate
+    return env, config, engine
+
+
+def connect_password(
+    env: dict[str, str], config: Path, password: str, *argv: str
+) -> tuple[int, str, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trackrelay", "--config", str(config), "mailbox", "connect",
+         ANN, "--user", "ann", "--app-password", *argv],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = process.communicate(password + "\n", timeout=60)
+    return process.returncode, out, err
+
+
+def test_connect_with_an_app_password_list_disconnect(
+    password_setup: tuple[dict[str, str], Path, Engine], upstream: RecordingUpstream
+) -> None:
+    env, config, engine = password_setup
+    code, out, err = connect_password(env, config, PASSWORD, "--provider", "fast", "--login", USER)
+    assert (code, err) == (0, "")
+    assert out == f"connected {ANN} for user ann through fast (app password)\n"
+    assert upstream.auth_attempts == [("PLAIN", USER)]  # tried once before it was kept
+    with engine.connect() as conn:
+        grant = conn.exec_driver_sql("SELECT grant FROM mailbox_connections").scalar_one()
+    assert PASSWORD not in grant
+    code, out, err = run(env, config, "mailbox", "list")
+    assert (code, out) == (0, f"{ANN}\tfast\tpassword\tann\tok\n")
+    assert PASSWORD not in out + err
+    code, out, _ = run(env, config, "mailbox", "disconnect", ANN)
+    assert (code, out) == (
+        0,
+        f"{ANN}: an app password: forgotten (revoke the app password in the account)\n",
+    )
+    assert run(env, config, "mailbox", "list")[:2] == (0, "")
+
+
+def test_a_wrong_app_password_is_exit_2_one_line_and_nothing_stored(
+    password_setup: tuple[dict[str, str], Path, Engine], upstream: RecordingUpstream
+) -> None:
+    env, config, _ = password_setup
+    code, out, err = connect_password(env, config, "not it", "--provider", "fast", "--login", USER)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"trackrelay: the provider refused the app password for {USER} (535")
+    assert f"at {upstream.url}" in err
+    assert err.endswith("nothing was stored\n")
+    assert err.count("\n") == 1
+    assert "not it" not in err
+    assert run(env, config, "mailbox", "list")[:2] == (0, "")
+
+
+@pytest.mark.parametrize(
+    ("password", "argv", "error"),
+    [
+        (PASSWORD, ("--provider", "test"), "[oauth.test] app_passwords is not true"),
+        (PASSWORD, ("--provider", "nope"), "no [oauth.nope] table in the config"),
+        ("", ("--provider", "fast"), "no app password on stdin"),
+    ],
+)
+def test_connect_with_an_app_password_names_what_is_wrong(
+    password_setup: tuple[dict[str, str], Path, Engine],
+    upstream: RecordingUpstream,
+    password: str,
+    argv: tuple[str, ...],
+    error: str,
+) -> None:
+    env, config, _ = password_setup
+    code, _, err = connect_password(env, config, password, *argv)
+    assert code == 2
+    assert err.startswith(f"trackrelay: {error}"), err
+    assert err.count("\n") == 1
+    assert upstream.auth_attempts == []
+    assert run(env, config, "mailbox", "list")[:2] == (0, "")
+
+
+def test_the_oauth_connect_of_a_password_only_provider_says_use_app_password(
+    password_setup: tuple[dict[str, str], Path, Engine],
+) -> None:
+    env, config, _ = password_setup
+    code, _, err = run(
+        env, config, "mailbox", "connect", ANN, "--provider", "fast", "--user", "ann"
+    )
+    assert code == 1
+    assert err == (
+        "trackrelay: [oauth.fast] has no OAuth client (app_passwords only): use --app-password\n"
+    )
+
+
+def test_on_a_terminal_the_app_password_is_asked_without_echo(
+    password_setup: tuple[dict[str, str], Path, Engine], upstream: RecordingUpstream
+) -> None:
+    env, config, _ = password_setup
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trackrelay", "--config", str(config), "mailbox", "connect",
+         ANN, "--user", "ann", "--app-password", "--provider", "fast", "--login", USER],
+        env=env, stdin=terminal, stdout=subprocess.PIPE, stderr=terminal, text=True,
+        start_new_session=True,  # no controlling terminal: getpass uses stdin, the pty
+    )  # fmt: skip
+    os.close(terminal)
+    seen = _read_until(controller, b"app password for ann@example.com: ")
+    os.write(controller, PASSWORD.encode() + b"\n")  # echo is off: the pty sends nothing back
+    out, _ = process.communicate(timeout=60)
+    seen += _read_until(controller, b"")
+    os.close(controller)
+    assert process.returncode == 0, seen
+    assert out == f"connected {ANN} for user ann through fast (app password)\n"
+    assert PASSWORD.encode() not in seen
+    assert upstream.auth_attempts == [("PLAIN", USER)]
+
+
+def _read_until(fd: int, wanted: bytes, wait: float = 30.0) -> bytes:
+    """What the pty says until WANTED has been said (b"": until it is closed or quiet)."""
+    seen = b""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and (not wanted or wanted not in seen):
+        ready, _, _ = select.select([fd], [], [], 0.5 if wanted else 0.2)
+        if not ready:
+            if not wanted:
+                return seen
+            continue
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the other end is closed
+            return seen
+        if not chunk:
+            return seen
+        seen += chunk
+    assert not wanted or wanted in seen, seen
+    return seen

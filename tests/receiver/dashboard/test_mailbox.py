@@ -27,6 +27,7 @@ from shared.mailbox import MailboxBroken
 from shared.models import MailboxConnection, OutboxItem
 from tests.support.dashboardkit import D, csrf_from, login, seed
 from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 PUBLIC = "https://t.example.test"
 CALLBACK = f"{PUBLIC}/dashboard/mailbox/callback"
@@ -253,6 +254,7 @@ def test_every_post_needs_the_csrf_token(
         (f"{D}/mailbox", {"address": SAM, "provider": "test"}),
         (f"{D}/mailbox/{row.id}/disconnect", {}),
         (f"{D}/mailbox/{row.id}/sent", {"sent": "leave"}),
+        (f"{D}/mailbox/password", {"address": SAM, "provider": "google", "password": "x"}),
     ):
         assert app_client.post(path, data=data, follow_redirects=False).status_code == 403
     assert [(r.state, r.sent) for r in rows(engine)] == [("ok", "clean")]
@@ -380,3 +382,127 @@ def test_without_providers_the_page_says_what_to_configure(
         )
         assert refused.status_code == 400
         assert "That provider is not configured here." in refused.text
+
+
+# --- Connect with an app password: the recording upstream (USER/PASSWORD) as provider fast ---
+
+
+@pytest.fixture
+def password_client(
+    engine: Engine, make_settings: Callable[..., Settings], upstream: RecordingUpstream
+) -> Iterator[TestClient]:
+    seed(engine)
+    oauth = {
+        "microsoft": {"client_id": "ms-app"},  # no app passwords (basic auth is ending)
+        "google": {"client_id": "g-app"},  # app passwords, and OAuth
+        "fast": {"app_passwords": True, "smtp": upstream.url},  # app passwords only
+    }
+    settings = make_settings(oauth=oauth, public_url=PUBLIC, upstream_verify_tls=False)
+    with TestClient(create_app(settings, engine)) as client:
+        yield client
+
+
+def connect_password(client: TestClient, **fields: str) -> httpx.Response:
+    token = csrf_from(client.get(f"{D}/mailbox").text)
+    data = {"csrf_token": token, "address": SAM, "provider": "fast", "login": USER, **fields}
+    return client.post(f"{D}/mailbox/password", data=data, follow_redirects=False)
+
+
+def test_the_app_password_form_offers_the_providers_that_take_them(
+    password_client: TestClient,
+) -> None:
+    login(password_client, "sam")
+    page = password_client.get(f"{D}/mailbox")
+    assert page.status_code == 200
+    form = page.text[page.text.index('data-form="app-password"') :]
+    form = form[: form.index("</form>")]
+    assert f'action="{D}/mailbox/password"' in page.text
+    assert '<option value="google"' in form
+    assert '<option value="fast"' in form
+    assert '<option value="microsoft"' not in form
+    assert 'name="csrf_token"' in form
+    assert 'type="password"' in form
+    # fast has no OAuth sign-in: no Connect button, nothing to send the browser to
+    assert "Connect fast" not in page.text
+    assert "Connect Google" in page.text
+    csp = page.headers["content-security-policy"]
+    [form_action] = [d.split()[1:] for d in csp.split("; ") if d.startswith("form-action ")]
+    assert sorted(form_action) == sorted(
+        ["'self'", "https://accounts.google.com", "https://login.microsoftonline.com"]
+    )
+
+
+def test_connect_with_an_app_password(
+    password_client: TestClient, engine: Engine, upstream: RecordingUpstream
+) -> None:
+    login(password_client, "sam")
+    answer = connect_password(password_client, password=PASSWORD)
+    assert answer.status_code == 303, answer.text
+    assert answer.headers["location"] == f"{D}/mailbox"
+    page = password_client.get(f"{D}/mailbox").text
+    assert f"Connected {SAM} to fast with an app password" in page
+    assert 'data-state="ok"' in page
+    assert PASSWORD not in page
+    assert upstream.auth_attempts == [("PLAIN", USER)]  # the one trial login
+    [row] = rows(engine)
+    assert (row.address, row.provider, row.method, row.login) == (SAM, "fast", "password", USER)
+    assert PASSWORD not in row.grant
+
+
+def test_a_refused_app_password_is_said_in_the_form_and_never_echoed(
+    password_client: TestClient, engine: Engine, upstream: RecordingUpstream
+) -> None:
+    login(password_client, "sam")
+    answer = connect_password(password_client, password="my-wrong-app-pass")
+    assert answer.status_code == 400
+    assert "my-wrong-app-pass" not in answer.text
+    assert '<input name="password" type="password" value="" ' in answer.text
+    assert f"refused the app password for {USER}" in answer.text
+    assert 'id="password-error"' in answer.text
+    assert f'value="{USER}"' in answer.text  # the rest is kept for the next try
+    assert rows(engine) == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"password": ""}, "password", "Paste the app password"),
+        ({"provider": "microsoft"}, "provider", "takes no app passwords here"),
+        ({"address": "boss@example.com"}, "address", "may not send as boss@example.com"),
+        ({"login": "two words"}, "login", "The login is one word"),
+    ],
+)
+def test_the_app_password_form_names_what_is_wrong(
+    password_client: TestClient,
+    engine: Engine,
+    upstream: RecordingUpstream,
+    fields: dict[str, str],
+    field: str,
+    message: str,
+) -> None:
+    login(password_client, "sam")
+    answer = connect_password(password_client, **{"password": PASSWORD, **fields})
+    assert answer.status_code == 400
+    assert f'id="{field}-error"' in answer.text
+    assert message in answer.text
+    assert PASSWORD not in answer.text
+    assert upstream.auth_attempts == []  # nothing was tried at the provider
+    assert rows(engine) == []
+
+
+def test_an_app_password_connection_is_listed_and_disconnected(
+    password_client: TestClient, engine: Engine
+) -> None:
+    login(password_client, "sam")
+    assert connect_password(password_client, password=PASSWORD).status_code == 303
+    page = password_client.get(f"{D}/mailbox")
+    [row] = rows(engine)
+    assert "app password" in page.text
+    answer = password_client.post(
+        f"{D}/mailbox/{row.id}/disconnect",
+        data={"csrf_token": csrf_from(page.text)},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303
+    assert "an app password: forgotten" in password_client.get(f"{D}/mailbox").text
+    assert rows(engine) == []

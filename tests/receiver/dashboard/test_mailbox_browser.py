@@ -24,7 +24,7 @@ import pytest
 from sqlmodel import Session, select
 
 from receiver.app import create_app
-from shared import db
+from shared import db, mailbox
 from shared.config import Settings
 from shared.models import MailboxConnection
 from tests.receiver.dashboard.test_browser import ARGS, CHROMIUM, SHOTS
@@ -149,3 +149,83 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
         expect(row).to_contain_text("invalid_grant")
         page.screenshot(path=str(SHOTS / "mailbox-broken-desktop.png"), full_page=True)
         browser.close()
+
+
+def test_connect_with_an_app_password_in_the_browser_and_see_it_break(
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url = f"sqlite:///{tmp_path / 'mailbox.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    seed(engine)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    public = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    fast = RecordingUpstream(*tls_pair).start()  # app passwords only: PLAIN for USER/PASSWORD
+    providers = {"fast": {"app_passwords": True, "smtp": fast.url}}
+    settings = make_settings(
+        database_url=url, public_url=public, oauth=providers, upstream_verify_tls=False
+    )
+    relaying = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=UPSTREAM_PASSWORD,
+        database_url=url,
+        oauth=providers,
+    )
+    SHOTS.mkdir(parents=True, exist_ok=True)
+
+    try:
+        with ServerThread(create_app(settings, engine), sock), sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(public + "/dashboard/")
+            page.fill("input[name=username]", "sam")
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.goto(public + "/dashboard/mailbox")
+            form = page.locator("form[data-form=app-password]")
+            expect(form.locator("input[name=address]")).to_have_value(SAM)
+            form.locator("input[name=login]").fill(USER)
+            form.locator("input[name=password]").fill("not the app password")
+            form.locator("button[type=submit]").click()
+            expect(form.locator("#password-error")).to_contain_text("refused the app password")
+            expect(form.locator("input[name=password]")).to_have_value("")  # never echoed
+            page.screenshot(path=str(SHOTS / "mailbox-app-password-refused.png"), full_page=True)
+
+            form.locator("input[name=password]").fill(UPSTREAM_PASSWORD)
+            form.locator("button[type=submit]").click()
+            expect(page.locator(".flash")).to_contain_text(f"Connected {SAM} to fast")
+            row = page.locator(f'tr[data-connection="{SAM}"]')
+            expect(row.locator("[data-state]")).to_have_text("ok")
+            expect(row).to_contain_text("app password")
+            page.screenshot(path=str(SHOTS / "mailbox-app-password-desktop.png"), full_page=True)
+
+            assert sam_sends(relaying, engine, 1) == [250]
+            assert [m.mail_from for m in fast.messages] == [SAM]
+            assert upstream.messages == []
+            with Session(engine) as session:  # the app password is revoked in the account
+                connection = session.exec(select(MailboxConnection)).one()
+                connection.grant = mailbox.seal(settings, SAM, {"password": "revoked"})
+                session.add(connection)
+                session.commit()
+            assert sam_sends(relaying, engine, 2) == [454, 454]
+
+            page.goto(public + "/dashboard/messages")
+            expect(page.locator("[data-broken-mailbox]")).to_contain_text(
+                f"Your mailbox connection for {SAM} stopped working"
+            )
+            page.goto(public + "/dashboard/mailbox")
+            expect(row.locator("[data-state]")).to_have_text("broken")
+            expect(row).to_contain_text("refused the app password")
+            browser.close()
+    finally:
+        fast.stop()
+        engine.dispose()
