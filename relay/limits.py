@@ -1,4 +1,4 @@
-"""How many SMTP sessions one relay process serves: in all, and per client address.
+"""How many SMTP sessions one relay serves: in all, and per client address.
 
 Every session holds a socket, and one in a transaction a second one to the
 upstream. Without a ceiling, one client opening ~1,100 idle connections (no
