@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from pathlib import Path
 
 import aiosmtplib
@@ -134,3 +135,50 @@ def test_the_session_limits_hold_for_all_workers_together(
         "again": "220",
     }
     assert relay.stop() == 0
+
+
+def test_a_killed_workers_sessions_are_freed_for_the_others(
+    tmp_path: Path, upstream: RecordingUpstream, processes: list[RelayProcess]
+) -> None:
+    """TRACKRELAY_MAX_SESSIONS_PER_IP=2 held, then the workers holding them are
+    SIGKILLed (no connection_lost runs there): once the parent has reaped them, the
+    address is admitted twice again by the worker left."""
+    log = tmp_path / "relay.log"
+    relay = RelayProcess(
+        tmp_path,
+        log=log,
+        TRACKRELAY_RELAY_WORKERS="3",
+        TRACKRELAY_MAX_SESSIONS_PER_IP="2",
+        TRACKRELAY_UPSTREAM=upstream.url,
+        TRACKRELAY_UPSTREAM_VERIFY_TLS="false",
+        TRACKRELAY_TLS_CERT=str(upstream.cert),
+        TRACKRELAY_TLS_KEY=str(upstream.key),
+    )
+    processes.append(relay)
+    workers = children(relay.process.pid)
+
+    async def scenario() -> tuple[str, list[str]]:
+        async with contextlib.AsyncExitStack() as stack:
+
+            async def greeting() -> str:
+                raw = await RawClient.connect(relay.smtp, local_addr=("127.0.0.1", 0))
+                held.append(await stack.enter_async_context(raw))
+                return raw.greeting
+
+            held: list[RawClient] = []
+            assert [(await greeting())[:3] for _ in range(2)] == ["220", "220"]
+            over = await greeting()
+            killed = {_worker_of(raw, relay.smtp, workers) for raw in held[:2]}
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+            for raw in held[:2]:  # their connections ended with them
+                await asyncio.wait_for(raw.reader.read(), 10)
+            # the parent's line once it has reaped one and freed its sessions
+            while log.read_text().count(" ended with -9; ") < len(killed):
+                await asyncio.sleep(0.05)
+            return over, [(await greeting())[:3] for _ in range(2)]
+
+    over, again = asyncio.run(scenario())
+    assert over == TOO_MANY_FROM_IP + "\r\n"
+    assert again == ["220", "220"]
+    relay.stop()
