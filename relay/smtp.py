@@ -14,7 +14,10 @@ there):
   every received chunk resets it, and it is suspended while ``handle_DATA``
   forwards the message upstream: a timeout there would cancel the handler
   after the upstream may have accepted, and the client's retry would deliver
-  the message twice.
+  the message twice. What follows the final dot is bounded by the upstream's
+  own timeouts instead (``TRACKRELAY_UPSTREAM_TIMEOUT`` per command,
+  ``TRACKRELAY_UPSTREAM_DATA_TIMEOUT`` for its reply to the dot, then 451),
+  never by the upload's ``data_timeout``.
 * Per-line resets alone would let a slowloris client hold a session forever
   by dribbling one line at a time: one DATA upload may take at most
   ``data_timeout`` seconds in all (``TRACKRELAY_DATA_TIMEOUT``), then the
