@@ -22,7 +22,10 @@ What :class:`AdaptedSMTP` changes in aiosmtpd itself, no more:
   where the stdlib parser crashes (``MAIL FROM:"``) and aiosmtpd answered a
   500 naming the Python exception;
 * the idle timeout can be suspended (:meth:`AdaptedSMTP.suspend_timeout`):
-  while suspended, aiosmtpd's own per-command resets do nothing.
+  while suspended, aiosmtpd's own per-command resets do nothing;
+* when the idle (or greeting) timeout fires, aiosmtpd's ``_timeout_cb`` closes
+  the transport without a word; here it calls :meth:`AdaptedSMTP.timed_out`,
+  which subclasses override to say why first (aiosmtpd's close by default).
 """
 
 from __future__ import annotations
@@ -89,6 +92,13 @@ class AdaptedSMTP(SMTP):
     def _reset_timeout(self, duration: float | None = None) -> None:
         if not self.timeout_suspended:
             SMTP._reset_timeout(self, duration)
+
+    def _timeout_cb(self) -> None:
+        self.timed_out()
+
+    def timed_out(self) -> None:
+        """The idle timeout fired (the loop's callback): aiosmtpd closes the transport."""
+        SMTP._timeout_cb(self)  # type: ignore[no-untyped-call,unused-ignore]
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's parse of a MAIL/RCPT address (see the module docstring)."""

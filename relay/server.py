@@ -35,7 +35,9 @@ Scale-out: :func:`bind_listeners` binds the listening sockets once; worker
 processes forked after that (``TRACKRELAY_RELAY_WORKERS``) each pass them to
 their own ``RelayServer(..., sockets=...)``, and the kernel hands each new
 connection to one of them (a shared accept queue: a busy worker simply
-accepts less, and port 0 still means one port for all).
+accepts less, and port 0 still means one port for all). The session limits
+are the relay's, not each worker's: the parent makes one
+:class:`relay.limits.SharedCounts` before the fork, passed as ``sessions``.
 
 ``stop()`` is graceful: stop accepting, answer 421 to idle sessions, let
 transactions in flight finish (up to ``grace`` seconds), wait for deliveries.
@@ -58,7 +60,7 @@ from relay.gateway import GatewayHandler
 from relay.handler import RelayHandler
 from relay.inboxwatch import InboxWatcher
 from relay.intake import Intake, IntakeHandler
-from relay.limits import SessionLimits
+from relay.limits import SessionLimits, SharedCounts
 from relay.peers import Peers, ask_for_certificates
 from relay.smtp import RelaySMTP
 from relay.tlscert import certificate_paths, server_context
@@ -78,13 +80,16 @@ class RelayServer:
         tracker: Tracker | None = None,
         sockets: dict[str, socket.socket] | None = None,
         watch_inbox: bool = True,  # False: another worker of this relay watches them
+        sessions: SharedCounts | None = None,  # the session counts of all the relay's workers
     ) -> None:
         self.settings = settings
         self.watch_inbox = watch_inbox
         self._sockets = sockets or {}
         self.engine = engine
         self.handler = RelayHandler(settings, engine, tracker)
-        self.limits = SessionLimits(settings.max_sessions, settings.max_sessions_per_ip)
+        self.limits = SessionLimits(
+            settings.max_sessions, settings.max_sessions_per_ip, shared=sessions
+        )
         self.gateway: GatewayHandler | None = None
         if settings.gateway_port is not None:
             handler = self.handler

@@ -6,11 +6,18 @@ there):
 
 * DATA is read line by line with a debug log call per line: the relay reads
   it in chunks (relay/datareader.py), with the same rules.
+* Every timeout that closes a session says so first: ``421 4.4.2 <host>
+  Timeout, closing transmission channel`` (RFC 5321 3.8 and 4.5.3.2) after the
+  greeting or idle timeout (:meth:`RelaySMTP.timed_out`; aiosmtpd closes
+  without a word), the DATA timeout's own 421 below.
 * The idle timeout resets per command only, so a slow upload is cut. Here
   every received chunk resets it, and it is suspended while ``handle_DATA``
   forwards the message upstream: a timeout there would cancel the handler
   after the upstream may have accepted, and the client's retry would deliver
-  the message twice.
+  the message twice. What follows the final dot is bounded by the upstream's
+  own timeouts instead (``TRACKRELAY_UPSTREAM_TIMEOUT`` per command,
+  ``TRACKRELAY_UPSTREAM_DATA_TIMEOUT`` for its reply to the dot, then 451),
+  never by the upload's ``data_timeout``.
 * Per-line resets alone would let a slowloris client hold a session forever
   by dribbling one line at a time: one DATA upload may take at most
   ``data_timeout`` seconds in all (``TRACKRELAY_DATA_TIMEOUT``), then the
@@ -74,6 +81,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_REPLY = b"421 4.3.2 Service shutting down, try again later\r\n"
 DATA_TIMEOUT_REPLY = "421 4.4.2 Message upload took too long, closing connection"
+TIMEOUT_REPLY = "421 4.4.2 {host} Timeout, closing transmission channel"  # RFC 5321 3.8
 COMMAND_LIMIT_REPLY = "421 4.7.0 Too many commands without sending mail, closing connection"
 OVERSHOOT = 10_000  # RCPTs past the recipient limit that cost no command, per transaction
 
@@ -206,6 +214,17 @@ class RelaySMTP(AdaptedSMTP):
         return self._peers.refuse_certificate(self._client_ip(), tls.getpeercert())
 
     # --- idle timeout ---
+
+    def timed_out(self) -> None:
+        """The greeting or idle timeout fired (also between lines of DATA): 421 first,
+        then the close (RFC 5321 3.8), unless the transport is closing already."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.is_closing():
+            log.info("%s: silent for too long: disconnected", self._client_ip() or "?")
+            self.write_now(f"{TIMEOUT_REPLY.format(host=self.hostname)}\r\n".encode())
+        transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._in_data and b"\n" in data:

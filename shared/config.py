@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     max_message_size: int = Field(50 * 1024 * 1024, gt=0)
     max_recipients: int = Field(100, gt=0)
     idle_timeout: float = Field(300.0, gt=0)
-    data_timeout: float = Field(600.0, gt=0)  # the longest one DATA upload may take
+    data_timeout: float = Field(600.0, gt=0)  # the longest one DATA upload (354 to dot) may take
     max_commands_without_mail: int = Field(100, gt=0)  # then 421 (NOOP/RSET loops)
     auth_failures_per_ip: int = Field(10, gt=0)
     auth_failures_per_user: int = Field(5, gt=0)
@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     relay_workers: int = Field(1, gt=0)  # processes for `trackrelay relay`, sharing the ports
 
     # --- SMTP sessions: limits and timeouts against one client taking the process down ---
-    max_sessions: int = Field(300, gt=0)  # SMTP sessions per relay process; more get 421
+    max_sessions: int = Field(300, gt=0)  # SMTP sessions per relay (all workers); more get 421
     max_sessions_per_ip: int = Field(50, gt=0)  # of those, from one client address
     greeting_timeout: float = Field(30.0, gt=0)  # the first command must come within this
     upstream_data_timeout: float = Field(600.0, gt=0)  # the upstream's reply to the final dot

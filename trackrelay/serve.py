@@ -19,11 +19,14 @@ import resource
 import signal
 import socket
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
 from shared.config import Settings
+
+if TYPE_CHECKING:
+    from relay.limits import SharedCounts
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class Parts:
     receiver: bool
     # a relay worker's listeners, bound once by its parent (serve_relay_workers)
     relay_sockets: dict[str, socket.socket] | None = None
+    relay_sessions: SharedCounts | None = None  # their session counts, made by the parent too
     inbox: bool = True  # watch the mailboxes' INBOXes (relay/inboxwatch.py): one worker does
 
 
@@ -110,7 +114,11 @@ async def run(settings: Settings, engine: Engine, parts: Parts) -> int:  # noqa:
         from relay.server import RelayServer
 
         relay_server = RelayServer(
-            settings, engine, sockets=parts.relay_sockets, watch_inbox=parts.inbox
+            settings,
+            engine,
+            sockets=parts.relay_sockets,
+            watch_inbox=parts.inbox,
+            sessions=parts.relay_sessions,
         )
     app = http_server = None
     if parts.receiver:
@@ -220,21 +228,28 @@ def serve_relay_workers(settings: Settings, engine: Engine) -> int:
     worker busy with a large message takes fewer new sessions. SIGINT/SIGTERM
     are passed on; each worker finishes its transactions in flight.
     """
+    from relay.limits import SharedCounts
     from relay.server import bind_listeners
 
     sockets = bind_listeners(settings)
+    sessions = SharedCounts(settings.max_sessions, settings.relay_workers)  # the relay's limits
     engine.dispose()  # each worker opens its own connections
-    children: list[int] = []
+    children: dict[int, int] = {}  # pid -> worker number
     for number in range(settings.relay_workers):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, measured by the tests' traffic
             code = 1
             try:
-                parts = replace(RELAY, relay_sockets=sockets, inbox=number == 0)
+                parts = replace(
+                    RELAY,
+                    relay_sockets=sockets,
+                    relay_sessions=sessions.of_worker(number),
+                    inbox=number == 0,
+                )
                 code = serve(settings, engine, parts)
             finally:
                 os._exit(code)
-        children.append(pid)
+        children[pid] = number
     for sock in sockets.values():
         sock.close()
 
@@ -246,17 +261,26 @@ def serve_relay_workers(settings: Settings, engine: Engine) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    for pid in children:
-        while True:
-            try:
-                _, code = os.waitpid(pid, 0)
-                break
-            except ChildProcessError:
-                code = 0
-                break
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
-        status = status or os.waitstatus_to_exitcode(code)
+    running = dict(children)
+    while running:  # in the order they end: a dead worker's sessions are freed at once
+        try:
+            pid, code = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        number = running.pop(pid, -1)
+        if number < 0:
+            continue
+        sessions.forget(number)  # its connections ended with it
+        exit_code = os.waitstatus_to_exitcode(code)
+        if exit_code != 0 and running:
+            log.warning(
+                "relay worker %d (pid %d) ended with %d; %d still serve",
+                number,
+                pid,
+                exit_code,
+                len(running),
+            )
+        status = status or exit_code
     return status
 
 

@@ -50,6 +50,8 @@ def test_the_private_names_exist_with_their_signatures(loop: asyncio.AbstractEve
     assert _params(SMTP._handle_client) == ["self"]
     assert inspect.iscoroutinefunction(SMTP._handle_client)
     assert _params(SMTP._reset_timeout) == ["self", "duration"]
+    assert _params(SMTP._timeout_cb) == ["self"]  # the idle timer's callback (timed_out)
+    assert "self._timeout_cb" in inspect.getsource(SMTP._reset_timeout)
     assert _params(SMTP._getaddr) == ["self", "arg"]
     assert _params(SMTP._call_handler_hook) == ["self", "command", "args"]
     assert inspect.iscoroutinefunction(SMTP._call_handler_hook)
@@ -67,7 +69,14 @@ def test_our_own_private_names_are_not_aiosmtpds(loop: asyncio.AbstractEventLoop
     """An aiosmtpd release that started using one of our attribute names would
     silently break the relay: only what the adapter means to override or set
     may share a name with aiosmtpd."""
-    intended = {"_create_session", "_handle_client", "_reset_timeout", "_getaddr", "_smtp_methods"}
+    intended = {
+        "_create_session",
+        "_handle_client",
+        "_reset_timeout",
+        "_timeout_cb",
+        "_getaddr",
+        "_smtp_methods",
+    }
     stock = SMTP(object(), loop=loop)
     theirs = set(dir(SMTP)) | set(vars(stock))
     assigned = set()

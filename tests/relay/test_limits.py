@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import random
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 
 import pytest
 from sqlalchemy import Engine
 
-from relay.limits import SessionLimits
+from relay.limits import SessionLimits, SharedCounts
 from tests.support.relaykit import MakeSettings, RawClient, relay_settings, running_relay
 from tests.support.upstream import RecordingUpstream
 
@@ -94,19 +98,25 @@ def test_the_first_command_must_come_within_the_greeting_timeout(
         max_sessions=1,
     )
 
-    async def scenario() -> tuple[bool, str, str]:
+    async def scenario() -> tuple[bytes, str, str]:
         async with running_relay(settings, db_engine) as relay:
             reader, writer = await asyncio.open_connection("127.0.0.1", relay.ports[listener])
             try:
-                silent_closed = await asyncio.wait_for(reader.read(), 10) is not None
+                said = await asyncio.wait_for(reader.read(), 10)  # until the relay closes
             finally:
                 writer.close()
             async with await RawClient.connect(relay.ports["smtp"]) as raw:
                 await raw.command(b"EHLO client.test")
                 await asyncio.sleep(0.6)  # longer than the greeting timeout
-                return silent_closed, raw.greeting[:3], (await raw.command(b"NOOP"))[:3]
+                return said, raw.greeting[:3], (await raw.command(b"NOOP"))[:3]
 
-    assert asyncio.run(scenario()) == (True, "220", "250")
+    said, greeting, noop = asyncio.run(scenario())
+    assert (greeting, noop) == ("220", "250")
+    if listener == "smtp":  # greeted, then told why it is closed
+        assert said.startswith(b"220 "), said
+        assert said.endswith(b" Timeout, closing transmission channel\r\n"), said
+    else:  # no TLS handshake, so nothing can be said: closed
+        assert said == b""
 
 
 def test_limits_count_and_release_per_address() -> None:
@@ -149,3 +159,109 @@ def test_refusals_are_logged_once_a_minute_per_address(caplog: pytest.LogCapture
     assert "refused 192.0.2.1" in lines[0]
     assert "refused 192.0.2.2" in lines[1]
     assert lines[2].endswith("(99 more refused since the last line)")
+
+
+# --- one relay's limits across its worker processes (SharedCounts) ---
+
+
+def _worker(
+    counts: SharedCounts,
+    number: int,
+    limits: tuple[int, int],
+    keys: list[list[str]],
+    release: bool,
+    start: Barrier,
+    results: Queue[dict[str, int]],
+) -> None:
+    """One worker process: admit each of its ``keys`` (concurrently with the others),
+    report what it admitted per key, then release them or leave them counted."""
+    shared = counts.of_worker(number)
+    session_limits = SessionLimits(*limits, clock=lambda: 0.0, shared=shared)
+    start.wait()
+    admitted: dict[str, int] = {}
+    for key in keys[number]:
+        if session_limits.admit(key, "smtp") is None:
+            admitted[key] = admitted.get(key, 0) + 1
+    results.put(admitted)
+    start.wait()  # all have admitted before any releases
+    if release:
+        for key, n in admitted.items():
+            for _ in range(n):
+                session_limits.release(key)
+
+
+def _run_workers(
+    counts: SharedCounts, limits: tuple[int, int], keys: list[list[str]], release: bool
+) -> list[dict[str, int]]:
+    """Each worker ``n`` of ``counts`` in a process of its own, admitting ``keys[n]``."""
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(counts.workers)
+    results: Queue[dict[str, int]] = context.Queue()
+    workers = [
+        context.Process(target=_worker, args=(counts, n, limits, keys, release, start, results))
+        for n in range(counts.workers)
+    ]
+    for process in workers:
+        process.start()
+    got = [results.get(timeout=60) for _ in workers]
+    for process in workers:
+        process.join(60)
+        assert process.exitcode == 0
+    return got
+
+
+def test_worker_processes_admit_the_limits_in_all_not_each() -> None:
+    """Four processes admitting at once into one SharedCounts: TRACKRELAY_MAX_SESSIONS
+    and _PER_IP hold for the four together (each alone would admit the full limits)."""
+    keys = [f"10.0.0.{i}" for i in range(20)] * 3  # 60 tries per process, 12 per address
+    counts = SharedCounts(total=1000, workers=4)
+    per_key = _run_workers(counts, (1000, 5), [keys] * 4, release=False)
+    admitted = {key: sum(got.get(key, 0) for got in per_key) for key in set(keys)}
+    assert admitted == dict.fromkeys(set(keys), 5)  # per address, in all
+    assert counts.active == 100
+
+    counts = SharedCounts(total=50, workers=4)
+    per_key = _run_workers(counts, (50, 5), [keys] * 4, release=True)
+    assert sum(sum(got.values()) for got in per_key) == 50  # in all
+    assert counts.active == 0  # all released: every slot is empty again
+    assert SessionLimits(1, 1, shared=counts.of_worker(0)).admit("10.0.0.1", "smtp") is None
+
+
+def test_a_dead_workers_sessions_are_forgotten() -> None:
+    """A worker that ended without releasing (killed): the parent's forget frees its
+    slots, and the other workers' counts stay."""
+    counts = SharedCounts(total=10, workers=2)
+    keys = [["192.0.2.1"] * 2 + ["192.0.2.2"], ["192.0.2.1", "192.0.2.3", "192.0.2.3"]]
+    _run_workers(counts, (10, 3), keys, release=False)
+    assert counts.active == 6
+    counts.forget(1)  # what the parent does when worker 1 has ended
+    assert counts.active == 3
+    limits = SessionLimits(10, 3, clock=lambda: 0.0, shared=counts.of_worker(1))
+    assert [limits.admit("192.0.2.3", "smtp") for _ in range(3)] == [None] * 3  # freed
+    assert limits.admit("192.0.2.1", "smtp") is None  # 3 with worker 0's 2
+    assert limits.admit("192.0.2.1", "smtp") is not None
+
+
+def test_the_shared_table_counts_like_the_in_process_one() -> None:
+    """Random admits and releases over few slots (long probe chains, wrap-around,
+    backward-shift deletion), in two columns: the same verdicts as a plain dict."""
+    rng = random.Random(5321)
+    counts = SharedCounts(total=40, workers=2)
+    shared = [SessionLimits(40, 4, clock=lambda: 0.0, shared=counts)] * 2
+    model: dict[tuple[int, str], int] = {}
+    for _ in range(20_000):
+        worker, key = rng.randrange(2), f"198.51.100.{rng.randrange(60)}"
+        counts.of_worker(worker)
+        mine = model.get((worker, key), 0)
+        if mine and rng.random() < 0.45:
+            shared[worker].release(key)
+            model[(worker, key)] = mine - 1
+            continue
+        total = sum(model.values())
+        of_key = model.get((0, key), 0) + model.get((1, key), 0)
+        expected = None if total < 40 and of_key < 4 else "421"
+        got = shared[worker].admit(key, "smtp")
+        assert (got is None) == (expected is None), (worker, key, model)
+        if got is None:
+            model[(worker, key)] = mine + 1
+        assert counts.active == sum(model.values())
