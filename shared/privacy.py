@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -115,11 +115,31 @@ def _due(engine: Engine, cutoff: datetime) -> dict[str, bool]:
     return {name: bool(row._mapping[name]) for name in probes}
 
 
+@contextlib.contextmanager
+def _batch(engine: Engine) -> Iterator[Connection]:
+    """One committed transaction of a purge or an erasure, planned without JIT.
+
+    PostgreSQL estimates the events of a message from a sampled ``n_distinct``
+    of ``events.message_id``, and events cluster by message, so the sample
+    sees few of them: 65,561 distinct ids where 1M messages have ~580,000, and
+    a batch of 500 ids looks like 73,778 events where it has a few hundred.
+    Past ``jit_above_cost`` every statement was then compiled to machine code
+    before it ran: 500 ms of the 510 ms an erasure's events DELETE took at 1M
+    (BENCHMARKS.md "Scale"), 10-25 ms of each recount statement. A batch
+    reads its rows through indexes and never enough for compiled expressions
+    to pay; ``SET LOCAL`` ends with the transaction.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET LOCAL jit = off")
+        yield conn
+
+
 def _batches(engine: Engine, ids: Any, step: Callable[[Connection, list[Any]], None]) -> None:
     """Run ``step`` on ``PURGE_BATCH`` ids at a time, one committed transaction each,
     until ``ids`` (a SELECT of ids, oldest first) finds none."""
     while True:
-        with engine.begin() as conn:
+        with _batch(engine) as conn:
             batch = list(conn.execute(ids.limit(PURGE_BATCH)).scalars())
             if not batch:
                 return
@@ -248,7 +268,7 @@ ERASE_BATCH = 500
 
 def _erase_batch(engine: Engine, forms: list[str], counts: dict[str, int]) -> bool:
     """Erase up to ``ERASE_BATCH`` recipient rows of ``forms``; False when none were left."""
-    with engine.begin() as conn:
+    with _batch(engine) as conn:
         mine = conn.execute(
             select(col(Recipient.id), col(Recipient.message_id), col(Recipient.position))
             .where(col(Recipient.address_key).in_(forms))

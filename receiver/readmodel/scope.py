@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import false, func, or_, true, union
+from sqlalchemy import and_, false, func, or_, true, union
 from sqlalchemy import select as sa_select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col
@@ -122,14 +122,44 @@ def _answers(s: Selection) -> list[ColumnElement[bool]]:
     return where
 
 
+def _like(text: str) -> str:
+    """``%text%`` for LIKE ... ESCAPE '/': the text's own wildcards match literally."""
+    return "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+
+
+def indexed_part(text: str) -> str:
+    """The part of ``text`` the trigram index is asked for: up to and including
+    the first ``@`` when two characters or more come before it, else all of it.
+
+    A GIN index ANDs the posting lists of every trigram of the pattern, and
+    reads each list whole when the matches are spread over it: the domain's
+    trigrams (``example``, ``gmail``, ``com``) are in most addresses, so an
+    address searched whole read ~15,000 index pages for 4,268 rows at 1M
+    (BENCHMARKS.md "Scale"). The local part and the ``@`` that ends it are
+    what tell addresses apart (``r0@`` is the one trigram ``r0``-then-end);
+    the whole text is then checked on the rows found (:func:`_text`).
+    """
+    local, at, _ = text.partition("@")
+    return local + at if at and len(local) >= 2 else text
+
+
+def _contains(column: Any, text: str) -> ColumnElement[bool]:
+    """``lower(column)`` contains ``text`` literally, the index asked only for
+    :func:`indexed_part`: the whole text is checked on ``lower(column || '')``,
+    an expression no index is on, so the planner cannot fold it into the
+    index's condition (which would read every trigram's list again)."""
+    part = indexed_part(text)
+    found = func.lower(column).like(_like(part), "/")
+    if part == text:
+        return found
+    return and_(found, func.lower(column.concat("")).like(_like(text), "/"))
+
+
 def _text(text: str) -> ColumnElement[bool]:
     """The subject or a recipient address contains ``text`` (lower-case), literally."""
-    pattern = "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
     ids = union(
-        sa_select(col(Message.id)).where(func.lower(col(Message.subject)).like(pattern, "/")),
-        sa_select(col(Recipient.message_id)).where(
-            func.lower(col(Recipient.address)).like(pattern, "/")
-        ),
+        sa_select(col(Message.id)).where(_contains(col(Message.subject), text)),
+        sa_select(col(Recipient.message_id)).where(_contains(col(Recipient.address), text)),
     )
     return col(Message.id).in_(ids)
 
