@@ -155,10 +155,17 @@ def _contains(column: Any, text: str) -> ColumnElement[bool]:
     return and_(found, func.lower(column.concat("")).like(_like(text), "/"))
 
 
-def _text(text: str) -> ColumnElement[bool]:
-    """The subject or a recipient address contains ``text`` (lower-case), literally."""
+def _text(text: str, scope: ColumnElement[bool]) -> ColumnElement[bool]:
+    """The subject or a recipient address contains ``text`` (lower-case), literally.
+
+    The subject's arm also carries the reader's ``scope`` (:func:`visible`),
+    which the outer query applies anyway: for a sender PostgreSQL then ANDs
+    the trigram bitmap with ``ix_messages_sender_key_created`` and reads only
+    their own matching rows, where it hashed every message of theirs (20,000
+    at 1M) against everyone's matches (BENCHMARKS.md "Scale").
+    """
     ids = union(
-        sa_select(col(Message.id)).where(_contains(col(Message.subject), text)),
+        sa_select(col(Message.id)).where(_contains(col(Message.subject), text), scope),
         sa_select(col(Recipient.message_id)).where(_contains(col(Recipient.address), text)),
     )
     return col(Message.id).in_(ids)
@@ -183,7 +190,7 @@ def selected(viewer: Viewer, selection: Selection) -> list[ColumnElement[bool]]:
     if s.until is not None:
         where.append(col(Message.created_at) <= s.until)
     if text := s.text.strip().lower():
-        where.append(_text(text))
+        where.append(_text(text, where[0]))
     return where
 
 
