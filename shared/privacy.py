@@ -26,7 +26,23 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, delete, exists, func, or_, select, tuple_, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    Integer,
+    and_,
+    column,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+    values,
+)
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col
 
 from shared import eventstate
@@ -280,12 +296,7 @@ def _erase_batch(engine: Engine, forms: list[str], counts: dict[str, int]) -> bo
         sole = _sole_recipient_messages(conn, set(messages))
         pairs = [(int(m), int(p)) for _, m, p in mine] + [(m, 0) for m in sorted(sole)]
         counts["events"] += _delete(
-            conn,
-            Event,
-            and_(
-                col(Event.message_id).in_(messages),
-                tuple_(col(Event.message_id), col(Event.recipient_position)).in_(pairs),
-            ),
+            conn, Event, and_(col(Event.message_id).in_(messages), _positions(conn, pairs))
         )
         ids = [row[0] for row in mine]
         counts["recipients"] += _delete(conn, Recipient, col(Recipient.id).in_(ids))
@@ -298,6 +309,18 @@ def _erase_batch(engine: Engine, forms: list[str], counts: dict[str, int]) -> bo
         about = and_(col(OutboxItem.message_id).in_(messages), mentions)
         _erase_notifications(conn, about, counts)
     return True
+
+
+def _positions(conn: Connection, pairs: list[tuple[int, int]]) -> ColumnElement[bool]:
+    """Events at these (message id, recipient position) pairs, as a semi-join on a
+    VALUES list: SQLite renders a row-value IN list that way itself; PostgreSQL
+    expands one into an OR of every pair, checked on every event of the batch's
+    messages (37-300 ms for 522 pairs over 9,767 events at 1M, 5-12 ms hashed)."""
+    key = tuple_(col(Event.message_id), col(Event.recipient_position))
+    if conn.dialect.name != "postgresql":
+        return key.in_(pairs)
+    rows = values(column("m", BigInteger), column("p", Integer), name="pairs").data(pairs)
+    return key.in_(select(rows))
 
 
 def _erase_notifications(conn: Connection, which: Any, counts: dict[str, int]) -> None:
