@@ -30,7 +30,9 @@ costs the same after a year of mail as after a day.
 The text search is one ``IN (... UNION ...)`` over the two columns it reads,
 ``lower(subject)`` and ``lower(recipients.address)``: on PostgreSQL each arm
 is a bitmap scan of its pg_trgm GIN index (migration 0005) for a text of
-three characters or more (shorter texts have no trigram and scan). SQLite has
+three characters or more (shorter texts have no trigram and scan); an
+address's arm asks the index for its local part only (:func:`indexed_part`)
+and the subject's arm carries the reader's scope. SQLite has
 no trigram index: there the same query scans messages and recipients, the
 documented slower path (README, "The dashboard").
 """
