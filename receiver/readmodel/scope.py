@@ -30,7 +30,9 @@ costs the same after a year of mail as after a day.
 The text search is one ``IN (... UNION ...)`` over the two columns it reads,
 ``lower(subject)`` and ``lower(recipients.address)``: on PostgreSQL each arm
 is a bitmap scan of its pg_trgm GIN index (migration 0005) for a text of
-three characters or more (shorter texts have no trigram and scan). SQLite has
+three characters or more (shorter texts have no trigram and scan); an
+address's arm asks the index for its local part only (:func:`indexed_part`)
+and the subject's arm carries the reader's scope. SQLite has
 no trigram index: there the same query scans messages and recipients, the
 documented slower path (README, "The dashboard").
 """
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import false, func, or_, true, union
+from sqlalchemy import and_, false, func, or_, true, union
 from sqlalchemy import select as sa_select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col
@@ -122,14 +124,51 @@ def _answers(s: Selection) -> list[ColumnElement[bool]]:
     return where
 
 
-def _text(text: str) -> ColumnElement[bool]:
-    """The subject or a recipient address contains ``text`` (lower-case), literally."""
-    pattern = "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+def _like(text: str) -> str:
+    """``%text%`` for LIKE ... ESCAPE '/': the text's own wildcards match literally."""
+    return "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+
+
+def indexed_part(text: str) -> str:
+    """The part of ``text`` the trigram index is asked for: up to and including
+    the first ``@`` when two characters or more come before it, else all of it.
+
+    A GIN index ANDs the posting lists of every trigram of the pattern, and
+    reads each list whole when the matches are spread over it: the domain's
+    trigrams (``example``, ``gmail``, ``com``) are in most addresses, so an
+    address searched whole read ~15,000 index pages for 4,268 rows at 1M
+    (BENCHMARKS.md "Scale"). The local part and the ``@`` that ends it are
+    what tell addresses apart (``r0@`` is the one trigram ``r0``-then-end);
+    the whole text is then checked on the rows found (:func:`_text`).
+    """
+    local, at, _ = text.partition("@")
+    return local + at if at and len(local) >= 2 else text
+
+
+def _contains(column: Any, text: str) -> ColumnElement[bool]:
+    """``lower(column)`` contains ``text`` literally, the index asked only for
+    :func:`indexed_part`: the whole text is checked on ``lower(column || '')``,
+    an expression no index is on, so the planner cannot fold it into the
+    index's condition (which would read every trigram's list again)."""
+    part = indexed_part(text)
+    found = func.lower(column).like(_like(part), "/")
+    if part == text:
+        return found
+    return and_(found, func.lower(column.concat("")).like(_like(text), "/"))
+
+
+def _text(text: str, scope: ColumnElement[bool]) -> ColumnElement[bool]:
+    """The subject or a recipient address contains ``text`` (lower-case), literally.
+
+    The subject's arm also carries the reader's ``scope`` (:func:`visible`),
+    which the outer query applies anyway: for a sender PostgreSQL then ANDs
+    the trigram bitmap with ``ix_messages_sender_key_created`` and reads only
+    their own matching rows, where it hashed every message of theirs (20,000
+    at 1M) against everyone's matches (BENCHMARKS.md "Scale").
+    """
     ids = union(
-        sa_select(col(Message.id)).where(func.lower(col(Message.subject)).like(pattern, "/")),
-        sa_select(col(Recipient.message_id)).where(
-            func.lower(col(Recipient.address)).like(pattern, "/")
-        ),
+        sa_select(col(Message.id)).where(_contains(col(Message.subject), text), scope),
+        sa_select(col(Recipient.message_id)).where(_contains(col(Recipient.address), text)),
     )
     return col(Message.id).in_(ids)
 
@@ -153,7 +192,7 @@ def selected(viewer: Viewer, selection: Selection) -> list[ColumnElement[bool]]:
     if s.until is not None:
         where.append(col(Message.created_at) <= s.until)
     if text := s.text.strip().lower():
-        where.append(_text(text))
+        where.append(_text(text, where[0]))
     return where
 
 

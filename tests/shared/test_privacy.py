@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy import event as sa_event
 from sqlmodel import SQLModel, col
 
 from shared import consent, eventstate, privacy, webhooks
 from shared.config import Settings
 from shared.db import session_scope
-from shared.models import Event, Message, Recipient, Suppression
+from shared.models import Event, Message, Recipient, Suppression, utcnow
 from shared.outbox import enqueue_for_events
 from shared.tokens import Signer
 from tests.support.seedrows import T0, add_message, event, write_events
@@ -281,3 +281,30 @@ def test_erase_finds_every_spelling_in_batches_and_counts_the_state_again(
     with engine.connect() as conn:
         opens = dict(conn.execute(text("SELECT id, opens FROM messages")).all())
     assert opens == {mails[0].id: 1, mails[1].id: 0, mails[2].id: 0}
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_erase_and_purge_batches_are_planned_without_jit(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's JIT compiled each statement of a batch (its estimate of a
+    message's events is far too high): the batches turn it off, for themselves."""
+    seen: list[str] = []
+    real = eventstate.recount
+
+    def recount(conn: Connection, message_ids: Sequence[int]) -> None:
+        seen.append(conn.exec_driver_sql("SELECT current_setting('jit')").scalar_one())
+        real(conn, message_ids)
+
+    monkeypatch.setattr(eventstate, "recount", recount)
+    kept = add_message(engine, recipients=("bob@client.test",), created_at=utcnow())
+    write_events(engine, [event(kept, recipient=1, at=utcnow() - timedelta(days=40))])
+    write_events(engine, [event(kept, recipient=1)])
+    assert privacy.purge(engine, 30)["events"] == 1  # the old hit of a message kept
+    assert privacy.erase(engine, "bob@client.test").counts["events"] == 1
+    assert seen == ["off", "off"]
+    with engine.connect() as conn:  # SET LOCAL: the pool's connections are as they were
+        after, default = conn.exec_driver_sql(
+            "SELECT current_setting('jit'), reset_val FROM pg_settings WHERE name = 'jit'"
+        ).one()
+    assert after == default
