@@ -153,6 +153,7 @@ class Dovecot:
     capabilities: str = ""  # set: the post-login IMAP capabilities (e.g. without IDLE)
     scope: str = ""  # set: a token must have this scope (the oauth2 passdb's ``scope``)
     trash: str = ""  # set: a mailbox of this name is the \Trash special-use folder
+    app_password: str = APP_PASSWORD  # USER's second password (another: IMAP refuses it)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -175,7 +176,7 @@ class Dovecot:
         (self.root / "passwd").write_text(
             "".join(f"{user}:{{PLAIN}}{PASSWORD}\n" for user in (USER, ANN))
         )
-        (self.root / "app-passwords").write_text(f"{USER}:{{PLAIN}}{APP_PASSWORD}\n")
+        (self.root / "app-passwords").write_text(f"{USER}:{{PLAIN}}{self.app_password}\n")
         config = self.root / "dovecot.conf"
         text = _CONFIG.format(
             root=self.root, port=self.port, uid=uid, gid=gid,
