@@ -159,7 +159,7 @@ def test_an_app_password_refused_by_imap_and_smtp_breaks_the_connection(
     settings, connection = connect_with_an_app_password(make_settings, upstream, dovecot, db_engine)
     revoke_app_password(settings, db_engine, connection)
     upstream.auth_attempts.clear()
-    with pytest.raises(mailbox.MailboxBroken, match="refused the app password .IMAP"):
+    with pytest.raises(mailbox.MailboxBroken, match=r"refused the app password \(IMAP"):
         imapsession.open_session(
             settings, db_engine, connection, mailbox.provider(settings, "fast")
         )
