@@ -372,9 +372,7 @@ def test_an_app_password_whose_provider_stopped_taking_them_is_454(
 # --- a token refused right after a refresh; transient failures ---
 
 
-async def refused_twice(
-    settings: Settings, engine: Engine
-) -> list[aiosmtplib.SMTPSenderRefused]:
+async def refused_twice(settings: Settings, engine: Engine) -> list[aiosmtplib.SMTPSenderRefused]:
     async def attempt(relay: RelayServer) -> aiosmtplib.SMTPSenderRefused:
         with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
             await ann_sends(relay)
@@ -413,7 +411,8 @@ def test_a_fresh_token_refused_at_auth_breaks_the_connection_once(
     assert provider.auth_attempts == [("XOAUTH2", ANN), ("XOAUTH2", ANN)]  # then known broken
     assert provider.connections == 1
     assert oauth_server.refreshes() == 1  # one fresh token, never a loop
-    assert provider.messages == [] and upstream.messages == []
+    assert provider.messages == []
+    assert upstream.messages == []
     with Session(db_engine) as session:
         row = session.get(MailboxConnection, connection_id)
         assert row is not None
