@@ -258,7 +258,7 @@ def sweep(
             client.append(folder, job.original, flags=[b"\\Seen"], msg_time=_date(job.original))
         except IMAPClient.Error as exc:  # NO: over quota, too large; the copies stay
             outcome.kept = len(tracked)
-            outcome.why = f"the server refused to add the original: {exc}"
+            outcome.why = f"the original could not be added: {exc}"
             return outcome
         outcome.added = True
     if tracked:
