@@ -257,9 +257,14 @@ class InboxWatcher:
                 watch.thread.start()
 
     async def _keep_looking(self) -> None:
+        """The watcher's one task (stop() awaits it): a failing look is logged, and the
+        next one comes all the same."""
         while True:
             await asyncio.sleep(self.settings.imap_poll_interval)
-            await self.look()
+            try:
+                await self.look()
+            except Exception:
+                log.exception("cannot look for mailbox connections to watch; again soon")
 
     async def stop(self) -> None:
         if self._task is not None:
