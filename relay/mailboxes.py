@@ -43,7 +43,7 @@ import logging
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from relay.upstream import Reply, SmtpUpstream, UpstreamUnavailable
+from relay.upstream import LoginRefused, Reply, SmtpUpstream, UpstreamUnavailable
 from shared import mailbox
 from shared.config import Settings
 from shared.mailbox import MailboxBroken, MailboxUnavailable, Route
@@ -139,7 +139,7 @@ async def failed(
     if isinstance(error, Answered) and reply is not None:
         return reply
     assert route.provider is not None  # find() answered the others
-    if reply is None or reply.code < 500:
+    if not isinstance(error, LoginRefused) or reply is None or reply.code < 500:
         why = str(reply) if reply is not None else str(error) or type(error).__name__
         return unavailable(route, f"{route.provider.smtp_target}: {why}")
     if route.method == "password":  # nothing to refresh: broken

@@ -53,6 +53,7 @@ __all__ = [
     "UNAVAILABLE",
     "Capabilities",
     "Connection",
+    "LoginRefused",
     "Reply",
     "SmtpUpstream",
     "TokenSource",
@@ -64,6 +65,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 5.0
+
+
+class LoginRefused(UpstreamUnavailable):
+    """The mailbox login was refused (after a fresh token, for XOAUTH2); ``reply``
+    is the server's."""
+
 
 #: Called with None for the (user, secret) of a login; with the 5xx reply the last
 #: token got, for a fresh one (it raises UpstreamUnavailable when there is none).
@@ -167,7 +174,7 @@ class SmtpUpstream:
             reply = await self._auth(client, self._mechanism, user, secret)
         if not reply.ok:
             log.warning("upstream %s refused the mailbox login: %s", self.target, reply)
-            raise UpstreamUnavailable(str(reply), reply)
+            raise LoginRefused(str(reply), reply)
         return client
 
     async def _auth(
