@@ -11,6 +11,7 @@ messages in the INBOX stay unseen.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -318,3 +319,33 @@ def test_the_backoff_starts_again_after_a_session_that_ran_well(
     assert waits[:4] == [1.0, 1.0, 1.0, 1.0]  # three drops, then the server's going
     assert 2.0 in waits[4:-1]  # the reconnections while it was away
     assert waits[-1] == 1.0  # back: from the start again
+
+
+def test_a_fresh_token_refused_ends_the_watch_and_says_why(
+    make_settings: MakeSettings,
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dovecot.stop()
+    dovecot.scope = "https://outlook.office.com/IMAP.AccessAsUser.All"  # the grant has not
+    dovecot.start()
+    settings = make_settings(oauth=imap_provider(oauth_server, dovecot))
+    connection = connect_ann(db_engine, settings, oauth_server)
+
+    async def scenario() -> None:
+        watcher = inboxwatch.InboxWatcher(settings, db_engine, None)
+        await watcher.start()
+        try:
+            await asyncio.to_thread(watcher.watches[connection].thread.join, 20)
+            assert not watcher.watches[connection].thread.is_alive()  # ended, not retrying
+        finally:
+            await watcher.stop()
+
+    with caplog.at_level(logging.WARNING, logger="relay.inboxwatch"):
+        asyncio.run(scenario())
+    assert f"INBOX of {ANN} not watched: the provider refused a fresh token" in caplog.text
+    assert oauth_server.refreshes() == 1
+    with Session(db_engine) as session:
+        assert session.exec(select(MailboxConnection)).one().state == "broken"
