@@ -392,19 +392,35 @@ class RelayHandler:
         try:
             reply = await session.upstream.mail(sender, options)
         except UpstreamUnavailable as exc:
-            refused = None
-            if route is not None:
-                refused = await mailboxes.failed(self.settings, self.engine, route, exc)
-            return refused or UNAVAILABLE
+            if route is not None:  # 454 (broken) or 451 naming the provider
+                return await mailboxes.failed(self.settings, self.engine, route, exc)
+            return UNAVAILABLE
         self.capabilities = session.upstream.capabilities
         return reply
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run work that must finish even if its client leaves; stop() waits for it."""
+        """Run work that must finish even if its client leaves; stop() waits for it.
+
+        The relay's one owner of background tasks: each one's outcome is read when
+        it ends, so an exception is logged here (once, with its traceback), never
+        left to asyncio's "Task exception was never retrieved"."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
         return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error(
+                "background task %s failed: %s",
+                getattr(task.get_coro(), "__qualname__", task.get_name()),
+                error,
+                exc_info=error,
+            )
 
     async def drain(self) -> None:
         while self._tasks:

@@ -7,22 +7,33 @@ plaintext ``imap://`` to a loopback address only), and ``AUTHENTICATE
 XOAUTH2`` with the connection's live access token from shared/mailbox.py. A
 token the server refuses is marked refused (shared/mailbox.py
 ``token_refused``), refreshed and tried once more; a fresh token refused too
-means the grant lacks the IMAP scope (``IMAP.AccessAsUser.All`` at Microsoft,
-``https://mail.google.com/`` at Google): :class:`ImapRefused`, the
-connection itself stays ``ok`` (it may still send).
+is no expiry (the grant lacks the IMAP scope, ``IMAP.AccessAsUser.All`` at
+Microsoft, ``https://mail.google.com/`` at Google; IMAP disabled for the
+tenant; consent by another account): the connection is marked broken with
+the server's words (``mark_broken``: banner, webhook, mail, once), since
+without IMAP its Sent folder keeps recipient 1's pixel and its INBOX goes
+unread, and reconnecting with the IMAP scope is what cures it. Never
+refreshed a second time.
 
 An app-password connection (shared/mailbox.py ``method = password``) logs in
-with IMAP ``LOGIN`` of its login and password instead, once; a refused
-password is :class:`ImapRefused` too (sending finds out and marks it broken).
+with IMAP ``LOGIN`` of its login and password instead, once. A refused
+password breaks the connection only when the provider's SMTP refuses it too
+(one trial AUTH, shared/mailbox.py ``try_password``): an account can have
+IMAP turned off (Gmail's setting, Outlook.com) with the password good for
+sending, and sending must not stop for that; then it is
+:class:`ImapRefused`, the connection stays ``ok``.
 
 The client is IMAPClient (blocking): callers run it in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import re
 import ssl
 from dataclasses import dataclass
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 from imapclient import IMAPClient
@@ -31,6 +42,7 @@ from sqlalchemy import Engine
 
 from shared import mailbox
 from shared.config import Settings
+from shared.errors import UserError
 from shared.oauthproviders import OAuthProvider
 
 #: What can go wrong on the wire (refused connection, timeout, TLS, a server's BAD/NO).
@@ -47,8 +59,8 @@ class ImapUnavailable(Exception):
 
 
 class ImapRefused(Exception):
-    """The IMAP server refused a fresh access token (the grant lacks the IMAP scope),
-    or the app password."""
+    """The IMAP server refused the app password that the provider's SMTP still takes
+    (IMAP turned off for the account): the connection stays ``ok``."""
 
 
 @dataclass(frozen=True)
@@ -114,9 +126,9 @@ def open_session(
 ) -> IMAPClient:
     """A session logged in with the connection's grant (or its app password).
 
-    MailboxBroken / MailboxUnavailable from shared/mailbox.py (the grant);
-    ImapUnavailable (the server); ImapRefused (a fresh token refused too, or
-    the app password).
+    MailboxBroken / MailboxUnavailable from shared/mailbox.py (the grant; a
+    fresh token refused marks it broken first); ImapUnavailable (the server);
+    ImapRefused (the app password, which SMTP still takes).
     """
     where = target(provider)
     if where is None:
@@ -129,16 +141,61 @@ def open_session(
                 client.login(access.address, access.token)
             else:
                 client.oauth2_login(access.address, access.token)
-        except LoginError:
+        except LoginError as exc:
             close(client)
+            words = _words(exc)
             if access.mechanism == "PLAIN":
-                raise ImapRefused(f"{where} refused the app password of {access.address}") from None
+                _password_refused(settings, engine, connection_id, provider, access, where, words)
             if attempt == 2:
-                break
+                reason = (
+                    f"the provider refused a fresh token over IMAP ({where}: {words}); "
+                    "does the grant have the IMAP scope?"
+                )
+                _broken(settings, engine, connection_id, reason)
             mailbox.token_refused(engine, connection_id)  # refreshed at the next access_token
             continue
         except WIRE_ERRORS as exc:
             close(client)
             raise ImapUnavailable(f"{where} failed at login: {exc}") from None
         return client
-    raise ImapRefused(f"{where} refused a fresh access token: does the grant have the IMAP scope?")
+    raise AssertionError("unreachable: the second refusal raised")
+
+
+def _password_refused(
+    settings: Settings,
+    engine: Engine,
+    connection_id: int,
+    provider: OAuthProvider,
+    access: mailbox.Access,
+    where: Target,
+    words: str,
+) -> NoReturn:
+    """IMAP refused the app password: broken if SMTP refuses it too, else ImapRefused."""
+    try:
+        asyncio.run(mailbox.try_password(settings, provider, access.address, access.token))
+    except UserError as exc:
+        if exc.field != "password":  # SMTP cannot be asked now: nothing known
+            raise ImapUnavailable(
+                f"{where} refused the app password of {access.address} ({words}), "
+                f"and SMTP cannot be asked: {exc}"
+            ) from None
+        reason = f"the provider refused the app password (IMAP {where}: {words}; SMTP too)"
+        _broken(settings, engine, connection_id, reason)
+    raise ImapRefused(
+        f"{where} refused the app password of {access.address} ({words}) that SMTP takes: "
+        "is IMAP enabled for the account?"
+    )
+
+
+def _broken(settings: Settings, engine: Engine, connection_id: int, reason: str) -> NoReturn:
+    mailbox.mark_broken(engine, connection_id, reason, notify_email=bool(settings.notify_from))
+    raise mailbox.MailboxBroken(reason)
+
+
+def _words(exc: BaseException) -> str:
+    """The server's own words from a LoginError (imaplib's repr of the NO line)."""
+    text = str(exc).strip()
+    found = re.fullmatch(r"b'(.*)'|b\"(.*)\"", text)
+    if found:
+        text = found.group(1) or found.group(2) or text
+    return " ".join(text.split())[:160] or "refused"

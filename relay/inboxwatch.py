@@ -23,7 +23,10 @@ in the dashboard is watched without a restart). Each thread:
    :attr:`Settings.imap_idle_timeout` seconds), or looks again every
    :attr:`Settings.imap_poll_interval` seconds; a lost connection or a server
    error reconnects after a back-off doubling from 1 s to
-   :attr:`Settings.imap_backoff_max`. A broken connection ends its thread.
+   :attr:`Settings.imap_backoff_max`, back to 1 s once a session ran well
+   (it selected INBOX and read it: a routine drop after hours of IDLE is not
+   a failing server). A broken connection ends its thread (a fresh token
+   refused marks it broken, relay/imapsession.py, and this says why).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -53,6 +57,7 @@ READ_BYTES = 262_144  # as relay/intake.py: headers and report parts
 FETCH_SLICE = 50  # messages per FETCH
 PEEK = f"BODY.PEEK[]<0.{READ_BYTES}>"
 PEEKED = b"BODY[]<0>"
+BACKOFF_START = 1.0  # seconds before the first reconnection
 #: What a reconnection after a back-off may cure.
 RETRIED: tuple[type[BaseException], ...] = (
     mailbox.MailboxUnavailable,
@@ -73,6 +78,8 @@ class _Watch:
         # Messages in INBOX as the last EXISTS kept said (IDLE's own are not kept:
         # a count too low costs one more look at most); None: unknown.
         self.size: int | None = None
+        self.ran_well = False  # this session selected INBOX and read it
+        self.waits: deque[float] = deque(maxlen=32)  # the last back-offs waited (s)
         self.thread = threading.Thread(
             target=self.run, name=f"trackrelay-imap-{connection.id}", daemon=True
         )
@@ -87,11 +94,11 @@ class _Watch:
                 log.debug("IMAP socket of %s already closed", self.connection.address)
 
     def run(self) -> None:
-        backoff = 1.0
+        backoff = BACKOFF_START
         while not self.stopping.is_set():
+            self.ran_well = False
             try:
                 self.session()
-                backoff = 1.0
             except mailbox.MailboxBroken as exc:
                 log.warning("INBOX of %s not watched: %s", self.connection.address, exc)
                 return
@@ -101,15 +108,24 @@ class _Watch:
             except RETRIED as exc:
                 if self.stopping.is_set():
                     return
+                backoff = self._after(backoff)
                 log.warning(
                     "INBOX of %s: %s; again in %.0f s", self.connection.address, exc, backoff
                 )
             except Exception:
                 if self.stopping.is_set():  # stop() closed the socket under a read
                     return
+                backoff = self._after(backoff)
                 log.exception("INBOX of %s: again in %.0f s", self.connection.address, backoff)
+            else:
+                backoff = BACKOFF_START
+            self.waits.append(backoff)
             self.stopping.wait(backoff)
             backoff = min(backoff * 2, self.owner.settings.imap_backoff_max)
+
+    def _after(self, backoff: float) -> float:
+        """The wait after a session ended by an error: from the start again if it ran well."""
+        return BACKOFF_START if self.ran_well else backoff
 
     def session(self) -> None:
         settings, engine = self.owner.settings, self.owner.engine
@@ -126,6 +142,7 @@ class _Watch:
             idle = b"IDLE" in client.capabilities()
             while not self.stopping.is_set():
                 last = self.read(client, validity, last)
+                self.ran_well = True
                 if not self.announced(client):  # else: arrived after the SEARCH, read it now
                     self.wait(client, idle)
         finally:
@@ -240,9 +257,14 @@ class InboxWatcher:
                 watch.thread.start()
 
     async def _keep_looking(self) -> None:
+        """The watcher's one task (stop() awaits it): a failing look is logged, and the
+        next one comes all the same."""
         while True:
             await asyncio.sleep(self.settings.imap_poll_interval)
-            await self.look()
+            try:
+                await self.look()
+            except Exception:
+                log.exception("cannot look for mailbox connections to watch; again soon")
 
     async def stop(self) -> None:
         if self._task is not None:

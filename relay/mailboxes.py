@@ -15,8 +15,21 @@ instead. There is nothing to refresh: the provider refusing the password
 A connection that cannot send, because its grant was revoked or expired, or
 because the provider refused the token or the app password, answers MAIL with
 ``454 4.7.0`` and a short reason naming the dashboard's Mailbox page: a 4xx,
-so the client keeps the message and nothing is lost. A refused token is
-refreshed at the next try.
+so the client keeps the message and nothing is lost. It is answered before
+any connection to the provider is opened (relay/upstream.py asks for the
+token first).
+
+A token refused at AUTH is refreshed and tried once more in the same
+session (an access token the provider retired early is cured so); when the
+provider refuses that fresh token too, it is no expiry (Microsoft 365's
+``535 5.7.139 ... SmtpClientAuthentication is disabled``, consent given by
+another account than the address): the connection is marked broken with the
+provider's own words (shared/mailbox.py ``mark_broken``: the banner, the
+``mailbox.disconnected`` webhook and mail, once) and not refreshed again.
+
+A transient failure (the provider's token endpoint or its submission server
+cannot be reached now) is ``451 4.4.1`` with a short reason naming the
+provider and no word of reconnecting: reconnecting would not help.
 
 Not in dev mode (a Maildir sink: no mail leaves the machine), not for
 sessions without AUTH (trusted networks), never in passthrough mode.
@@ -30,7 +43,7 @@ import logging
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from relay.upstream import Reply, SmtpUpstream, UpstreamUnavailable
+from relay.upstream import LoginRefused, Reply, SmtpUpstream, UpstreamUnavailable
 from shared import mailbox
 from shared.config import Settings
 from shared.mailbox import MailboxBroken, MailboxUnavailable, Route
@@ -44,6 +57,20 @@ def refusal(address: str, reason: str) -> Reply:
     """``454 4.7.0``: the client keeps the message; the reason, short, and where to fix it."""
     reason = " ".join(reason.split())[:160]
     return Reply(454, f"4.7.0 Mailbox connection of {address} cannot send ({reason}): {WHERE}")
+
+
+def unavailable(route: Route, reason: str) -> Reply:
+    """``451 4.4.1``: a transient failure, the provider named; try again, nothing to fix."""
+    reason = " ".join(reason.split())[:160]
+    return Reply(
+        451,
+        f"4.4.1 Mailbox provider {route.provider_name} of {route.address} cannot be reached "
+        f"now ({reason}); try again later",
+    )
+
+
+class Answered(UpstreamUnavailable):
+    """Raised by the token source with the reply the client gets, final."""
 
 
 async def find(settings: Settings, engine: Engine, username: str, sender: str) -> Route | None:
@@ -75,14 +102,20 @@ def connect(settings: Settings, engine: Engine, route: Route) -> SmtpUpstream:
     """A connection to the provider's submission server that logs in with XOAUTH2
     (or PLAIN with the app password)."""
 
-    async def token() -> tuple[bytes, bytes]:
+    async def token(refused: Reply | None) -> tuple[bytes, bytes]:
         try:
+            if refused is not None:  # the provider refused the last one: refresh it now
+                await asyncio.to_thread(mailbox.token_refused, engine, route.id)
             access = await asyncio.to_thread(mailbox.access_token, engine, settings, route.id)
         except MailboxBroken as exc:
-            raise UpstreamUnavailable(str(exc), refusal(route.address, str(exc))) from None
+            raise Answered(str(exc), refusal(route.address, str(exc))) from None
         except MailboxUnavailable as exc:
-            reason = f"the provider cannot be reached now: {exc}"
-            raise UpstreamUnavailable(str(exc), refusal(route.address, reason)) from None
+            reason = f"its token endpoint: {exc}"
+            raise Answered(str(exc), unavailable(route, reason)) from None
+        except SQLAlchemyError as exc:
+            log.warning("cannot read the mailbox connection of %s: %s", route.address, exc)
+            reason = "the mailbox connection cannot be read"
+            raise Answered(reason, unavailable(route, reason)) from None
         return access.address.encode(), access.token.encode()
 
     assert route.provider is not None  # find() answered the others
@@ -98,17 +131,24 @@ def connect(settings: Settings, engine: Engine, route: Route) -> SmtpUpstream:
 
 async def failed(
     settings: Settings, engine: Engine, route: Route, error: UpstreamUnavailable
-) -> Reply | None:
-    """The reply for a mailbox connection that could not open (None: the usual 451)."""
+) -> Reply:
+    """The reply for a mailbox connection that could not open; a refusal of the app
+    password, or of a fresh token (relay/upstream.py tried it once more), marks the
+    connection broken."""
     reply = error.reply
-    if reply is None:
-        return None
-    if reply.code >= 500 and route.method == "password":  # nothing to refresh: broken
+    if isinstance(error, Answered) and reply is not None:
+        return reply
+    assert route.provider is not None  # find() answered the others
+    if not isinstance(error, LoginRefused) or reply is None or reply.code < 500:
+        why = str(reply) if reply is not None else str(error) or type(error).__name__
+        return unavailable(route, f"{route.provider.smtp_target}: {why}")
+    if route.method == "password":  # nothing to refresh: broken
         reason = f"the provider refused the app password: {reply}"
-        notify = bool(settings.notify_from)
+    else:
+        reason = f"the provider refused a fresh token: {reply}"
+    notify = bool(settings.notify_from)
+    try:
         await asyncio.to_thread(mailbox.mark_broken, engine, route.id, reason, notify_email=notify)
-        return refusal(route.address, reason)
-    if reply.code >= 500:  # the provider refused the token at AUTH
-        await asyncio.to_thread(mailbox.token_refused, engine, route.id)
-        return refusal(route.address, f"the provider refused its access token: {reply}")
-    return reply
+    except SQLAlchemyError as exc:  # not stored: the next try finds out again
+        log.warning("cannot mark the mailbox connection of %s broken: %s", route.address, exc)
+    return refusal(route.address, reason)

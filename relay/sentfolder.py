@@ -20,11 +20,14 @@ message through a mailbox connection whose ``sent`` is ``clean``
    expunged by UID (``expunge``; ``UID EXPUNGE``, so nobody else's deleted mail
    goes with them), or first moved to the ``\\Trash`` folder (``trash``,
    :func:`_to_trash`: Gmail);
-3. when it removed tracked copies and, at the window's end, no copy without
-   tokens is there (the client's own: Thunderbird saves one over IMAP after
-   the relay's 250), appends the original as
-   the client sent it (all recipients, no pixel, the original links), with
-   its own Date as internal date and ``\\Seen``.
+3. removes tracked copies only while a copy without tokens is there: the
+   client's own (Thunderbird saves one over IMAP after the relay's 250) as
+   soon as it is seen; else, at the window's end, it first appends the
+   original as the client sent it (all recipients, no pixel, the original
+   links), with its own Date as internal date and ``\\Seen``, and removes the
+   tracked copies once the server took it. A refused APPEND (quota, size)
+   leaves them, logged with the server's words; a connection lost (or a
+   relay killed) at any point leaves at least one copy.
 
 Blocking (IMAPClient): run in a thread. Failures are logged, never raised to
 the client, who had its 250 before this began.
@@ -48,6 +51,7 @@ from email.utils import parsedate_to_datetime
 from imapclient import IMAPClient
 from imapclient.imapclient import DELETED, SENT, TRASH
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay import imapsession
 from relay.prepared import Prepared
@@ -72,6 +76,7 @@ class Job:
     message_id_header: str  # "<...>"
     original: bytes  # as the client sent it
     copies: int  # tracked copies delivered (the most a provider can have saved)
+    address: str = ""  # the sender (for the log)
 
 
 def job(connection_id: object, original: bytes, prepared: Prepared) -> Job | None:
@@ -84,7 +89,7 @@ def job(connection_id: object, original: bytes, prepared: Prepared) -> Job | Non
         return None
     if not _header_id(original):  # the relay added the Message-ID (relay/pipeline.py)
         original = b"Message-ID: " + record.message_id_header.encode() + b"\r\n" + original
-    return Job(connection_id, record.id, record.message_id_header, original, tracked)
+    return Job(connection_id, record.id, record.message_id_header, original, tracked, record.sender)
 
 
 @dataclass
@@ -92,6 +97,8 @@ class Outcome:
     removed: int = 0
     added: bool = False
     client_copy: bool = False
+    kept: int = 0  # tracked copies left in place (the original could not be added)
+    why: str = ""  # why they were kept
 
 
 def kind(signer: Signer, message_id: int, data: bytes) -> str:
@@ -117,8 +124,19 @@ def _texts(msg: Message) -> list[str]:
             continue
         payload = part.get_payload(decode=True)
         if isinstance(payload, bytes):
-            out.append(payload.decode(part.get_content_charset() or "utf-8", "replace"))
+            out.append(_decode(payload, part.get_content_charset() or "utf-8"))
     return out
+
+
+def _decode(payload: bytes, charset: str) -> str:
+    """The part's text in its charset; one Python has no codec for (``unknown-8bit``,
+    a typo) as the email package itself reads such a part's bytes
+    (``email.utils.collapse_rfc2231_value``'s fallback: ASCII, the rest replaced):
+    the tokens looked for are ASCII, so none is missed."""
+    try:
+        return payload.decode(charset, "replace")
+    except LookupError:
+        return payload.decode("ascii", "replace")
 
 
 def _header_id(data: bytes) -> str:
@@ -213,36 +231,87 @@ def sweep(
     The looking goes on until the window ends, unless every tracked copy is gone
     and the client's own copy is there: a client saves its copy after the
     relay's 250 (Thunderbird), often after the provider filed its copies, and
-    adding the original before it arrived would leave two."""
+    adding the original before it arrived would leave two.
+
+    Sent is never left without a copy: tracked copies are removed only while a
+    copy without tokens is in the folder: the client's, seen in this look, or
+    the original, appended first at the window's end. An APPEND the server
+    refuses (quota, size) leaves the tracked copies where they are
+    (``Outcome.kept``, ``Outcome.why``); a connection lost between the APPEND
+    and the removal leaves both."""
     signer = Signer(settings.signing_keys())
     outcome = Outcome()
     deadline = time.monotonic() + settings.imap_sent_window
     while True:
         found = copies(client, signer, job)
-        tracked = sorted(uid for uid, k in found.items() if k == TRACKED)
-        if tracked:
-            if trash is None:
-                _expunge(client, tracked)
-            else:
-                _to_trash(client, tracked, folder, trash, signer, job)
-            outcome.removed += len(tracked)
         outcome.client_copy = PRISTINE in found.values()
+        if outcome.client_copy:
+            _remove(client, found, folder, trash, signer, job, outcome)
         done = outcome.removed >= job.copies and outcome.client_copy
         if done or time.monotonic() >= deadline or stop.wait(settings.imap_sent_interval):
             break
-    if outcome.removed and not outcome.client_copy:  # a last look: it may just have come
-        outcome.client_copy = PRISTINE in copies(client, signer, job).values()
-    if outcome.removed and not outcome.client_copy:
-        client.append(folder, job.original, flags=[b"\\Seen"], msg_time=_date(job.original))
+    found = copies(client, signer, job)  # a last look: the client's copy may just have come
+    outcome.client_copy = PRISTINE in found.values()
+    tracked = [uid for uid, k in found.items() if k == TRACKED]
+    if tracked and not outcome.client_copy:
+        try:
+            client.append(folder, job.original, flags=[b"\\Seen"], msg_time=_date(job.original))
+        except IMAPClient.Error as exc:  # NO: over quota, too large; the copies stay
+            outcome.kept = len(tracked)
+            outcome.why = f"the original could not be added: {exc}"
+            return outcome
         outcome.added = True
+    if tracked:
+        _remove(client, found, folder, trash, signer, job, outcome)
     return outcome
+
+
+def _remove(
+    client: IMAPClient,
+    found: dict[int, str],
+    folder: str,
+    trash: str | None,
+    signer: Signer,
+    job: Job,
+    outcome: Outcome,
+) -> None:
+    """The tracked ones of FOUND, removed (a copy without tokens is in the folder)."""
+    tracked = sorted(uid for uid, k in found.items() if k == TRACKED)
+    if not tracked:
+        return
+    if trash is None:
+        _expunge(client, tracked)
+    else:
+        _to_trash(client, tracked, folder, trash, signer, job)
+    outcome.removed += len(tracked)
 
 
 def clean(
     settings: Settings, engine: Engine, job: Job, stop: threading.Event | None = None
 ) -> Outcome | None:
-    """The whole of it for one message; None when it could not be done (logged)."""
-    connection = mailbox.imap_connection(engine, settings, job.connection_id)
+    """The whole of it for one message; None when it could not be done (logged).
+
+    Never raises: whatever goes wrong (the wire, the database, a message the
+    parser chokes on) is logged with the address and the message."""
+    try:
+        return _clean(settings, engine, job, stop or threading.Event())
+    except Exception:
+        log.exception(
+            "Sent folder of %s not cleaned (message %d): an unexpected error",
+            job.address or f"connection {job.connection_id}", job.message_id,
+        )  # fmt: skip
+        return None
+
+
+def _clean(settings: Settings, engine: Engine, job: Job, stop: threading.Event) -> Outcome | None:
+    try:
+        connection = mailbox.imap_connection(engine, settings, job.connection_id)
+    except SQLAlchemyError as exc:
+        log.warning(
+            "Sent folder of %s not cleaned (message %d): the connection cannot be read: %s",
+            job.address, job.message_id, exc,
+        )  # fmt: skip
+        return None
     if connection is None or connection.sent != "clean" or not job.message_id_header:
         return None
     try:
@@ -252,6 +321,7 @@ def clean(
         mailbox.MailboxUnavailable,
         imapsession.ImapUnavailable,
         imapsession.ImapRefused,
+        SQLAlchemyError,
     ) as exc:
         log.warning("Sent folder of %s not cleaned: %s", connection.address, exc)
         return None
@@ -266,12 +336,23 @@ def clean(
             return None
         folder = sent_folder(client)
         client.select_folder(folder)
-        outcome = sweep(client, folder, settings, job, stop or threading.Event(), trash)
+        outcome = sweep(client, folder, settings, job, stop, trash)
     except imapsession.WIRE_ERRORS as exc:
-        log.warning("Sent folder of %s not cleaned: %s", connection.address, exc)
+        log.warning(
+            "Sent folder of %s not cleaned (message %d): %s; whatever was removed, a copy "
+            "without tokens was there",
+            connection.address, job.message_id, exc,
+        )  # fmt: skip
         return None
     finally:
         imapsession.close(client)
+    if outcome.kept:
+        log.warning(
+            "Sent folder of %s: message %d, %s; its %d tracked %s kept",
+            connection.address, job.message_id, outcome.why, outcome.kept,
+            "copy" if outcome.kept == 1 else "copies",
+        )  # fmt: skip
+        return outcome
     log.info(
         "Sent folder of %s: message %d, %d tracked %s removed, %s",
         connection.address,

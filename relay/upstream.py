@@ -12,7 +12,11 @@ encoder (relay/datawriter.py); dev mode delivers to a Maildir
   kept for those reopenings.
 * A mailbox connection (relay/mailboxes.py) logs in with XOAUTH2 and asks
   ``token_source`` for a live access token at each (re)opening, so a token
-  that expired during a long session is refreshed, not resent.
+  that expired during a long session is refreshed, not resent. It asks
+  before opening TCP: a broken connection is answered without a connection
+  to the provider. A token refused (5xx) is handed back to ``token_source``
+  once, for a fresh one, and AUTH is tried once more; a second refusal is
+  the caller's to judge (relay/mailboxes.py ``failed``: broken).
 * ``close()`` never QUITs between DATA and its content (a client leaving
   mid-delivery closes the session while DATA runs).
 * DATA (its content and the reply to the final dot) is given
@@ -49,8 +53,10 @@ __all__ = [
     "UNAVAILABLE",
     "Capabilities",
     "Connection",
+    "LoginRefused",
     "Reply",
     "SmtpUpstream",
+    "TokenSource",
     "UpstreamUnavailable",
     "connect",
     "probe",
@@ -59,6 +65,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 5.0
+
+
+class LoginRefused(UpstreamUnavailable):
+    """The mailbox login was refused (after a fresh token, for XOAUTH2); ``reply``
+    is the server's."""
+
+
+#: Called with None for the (user, secret) of a login; with the 5xx reply the last
+#: token got, for a fresh one (it raises UpstreamUnavailable when there is none).
+TokenSource = Callable[[Reply | None], Awaitable[tuple[bytes, bytes]]]
 
 
 class Connection(Protocol):
@@ -100,12 +116,13 @@ class SmtpUpstream:
         *,
         login: tuple[bytes, bytes] | None = None,
         client_cert: tuple[Path, Path] | None = None,
-        token_source: Callable[[], Awaitable[tuple[bytes, bytes]]] | None = None,
+        token_source: TokenSource | None = None,
         mechanism: str = "XOAUTH2",
         mailbox: int | None = None,
     ) -> None:
-        """``token_source``: the (user, secret) of each (re)opening's one AUTH with
-        ``mechanism``: XOAUTH2 with an access token, PLAIN with an app password."""
+        """``token_source``: the (user, secret) of each (re)opening's AUTH with
+        ``mechanism``: XOAUTH2 with an access token, PLAIN with an app password;
+        called with the refusal when the XOAUTH2 token it gave was refused."""
         self.target = target
         self._client_cert = client_cert
         self.capabilities = Capabilities()
@@ -131,18 +148,33 @@ class SmtpUpstream:
         return client
 
     async def _reopen_with_login(self) -> SmtpClient:
+        if self._token_source is not None:
+            return await self._reopen_with_token(self._token_source)
         client = await self._open()
-        if self._token_source is not None and self._logged_in is not client:
-            user, token = await self._token_source()  # raises UpstreamUnavailable with a reply
-            reply = await self._auth(client, self._mechanism, user, token)
-            if not reply.ok:
-                log.warning("upstream %s refused the mailbox login: %s", self.target, reply)
-                raise UpstreamUnavailable(str(reply), reply)
-        elif self._login is not None and self._logged_in is not client:
+        if self._login is not None and self._logged_in is not client:
             reply = await self._auth(client, self._mechanism, *self._login)
             if not reply.ok:
                 log.warning("upstream %s refused the session's login again: %s", self.target, reply)
                 raise UpstreamUnavailable(str(reply))
+        return client
+
+    async def _reopen_with_token(self, source: TokenSource) -> SmtpClient:
+        """The mailbox login: the secret first (no TCP for a broken connection), then
+        AUTH; a refused XOAUTH2 token once more with a fresh one."""
+        client = self._client
+        if client is not None and client.is_connected and self._logged_in is client:
+            return client
+        user, secret = await source(None)  # raises UpstreamUnavailable with a reply
+        client = await self._open()
+        reply = await self._auth(client, self._mechanism, user, secret)
+        if not reply.ok and reply.code >= 500 and self._mechanism == "XOAUTH2":
+            log.info("upstream %s refused the access token (%s): a fresh one", self.target, reply)
+            user, secret = await source(reply)
+            client = await self._open()  # the same connection, unless the server dropped it
+            reply = await self._auth(client, self._mechanism, user, secret)
+        if not reply.ok:
+            log.warning("upstream %s refused the mailbox login: %s", self.target, reply)
+            raise LoginRefused(str(reply), reply)
         return client
 
     async def _auth(

@@ -859,3 +859,29 @@ def test_the_final_reply_is_awaited_the_upstream_data_timeout(
     assert len(upstream.messages) == 1
     code, text = asyncio.run(scenario(hasty))
     assert (code, text) == (451, "4.4.1 Upstream server unavailable, try again later")
+
+
+def test_a_background_task_that_fails_is_logged_by_its_owner(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    db_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """handler.spawn reads each task's outcome: an exception is logged once, by name."""
+    settings = relay_settings(make_settings, upstream)
+
+    async def broken_cleaning() -> None:
+        raise LookupError("unknown encoding: unknown-8bit")
+
+    async def go() -> None:
+        async with running_relay(settings, db_engine) as relay:
+            task = relay.handler.spawn(broken_cleaning())
+            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.sleep(0)  # the done callback
+            assert relay.handler._tasks == set()
+
+    with caplog.at_level(logging.ERROR, logger="relay.handler"):
+        asyncio.run(go())
+    assert "background task" in caplog.text
+    assert "broken_cleaning" in caplog.text
+    assert "unknown encoding: unknown-8bit" in caplog.text

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from relay import imapsession
-from shared import mailbox
+from shared import mailbox, webhooks
 from shared.config import Settings
-from shared.models import MailboxConnection
+from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user
 from tests.support.dovecot import ANN, APP_PASSWORD, USER, Dovecot
 from tests.support.imapkit import connect_ann, imap_provider
@@ -73,25 +73,33 @@ def test_an_unreachable_server_is_unavailable(
         )
 
 
-def test_a_grant_without_the_imap_scope_is_refused_not_broken(
+def test_a_fresh_token_refused_breaks_the_connection_and_says_why(
     make_settings: MakeSettings, oauth_server: OAuthServer, dovecot: Dovecot, db_engine: Engine
 ) -> None:
+    """Refused, refreshed, refused again: no expiry (here the grant lacks the IMAP
+    scope): broken with the server's words, announced once, never refreshed again."""
+    webhooks.add_endpoint(db_engine, "https://hooks.example/mail", ["mailbox.disconnected"])
     dovecot.stop()
     dovecot.scope = "https://outlook.office.com/IMAP.AccessAsUser.All"  # the grant has not
     dovecot.start()
     settings = make_settings(oauth=imap_provider(oauth_server, dovecot))
     connection = connect_ann(db_engine, settings, oauth_server)
-    with pytest.raises(imapsession.ImapRefused, match="IMAP scope"):
-        imapsession.open_session(
-            settings, db_engine, connection, mailbox.provider(settings, "test")
-        )
+    provider = mailbox.provider(settings, "test")
+    with pytest.raises(mailbox.MailboxBroken, match="refused a fresh token over IMAP") as broken:
+        imapsession.open_session(settings, db_engine, connection, provider)
+    assert "AUTHENTICATIONFAILED" in str(broken.value)  # the server's own words
     assert oauth_server.refreshes() == 1  # refused once, refreshed, refused again
-    found = mailbox.imap_connection(db_engine, settings, connection)
-    assert found is not None  # still ok: it may send
-    dovecot.stop()
-    dovecot.scope = "mail.send"  # one the grant has: the same check lets it in
-    dovecot.start()
-    imapsession.close(imapsession.open_session(settings, db_engine, connection, found.provider))
+    assert mailbox.imap_connection(db_engine, settings, connection) is None  # not ok
+    with pytest.raises(mailbox.MailboxBroken):
+        imapsession.open_session(settings, db_engine, connection, provider)
+    assert oauth_server.refreshes() == 1  # no loop of refreshes
+    with Session(db_engine) as session:
+        row = session.get(MailboxConnection, connection)
+        assert row is not None
+        assert row.state == "broken"
+        assert row.reason == str(broken.value)
+        items = session.exec(select(OutboxItem)).all()
+    assert [item.event_type for item in items] == ["mailbox.disconnected"]  # once
 
 
 def connect_with_an_app_password(
@@ -126,24 +134,52 @@ def test_an_app_password_connection_logs_in_with_login(
     assert f"user=<{USER}>, method=PLAIN" in dovecot.log()
 
 
-def test_a_refused_app_password_is_imap_refused_once(
+def revoke_app_password(settings: Settings, engine: Engine, connection: int) -> None:
+    with Session(engine) as session:  # revoked in the account since
+        row = session.get(MailboxConnection, connection)
+        assert row is not None
+        row.grant = mailbox.seal(settings, ANN, {"password": "revoked app password"})
+        session.add(row)
+        session.commit()
+
+
+def state(engine: Engine, connection: int) -> str:
+    with Session(engine) as session:
+        row = session.get(MailboxConnection, connection)
+        assert row is not None
+        return row.state
+
+
+def test_an_app_password_refused_by_imap_and_smtp_breaks_the_connection(
     make_settings: MakeSettings,
     upstream: RecordingUpstream,
     dovecot: Dovecot,
     db_engine: Engine,
 ) -> None:
     settings, connection = connect_with_an_app_password(make_settings, upstream, dovecot, db_engine)
-    with Session(db_engine) as session:  # revoked in the account since
-        row = session.get(MailboxConnection, connection)
-        assert row is not None
-        row.grant = mailbox.seal(settings, ANN, {"password": "revoked app password"})
-        session.add(row)
-        session.commit()
-    with pytest.raises(imapsession.ImapRefused, match=f"refused the app password of {USER}"):
+    revoke_app_password(settings, db_engine, connection)
+    upstream.auth_attempts.clear()
+    with pytest.raises(mailbox.MailboxBroken, match=r"refused the app password \(IMAP"):
         imapsession.open_session(
             settings, db_engine, connection, mailbox.provider(settings, "fast")
         )
-    with Session(db_engine) as session:  # sending finds out; IMAP alone breaks nothing
-        row = session.get(MailboxConnection, connection)
-        assert row is not None
-        assert row.state == "ok"
+    assert upstream.auth_attempts == [("PLAIN", USER)]  # one trial AUTH at its SMTP
+    assert state(db_engine, connection) == "broken"
+
+
+def test_an_app_password_refused_by_imap_only_keeps_the_connection(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    dovecot: Dovecot,
+    db_engine: Engine,
+) -> None:
+    """IMAP turned off for the account: the password still sends, so nothing breaks."""
+    settings, connection = connect_with_an_app_password(make_settings, upstream, dovecot, db_engine)
+    dovecot.stop()
+    dovecot.app_password = "another password"
+    dovecot.start()
+    with pytest.raises(imapsession.ImapRefused, match="is IMAP enabled for the account"):
+        imapsession.open_session(
+            settings, db_engine, connection, mailbox.provider(settings, "fast")
+        )
+    assert state(db_engine, connection) == "ok"

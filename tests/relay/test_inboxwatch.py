@@ -11,8 +11,10 @@ messages in the INBOX stay unseen.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ from tests.support.imapkit import (
     REPLY,
     ann_sends,
     connect_ann,
+    imap_provider,
     settings_for,
 )
 from tests.support.imapkit import PASSWORD as RELAY_PASSWORD
@@ -272,3 +275,77 @@ def test_a_message_announced_before_idle_is_read_at_once(
     assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]
     left = [data for data, _ in dovecot.messages("INBOX")]
     assert left == ([REPLY] if expunge else [BOUNCE, REPLY])
+
+
+def test_the_backoff_starts_again_after_a_session_that_ran_well(
+    make_settings: MakeSettings, oauth_server: OAuthServer, dovecot: Dovecot, db_engine: Engine
+) -> None:
+    """Routine drops of a session that selected and read INBOX wait the first back-off
+    each time; a server that stays away doubles it; once back, it starts again."""
+    settings = make_settings(
+        oauth=imap_provider(oauth_server, dovecot), imap_backoff_max=2.0, imap_poll_interval=0.5
+    )
+    connection = connect_ann(db_engine, settings, oauth_server)
+
+    async def until(check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            assert time.monotonic() < deadline, "the watch never got there"
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> list[float]:
+        watcher = inboxwatch.InboxWatcher(settings, db_engine, None)
+        await watcher.start()
+        try:
+            watch = watcher.watches[connection]
+            for drops in range(3):
+                await until(lambda: watch.client is not None and watch.ran_well)
+                assert watch.client is not None
+                watch.client.shutdown()  # the server's idle timeout, say
+                await until(lambda n=drops: len(watch.waits) == n + 1)  # type: ignore[misc]
+            await until(lambda: watch.client is not None and watch.ran_well)
+            await asyncio.to_thread(dovecot.stop)  # away for a while: it doubles
+            await until(lambda: list(watch.waits)[-1] == 2.0)
+            await asyncio.to_thread(dovecot.start)
+            await until(lambda: watch.client is not None and watch.ran_well)
+            count = len(watch.waits)
+            watch.client.shutdown()
+            await until(lambda: len(watch.waits) == count + 1)
+            return list(watch.waits)
+        finally:
+            await watcher.stop()
+
+    waits = asyncio.run(scenario())
+    assert waits[:4] == [1.0, 1.0, 1.0, 1.0]  # three drops, then the server's going
+    assert 2.0 in waits[4:-1]  # the reconnections while it was away
+    assert waits[-1] == 1.0  # back: from the start again
+
+
+def test_a_fresh_token_refused_ends_the_watch_and_says_why(
+    make_settings: MakeSettings,
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    db_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dovecot.stop()
+    dovecot.scope = "https://outlook.office.com/IMAP.AccessAsUser.All"  # the grant has not
+    dovecot.start()
+    settings = make_settings(oauth=imap_provider(oauth_server, dovecot))
+    connection = connect_ann(db_engine, settings, oauth_server)
+
+    async def scenario() -> None:
+        watcher = inboxwatch.InboxWatcher(settings, db_engine, None)
+        await watcher.start()
+        try:
+            await asyncio.to_thread(watcher.watches[connection].thread.join, 20)
+            assert not watcher.watches[connection].thread.is_alive()  # ended, not retrying
+        finally:
+            await watcher.stop()
+
+    with caplog.at_level(logging.WARNING, logger="relay.inboxwatch"):
+        asyncio.run(scenario())
+    assert f"INBOX of {ANN} not watched: the provider refused a fresh token" in caplog.text
+    assert oauth_server.refreshes() == 1
+    with Session(db_engine) as session:
+        assert session.exec(select(MailboxConnection)).one().state == "broken"

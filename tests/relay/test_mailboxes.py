@@ -26,7 +26,7 @@ from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user
 from tests.support.oauth_server import OAuthServer, provider_settings
 from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay, send
-from tests.support.upstream import PASSWORD, USER, RecordingUpstream
+from tests.support.upstream import PASSWORD, SMTP_AUTH_DISABLED, USER, RecordingUpstream
 
 ANN = "ann@example.com"
 OTHER = "ann@example.org"  # also hers, not connected: the smarthost
@@ -139,16 +139,16 @@ def test_a_revoked_grant_is_454_naming_the_mailbox_page_and_nothing_is_lost(
         async with running_relay(settings, db_engine) as relay:
             return [await attempt(relay), await attempt(relay), await attempt(relay)]
 
-    token_refused, broken, still_broken = asyncio.run(go())
-    for refusal in (token_refused, broken, still_broken):
+    refusals = asyncio.run(go())
+    for refusal in refusals:  # the refused token refreshed at once: invalid_grant, broken
         assert refusal.code == 454
         assert refusal.message.startswith("4.7.0 Mailbox connection of ann@example.com")
+        assert "no longer accepts the grant" in refusal.message
         assert "Mailbox page of the dashboard" in refusal.message
-    assert "refused its access token" in token_refused.message
-    assert "no longer accepts the grant" in broken.message
     assert provider.messages == []
     assert upstream.messages == []  # never sent another way either
     assert provider.auth_attempts == [("XOAUTH2", ANN)]  # one AUTH; then it is known broken
+    assert provider.connections == 1  # the broken connection's 454s opened none
     assert oauth_server.refreshes() == 1
     with Session(db_engine) as session:
         row = session.exec(select(MailboxConnection)).one()
@@ -367,3 +367,143 @@ def test_an_app_password_whose_provider_stopped_taking_them_is_454(
     assert "[oauth.fast] no longer takes app passwords" in refused.message
     assert password_provider.auth_attempts == []
     assert upstream.messages == []
+
+
+# --- a token refused right after a refresh; transient failures ---
+
+
+async def refused_twice(settings: Settings, engine: Engine) -> list[aiosmtplib.SMTPSenderRefused]:
+    async def attempt(relay: RelayServer) -> aiosmtplib.SMTPSenderRefused:
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+            await ann_sends(relay)
+        return refused.value
+
+    async with running_relay(settings, engine) as relay:
+        return [await attempt(relay), await attempt(relay)]
+
+
+def test_a_fresh_token_refused_at_auth_breaks_the_connection_once(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    """Microsoft 365 with SMTP AUTH off for the tenant: the token is live, refreshed
+    it is refused again, so it is no expiry: broken with the provider's words, the
+    webhook once, and no more refreshes nor logins."""
+    webhooks.add_endpoint(db_engine, "https://hooks.example/mail", ["mailbox.disconnected"])
+    provider.refuse_tokens = SMTP_AUTH_DISABLED
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth=provider_settings(oauth_server, provider.url),
+    )
+    connection_id = connect_ann(db_engine, settings, oauth_server)
+
+    first, second = asyncio.run(refused_twice(settings, db_engine))
+    for refusal in (first, second):
+        assert refusal.code == 454
+        assert "the provider refused a fresh token: 535 5.7.139" in refusal.message
+        assert "Mailbox page of the dashboard" in refusal.message
+    assert provider.auth_attempts == [("XOAUTH2", ANN), ("XOAUTH2", ANN)]  # then known broken
+    assert provider.connections == 1
+    assert oauth_server.refreshes() == 1  # one fresh token, never a loop
+    assert provider.messages == []
+    assert upstream.messages == []
+    with Session(db_engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        assert row.state == "broken"
+        assert "SmtpClientAuthentication is disabled for the Tenant" in row.reason
+        items = session.exec(select(OutboxItem)).all()
+    assert [item.event_type for item in items] == ["mailbox.disconnected"]
+
+
+def test_a_token_the_provider_retired_early_is_refreshed_in_the_same_try(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth=provider_settings(oauth_server, provider.url),
+    )
+    connect_ann(db_engine, settings, oauth_server)
+    oauth_server.expire_access_tokens()  # the relay thinks it lives; the provider does not
+
+    async def go() -> None:
+        async with running_relay(settings, db_engine) as relay:
+            assert (await ann_sends(relay)).code == 250
+
+    asyncio.run(go())
+    assert len(provider.messages) == 1
+    assert provider.auth_attempts == [("XOAUTH2", ANN), ("XOAUTH2", ANN)]
+    assert oauth_server.refreshes() == 1
+
+
+def test_an_unreachable_provider_is_451_naming_it_without_reconnecting(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    settings = relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        oauth=provider_settings(oauth_server, "smtp+starttls://127.0.0.1:9"),  # nobody there
+    )
+    connection_id = connect_ann(db_engine, settings, oauth_server)
+
+    refusals = asyncio.run(refused_twice(settings, db_engine))
+    for refusal in refusals:
+        assert refusal.code == 451
+        assert refusal.message.startswith("4.4.1 Mailbox provider test of ann@example.com")
+        assert "127.0.0.1:9" in refusal.message
+        assert "try again later" in refusal.message
+        assert "Mailbox page" not in refusal.message  # reconnecting would not help
+    assert upstream.messages == []  # never the shared account instead
+    with Session(db_engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        assert row.state == "ok"
+
+
+def test_an_unreachable_token_endpoint_is_451_without_reconnecting(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    tables = provider_settings(oauth_server, provider.url)
+    settings = relay_settings(
+        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
+    )
+    connection_id = connect_ann(db_engine, settings, oauth_server)
+    mailbox.token_refused(db_engine, connection_id)  # due: the relay must refresh
+    tables["test"]["token_endpoint"] = "http://127.0.0.1:9/token"  # down now
+    settings = relay_settings(
+        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
+    )
+
+    refusals = asyncio.run(refused_twice(settings, db_engine))
+    for refusal in refusals:
+        assert refusal.code == 451
+        assert "Mailbox provider test of ann@example.com cannot be reached now" in refusal.message
+        assert "its token endpoint" in refusal.message
+        assert "Mailbox page" not in refusal.message
+    assert provider.connections == 0  # the token first, then the connection
+    with Session(db_engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        assert row.state == "ok"

@@ -10,12 +10,16 @@ relay logs in to Dovecot with XOAUTH2 and the connection's grant.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import threading
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from imapclient import IMAPClient
+from sqlalchemy import Engine, create_engine
 
 from relay import sentfolder
 from shared import mailbox
@@ -23,6 +27,7 @@ from shared.config import Settings
 from shared.tokens import Signer
 from shared.users import add_user
 from tests.support.dovecot import ANN, APP_PASSWORD, SENT, USER, Dovecot
+from tests.support.dovecot import PASSWORD as DOVECOT_PASSWORD
 from tests.support.imapkit import MESSAGE, ann_sends, connect_ann, provider_for, settings_for
 from tests.support.imapkit import PASSWORD as RELAY_PASSWORD
 from tests.support.oauth_server import OAuthServer
@@ -311,3 +316,107 @@ def test_an_app_password_connection_gets_its_sent_folder_cleaned(
     sent = dovecot.messages(SENT, user=USER)
     assert [data for data, _ in sent] == [MESSAGE]  # one pristine copy, as the client sent it
     assert f"user=<{USER}>, method=PLAIN" in dovecot.log()
+
+
+# --- never a Sent folder without a copy; errors logged, never raised ---
+
+
+def job_with_tracked_copies(
+    settings: Settings, dovecot: Dovecot, original: bytes = MESSAGE, count: int = 2
+) -> sentfolder.Job:
+    """COUNT tracked copies of message 42 filed in ann's Sent, as the provider would."""
+    signer = Signer(settings.signing_keys())
+    for recipient in range(1, count + 1):
+        pixel = f"<img src='https://t.example.com/o/{signer.open_token(42, recipient)}.gif'>"
+        copy = MESSAGE.replace(b"the plan</a>", b"the plan</a> " + pixel.encode())
+        dovecot.append(SENT, copy, flags=(b"\\Seen",))
+    return sentfolder.Job(1, 42, "<plan-1@example.com>", original, count, ANN)
+
+
+class DropsAfter(IMAPClient):
+    """A real session whose connection is lost right after the command named."""
+
+    after = "append"
+
+    def append(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().append(*args, **kwargs)
+        if self.after == "append":
+            self.shutdown()
+        return result
+
+
+def sweep(client: IMAPClient, settings: Settings, job: sentfolder.Job) -> sentfolder.Outcome:
+    client.select_folder(SENT)
+    return sentfolder.sweep(client, SENT, settings, job, threading.Event())
+
+
+def test_an_append_the_server_refuses_keeps_the_tracked_copies(
+    make_settings: MakeSettings, oauth_server: OAuthServer, dovecot: Dovecot
+) -> None:
+    dovecot.stop()
+    dovecot.max_mail_size = "4k"  # the copies are smaller, the original is not
+    dovecot.start()
+    settings = make_settings(imap_sent_window=0.0, imap_sent_interval=0.1)
+    large = MESSAGE + b"<p>" + b"x" * 8000 + b"</p>\r\n"
+    job = job_with_tracked_copies(settings, dovecot, large)
+    with dovecot.client() as client:
+        outcome = sweep(client, settings, job)
+    assert outcome.kept == 2
+    assert outcome.removed == 0
+    assert not outcome.added
+    assert "the original could not be added" in outcome.why
+    assert "[LIMIT] Mail size is larger" in outcome.why  # the server's words
+    sent = dovecot.messages(SENT)
+    assert len(sent) == 2  # both tracked copies still there: Sent has the message
+    assert all(tracked(settings, data) for data, _ in sent)
+
+
+def test_a_connection_lost_after_the_append_leaves_the_original(
+    make_settings: MakeSettings, oauth_server: OAuthServer, dovecot: Dovecot
+) -> None:
+    """The original first, then the removal: lost in between, both are there."""
+    settings = make_settings(imap_sent_window=0.0, imap_sent_interval=0.1)
+    job = job_with_tracked_copies(settings, dovecot)
+    client = DropsAfter("127.0.0.1", port=dovecot.port, ssl=False, timeout=10)
+    client.login(ANN, DOVECOT_PASSWORD)
+    with pytest.raises(sentfolder.imapsession.WIRE_ERRORS):
+        sweep(client, settings, job)
+    sent = [data for data, _ in dovecot.messages(SENT)]
+    assert MESSAGE in sent  # the original was added before anything was removed
+    assert len(sent) == 3
+
+
+def test_a_client_copy_lets_the_tracked_ones_go_at_once(
+    make_settings: MakeSettings, oauth_server: OAuthServer, dovecot: Dovecot
+) -> None:
+    settings = make_settings(imap_sent_window=0.0, imap_sent_interval=0.1)
+    job = job_with_tracked_copies(settings, dovecot)
+    dovecot.append(SENT, MESSAGE, flags=(b"\\Seen",))  # the client's own
+    with dovecot.client() as client:
+        outcome = sweep(client, settings, job)
+    assert (outcome.removed, outcome.added, outcome.client_copy) == (2, False, True)
+    assert [data for data, _ in dovecot.messages(SENT)] == [MESSAGE]
+
+
+def test_an_unknown_charset_is_read_not_raised(make_settings: MakeSettings) -> None:
+    signer = Signer(make_settings().signing_keys())
+    url = f"https://t.example.com/o/{signer.open_token(42, 1)}.gif".encode()
+    data = (
+        b"Message-ID: <plan-1@example.com>\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/html; charset=unknown-8bit\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n<p>Gr\xfc\xdfe</p><img src='" + url + b"'>\r\n"
+    )
+    assert sentfolder.kind(signer, 42, data) == sentfolder.TRACKED
+
+
+def test_a_failing_clean_is_logged_with_the_address_never_raised(
+    make_settings: MakeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database gone under a cleaning: logged with the address and message."""
+    settings = make_settings()
+    gone = create_engine("sqlite:////nonexistent-directory/relay.db")
+    job = sentfolder.Job(1, 42, "<plan-1@example.com>", MESSAGE, 1, ANN)
+    with caplog.at_level(logging.WARNING, logger="relay.sentfolder"):
+        assert asyncio.run(sentfolder.Cleaner(settings, gone).clean(job)) is None
+    gone.dispose()
+    assert f"Sent folder of {ANN} not cleaned (message 42)" in caplog.text

@@ -117,6 +117,14 @@ _TRASH = """\
   }}
 """
 
+_QUOTA = """\
+plugin {{
+  quota = count:User quota
+  quota_vsizes = yes
+  quota_max_mail_size = {size}
+}}
+"""
+
 _OAUTH2 = """\
 introspection_mode = post
 introspection_url = {url}
@@ -153,6 +161,8 @@ class Dovecot:
     capabilities: str = ""  # set: the post-login IMAP capabilities (e.g. without IDLE)
     scope: str = ""  # set: a token must have this scope (the oauth2 passdb's ``scope``)
     trash: str = ""  # set: a mailbox of this name is the \Trash special-use folder
+    app_password: str = APP_PASSWORD  # USER's second password (another: IMAP refuses it)
+    max_mail_size: str = ""  # set (e.g. "8k"): a larger APPEND is refused (the quota plugin)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -175,7 +185,7 @@ class Dovecot:
         (self.root / "passwd").write_text(
             "".join(f"{user}:{{PLAIN}}{PASSWORD}\n" for user in (USER, ANN))
         )
-        (self.root / "app-passwords").write_text(f"{USER}:{{PLAIN}}{APP_PASSWORD}\n")
+        (self.root / "app-passwords").write_text(f"{USER}:{{PLAIN}}{self.app_password}\n")
         config = self.root / "dovecot.conf"
         text = _CONFIG.format(
             root=self.root, port=self.port, uid=uid, gid=gid,
@@ -184,6 +194,9 @@ class Dovecot:
         )  # fmt: skip
         if self.capabilities:
             text += f"imap_capability = {self.capabilities}\n"
+        if self.max_mail_size:
+            text = text.replace("notify mail_log", "notify mail_log quota")
+            text += _QUOTA.format(size=self.max_mail_size)
         config.write_text(text)
         self._process = subprocess.Popen(
             [DOVECOT, "-c", str(config), "-F"],

@@ -14,7 +14,8 @@ it behaves like Microsoft 365 without basic authentication: password AUTH is
 refused with ``535 5.7.139``, and only SASL XOAUTH2 or OAUTHBEARER with an
 access token the OAuth server's introspection endpoint says is active, for
 the account named in the SASL message, logs in (a refused token gets the
-334 JSON error challenge, then ``535 5.7.3``).
+334 JSON error challenge, then ``535 5.7.3``). ``refuse_tokens`` set: every
+token, live or not, gets that reply instead (a tenant with SMTP AUTH off).
 
 With ``files_into`` set to the suite's Dovecot (tests/support/dovecot.py) it
 files what it accepted into the sender's Sent folder (IMAP APPEND, seen),
@@ -57,6 +58,9 @@ USER = "alice@example.com"
 PASSWORD = "correct horse battery"
 BASIC_DISABLED = "535 5.7.139 Authentication unsuccessful, basic authentication is disabled."
 TOKEN_REFUSED = "535 5.7.3 Authentication unsuccessful"
+SMTP_AUTH_DISABLED = (
+    "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant."
+)
 
 
 @dataclass
@@ -87,6 +91,7 @@ class RecordingUpstream:
     require_auth: bool = True  # False: a return path that knows its peers (a gateway's)
     files_into: Dovecot | None = None  # set: accepted mail is filed in the sender's Sent
     files_sent: str = "every"  # "every" copy (Microsoft 365), "first" per Message-ID (Gmail)
+    refuse_tokens: str | None = None  # set: the reply to every XOAUTH2/OAUTHBEARER login
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -259,11 +264,13 @@ class _Handler:
         live_for = ""
         if upstream.oauth is not None and scheme == "Bearer" and token:
             live_for = await upstream.token_user(token)
-        if live_for and live_for == user:
+        if live_for and live_for == user and upstream.refuse_tokens is None:
             return AuthResult(success=True, auth_data=user)
         error = {"status": "401", "schemes": "bearer", "scope": "https://outlook.office.com/"}
         await server.challenge_auth(json.dumps(error))  # the client ends the exchange
-        return AuthResult(success=False, handled=False, message=TOKEN_REFUSED)
+        return AuthResult(
+            success=False, handled=False, message=upstream.refuse_tokens or TOKEN_REFUSED
+        )
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
