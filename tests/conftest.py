@@ -32,6 +32,7 @@ pytest_plugins = [
     "tests.support.dovecot",  # dovecot: a real IMAP mailbox (before upstream: it files there)
     "tests.support.upstream",
     "tests.support.relaykit",
+    "tests.support.imapkit",  # anns_mailbox: the servers behind a mailbox connection
     "tests.support.receiverkit",
 ]
 
