@@ -9,7 +9,7 @@ import threading
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from sqlalchemy import Engine
@@ -21,6 +21,9 @@ from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient, User, UserAddress
 from shared.passwords import hash_password
 from tests.support.seedrows import settle
+
+if TYPE_CHECKING:  # Playwright is imported where a browser test runs, not at collection
+    from playwright.sync_api import Locator, Page
 
 D = "/dashboard"
 PASSWORD = "correct horse battery"
@@ -236,6 +239,35 @@ def login(client: TestClient, username: str, password: str = PASSWORD) -> None:
         follow_redirects=False,
     )
     assert response.status_code == 303, response.text
+
+
+def sign_in(page: Page, base: str, username: str = "ada", password: str = PASSWORD) -> None:
+    """In a browser: a signed-out visit lands on the login page; signed in, on Messages."""
+    from playwright.sync_api import expect
+
+    page.goto(base + "/dashboard/")
+    expect(page).to_have_url(re.compile(r"/dashboard/login"))
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Messages")
+
+
+def connect_mailbox(page: Page, base: str, provider_url: str, address: str) -> Locator:
+    """On the Mailbox page: Connect test, allow on the provider's consent page
+    (tests/support/oauth_server.py) as ADDRESS, back with the connection ok; its row."""
+    from playwright.sync_api import expect
+
+    page.click("button:has-text('Connect test')")  # off to the provider
+    expect(page.locator("h1")).to_have_text("Allow access to your mailbox?")
+    assert page.url.startswith(f"{provider_url}/authorize?")
+    page.fill("input[name=username]", address)
+    page.click("button[value=allow]")
+    expect(page).to_have_url(base + "/dashboard/mailbox")  # back, the code exchanged
+    expect(page.locator(".flash")).to_contain_text(f"Connected {address} to test")
+    row = page.locator(f'tr[data-connection="{address}"]')
+    expect(row.locator("[data-state]")).to_have_text("ok")
+    return row
 
 
 def token(client: TestClient, path: str = f"{D}/messages") -> str:

@@ -29,10 +29,10 @@ from shared.tokens import Signer
 from tests.support.dashboardkit import (
     M_OPENED,
     M_XSS,
-    PASSWORD,
     ServerThread,
     add_answers,
     seed,
+    sign_in,
 )
 from tests.support.relaykit import relay_settings, running_relay, send
 from tests.support.seedrows import event, write_events
@@ -114,14 +114,6 @@ def test_dashboard_in_a_browser(
         width = page.viewport_size["width"] if page.viewport_size else 0
         suffix = "phone" if width < 600 else "desktop"
         page.screenshot(path=str(SHOTS / f"{name}-{suffix}.png"), full_page=True)
-
-    def sign_in(page: Page, base: str, username: str = "ada") -> None:
-        page.goto(base + "/dashboard/")
-        expect(page).to_have_url(re.compile(r"/dashboard/login"))
-        page.fill("input[name=username]", username)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        expect(page.locator("h1")).to_have_text("Messages")
 
     with ServerThread(app) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
