@@ -40,7 +40,9 @@ from tests.support.receiverkit import ServerThread, wait_for
 from tests.support.relaykit import (
     SIMPLE,
     client,
+    record_one,
     relay_settings,
+    running_recorder,
     running_relay,
     send,
     sqlite_engine,
@@ -323,11 +325,8 @@ def test_a_refused_record_is_set_aside_and_the_rest_of_its_batch_stored(
     good, bad, other = _prepared([1, 2]), _prepared([1, 1]), _prepared([])  # bad: a link twice
 
     async def scenario() -> None:
-        await recorder.start()
-        try:  # queued together: one batch
+        async with running_recorder(recorder):  # queued together: one batch
             await asyncio.gather(*(recorder.record(*item) for item in (good, bad, other)))
-        finally:
-            await recorder.stop()
 
     with caplog.at_level(logging.WARNING, logger="relay.record"):
         asyncio.run(scenario())
@@ -397,11 +396,8 @@ def test_a_replay_stores_each_record_once_and_sets_aside_what_cannot_be_read(
         lines = "".join(json.dumps(r) + "\n" for r in records)
         (journal / "relay-999999-1-dead.jsonl").write_text(lines)
         recorder = Recorder(settings, engine)
-        await recorder.start()
-        try:
+        async with running_recorder(recorder):
             await asyncio.to_thread(wait_for, lambda: not list(journal.glob("relay-*")), 20)
-        finally:
-            await recorder.stop()
         return recorder
 
     recorder = asyncio.run(scenario())
@@ -521,14 +517,7 @@ def test_a_hit_written_while_its_record_commits_is_in_the_state(
     prepared, delivery = _prepared([])
     prepared.message.track_opens = True
 
-    async def scenario() -> None:
-        await recorder.start()
-        try:
-            await recorder.record(prepared, delivery)
-        finally:
-            await recorder.stop()
-
-    asyncio.run(scenario())
+    record_one(recorder, prepared, delivery)
     for writer in store.writers:
         writer.join()
     assert store.failures == []
@@ -558,15 +547,8 @@ def test_a_record_goes_on_while_events_is_vacuumed_or_indexed(
     failures: list[BaseException] = []
 
     def record() -> None:
-        async def scenario() -> None:
-            await recorder.start()
-            try:
-                await recorder.record(prepared, delivery)
-            finally:
-                await recorder.stop()
-
         try:
-            asyncio.run(scenario())
+            record_one(recorder, prepared, delivery)
         except BaseException as exc:
             failures.append(exc)
 

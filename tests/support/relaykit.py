@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import Engine
 
 from relay.prepared import Prepared, Submission
+from relay.record import Delivery, Recorder
 from relay.server import RelayServer
 from relay.track import Tracker
 from shared import db
@@ -80,6 +81,27 @@ async def running_relay(
         yield server
     finally:
         await server.stop(grace=5)
+
+
+@contextlib.asynccontextmanager
+async def running_recorder(recorder: Recorder) -> AsyncIterator[Recorder]:
+    """The Recorder's writer started, and stopped on the way out (what is queued is
+    written), as the relay runs it."""
+    await recorder.start()
+    try:
+        yield recorder
+    finally:
+        await recorder.stop()
+
+
+def record_one(recorder: Recorder, prepared: Prepared, delivery: Delivery) -> None:
+    """Start the writer, record one relayed message, stop: in an event loop of its own."""
+
+    async def scenario() -> None:
+        async with running_recorder(recorder):
+            await recorder.record(prepared, delivery)
+
+    asyncio.run(scenario())
 
 
 def client(relay: RelayServer, listener: str = "smtp", **options: Any) -> aiosmtplib.SMTP:
