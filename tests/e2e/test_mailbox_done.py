@@ -32,11 +32,8 @@ from tests.support.imapkit import (
     PASSWORD,
     RECIPIENTS,
     REPLY,
-    provider_for,
-    serve_env,
+    AnnsMailbox,
 )
-from tests.support.oauth_server import OAuthServer
-from tests.support.upstream import RecordingUpstream
 
 pytestmark = [
     pytest.mark.browser,
@@ -68,22 +65,16 @@ def _msmtp(tmp_path: Path, port: int) -> None:
 
 @pytest.mark.parametrize("files", ["every", "first"], ids=["microsoft365", "gmail"])
 def test_connect_send_one_clean_copy_then_the_answers_on_the_message_page(
-    files: str,
-    tmp_path: Path,
-    database_url: str,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
-    dovecot: Dovecot,
+    files: str, tmp_path: Path, database_url: str, anns_mailbox: AnnsMailbox, dovecot: Dovecot
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     with (
-        provider_for(tls_pair, oauth_server, dovecot, files) as provider,
+        anns_mailbox.provider(files) as provider,
         ServeProcess(tmp_path, database_url) as process,
     ):
-        process.env.update(serve_env(upstream, provider, oauth_server, dovecot))
+        process.env.update(anns_mailbox.serve_env(provider))
         process.cli("user", "add", "ann", "--password-stdin", "--address", ANN, stdin=PASSWORD)
         process.start()
         public = process.public_url
@@ -95,7 +86,7 @@ def test_connect_send_one_clean_copy_then_the_answers_on_the_message_page(
             # connect: off to the provider's consent page and back to the serve process
             page.click("nav.nav >> text=Mailbox")
             expect(page.locator("input[name=address]")).to_have_value(ANN)
-            row = connect_mailbox(page, public, oauth_server.url, ANN)
+            row = connect_mailbox(page, public, anns_mailbox.oauth_server.url, ANN)
             expect(row.locator("select[name=sent]")).to_have_value("clean")
 
             # send from the mail program: the copies leave through ann's mailbox
@@ -103,7 +94,7 @@ def test_connect_send_one_clean_copy_then_the_answers_on_the_message_page(
             assert len(provider.wait_for(3)) == 3, process.stderr
             assert sorted(r for m in provider.messages for r in m.rcpt_tos) == sorted(RECIPIENTS)
             assert set(provider.auth_attempts) == {("XOAUTH2", ANN)}
-            assert upstream.messages == []
+            assert anns_mailbox.upstream.messages == []
 
             # Sent: exactly one copy, the bytes msmtp sent (no pixel, the links, everyone)
             def one_clean_copy() -> bool:

@@ -26,13 +26,10 @@ from tests.support.imapkit import (
     PASSWORD,
     RECIPIENTS,
     REPLY,
+    AnnsMailbox,
     connect_ann,
     imap_provider,
-    provider_for,
-    serve_env,
 )
-from tests.support.oauth_server import OAuthServer
-from tests.support.upstream import RecordingUpstream
 
 
 async def _send(port: int) -> None:
@@ -52,30 +49,23 @@ def _answers(api: httpx.Client) -> list[tuple[str, int]] | None:
 
 
 def test_one_pristine_copy_in_sent_and_the_answers_from_the_inbox(
-    tmp_path: Path,
-    database_url: str,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
-    dovecot: Dovecot,
+    tmp_path: Path, database_url: str, anns_mailbox: AnnsMailbox, dovecot: Dovecot
 ) -> None:
     engine: Engine = db.make_engine(database_url)
     try:
         with (
-            provider_for(tls_pair, oauth_server, dovecot) as provider,
+            anns_mailbox.provider("every") as provider,
             ServeProcess(tmp_path, database_url) as process,
         ):
-            process.env.update(
-                serve_env(upstream, provider, oauth_server, dovecot, sent_window="3")
-            )
-            providers = imap_provider(oauth_server, dovecot, provider.url)
+            process.env.update(anns_mailbox.serve_env(provider, sent_window="3"))
+            providers = imap_provider(anns_mailbox.oauth_server, dovecot, provider.url)
             settings = load_settings(
                 database_url=database_url,
                 secret_key=SECRET,
                 oauth=providers,
                 var_dir=tmp_path / "v",
             )
-            connect_ann(engine, settings, oauth_server)
+            connect_ann(engine, settings, anns_mailbox.oauth_server)
             token, _ = apitokens.create_token(engine, "ann", "e2e")
             process.start()
             asyncio.run(_send(process.smtp_port))

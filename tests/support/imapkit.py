@@ -102,47 +102,6 @@ def settings_for(
     )
 
 
-def serve_env(
-    upstream: RecordingUpstream,
-    provider: RecordingUpstream,
-    oauth_server: OAuthServer,
-    dovecot: Dovecot,
-    sent_window: str = "1",
-) -> dict[str, str]:
-    """The same for ``trackrelay serve`` in a process (tests/e2e/test_serve.py)."""
-    return {
-        "TRACKRELAY_UPSTREAM": upstream.url,
-        "TRACKRELAY_UPSTREAM_VERIFY_TLS": "false",
-        "TRACKRELAY_UPSTREAM_USER": USER,
-        "TRACKRELAY_UPSTREAM_PASSWORD": UPSTREAM_PASSWORD,
-        "TRACKRELAY_AUTH_MODE": "local",
-        "TRACKRELAY_TLS_CERT": str(upstream.cert),
-        "TRACKRELAY_TLS_KEY": str(upstream.key),
-        "TRACKRELAY_OAUTH": json.dumps(imap_provider(oauth_server, dovecot, provider.url)),
-        "TRACKRELAY_IMAP_SENT_WINDOW": sent_window,
-        "TRACKRELAY_IMAP_SENT_INTERVAL": "0.2",
-        "TRACKRELAY_IMAP_POLL_INTERVAL": "0.5",
-    }
-
-
-@contextlib.contextmanager
-def provider_for(
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
-    dovecot: Dovecot | None = None,
-    files: str = "every",
-) -> Iterator[RecordingUpstream]:
-    """The provider's submission server (XOAUTH2 only), running for the ``with`` block;
-    given DOVECOT, it files what it takes into Sent, FILES says how (upstream.py)."""
-    provider = RecordingUpstream(
-        *tls_pair, oauth=oauth_server, files_into=dovecot, files_sent=files
-    ).start()
-    try:
-        yield provider
-    finally:
-        provider.stop()
-
-
 async def ann_sends(
     settings: Settings,
     engine: Engine,
@@ -183,6 +142,41 @@ class AnnsMailbox:
     dovecot: Dovecot
 
     @contextlib.contextmanager
+    def provider(self, files: str | None = None) -> Iterator[RecordingUpstream]:
+        """The provider's submission server (XOAUTH2 only), running for the ``with``
+        block; FILES given, it files what it takes into Dovecot's Sent ("every" copy,
+        as Microsoft 365 does, or the "first" per Message-ID, as Gmail does)."""
+        provider = RecordingUpstream(
+            *self.tls_pair,
+            oauth=self.oauth_server,
+            files_into=None if files is None else self.dovecot,
+            files_sent=files or "every",
+        ).start()
+        try:
+            yield provider
+        finally:
+            provider.stop()
+
+    def serve_env(self, provider: RecordingUpstream, sent_window: str = "1") -> dict[str, str]:
+        """What settings_for sets, for ``trackrelay serve`` in a process
+        (tests/e2e/test_serve.py)."""
+        return {
+            "TRACKRELAY_UPSTREAM": self.upstream.url,
+            "TRACKRELAY_UPSTREAM_VERIFY_TLS": "false",
+            "TRACKRELAY_UPSTREAM_USER": USER,
+            "TRACKRELAY_UPSTREAM_PASSWORD": UPSTREAM_PASSWORD,
+            "TRACKRELAY_AUTH_MODE": "local",
+            "TRACKRELAY_TLS_CERT": str(self.upstream.cert),
+            "TRACKRELAY_TLS_KEY": str(self.upstream.key),
+            "TRACKRELAY_OAUTH": json.dumps(
+                imap_provider(self.oauth_server, self.dovecot, provider.url)
+            ),
+            "TRACKRELAY_IMAP_SENT_WINDOW": sent_window,
+            "TRACKRELAY_IMAP_SENT_INTERVAL": "0.2",
+            "TRACKRELAY_IMAP_POLL_INTERVAL": "0.5",
+        }
+
+    @contextlib.contextmanager
     def sent(
         self,
         engine: Engine,
@@ -196,8 +190,7 @@ class AnnsMailbox:
         """ann connected (her ``sent`` choice) and MESSAGE sent through the relay, the
         provider running for the ``with`` block; FILES: the provider files into Sent
         ("every" or "first"); the rest as in settings_for and ann_sends."""
-        dovecot = None if files is None else self.dovecot
-        with provider_for(self.tls_pair, self.oauth_server, dovecot, files or "every") as provider:
+        with self.provider(files) as provider:
             settings = settings_for(
                 self.make_settings,
                 self.upstream,
