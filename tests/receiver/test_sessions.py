@@ -14,7 +14,8 @@ from receiver.app import create_app
 from receiver.sessions import COOKIE_NAME
 from shared.config import Settings
 from shared.users import add_user, remove_user, update_user, user_by_id
-from tests.support.dashboardkit import PASSWORD, D, ServerThread, csrf_from, seed
+from tests.support.dashboardkit import PASSWORD, D, csrf_from, seed
+from tests.support.receiverkit import ServerThread
 
 
 @pytest.fixture

@@ -1,19 +1,14 @@
-"""Shared by the dashboard tests: a seeded database, sign-in, a real server thread."""
+"""Shared by the dashboard tests: a seeded database, sign-in (also in a browser); the
+real server thread is receiverkit's."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import socket
-import threading
-from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from sqlalchemy import Engine
-from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from shared import eventstate
@@ -187,48 +182,6 @@ def csrf_from(html: str) -> str:
     match = CSRF_RE.search(html)
     assert match, "no CSRF field on the page"
     return match.group(1)
-
-
-class ServerThread:
-    """The app under uvicorn on 127.0.0.1, port 0, in a thread with its own loop."""
-
-    def __init__(self, app: Starlette, sock: socket.socket | None = None) -> None:
-        """``sock``: a socket bound beforehand, when the app must know its URL first."""
-        self.sock = sock
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
-            timeout_graceful_shutdown=2,
-        )  # fmt: skip
-        self.server = uvicorn.Server(config)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve([self.sock] if self.sock else None))
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            self.thread.join(0.05)
-        assert self.server.started, "uvicorn did not start"
-        return self
-
-    @property
-    def url(self) -> str:
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run a coroutine on the server's loop (as the event writer would)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(15)
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.loop.close()
 
 
 def login(client: TestClient, username: str, password: str = PASSWORD) -> None:

@@ -11,7 +11,8 @@ from sqlalchemy import Engine
 
 from receiver.app import create_app
 from shared.config import Settings
-from tests.support.dashboardkit import PASSWORD, D, ServerThread, csrf_from, seed
+from tests.support.dashboardkit import PASSWORD, D, csrf_from, seed
+from tests.support.receiverkit import ServerThread
 
 
 @pytest.fixture

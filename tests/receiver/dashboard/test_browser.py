@@ -29,11 +29,11 @@ from shared.tokens import Signer
 from tests.support.dashboardkit import (
     M_OPENED,
     M_XSS,
-    ServerThread,
     add_answers,
     seed,
     sign_in,
 )
+from tests.support.receiverkit import ServerThread
 from tests.support.relaykit import relay_settings, running_relay, send
 from tests.support.seedrows import event, write_events
 from tests.support.upstream import RecordingUpstream

@@ -28,8 +28,9 @@ from shared import db
 from shared.config import Settings
 from shared.models import MailboxConnection
 from tests.receiver.dashboard.test_browser import ARGS, CHROMIUM, SHOTS
-from tests.support.dashboardkit import PASSWORD, ServerThread, connect_mailbox, seed, sign_in
+from tests.support.dashboardkit import PASSWORD, connect_mailbox, seed, sign_in
 from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.receiverkit import ServerThread
 from tests.support.relaykit import relay_settings, running_relay, send
 from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
 from tests.support.upstream import USER, RecordingUpstream
