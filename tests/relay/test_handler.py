@@ -28,6 +28,7 @@ from tests.support.relaykit import (
     relay_settings,
     running_relay,
     send,
+    signed_in,
 )
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
@@ -138,12 +139,7 @@ def test_refused_recipient_reaches_the_client_verbatim(
     upstream.refuse["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: Recipient unknown"
 
     async def scenario() -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             return await smtp.sendmail(USER, ["bob@example.net", "nobody@example.net"], SIMPLE)
 
     errors, _ = asyncio.run(scenario())
@@ -181,12 +177,7 @@ def test_upstream_gone_before_data_gives_451_and_nothing_is_lost(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> aiosmtplib.SMTPDataError:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             await smtp.mail(USER)
             await smtp.rcpt("bob@example.net")
             await asyncio.to_thread(upstream.stop)
@@ -339,12 +330,7 @@ def test_recipient_limit(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> tuple[int, str]:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             await smtp.mail(USER)
             for i in range(100):
                 await smtp.rcpt(f"r{i}@example.net")
@@ -361,12 +347,7 @@ def test_null_sender_and_client_size_parameter(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> None:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             await smtp.sendmail(
                 "", ["bob@example.net"], SIMPLE, mail_options=["SIZE=123", "BODY=8BITMIME"]
             )
@@ -411,12 +392,7 @@ def test_long_line_gets_500(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> aiosmtplib.SMTPDataError:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             with pytest.raises(aiosmtplib.SMTPDataError) as caught:
                 await smtp.sendmail(
                     USER, ["bob@example.net"], b"Subject: x\r\n\r\n" + b"a" * 1000 + b"\r\n"
@@ -501,12 +477,9 @@ def test_per_recipient_copies_and_mixed_outcomes(
     recipients = ["a@example.net", "b@example.net", "c@example.net"]
 
     async def scenario() -> str:
-        async with (
-            running_relay(settings, db_engine, tracker=PerRecipient(settings, db_engine)) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(
+            settings, db_engine, tracker=PerRecipient(settings, db_engine)
+        ) as smtp:
             await smtp.mail(USER)
             for rcpt in recipients:
                 await smtp.rcpt(rcpt)
@@ -784,9 +757,7 @@ def test_recipients_past_the_limit_leave_the_accepted_ones_their_data(
     recipients = [f"r{i}@example.net" for i in range(2000)]
 
     async def scenario() -> tuple[dict[str, tuple[int, str]], str]:
-        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(settings, db_engine) as smtp:
             refused, reply = await smtp.sendmail(USER, recipients, SIMPLE)
             return {k: (v.code, v.message) for k, v in refused.items()}, reply
 

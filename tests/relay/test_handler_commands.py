@@ -24,7 +24,7 @@ from shared import consent, policies
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Message
-from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay
+from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay, signed_in
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 HTML = (
@@ -213,9 +213,7 @@ def test_an_unknown_command_is_refused_with_the_list_of_commands(
     settings = every_listener(make_settings, upstream, back)
 
     async def scenario() -> None:
-        async with running_relay(settings, db_engine) as relay, client(relay, "smtp") as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(settings, db_engine) as smtp:
             await smtp.mail(USER)
             await smtp.rcpt("trackme@trackrelay.invalid")
 
@@ -235,9 +233,7 @@ def test_a_command_with_nothing_else_leaves_no_recipient_for_data(
     settings = every_listener(make_settings, upstream, back)
 
     async def scenario() -> str:
-        async with running_relay(settings, db_engine) as relay, client(relay, "smtp") as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(settings, db_engine) as smtp:
             await smtp.mail(USER)
             await smtp.rcpt(TRACK)
             data = await smtp.execute_command(b"DATA")

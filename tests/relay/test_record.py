@@ -45,6 +45,7 @@ from tests.support.relaykit import (
     running_recorder,
     running_relay,
     send,
+    signed_in,
     sqlite_engine,
 )
 from tests.support.seedrows import write_events
@@ -52,9 +53,7 @@ from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 
 async def send_three(settings: Settings, engine: Engine) -> str:
-    async with running_relay(settings, engine) as relay, client(relay) as smtp:
-        await smtp.ehlo()
-        await smtp.auth_plain(USER, PASSWORD)
+    async with signed_in(settings, engine) as smtp:
         _, reply = await smtp.sendmail(
             USER, ["a@example.net", "gone@example.net", "b@example.net"], SIMPLE
         )

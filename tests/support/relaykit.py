@@ -104,6 +104,23 @@ def record_one(recorder: Recorder, prepared: Prepared, delivery: Delivery) -> No
     asyncio.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def signed_in(
+    settings: Settings,
+    engine: Engine,
+    listener: str = "smtp",
+    *,
+    tracker: Tracker | None = None,
+    user: str = USER,
+    password: str = PASSWORD,
+) -> AsyncIterator[aiosmtplib.SMTP]:
+    """A relay started on SETTINGS and a client of one LISTENER, past EHLO and AUTH PLAIN."""
+    async with running_relay(settings, engine, tracker) as relay, client(relay, listener) as smtp:
+        await smtp.ehlo()
+        await smtp.auth_plain(user, password)
+        yield smtp
+
+
 def client(relay: RelayServer, listener: str = "smtp", **options: Any) -> aiosmtplib.SMTP:
     """An aiosmtplib client for a listener: STARTTLS on smtp, TLS on smtps."""
     tls = {"smtp": {"start_tls": True}, "smtps": {"use_tls": True}, "plain": {"start_tls": False}}
