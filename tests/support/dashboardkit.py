@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
@@ -184,7 +185,8 @@ def csrf_from(html: str) -> str:
     return match.group(1)
 
 
-def login(client: TestClient, username: str, password: str = PASSWORD) -> None:
+def login(client: httpx.Client, username: str, password: str = PASSWORD) -> None:
+    """Sign in through the login form: a TestClient, or an httpx client of a ServerThread."""
     token = csrf_from(client.get(f"{D}/login").text)
     response = client.post(
         f"{D}/login",
