@@ -29,6 +29,7 @@ from tests.support.relaykit import (
     running_relay,
     send,
     signed_in,
+    trusted_settings,
 )
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
@@ -288,7 +289,7 @@ def test_local_mode_may_require_the_from_header_to_be_the_users_too(
 def test_slow_upload_is_not_cut_by_the_idle_timeout(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
-    settings = _trusted(make_settings, upstream, idle_timeout=0.4)
+    settings = trusted_settings(make_settings, upstream, idle_timeout=0.4)
     lines = [b"Subject: slow\r\n", b"\r\n"] + [b"line %d\r\n" % i for i in range(8)]
 
     async def scenario() -> str:
@@ -442,7 +443,7 @@ def test_smuggling_payload_is_one_message(
     )
 
     async def scenario() -> str:
-        async with running_relay(_trusted(make_settings, upstream), db_engine) as relay:
+        async with running_relay(trusted_settings(make_settings, upstream), db_engine) as relay:
             raw = await RawClient.connect(relay.ports["plain"])
             await raw.command(b"EHLO app.test")
             await raw.command(b"MAIL FROM:<app@example.com>")
@@ -554,7 +555,7 @@ def test_a_client_gone_while_its_message_is_prepared_gets_nothing_sent(
     upstream connection is closed with the session, nothing is delivered (the
     client got no 250 and sends the message again), and it is one warning, not
     a crash of the handler."""
-    settings = _trusted(make_settings, upstream)
+    settings = trusted_settings(make_settings, upstream)
 
     async def scenario() -> None:
         tracker = SlowTracker(settings, db_engine)
@@ -578,21 +579,6 @@ def test_a_client_gone_while_its_message_is_prepared_gets_nothing_sent(
     assert "the client left before it was sent" in caplog.text
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
-
-
-def _trusted(
-    make_settings: MakeSettings, upstream: RecordingUpstream, **overrides: object
-) -> Settings:
-    """A plain listener for 127.0.0.1, the relay logging in with its own account."""
-    return relay_settings(
-        make_settings,
-        upstream,
-        plain_port=0,
-        trusted_networks="127.0.0.1/32",
-        upstream_user=USER,
-        upstream_password=PASSWORD,
-        **overrides,
-    )
 
 
 def _insecure() -> ssl.SSLContext:
@@ -731,7 +717,7 @@ def test_an_address_the_parser_chokes_on_is_a_syntax_error(
     """``MAIL FROM:"`` crashes the stdlib address parser: a 553 5.1.3, the session goes on."""
 
     async def scenario() -> list[str]:
-        async with running_relay(_trusted(make_settings, upstream), db_engine) as relay:
+        async with running_relay(trusted_settings(make_settings, upstream), db_engine) as relay:
             raw = await RawClient.connect(relay.ports["plain"])
             await raw.command(b"EHLO app.test")
             replies = [
@@ -778,7 +764,7 @@ def test_a_nul_or_invalid_utf8_in_an_address_is_a_plain_refusal(
     in words, no Python exception quoted to the client, no traceback in the log."""
 
     async def scenario() -> list[str]:
-        async with running_relay(_trusted(make_settings, upstream), db_engine) as relay:
+        async with running_relay(trusted_settings(make_settings, upstream), db_engine) as relay:
             raw = await RawClient.connect(relay.ports["plain"])
             await raw.command(b"EHLO app.test")
             replies = [

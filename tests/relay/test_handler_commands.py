@@ -24,7 +24,13 @@ from shared import consent, policies
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Message
-from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay, signed_in
+from tests.support.relaykit import (
+    MakeSettings,
+    client,
+    running_relay,
+    signed_in,
+    trusted_settings,
+)
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 HTML = (
@@ -48,13 +54,9 @@ def back(tls_pair: tuple[Path, Path]) -> Iterator[RecordingUpstream]:
 def every_listener(
     make_settings: MakeSettings, upstream: RecordingUpstream, back: RecordingUpstream, **more: Any
 ) -> Settings:
-    return relay_settings(
+    return trusted_settings(
         make_settings,
         upstream,
-        plain_port=0,
-        trusted_networks="127.0.0.1/32",
-        upstream_user=USER,
-        upstream_password=PASSWORD,
         gateway_port=0,
         gateway_networks="127.0.0.1/32",
         gateway_domains="example.com",

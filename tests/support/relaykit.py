@@ -71,6 +71,22 @@ def relay_settings(
     return make_settings(**values)
 
 
+def trusted_settings(
+    make_settings: Callable[..., Settings], upstream: RecordingUpstream, **overrides: Any
+) -> Settings:
+    """relay_settings with a plain listener for 127.0.0.1, the relay logging in to the
+    upstream with its own account."""
+    return relay_settings(
+        make_settings,
+        upstream,
+        plain_port=0,
+        trusted_networks="127.0.0.1/32",
+        upstream_user=USER,
+        upstream_password=PASSWORD,
+        **overrides,
+    )
+
+
 @contextlib.asynccontextmanager
 async def running_relay(
     settings: Settings, engine: Engine, tracker: Tracker | None = None
