@@ -205,9 +205,7 @@ def test_upstream_unreachable_local_mode(
     add_user(db_engine, "carol", "carol-password", addresses=["carol@example.com"])
 
     async def scenario() -> int:
-        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain("carol", "carol-password")
+        async with signed_in(settings, db_engine, user="carol", password="carol-password") as smtp:
             with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
                 await smtp.sendmail("carol@example.com", ["bob@example.net"], SIMPLE)
             return caught.value.code
