@@ -25,6 +25,7 @@ from tests.support.relaykit import (
     MakeSettings,
     RawClient,
     client,
+    relay_one,
     relay_settings,
     running_relay,
     send,
@@ -47,12 +48,9 @@ def test_passthrough_delivers_byte_identical(
     assert tracked.startswith(b"X-Track: open, click\r\n")
     message = tracked.removeprefix(b"X-Track: open, click\r\n")
 
-    async def scenario() -> str:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            reply = await send(relay, message, listener=listener, mechanism=mechanism)
-            return reply.message
-
-    assert asyncio.run(scenario()).startswith("2.0.0 Ok: queued as 1")
+    settings = relay_settings(make_settings, upstream)
+    reply = relay_one(settings, db_engine, message, listener=listener, mechanism=mechanism)
+    assert reply.startswith("2.0.0 Ok: queued as 1")
     [got] = upstream.messages
     assert got.data == message
     assert (got.mail_from, got.rcpt_tos) == (USER, ["bob@example.net"])
@@ -514,11 +512,7 @@ def test_an_injection_failure_forwards_the_original_minus_the_trigger_headers(
     data = SIMPLE.replace(b"Subject: hello\r\n", b"Subject: hello\r\n" + triggers)
     assert data != SIMPLE
 
-    async def scenario() -> str:
-        async with running_relay(settings, db_engine, tracker=tracker) as relay:
-            return (await send(relay, data)).message
-
-    assert asyncio.run(scenario()).startswith("2.0.0 Ok")
+    assert relay_one(settings, db_engine, data, tracker=tracker).startswith("2.0.0 Ok")
     [got] = upstream.messages
     assert got.data == SIMPLE
     counted = tracker.metrics
@@ -691,11 +685,7 @@ def test_a_30_mb_tracked_message_arrives_byte_for_byte(
 
     tracker = Capturing(settings, db_engine)
 
-    async def scenario() -> str:
-        async with running_relay(settings, db_engine, tracker=tracker) as relay:
-            return (await send(relay, big)).message
-
-    assert asyncio.run(scenario()).startswith("2.0.0 Ok")
+    assert relay_one(settings, db_engine, big, tracker=tracker).startswith("2.0.0 Ok")
     [got] = upstream.messages
     # Expected: the small message with the same HTML part, as the tracker renders it
     # for this message id, with its one-line attachment body replaced by the big one.

@@ -41,6 +41,7 @@ from tests.support.relaykit import (
     SIMPLE,
     client,
     record_one,
+    relay_one,
     relay_settings,
     running_recorder,
     running_relay,
@@ -110,11 +111,7 @@ def test_recipient_positions_match_the_tokens_when_one_is_untracked(
     settings = relay_settings(make_settings, upstream, public_url="https://t.example.net")
     add_suppression(engine, "a@example.net")
 
-    async def scenario() -> None:
-        async with running_relay(settings, engine) as relay:
-            await send(relay, TRACKED, recipients=("a@example.net", "b@example.net"))
-
-    asyncio.run(scenario())
+    relay_one(settings, engine, TRACKED, recipients=("a@example.net", "b@example.net"))
     copies = {tuple(m.rcpt_tos): m.data for m in upstream.messages}
     untracked = TRACKED.replace(b"X-Track: all\r\n", b"")
     assert without_added_id(untracked, copies[("a@example.net",)]) == untracked
@@ -423,11 +420,7 @@ def test_nul_and_control_characters_in_headers_are_stored_sanitised(
     What is stored is sanitised (shared/storable.py); what is relayed is not touched."""
     settings = relay_settings(make_settings, upstream)
 
-    async def run() -> None:
-        async with running_relay(settings, engine) as relay:
-            await send(relay, CONTROLS, recipients=("bob@example.net",))
-
-    asyncio.run(run())
+    relay_one(settings, engine, CONTROLS, recipients=("bob@example.net",))
     assert b"raw \x00 and \x1b[31m" in upstream.messages[-1].data  # relayed byte for byte
     add_user(engine, "root", "password123", "admin")
     key, _ = apitokens.create_token(engine, "root", "test")

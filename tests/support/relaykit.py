@@ -137,6 +137,24 @@ async def signed_in(
         yield smtp
 
 
+def relay_one(
+    settings: Settings,
+    engine: Engine,
+    message: bytes = SIMPLE,
+    *,
+    tracker: Tracker | None = None,
+    **options: Any,
+) -> str:
+    """Start a relay on SETTINGS, send MESSAGE through it (``send``'s OPTIONS), stop:
+    in an event loop of its own; the DATA reply's text."""
+
+    async def scenario() -> str:
+        async with running_relay(settings, engine, tracker) as relay:
+            return (await send(relay, message, **options)).message
+
+    return asyncio.run(scenario())
+
+
 def client(relay: RelayServer, listener: str = "smtp", **options: Any) -> aiosmtplib.SMTP:
     """An aiosmtplib client for a listener: STARTTLS on smtp, TLS on smtps."""
     tls = {"smtp": {"start_tls": True}, "smtps": {"use_tls": True}, "plain": {"start_tls": False}}

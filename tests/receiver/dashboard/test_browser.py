@@ -8,7 +8,6 @@ page, at 1280x800 and at phone width (390x844), go to
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from tests.support.dashboardkit import (
     sign_in,
 )
 from tests.support.receiverkit import ServerThread
-from tests.support.relaykit import relay_settings, running_relay, send
+from tests.support.relaykit import relay_one, relay_settings
 from tests.support.seedrows import event, write_events
 from tests.support.upstream import RecordingUpstream
 
@@ -69,11 +68,9 @@ def relay_two_of_us(settings: Settings, engine: Engine) -> int:
     """As the issue saw it: one tracked message to two recipients through the real
     relay (recording upstream, the same database); its id."""
 
-    async def go() -> None:
-        async with running_relay(settings, engine) as relay:
-            await send(relay, TWO_OF_US, recipients=("bob@client.example", "carol@client.example"))
-
-    asyncio.run(go())
+    relay_one(
+        settings, engine, TWO_OF_US, recipients=("bob@client.example", "carol@client.example")
+    )
     with session_scope(engine) as s:
         message_id = s.exec(select(Message.id).where(Message.subject == "Two of us")).one()
     assert message_id is not None
