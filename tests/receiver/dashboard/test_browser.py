@@ -67,7 +67,6 @@ TWO_OF_US = (
 def relay_two_of_us(settings: Settings, engine: Engine) -> int:
     """As the issue saw it: one tracked message to two recipients through the real
     relay (recording upstream, the same database); its id."""
-
     relay_one(
         settings, engine, TWO_OF_US, recipients=("bob@client.example", "carol@client.example")
     )
