@@ -9,6 +9,7 @@ emptied between tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ pytest_plugins = [
     "tests.support.dovecot",  # dovecot: a real IMAP mailbox (before upstream: it files there)
     "tests.support.upstream",
     "tests.support.relaykit",
+    "tests.support.imapkit",  # anns_mailbox: the servers behind a mailbox connection
     "tests.support.receiverkit",
 ]
 
@@ -55,20 +57,39 @@ def _no_trackrelay_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
+@contextlib.contextmanager
+def new_pg_database(prefix: str) -> Iterator[str]:
+    """A PostgreSQL database of its own, with no schema, dropped on the way out; its URL."""
     if not PG_URL:
         pytest.skip("TRACKRELAY_TEST_DATABASE_URL is not set")
-    name = f"trackrelay_test_{secrets.token_hex(6)}"
+    name = f"{prefix}_{secrets.token_hex(6)}"
     admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    db.upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    with new_pg_database("trackrelay_test") as url:
+        db.upgrade(url)
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no schema yet, for a migration's test (the shared PostgreSQL
+    one is already at head)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'm.db'}"
+        return
+    with new_pg_database("trackrelay_m") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -16,9 +16,7 @@ bounce are then filed in ann's INBOX, and the message page shows them.
 
 from __future__ import annotations
 
-import json
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import pytest
 
 from tests.e2e.test_serve import ServeProcess, wait_for
 from tests.receiver.dashboard.test_browser import ARGS, CHROMIUM, SHOTS
+from tests.support.dashboardkit import connect_mailbox, sign_in
 from tests.support.dovecot import ANN, SENT, Dovecot
 from tests.support.imapkit import (
     BOUNCE,
@@ -33,12 +32,8 @@ from tests.support.imapkit import (
     PASSWORD,
     RECIPIENTS,
     REPLY,
-    imap_provider,
-    provider_for,
+    AnnsMailbox,
 )
-from tests.support.oauth_server import OAuthServer
-from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
-from tests.support.upstream import USER, RecordingUpstream
 
 pytestmark = [
     pytest.mark.browser,
@@ -47,32 +42,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("msmtp") is None, reason="msmtp is not installed"),
 ]
 BOB, CAROL, DAVE = RECIPIENTS
-
-
-def _serve(
-    tmp_path: Path,
-    database_url: str,
-    upstream: RecordingUpstream,
-    provider: RecordingUpstream,
-    oauth_server: OAuthServer,
-    dovecot: Dovecot,
-) -> ServeProcess:
-    """The serve process (not started yet): local auth, provider ``test``."""
-    process = ServeProcess(tmp_path, database_url)
-    process.env.update(
-        TRACKRELAY_UPSTREAM=upstream.url,
-        TRACKRELAY_UPSTREAM_VERIFY_TLS="false",
-        TRACKRELAY_UPSTREAM_USER=USER,
-        TRACKRELAY_UPSTREAM_PASSWORD=UPSTREAM_PASSWORD,
-        TRACKRELAY_AUTH_MODE="local",
-        TRACKRELAY_TLS_CERT=str(upstream.cert),
-        TRACKRELAY_TLS_KEY=str(upstream.key),
-        TRACKRELAY_OAUTH=json.dumps(imap_provider(oauth_server, dovecot, provider.url)),
-        TRACKRELAY_IMAP_SENT_WINDOW="1",
-        TRACKRELAY_IMAP_SENT_INTERVAL="0.2",
-        TRACKRELAY_IMAP_POLL_INTERVAL="0.5",
-    )
-    return process
 
 
 def _msmtp(tmp_path: Path, port: int) -> None:
@@ -96,44 +65,28 @@ def _msmtp(tmp_path: Path, port: int) -> None:
 
 @pytest.mark.parametrize("files", ["every", "first"], ids=["microsoft365", "gmail"])
 def test_connect_send_one_clean_copy_then_the_answers_on_the_message_page(
-    files: str,
-    tmp_path: Path,
-    database_url: str,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
-    dovecot: Dovecot,
+    files: str, tmp_path: Path, database_url: str, anns_mailbox: AnnsMailbox, dovecot: Dovecot
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    provider = provider_for(tls_pair, oauth_server, dovecot, files)
-    process = _serve(tmp_path, database_url, upstream, provider, oauth_server, dovecot)
     SHOTS.mkdir(parents=True, exist_ok=True)
-    try:
+    with (
+        anns_mailbox.provider(files) as provider,
+        ServeProcess(tmp_path, database_url) as process,
+    ):
+        process.env.update(anns_mailbox.serve_env(provider))
         process.cli("user", "add", "ann", "--password-stdin", "--address", ANN, stdin=PASSWORD)
         process.start()
         public = process.public_url
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(public + "/dashboard/")
-            page.fill("input[name=username]", "ann")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button[type=submit]")
-            expect(page.locator("h1")).to_have_text("Messages")
+            sign_in(page, public, "ann", PASSWORD)
 
             # connect: off to the provider's consent page and back to the serve process
             page.click("nav.nav >> text=Mailbox")
             expect(page.locator("input[name=address]")).to_have_value(ANN)
-            page.click("button:has-text('Connect test')")
-            expect(page.locator("h1")).to_have_text("Allow access to your mailbox?")
-            assert page.url.startswith(f"{oauth_server.url}/authorize?")
-            page.fill("input[name=username]", ANN)
-            page.click("button[value=allow]")
-            expect(page).to_have_url(public + "/dashboard/mailbox")
-            expect(page.locator(".flash")).to_contain_text(f"Connected {ANN} to test")
-            row = page.locator(f'tr[data-connection="{ANN}"]')
-            expect(row.locator("[data-state]")).to_have_text("ok")
+            row = connect_mailbox(page, public, anns_mailbox.oauth_server.url, ANN)
             expect(row.locator("select[name=sent]")).to_have_value("clean")
 
             # send from the mail program: the copies leave through ann's mailbox
@@ -141,7 +94,7 @@ def test_connect_send_one_clean_copy_then_the_answers_on_the_message_page(
             assert len(provider.wait_for(3)) == 3, process.stderr
             assert sorted(r for m in provider.messages for r in m.rcpt_tos) == sorted(RECIPIENTS)
             assert set(provider.auth_attempts) == {("XOAUTH2", ANN)}
-            assert upstream.messages == []
+            assert anns_mailbox.upstream.messages == []
 
             # Sent: exactly one copy, the bytes msmtp sent (no pixel, the links, everyone)
             def one_clean_copy() -> bool:
@@ -186,7 +139,3 @@ def test_connect_send_one_clean_copy_then_the_answers_on_the_message_page(
         assert len(inbox) == 2
         assert all(b"\\Seen" not in flags for _, flags in inbox)
         assert process.stop() == 0, process.stderr
-    finally:
-        if process.process is not None and process.process.poll() is None:
-            process.stop(signal.SIGKILL)
-        provider.stop()

@@ -10,8 +10,6 @@ read. On SQLite and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
-import json
-import signal
 from pathlib import Path
 
 import aiosmtplib
@@ -28,12 +26,10 @@ from tests.support.imapkit import (
     PASSWORD,
     RECIPIENTS,
     REPLY,
+    AnnsMailbox,
     connect_ann,
     imap_provider,
 )
-from tests.support.oauth_server import OAuthServer
-from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
-from tests.support.upstream import USER, RecordingUpstream
 
 
 async def _send(port: int) -> None:
@@ -53,57 +49,44 @@ def _answers(api: httpx.Client) -> list[tuple[str, int]] | None:
 
 
 def test_one_pristine_copy_in_sent_and_the_answers_from_the_inbox(
-    tmp_path: Path,
-    database_url: str,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
-    dovecot: Dovecot,
+    tmp_path: Path, database_url: str, anns_mailbox: AnnsMailbox, dovecot: Dovecot
 ) -> None:
-    provider = RecordingUpstream(*tls_pair, oauth=oauth_server, files_into=dovecot).start()
-    process = ServeProcess(tmp_path, database_url)
-    providers = imap_provider(oauth_server, dovecot, provider.url)
-    process.env.update(
-        TRACKRELAY_UPSTREAM=upstream.url,
-        TRACKRELAY_UPSTREAM_VERIFY_TLS="false",
-        TRACKRELAY_UPSTREAM_USER=USER,
-        TRACKRELAY_UPSTREAM_PASSWORD=UPSTREAM_PASSWORD,
-        TRACKRELAY_AUTH_MODE="local",
-        TRACKRELAY_TLS_CERT=str(upstream.cert),
-        TRACKRELAY_TLS_KEY=str(upstream.key),
-        TRACKRELAY_OAUTH=json.dumps(providers),
-        TRACKRELAY_IMAP_SENT_WINDOW="3",
-        TRACKRELAY_IMAP_SENT_INTERVAL="0.2",
-        TRACKRELAY_IMAP_POLL_INTERVAL="0.5",
-    )
     engine: Engine = db.make_engine(database_url)
     try:
-        settings = load_settings(
-            database_url=database_url, secret_key=SECRET, oauth=providers, var_dir=tmp_path / "v"
-        )
-        connect_ann(engine, settings, oauth_server)
-        token, _ = apitokens.create_token(engine, "ann", "e2e")
-        process.start()
-        asyncio.run(_send(process.smtp_port))
-        assert len(provider.messages) == 3  # per-recipient tracked copies, filed in Sent
+        with (
+            anns_mailbox.provider("every") as provider,
+            ServeProcess(tmp_path, database_url) as process,
+        ):
+            process.env.update(anns_mailbox.serve_env(provider, sent_window="3"))
+            providers = imap_provider(anns_mailbox.oauth_server, dovecot, provider.url)
+            settings = load_settings(
+                database_url=database_url,
+                secret_key=SECRET,
+                oauth=providers,
+                var_dir=tmp_path / "v",
+            )
+            connect_ann(engine, settings, anns_mailbox.oauth_server)
+            token, _ = apitokens.create_token(engine, "ann", "e2e")
+            process.start()
+            asyncio.run(_send(process.smtp_port))
+            assert len(provider.messages) == 3  # per-recipient tracked copies, filed in Sent
 
-        def pristine() -> bool:
-            sent = dovecot.messages(SENT)
-            return len(sent) == 1 and sent[0][0] == MESSAGE
+            def pristine() -> bool:
+                sent = dovecot.messages(SENT)
+                return len(sent) == 1 and sent[0][0] == MESSAGE
 
-        assert wait_for(pristine, 20), (dovecot.messages(SENT), process.stderr)
-        dovecot.append("INBOX", REPLY)
-        dovecot.append("INBOX", BOUNCE)
-        api = httpx.Client(
-            base_url=process.public_url, headers={"Authorization": f"Bearer {token}"}, timeout=10
-        )
-        with api:
-            found = wait_for(lambda: _answers(api), 20)
-        assert found == [("bounce", 2), ("reply", 1)], process.stderr
-        assert all(b"\\Seen" not in flags for _, flags in dovecot.messages("INBOX"))
-        assert process.stop() == 0
+            assert wait_for(pristine, 20), (dovecot.messages(SENT), process.stderr)
+            dovecot.append("INBOX", REPLY)
+            dovecot.append("INBOX", BOUNCE)
+            api = httpx.Client(
+                base_url=process.public_url,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+            with api:
+                found = wait_for(lambda: _answers(api), 20)
+            assert found == [("bounce", 2), ("reply", 1)], process.stderr
+            assert all(b"\\Seen" not in flags for _, flags in dovecot.messages("INBOX"))
+            assert process.stop() == 0
     finally:
-        if process.process is not None and process.process.poll() is None:
-            process.stop(signal.SIGKILL)
-        provider.stop()
         engine.dispose()

@@ -34,6 +34,7 @@ from tests.support.relaykit import (
     client,
     relay_settings,
     running_relay,
+    signed_in,
 )
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
@@ -49,9 +50,7 @@ def test_local_mode_cannot_send_as_another_users_address(
 
     async def scenario() -> list[int]:
         codes = []
-        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain("carol", "carol-password")
+        async with signed_in(settings, db_engine, user="carol", password="carol-password") as smtp:
             for sender in ("dave@example.com", "x@dave.example", "DAVE@example.com"):
                 with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
                     await smtp.mail(sender)

@@ -123,13 +123,19 @@ class ServeProcess:
         self.process.stdout.close()
         return code
 
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """A process the test did not stop (it failed first) is killed."""
+        if self.process is not None and self.process.poll() is None:
+            self.stop(signal.SIGKILL)
+
 
 @pytest.fixture
 def serve(tmp_path: Path, database_url: str) -> Iterator[ServeProcess]:
-    process = ServeProcess(tmp_path, database_url)
-    yield process
-    if process.process is not None and process.process.poll() is None:
-        process.stop(signal.SIGKILL)
+    with ServeProcess(tmp_path, database_url) as process:
+        yield process
 
 
 def html_of(data: bytes) -> str:

@@ -8,11 +8,12 @@ migration or a backup would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -330,14 +331,20 @@ def _hits(client: httpx.Client, signer: Signer, message_id: int, count: int) -> 
         assert client.get(f"/o/{signer.open_token(message_id, i)}").status_code == 200
 
 
+@contextlib.contextmanager
+def _served(settings: Settings, engine: Engine) -> Iterator[tuple[httpx.Client, Any]]:
+    """The receiver under uvicorn, a client of it, and its event writer."""
+    app = create_app(settings, engine)
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+        yield client, app.state.event_writer
+
+
 def test_a_killed_writer_process_is_replaced_and_loses_nothing(
     make_settings: Callable[..., Settings], engine: Engine, database_url: str
 ) -> None:
     settings = make_settings(database_url=database_url, event_flush_interval=0.02)
     signer = Signer(settings.signing_keys())
-    app = create_app(settings, engine)
-    writer = app.state.event_writer
-    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+    with _served(settings, engine) as (client, writer):
         _hits(client, signer, 11, 100)
         first = writer.writer_pid
         assert first is not None
@@ -355,9 +362,7 @@ def test_what_the_writer_never_took_is_journaled_at_stop(
 ) -> None:
     settings = make_settings(database_url=database_url, event_flush_interval=0.02)
     signer = Signer(settings.signing_keys())
-    app = create_app(settings, engine)
-    writer = app.state.event_writer
-    with ServerThread(app) as server, httpx.Client(base_url=server.url) as client:
+    with _served(settings, engine) as (client, writer):
         pid = writer.writer_pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)

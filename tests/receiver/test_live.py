@@ -22,12 +22,11 @@ from tests.support.dashboardkit import (
     M_OPENED,
     M_XSS,
     PASSWORD,
-    ServerThread,
     add_open,
     csrf_from,
     seed,
 )
-from tests.support.receiverkit import start_receiver
+from tests.support.receiverkit import ServerThread, start_receiver
 
 
 def marked(engine: Engine, *events: dict[str, Any]) -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ from receiver.app import create_app
 from receiver.sessions import COOKIE_NAME
 from shared.config import Settings
 from shared.users import add_user, remove_user, update_user, user_by_id
-from tests.support.dashboardkit import PASSWORD, D, ServerThread, csrf_from, seed
+from tests.support.dashboardkit import D, csrf_from, login, seed
+from tests.support.receiverkit import ServerThread
 
 
 @pytest.fixture
@@ -43,11 +44,7 @@ def sign_in() -> Iterator[SignIn]:
 
 def _signed_in(server: ServerThread, username: str) -> httpx.Client:
     browser = httpx.Client(base_url=server.url)
-    form = csrf_from(browser.get(f"{D}/login").text)
-    reply = browser.post(
-        f"{D}/login", data={"username": username, "password": PASSWORD, "csrf_token": form}
-    )
-    assert reply.status_code == 303, reply.text
+    login(browser, username)
     return browser
 
 

@@ -27,7 +27,7 @@ from shared.config import Settings
 from shared.models import Message, Recipient
 from shared.tokens import Signer
 from tests.support.injection_checks import check_relayed, without_header
-from tests.support.relaykit import MESSAGE, client, relay_settings, running_relay, send
+from tests.support.relaykit import MESSAGE, client, relay_one, relay_settings, running_relay
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 PUBLIC_URL = "https://t.example.net"
@@ -51,11 +51,7 @@ def test_opt_in_tracks_only_consenting_recipients(
     settings = relay_settings(make_settings, upstream, public_url=PUBLIC_URL)
     data = MESSAGE.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
-    async def scenario() -> None:
-        async with running_relay(settings, engine) as relay:
-            await send(relay, data, recipients=(ANA, BEN, CY))
-
-    asyncio.run(scenario())
+    relay_one(settings, engine, data, recipients=(ANA, BEN, CY))
     copies = {tuple(m.rcpt_tos): m.data for m in upstream.messages}
     tracked = [r for r in (ANA, BEN, CY) if r not in untracked]
     assert sorted(copies) == sorted([(r,) for r in tracked] + [tuple(untracked)])
@@ -119,11 +115,7 @@ def test_opt_in_without_any_consent_sends_the_message_untracked(
     settings = relay_settings(make_settings, upstream, public_url=PUBLIC_URL)
     data = MESSAGE.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
-    async def scenario() -> None:
-        async with running_relay(settings, engine) as relay:
-            await send(relay, data, recipients=(ANA, CY))
-
-    asyncio.run(scenario())
+    relay_one(settings, engine, data, recipients=(ANA, CY))
     [got] = upstream.messages
     assert (got.rcpt_tos, got.data) == ([ANA, CY], without_header(data, "X-Track"))
     with Session(engine) as session:
@@ -148,11 +140,7 @@ def test_stop_tracking_me_on_the_public_page_reaches_the_relay(
         assert done.status_code == 200
     data = MESSAGE.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
-    async def scenario() -> None:
-        async with running_relay(settings, engine) as relay:
-            await send(relay, data, recipients=(ANA, BEN))
-
-    asyncio.run(scenario())
+    relay_one(settings, engine, data, recipients=(ANA, BEN))
     copies = {tuple(m.rcpt_tos): m.data for m in upstream.messages}
     assert copies[(BEN,)] == without_header(data, "X-Track")
     relayed = check_relayed(data, copies[(ANA,)], PUBLIC_URL, Signer(settings.signing_keys()))

@@ -26,7 +26,7 @@ from sqlmodel import select
 from relay import stamp
 from relay.server import RelayServer
 from shared import policies
-from shared.config import SettingsError, load_settings
+from shared.config import Settings, SettingsError, load_settings
 from shared.db import session_scope
 from shared.models import Message
 from tests.support.pki import Authority, Pair
@@ -105,6 +105,25 @@ async def hand_over(
         return reply
 
 
+def handed_over(
+    settings: Settings,
+    engine: Engine,
+    ca: Authority,
+    message: bytes = HTML,
+    recipients: tuple[str, ...] = ("bob@fabrikam.example",),
+    dns: tuple[str, ...] = (TENANT_NAME,),
+) -> str:
+    """The tenant's connector, with its certificate (names DNS), hands MESSAGE over to
+    a gateway started for it; the reply."""
+    certificate = ca.issue(TENANT_NAME, dns=dns)
+
+    async def scenario() -> str:
+        async with running_relay(settings, engine) as relay:
+            return await hand_over(relay, certificate, message, recipients=recipients)
+
+    return asyncio.run(scenario())
+
+
 def stamp_of(data: bytes) -> tuple[str, bytes]:
     """The stamp value on the first line, and the bytes after it."""
     first, _, rest = data.partition(b"\r\n")
@@ -127,13 +146,7 @@ def test_tenant_mail_is_tracked_per_policy_and_returns_stamped(
 ) -> None:
     policies.set_policy(db_engine, "@contoso.example", mode="always")
     settings = gateway_settings(make_settings, upstream, tenant, ca)
-    certificate = ca.issue(TENANT_NAME, dns=(TENANT_NAME, f"*.{TENANT_NAME}"))
-
-    async def scenario() -> str:
-        async with running_relay(settings, db_engine) as relay:
-            return await hand_over(relay, certificate)
-
-    reply = asyncio.run(scenario())
+    reply = handed_over(settings, db_engine, ca, dns=(TENANT_NAME, f"*.{TENANT_NAME}"))
     assert reply.startswith("2.0.0 Ok: queued")  # the tenant's own reply
     assert upstream.messages == []  # the gateway returns to the tenant, not the upstream
     [returned] = tenant.messages
@@ -159,13 +172,7 @@ def test_the_return_path_is_shown_the_relays_certificate(
     """An inbound connector identifies the gateway by its certificate (TlsSenderCertificateName)."""
     settings = gateway_settings(make_settings, upstream, tenant, ca)
     tenant.ask_for_certificates(settings.tls_cert)  # the relay's own (self-signed) certificate
-    certificate = ca.issue(TENANT_NAME, dns=(TENANT_NAME,))
-
-    async def scenario() -> None:
-        async with running_relay(settings, db_engine) as relay:
-            await hand_over(relay, certificate)
-
-    asyncio.run(scenario())
+    handed_over(settings, db_engine, ca)
     [returned] = tenant.messages
     assert returned.peercert is not None
     assert ("commonName", "127.0.0.1") in [n for rdn in returned.peercert["subject"] for n in rdn]
@@ -180,14 +187,8 @@ def test_per_recipient_copies_return_as_separate_stamped_transactions(
 ) -> None:
     policies.set_policy(db_engine, "@contoso.example", mode="always", per_recipient=True)
     settings = gateway_settings(make_settings, upstream, tenant, ca)
-    certificate = ca.issue(TENANT_NAME, dns=(TENANT_NAME,))
     both = ("bob@fabrikam.example", "carol@fabrikam.example")
-
-    async def scenario() -> None:
-        async with running_relay(settings, db_engine) as relay:
-            await hand_over(relay, certificate, recipients=both)
-
-    asyncio.run(scenario())
+    handed_over(settings, db_engine, ca, recipients=both)
     assert sorted(m.rcpt_tos[0] for m in tenant.messages) == sorted(both)
     assert all(len(m.rcpt_tos) == 1 for m in tenant.messages)
     signer = stamp.Stamp([SECRET.encode()])
@@ -207,13 +208,7 @@ def test_untracked_mail_returns_byte_identical_but_for_the_stamp(
     db_engine: Engine,
 ) -> None:
     settings = gateway_settings(make_settings, upstream, tenant, ca)  # mode header: no header
-    certificate = ca.issue(TENANT_NAME, dns=(TENANT_NAME,))
-
-    async def scenario() -> None:
-        async with running_relay(settings, db_engine) as relay:
-            await hand_over(relay, certificate)
-
-    asyncio.run(scenario())
+    handed_over(settings, db_engine, ca)
     [returned] = tenant.messages
     _, rest = stamp_of(returned.data)
     assert rest == HTML
@@ -254,15 +249,9 @@ def test_an_invalid_stamp_is_removed_and_the_message_handled_normally(
     db_engine: Engine,
 ) -> None:
     settings = gateway_settings(make_settings, upstream, tenant, ca)
-    certificate = ca.issue(TENANT_NAME, dns=(TENANT_NAME,))
     other = stamp.Stamp([b"another deployment's key"]).line("<q3@contoso.example>")
     forged = HTML.replace(b"Subject:", other + b"Subject:")
-
-    async def scenario() -> None:
-        async with running_relay(settings, db_engine) as relay:
-            await hand_over(relay, certificate, forged)
-
-    asyncio.run(scenario())
+    handed_over(settings, db_engine, ca, forged)
     [returned] = tenant.messages
     value, rest = stamp_of(returned.data)
     assert stamp.Stamp([SECRET.encode()]).verify(value, "<q3@contoso.example>")

@@ -25,9 +25,12 @@ from tests.support.relaykit import (
     MakeSettings,
     RawClient,
     client,
+    relay_one,
     relay_settings,
     running_relay,
     send,
+    signed_in,
+    trusted_settings,
 )
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
@@ -45,12 +48,9 @@ def test_passthrough_delivers_byte_identical(
     assert tracked.startswith(b"X-Track: open, click\r\n")
     message = tracked.removeprefix(b"X-Track: open, click\r\n")
 
-    async def scenario() -> str:
-        async with running_relay(relay_settings(make_settings, upstream), db_engine) as relay:
-            reply = await send(relay, message, listener=listener, mechanism=mechanism)
-            return reply.message
-
-    assert asyncio.run(scenario()).startswith("2.0.0 Ok: queued as 1")
+    settings = relay_settings(make_settings, upstream)
+    reply = relay_one(settings, db_engine, message, listener=listener, mechanism=mechanism)
+    assert reply.startswith("2.0.0 Ok: queued as 1")
     [got] = upstream.messages
     assert got.data == message
     assert (got.mail_from, got.rcpt_tos) == (USER, ["bob@example.net"])
@@ -138,12 +138,7 @@ def test_refused_recipient_reaches_the_client_verbatim(
     upstream.refuse["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: Recipient unknown"
 
     async def scenario() -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             return await smtp.sendmail(USER, ["bob@example.net", "nobody@example.net"], SIMPLE)
 
     errors, _ = asyncio.run(scenario())
@@ -181,12 +176,7 @@ def test_upstream_gone_before_data_gives_451_and_nothing_is_lost(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> aiosmtplib.SMTPDataError:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             await smtp.mail(USER)
             await smtp.rcpt("bob@example.net")
             await asyncio.to_thread(upstream.stop)
@@ -213,9 +203,7 @@ def test_upstream_unreachable_local_mode(
     add_user(db_engine, "carol", "carol-password", addresses=["carol@example.com"])
 
     async def scenario() -> int:
-        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain("carol", "carol-password")
+        async with signed_in(settings, db_engine, user="carol", password="carol-password") as smtp:
             with pytest.raises(aiosmtplib.SMTPSenderRefused) as caught:
                 await smtp.sendmail("carol@example.com", ["bob@example.net"], SIMPLE)
             return caught.value.code
@@ -297,7 +285,7 @@ def test_local_mode_may_require_the_from_header_to_be_the_users_too(
 def test_slow_upload_is_not_cut_by_the_idle_timeout(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
-    settings = _trusted(make_settings, upstream, idle_timeout=0.4)
+    settings = trusted_settings(make_settings, upstream, idle_timeout=0.4)
     lines = [b"Subject: slow\r\n", b"\r\n"] + [b"line %d\r\n" % i for i in range(8)]
 
     async def scenario() -> str:
@@ -339,12 +327,7 @@ def test_recipient_limit(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> tuple[int, str]:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             await smtp.mail(USER)
             for i in range(100):
                 await smtp.rcpt(f"r{i}@example.net")
@@ -361,12 +344,7 @@ def test_null_sender_and_client_size_parameter(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> None:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             await smtp.sendmail(
                 "", ["bob@example.net"], SIMPLE, mail_options=["SIZE=123", "BODY=8BITMIME"]
             )
@@ -411,12 +389,7 @@ def test_long_line_gets_500(
     make_settings: MakeSettings, upstream: RecordingUpstream, db_engine: Engine
 ) -> None:
     async def scenario() -> aiosmtplib.SMTPDataError:
-        async with (
-            running_relay(relay_settings(make_settings, upstream), db_engine) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(relay_settings(make_settings, upstream), db_engine) as smtp:
             with pytest.raises(aiosmtplib.SMTPDataError) as caught:
                 await smtp.sendmail(
                     USER, ["bob@example.net"], b"Subject: x\r\n\r\n" + b"a" * 1000 + b"\r\n"
@@ -466,7 +439,7 @@ def test_smuggling_payload_is_one_message(
     )
 
     async def scenario() -> str:
-        async with running_relay(_trusted(make_settings, upstream), db_engine) as relay:
+        async with running_relay(trusted_settings(make_settings, upstream), db_engine) as relay:
             raw = await RawClient.connect(relay.ports["plain"])
             await raw.command(b"EHLO app.test")
             await raw.command(b"MAIL FROM:<app@example.com>")
@@ -501,12 +474,9 @@ def test_per_recipient_copies_and_mixed_outcomes(
     recipients = ["a@example.net", "b@example.net", "c@example.net"]
 
     async def scenario() -> str:
-        async with (
-            running_relay(settings, db_engine, tracker=PerRecipient(settings, db_engine)) as relay,
-            client(relay) as smtp,
-        ):
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(
+            settings, db_engine, tracker=PerRecipient(settings, db_engine)
+        ) as smtp:
             await smtp.mail(USER)
             for rcpt in recipients:
                 await smtp.rcpt(rcpt)
@@ -542,11 +512,7 @@ def test_an_injection_failure_forwards_the_original_minus_the_trigger_headers(
     data = SIMPLE.replace(b"Subject: hello\r\n", b"Subject: hello\r\n" + triggers)
     assert data != SIMPLE
 
-    async def scenario() -> str:
-        async with running_relay(settings, db_engine, tracker=tracker) as relay:
-            return (await send(relay, data)).message
-
-    assert asyncio.run(scenario()).startswith("2.0.0 Ok")
+    assert relay_one(settings, db_engine, data, tracker=tracker).startswith("2.0.0 Ok")
     [got] = upstream.messages
     assert got.data == SIMPLE
     counted = tracker.metrics
@@ -581,7 +547,7 @@ def test_a_client_gone_while_its_message_is_prepared_gets_nothing_sent(
     upstream connection is closed with the session, nothing is delivered (the
     client got no 250 and sends the message again), and it is one warning, not
     a crash of the handler."""
-    settings = _trusted(make_settings, upstream)
+    settings = trusted_settings(make_settings, upstream)
 
     async def scenario() -> None:
         tracker = SlowTracker(settings, db_engine)
@@ -605,21 +571,6 @@ def test_a_client_gone_while_its_message_is_prepared_gets_nothing_sent(
     assert "the client left before it was sent" in caplog.text
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
-
-
-def _trusted(
-    make_settings: MakeSettings, upstream: RecordingUpstream, **overrides: object
-) -> Settings:
-    """A plain listener for 127.0.0.1, the relay logging in with its own account."""
-    return relay_settings(
-        make_settings,
-        upstream,
-        plain_port=0,
-        trusted_networks="127.0.0.1/32",
-        upstream_user=USER,
-        upstream_password=PASSWORD,
-        **overrides,
-    )
 
 
 def _insecure() -> ssl.SSLContext:
@@ -734,11 +685,7 @@ def test_a_30_mb_tracked_message_arrives_byte_for_byte(
 
     tracker = Capturing(settings, db_engine)
 
-    async def scenario() -> str:
-        async with running_relay(settings, db_engine, tracker=tracker) as relay:
-            return (await send(relay, big)).message
-
-    assert asyncio.run(scenario()).startswith("2.0.0 Ok")
+    assert relay_one(settings, db_engine, big, tracker=tracker).startswith("2.0.0 Ok")
     [got] = upstream.messages
     # Expected: the small message with the same HTML part, as the tracker renders it
     # for this message id, with its one-line attachment body replaced by the big one.
@@ -758,7 +705,7 @@ def test_an_address_the_parser_chokes_on_is_a_syntax_error(
     """``MAIL FROM:"`` crashes the stdlib address parser: a 553 5.1.3, the session goes on."""
 
     async def scenario() -> list[str]:
-        async with running_relay(_trusted(make_settings, upstream), db_engine) as relay:
+        async with running_relay(trusted_settings(make_settings, upstream), db_engine) as relay:
             raw = await RawClient.connect(relay.ports["plain"])
             await raw.command(b"EHLO app.test")
             replies = [
@@ -784,9 +731,7 @@ def test_recipients_past_the_limit_leave_the_accepted_ones_their_data(
     recipients = [f"r{i}@example.net" for i in range(2000)]
 
     async def scenario() -> tuple[dict[str, tuple[int, str]], str]:
-        async with running_relay(settings, db_engine) as relay, client(relay) as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(settings, db_engine) as smtp:
             refused, reply = await smtp.sendmail(USER, recipients, SIMPLE)
             return {k: (v.code, v.message) for k, v in refused.items()}, reply
 
@@ -807,7 +752,7 @@ def test_a_nul_or_invalid_utf8_in_an_address_is_a_plain_refusal(
     in words, no Python exception quoted to the client, no traceback in the log."""
 
     async def scenario() -> list[str]:
-        async with running_relay(_trusted(make_settings, upstream), db_engine) as relay:
+        async with running_relay(trusted_settings(make_settings, upstream), db_engine) as relay:
             raw = await RawClient.connect(relay.ports["plain"])
             await raw.command(b"EHLO app.test")
             replies = [

@@ -24,7 +24,13 @@ from shared import consent, policies
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Message
-from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay
+from tests.support.relaykit import (
+    MakeSettings,
+    client,
+    running_relay,
+    signed_in,
+    trusted_settings,
+)
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 HTML = (
@@ -48,13 +54,9 @@ def back(tls_pair: tuple[Path, Path]) -> Iterator[RecordingUpstream]:
 def every_listener(
     make_settings: MakeSettings, upstream: RecordingUpstream, back: RecordingUpstream, **more: Any
 ) -> Settings:
-    return relay_settings(
+    return trusted_settings(
         make_settings,
         upstream,
-        plain_port=0,
-        trusted_networks="127.0.0.1/32",
-        upstream_user=USER,
-        upstream_password=PASSWORD,
         gateway_port=0,
         gateway_networks="127.0.0.1/32",
         gateway_domains="example.com",
@@ -213,9 +215,7 @@ def test_an_unknown_command_is_refused_with_the_list_of_commands(
     settings = every_listener(make_settings, upstream, back)
 
     async def scenario() -> None:
-        async with running_relay(settings, db_engine) as relay, client(relay, "smtp") as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(settings, db_engine) as smtp:
             await smtp.mail(USER)
             await smtp.rcpt("trackme@trackrelay.invalid")
 
@@ -235,9 +235,7 @@ def test_a_command_with_nothing_else_leaves_no_recipient_for_data(
     settings = every_listener(make_settings, upstream, back)
 
     async def scenario() -> str:
-        async with running_relay(settings, db_engine) as relay, client(relay, "smtp") as smtp:
-            await smtp.ehlo()
-            await smtp.auth_plain(USER, PASSWORD)
+        async with signed_in(settings, db_engine) as smtp:
             await smtp.mail(USER)
             await smtp.rcpt(TRACK)
             data = await smtp.execute_command(b"DATA")

@@ -24,7 +24,6 @@ from sqlmodel import Session, select
 
 from receiver.readmodel.events import events_after
 from relay import inboxwatch
-from shared.config import Settings
 from shared.identity import Viewer
 from shared.mailbox import connect_password
 from shared.models import MailboxConnection, Message, User
@@ -35,10 +34,10 @@ from tests.support.imapkit import (
     MESSAGE,
     RECIPIENTS,
     REPLY,
+    AnnsMailbox,
     ann_sends,
     connect_ann,
     imap_provider,
-    settings_for,
 )
 from tests.support.imapkit import PASSWORD as RELAY_PASSWORD
 from tests.support.oauth_server import OAuthServer
@@ -85,29 +84,21 @@ async def watched(engine: Engine, timeout: float = 20.0) -> None:
 
 
 def test_a_reply_and_a_bounce_become_events_and_stay_unseen(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     engine: Engine,
 ) -> None:
-    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
-    try:
-        settings: Settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        connect_ann(engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, engine, MESSAGE)).startswith("2.0.0")
+    with anns_mailbox.sent(engine) as sent:
+        assert sent.reply.startswith("2.0.0")
 
         async def scenario() -> list[tuple[str, str]]:
-            async with running_relay(settings, engine):
+            async with running_relay(sent.settings, engine):
                 await watched(engine)
                 await asyncio.to_thread(dovecot.append, "INBOX", REPLY)
                 await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
                 return await wait_for(engine, 2)
 
         found = asyncio.run(scenario())
-    finally:
-        provider.stop()
     assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]
     inbox = dovecot.messages("INBOX")
     assert [data for data, _ in inbox] == [REPLY, BOUNCE]
@@ -156,21 +147,15 @@ def test_an_app_password_connections_inbox_is_watched_over_login(
 
 
 def test_the_watcher_reconnects_and_goes_on_from_the_stored_uid(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
 ) -> None:
-    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        connect_ann(db_engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+    with anns_mailbox.sent(db_engine) as sent:
+        assert sent.reply.startswith("2.0.0")
 
         async def scenario() -> list[tuple[str, str]]:
-            async with running_relay(settings, db_engine):
+            async with running_relay(sent.settings, db_engine):
                 await watched(db_engine)
                 await asyncio.to_thread(dovecot.append, "INBOX", REPLY)
                 assert await wait_for(db_engine, 1) == [("reply", RECIPIENTS[0])]
@@ -180,18 +165,13 @@ def test_the_watcher_reconnects_and_goes_on_from_the_stored_uid(
                 return await wait_for(db_engine, 2)
 
         found = asyncio.run(scenario())
-    finally:
-        provider.stop()
     assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]  # the reply once
     with Session(db_engine) as session:
         assert session.exec(select(MailboxConnection)).one().inbox_last_uid == 2
 
 
 def test_a_server_without_idle_is_polled(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
 ) -> None:
@@ -200,33 +180,24 @@ def test_a_server_without_idle_is_polled(
     dovecot.start()
     with dovecot.client() as imap:
         assert b"IDLE" not in imap.capabilities()
-    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        settings = settings.model_copy(update={"imap_poll_interval": 0.2})
-        connect_ann(db_engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+    with anns_mailbox.sent(db_engine, imap_poll_interval=0.2) as sent:
+        assert sent.reply.startswith("2.0.0")
 
         async def scenario() -> list[tuple[str, str]]:
-            async with running_relay(settings, db_engine) as relay:
+            async with running_relay(sent.settings, db_engine) as relay:
                 await watched(db_engine)
                 assert any("over IMAP from 1 connected" in line for line in relay.describe())
                 await asyncio.to_thread(dovecot.append, "INBOX", BOUNCE)
                 return await wait_for(db_engine, 1)
 
         found = asyncio.run(scenario())
-    finally:
-        provider.stop()
     assert found == [("bounce", RECIPIENTS[1])]
     assert all(b"\\Seen" not in flags for _, flags in dovecot.messages("INBOX"))
 
 
 @pytest.mark.parametrize("expunge", [False, True], ids=["one-more", "one-gone-one-come"])
 def test_a_message_announced_before_idle_is_read_at_once(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
     monkeypatch: pytest.MonkeyPatch,
@@ -253,24 +224,16 @@ def test_a_message_announced_before_idle_is_read_at_once(
             client.noop()  # the server announces it now, before the watcher's IDLE
         return last
 
-    provider = RecordingUpstream(*tls_pair, oauth=oauth_server).start()
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        settings = settings.model_copy(
-            update={"imap_poll_interval": 3600.0, "imap_idle_timeout": 3600.0}
-        )
-        connect_ann(db_engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+    with anns_mailbox.sent(db_engine, imap_poll_interval=3600.0, imap_idle_timeout=3600.0) as sent:
+        assert sent.reply.startswith("2.0.0")
         dovecot.append("INBOX", BOUNCE)
         monkeypatch.setattr(inboxwatch._Watch, "read", read_then_a_reply)
 
         async def scenario() -> list[tuple[str, str]]:
-            async with running_relay(settings, db_engine):
+            async with running_relay(sent.settings, db_engine):
                 return await wait_for(db_engine, 2)
 
         found = asyncio.run(scenario())
-    finally:
-        provider.stop()
     assert arrived.is_set()
     assert found == [("bounce", RECIPIENTS[1]), ("reply", RECIPIENTS[0])]
     left = [data for data, _ in dovecot.messages("INBOX")]

@@ -40,9 +40,13 @@ from tests.support.receiverkit import ServerThread, wait_for
 from tests.support.relaykit import (
     SIMPLE,
     client,
+    record_one,
+    relay_one,
     relay_settings,
+    running_recorder,
     running_relay,
     send,
+    signed_in,
     sqlite_engine,
 )
 from tests.support.seedrows import write_events
@@ -50,9 +54,7 @@ from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 
 async def send_three(settings: Settings, engine: Engine) -> str:
-    async with running_relay(settings, engine) as relay, client(relay) as smtp:
-        await smtp.ehlo()
-        await smtp.auth_plain(USER, PASSWORD)
+    async with signed_in(settings, engine) as smtp:
         _, reply = await smtp.sendmail(
             USER, ["a@example.net", "gone@example.net", "b@example.net"], SIMPLE
         )
@@ -109,11 +111,7 @@ def test_recipient_positions_match_the_tokens_when_one_is_untracked(
     settings = relay_settings(make_settings, upstream, public_url="https://t.example.net")
     add_suppression(engine, "a@example.net")
 
-    async def scenario() -> None:
-        async with running_relay(settings, engine) as relay:
-            await send(relay, TRACKED, recipients=("a@example.net", "b@example.net"))
-
-    asyncio.run(scenario())
+    relay_one(settings, engine, TRACKED, recipients=("a@example.net", "b@example.net"))
     copies = {tuple(m.rcpt_tos): m.data for m in upstream.messages}
     untracked = TRACKED.replace(b"X-Track: all\r\n", b"")
     assert without_added_id(untracked, copies[("a@example.net",)]) == untracked
@@ -323,11 +321,8 @@ def test_a_refused_record_is_set_aside_and_the_rest_of_its_batch_stored(
     good, bad, other = _prepared([1, 2]), _prepared([1, 1]), _prepared([])  # bad: a link twice
 
     async def scenario() -> None:
-        await recorder.start()
-        try:  # queued together: one batch
+        async with running_recorder(recorder):  # queued together: one batch
             await asyncio.gather(*(recorder.record(*item) for item in (good, bad, other)))
-        finally:
-            await recorder.stop()
 
     with caplog.at_level(logging.WARNING, logger="relay.record"):
         asyncio.run(scenario())
@@ -397,11 +392,8 @@ def test_a_replay_stores_each_record_once_and_sets_aside_what_cannot_be_read(
         lines = "".join(json.dumps(r) + "\n" for r in records)
         (journal / "relay-999999-1-dead.jsonl").write_text(lines)
         recorder = Recorder(settings, engine)
-        await recorder.start()
-        try:
+        async with running_recorder(recorder):
             await asyncio.to_thread(wait_for, lambda: not list(journal.glob("relay-*")), 20)
-        finally:
-            await recorder.stop()
         return recorder
 
     recorder = asyncio.run(scenario())
@@ -428,11 +420,7 @@ def test_nul_and_control_characters_in_headers_are_stored_sanitised(
     What is stored is sanitised (shared/storable.py); what is relayed is not touched."""
     settings = relay_settings(make_settings, upstream)
 
-    async def run() -> None:
-        async with running_relay(settings, engine) as relay:
-            await send(relay, CONTROLS, recipients=("bob@example.net",))
-
-    asyncio.run(run())
+    relay_one(settings, engine, CONTROLS, recipients=("bob@example.net",))
     assert b"raw \x00 and \x1b[31m" in upstream.messages[-1].data  # relayed byte for byte
     add_user(engine, "root", "password123", "admin")
     key, _ = apitokens.create_token(engine, "root", "test")
@@ -521,14 +509,7 @@ def test_a_hit_written_while_its_record_commits_is_in_the_state(
     prepared, delivery = _prepared([])
     prepared.message.track_opens = True
 
-    async def scenario() -> None:
-        await recorder.start()
-        try:
-            await recorder.record(prepared, delivery)
-        finally:
-            await recorder.stop()
-
-    asyncio.run(scenario())
+    record_one(recorder, prepared, delivery)
     for writer in store.writers:
         writer.join()
     assert store.failures == []
@@ -558,15 +539,8 @@ def test_a_record_goes_on_while_events_is_vacuumed_or_indexed(
     failures: list[BaseException] = []
 
     def record() -> None:
-        async def scenario() -> None:
-            await recorder.start()
-            try:
-                await recorder.record(prepared, delivery)
-            finally:
-                await recorder.stop()
-
         try:
-            asyncio.run(scenario())
+            record_one(recorder, prepared, delivery)
         except BaseException as exc:
             failures.append(exc)
 

@@ -28,7 +28,11 @@ from shared.tokens import Signer
 from shared.users import add_user
 from tests.support.dovecot import ANN, APP_PASSWORD, SENT, USER, Dovecot
 from tests.support.dovecot import PASSWORD as DOVECOT_PASSWORD
-from tests.support.imapkit import MESSAGE, ann_sends, connect_ann, provider_for, settings_for
+from tests.support.imapkit import (
+    MESSAGE,
+    AnnsMailbox,
+    ann_sends,
+)
 from tests.support.imapkit import PASSWORD as RELAY_PASSWORD
 from tests.support.oauth_server import OAuthServer
 from tests.support.relaykit import MakeSettings, relay_settings
@@ -68,75 +72,48 @@ def assert_one_pristine_copy(settings: Settings, dovecot: Dovecot) -> None:
 
 @pytest.mark.parametrize("files", ["every", "first"], ids=["microsoft365", "gmail"])
 def test_one_pristine_copy_is_left(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     engine: Engine,
     files: str,
 ) -> None:
-    provider = provider_for(tls_pair, oauth_server, dovecot, files)
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        connect_ann(engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, engine)).startswith("2.0.0")
-    finally:
-        provider.stop()
-    assert len(provider.messages) == 3  # one tracked copy per recipient
-    assert all(tracked(settings, m.data) for m in provider.messages)
-    assert_one_pristine_copy(settings, dovecot)
+    with anns_mailbox.sent(engine, files) as sent:
+        assert sent.reply.startswith("2.0.0")
+    assert len(sent.provider.messages) == 3  # one tracked copy per recipient
+    assert all(tracked(sent.settings, m.data) for m in sent.provider.messages)
+    assert_one_pristine_copy(sent.settings, dovecot)
 
 
 def test_the_clients_own_copy_is_kept_and_none_added(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
 ) -> None:
     # Thunderbird saves its own copy over IMAP (before the relay looks, here)
     dovecot.append(SENT, MESSAGE, flags=(b"\\Seen",))
-    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        connect_ann(db_engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
-    finally:
-        provider.stop()
+    with anns_mailbox.sent(db_engine, "every") as sent:
+        assert sent.reply.startswith("2.0.0")
     assert len(dovecot.messages(SENT)) == 1
 
 
 def test_a_client_copy_saved_after_the_reply_is_the_one_kept(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
 ) -> None:
     """Thunderbird saves its copy once it has the relay's 250, after the provider filed."""
-    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        connect_ann(db_engine, settings, oauth_server)
 
-        async def thunderbird(reply: str) -> None:
-            assert reply.startswith("2.0.0")
-            await asyncio.to_thread(dovecot.append, SENT, MESSAGE, (b"\\Seen",))
+    async def thunderbird(reply: str) -> None:
+        assert reply.startswith("2.0.0")
+        await asyncio.to_thread(dovecot.append, SENT, MESSAGE, (b"\\Seen",))
 
-        asyncio.run(ann_sends(settings, db_engine, after=thunderbird))
-    finally:
-        provider.stop()
+    with anns_mailbox.sent(db_engine, "every", after=thunderbird):
+        pass  # sent: the provider stops
     assert len(dovecot.messages(SENT)) == 1
 
 
 def test_nothing_else_is_touched(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
 ) -> None:
@@ -146,32 +123,21 @@ def test_nothing_else_is_touched(
     lookalike = MESSAGE.replace(b"the plan</a>", b"the plan</a> " + forged)
     dovecot.append(SENT, other, flags=(b"\\Seen", b"\\Deleted"))
     dovecot.append(SENT, lookalike, flags=(b"\\Seen",))
-    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        connect_ann(db_engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
-    finally:
-        provider.stop()
+    with anns_mailbox.sent(db_engine, "every") as sent:
+        assert sent.reply.startswith("2.0.0")
     left = [data for data, _ in dovecot.messages(SENT)]
     # the lookalike has no token of ours: it counts as the client's copy, none added
     assert left == [other, lookalike]
 
 
-def trash_settings(settings: Settings) -> Settings:
-    """Provider ``test`` with ``sent_delete = "trash"``, as the google preset has it."""
-    test = settings.oauth["test"].model_copy(update={"sent_delete": "trash"})
-    return settings.model_copy(update={"oauth": {"test": test}})
+TRASH = {"sent_delete": "trash"}  # provider ``test`` as the google preset has it
 
 
 @pytest.mark.parametrize(
     ("move", "files"), [(True, "first"), (False, "every")], ids=["move", "copy-expunge"]
 )
 def test_gmail_tracked_copies_are_deleted_through_trash(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
     move: bool,
@@ -191,15 +157,9 @@ def test_gmail_tracked_copies_are_deleted_through_trash(
     other = MESSAGE.replace(b"<plan-1@example.com>", b"<other@example.com>")
     dovecot.append("Bin", other, flags=(b"\\Seen", b"\\Deleted"))
     dovecot.append("Bin", MESSAGE, flags=(b"\\Seen",))  # an earlier copy, thrown away
-    provider = provider_for(tls_pair, oauth_server, dovecot, files)
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        settings = trash_settings(settings)
-        connect_ann(db_engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
-    finally:
-        provider.stop()
-    assert_one_pristine_copy(settings, dovecot)
+    with anns_mailbox.sent(db_engine, files, provider_options=TRASH) as sent:
+        assert sent.reply.startswith("2.0.0")
+    assert_one_pristine_copy(sent.settings, dovecot)
     # the tracked copies went through Trash (Dovecot's mail_log), the pristine one is added
     filed = 1 if files == "first" else 3
     plan = r"expunge: box={}, uid=\d+, msgid=<plan-1@example.com>"
@@ -210,46 +170,29 @@ def test_gmail_tracked_copies_are_deleted_through_trash(
 
 
 def test_trash_without_a_trash_folder_removes_nothing(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A server naming no \\Trash folder: the tracked copy stays where it is (a plain
     expunge would hide it from Sent and leave it in All Mail), and the log says why."""
-    provider = provider_for(tls_pair, oauth_server, dovecot, "first")
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        settings = trash_settings(settings)
-        connect_ann(db_engine, settings, oauth_server)
-        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
-    finally:
-        provider.stop()
-    sent = dovecot.messages(SENT)
-    assert len(sent) == 1
-    assert tracked(settings, sent[0][0])  # the provider's copy, untouched
-    assert b"\\Deleted" not in sent[0][1]
+    with anns_mailbox.sent(db_engine, "first", provider_options=TRASH) as sent:
+        assert sent.reply.startswith("2.0.0")
+    left = dovecot.messages(SENT)
+    assert len(left) == 1
+    assert tracked(sent.settings, left[0][0])  # the provider's copy, untouched
+    assert b"\\Deleted" not in left[0][1]
     assert 'sent_delete = "trash", but the server names no \\Trash folder' in caplog.text
 
 
 def test_sent_leave_keeps_what_the_provider_filed(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
-    oauth_server: OAuthServer,
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
 ) -> None:
-    provider = provider_for(tls_pair, oauth_server, dovecot, "every")
-    try:
-        settings = settings_for(make_settings, upstream, provider, oauth_server, dovecot)
-        connect_ann(db_engine, settings, oauth_server, sent="leave")
-        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
-    finally:
-        provider.stop()
+    with anns_mailbox.sent(db_engine, "every", sent="leave") as sent:
+        assert sent.reply.startswith("2.0.0")
     assert len(dovecot.messages(SENT)) == 3
 
 

@@ -27,6 +27,7 @@ from shared.config import Settings
 from shared.journal import Journal
 from shared.tokens import Signer
 from tests.support.receiverkit import Outage, ServerThread, count_events, wait_for
+from tests.support.relaykit import running_recorder
 
 
 @pytest.fixture
@@ -105,11 +106,8 @@ def test_relay_counts_the_records_it_loses_when_database_and_journal_disk_fail(
     ]
 
     async def scenario() -> None:
-        await recorder.start()
-        try:
+        async with running_recorder(recorder):
             await asyncio.gather(*(recorder.record(*item) for item in items))
-        finally:
-            await recorder.stop()
 
     with caplog.at_level(logging.ERROR, logger="relay.record"):
         asyncio.run(scenario())

@@ -16,11 +16,12 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy import Engine, select
 
-from shared import mailnotify, outbox_worker
+from shared import mailnotify
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import OutboxItem, Policy
 from shared.outbox import enqueue_for_events
+from tests.shared.test_webhooks import running_worker, work_once
 from tests.support.seedrows import add_message, event, write_events
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
@@ -74,13 +75,11 @@ def test_first_open_and_first_click_mail_the_sender(
         settings = make_settings(
             upstream=f"smtp://127.0.0.1:{port}", notify_from="trackrelay@example.com"
         )
-        worker = outbox_worker.OutboxWorker(settings, engine)
-        await worker.start()
-        deadline = asyncio.get_running_loop().time() + 10
-        while len(sink.mail) < 2:
-            assert asyncio.get_running_loop().time() < deadline, "no notification arrived"
-            await asyncio.sleep(0.02)
-        await worker.stop()
+        async with running_worker(settings, engine):
+            deadline = asyncio.get_running_loop().time() + 10
+            while len(sink.mail) < 2:
+                assert asyncio.get_running_loop().time() < deadline, "no notification arrived"
+                await asyncio.sleep(0.02)
         server.close()
         await server.wait_closed()
 
@@ -104,13 +103,7 @@ def test_without_notify_from_the_row_fails_once_and_says_why(
         session.add(Policy(pattern="*", notify=True))
     queue(engine, [event(add_message(engine))])
 
-    async def run() -> None:
-        worker = outbox_worker.OutboxWorker(make_settings(), engine)
-        await worker.start()
-        await worker.run_once()  # this or the started loop claims it; stop() waits for both
-        await worker.stop()
-
-    asyncio.run(run())
+    work_once(make_settings(), engine)
     with session_scope(engine) as session:
         (row,) = session.exec(select(OutboxItem)).scalars().all()
     assert row.status == "failed"
@@ -125,13 +118,7 @@ def test_dev_mode_writes_the_notification_to_the_maildir_sink(
     queue(engine, [event(add_message(engine))])
     settings = make_settings(upstream=f"maildir:{tmp_path / 'sink'}", notify_from="tr@example.com")
 
-    async def run() -> None:
-        worker = outbox_worker.OutboxWorker(settings, engine)
-        await worker.start()
-        await worker.run_once()
-        await worker.stop()
-
-    asyncio.run(run())
+    work_once(settings, engine)
     files = list((tmp_path / "sink" / "new").iterdir())
     assert len(files) == 1
     assert b"Opened: Quarterly numbers" in files[0].read_bytes()

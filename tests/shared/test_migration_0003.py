@@ -2,38 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from alembic import command
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from shared import consent, db, policies
 
 NOW = "2026-11-30 12:00:00+00:00"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database with no schema yet (the shared PostgreSQL one is already at head)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'm.db'}"
-        return
-    admin_url = os.environ.get("TRACKRELAY_TEST_DATABASE_URL", "")
-    if not admin_url:
-        pytest.skip("TRACKRELAY_TEST_DATABASE_URL is not set")
-    name = f"trackrelay_m3_{secrets.token_hex(6)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def test_unicode_spellings_become_idna_and_duplicates_merge(empty_url: str) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from alembic import command
-from sqlalchemy import inspect, text
+from sqlalchemy import Engine, inspect, text
 
 from shared import db
 
 
-def test_0009_up_cascade_and_down(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+def ann_connected_at_0009(url: str) -> Engine:
+    """The schema at 0009 with user ann and her mailbox connection; its engine."""
     db.upgrade(url, "0009")
     engine = db.make_engine(url)
     with engine.begin() as conn:
@@ -29,6 +29,13 @@ def test_0009_up_cascade_and_down(tmp_path: Path) -> None:
                 " '2026-12-03 12:00:00')"
             )
         )
+    return engine
+
+
+def test_0009_up_cascade_and_down(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    engine = ann_connected_at_0009(url)
+    with engine.begin() as conn:
         conn.execute(text("DELETE FROM users WHERE id = 1"))
         assert conn.execute(text("SELECT count(*) FROM mailbox_connections")).scalar() == 0
     command.downgrade(db.alembic_config(url), "0008")

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from shared import outbox_worker, safehttp, webhooks
+from shared import safehttp, webhooks
 from shared.config import Settings
-from tests.shared.test_webhooks import attempts, fast, queue_events, until
+from tests.shared.test_webhooks import attempts, fast, queue_events, running_worker, until
 from tests.support.seedrows import add_message, event
 
 SECRET_REPLY = "internal-secret \x1b[31m<b>" + "x" * 5000
@@ -76,10 +76,8 @@ def test_public_addresses_pass(address: str) -> None:
 
 def _deliver_once(settings: Settings, engine: Engine) -> None:
     async def run() -> None:
-        worker = outbox_worker.OutboxWorker(settings, engine)
-        await worker.start()
-        await until(lambda: bool(attempts(engine)), "an attempt")
-        await worker.stop()
+        async with running_worker(settings, engine):
+            await until(lambda: bool(attempts(engine)), "an attempt")
 
     asyncio.run(run())
 

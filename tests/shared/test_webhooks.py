@@ -4,9 +4,10 @@ server receiving signed deliveries, retries, restarts and crashes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,29 @@ def fast(make_settings: Callable[..., Settings], **extra: object) -> Settings:
     }
     values.update(extra)
     return make_settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: Settings, engine: Engine, **options: Any
+) -> AsyncIterator[outbox_worker.OutboxWorker]:
+    """The outbox worker started, and stopped on the way out."""
+    worker = outbox_worker.OutboxWorker(settings, engine, **options)
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+
+
+def work_once(settings: Settings, engine: Engine) -> None:
+    """Start the worker, claim once beside its loop (stop() waits for both), stop."""
+
+    async def run() -> None:
+        async with running_worker(settings, engine) as worker:
+            await worker.run_once()
+
+    asyncio.run(run())
 
 
 async def until(condition: Callable[[], bool], what: str, limit: float = 20.0) -> None:
@@ -161,10 +185,8 @@ def test_delivery_retries_after_500_and_is_signed(
         queue_events(engine, [event(message), event(message, kind="click", link=1)])
 
         async def run() -> None:
-            worker = outbox_worker.OutboxWorker(settings, engine)
-            await worker.start()
-            await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
-            await worker.stop()
+            async with running_worker(settings, engine):
+                await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
 
         asyncio.run(run())
         keys = server.keys()
@@ -258,13 +280,7 @@ def test_gives_up_after_the_retry_period(
         webhooks.add_endpoint(engine, server.url)
         queue_events(engine, [event(add_message(engine))])
 
-        async def run() -> None:
-            worker = outbox_worker.OutboxWorker(settings, engine)
-            await worker.start()
-            await worker.run_once()
-            await worker.stop()
-
-        asyncio.run(run())
+        work_once(settings, engine)
     (row,) = rows(engine)
     assert row.status == "failed"
     assert row.last_error.startswith("HTTP 503")
@@ -370,20 +386,18 @@ def test_retry_after_is_honoured_when_longer_than_the_backoff(
         queue_events(engine, [event(add_message(engine))])
 
         async def run() -> None:
-            worker = outbox_worker.OutboxWorker(settings, engine)
-            await worker.start()
-            await until(lambda: len(attempts(engine)) == 1, "the first attempt")
-            (row,) = rows(engine)
-            assert row.status == "pending"
-            assert row.last_error.startswith("HTTP 503")
-            wait = (row.next_attempt_at - attempts(engine)[0].started_at).total_seconds()
-            assert 119 <= wait <= 125  # the endpoint's 120 s, not the 0.05 s backoff
-            with session_scope(engine) as session:  # time passes
-                session.execute(update_due(row.id))
-            await until(lambda: len(attempts(engine)) == 2, "the second attempt")
-            # an unreadable Retry-After is ignored: the backoff applies
-            await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
-            await worker.stop()
+            async with running_worker(settings, engine):
+                await until(lambda: len(attempts(engine)) == 1, "the first attempt")
+                (row,) = rows(engine)
+                assert row.status == "pending"
+                assert row.last_error.startswith("HTTP 503")
+                wait = (row.next_attempt_at - attempts(engine)[0].started_at).total_seconds()
+                assert 119 <= wait <= 125  # the endpoint's 120 s, not the 0.05 s backoff
+                with session_scope(engine) as session:  # time passes
+                    session.execute(update_due(row.id))
+                await until(lambda: len(attempts(engine)) == 2, "the second attempt")
+                # an unreadable Retry-After is ignored: the backoff applies
+                await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
 
         asyncio.run(run())
     assert [a.reply_code for a in attempts(engine)] == [503, 429, 200]
@@ -416,15 +430,15 @@ def test_410_gone_pauses_the_endpoint_and_keeps_its_queue(
         queue_events(engine, [event(message), event(message, kind="click", link=1)])
 
         async def run() -> None:
-            worker = outbox_worker.OutboxWorker(settings, engine, batch_size=1)
-            await worker.start()
-            await until(lambda: not webhooks.get_endpoint(engine, endpoint.id or 0).active, "pause")
-            await asyncio.sleep(0.3)  # a paused endpoint is not called again
-            assert len(server.requests) == 1
-            assert {r.status for r in rows(engine)} == {"pending"}  # nothing given up
-            webhooks.set_active(engine, endpoint.id or 0, True)
-            await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
-            await worker.stop()
+            async with running_worker(settings, engine, batch_size=1):
+                await until(
+                    lambda: not webhooks.get_endpoint(engine, endpoint.id or 0).active, "pause"
+                )
+                await asyncio.sleep(0.3)  # a paused endpoint is not called again
+                assert len(server.requests) == 1
+                assert {r.status for r in rows(engine)} == {"pending"}  # nothing given up
+                webhooks.set_active(engine, endpoint.id or 0, True)
+                await until(lambda: {r.status for r in rows(engine)} == {"delivered"}, "delivery")
 
         asyncio.run(run())
     assert [a.reply_code for a in attempts(engine)] == [410, 200, 200]

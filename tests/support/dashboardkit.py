@@ -1,19 +1,15 @@
-"""Shared by the dashboard tests: a seeded database, sign-in, a real server thread."""
+"""Shared by the dashboard tests: a seeded database, sign-in (also in a browser); the
+real server thread is receiverkit's."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import socket
-import threading
-from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
+import httpx
 from sqlalchemy import Engine
-from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from shared import eventstate
@@ -21,6 +17,9 @@ from shared.db import session_scope
 from shared.models import Event, Link, Message, Recipient, User, UserAddress
 from shared.passwords import hash_password
 from tests.support.seedrows import settle
+
+if TYPE_CHECKING:  # Playwright is imported where a browser test runs, not at collection
+    from playwright.sync_api import Locator, Page
 
 D = "/dashboard"
 PASSWORD = "correct horse battery"
@@ -186,49 +185,8 @@ def csrf_from(html: str) -> str:
     return match.group(1)
 
 
-class ServerThread:
-    """The app under uvicorn on 127.0.0.1, port 0, in a thread with its own loop."""
-
-    def __init__(self, app: Starlette, sock: socket.socket | None = None) -> None:
-        """``sock``: a socket bound beforehand, when the app must know its URL first."""
-        self.sock = sock
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
-            timeout_graceful_shutdown=2,
-        )  # fmt: skip
-        self.server = uvicorn.Server(config)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve([self.sock] if self.sock else None))
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            self.thread.join(0.05)
-        assert self.server.started, "uvicorn did not start"
-        return self
-
-    @property
-    def url(self) -> str:
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run a coroutine on the server's loop (as the event writer would)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(15)
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.loop.close()
-
-
-def login(client: TestClient, username: str, password: str = PASSWORD) -> None:
+def login(client: httpx.Client, username: str, password: str = PASSWORD) -> None:
+    """Sign in through the login form: a TestClient, or an httpx client of a ServerThread."""
     token = csrf_from(client.get(f"{D}/login").text)
     response = client.post(
         f"{D}/login",
@@ -236,6 +194,35 @@ def login(client: TestClient, username: str, password: str = PASSWORD) -> None:
         follow_redirects=False,
     )
     assert response.status_code == 303, response.text
+
+
+def sign_in(page: Page, base: str, username: str = "ada", password: str = PASSWORD) -> None:
+    """In a browser: a signed-out visit lands on the login page; signed in, on Messages."""
+    from playwright.sync_api import expect
+
+    page.goto(base + "/dashboard/")
+    expect(page).to_have_url(re.compile(r"/dashboard/login"))
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Messages")
+
+
+def connect_mailbox(page: Page, base: str, provider_url: str, address: str) -> Locator:
+    """On the Mailbox page: Connect test, allow on the provider's consent page
+    (tests/support/oauth_server.py) as ADDRESS, back with the connection ok; its row."""
+    from playwright.sync_api import expect
+
+    page.click("button:has-text('Connect test')")  # off to the provider
+    expect(page.locator("h1")).to_have_text("Allow access to your mailbox?")
+    assert page.url.startswith(f"{provider_url}/authorize?")
+    page.fill("input[name=username]", address)
+    page.click("button[value=allow]")
+    expect(page).to_have_url(base + "/dashboard/mailbox")  # back, the code exchanged
+    expect(page.locator(".flash")).to_contain_text(f"Connected {address} to test")
+    row = page.locator(f'tr[data-connection="{address}"]')
+    expect(row.locator("[data-state]")).to_have_text("ok")
+    return row
 
 
 def token(client: TestClient, path: str = f"{D}/messages") -> str:

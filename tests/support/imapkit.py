@@ -1,14 +1,22 @@
 """A connected mailbox for IMAP tests: ann's grant from the in-suite OAuth server,
 with the provider's ``imap`` pointing at the suite's Dovecot (tests/support/dovecot.py),
 and ann sending a tracked message to three recipients through the relay; a reply
-and a bounce to it."""
+and a bounce to it.
+
+Fixture (registered through ``pytest_plugins`` in tests/conftest.py): ``anns_mailbox``,
+the real servers behind ann's connection, for a test to connect her and send."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine
 
 from shared import mailbox, oauth
@@ -24,11 +32,15 @@ PASSWORD = "password123"  # ann's relay password
 
 
 def imap_provider(
-    oauth_server: OAuthServer, dovecot: Dovecot, smtp: str = "smtp://127.0.0.1:9"
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+    smtp: str = "smtp://127.0.0.1:9",
+    **options: Any,
 ) -> dict[str, Any]:
-    """The ``oauth`` setting: provider ``test`` with its imap at the suite's Dovecot."""
+    """The ``oauth`` setting: provider ``test`` with its imap at the suite's Dovecot
+    (and OPTIONS, such as ``sent_delete="trash"``)."""
     providers = provider_settings(oauth_server, smtp)
-    providers["test"]["imap"] = dovecot.url
+    providers["test"].update(imap=dovecot.url, **options)
     return providers
 
 
@@ -67,7 +79,17 @@ def settings_for(
     provider: RecordingUpstream,
     oauth_server: OAuthServer,
     dovecot: Dovecot,
+    provider_options: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> Settings:
+    """The relay's settings (local auth), ann's provider ``test`` at PROVIDER and
+    Dovecot; OVERRIDES for the relay's, PROVIDER_OPTIONS for the provider's."""
+    values: dict[str, Any] = {
+        "imap_sent_window": 1.0,
+        "imap_sent_interval": 0.1,
+        "imap_poll_interval": 0.5,
+        **overrides,
+    }
     return relay_settings(
         make_settings,
         upstream,
@@ -75,19 +97,9 @@ def settings_for(
         upstream_user=USER,
         upstream_password=UPSTREAM_PASSWORD,
         public_url="https://t.example.com",
-        oauth=imap_provider(oauth_server, dovecot, provider.url),
-        imap_sent_window=1.0,
-        imap_sent_interval=0.1,
-        imap_poll_interval=0.5,
+        oauth=imap_provider(oauth_server, dovecot, provider.url, **(provider_options or {})),
+        **values,
     )
-
-
-def provider_for(
-    tls_pair: tuple[Path, Path], oauth_server: OAuthServer, dovecot: Dovecot, files: str
-) -> RecordingUpstream:
-    return RecordingUpstream(
-        *tls_pair, oauth=oauth_server, files_into=dovecot, files_sent=files
-    ).start()
 
 
 async def ann_sends(
@@ -107,6 +119,101 @@ async def ann_sends(
         if after is not None:
             await after(reply.message)
         return reply.message  # stop() waits for the Sent folder's cleaning
+
+
+@dataclass
+class Sent:
+    """What ann's sending left: the relay's settings, the provider and the DATA reply."""
+
+    settings: Settings
+    provider: RecordingUpstream
+    reply: str
+
+
+@dataclass
+class AnnsMailbox:
+    """The real servers behind ann's mailbox connection: the relay's upstream, the
+    provider's submission server and OAuth server, her Dovecot."""
+
+    make_settings: MakeSettings
+    upstream: RecordingUpstream
+    tls_pair: tuple[Path, Path]
+    oauth_server: OAuthServer
+    dovecot: Dovecot
+
+    @contextlib.contextmanager
+    def provider(self, files: str | None = None) -> Iterator[RecordingUpstream]:
+        """The provider's submission server (XOAUTH2 only), running for the ``with``
+        block; FILES given, it files what it takes into Dovecot's Sent ("every" copy,
+        as Microsoft 365 does, or the "first" per Message-ID, as Gmail does)."""
+        provider = RecordingUpstream(
+            *self.tls_pair,
+            oauth=self.oauth_server,
+            files_into=None if files is None else self.dovecot,
+            files_sent=files or "every",
+        ).start()
+        try:
+            yield provider
+        finally:
+            provider.stop()
+
+    def serve_env(self, provider: RecordingUpstream, sent_window: str = "1") -> dict[str, str]:
+        """What settings_for sets, for ``trackrelay serve`` in a process
+        (tests/e2e/test_serve.py)."""
+        return {
+            "TRACKRELAY_UPSTREAM": self.upstream.url,
+            "TRACKRELAY_UPSTREAM_VERIFY_TLS": "false",
+            "TRACKRELAY_UPSTREAM_USER": USER,
+            "TRACKRELAY_UPSTREAM_PASSWORD": UPSTREAM_PASSWORD,
+            "TRACKRELAY_AUTH_MODE": "local",
+            "TRACKRELAY_TLS_CERT": str(self.upstream.cert),
+            "TRACKRELAY_TLS_KEY": str(self.upstream.key),
+            "TRACKRELAY_OAUTH": json.dumps(
+                imap_provider(self.oauth_server, self.dovecot, provider.url)
+            ),
+            "TRACKRELAY_IMAP_SENT_WINDOW": sent_window,
+            "TRACKRELAY_IMAP_SENT_INTERVAL": "0.2",
+            "TRACKRELAY_IMAP_POLL_INTERVAL": "0.5",
+        }
+
+    @contextlib.contextmanager
+    def sent(
+        self,
+        engine: Engine,
+        files: str | None = None,
+        *,
+        sent: str = "clean",
+        provider_options: dict[str, Any] | None = None,
+        after: Callable[[str], Awaitable[None]] | None = None,
+        **overrides: Any,
+    ) -> Iterator[Sent]:
+        """ann connected (her ``sent`` choice) and MESSAGE sent through the relay, the
+        provider running for the ``with`` block; FILES: the provider files into Sent
+        ("every" or "first"); the rest as in settings_for and ann_sends."""
+        with self.provider(files) as provider:
+            settings = settings_for(
+                self.make_settings,
+                self.upstream,
+                provider,
+                self.oauth_server,
+                self.dovecot,
+                provider_options,
+                **overrides,
+            )
+            connect_ann(engine, settings, self.oauth_server, sent)
+            reply = asyncio.run(ann_sends(settings, engine, after=after))
+            yield Sent(settings, provider, reply)
+
+
+@pytest.fixture
+def anns_mailbox(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    tls_pair: tuple[Path, Path],
+    oauth_server: OAuthServer,
+    dovecot: Dovecot,
+) -> AnnsMailbox:
+    return AnnsMailbox(make_settings, upstream, tls_pair, oauth_server, dovecot)
 
 
 REPLY = (

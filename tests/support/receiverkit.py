@@ -5,6 +5,7 @@ Fixture (registered through ``pytest_plugins`` in tests/conftest.py):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,23 @@ def event_rows(engine: Engine) -> list[dict[str, Any]]:
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1:<ephemeral> in a background thread."""
+    """uvicorn serving ``app`` on 127.0.0.1:<ephemeral> in a background thread, with
+    an event loop of its own."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, sock: socket.socket | None = None) -> None:
+        """``sock``: a socket bound beforehand, when the app must know its URL first."""
+        self.sock = sock
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http="httptools"
-        )
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http="httptools",
+            timeout_graceful_shutdown=2,
+        )  # fmt: skip
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve([self.sock] if self.sock else None))
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
@@ -71,9 +81,14 @@ class ServerThread:
         port = self.server.servers[0].sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"
 
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run a coroutine on the server's loop (as the event writer would)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(15)
+
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.loop.close()
 
 
 class TCPProxy:

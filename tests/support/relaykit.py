@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import Engine
 
 from relay.prepared import Prepared, Submission
+from relay.record import Delivery, Recorder
 from relay.server import RelayServer
 from relay.track import Tracker
 from shared import db
@@ -70,6 +71,22 @@ def relay_settings(
     return make_settings(**values)
 
 
+def trusted_settings(
+    make_settings: Callable[..., Settings], upstream: RecordingUpstream, **overrides: Any
+) -> Settings:
+    """relay_settings with a plain listener for 127.0.0.1, the relay logging in to the
+    upstream with its own account."""
+    return relay_settings(
+        make_settings,
+        upstream,
+        plain_port=0,
+        trusted_networks="127.0.0.1/32",
+        upstream_user=USER,
+        upstream_password=PASSWORD,
+        **overrides,
+    )
+
+
 @contextlib.asynccontextmanager
 async def running_relay(
     settings: Settings, engine: Engine, tracker: Tracker | None = None
@@ -80,6 +97,62 @@ async def running_relay(
         yield server
     finally:
         await server.stop(grace=5)
+
+
+@contextlib.asynccontextmanager
+async def running_recorder(recorder: Recorder) -> AsyncIterator[Recorder]:
+    """The Recorder's writer started, and stopped on the way out (what is queued is
+    written), as the relay runs it."""
+    await recorder.start()
+    try:
+        yield recorder
+    finally:
+        await recorder.stop()
+
+
+def record_one(recorder: Recorder, prepared: Prepared, delivery: Delivery) -> None:
+    """Start the writer, record one relayed message, stop: in an event loop of its own."""
+
+    async def scenario() -> None:
+        async with running_recorder(recorder):
+            await recorder.record(prepared, delivery)
+
+    asyncio.run(scenario())
+
+
+@contextlib.asynccontextmanager
+async def signed_in(
+    settings: Settings,
+    engine: Engine,
+    listener: str = "smtp",
+    *,
+    tracker: Tracker | None = None,
+    user: str = USER,
+    password: str = PASSWORD,
+) -> AsyncIterator[aiosmtplib.SMTP]:
+    """A relay started on SETTINGS and a client of one LISTENER, past EHLO and AUTH PLAIN."""
+    async with running_relay(settings, engine, tracker) as relay, client(relay, listener) as smtp:
+        await smtp.ehlo()
+        await smtp.auth_plain(user, password)
+        yield smtp
+
+
+def relay_one(
+    settings: Settings,
+    engine: Engine,
+    message: bytes = SIMPLE,
+    *,
+    tracker: Tracker | None = None,
+    **options: Any,
+) -> str:
+    """Start a relay on SETTINGS, send MESSAGE through it (``send``'s OPTIONS), stop:
+    in an event loop of its own; the DATA reply's text."""
+
+    async def scenario() -> str:
+        async with running_relay(settings, engine, tracker) as relay:
+            return (await send(relay, message, **options)).message
+
+    return asyncio.run(scenario())
 
 
 def client(relay: RelayServer, listener: str = "smtp", **options: Any) -> aiosmtplib.SMTP:

@@ -11,7 +11,8 @@ from sqlalchemy import Engine
 
 from receiver.app import create_app
 from shared.config import Settings
-from tests.support.dashboardkit import PASSWORD, D, ServerThread, csrf_from, seed
+from tests.support.dashboardkit import PASSWORD, D, csrf_from, login, seed
+from tests.support.receiverkit import ServerThread
 
 
 @pytest.fixture
@@ -22,11 +23,7 @@ def browser(engine: Engine, make_settings: Callable[..., Settings]) -> Iterator[
         ServerThread(create_app(make_settings(), engine)) as server,
         httpx.Client(base_url=server.url) as client,
     ):
-        form = csrf_from(client.get(f"{D}/login").text)
-        reply = client.post(
-            f"{D}/login", data={"username": "ada", "password": PASSWORD, "csrf_token": form}
-        )
-        assert reply.status_code == 303
+        login(client, "ada")
         yield client
 
 

@@ -8,7 +8,6 @@ page, at 1280x800 and at phone width (390x844), go to
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -29,12 +28,12 @@ from shared.tokens import Signer
 from tests.support.dashboardkit import (
     M_OPENED,
     M_XSS,
-    PASSWORD,
-    ServerThread,
     add_answers,
     seed,
+    sign_in,
 )
-from tests.support.relaykit import relay_settings, running_relay, send
+from tests.support.receiverkit import ServerThread
+from tests.support.relaykit import relay_one, relay_settings
 from tests.support.seedrows import event, write_events
 from tests.support.upstream import RecordingUpstream
 
@@ -68,12 +67,9 @@ TWO_OF_US = (
 def relay_two_of_us(settings: Settings, engine: Engine) -> int:
     """As the issue saw it: one tracked message to two recipients through the real
     relay (recording upstream, the same database); its id."""
-
-    async def go() -> None:
-        async with running_relay(settings, engine) as relay:
-            await send(relay, TWO_OF_US, recipients=("bob@client.example", "carol@client.example"))
-
-    asyncio.run(go())
+    relay_one(
+        settings, engine, TWO_OF_US, recipients=("bob@client.example", "carol@client.example")
+    )
     with session_scope(engine) as s:
         message_id = s.exec(select(Message.id).where(Message.subject == "Two of us")).one()
     assert message_id is not None
@@ -114,14 +110,6 @@ def test_dashboard_in_a_browser(
         width = page.viewport_size["width"] if page.viewport_size else 0
         suffix = "phone" if width < 600 else "desktop"
         page.screenshot(path=str(SHOTS / f"{name}-{suffix}.png"), full_page=True)
-
-    def sign_in(page: Page, base: str, username: str = "ada") -> None:
-        page.goto(base + "/dashboard/")
-        expect(page).to_have_url(re.compile(r"/dashboard/login"))
-        page.fill("input[name=username]", username)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        expect(page.locator("h1")).to_have_text("Messages")
 
     with ServerThread(app) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)

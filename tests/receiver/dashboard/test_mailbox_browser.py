@@ -28,8 +28,9 @@ from shared import db, mailbox
 from shared.config import Settings
 from shared.models import MailboxConnection
 from tests.receiver.dashboard.test_browser import ARGS, CHROMIUM, SHOTS
-from tests.support.dashboardkit import PASSWORD, ServerThread, seed
+from tests.support.dashboardkit import PASSWORD, connect_mailbox, seed, sign_in
 from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.receiverkit import ServerThread
 from tests.support.relaykit import relay_settings, running_relay, send
 from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
 from tests.support.upstream import USER, RecordingUpstream
@@ -103,27 +104,14 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
         assert server.url == public
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.goto(public + "/dashboard/")
-        page.fill("input[name=username]", "sam")
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        expect(page.locator("h1")).to_have_text("Messages")
+        sign_in(page, public, "sam")
 
         page.click("nav.nav >> text=Mailbox")
         expect(page.locator("h1")).to_have_text("Mailbox")
         expect(page.locator("input[name=address]")).to_have_value(SAM)
         page.screenshot(path=str(SHOTS / "mailbox-empty-desktop.png"), full_page=True)
 
-        page.click("button:has-text('Connect test')")  # off to the provider
-        expect(page.locator("h1")).to_have_text("Allow access to your mailbox?")
-        assert page.url.startswith(f"{oauth_server.url}/authorize?")
-        page.fill("input[name=username]", SAM)
-        page.click("button[value=allow]")
-
-        expect(page).to_have_url(public + "/dashboard/mailbox")  # back, the code exchanged
-        expect(page.locator(".flash")).to_contain_text(f"Connected {SAM} to test")
-        row = page.locator(f'tr[data-connection="{SAM}"]')
-        expect(row.locator("[data-state]")).to_have_text("ok")
+        row = connect_mailbox(page, public, oauth_server.url, SAM)
         page.screenshot(path=str(SHOTS / "mailbox-connected-desktop.png"), full_page=True)
 
         # sam's mail goes out through the mailbox: one XOAUTH2 login with the granted token
