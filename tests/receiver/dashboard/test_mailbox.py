@@ -593,3 +593,18 @@ def test_reconnecting_keeps_the_sent_folder_mode(
     mailbox.set_sent(engine, row.id or 0, "leave")
     connect(app_client, oauth_server)
     assert [(r.id, r.sent) for r in rows(engine)] == [(row.id, "leave")]
+
+
+def test_an_odd_token_answer_or_no_refresh_token_is_said_never_a_500(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    oauth_server.token_answer = {"token_type": "Bearer"}  # 200 without access_token
+    back = consent(start(app_client).headers["location"], oauth_server)
+    assert "test could not be reached to finish the sign-in. Try again." in land(app_client, back)
+    oauth_server.token_answer = None
+    oauth_server.issue_refresh = False  # not asked for offline access
+    page = land(app_client, consent(start(app_client).headers["location"], oauth_server))
+    assert "Not connected: test gave no refresh token" in page
+    assert "[oauth.test] scopes" in page
+    assert rows(engine) == []
