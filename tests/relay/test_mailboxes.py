@@ -397,8 +397,8 @@ def test_a_refused_client_secret_is_454_for_ops_and_breaks_no_connection(
 
     refused = asyncio.run(go(expired))
     assert isinstance(refused, aiosmtplib.SMTPSenderRefused)
-    assert refused.code == 454
-    assert refused.message.startswith("4.7.0 Mailbox connection of ann@example.com")
+    assert refused.code == 454  # for ops, not a transient 451: retrying will not mend it
+    assert refused.message.startswith("4.7.0 ")
     assert "[oauth.test] client_id/client_secret" in refused.message
     with Session(db_engine) as session:
         assert session.exec(select(MailboxConnection.state)).one() == "ok"
