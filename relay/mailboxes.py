@@ -46,7 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from relay.upstream import LoginRefused, Reply, SmtpUpstream, UpstreamUnavailable
 from shared import mailbox
 from shared.config import Settings
-from shared.mailbox import MailboxBroken, MailboxUnavailable, Route
+from shared.mailbox import MailboxBroken, MailboxMisconfigured, MailboxUnavailable, Route
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,16 @@ def unavailable(route: Route, reason: str) -> Reply:
         451,
         f"4.4.1 Mailbox provider {route.provider_name} of {route.address} cannot be reached "
         f"now ({reason}); try again later",
+    )
+
+
+def misconfigured(route: Route, reason: str) -> Reply:
+    """``454 4.7.0``: the provider refuses the relay's own client; for the operator."""
+    reason = " ".join(reason.split())[:160]
+    return Reply(
+        454,
+        f"4.7.0 Mailbox provider {route.provider_name} of {route.address} refuses the relay "
+        f"({reason}): tell the relay's operator",
     )
 
 
@@ -109,6 +119,8 @@ def connect(settings: Settings, engine: Engine, route: Route) -> SmtpUpstream:
             access = await asyncio.to_thread(mailbox.access_token, engine, settings, route.id)
         except MailboxBroken as exc:
             raise Answered(str(exc), refusal(route.address, str(exc))) from None
+        except MailboxMisconfigured as exc:
+            raise Answered(str(exc), misconfigured(route, str(exc))) from None
         except MailboxUnavailable as exc:
             reason = f"its token endpoint: {exc}"
             raise Answered(str(exc), unavailable(route, reason)) from None

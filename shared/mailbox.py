@@ -18,8 +18,13 @@ the CLI stores what a device grant gave (:func:`store`), lists and forgets.
   derived by HKDF-SHA256 from ``TRACKRELAY_SECRET_KEY``, bound to the
   connection's address. A grant sealed with a key now listed in
   ``TRACKRELAY_OLD_SECRET_KEYS`` still opens and is sealed again with the
-  current key when read; one sealed with a key no longer listed marks the
-  connection broken. Tokens are never logged nor put in an error message.
+  current key when read, or by :func:`reseal` (``trackrelay mailbox reseal``)
+  for every connection at once, before the old key is removed; one sealed
+  with a key no longer listed marks the connection broken. Sealing again is
+  an ``UPDATE ... WHERE grant = <the value read>``: a process that refreshed
+  the grant in between (and so rotated its refresh token) wins, and the old
+  refresh token is never written back. Tokens are never logged nor put in an
+  error message.
 * **Refresh** happens :attr:`Settings.mailbox_refresh_margin` seconds before
   the access token expires. Only one process refreshes a grant at a time: it
   takes a lease with ``UPDATE ... WHERE lease_until IS NULL OR lease_until <
@@ -30,8 +35,17 @@ the CLI stores what a device grant gave (:func:`store`), lists and forgets.
   one rotating refresh token twice (which the provider answers with
   ``invalid_grant``).
 * **Broken**: the provider's ``invalid_grant`` (revoked, expired, already
-  used) marks the connection ``broken`` with a reason; it stays broken until
-  it is connected again.
+  used), or a grant without a refresh token, marks the connection ``broken``
+  with a reason; it stays broken until it is connected again.
+* **Not the grant's fault**: ``invalid_client``, ``unauthorized_client`` and
+  ``unsupported_grant_type`` (oauth.CLIENT_ERRORS: an expired client secret,
+  Entra's AADSTS7000222) say the relay's ``[oauth.NAME]`` client is wrong:
+  nobody's connection breaks and nobody is told; an error is logged naming
+  ``[oauth.NAME] client_id/client_secret``, the relay answers 454
+  (:class:`MailboxMisconfigured`), and the next refresh after the operator
+  fixed the table works. A provider that is away, an answer that cannot be
+  read and a database that cannot be read are :class:`MailboxUnavailable`;
+  each is kept as the connection's ``last_error`` (and ``last_error_at``).
 * **Erased with the user**: ``user_id`` has ON DELETE CASCADE.
 
 Neither tokens nor passwords are ever logged nor put in an error message.
@@ -56,6 +70,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Engine, or_, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from shared import oauth, outbox, users
@@ -82,6 +97,11 @@ class MailboxBroken(Exception):
 
 class MailboxUnavailable(Exception):
     """The provider could not be asked now (the grant may be fine): try again later."""
+
+
+class MailboxMisconfigured(MailboxUnavailable):
+    """The provider refused the relay's own client (its ``[oauth.NAME]`` client_id or
+    client_secret): the operator must fix the config; no connection is broken."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +189,22 @@ def provider(settings: Settings, name: str) -> OAuthProvider:
     return found
 
 
+def unused(settings: Settings) -> str:
+    """Why the relay sends no mail through connections under these settings, one
+    sentence ("" when it does): the same rule as relay/mailboxes.py ``find``."""
+    if settings.auth_mode != "local":
+        return (
+            "mailbox connections are used only in local auth mode (TRACKRELAY_AUTH_MODE=local); "
+            f"this relay runs in {settings.auth_mode} mode, so no mail goes out through them"
+        )
+    if settings.upstream_target.is_sink:
+        return (
+            "this relay is in dev mode (TRACKRELAY_UPSTREAM is a Maildir): mail is kept "
+            "there and does not go out through mailbox connections"
+        )
+    return ""
+
+
 # --- storing, listing, forgetting ---
 
 
@@ -194,11 +230,22 @@ def store(
     address: str,
     provider_name: str,
     token: Token,
-    sent: str = "clean",
+    sent: str | None = None,
 ) -> MailboxConnection:
-    """Keep the grant for USERNAME sending as ADDRESS (replacing one for that address)."""
-    provider(settings, provider_name)  # it must exist
+    """Keep the grant for USERNAME sending as ADDRESS (replacing one for that address;
+    ``sent`` None: what the connection had, ``clean`` for a new one).
+
+    UserError when the grant has no refresh token: it would stop working with
+    its access token, within the hour."""
+    found = provider(settings, provider_name)  # it must exist
     _check_sent(sent)
+    if not token.refresh_token:
+        raise UserError(
+            f"{provider_name} gave no refresh token, so the connection would stop within the "
+            f"hour: ask for offline access in [oauth.{provider_name}] scopes "
+            f"({_offline_hint(found)}); nothing was stored",
+            "provider",
+        )
     canonical = check_owner(engine, username, address)
     return _keep(
         engine, username, canonical, provider_name, sent,
@@ -215,7 +262,7 @@ def connect_password(
     provider_name: str,
     password: str,
     login: str = "",
-    sent: str = "clean",
+    sent: str | None = None,
 ) -> MailboxConnection:
     """Check the app password with ONE trial login at the provider's smtp, then keep it
     sealed for USERNAME sending as ADDRESS (``login``: the user name at the provider,
@@ -241,9 +288,17 @@ def connect_password(
     )  # fmt: skip
 
 
-def _check_sent(sent: str) -> None:
-    if sent not in ("clean", "leave"):
+def _check_sent(sent: str | None) -> None:
+    if sent is not None and sent not in ("clean", "leave"):
         raise UserError(f"sent must be clean or leave, not {sent!r}", "sent")
+
+
+def _offline_hint(found: OAuthProvider) -> str:
+    if found.preset == "google":
+        return "Google gives one with access_type=offline, which the relay asks for"
+    if "offline_access" not in found.scopes:
+        return 'add "offline_access", as Microsoft and most providers need'
+    return "offline_access is there: check the app registration allows it"
 
 
 def _keep(
@@ -251,7 +306,7 @@ def _keep(
     username: str,
     canonical: str,
     provider_name: str,
-    sent: str,
+    sent: str | None,
     *,
     method: str,
     login: str,
@@ -260,7 +315,8 @@ def _keep(
     expires_at: datetime | None,
 ) -> MailboxConnection:
     """The connection row for CANONICAL, made or replaced, ``ok``: one owner for both
-    methods (a grant replaces an app password and the other way round)."""
+    methods (a grant replaces an app password and the other way round). ``sent``
+    None keeps what the connection had (a reconnect keeps the person's choice)."""
     with session_scope(engine) as session:
         user = session.exec(select(User).where(User.username == username)).first()
         if user is None or user.id is None:  # removed since the check
@@ -272,8 +328,8 @@ def _keep(
         row.provider = provider_name
         row.method, row.login, row.grant, row.scopes = method, login, grant, scopes
         row.expires_at = expires_at
-        row.state, row.reason, row.last_error = "ok", "", ""
-        row.sent = sent
+        row.state, row.reason, row.last_error, row.last_error_at = "ok", "", "", None
+        row.sent = sent or row.sent or "clean"
         row.last_refresh_at = utcnow()
         row.lease_until, row.lease_owner = None, ""
         session.add(row)
@@ -353,8 +409,17 @@ def set_sent(engine: Engine, connection_id: int, sent: str) -> None:
     _update(engine, connection_id, sent=sent)
 
 
-def disconnect(engine: Engine, settings: Settings, address: str) -> str:
-    """Revoke the grant at the provider and forget the connection; what happened, said."""
+class NotRevoked(UserError):
+    """The provider did not answer the revocation: the connection is kept; ``force``
+    forgets it without revoking."""
+
+
+def disconnect(engine: Engine, settings: Settings, address: str, *, force: bool = False) -> str:
+    """Revoke the grant at the provider and forget the connection; what happened, said.
+
+    A grant the provider no longer takes (``invalid_token``), or with nothing to
+    revoke, is forgotten. NotRevoked when the provider cannot be asked now (the
+    grant may still be live there): kept, unless ``force``."""
     canonical = normalize_address(address)
     with session_scope(engine) as session:
         row = session.exec(
@@ -362,12 +427,12 @@ def disconnect(engine: Engine, settings: Settings, address: str) -> str:
         ).first()
         if row is None:
             raise UserError(f"no mailbox connection for {canonical}", "address")
-        said = _revoke(settings, row)
+        said = _revoke(settings, row, force)
         session.delete(row)
     return said
 
 
-def _revoke(settings: Settings, row: MailboxConnection) -> str:
+def _revoke(settings: Settings, row: MailboxConnection, force: bool) -> str:
     if row.method == "password":
         return "an app password: forgotten (revoke the app password in the account)"
     found = settings.oauth.get(row.provider)
@@ -375,16 +440,29 @@ def _revoke(settings: Settings, row: MailboxConnection) -> str:
         return f"provider {row.provider!r} is no longer configured: forgotten, not revoked"
     try:
         secret, _ = unseal(settings, row.address, row.grant)
-        token = Token.from_response(secret)
-        if oauth.revoke(found, token.refresh_token, _timeout(settings)):
-            return "revoked at the provider and forgotten"
-        return "the provider has no revocation endpoint: forgotten (revoke it in the account)"
     except MailboxBroken:
         return "the grant cannot be read: forgotten, not revoked"
+    refresh_token = str(secret.get("refresh_token") or "")
+    if not refresh_token:
+        return "the grant has no refresh token to revoke: forgotten"
+    try:
+        done = oauth.revoke(found, refresh_token, _timeout(settings))
     except (OAuthRefused, ProviderUnavailable) as exc:
-        raise UserError(
-            f"the provider did not revoke the grant ({_short(exc)}); kept, try again", "address"
+        if force:
+            return (
+                f"the provider did not revoke the grant ({_short(exc)}): forgotten without "
+                "revoking (remove the app's access in the account)"
+            )
+        raise NotRevoked(
+            f"the provider did not revoke the grant ({_short(exc)}); kept, try again "
+            "(or forget it without revoking)",
+            "address",
         ) from None
+    if done == "invalid":
+        return "the provider no longer knows the grant (already revoked or expired): forgotten"
+    if done == "unsupported":
+        return "the provider has no revocation endpoint: forgotten (revoke it in the account)"
+    return "revoked at the provider and forgotten"
 
 
 # --- the relay's side ---
@@ -421,8 +499,22 @@ def access_token(engine: Engine, settings: Settings, connection_id: int) -> Acce
     for an app-password connection its login and password (mechanism PLAIN).
 
     MailboxBroken: the connection cannot send (reason in the message);
-    MailboxUnavailable: the provider could not be asked now.
+    MailboxUnavailable: the provider could not be asked now, or the database
+    not read (MailboxMisconfigured: the provider refused the relay's client).
     """
+    try:
+        return _access_token(engine, settings, connection_id)
+    except SQLAlchemyError as exc:
+        raise _database_unavailable(connection_id, exc) from None
+
+
+def _database_unavailable(connection_id: int, exc: SQLAlchemyError) -> MailboxUnavailable:
+    """One line for the client (never the SQL), the details for the log."""
+    log.warning("mailbox connection %d: the database failed: %s", connection_id, _short(exc))
+    return MailboxUnavailable(f"the mailbox connection cannot be read now ({type(exc).__name__})")
+
+
+def _access_token(engine: Engine, settings: Settings, connection_id: int) -> Access:
     owner = f"{socket.gethostname()}:{os.getpid()}:{id(object())}"[:64]
     deadline = time.monotonic() + settings.mailbox_lease + settings.upstream_timeout
     while True:
@@ -441,13 +533,18 @@ def access_token(engine: Engine, settings: Settings, connection_id: int) -> Acce
 
 
 def token_refused(engine: Engine, connection_id: int) -> None:
-    """The provider refused the access token at AUTH: refresh it at the next use."""
-    with session_scope(engine) as session:
-        session.execute(
-            update(MailboxConnection)
-            .where(col(MailboxConnection.id) == connection_id)
-            .values(expires_at=utcnow() - timedelta(seconds=1))
-        )
+    """The provider refused the access token at AUTH: refresh it at the next use.
+    MailboxUnavailable when the database cannot be written."""
+    try:
+        _update(engine, connection_id, expires_at=utcnow() - timedelta(seconds=1))
+    except SQLAlchemyError as exc:
+        raise _database_unavailable(connection_id, exc) from None
+
+
+def note_error(engine: Engine, connection_id: int, error: str) -> None:
+    """The connection's ``last_error`` (one line) and ``last_error_at`` (now): what went
+    wrong at its last use that did not break it (``mailbox list``, the Mailbox page)."""
+    _update(engine, connection_id, last_error=_line(error), last_error_at=utcnow())
 
 
 def mark_broken(
@@ -510,8 +607,65 @@ def _secret(engine: Engine, settings: Settings, row: MailboxConnection) -> dict[
         mark_broken(engine, row.id, str(exc), notify_email=bool(settings.notify_from))
         raise
     if not current:  # sealed with a retired key: seal it again with the current one
-        _update(engine, row.id, grant=seal(settings, row.address, secret))
+        _reseal(engine, settings, row, secret)
     return secret
+
+
+def _reseal(
+    engine: Engine, settings: Settings, row: MailboxConnection, secret: dict[str, Any]
+) -> bool:
+    """Seal ROW's secret again with the current key, if the row still holds the grant
+    it was read with (False: another process changed it in between, e.g. a refresh
+    that rotated the refresh token; what it stored stays)."""
+    with session_scope(engine) as session:
+        result = session.execute(
+            update(MailboxConnection)
+            .where(col(MailboxConnection.id) == row.id, col(MailboxConnection.grant) == row.grant)
+            .values(grant=seal(settings, row.address, secret))
+        )
+        return bool(getattr(result, "rowcount", 0) == 1)
+
+
+@dataclass(frozen=True)
+class Resealed:
+    """What :func:`reseal` did: sealed again, already under the current key, and the
+    addresses whose grant no configured key opens (left as they are)."""
+
+    sealed: int
+    current: int
+    unreadable: list[str]
+
+
+def reseal(engine: Engine, settings: Settings) -> Resealed:
+    """Seal every connection's grant (or app password) again with the current key
+    (``trackrelay mailbox reseal``: run it before a key leaves
+    TRACKRELAY_OLD_SECRET_KEYS). Conditional like the re-seal at use: a connection
+    that changed meanwhile is read again. Nothing is marked broken here: a grant
+    no key opens is named, so the operator can list its key again."""
+    sealed = current = 0
+    unreadable: list[str] = []
+    with session_scope(engine) as session:
+        ids = list(session.exec(select(MailboxConnection.id).order_by(col(MailboxConnection.id))))
+    for connection_id in ids:
+        for _ in range(5):  # changed by another process meanwhile: read it again
+            with session_scope(engine) as session:
+                row = session.get(MailboxConnection, connection_id)
+                if row is not None:
+                    session.expunge(row)
+            if row is None:
+                break  # removed meanwhile
+            try:
+                secret, is_current = unseal(settings, row.address, row.grant)
+            except MailboxBroken:
+                unreadable.append(row.address)
+                break
+            if is_current:
+                current += 1
+                break
+            if _reseal(engine, settings, row, secret):
+                sealed += 1
+                break
+    return Resealed(sealed, current, unreadable)
 
 
 def _fresh(settings: Settings, row: MailboxConnection, token: Token) -> bool:
@@ -551,19 +705,32 @@ def _refresh_held(engine: Engine, settings: Settings, connection_id: int) -> Acc
         _update(engine, connection_id, lease_until=None, lease_owner="")
         return Access(row.address, token.access_token, token.expires_at)
     found = settings.oauth.get(row.provider)
+    notify = bool(settings.notify_from)
     try:
         if not isinstance(found, OAuthProvider):
             raise OAuthRefused("invalid_grant", f"provider {row.provider!r} is not configured")
+        if not token.refresh_token:
+            reason = "the grant has no refresh token (it cannot be renewed): connect it again"
+            mark_broken(engine, connection_id, reason, notify_email=notify)
+            raise MailboxBroken(reason)
         new = oauth.refresh(found, token.refresh_token, _timeout(settings))
     except OAuthRefused as exc:
         reason = _reason(exc)
-        if exc.error in ("invalid_grant", "invalid_client", "unauthorized_client"):
-            mark_broken(engine, connection_id, reason, notify_email=bool(settings.notify_from))
+        if exc.error == "invalid_grant":
+            mark_broken(engine, connection_id, reason, notify_email=notify)
             raise MailboxBroken(reason) from None
-        _update(engine, connection_id, lease_until=None, lease_owner="", last_error=reason)
+        if exc.error in oauth.CLIENT_ERRORS:
+            reason = (
+                f"the provider refused the relay's client ({exc.error}): "
+                f"check [oauth.{row.provider}] client_id/client_secret"
+            )
+            log.error("mailbox connection %d: %s (%s)", connection_id, reason, _short(exc))
+            _failed(engine, connection_id, reason)
+            raise MailboxMisconfigured(reason) from None
+        _failed(engine, connection_id, reason)
         raise MailboxUnavailable(reason) from None
     except ProviderUnavailable as exc:
-        _update(engine, connection_id, lease_until=None, lease_owner="", last_error=_short(exc))
+        _failed(engine, connection_id, _short(exc))
         raise MailboxUnavailable(_short(exc)) from None
     except BaseException:
         _update(engine, connection_id, lease_until=None, lease_owner="")
@@ -575,10 +742,19 @@ def _refresh_held(engine: Engine, settings: Settings, connection_id: int) -> Acc
         expires_at=_when(new.expires_at),
         last_refresh_at=utcnow(),
         last_error="",
+        last_error_at=None,
         lease_until=None,
         lease_owner="",
     )
     return Access(row.address, new.access_token, new.expires_at)
+
+
+def _failed(engine: Engine, connection_id: int, error: str) -> None:
+    """The lease freed and the error kept, in one UPDATE."""
+    _update(
+        engine, connection_id, lease_until=None, lease_owner="",
+        last_error=_line(error), last_error_at=utcnow(),
+    )  # fmt: skip
 
 
 def _update(engine: Engine, connection_id: int, **values: Any) -> None:
@@ -597,7 +773,11 @@ def _reason(exc: OAuthRefused) -> str:
 
 
 def _short(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__).splitlines()[0][:200]
+    return _line(str(exc) or type(exc).__name__)
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())[:200]
 
 
 def _when(epoch: float) -> datetime | None:

@@ -420,6 +420,7 @@ class MailboxConnection(SQLModel, table=True):
     expires_at: datetime | None = None
     last_refresh_at: datetime | None = None
     last_error: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    last_error_at: datetime | None = None  # when last_error happened; migration 0012
     lease_until: datetime | None = None
     lease_owner: str = Field(default="", max_length=64)
     # where the INBOX watcher (relay/inboxwatch.py) left off; migration 0010

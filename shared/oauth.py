@@ -19,8 +19,15 @@ adds:
   :func:`poll_device` (``authorization_pending`` waits ``interval``,
   ``slow_down`` adds five seconds, ``expired_token``/``access_denied`` end it);
 * errors as two kinds: :class:`OAuthRefused` (the provider answered with an
-  OAuth error: ``invalid_grant`` means the grant is gone) and
-  :class:`ProviderUnavailable` (no answer, or not one we can read).
+  OAuth error: ``invalid_grant`` means the grant is gone; ``invalid_client``
+  and the others of :data:`CLIENT_ERRORS` mean the relay's client is wrong)
+  and :class:`ProviderUnavailable` (no answer, or not one we can read: also an
+  answer Authlib trips over, or a token answer without ``access_token``; one
+  line, never a traceback);
+* revocation (RFC 7009) that tells a revoked grant from a refused request:
+  Google answers ``400 invalid_token`` for a token already revoked or expired,
+  where RFC 7009 2.2 has the server answer 200 (an invalid token is no error
+  the client could do anything about), so both mean "nothing left to revoke".
 
 Tokens pass through as :class:`Token` values; nothing here logs one.
 """
@@ -33,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import httpx2
 from authlib.common.errors import AuthlibBaseError
@@ -41,11 +48,15 @@ from authlib.integrations.httpx_client import OAuth2Client
 
 from shared.oauthproviders import ENDPOINTS, OAuthProvider
 
+T = TypeVar("T")
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # httpx2 logs every request at INFO: a line per device-code poll in the CLI's output.
 logging.getLogger("httpx2").setLevel(logging.WARNING)
 DEFAULT_TIMEOUT = 15.0
 DISCOVERY_RETRY = 30.0  # seconds before a failed discovery is tried again
+#: Token-endpoint errors about the relay's client (its [oauth.NAME] client_id /
+#: client_secret, or what its app registration allows), not about a person's grant.
+CLIENT_ERRORS = ("invalid_client", "unauthorized_client", "unsupported_grant_type")
 
 
 class OAuthRefused(Exception):
@@ -73,9 +84,15 @@ class Token:
 
     @classmethod
     def from_response(cls, values: Mapping[str, Any], previous_refresh: str = "") -> Token:
-        expires_at = float(values.get("expires_at") or 0)
-        if not expires_at and values.get("expires_in"):
-            expires_at = time.time() + float(values["expires_in"])
+        """The token of an answer; ProviderUnavailable when it has no access token."""
+        if not isinstance(values, Mapping) or not values.get("access_token"):
+            raise ProviderUnavailable("the token answer has no access_token")
+        try:
+            expires_at = float(values.get("expires_at") or 0)
+            if not expires_at and values.get("expires_in"):
+                expires_at = time.time() + float(values["expires_in"])
+        except (TypeError, ValueError):
+            raise ProviderUnavailable("the token answer has an unreadable expiry") from None
         return cls(
             access_token=str(values["access_token"]),
             # no refresh_token in a refresh answer: the old one stays valid (RFC 6749 6)
@@ -168,22 +185,40 @@ def _client(provider: OAuthProvider, timeout: float) -> OAuth2Client:
     )
 
 
-def _call(request: Callable[[OAuth2Client], Any], provider: OAuthProvider, timeout: float) -> Any:
-    """Run one Authlib request; its errors become OAuthRefused / ProviderUnavailable."""
+def _call(request: Callable[[OAuth2Client], T], provider: OAuthProvider, timeout: float) -> T:
+    """Run one Authlib request; its errors become OAuthRefused / ProviderUnavailable.
+
+    An answer Authlib cannot take apart (a JSON list, a token answer without
+    ``access_token``, a refresh with no refresh token) surfaces as an
+    AttributeError, KeyError or TypeError from inside it: unreadable, one line."""
     with _client(provider, timeout) as client:
         try:
             return request(client)
         except AuthlibBaseError as exc:
             raise OAuthRefused(str(exc.error), str(exc.description or "")) from None
-        except (httpx2.HTTPError, ValueError) as exc:
+        except ProviderUnavailable as exc:
             raise ProviderUnavailable(f"[oauth.{provider.name}]: {exc}") from None
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise ProviderUnavailable(f"[oauth.{provider.name}]: {_line(exc)}") from None
+        except (AttributeError, KeyError, TypeError) as exc:
+            why = f"unexpected answer ({type(exc).__name__}: {_line(exc)})"
+            raise ProviderUnavailable(f"[oauth.{provider.name}]: {why}") from None
+
+
+def _line(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).splitlines()[0][:200]
 
 
 def refresh(provider: OAuthProvider, refresh_token: str, timeout: float = DEFAULT_TIMEOUT) -> Token:
     """A new access token (and, with rotation, a new refresh token) for a grant."""
     url = _endpoint(provider, "token_endpoint", timeout)
-    values = _call(lambda c: c.refresh_token(url, refresh_token=refresh_token), provider, timeout)
-    return Token.from_response(values, refresh_token)
+    return _call(
+        lambda c: Token.from_response(
+            c.refresh_token(url, refresh_token=refresh_token), refresh_token
+        ),
+        provider,
+        timeout,
+    )
 
 
 @dataclass(frozen=True)
@@ -225,18 +260,19 @@ def exchange_code(
     if callback.get("error"):
         raise OAuthRefused(callback["error"], callback.get("error_description", ""))
     url = _endpoint(provider, "token_endpoint", timeout)
-    values = _call(
-        lambda c: c.fetch_token(
-            url,
-            grant_type="authorization_code",
-            code=callback.get("code", ""),
-            code_verifier=authorization.verifier,
-            redirect_uri=authorization.redirect_uri,
+    return _call(
+        lambda c: Token.from_response(
+            c.fetch_token(
+                url,
+                grant_type="authorization_code",
+                code=callback.get("code", ""),
+                code_verifier=authorization.verifier,
+                redirect_uri=authorization.redirect_uri,
+            )
         ),
         provider,
         timeout,
     )
-    return Token.from_response(values)
 
 
 def start_device(provider: OAuthProvider, timeout: float = DEFAULT_TIMEOUT) -> DeviceStart:
@@ -284,9 +320,9 @@ def poll_device(
         if time.time() > device.expires_at:
             raise OAuthRefused("expired_token", "the code expired before it was confirmed")
         try:
-            values = _call(
-                lambda c: c.fetch_token(
-                    url, grant_type=DEVICE_GRANT, device_code=device.device_code
+            token = _call(
+                lambda c: Token.from_response(
+                    c.fetch_token(url, grant_type=DEVICE_GRANT, device_code=device.device_code)
                 ),
                 provider,
                 timeout,
@@ -298,18 +334,35 @@ def poll_device(
                 raise
             sleep(interval)
             continue
-        return Token.from_response(values)
+        return token
 
 
-def revoke(provider: OAuthProvider, token: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
-    """Revoke a refresh token at the provider (RFC 7009); False if it has no endpoint."""
+Revoked = Literal["revoked", "invalid", "unsupported"]
+
+
+def revoke(provider: OAuthProvider, token: str, timeout: float = DEFAULT_TIMEOUT) -> Revoked:
+    """Revoke a refresh token at the provider (RFC 7009): ``revoked``; ``invalid`` when
+    the provider says the token is no longer valid (``400 invalid_token``, Google's
+    answer for one already revoked or expired: nothing is left to revoke);
+    ``unsupported`` when it has no revocation endpoint. OAuthRefused for another
+    OAuth error (e.g. ``invalid_client``), ProviderUnavailable when it does not answer."""
     url = endpoints(provider, timeout)["revocation_endpoint"]
     if not url:
-        return False
+        return "unsupported"
 
-    def send(client: OAuth2Client) -> None:
+    def send(client: OAuth2Client) -> Revoked:
         response = client.revoke_token(url, token=token, token_type_hint="refresh_token")  # noqa: S106
+        if 400 <= response.status_code < 500:
+            try:
+                values = response.json()
+            except ValueError:
+                values = None
+            if isinstance(values, dict) and values.get("error"):
+                error = str(values["error"])
+                if error == "invalid_token":
+                    return "invalid"
+                raise OAuthRefused(error, str(values.get("error_description") or ""))
         response.raise_for_status()
+        return "revoked"
 
-    _call(send, provider, timeout)
-    return True
+    return _call(send, provider, timeout)

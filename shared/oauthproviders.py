@@ -16,6 +16,10 @@ The presets ``microsoft`` (with a configurable ``tenant``) and ``google`` fill
 everything but the client credentials: a table named after one, or with
 ``preset = "microsoft"``, needs only ``client_id`` (and ``client_secret`` for a
 confidential client). Anything given in the table wins over the preset.
+The CLI's device flow works with ``microsoft`` when the app registration
+allows public client flows; Google's device flow does not allow the
+``https://mail.google.com/`` scope (``invalid_scope``), so Google accounts
+connect on the dashboard (the authorization code flow).
 
 ``app_passwords`` (default false) lets a person connect with an app password
 instead of an OAuth grant (``trackrelay mailbox connect --app-password``, the
@@ -56,6 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "microsoft": {
         "authorization_endpoint": _MICROSOFT + "/authorize",
         "token_endpoint": _MICROSOFT + "/token",
+        # the device flow (the CLI) needs "Allow public client flows" on the app registration
         "device_authorization_endpoint": _MICROSOFT + "/devicecode",
         # Microsoft identity platform has no RFC 7009 revocation endpoint.
         "revocation_endpoint": "",
@@ -71,6 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "google": {
         "authorization_endpoint": "https://accounts.google.com/o/oauth2/v2/auth",
         "token_endpoint": "https://oauth2.googleapis.com/token",
+        # Google's device flow refuses https://mail.google.com/ (invalid_scope): Google
+        # accounts connect with the dashboard's code flow; the CLI says so when refused
         "device_authorization_endpoint": "https://oauth2.googleapis.com/device/code",
         "revocation_endpoint": "https://oauth2.googleapis.com/revoke",
         "app_passwords": True,  # with 2-step verification, where the admin allows them

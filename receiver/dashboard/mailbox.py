@@ -22,7 +22,15 @@ and the password, CSRF-checked like the rest; shared/mailbox.py
 ``connect_password`` tries it once at the provider's smtp and keeps it sealed.
 A refusal is shown in the form; the password is never sent back in a page.
 
-Administrators see every connection and may disconnect any.
+Administrators see every connection and may disconnect any. A disconnect the
+provider cannot be asked about now keeps the connection and offers, on that
+connection's row, "Forget without revoking" (:data:`UNREVOKED` in the
+session: the one connection it is offered for). Each connection shows its
+last error and when.
+
+Outside local auth mode (or in dev mode) the relay sends nothing through
+connections: the page says so (shared/mailbox.py ``unused``), and the
+message after connecting does not claim the mail now goes through it.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from receiver.dashboard.headers import csp_with_form_targets
 from receiver.dashboard.web import (
     engine_of,
     flash,
+    form_of,
     form_page,
     not_found,
     page,
@@ -69,6 +78,8 @@ PENDING = "mailbox_pending"
 PENDING_TTL = 600.0
 #: Where "Connect with an app password" posts (under the dashboard's mount).
 PASSWORD_PATH = "/mailbox/password"  # noqa: S105 (a path)
+#: Session key of the connection whose revocation failed: "Forget without revoking" shows.
+UNREVOKED = "mailbox_unrevoked"
 LABELS = {"microsoft": "Microsoft 365", "google": "Google"}
 
 
@@ -191,6 +202,8 @@ async def _show(
         "password_errors": password_errors,
         "password_path": PASSWORD_PATH,
         "redirect_uri": redirect_uri(settings),
+        "unused": mailbox.unused(settings),
+        "unrevoked": request.session.get(UNREVOKED),
         "nav": "mailbox",
     }
     response = render_form(request, "dashboard/mailbox.html", context, errors)
@@ -267,11 +280,8 @@ async def mailbox_password(request: Request, viewer: Viewer) -> Response:
         )  # fmt: skip
 
     def said(form: PasswordForm, row: MailboxConnection) -> str:
-        label = _label(settings, form.provider)
-        return (
-            f"Connected {row.address} to {label} with an app password: "
-            "its mail now goes out through that mailbox."
-        )
+        return _connected(settings, f"{row.address} to {_label(settings, form.provider)}"
+                          " with an app password")  # fmt: skip
 
     return await form_page(
         request,
@@ -314,8 +324,16 @@ async def mailbox_callback(request: Request, viewer: Viewer) -> Response:
         return _failed(request, f"{label} could not be reached to finish the sign-in. Try again.")
     except UserError as exc:
         return _failed(request, f"Not connected: {exc}")
-    flash(request, f"Connected {address} to {label}: its mail now goes out through that mailbox.")
+    flash(request, _connected(settings, f"{address} to {label}"))
     return redirect(request, "/mailbox")
+
+
+def _connected(settings: Settings, what: str) -> str:
+    """What connecting did: the mail goes through the mailbox, or why it does not."""
+    unused = mailbox.unused(settings)
+    if unused:
+        return f"Connected {what}. Note: {unused[0].upper()}{unused[1:]}."
+    return f"Connected {what}: its mail now goes out through that mailbox."
 
 
 def _refused(label: str, exc: OAuthRefused) -> str:
@@ -347,16 +365,24 @@ async def _connection(request: Request, viewer: Viewer) -> MailboxConnection | N
 
 @page()
 async def mailbox_disconnect(request: Request, viewer: Viewer) -> Response:
-    """Revoke the grant at the provider and forget the connection."""
+    """Revoke the grant at the provider and forget the connection (``force``: forget
+    it even when the provider cannot be asked now)."""
     row = await _connection(request, viewer)
     if row is None:
         return not_found(request)
     engine, settings = engine_of(request), settings_of(request)
+    force = (await form_of(request)).get("force") == "1"
     try:
-        said = await asyncio.to_thread(mailbox.disconnect, engine, settings, row.address)
+        said = await asyncio.to_thread(
+            lambda: mailbox.disconnect(engine, settings, row.address, force=force)
+        )
+    except mailbox.NotRevoked as exc:
+        request.session[UNREVOKED] = row.id
+        flash(request, f"{row.address}: {exc}.", "error")
     except UserError as exc:
         flash(request, f"{row.address}: {exc}", "error")
     else:
+        request.session.pop(UNREVOKED, None)
         flash(request, f"{row.address}: {said}.")
     return redirect(request, "/mailbox")
 

@@ -24,7 +24,7 @@ from shared import mailbox, oauth, webhooks
 from shared.config import Settings
 from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user
-from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.oauth_server import CLIENT_SECRET, OAuthServer, provider_settings
 from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay, send
 from tests.support.upstream import PASSWORD, SMTP_AUTH_DISABLED, USER, RecordingUpstream
 
@@ -507,3 +507,42 @@ def test_an_unreachable_token_endpoint_is_451_without_reconnecting(
         row = session.get(MailboxConnection, connection_id)
         assert row is not None
         assert row.state == "ok"
+
+
+def test_a_refused_client_secret_is_454_for_ops_and_breaks_no_connection(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+    oauth_server: OAuthServer,
+    db_engine: Engine,
+) -> None:
+    def settings_with(secret: str) -> Settings:
+        tables = provider_settings(oauth_server, provider.url)
+        tables["test"]["client_secret"] = secret
+        return relay_settings(
+            make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
+        )
+
+    fixed = settings_with(CLIENT_SECRET)
+    connection_id = connect_ann(db_engine, fixed, oauth_server)
+    expired = settings_with("a-client-secret-that-expired")  # the provider refuses it now
+    mailbox.token_refused(db_engine, connection_id)  # due for a refresh
+
+    async def go(settings: Settings) -> aiosmtplib.SMTPResponse | aiosmtplib.SMTPSenderRefused:
+        async with running_relay(settings, db_engine) as relay:
+            try:
+                return await ann_sends(relay)
+            except aiosmtplib.SMTPSenderRefused as refused:
+                return refused
+
+    refused = asyncio.run(go(expired))
+    assert isinstance(refused, aiosmtplib.SMTPSenderRefused)
+    assert refused.code == 454  # for ops, not a transient 451: retrying will not mend it
+    assert refused.message.startswith("4.7.0 ")
+    assert "[oauth.test] client_id/client_secret" in refused.message
+    with Session(db_engine) as session:
+        assert session.exec(select(MailboxConnection.state)).one() == "ok"
+        assert session.exec(select(OutboxItem)).all() == []  # nobody is told
+    sent = asyncio.run(go(fixed))  # ops fixed the table: no reconnecting
+    assert sent.code == 250
+    assert [m.mail_from for m in provider.messages] == [ANN]

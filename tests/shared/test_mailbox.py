@@ -8,10 +8,11 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
 from sqlmodel import Session, select
 
 from shared import mailbox, oauth, webhooks
@@ -20,7 +21,7 @@ from shared.errors import UserError
 from shared.mailbox import MailboxBroken
 from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user, remove_user
-from tests.support.oauth_server import OAuthServer, provider_settings
+from tests.support.oauth_server import CLIENT_ID, OAuthServer, provider_settings
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 MakeSettings = Callable[..., Settings]
@@ -407,3 +408,225 @@ def test_an_oauth_grant_replaces_an_app_password(
     assert row.id == connection_id
     assert (row.method, row.login, row.provider) == ("oauth", ADDRESS, "test")
     assert mailbox.access_token(engine, settings, connection_id).mechanism == "XOAUTH2"
+
+
+# --- disconnecting what cannot be revoked; grants the provider gives or takes oddly ---
+
+
+def test_a_broken_grant_is_forgotten_when_google_says_invalid_token(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    oauth_server.revoke_like_google = True  # 400 invalid_token for a revoked token
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    oauth_server.revoke_user(ADDRESS)
+    mailbox.token_refused(engine, connection_id)
+    with pytest.raises(MailboxBroken):
+        mailbox.access_token(engine, settings, connection_id)
+    said = mailbox.disconnect(engine, settings, ADDRESS)
+    assert said == (
+        "the provider no longer knows the grant (already revoked or expired): forgotten"
+    )
+    assert mailbox.list_connections(engine) == []
+
+
+def test_a_grant_with_nothing_to_revoke_is_forgotten(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    with Session(engine) as session:  # stored before store() refused such grants
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        row.grant = mailbox.seal(settings, ADDRESS, oauth.Token("at-x", "", 0.0).as_dict())
+        session.add(row)
+        session.commit()
+    said = mailbox.disconnect(engine, settings, ADDRESS)
+    assert said == "the grant has no refresh token to revoke: forgotten"
+    assert mailbox.list_connections(engine) == []
+
+
+def test_a_provider_away_at_disconnect_keeps_it_unless_forced(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connected(engine, settings, oauth_server)
+    oauth_server.revoke_down = True
+    with pytest.raises(mailbox.NotRevoked, match="kept, try again") as kept:
+        mailbox.disconnect(engine, settings, ADDRESS)
+    assert "\n" not in str(kept.value)
+    assert len(mailbox.list_connections(engine)) == 1
+    said = mailbox.disconnect(engine, settings, ADDRESS, force=True)
+    assert said.startswith("the provider did not revoke the grant (")
+    assert said.endswith("forgotten without revoking (remove the app's access in the account)")
+    assert mailbox.list_connections(engine) == []
+    assert len(oauth_server.refresh) == 1  # still live at the provider: said so above
+
+
+def test_a_grant_without_a_refresh_token_is_refused_naming_the_scopes(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    oauth_server.issue_refresh = False
+    tables = provider_settings(oauth_server)
+    tables["test"]["scopes"] = ["mail.send"]
+    settings = make_settings(oauth=tables)
+    token = consent(settings, oauth_server)
+    assert token.refresh_token == ""
+    add_user(engine, "ann", "password123", addresses=[ADDRESS])
+    with pytest.raises(UserError) as refused:
+        mailbox.store(engine, settings, "ann", ADDRESS, "test", token)
+    assert "gave no refresh token" in str(refused.value)
+    assert r'[oauth.test] scopes (add "offline_access"' in str(refused.value)
+    assert refused.value.field == "provider"
+    assert mailbox.list_connections(engine) == []
+
+
+def test_a_stored_grant_without_a_refresh_token_breaks_at_its_refresh(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    with Session(engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        row.grant = mailbox.seal(settings, ADDRESS, oauth.Token("at-x", "", 0.0).as_dict())
+        session.add(row)
+        session.commit()
+    mailbox.token_refused(engine, connection_id)
+    with pytest.raises(MailboxBroken, match="no refresh token"):
+        mailbox.access_token(engine, settings, connection_id)
+    assert row_of(engine, connection_id).state == "broken"
+    assert oauth_server.refreshes() == 0  # Authlib is never handed an empty one
+
+
+def test_a_token_answer_without_access_token_is_unavailable_and_kept_as_last_error(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    mailbox.token_refused(engine, connection_id)
+    oauth_server.token_answer = {"token_type": "Bearer", "expires_in": 3600}
+    with pytest.raises(mailbox.MailboxUnavailable, match="no access_token"):
+        mailbox.access_token(engine, settings, connection_id)
+    row = row_of(engine, connection_id)
+    assert (row.state, row.lease_until) == ("ok", None)
+    assert row.last_error == "[oauth.test]: the token answer has no access_token"
+    assert row.last_error_at is not None
+    oauth_server.token_answer = None  # the provider mends: the grant was fine all along
+    mailbox.access_token(engine, settings, connection_id)
+    row = row_of(engine, connection_id)
+    assert (row.last_error, row.last_error_at) == ("", None)
+
+
+def test_a_database_error_is_unavailable_in_one_line_without_sql(
+    tmp_path: Path, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    empty = create_engine(f"sqlite:///{tmp_path / 'no-tables.db'}")  # no schema: SQL fails
+    try:
+        for call in (mailbox.access_token, lambda e, s, i: mailbox.token_refused(e, i)):
+            with pytest.raises(mailbox.MailboxUnavailable) as failed:
+                call(empty, settings, 1)
+            assert str(failed.value) == (
+                "the mailbox connection cannot be read now (OperationalError)"
+            )
+    finally:
+        empty.dispose()
+
+
+def test_a_refused_client_secret_breaks_nobody_and_mends_with_the_config(
+    engine: Engine,
+    make_settings: MakeSettings,
+    oauth_server: OAuthServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    webhooks.add_endpoint(engine, "https://hooks.example/mail", ["mailbox.disconnected"])
+    settings = settings_for(make_settings, oauth_server, notify_from="relay@example.com")
+    connection_id = connected(engine, settings, oauth_server)
+    oauth_server.clients[CLIENT_ID] = "the-new-secret"  # the old client secret expired
+    mailbox.token_refused(engine, connection_id)
+    with pytest.raises(mailbox.MailboxMisconfigured) as refused:
+        mailbox.access_token(engine, settings, connection_id)
+    assert str(refused.value) == (
+        "the provider refused the relay's client (invalid_client): "
+        "check [oauth.test] client_id/client_secret"
+    )
+    assert isinstance(refused.value, mailbox.MailboxUnavailable)
+    row = row_of(engine, connection_id)
+    assert (row.state, row.reason) == ("ok", "")
+    assert "[oauth.test] client_id/client_secret" in row.last_error
+    with Session(engine) as session:
+        assert session.exec(select(OutboxItem)).all() == []  # no webhook, no mail
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "[oauth.test] client_id/client_secret" in record.getMessage()
+    tables = provider_settings(oauth_server)
+    tables["test"]["client_secret"] = "the-new-secret"  # the operator fixes the table
+    fixed = make_settings(oauth=tables, notify_from="relay@example.com")
+    access = mailbox.access_token(engine, fixed, connection_id)
+    assert oauth_server.is_live(access.token)
+    assert row_of(engine, connection_id).last_error == ""
+
+
+def test_reconnecting_keeps_the_sent_setting(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    settings = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, settings, oauth_server)
+    assert row_of(engine, connection_id).sent == "clean"  # a new one: clean
+    mailbox.set_sent(engine, connection_id, "leave")
+    mailbox.mark_broken(engine, connection_id, "revoked")
+    row = mailbox.store(engine, settings, "ann", ADDRESS, "test", consent(settings, oauth_server))
+    assert (row.id, row.state, row.sent) == (connection_id, "ok", "leave")
+    row = mailbox.store(
+        engine, settings, "ann", ADDRESS, "test", consent(settings, oauth_server), "clean"
+    )
+    assert row.sent == "clean"  # said: set
+
+
+# --- key rotation: sealing again, conditionally ---
+
+
+def rotated_settings(make_settings: MakeSettings, server: OAuthServer, old: Settings) -> Settings:
+    return settings_for(
+        make_settings,
+        server,
+        secret_key="a-new-secret-key-0123456789abcdef",
+        old_secret_keys=old.secret_key.get_secret_value(),
+    )
+
+
+def test_sealing_again_never_writes_back_a_grant_refreshed_meanwhile(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    old = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, old, oauth_server)
+    rotated = rotated_settings(make_settings, oauth_server, old)
+    stale = row_of(engine, connection_id)  # process A reads the grant under the old key
+    mailbox.token_refused(engine, connection_id)
+    mailbox.access_token(engine, rotated, connection_id)  # process B refreshes: rotated
+    refreshed = row_of(engine, connection_id).grant
+    assert not mailbox._reseal(engine, rotated, stale, mailbox.unseal(old, ADDRESS, stale.grant)[0])
+    assert row_of(engine, connection_id).grant == refreshed  # B's refresh token stays
+    mailbox.token_refused(engine, connection_id)
+    only_new = settings_for(make_settings, oauth_server, secret_key=rotated.secret_key)
+    assert oauth_server.is_live(mailbox.access_token(engine, only_new, connection_id).token)
+    assert row_of(engine, connection_id).state == "ok"
+    assert oauth_server.refreshes() == 2
+
+
+def test_reseal_seals_every_connection_under_the_current_key(
+    engine: Engine, make_settings: MakeSettings, oauth_server: OAuthServer
+) -> None:
+    old = settings_for(make_settings, oauth_server)
+    connection_id = connected(engine, old, oauth_server)
+    add_user(engine, "bea", "password123", addresses=["bea@example.com"])
+    gone = settings_for(make_settings, oauth_server, secret_key="a-key-nobody-lists-any-more-0123")
+    token = consent(gone, oauth_server)
+    lost = mailbox.store(engine, gone, "bea", "bea@example.com", "test", token)
+    rotated = rotated_settings(make_settings, oauth_server, old)
+    assert mailbox.reseal(engine, rotated) == mailbox.Resealed(1, 0, ["bea@example.com"])
+    assert mailbox.reseal(engine, rotated) == mailbox.Resealed(0, 1, ["bea@example.com"])
+    assert row_of(engine, lost.id or 0).state == "ok"  # named, not broken (nobody is told)
+    only_new = settings_for(make_settings, oauth_server, secret_key=rotated.secret_key)
+    assert mailbox.access_token(engine, only_new, connection_id).token  # opens without old
+    assert oauth_server.refreshes() == 0

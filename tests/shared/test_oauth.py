@@ -111,3 +111,36 @@ def test_a_failed_discovery_is_not_asked_again_at_once(
         assert server.discoveries == 2
     finally:
         server.stop()
+
+
+def test_an_answer_authlib_trips_over_is_provider_unavailable_in_one_line(
+    make_settings: Callable[..., Settings], oauth_server: OAuthServer
+) -> None:
+    provider = provider_of(make_settings, oauth_server)
+    with pytest.raises(ProviderUnavailable) as empty:  # Authlib: AttributeError on ""
+        oauth.refresh(provider, "")
+    assert str(empty.value).startswith("[oauth.test]: unexpected answer (AttributeError: ")
+    oauth_server.token_answer = {"token_type": "Bearer"}  # 200, no access_token
+    device = oauth.start_device(provider)
+    oauth_server.approve(device.user_code, "ann@example.com")
+    with pytest.raises(ProviderUnavailable, match=r"^\[oauth.test\]: the token answer has no"):
+        oauth.poll_device(provider, device, sleep=lambda _: None)
+    oauth_server.token_answer = {"access_token": "at-x", "expires_in": "soon"}
+    with pytest.raises(ProviderUnavailable, match=r"^\[oauth.test\]: .*'soon'$"):
+        oauth.refresh(provider, "rt-x")
+
+
+def test_revoke_tells_revoked_from_already_invalid_from_refused(
+    make_settings: Callable[..., Settings], oauth_server: OAuthServer
+) -> None:
+    provider = provider_of(make_settings, oauth_server)
+    assert oauth.revoke(provider, "rt-unknown") == "revoked"  # RFC 7009 2.2: 200 for unknown
+    oauth_server.revoke_like_google = True
+    assert oauth.revoke(provider, "rt-unknown") == "invalid"  # Google: 400 invalid_token
+    oauth_server.clients["trackrelay-test"] = "another"
+    with pytest.raises(OAuthRefused) as refused:
+        oauth.revoke(provider, "rt-unknown")
+    assert refused.value.error == "invalid_client"
+    oauth_server.revoke_down = True
+    with pytest.raises(ProviderUnavailable, match="503"):
+        oauth.revoke(provider, "rt-unknown")

@@ -21,10 +21,23 @@ hooks for what a test needs to happen.
   ``/revoke``: revoking a refresh token revokes the access tokens it gave.
 
 Clients authenticate with HTTP Basic or ``client_secret_post``; a client
-registered without a secret is public. :attr:`token_requests` lists the
-``grant_type`` of every token request that arrived, so a test can count the
-refreshes that reached the server; ``token_delay`` makes each token answer
-slow (two refreshers racing).
+registered without a secret is public (change :attr:`OAuthServer.clients` to
+play a client secret that expired: every request is then ``invalid_client``).
+:attr:`token_requests` lists the ``grant_type`` of every token request that
+arrived, so a test can count the refreshes that reached the server;
+``token_delay`` makes each token answer slow (two refreshers racing).
+
+Hooks for providers that answer otherwise:
+
+* ``revoke_like_google``: ``/revoke`` answers ``400 invalid_token`` for a
+  token it does not know or that was revoked (Google's answer; RFC 7009 2.2
+  has 200), ``revoke_down``: ``/revoke`` answers 503;
+* ``issue_refresh = False``: no ``refresh_token`` in any token answer (a
+  provider not asked for offline access);
+* ``token_answer``: every token request gets this JSON object with 200
+  (a malformed answer, e.g. one without ``access_token``);
+* ``device_scope_refused``: ``/device`` answers ``invalid_scope`` for this
+  scope (Google's device flow and ``https://mail.google.com/``).
 """
 
 from __future__ import annotations
@@ -110,6 +123,11 @@ class OAuthServer:
     introspections: int = 0
     discoveries: int = 0
     discovery_down: bool = False  # True: the discovery document answers 503
+    revoke_like_google: bool = False  # unknown or revoked token: 400 invalid_token
+    revoke_down: bool = False  # /revoke answers 503
+    issue_refresh: bool = True  # False: token answers carry no refresh_token
+    token_answer: dict[str, Any] | None = None  # every token request: this, 200
+    device_scope_refused: str = ""  # /device: invalid_scope when the scope has this
     url: str = ""
 
     def __post_init__(self) -> None:
@@ -252,6 +270,9 @@ class OAuthServer:
         form = {k: str(v) for k, v in (await request.form()).items()}
         try:
             client_id = self._client(request, form)
+            scopes = form.get("scope", "").split()
+            if self.device_scope_refused and self.device_scope_refused in scopes:
+                raise OAuthError("invalid_scope", f"{self.device_scope_refused} is not allowed")
         except OAuthError as exc:
             return exc.response()
         device = Device(
@@ -283,6 +304,8 @@ class OAuthServer:
         self.token_requests.append(grant_type)
         if self.token_delay:
             await asyncio.sleep(self.token_delay)
+        if self.token_answer is not None:
+            return JSONResponse(self.token_answer)
         try:
             client_id = self._client(request, form)
             with self.lock:
@@ -342,7 +365,7 @@ class OAuthServer:
             "expires_in": self.access_ttl,
             "scope": grant.scope,
         }
-        if rotate:
+        if rotate and self.issue_refresh:
             refresh = "rt-" + secrets.token_urlsafe(24)
             self.refresh[refresh] = grant
             body["refresh_token"] = refresh
@@ -379,6 +402,8 @@ class OAuthServer:
         return JSONResponse(body)
 
     async def revoke(self, request: Request) -> Response:
+        if self.revoke_down:
+            return JSONResponse({"error": "temporarily_unavailable"}, status_code=503)
         form = {k: str(v) for k, v in (await request.form()).items()}
         try:
             client_id = self._client(request, form)
@@ -387,6 +412,8 @@ class OAuthServer:
         token = form.get("token", "")
         with self.lock:
             grant = self.refresh.get(token) or self.access.get(token, (None, 0.0))[0]
+            if self.revoke_like_google and (grant is None or grant.revoked):
+                return OAuthError("invalid_token", "Token expired or revoked").response()
             if grant is not None and grant.client_id == client_id:
                 # RFC 7009 2.1: revoking a refresh token revokes the grant's access tokens
                 for other in [*self.refresh.values(), *(g for g, _ in self.access.values())]:

@@ -35,6 +35,10 @@ def setup(tmp_path: Path, oauth_server: OAuthServer) -> tuple[dict[str, str], Pa
         TRACKRELAY_DATABASE_URL=url,
         TRACKRELAY_VAR_DIR=str(tmp_path / "var"),
         TRACKRELAY_SECRET_KEY=TEST_SECRET,
+        # where connections are used: local mode, a real (if absent) smarthost
+        TRACKRELAY_AUTH_MODE="local",
+        TRACKRELAY_UPSTREAM="smtp://127.0.0.1:9",
+        TRACKRELAY_UPSTREAM_USER="relay",
     )
     yield env, config, engine
     engine.dispose()
@@ -206,12 +210,12 @@ def test_connect_with_an_app_password_list_disconnect(
     assert run(env, config, "mailbox", "list")[:2] == (0, "")
 
 
-def test_a_wrong_app_password_is_exit_2_one_line_and_nothing_stored(
+def test_a_wrong_app_password_is_exit_1_one_line_and_nothing_stored(
     password_setup: tuple[dict[str, str], Path, Engine], upstream: RecordingUpstream
 ) -> None:
     env, config, _ = password_setup
     code, out, err = connect_password(env, config, "not it", "--provider", "fast", "--login", USER)
-    assert (code, out) == (2, "")
+    assert (code, out) == (1, "")  # every mailbox command's user error: exit 1
     assert err.startswith(f"trackrelay: the provider refused the app password for {USER} (535")
     assert f"at {upstream.url}" in err
     assert err.endswith("nothing was stored\n")
@@ -237,7 +241,7 @@ def test_connect_with_an_app_password_names_what_is_wrong(
 ) -> None:
     env, config, _ = password_setup
     code, _, err = connect_password(env, config, password, *argv)
-    assert code == 2
+    assert code == 1
     assert err.startswith(f"trackrelay: {error}"), err
     assert err.count("\n") == 1
     assert upstream.auth_attempts == []
@@ -299,3 +303,119 @@ def _read_until(fd: int, wanted: bytes, wait: float = 30.0) -> bytes:
         seen += chunk
     assert not wanted or wanted in seen, seen
     return seen
+
+
+def connect_ann(env: dict[str, str], config: Path, oauth_server: OAuthServer) -> None:
+    process = trackrelay(
+        env, config, "mailbox", "connect", ANN, "--provider", "test", "--user", "ann"
+    )
+    oauth_server.approve(prompt(process)["user code"], ANN)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert err == ""  # local mode: no warning
+
+
+def test_a_broken_google_grant_is_disconnected(
+    setup: tuple[dict[str, str], Path, Engine], oauth_server: OAuthServer
+) -> None:
+    env, config, _ = setup
+    oauth_server.revoke_like_google = True  # 400 invalid_token for a revoked grant
+    connect_ann(env, config, oauth_server)
+    oauth_server.revoke_user(ANN)
+    code, out, err = run(env, config, "mailbox", "disconnect", ANN)
+    assert (code, err) == (0, "")
+    said = "the provider no longer knows the grant (already revoked or expired): forgotten"
+    assert out == f"{ANN}: {said}\n"
+    assert run(env, config, "mailbox", "list")[:2] == (0, "")
+
+
+def test_a_provider_away_at_disconnect_is_exit_1_then_force_forgets(
+    setup: tuple[dict[str, str], Path, Engine], oauth_server: OAuthServer
+) -> None:
+    env, config, _ = setup
+    connect_ann(env, config, oauth_server)
+    oauth_server.revoke_down = True
+    code, out, err = run(env, config, "mailbox", "disconnect", ANN)
+    assert (code, out) == (1, "")
+    assert err.startswith("trackrelay: the provider did not revoke the grant (")
+    assert err.endswith(
+        "kept, try again (or forget it without revoking): --force forgets it without revoking\n"
+    )
+    assert err.count("\n") == 1
+    assert run(env, config, "mailbox", "list")[1].startswith(f"{ANN}\ttest\toauth\tann\tok")
+    code, out, _ = run(env, config, "mailbox", "disconnect", ANN, "--force")
+    assert code == 0
+    assert out.endswith("forgotten without revoking (remove the app's access in the account)\n")
+    assert run(env, config, "mailbox", "list")[:2] == (0, "")
+
+
+def test_list_shows_the_last_error_and_when(
+    setup: tuple[dict[str, str], Path, Engine], oauth_server: OAuthServer
+) -> None:
+    env, config, engine = setup
+    connect_ann(env, config, oauth_server)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE mailbox_connections SET last_error = 'the provider is away',"
+            " last_error_at = '2026-12-01 08:30:00.000000'"
+        )
+    assert run(env, config, "mailbox", "list")[1] == (
+        f"{ANN}\ttest\toauth\tann\tok\tlast error 2026-12-01T08:30:00Z: the provider is away\n"
+    )
+
+
+def test_a_device_flow_refusing_the_scope_says_use_the_dashboard(
+    setup: tuple[dict[str, str], Path, Engine], oauth_server: OAuthServer
+) -> None:
+    env, config, _ = setup
+    oauth_server.device_scope_refused = "mail.send"  # as Google refuses https://mail.google.com/
+    code, out, err = run(
+        env, config, "mailbox", "connect", ANN, "--provider", "test", "--user", "ann"
+    )
+    assert (code, out) == (1, "")
+    assert err == (
+        "trackrelay: the provider refused the scopes for the device flow (invalid_scope: "
+        "mail.send is not allowed); Google's device flow does not allow "
+        "https://mail.google.com/: connect Google accounts on the dashboard's Mailbox page\n"
+    )
+
+
+def test_connect_outside_local_mode_warns_that_connections_are_unused(
+    setup: tuple[dict[str, str], Path, Engine], oauth_server: OAuthServer
+) -> None:
+    env, config, _ = setup
+    env = {**env, "TRACKRELAY_AUTH_MODE": "passthrough"}
+    code, _, err = run(
+        env, config, "mailbox", "connect", ANN, "--provider", "nope", "--user", "ann"
+    )
+    assert code == 1
+    warning, error = err.splitlines()
+    assert warning == (
+        "trackrelay: warning: mailbox connections are used only in local auth mode "
+        "(TRACKRELAY_AUTH_MODE=local); this relay runs in passthrough mode, so no mail goes "
+        "out through them"
+    )
+    assert error.startswith("trackrelay: no [oauth.nope] table")
+
+
+def test_reseal_after_a_key_rotation(
+    setup: tuple[dict[str, str], Path, Engine], oauth_server: OAuthServer
+) -> None:
+    env, config, _ = setup
+    connect_ann(env, config, oauth_server)
+    new_key = "a-new-secret-key-0123456789abcdef"
+    rotated = {**env, "TRACKRELAY_SECRET_KEY": new_key, "TRACKRELAY_OLD_SECRET_KEYS": TEST_SECRET}
+    code, out, err = run(rotated, config, "mailbox", "reseal")
+    assert (code, out, err) == (0, "sealed again: 1; already under the current key: 0\n", "")
+    only_new = {**env, "TRACKRELAY_SECRET_KEY": new_key}
+    code, out, _ = run(only_new, config, "mailbox", "reseal")
+    assert (code, out) == (0, "sealed again: 0; already under the current key: 1\n")
+    code, out, err = run(env, config, "mailbox", "reseal")  # the old key alone opens nothing
+    assert code == 1
+    assert out == "sealed again: 0; already under the current key: 0\n"
+    assert err == (
+        f"trackrelay: no configured key opens the grant of {ANN}: list its key in "
+        "TRACKRELAY_OLD_SECRET_KEYS and run this again (else connect it again)\n"
+    )
+    code, out, _ = run(only_new, config, "mailbox", "disconnect", ANN)  # the grant opens
+    assert (code, out) == (0, f"{ANN}: revoked at the provider and forgotten\n")

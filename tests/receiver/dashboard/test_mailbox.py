@@ -506,3 +506,105 @@ def test_an_app_password_connection_is_listed_and_disconnected(
     assert answer.status_code == 303
     assert "an app password: forgotten" in password_client.get(f"{D}/mailbox").text
     assert rows(engine) == []
+
+
+# --- where connections are used; what went wrong; disconnecting when the provider is away ---
+
+
+def test_outside_local_mode_the_page_says_connections_are_unused(
+    app_client: TestClient, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")  # the app's settings: the default passthrough mode
+    page = connect(app_client, oauth_server)
+    assert "data-unused" in page
+    assert (
+        "Mailbox connections are used only in local auth mode (TRACKRELAY_AUTH_MODE=local); "
+        "this relay runs in passthrough mode, so no mail goes out through them."
+    ) in page
+    assert f"Connected {SAM} to test. Note: Mailbox connections are used only" in page
+    assert "its mail now goes out through that mailbox" not in page
+
+
+def test_in_local_mode_the_page_says_mail_goes_through_the_mailbox(
+    engine: Engine, make_settings: Callable[..., Settings], oauth_server: OAuthServer
+) -> None:
+    seed(engine)
+    settings = _settings(
+        make_settings,
+        oauth_server,
+        auth_mode="local",
+        upstream="smtp://127.0.0.1:9",
+        upstream_user="relay",
+    )
+    with TestClient(create_app(settings, engine)) as client:
+        login(client, "sam")
+        page = connect(client, oauth_server)
+    assert f"Connected {SAM} to test: its mail now goes out through that mailbox." in page
+    assert "data-unused" not in page
+
+
+def test_the_last_error_is_shown_with_when(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    connect(app_client, oauth_server)
+    [row] = rows(engine)
+    assert "data-last-error" not in app_client.get(f"{D}/mailbox").text
+    mailbox.note_error(engine, row.id or 0, "the provider is away\n(503)")
+    page = app_client.get(f"{D}/mailbox").text
+    shown = page[page.index("data-last-error") :]
+    shown = shown[: shown.index("</small>")]
+    assert "<time datetime=" in shown
+    assert shown.endswith(": the provider is away (503)")
+    app_client.cookies.clear()
+    login(app_client, "ada")  # and in everyone's connections
+    assert app_client.get(f"{D}/mailbox").text.count("data-last-error") == 1
+
+
+def test_a_provider_away_at_disconnect_offers_to_forget_without_revoking(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    connect(app_client, oauth_server)
+    [row] = rows(engine)
+    assert "Forget without revoking" not in app_client.get(f"{D}/mailbox").text
+    oauth_server.revoke_down = True
+    token = csrf_from(app_client.get(f"{D}/mailbox").text)
+    answer = app_client.post(f"{D}/mailbox/{row.id}/disconnect", data={"csrf_token": token})
+    assert "the provider did not revoke the grant (" in answer.text
+    assert "kept, try again (or forget it without revoking)." in answer.text
+    assert "Forget without revoking" in answer.text
+    assert 'name="force" value="1"' in answer.text
+    assert len(rows(engine)) == 1
+    answer = app_client.post(
+        f"{D}/mailbox/{row.id}/disconnect", data={"csrf_token": token, "force": "1"}
+    )
+    assert "forgotten without revoking (remove the app&#39;s access in the account)." in answer.text
+    assert rows(engine) == []
+    assert "Forget without revoking" not in app_client.get(f"{D}/mailbox").text
+
+
+def test_reconnecting_keeps_the_sent_folder_mode(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    connect(app_client, oauth_server)
+    [row] = rows(engine)
+    mailbox.set_sent(engine, row.id or 0, "leave")
+    connect(app_client, oauth_server)
+    assert [(r.id, r.sent) for r in rows(engine)] == [(row.id, "leave")]
+
+
+def test_an_odd_token_answer_or_no_refresh_token_is_said_never_a_500(
+    app_client: TestClient, engine: Engine, oauth_server: OAuthServer
+) -> None:
+    login(app_client, "sam")
+    oauth_server.token_answer = {"token_type": "Bearer"}  # 200 without access_token
+    back = consent(start(app_client).headers["location"], oauth_server)
+    assert "test could not be reached to finish the sign-in. Try again." in land(app_client, back)
+    oauth_server.token_answer = None
+    oauth_server.issue_refresh = False  # not asked for offline access
+    page = land(app_client, consent(start(app_client).headers["location"], oauth_server))
+    assert "Not connected: test gave no refresh token" in page
+    assert "[oauth.test] scopes" in page
+    assert rows(engine) == []

@@ -88,14 +88,15 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
     sock.bind(("127.0.0.1", 0))
     public = f"http://127.0.0.1:{sock.getsockname()[1]}"
     providers = provider_settings(oauth_server, provider.url)
-    settings = make_settings(database_url=url, public_url=public, oauth=providers)
-    relaying = relay_settings(
+    # one config for the receiver and the relay: local mode, where connections are used
+    settings = relaying = relay_settings(
         make_settings,
         upstream,
         auth_mode="local",
         upstream_user=USER,
         upstream_password=UPSTREAM_PASSWORD,
         database_url=url,
+        public_url=public,
         oauth=providers,
     )
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,10 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
         page.screenshot(path=str(SHOTS / "mailbox-empty-desktop.png"), full_page=True)
 
         row = connect_mailbox(page, public, oauth_server.url, SAM)
+        expect(page.locator(".flash")).to_have_text(
+            f"Connected {SAM} to test: its mail now goes out through that mailbox."
+        )
+        expect(page.locator("[data-unused]")).to_have_count(0)  # local mode: used
         page.screenshot(path=str(SHOTS / "mailbox-connected-desktop.png"), full_page=True)
 
         # sam's mail goes out through the mailbox: one XOAUTH2 login with the granted token
@@ -136,6 +141,19 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
         expect(row.locator("[data-state]")).to_have_text("broken")
         expect(row).to_contain_text("invalid_grant")
         page.screenshot(path=str(SHOTS / "mailbox-broken-desktop.png"), full_page=True)
+
+        # Disconnect while the provider's revocation endpoint is away: kept, and that
+        # row alone offers "Forget without revoking" (each asks first: accepted here)
+        oauth_server.revoke_down = True
+        page.on("dialog", lambda dialog: dialog.accept())
+        row.locator("button:has-text('Disconnect')").click()
+        expect(page.locator(".flash-error[role=status]")).to_contain_text("kept, try again")
+        forget = row.locator("button:has-text('Forget without revoking')")
+        expect(forget).to_be_visible()
+        page.screenshot(path=str(SHOTS / "mailbox-not-revoked-desktop.png"), full_page=True)
+        forget.click()
+        expect(page.locator(".flash[role=status]")).to_contain_text("forgotten without revoking")
+        expect(row).to_have_count(0)
         browser.close()
 
 
@@ -156,16 +174,14 @@ def test_connect_with_an_app_password_in_the_browser_and_see_it_break(
     public = f"http://127.0.0.1:{sock.getsockname()[1]}"
     fast = RecordingUpstream(*tls_pair).start()  # app passwords only: PLAIN for USER/PASSWORD
     providers = {"fast": {"app_passwords": True, "smtp": fast.url}}
-    settings = make_settings(
-        database_url=url, public_url=public, oauth=providers, upstream_verify_tls=False
-    )
-    relaying = relay_settings(
+    settings = relaying = relay_settings(
         make_settings,
         upstream,
         auth_mode="local",
         upstream_user=USER,
         upstream_password=UPSTREAM_PASSWORD,
         database_url=url,
+        public_url=public,
         oauth=providers,
     )
     SHOTS.mkdir(parents=True, exist_ok=True)
