@@ -62,7 +62,7 @@ def answers(engine: Engine) -> list[tuple[str, str]]:
     )
 
 
-async def wait_for(engine: Engine, count: int, timeout: float = 20.0) -> list[tuple[str, str]]:
+async def wait_for(engine: Engine, count: int, timeout: float = 60.0) -> list[tuple[str, str]]:
     deadline = time.monotonic() + timeout
     found = await asyncio.to_thread(answers, engine)
     while len(found) < count and time.monotonic() < deadline:
@@ -71,7 +71,7 @@ async def wait_for(engine: Engine, count: int, timeout: float = 20.0) -> list[tu
     return found
 
 
-async def watched(engine: Engine, timeout: float = 20.0) -> None:
+async def watched(engine: Engine, timeout: float = 60.0) -> None:
     """The watcher has looked at the INBOX (it stored its UIDVALIDITY)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
