@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -40,6 +41,31 @@ def provider(tls_pair: tuple[Path, Path], oauth_server: OAuthServer) -> Iterator
     server.stop()
 
 
+def local_settings(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    oauth: dict[str, dict[str, Any]],
+    **overrides: Any,
+) -> Settings:
+    """Local mode with the smarthost account USER and the provider tables OAUTH."""
+    return relay_settings(
+        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=oauth, **overrides
+    )
+
+
+def oauth_settings(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    oauth_server: OAuthServer,
+    smtp: str,
+    **overrides: Any,
+) -> Settings:
+    """local_settings with the in-suite OAuth server's provider ``test`` on SMTP."""
+    return local_settings(
+        make_settings, upstream, provider_settings(oauth_server, smtp), **overrides
+    )
+
+
 def connect_ann(engine: Engine, settings: Settings, oauth_server: OAuthServer) -> int:
     add_user(engine, "ann", "password123", addresses=[ANN, OTHER])
     found = mailbox.provider(settings, "test")
@@ -55,6 +81,34 @@ async def ann_sends(relay: RelayServer, sender: str = ANN) -> aiosmtplib.SMTPRes
     return await send(relay, MESSAGE, sender=sender, user="ann", password="password123")
 
 
+async def ann_refused(relay: RelayServer) -> aiosmtplib.SMTPSenderRefused:
+    """Ann's message from ANN, which the relay must refuse at MAIL FROM."""
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+        await ann_sends(relay)
+    return refused.value
+
+
+def refusals(settings: Settings, engine: Engine, times: int) -> list[aiosmtplib.SMTPSenderRefused]:
+    """One relay on SETTINGS refusing Ann's message TIMES times in a row."""
+
+    async def go() -> list[aiosmtplib.SMTPSenderRefused]:
+        async with running_relay(settings, engine) as relay:
+            return [await ann_refused(relay) for _ in range(times)]
+
+    return asyncio.run(go())
+
+
+def both_addresses_sent(settings: Settings, engine: Engine) -> None:
+    """Ann sends from ANN (connected) and from OTHER (the smarthost): both 250."""
+
+    async def go() -> None:
+        async with running_relay(settings, engine) as relay:
+            assert (await ann_sends(relay)).code == 250
+            assert (await ann_sends(relay, OTHER)).code == 250
+
+    asyncio.run(go())
+
+
 def test_a_connected_address_goes_through_its_mailbox(
     make_settings: MakeSettings,
     upstream: RecordingUpstream,
@@ -62,22 +116,11 @@ def test_a_connected_address_goes_through_its_mailbox(
     oauth_server: OAuthServer,
     db_engine: Engine,
 ) -> None:
-    settings = relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        upstream_password=PASSWORD,
-        oauth=provider_settings(oauth_server, provider.url),
+    settings = oauth_settings(
+        make_settings, upstream, oauth_server, provider.url, upstream_password=PASSWORD
     )
     connect_ann(db_engine, settings, oauth_server)
-
-    async def go() -> None:
-        async with running_relay(settings, db_engine) as relay:
-            assert (await ann_sends(relay)).code == 250
-            assert (await ann_sends(relay, OTHER)).code == 250
-
-    asyncio.run(go())
+    both_addresses_sent(settings, db_engine)
     assert [m.mail_from for m in provider.messages] == [ANN]
     assert provider.auth_attempts == [("XOAUTH2", ANN)]  # one AUTH, with the token
     assert [m.mail_from for m in upstream.messages] == [OTHER]
@@ -93,13 +136,7 @@ def test_a_due_token_is_refreshed_before_the_login(
     db_engine: Engine,
 ) -> None:
     oauth_server.access_ttl = 60  # inside the refresh margin: due at every login
-    settings = relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        oauth=provider_settings(oauth_server, provider.url),
-    )
+    settings = oauth_settings(make_settings, upstream, oauth_server, provider.url)
     connect_ann(db_engine, settings, oauth_server)
 
     async def go() -> None:
@@ -120,27 +157,12 @@ def test_a_revoked_grant_is_454_naming_the_mailbox_page_and_nothing_is_lost(
     oauth_server: OAuthServer,
     db_engine: Engine,
 ) -> None:
-    settings = relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        oauth=provider_settings(oauth_server, provider.url),
-    )
+    settings = oauth_settings(make_settings, upstream, oauth_server, provider.url)
     connection_id = connect_ann(db_engine, settings, oauth_server)
     oauth_server.revoke_user(ANN)  # the relay still holds an access token it thinks is live
 
-    async def attempt(relay: RelayServer) -> aiosmtplib.SMTPSenderRefused:
-        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
-            await ann_sends(relay)
-        return refused.value
-
-    async def go() -> list[aiosmtplib.SMTPSenderRefused]:
-        async with running_relay(settings, db_engine) as relay:
-            return [await attempt(relay), await attempt(relay), await attempt(relay)]
-
-    refusals = asyncio.run(go())
-    for refusal in refusals:  # the refused token refreshed at once: invalid_grant, broken
+    # the refused token refreshed at once: invalid_grant, broken
+    for refusal in refusals(settings, db_engine, 3):
         assert refusal.code == 454
         assert refusal.message.startswith("4.7.0 Mailbox connection of ann@example.com")
         assert "no longer accepts the grant" in refusal.message
@@ -165,13 +187,7 @@ def test_a_token_expiring_mid_session_is_refreshed_at_the_reopening(
 ) -> None:
     """One client session, two messages; between them the provider drops the idle
     connection and the token has expired: the reopening logs in with a new token."""
-    settings = relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        oauth=provider_settings(oauth_server, provider.url),
-    )
+    settings = oauth_settings(make_settings, upstream, oauth_server, provider.url)
     connect_ann(db_engine, settings, oauth_server)
 
     async def go() -> None:
@@ -197,13 +213,7 @@ def test_a_token_expiring_mid_session_is_refreshed_at_the_reopening(
 def test_an_unreadable_database_is_451_not_the_shared_account(
     make_settings: MakeSettings, upstream: RecordingUpstream, oauth_server: OAuthServer
 ) -> None:
-    settings = relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        oauth=provider_settings(oauth_server, upstream.url),
-    )
+    settings = oauth_settings(make_settings, upstream, oauth_server, upstream.url)
     gone = create_engine("sqlite:////nonexistent-directory/relay.db")
     with pytest.raises(UpstreamUnavailable):
         asyncio.run(mailboxes.find(settings, gone, "ann", ANN))
@@ -218,22 +228,11 @@ def test_a_connection_whose_provider_left_the_config_is_454(
     db_engine: Engine,
 ) -> None:
     tables = provider_settings(oauth_server, provider.url)
-    settings = relay_settings(
-        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
-    )
+    settings = local_settings(make_settings, upstream, tables)
     connect_ann(db_engine, settings, oauth_server)
     tables["other"] = tables.pop("test")
-    settings = relay_settings(
-        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
-    )
-
-    async def go() -> aiosmtplib.SMTPSenderRefused:
-        async with running_relay(settings, db_engine) as relay:
-            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
-                await ann_sends(relay)
-            return refused.value
-
-    refused = asyncio.run(go())
+    settings = local_settings(make_settings, upstream, tables)
+    (refused,) = refusals(settings, db_engine, 1)
     assert refused.code == 454
     assert "[oauth.test] is not in the config" in refused.message
     assert upstream.messages == []
@@ -253,14 +252,8 @@ def password_provider(tls_pair: tuple[Path, Path]) -> Iterator[RecordingUpstream
 def password_settings(
     make_settings: MakeSettings, upstream: RecordingUpstream, provider: RecordingUpstream
 ) -> Settings:
-    return relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        upstream_password=PASSWORD,
-        oauth={"fast": {"app_passwords": True, "smtp": provider.url}},
-    )
+    fast = {"fast": {"app_passwords": True, "smtp": provider.url}}
+    return local_settings(make_settings, upstream, fast, upstream_password=PASSWORD)
 
 
 def connect_ann_with_a_password(engine: Engine, settings: Settings) -> int:
@@ -279,13 +272,7 @@ def test_an_app_password_connection_sends_through_its_mailbox(
     settings = password_settings(make_settings, upstream, password_provider)
     connect_ann_with_a_password(db_engine, settings)
     password_provider.auth_attempts.clear()  # the trial login at connect time
-
-    async def go() -> None:
-        async with running_relay(settings, db_engine) as relay:
-            assert (await ann_sends(relay)).code == 250
-            assert (await ann_sends(relay, OTHER)).code == 250
-
-    asyncio.run(go())
+    both_addresses_sent(settings, db_engine)
     assert [m.mail_from for m in password_provider.messages] == [ANN]
     assert password_provider.auth_attempts == [("PLAIN", USER)]  # one AUTH, the login
     assert [m.mail_from for m in upstream.messages] == [OTHER]
@@ -308,16 +295,7 @@ def test_a_refused_app_password_is_broken_454_and_announced(
         session.commit()
     password_provider.auth_attempts.clear()
 
-    async def attempt(relay: RelayServer) -> aiosmtplib.SMTPSenderRefused:
-        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
-            await ann_sends(relay)
-        return refused.value
-
-    async def go() -> list[aiosmtplib.SMTPSenderRefused]:
-        async with running_relay(settings, db_engine) as relay:
-            return [await attempt(relay), await attempt(relay)]
-
-    refused, still = asyncio.run(go())
+    refused, still = refusals(settings, db_engine, 2)
     for refusal in (refused, still):
         assert refusal.code == 454
         assert refusal.message.startswith("4.7.0 Mailbox connection of ann@example.com")
@@ -347,22 +325,13 @@ def test_an_app_password_whose_provider_stopped_taking_them_is_454(
         db_engine, password_settings(make_settings, upstream, password_provider)
     )
     password_provider.auth_attempts.clear()
-    settings = relay_settings(
+    settings = local_settings(
         make_settings,
         upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        oauth={"fast": {"app_passwords": False, "issuer": "https://id.example", "client_id": "c",
-                        "smtp": password_provider.url}},
+        {"fast": {"app_passwords": False, "issuer": "https://id.example", "client_id": "c",
+                  "smtp": password_provider.url}},
     )  # fmt: skip
-
-    async def go() -> aiosmtplib.SMTPSenderRefused:
-        async with running_relay(settings, db_engine) as relay:
-            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
-                await ann_sends(relay)
-            return refused.value
-
-    refused = asyncio.run(go())
+    (refused,) = refusals(settings, db_engine, 1)
     assert refused.code == 454
     assert "[oauth.fast] no longer takes app passwords" in refused.message
     assert password_provider.auth_attempts == []
@@ -370,16 +339,6 @@ def test_an_app_password_whose_provider_stopped_taking_them_is_454(
 
 
 # --- a token refused right after a refresh; transient failures ---
-
-
-async def refused_twice(settings: Settings, engine: Engine) -> list[aiosmtplib.SMTPSenderRefused]:
-    async def attempt(relay: RelayServer) -> aiosmtplib.SMTPSenderRefused:
-        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
-            await ann_sends(relay)
-        return refused.value
-
-    async with running_relay(settings, engine) as relay:
-        return [await attempt(relay), await attempt(relay)]
 
 
 def test_a_fresh_token_refused_at_auth_breaks_the_connection_once(
@@ -394,16 +353,10 @@ def test_a_fresh_token_refused_at_auth_breaks_the_connection_once(
     webhook once, and no more refreshes nor logins."""
     webhooks.add_endpoint(db_engine, "https://hooks.example/mail", ["mailbox.disconnected"])
     provider.refuse_tokens = SMTP_AUTH_DISABLED
-    settings = relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        oauth=provider_settings(oauth_server, provider.url),
-    )
+    settings = oauth_settings(make_settings, upstream, oauth_server, provider.url)
     connection_id = connect_ann(db_engine, settings, oauth_server)
 
-    first, second = asyncio.run(refused_twice(settings, db_engine))
+    first, second = refusals(settings, db_engine, 2)
     for refusal in (first, second):
         assert refusal.code == 454
         assert "the provider refused a fresh token: 535 5.7.139" in refusal.message
@@ -429,13 +382,7 @@ def test_a_token_the_provider_retired_early_is_refreshed_in_the_same_try(
     oauth_server: OAuthServer,
     db_engine: Engine,
 ) -> None:
-    settings = relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        oauth=provider_settings(oauth_server, provider.url),
-    )
+    settings = oauth_settings(make_settings, upstream, oauth_server, provider.url)
     connect_ann(db_engine, settings, oauth_server)
     oauth_server.expire_access_tokens()  # the relay thinks it lives; the provider does not
 
@@ -455,17 +402,11 @@ def test_an_unreachable_provider_is_451_naming_it_without_reconnecting(
     oauth_server: OAuthServer,
     db_engine: Engine,
 ) -> None:
-    settings = relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        oauth=provider_settings(oauth_server, "smtp+starttls://127.0.0.1:9"),  # nobody there
-    )
+    nobody = "smtp+starttls://127.0.0.1:9"  # nobody there
+    settings = oauth_settings(make_settings, upstream, oauth_server, nobody)
     connection_id = connect_ann(db_engine, settings, oauth_server)
 
-    refusals = asyncio.run(refused_twice(settings, db_engine))
-    for refusal in refusals:
+    for refusal in refusals(settings, db_engine, 2):
         assert refusal.code == 451
         assert refusal.message.startswith("4.4.1 Mailbox provider test of ann@example.com")
         assert "127.0.0.1:9" in refusal.message
@@ -486,18 +427,13 @@ def test_an_unreachable_token_endpoint_is_451_without_reconnecting(
     db_engine: Engine,
 ) -> None:
     tables = provider_settings(oauth_server, provider.url)
-    settings = relay_settings(
-        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
-    )
+    settings = local_settings(make_settings, upstream, tables)
     connection_id = connect_ann(db_engine, settings, oauth_server)
     mailbox.token_refused(db_engine, connection_id)  # due: the relay must refresh
     tables["test"]["token_endpoint"] = "http://127.0.0.1:9/token"  # down now
-    settings = relay_settings(
-        make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
-    )
+    settings = local_settings(make_settings, upstream, tables)
 
-    refusals = asyncio.run(refused_twice(settings, db_engine))
-    for refusal in refusals:
+    for refusal in refusals(settings, db_engine, 2):
         assert refusal.code == 451
         assert "Mailbox provider test of ann@example.com cannot be reached now" in refusal.message
         assert "its token endpoint" in refusal.message
@@ -519,9 +455,7 @@ def test_a_refused_client_secret_is_454_for_ops_and_breaks_no_connection(
     def settings_with(secret: str) -> Settings:
         tables = provider_settings(oauth_server, provider.url)
         tables["test"]["client_secret"] = secret
-        return relay_settings(
-            make_settings, upstream, auth_mode="local", upstream_user=USER, oauth=tables
-        )
+        return local_settings(make_settings, upstream, tables)
 
     fixed = settings_with(CLIENT_SECRET)
     connection_id = connect_ann(db_engine, fixed, oauth_server)
