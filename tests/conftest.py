@@ -92,6 +92,31 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+def ann_connected_at(url: str, revision: str, last_error: str = "") -> Engine:
+    """The schema at REVISION (0009 or later) with user ann and her mailbox connection,
+    in the columns 0009 made (later ones take their defaults); its engine. For the
+    tests of the migrations that change mailbox_connections."""
+    db.upgrade(url, revision)
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO users (id, username, password_hash, role, created_at)"
+                " VALUES (1, 'ann', 'x', 'sender', '2026-12-03 12:00:00')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO mailbox_connections (user_id, address, provider, grant, scopes,"
+                " state, reason, sent, last_error, lease_owner, created_at) VALUES"
+                " (1, 'ann@example.com', 'test', 'v1.x.y', '', 'ok', '', 'clean', :last_error,"
+                " '', '2026-12-03 12:00:00')"
+            ),
+            {"last_error": last_error},
+        )
+    return engine
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":

@@ -8,12 +8,12 @@ from alembic import command
 from sqlalchemy import inspect, text
 
 from shared import db
-from tests.shared.test_migration_0009 import ann_connected_at_0009
+from tests.conftest import ann_connected_at
 
 
 def test_0010_up_keeps_rows_and_down(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
-    engine = ann_connected_at_0009(url)
+    engine = ann_connected_at(url, "0009")
     db.upgrade(url, "0010")
     with engine.begin() as conn:
         row = conn.execute(
