@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
@@ -25,25 +24,18 @@ from sqlmodel import Session, select
 from receiver.readmodel.events import events_after
 from relay import inboxwatch
 from shared.identity import Viewer
-from shared.mailbox import connect_password
 from shared.models import MailboxConnection, Message, User
-from shared.users import add_user
-from tests.support.dovecot import ANN, APP_PASSWORD, USER, Dovecot
+from tests.support.dovecot import ANN, USER, Dovecot
 from tests.support.imapkit import (
     BOUNCE,
-    MESSAGE,
     RECIPIENTS,
     REPLY,
     AnnsMailbox,
-    ann_sends,
     connect_ann,
     imap_provider,
 )
-from tests.support.imapkit import PASSWORD as RELAY_PASSWORD
 from tests.support.oauth_server import OAuthServer
-from tests.support.relaykit import MakeSettings, relay_settings, running_relay
-from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
-from tests.support.upstream import RecordingUpstream
+from tests.support.relaykit import MakeSettings, running_relay
 
 
 def answers(engine: Engine) -> list[tuple[str, str]]:
@@ -109,39 +101,22 @@ def test_a_reply_and_a_bounce_become_events_and_stay_unseen(
 
 
 def test_an_app_password_connections_inbox_is_watched_over_login(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
 ) -> None:
     """Provider fast takes app passwords only: ann sends as ann@ through the login alice
     (AUTH PLAIN), and alice's INBOX is watched with IMAP LOGIN."""
-    provider = RecordingUpstream(*tls_pair).start()  # PLAIN for USER/PASSWORD
-    try:
-        settings = relay_settings(
-            make_settings,
-            upstream,
-            auth_mode="local",
-            upstream_user=USER,
-            upstream_password=UPSTREAM_PASSWORD,
-            public_url="https://t.example.com",
-            oauth={"fast": {"app_passwords": True, "smtp": provider.url, "imap": dovecot.url}},
-            imap_poll_interval=0.5,
-        )
-        add_user(db_engine, "ann", RELAY_PASSWORD, addresses=[ANN])
-        connect_password(db_engine, settings, "ann", ANN, "fast", APP_PASSWORD, login=USER)
-        assert asyncio.run(ann_sends(settings, db_engine, MESSAGE)).startswith("2.0.0")
+    with anns_mailbox.sent_with_a_password(db_engine, imap_poll_interval=0.5) as sent:
+        assert sent.reply.startswith("2.0.0")
 
         async def scenario() -> list[tuple[str, str]]:
-            async with running_relay(settings, db_engine):
+            async with running_relay(sent.settings, db_engine):
                 await watched(db_engine)
                 await asyncio.to_thread(dovecot.append, "INBOX", REPLY, user=USER)
                 return await wait_for(db_engine, 1)
 
         found = asyncio.run(scenario())
-    finally:
-        provider.stop()
     assert found == [("reply", RECIPIENTS[0])]
     assert f"user=<{USER}>, method=PLAIN" in dovecot.log()
 

@@ -14,7 +14,6 @@ import logging
 import re
 import threading
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,22 +21,16 @@ from imapclient import IMAPClient
 from sqlalchemy import Engine, create_engine
 
 from relay import sentfolder
-from shared import mailbox
 from shared.config import Settings
 from shared.tokens import Signer
-from shared.users import add_user
-from tests.support.dovecot import ANN, APP_PASSWORD, SENT, USER, Dovecot
+from tests.support.dovecot import ANN, SENT, USER, Dovecot
 from tests.support.dovecot import PASSWORD as DOVECOT_PASSWORD
 from tests.support.imapkit import (
     MESSAGE,
     AnnsMailbox,
-    ann_sends,
 )
-from tests.support.imapkit import PASSWORD as RELAY_PASSWORD
 from tests.support.oauth_server import OAuthServer
-from tests.support.relaykit import MakeSettings, relay_settings
-from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
-from tests.support.upstream import RecordingUpstream
+from tests.support.relaykit import MakeSettings
 
 
 def tracked(settings: Settings, data: bytes) -> bool:
@@ -228,36 +221,19 @@ def test_a_token_in_quoted_printable_is_found(make_settings: MakeSettings) -> No
 
 
 def test_an_app_password_connection_gets_its_sent_folder_cleaned(
-    make_settings: MakeSettings,
-    upstream: RecordingUpstream,
-    tls_pair: tuple[Path, Path],
+    anns_mailbox: AnnsMailbox,
     dovecot: Dovecot,
     db_engine: Engine,
 ) -> None:
     """Provider fast takes app passwords only: AUTH PLAIN to send (the recording upstream
     files the copies in alice's Sent, like Microsoft 365), IMAP LOGIN to clean."""
-    provider = RecordingUpstream(*tls_pair, files_into=dovecot, files_sent="every").start()
-    try:
-        settings = relay_settings(
-            make_settings,
-            upstream,
-            auth_mode="local",
-            upstream_user=USER,
-            upstream_password=UPSTREAM_PASSWORD,
-            public_url="https://t.example.com",
-            oauth={"fast": {"app_passwords": True, "smtp": provider.url, "imap": dovecot.url}},
-            imap_sent_window=1.0,
-            imap_sent_interval=0.1,
-            imap_poll_interval=0.5,
-        )
-        add_user(db_engine, "ann", RELAY_PASSWORD, addresses=[ANN])
-        mailbox.connect_password(db_engine, settings, "ann", ANN, "fast", APP_PASSWORD, login=USER)
-        assert asyncio.run(ann_sends(settings, db_engine)).startswith("2.0.0")
-    finally:
-        provider.stop()
-    assert len(provider.messages) == 3  # one tracked copy per recipient
-    sent = dovecot.messages(SENT, user=USER)
-    assert [data for data, _ in sent] == [MESSAGE]  # one pristine copy, as the client sent it
+    with anns_mailbox.sent_with_a_password(
+        db_engine, "every", imap_sent_window=1.0, imap_sent_interval=0.1, imap_poll_interval=0.5
+    ) as sent:
+        assert sent.reply.startswith("2.0.0")
+    assert len(sent.provider.messages) == 3  # one tracked copy per recipient
+    copies = dovecot.messages(SENT, user=USER)
+    assert [data for data, _ in copies] == [MESSAGE]  # one pristine copy, as the client sent it
     assert f"user=<{USER}>, method=PLAIN" in dovecot.log()
 
 

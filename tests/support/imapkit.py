@@ -22,7 +22,8 @@ from sqlalchemy import Engine
 from shared import mailbox, oauth
 from shared.config import Settings
 from shared.users import add_user
-from tests.support.dovecot import ANN, Dovecot
+from tests.support.dovecot import ANN, APP_PASSWORD, Dovecot
+from tests.support.dovecot import USER as DOVECOT_USER
 from tests.support.oauth_server import OAuthServer, provider_settings
 from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay
 from tests.support.upstream import PASSWORD as UPSTREAM_PASSWORD
@@ -58,6 +59,17 @@ def connect_ann(
     return row.id
 
 
+def connect_ann_with_a_password(engine: Engine, settings: Settings) -> int:
+    """Relay user ann, sending as ann@example.com through provider ``fast`` with
+    Dovecot's login alice and her app password; the row's id."""
+    add_user(engine, "ann", PASSWORD, addresses=[ANN])
+    row = mailbox.connect_password(
+        engine, settings, "ann", ANN, "fast", APP_PASSWORD, login=DOVECOT_USER
+    )
+    assert row.id is not None
+    return row.id
+
+
 RECIPIENTS = ("bob@example.net", "carol@example.net", "dave@example.net")
 MESSAGE = (
     b"From: Ann <ann@example.com>\r\n"
@@ -71,6 +83,25 @@ MESSAGE = (
     b"\r\n"
     b'<html><body><p>Read <a href="https://example.org/plan">the plan</a>.</p></body></html>\r\n'
 )
+
+
+def local_settings(
+    make_settings: MakeSettings,
+    upstream: RecordingUpstream,
+    providers: dict[str, Any],
+    **overrides: Any,
+) -> Settings:
+    """The relay's settings: local auth, the smarthost account, the ``oauth`` PROVIDERS."""
+    return relay_settings(
+        make_settings,
+        upstream,
+        auth_mode="local",
+        upstream_user=USER,
+        upstream_password=UPSTREAM_PASSWORD,
+        public_url="https://t.example.com",
+        oauth=providers,
+        **overrides,
+    )
 
 
 def settings_for(
@@ -90,16 +121,8 @@ def settings_for(
         "imap_poll_interval": 0.5,
         **overrides,
     }
-    return relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        upstream_password=UPSTREAM_PASSWORD,
-        public_url="https://t.example.com",
-        oauth=imap_provider(oauth_server, dovecot, provider.url, **(provider_options or {})),
-        **values,
-    )
+    providers = imap_provider(oauth_server, dovecot, provider.url, **(provider_options or {}))
+    return local_settings(make_settings, upstream, providers, **values)
 
 
 async def ann_sends(
@@ -142,13 +165,16 @@ class AnnsMailbox:
     dovecot: Dovecot
 
     @contextlib.contextmanager
-    def provider(self, files: str | None = None) -> Iterator[RecordingUpstream]:
-        """The provider's submission server (XOAUTH2 only), running for the ``with``
-        block; FILES given, it files what it takes into Dovecot's Sent ("every" copy,
-        as Microsoft 365 does, or the "first" per Message-ID, as Gmail does)."""
+    def provider(
+        self, files: str | None = None, *, app_passwords: bool = False
+    ) -> Iterator[RecordingUpstream]:
+        """The provider's submission server (XOAUTH2 only; with APP_PASSWORDS, PLAIN/LOGIN
+        for the upstream's USER/PASSWORD only), running for the ``with`` block; FILES
+        given, it files what it takes into Dovecot's Sent ("every" copy, as Microsoft
+        365 does, or the "first" per Message-ID, as Gmail does)."""
         provider = RecordingUpstream(
             *self.tls_pair,
-            oauth=self.oauth_server,
+            oauth=None if app_passwords else self.oauth_server,
             files_into=None if files is None else self.dovecot,
             files_sent=files or "every",
         ).start()
@@ -202,6 +228,22 @@ class AnnsMailbox:
             )
             connect_ann(engine, settings, self.oauth_server, sent)
             reply = asyncio.run(ann_sends(settings, engine, after=after))
+            yield Sent(settings, provider, reply)
+
+    @contextlib.contextmanager
+    def sent_with_a_password(
+        self, engine: Engine, files: str | None = None, **overrides: Any
+    ) -> Iterator[Sent]:
+        """As ``sent``, with ann's connection an app-password one: provider ``fast``
+        takes app passwords only (AUTH PLAIN to send as Dovecot's alice, IMAP LOGIN
+        to her mailbox); OVERRIDES are all the relay's settings beyond local_settings."""
+        with self.provider(files, app_passwords=True) as provider:
+            fast = {"app_passwords": True, "smtp": provider.url, "imap": self.dovecot.url}
+            settings = local_settings(
+                self.make_settings, self.upstream, {"fast": fast}, **overrides
+            )
+            connect_ann_with_a_password(engine, settings)
+            reply = asyncio.run(ann_sends(settings, engine))
             yield Sent(settings, provider, reply)
 
 
