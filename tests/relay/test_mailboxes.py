@@ -27,6 +27,7 @@ from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user
 from tests.support.oauth_server import CLIENT_SECRET, OAuthServer, provider_settings
 from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay, send
+from tests.support.seedrows import seal_grant
 from tests.support.upstream import PASSWORD, SMTP_AUTH_DISABLED, USER, RecordingUpstream
 
 ANN = "ann@example.com"
@@ -287,12 +288,8 @@ def test_a_refused_app_password_is_broken_454_and_announced(
     webhooks.add_endpoint(db_engine, "https://hooks.example/mail", ["mailbox.disconnected"])
     settings = password_settings(make_settings, upstream, password_provider)
     connection_id = connect_ann_with_a_password(db_engine, settings)
-    with Session(db_engine) as session:  # revoked in the account since: the provider says 535
-        row = session.get(MailboxConnection, connection_id)
-        assert row is not None
-        row.grant = mailbox.seal(settings, ANN, {"password": "revoked app password"})
-        session.add(row)
-        session.commit()
+    # revoked in the account since: the provider says 535
+    seal_grant(db_engine, settings, connection_id, ANN, {"password": "revoked app password"})
     password_provider.auth_attempts.clear()
 
     refused, still = refusals(settings, db_engine, 2)

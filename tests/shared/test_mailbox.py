@@ -22,6 +22,7 @@ from shared.mailbox import MailboxBroken
 from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user, remove_user
 from tests.support.oauth_server import CLIENT_ID, OAuthServer, provider_settings
+from tests.support.seedrows import seal_grant
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 MakeSettings = Callable[..., Settings]
@@ -435,12 +436,8 @@ def test_a_grant_with_nothing_to_revoke_is_forgotten(
 ) -> None:
     settings = settings_for(make_settings, oauth_server)
     connection_id = connected(engine, settings, oauth_server)
-    with Session(engine) as session:  # stored before store() refused such grants
-        row = session.get(MailboxConnection, connection_id)
-        assert row is not None
-        row.grant = mailbox.seal(settings, ADDRESS, oauth.Token("at-x", "", 0.0).as_dict())
-        session.add(row)
-        session.commit()
+    # stored before store() refused such grants
+    seal_grant(engine, settings, connection_id, ADDRESS, oauth.Token("at-x", "", 0.0).as_dict())
     said = mailbox.disconnect(engine, settings, ADDRESS)
     assert said == "the grant has no refresh token to revoke: forgotten"
     assert mailbox.list_connections(engine) == []
@@ -486,12 +483,7 @@ def test_a_stored_grant_without_a_refresh_token_breaks_at_its_refresh(
 ) -> None:
     settings = settings_for(make_settings, oauth_server)
     connection_id = connected(engine, settings, oauth_server)
-    with Session(engine) as session:
-        row = session.get(MailboxConnection, connection_id)
-        assert row is not None
-        row.grant = mailbox.seal(settings, ADDRESS, oauth.Token("at-x", "", 0.0).as_dict())
-        session.add(row)
-        session.commit()
+    seal_grant(engine, settings, connection_id, ADDRESS, oauth.Token("at-x", "", 0.0).as_dict())
     mailbox.token_refused(engine, connection_id)
     with pytest.raises(MailboxBroken, match="no refresh token"):
         mailbox.access_token(engine, settings, connection_id)

@@ -1,4 +1,5 @@
-"""Rows as the relay (messages, recipients, links) and the receiver (events) write them."""
+"""Rows as the relay (messages, recipients, links) and the receiver (events) write them;
+a mailbox connection's grant replaced (``seal_grant``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, select, text, update
+from sqlmodel import Session
 
-from shared import eventstate
+from shared import eventstate, mailbox
+from shared.config import Settings
 from shared.db import session_scope
-from shared.models import Event, Link, Message, Recipient
+from shared.models import Event, Link, MailboxConnection, Message, Recipient
 from shared.tokens import new_message_id
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -141,3 +144,16 @@ def state(engine: Engine) -> dict[str, list[dict[str, Any]]]:
             table: [dict(row._mapping) for row in conn.execute(text(sql))]
             for table, sql in STATE.items()
         }
+
+
+def seal_grant(
+    engine: Engine, settings: Settings, connection_id: int, address: str, grant: dict[str, Any]
+) -> None:
+    """Connection CONNECTION_ID's grant replaced by GRANT, sealed for ADDRESS as the
+    relay seals one: an app password revoked since, a token stored before a rule."""
+    with Session(engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        row.grant = mailbox.seal(settings, address, grant)
+        session.add(row)
+        session.commit()

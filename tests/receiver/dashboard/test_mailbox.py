@@ -99,6 +99,14 @@ def rows(engine: Engine) -> list[MailboxConnection]:
         return list(session.exec(select(MailboxConnection)).all())
 
 
+def sam_connected(client: TestClient, engine: Engine, server: OAuthServer) -> MailboxConnection:
+    """Sam signed in and connected to provider test: the one connection there is."""
+    login(client, "sam")
+    connect(client, server)
+    [row] = rows(engine)
+    return row
+
+
 def test_the_page_offers_each_configured_provider(
     app_client: TestClient, oauth_server: OAuthServer
 ) -> None:
@@ -247,9 +255,7 @@ def test_only_an_address_the_person_sends_as(
 def test_every_post_needs_the_csrf_token(
     app_client: TestClient, engine: Engine, oauth_server: OAuthServer
 ) -> None:
-    login(app_client, "sam")
-    connect(app_client, oauth_server)
-    [row] = rows(engine)
+    row = sam_connected(app_client, engine, oauth_server)
     for path, data in (
         (f"{D}/mailbox", {"address": SAM, "provider": "test"}),
         (f"{D}/mailbox/{row.id}/disconnect", {}),
@@ -263,10 +269,8 @@ def test_every_post_needs_the_csrf_token(
 def test_disconnect_revokes_at_the_provider(
     app_client: TestClient, engine: Engine, oauth_server: OAuthServer
 ) -> None:
-    login(app_client, "sam")
-    connect(app_client, oauth_server)
+    row = sam_connected(app_client, engine, oauth_server)
     settings = app_client.app.state.settings  # type: ignore[attr-defined]
-    [row] = rows(engine)
     token = mailbox.access_token(engine, settings, row.id or 0).token
     page = app_client.get(f"{D}/mailbox")
     answer = app_client.post(
@@ -282,9 +286,7 @@ def test_disconnect_revokes_at_the_provider(
 def test_a_connection_is_its_owners_and_the_admins(
     app_client: TestClient, engine: Engine, oauth_server: OAuthServer
 ) -> None:
-    login(app_client, "sam")
-    connect(app_client, oauth_server)
-    [row] = rows(engine)
+    row = sam_connected(app_client, engine, oauth_server)
     app_client.cookies.clear()
     login(app_client, "dom")
     page = app_client.get(f"{D}/mailbox")
@@ -307,9 +309,7 @@ def test_a_connection_is_its_owners_and_the_admins(
 def test_the_sent_folder_mode(
     app_client: TestClient, engine: Engine, oauth_server: OAuthServer
 ) -> None:
-    login(app_client, "sam")
-    connect(app_client, oauth_server)
-    [row] = rows(engine)
+    row = sam_connected(app_client, engine, oauth_server)
     token = csrf_from(app_client.get(f"{D}/mailbox").text)
     answer = app_client.post(
         f"{D}/mailbox/{row.id}/sent", data={"csrf_token": token, "sent": "leave"}
@@ -357,9 +357,7 @@ def test_a_broken_connection_is_a_banner_on_every_page(
 def test_reconnecting_mends_a_broken_connection(
     app_client: TestClient, engine: Engine, oauth_server: OAuthServer
 ) -> None:
-    login(app_client, "sam")
-    connect(app_client, oauth_server)
-    [row] = rows(engine)
+    row = sam_connected(app_client, engine, oauth_server)
     mailbox.mark_broken(engine, row.id or 0, "the provider no longer accepts the grant")
     assert "stopped working" in app_client.get(f"{D}/mailbox").text
     page = connect(app_client, oauth_server)
@@ -546,9 +544,7 @@ def test_in_local_mode_the_page_says_mail_goes_through_the_mailbox(
 def test_the_last_error_is_shown_with_when(
     app_client: TestClient, engine: Engine, oauth_server: OAuthServer
 ) -> None:
-    login(app_client, "sam")
-    connect(app_client, oauth_server)
-    [row] = rows(engine)
+    row = sam_connected(app_client, engine, oauth_server)
     assert "data-last-error" not in app_client.get(f"{D}/mailbox").text
     mailbox.note_error(engine, row.id or 0, "the provider is away\n(503)")
     page = app_client.get(f"{D}/mailbox").text
@@ -564,9 +560,7 @@ def test_the_last_error_is_shown_with_when(
 def test_a_provider_away_at_disconnect_offers_to_forget_without_revoking(
     app_client: TestClient, engine: Engine, oauth_server: OAuthServer
 ) -> None:
-    login(app_client, "sam")
-    connect(app_client, oauth_server)
-    [row] = rows(engine)
+    row = sam_connected(app_client, engine, oauth_server)
     assert "Forget without revoking" not in app_client.get(f"{D}/mailbox").text
     oauth_server.revoke_down = True
     token = csrf_from(app_client.get(f"{D}/mailbox").text)
@@ -587,9 +581,7 @@ def test_a_provider_away_at_disconnect_offers_to_forget_without_revoking(
 def test_reconnecting_keeps_the_sent_folder_mode(
     app_client: TestClient, engine: Engine, oauth_server: OAuthServer
 ) -> None:
-    login(app_client, "sam")
-    connect(app_client, oauth_server)
-    [row] = rows(engine)
+    row = sam_connected(app_client, engine, oauth_server)
     mailbox.set_sent(engine, row.id or 0, "leave")
     connect(app_client, oauth_server)
     assert [(r.id, r.sent) for r in rows(engine)] == [(row.id, "leave")]

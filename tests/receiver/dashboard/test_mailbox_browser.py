@@ -18,9 +18,11 @@ import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
+from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from receiver.app import create_app
@@ -71,15 +73,15 @@ def sam_sends(settings: Settings, engine: object, times: int) -> list[int]:
         return pool.submit(lambda: asyncio.run(go())).result(60)
 
 
-def test_connect_a_mailbox_in_the_browser_and_see_it_break(
+def local_site(
     tmp_path: Path,
     make_settings: Callable[..., Settings],
-    oauth_server: OAuthServer,
     upstream: RecordingUpstream,
-    provider: RecordingUpstream,
-) -> None:
-    from playwright.sync_api import expect, sync_playwright
-
+    providers: dict[str, Any],
+) -> tuple[Engine, socket.socket, str, Settings]:
+    """A seeded SQLite database, the receiver's socket bound first and its public URL,
+    and one config for the receiver and the relay: local mode (where connections are
+    used) with the ``oauth`` PROVIDERS; the screenshots' folder made."""
     url = f"sqlite:///{tmp_path / 'mailbox.db'}"
     db.upgrade(url)
     engine = db.make_engine(url)
@@ -87,9 +89,7 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     public = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    providers = provider_settings(oauth_server, provider.url)
-    # one config for the receiver and the relay: local mode, where connections are used
-    settings = relaying = relay_settings(
+    settings = relay_settings(
         make_settings,
         upstream,
         auth_mode="local",
@@ -100,6 +100,20 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
         oauth=providers,
     )
     SHOTS.mkdir(parents=True, exist_ok=True)
+    return engine, sock, public, settings
+
+
+def test_connect_a_mailbox_in_the_browser_and_see_it_break(
+    tmp_path: Path,
+    make_settings: Callable[..., Settings],
+    oauth_server: OAuthServer,
+    upstream: RecordingUpstream,
+    provider: RecordingUpstream,
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    providers = provider_settings(oauth_server, provider.url)
+    engine, sock, public, settings = local_site(tmp_path, make_settings, upstream, providers)
 
     with ServerThread(create_app(settings, engine), sock) as server, sync_playwright() as pw:
         assert server.url == public
@@ -120,13 +134,13 @@ def test_connect_a_mailbox_in_the_browser_and_see_it_break(
         page.screenshot(path=str(SHOTS / "mailbox-connected-desktop.png"), full_page=True)
 
         # sam's mail goes out through the mailbox: one XOAUTH2 login with the granted token
-        assert sam_sends(relaying, engine, 1) == [250]
+        assert sam_sends(settings, engine, 1) == [250]
         assert provider.auth_attempts == [("XOAUTH2", SAM)]
         assert upstream.messages == []
         # sam revokes the app at the provider; the relay's next sends find out (454 each:
         # the token refused at AUTH, then the refresh refused: broken)
         oauth_server.revoke_user(SAM)
-        assert sam_sends(relaying, engine, 2) == [454, 454]
+        assert sam_sends(settings, engine, 2) == [454, 454]
         with Session(engine) as session:
             assert session.exec(select(MailboxConnection.state)).one() == "broken"
 
@@ -165,35 +179,15 @@ def test_connect_with_an_app_password_in_the_browser_and_see_it_break(
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    url = f"sqlite:///{tmp_path / 'mailbox.db'}"
-    db.upgrade(url)
-    engine = db.make_engine(url)
-    seed(engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    public = f"http://127.0.0.1:{sock.getsockname()[1]}"
     fast = RecordingUpstream(*tls_pair).start()  # app passwords only: PLAIN for USER/PASSWORD
     providers = {"fast": {"app_passwords": True, "smtp": fast.url}}
-    settings = relaying = relay_settings(
-        make_settings,
-        upstream,
-        auth_mode="local",
-        upstream_user=USER,
-        upstream_password=UPSTREAM_PASSWORD,
-        database_url=url,
-        public_url=public,
-        oauth=providers,
-    )
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    engine, sock, public, settings = local_site(tmp_path, make_settings, upstream, providers)
 
     try:
         with ServerThread(create_app(settings, engine), sock), sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(public + "/dashboard/")
-            page.fill("input[name=username]", "sam")
-            page.fill("input[name=password]", PASSWORD)
-            page.click("button[type=submit]")
+            sign_in(page, public, "sam")
             page.goto(public + "/dashboard/mailbox")
             form = page.locator("form[data-form=app-password]")
             expect(form.locator("input[name=address]")).to_have_value(SAM)
@@ -212,7 +206,7 @@ def test_connect_with_an_app_password_in_the_browser_and_see_it_break(
             expect(row).to_contain_text("app password")
             page.screenshot(path=str(SHOTS / "mailbox-app-password-desktop.png"), full_page=True)
 
-            assert sam_sends(relaying, engine, 1) == [250]
+            assert sam_sends(settings, engine, 1) == [250]
             assert [m.mail_from for m in fast.messages] == [SAM]
             assert upstream.messages == []
             with Session(engine) as session:  # the app password is revoked in the account
@@ -220,7 +214,7 @@ def test_connect_with_an_app_password_in_the_browser_and_see_it_break(
                 connection.grant = mailbox.seal(settings, SAM, {"password": "revoked"})
                 session.add(connection)
                 session.commit()
-            assert sam_sends(relaying, engine, 2) == [454, 454]
+            assert sam_sends(settings, engine, 2) == [454, 454]
 
             page.goto(public + "/dashboard/messages")
             expect(page.locator("[data-broken-mailbox]")).to_contain_text(
