@@ -53,29 +53,33 @@ log = logging.getLogger(__name__)
 WHERE = "reconnect it on the Mailbox page of the dashboard"
 
 
+def _short(reason: str) -> str:
+    """REASON on one line, at most 160 characters: what each reply below carries."""
+    return " ".join(reason.split())[:160]
+
+
 def refusal(address: str, reason: str) -> Reply:
     """``454 4.7.0``: the client keeps the message; the reason, short, and where to fix it."""
-    reason = " ".join(reason.split())[:160]
-    return Reply(454, f"4.7.0 Mailbox connection of {address} cannot send ({reason}): {WHERE}")
+    return Reply(
+        454, f"4.7.0 Mailbox connection of {address} cannot send ({_short(reason)}): {WHERE}"
+    )
 
 
 def unavailable(route: Route, reason: str) -> Reply:
     """``451 4.4.1``: a transient failure, the provider named; try again, nothing to fix."""
-    reason = " ".join(reason.split())[:160]
     return Reply(
         451,
         f"4.4.1 Mailbox provider {route.provider_name} of {route.address} cannot be reached "
-        f"now ({reason}); try again later",
+        f"now ({_short(reason)}); try again later",
     )
 
 
 def misconfigured(route: Route, reason: str) -> Reply:
     """``454 4.7.0``: the provider refuses the relay's own client; for the operator."""
-    reason = " ".join(reason.split())[:160]
     return Reply(
         454,
         f"4.7.0 Mailbox provider {route.provider_name} of {route.address} refuses the relay "
-        f"({reason}): tell the relay's operator",
+        f"({_short(reason)}): tell the relay's operator",
     )
 
 
