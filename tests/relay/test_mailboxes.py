@@ -27,7 +27,7 @@ from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user
 from tests.support.oauth_server import CLIENT_SECRET, OAuthServer, provider_settings
 from tests.support.relaykit import MakeSettings, client, relay_settings, running_relay, send
-from tests.support.seedrows import seal_grant
+from tests.support.seedrows import row_of, seal_grant
 from tests.support.upstream import PASSWORD, SMTP_AUTH_DISABLED, USER, RecordingUpstream
 
 ANN = "ann@example.com"
@@ -301,11 +301,10 @@ def test_a_refused_app_password_is_broken_454_and_announced(
     assert password_provider.auth_attempts == [("PLAIN", USER)]  # one; then known broken
     assert password_provider.messages == []
     assert upstream.messages == []  # never the shared account instead
+    row = row_of(db_engine, connection_id)
+    assert row.state == "broken"
+    assert row.reason.startswith("the provider refused the app password: 535")
     with Session(db_engine) as session:
-        row = session.get(MailboxConnection, connection_id)
-        assert row is not None
-        assert row.state == "broken"
-        assert row.reason.startswith("the provider refused the app password: 535")
         items = session.exec(select(OutboxItem)).all()
     assert [item.event_type for item in items] == ["mailbox.disconnected"]
     assert "revoked app password" not in items[0].payload
@@ -363,11 +362,10 @@ def test_a_fresh_token_refused_at_auth_breaks_the_connection_once(
     assert oauth_server.refreshes() == 1  # one fresh token, never a loop
     assert provider.messages == []
     assert upstream.messages == []
+    row = row_of(db_engine, connection_id)
+    assert row.state == "broken"
+    assert "SmtpClientAuthentication is disabled for the Tenant" in row.reason
     with Session(db_engine) as session:
-        row = session.get(MailboxConnection, connection_id)
-        assert row is not None
-        assert row.state == "broken"
-        assert "SmtpClientAuthentication is disabled for the Tenant" in row.reason
         items = session.exec(select(OutboxItem)).all()
     assert [item.event_type for item in items] == ["mailbox.disconnected"]
 
@@ -410,10 +408,7 @@ def test_an_unreachable_provider_is_451_naming_it_without_reconnecting(
         assert "try again later" in refusal.message
         assert "Mailbox page" not in refusal.message  # reconnecting would not help
     assert upstream.messages == []  # never the shared account instead
-    with Session(db_engine) as session:
-        row = session.get(MailboxConnection, connection_id)
-        assert row is not None
-        assert row.state == "ok"
+    assert row_of(db_engine, connection_id).state == "ok"
 
 
 def test_an_unreachable_token_endpoint_is_451_without_reconnecting(
@@ -436,10 +431,7 @@ def test_an_unreachable_token_endpoint_is_451_without_reconnecting(
         assert "its token endpoint" in refusal.message
         assert "Mailbox page" not in refusal.message
     assert provider.connections == 0  # the token first, then the connection
-    with Session(db_engine) as session:
-        row = session.get(MailboxConnection, connection_id)
-        assert row is not None
-        assert row.state == "ok"
+    assert row_of(db_engine, connection_id).state == "ok"
 
 
 def test_a_refused_client_secret_is_454_for_ops_and_breaks_no_connection(

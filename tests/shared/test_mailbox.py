@@ -22,7 +22,7 @@ from shared.mailbox import MailboxBroken
 from shared.models import MailboxConnection, OutboxItem
 from shared.users import add_user, remove_user
 from tests.support.oauth_server import CLIENT_ID, OAuthServer, provider_settings
-from tests.support.seedrows import seal_grant
+from tests.support.seedrows import row_of, seal_grant
 from tests.support.upstream import PASSWORD, USER, RecordingUpstream
 
 MakeSettings = Callable[..., Settings]
@@ -46,13 +46,6 @@ def connected(engine: Engine, settings: Settings, server: OAuthServer) -> int:
     row = mailbox.store(engine, settings, "ann", ADDRESS, "test", consent(settings, server))
     assert row.id is not None
     return row.id
-
-
-def row_of(engine: Engine, connection_id: int) -> MailboxConnection:
-    with Session(engine) as session:
-        row = session.get(MailboxConnection, connection_id)
-        assert row is not None
-        return row
 
 
 def test_the_grant_is_sealed_at_rest_and_served_while_fresh(

@@ -1,5 +1,5 @@
 """Rows as the relay (messages, recipients, links) and the receiver (events) write them;
-a mailbox connection's grant replaced (``seal_grant``)."""
+a mailbox connection's row read (``row_of``) and its grant replaced (``seal_grant``)."""
 
 from __future__ import annotations
 
@@ -144,6 +144,14 @@ def state(engine: Engine) -> dict[str, list[dict[str, Any]]]:
             table: [dict(row._mapping) for row in conn.execute(text(sql))]
             for table, sql in STATE.items()
         }
+
+
+def row_of(engine: Engine, connection_id: int) -> MailboxConnection:
+    """Mailbox connection CONNECTION_ID as stored now."""
+    with Session(engine) as session:
+        row = session.get(MailboxConnection, connection_id)
+        assert row is not None
+        return row
 
 
 def seal_grant(
