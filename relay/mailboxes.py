@@ -93,7 +93,7 @@ async def find(settings: Settings, engine: Engine, username: str, sender: str) -
     UpstreamUnavailable when the database cannot say: sending through the
     shared account instead would send as the person from the wrong mailbox.
     """
-    if settings.auth_mode != "local" or settings.upstream_target.is_sink or not settings.oauth:
+    if mailbox.unused(settings) or not settings.oauth:  # one rule with the dashboard's warning
         return None
     try:
         found = await asyncio.to_thread(mailbox.route, engine, settings, username, sender)

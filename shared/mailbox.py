@@ -191,7 +191,7 @@ def provider(settings: Settings, name: str) -> OAuthProvider:
 
 def unused(settings: Settings) -> str:
     """Why the relay sends no mail through connections under these settings, one
-    sentence ("" when it does): the same rule as relay/mailboxes.py ``find``."""
+    sentence ("" when it does); relay/mailboxes.py ``find`` routes by it."""
     if settings.auth_mode != "local":
         return (
             "mailbox connections are used only in local auth mode (TRACKRELAY_AUTH_MODE=local); "
